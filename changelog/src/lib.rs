@@ -1,4 +1,38 @@
-//! The ublk-dr change-log: the segment format and the stores segments live in.
+//! The ublk-dr change-log: the segment format, its verifier, and the stores segments
+//! live in.
+//!
+//! * [`record`]: the records a segment carries (WRITE, FLUSH, FUA, DISCARD,
+//!   WRITE_ZEROES, MARK) and their encoding.
+//! * [`header`]: the fixed 192-byte segment header, format version 1.
+//! * [`segment`]: sealing (lz4, AES-256-GCM, hash chain) and verified opening.
+//! * [`store`]: the target-store trait and the local-directory store.
+//! * [`key`], [`volume`]: the shared key and volume names.
+//! * [`uring`]: synchronous io_uring file I/O used by every stage.
+//! * [`inspect`]: a human-readable dump of one segment.
+pub mod error;
+pub mod header;
+pub mod inspect;
+pub mod key;
 pub mod record;
+pub mod segment;
+pub mod store;
+pub mod uring;
+pub mod volume;
 
+pub use error::{Error, Result};
+pub use header::{flags, Digest32, SegmentHeader};
+pub use key::Key;
 pub use record::{Op, RecordRef};
+pub use segment::{
+    open, read_info, seal, ChainCursor, LinkedSegment, OpenedSegment, PlainSegment, SealParams,
+};
+pub use store::{LocalDirStore, TargetStore};
+pub use volume::VolumeId;
+
+/// Milliseconds since the Unix epoch, the time unit of headers and status files.
+pub fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -79,7 +79,14 @@ impl RecordRef<'_> {
 
     /// Appends the encoding of this record to `out`.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
-        debug_assert_eq!(self.op.has_payload(), !self.data.is_empty() || self.len == 0);
+        debug_assert_eq!(
+            self.data.len(),
+            if self.op.has_payload() {
+                self.len as usize
+            } else {
+                0
+            }
+        );
         out.extend_from_slice(&self.seq.to_le_bytes());
         out.push(self.op as u8);
         out.push(self.flags);
@@ -158,7 +165,14 @@ impl<'a> Iterator for RecordDecoder<'a> {
         }
         let data = &rest[RECORD_HEADER_LEN..RECORD_HEADER_LEN + payload_len];
         self.pos += RECORD_HEADER_LEN + payload_len;
-        Some(Ok(RecordRef { seq, op, flags, offset, len, data }))
+        Some(Ok(RecordRef {
+            seq,
+            op,
+            flags,
+            offset,
+            len,
+            data,
+        }))
     }
 }
 
@@ -170,12 +184,54 @@ mod tests {
     fn encode_decode_each_op() {
         let data = [7u8; 10];
         let records = [
-            RecordRef { seq: 1, op: Op::Write, flags: 0, offset: 4096, len: 10, data: &data },
-            RecordRef { seq: 2, op: Op::Flush, flags: 0, offset: 0, len: 0, data: &[] },
-            RecordRef { seq: 3, op: Op::Fua, flags: 0, offset: 0, len: 10, data: &data },
-            RecordRef { seq: 4, op: Op::Discard, flags: 0, offset: 8192, len: 4096, data: &[] },
-            RecordRef { seq: 5, op: Op::WriteZeroes, flags: 0, offset: 0, len: 512, data: &[] },
-            RecordRef { seq: 6, op: Op::Mark, flags: MARK_APP_CONSISTENT, offset: 0, len: 3, data: b"app" },
+            RecordRef {
+                seq: 1,
+                op: Op::Write,
+                flags: 0,
+                offset: 4096,
+                len: 10,
+                data: &data,
+            },
+            RecordRef {
+                seq: 2,
+                op: Op::Flush,
+                flags: 0,
+                offset: 0,
+                len: 0,
+                data: &[],
+            },
+            RecordRef {
+                seq: 3,
+                op: Op::Fua,
+                flags: 0,
+                offset: 0,
+                len: 10,
+                data: &data,
+            },
+            RecordRef {
+                seq: 4,
+                op: Op::Discard,
+                flags: 0,
+                offset: 8192,
+                len: 4096,
+                data: &[],
+            },
+            RecordRef {
+                seq: 5,
+                op: Op::WriteZeroes,
+                flags: 0,
+                offset: 0,
+                len: 512,
+                data: &[],
+            },
+            RecordRef {
+                seq: 6,
+                op: Op::Mark,
+                flags: MARK_APP_CONSISTENT,
+                offset: 0,
+                len: 3,
+                data: b"app",
+            },
         ];
         let mut body = Vec::new();
         for r in &records {
@@ -188,7 +244,15 @@ mod tests {
     #[test]
     fn truncated_and_unknown_are_errors() {
         let mut body = Vec::new();
-        RecordRef { seq: 1, op: Op::Write, flags: 0, offset: 0, len: 4, data: b"abcd" }.encode_into(&mut body);
+        RecordRef {
+            seq: 1,
+            op: Op::Write,
+            flags: 0,
+            offset: 0,
+            len: 4,
+            data: b"abcd",
+        }
+        .encode_into(&mut body);
         assert!(RecordDecoder::new(&body[..body.len() - 1]).any(|r| r.is_err()));
         let mut bad = body.clone();
         bad[8] = 99;

@@ -1,0 +1,92 @@
+//! The one error type of the change-log crate.
+//!
+//! Variants separate *corruption* (the bytes are not a valid segment), *authentication*
+//! (the bytes are well-formed but not ours or tampered with), *chain* problems (a valid
+//! segment in the wrong place of the history) and plain I/O, because the callers react
+//! differently: I/O is retried, everything else stops the volume for an operator.
+
+use std::io;
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("{segment} is corrupt: {what}")]
+    Corrupt { segment: String, what: String },
+
+    #[error("{segment} has format version {found}; this build reads version {supported}: upgrade ublk-dr on this side")]
+    UnsupportedVersion {
+        segment: String,
+        found: u16,
+        supported: u16,
+    },
+
+    #[error("{segment} was sealed with key id {found}, but the key in use has id {expected}: point --key at the key file the shipper uses")]
+    WrongKey {
+        segment: String,
+        expected: String,
+        found: String,
+    },
+
+    #[error("{segment} failed authentication (AES-GCM tag mismatch): it was corrupted or forged; nothing was applied")]
+    Auth { segment: String },
+
+    #[error("{segment} belongs to volume {found:?}, expected {expected:?}: segments of another volume are in this store directory")]
+    ForeignVolume {
+        segment: String,
+        expected: String,
+        found: String,
+    },
+
+    #[error("{segment} belongs to protection epoch {found:016x}, expected {expected:016x}: it comes from another protection run of this volume")]
+    ForeignEpoch {
+        segment: String,
+        expected: u64,
+        found: u64,
+    },
+
+    #[error("{segment} breaks the hash chain: {what}")]
+    Chain { segment: String, what: String },
+
+    #[error("key file {path}: {what}")]
+    Key { path: PathBuf, what: String },
+
+    #[error("invalid volume id {0:?}: use 1-32 characters from A-Z a-z 0-9 . _ - (not starting with '.')")]
+    InvalidVolumeId(String),
+
+    #[error("{segment} already exists in {store} with different contents: two writers for one volume, or a reused protection epoch")]
+    Conflict { segment: String, store: String },
+
+    #[error("segment too large: {what}")]
+    TooLarge { what: String },
+}
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn corrupt(segment: &str, what: impl Into<String>) -> Self {
+        Error::Corrupt {
+            segment: segment.to_string(),
+            what: what.into(),
+        }
+    }
+
+    /// Whether retrying the same operation later may succeed (I/O trouble), as opposed to
+    /// an error that needs an operator (corrupt, foreign or forged input, wrong key).
+    pub fn is_recoverable(&self) -> bool {
+        matches!(self, Error::Io { .. })
+    }
+}

@@ -1,0 +1,414 @@
+//! Sealing and opening segments.
+//!
+//! Sealing is split in two so that the expensive part runs on worker threads:
+//! [`seal`] compresses (lz4 block, or stored when that is not smaller) and encrypts
+//! (AES-256-GCM, associated data = header bytes `0..136`) one segment's records;
+//! [`SealedSegment::link`] then, in index order, writes the previous segment's digest
+//! into the header and yields the file bytes and this segment's digest.
+//!
+//! Opening checks, in this order, before any record is handed out (I6): header
+//! structure and checksum, the place in the chain ([`ChainCursor::check`]), the key id,
+//! the AES-GCM tag, decompression to exactly the declared length, and every record
+//! (known op, in-range seq strictly increasing, count as declared).
+
+use crate::error::{Error, Result};
+use crate::header::*;
+use crate::key::{hex, Key};
+use crate::record::{RecordDecoder, RecordRef};
+use crate::volume::VolumeId;
+use aes_gcm::aead::AeadInPlace;
+use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
+
+/// Largest plain body a segment may carry; bounds memory when opening hostile input.
+pub const MAX_PLAIN_LEN: u64 = 1 << 30;
+
+/// Records collected for one segment, encoded but not yet compressed or encrypted.
+#[derive(Clone, Debug, Default)]
+pub struct PlainSegment {
+    pub body: Vec<u8>,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub record_count: u32,
+    /// Header flags ([`flags`]) to seal with.
+    pub flags: u32,
+}
+
+impl PlainSegment {
+    pub fn is_empty(&self) -> bool {
+        self.record_count == 0
+    }
+
+    /// Appends a record. Sequence numbers must strictly increase.
+    pub fn push(&mut self, record: &RecordRef<'_>) {
+        assert!(
+            self.is_empty() || record.seq > self.last_seq,
+            "records must be pushed in seq order"
+        );
+        if self.is_empty() {
+            self.first_seq = record.seq;
+        }
+        self.last_seq = record.seq;
+        self.record_count += 1;
+        record.encode_into(&mut self.body);
+    }
+}
+
+/// Where a segment goes: everything its header says besides the records.
+#[derive(Clone, Debug)]
+pub struct SealParams {
+    pub volume: VolumeId,
+    pub epoch: u64,
+    pub index: u64,
+    pub created_unix_ms: u64,
+}
+
+/// A compressed and encrypted segment whose previous digest is not filled in yet.
+pub struct SealedSegment {
+    header: SegmentHeader,
+    /// The whole file; the header area is written by [`SealedSegment::link`].
+    bytes: Vec<u8>,
+}
+
+/// A finished segment file.
+#[derive(Clone, Debug)]
+pub struct LinkedSegment {
+    pub header: SegmentHeader,
+    pub digest: Digest32,
+    pub bytes: Vec<u8>,
+}
+
+/// Compresses and encrypts `plain`. Safe to call from many threads at once.
+pub fn seal(plain: &PlainSegment, params: &SealParams, key: &Key) -> Result<SealedSegment> {
+    if plain.is_empty() {
+        return Err(Error::TooLarge {
+            what: "a segment needs at least one record".into(),
+        });
+    }
+    if params.index > u64::from(u32::MAX) {
+        return Err(Error::TooLarge {
+            what: format!(
+                "segment index {} would reuse a nonce; start a new protection epoch",
+                params.index
+            ),
+        });
+    }
+    if plain.body.len() as u64 > MAX_PLAIN_LEN {
+        return Err(Error::TooLarge {
+            what: format!(
+                "{} bytes of records exceed {MAX_PLAIN_LEN}",
+                plain.body.len()
+            ),
+        });
+    }
+    let max_compressed = lz4_flex::block::get_maximum_output_size(plain.body.len());
+    let mut bytes = vec![0u8; HEADER_LEN + max_compressed];
+    let compressed = lz4_flex::block::compress_into(&plain.body, &mut bytes[HEADER_LEN..])
+        .expect("output sized by get_maximum_output_size");
+    let codec = if compressed < plain.body.len() {
+        bytes.truncate(HEADER_LEN + compressed);
+        CODEC_LZ4
+    } else {
+        bytes.truncate(HEADER_LEN);
+        bytes.extend_from_slice(&plain.body);
+        CODEC_STORED
+    };
+    let header = SegmentHeader {
+        flags: plain.flags,
+        volume: params.volume.clone(),
+        epoch: params.epoch,
+        index: params.index,
+        first_seq: plain.first_seq,
+        last_seq: plain.last_seq,
+        created_unix_ms: params.created_unix_ms,
+        record_count: plain.record_count,
+        codec,
+        cipher: CIPHER_AES256GCM,
+        key_id: key.id(),
+        plain_len: plain.body.len() as u64,
+        body_len: (bytes.len() - HEADER_LEN) as u64,
+        prev_digest: [0; 32],
+    };
+    let encoded = header.encode();
+    let tag = cipher(key)
+        .encrypt_in_place_detached(
+            Nonce::from_slice(&header.nonce()),
+            aad(&encoded),
+            &mut bytes[HEADER_LEN..],
+        )
+        .map_err(|_| Error::TooLarge {
+            what: "AES-GCM refused the body length".into(),
+        })?;
+    bytes.extend_from_slice(&tag);
+    Ok(SealedSegment { header, bytes })
+}
+
+impl SealedSegment {
+    pub fn header(&self) -> &SegmentHeader {
+        &self.header
+    }
+
+    /// Fills in the previous segment's digest; returns the file and its digest.
+    pub fn link(mut self, prev_digest: Digest32) -> LinkedSegment {
+        self.header.prev_digest = prev_digest;
+        let encoded = self.header.encode();
+        self.bytes[..HEADER_LEN].copy_from_slice(&encoded);
+        let tag: &[u8; TAG_LEN] = self.bytes[self.bytes.len() - TAG_LEN..]
+            .try_into()
+            .expect("tag");
+        let digest = segment_digest(&encoded, tag);
+        LinkedSegment {
+            header: self.header,
+            digest,
+            bytes: self.bytes,
+        }
+    }
+}
+
+fn cipher(key: &Key) -> Aes256Gcm {
+    Aes256Gcm::new(key.bytes().into())
+}
+
+/// A segment's header and digest, read without the key.
+#[derive(Clone, Debug)]
+pub struct SegmentInfo {
+    pub header: SegmentHeader,
+    pub digest: Digest32,
+}
+
+/// Parses a segment file's header and computes its digest; checks the file length.
+pub fn read_info(bytes: &[u8], name: &str) -> Result<SegmentInfo> {
+    let header = SegmentHeader::decode(bytes, name)?;
+    if header.plain_len > MAX_PLAIN_LEN || header.body_len > MAX_PLAIN_LEN + MAX_PLAIN_LEN / 64 {
+        return Err(Error::corrupt(
+            name,
+            format!(
+                "declared lengths {}/{} are too large",
+                header.plain_len, header.body_len
+            ),
+        ));
+    }
+    if bytes.len() as u64 != header.file_len() {
+        return Err(Error::corrupt(
+            name,
+            format!(
+                "file is {} bytes, header declares {} (truncated or padded)",
+                bytes.len(),
+                header.file_len()
+            ),
+        ));
+    }
+    let encoded: &[u8; HEADER_LEN] = bytes[..HEADER_LEN].try_into().expect("length checked");
+    let tag: &[u8; TAG_LEN] = bytes[bytes.len() - TAG_LEN..]
+        .try_into()
+        .expect("length checked");
+    Ok(SegmentInfo {
+        digest: segment_digest(encoded, tag),
+        header,
+    })
+}
+
+/// An authenticated, decoded segment whose records have all been validated.
+#[derive(Debug)]
+pub struct OpenedSegment {
+    pub header: SegmentHeader,
+    pub digest: Digest32,
+    body: Vec<u8>,
+}
+
+impl OpenedSegment {
+    /// The records, in seq order. Validated by [`open`], so decoding cannot fail.
+    pub fn records(&self) -> impl Iterator<Item = RecordRef<'_>> {
+        RecordDecoder::new(&self.body).map(|r| r.expect("validated when opened"))
+    }
+
+    /// The plain (decompressed) body size.
+    pub fn plain_len(&self) -> usize {
+        self.body.len()
+    }
+}
+
+/// Authenticates and decodes a segment file (without checking its place in a chain;
+/// see [`ChainCursor::open_next`] for that).
+pub fn open(mut bytes: Vec<u8>, name: &str, key: &Key) -> Result<OpenedSegment> {
+    let SegmentInfo { header, digest } = read_info(&bytes, name)?;
+    if header.key_id != key.id() {
+        return Err(Error::WrongKey {
+            segment: name.into(),
+            expected: hex(&key.id()),
+            found: header.key_id_hex(),
+        });
+    }
+    let tag_at = bytes.len() - TAG_LEN;
+    let tag = *Tag::from_slice(&bytes[tag_at..]);
+    let encoded: [u8; HEADER_LEN] = bytes[..HEADER_LEN].try_into().expect("length checked");
+    cipher(key)
+        .decrypt_in_place_detached(
+            Nonce::from_slice(&header.nonce()),
+            aad(&encoded),
+            &mut bytes[HEADER_LEN..tag_at],
+            &tag,
+        )
+        .map_err(|_| Error::Auth {
+            segment: name.into(),
+        })?;
+    let stored = &bytes[HEADER_LEN..tag_at];
+    let body = if header.codec == CODEC_LZ4 {
+        let mut body = vec![0u8; header.plain_len as usize];
+        match lz4_flex::block::decompress_into(stored, &mut body) {
+            Ok(n) if n as u64 == header.plain_len => body,
+            Ok(n) => {
+                return Err(Error::corrupt(
+                    name,
+                    format!(
+                        "body decompressed to {n} bytes, header says {}",
+                        header.plain_len
+                    ),
+                ))
+            }
+            Err(e) => {
+                return Err(Error::corrupt(
+                    name,
+                    format!("lz4 body does not decompress: {e}"),
+                ))
+            }
+        }
+    } else {
+        bytes.truncate(tag_at);
+        bytes.drain(..HEADER_LEN);
+        bytes
+    };
+    validate_records(&header, &body, name)?;
+    Ok(OpenedSegment {
+        header,
+        digest,
+        body,
+    })
+}
+
+fn validate_records(header: &SegmentHeader, body: &[u8], name: &str) -> Result<()> {
+    let mut count = 0u32;
+    let mut last: Option<u64> = None;
+    for record in RecordDecoder::new(body) {
+        let record = record.map_err(|e| Error::corrupt(name, e.0))?;
+        let in_order = last.is_none_or(|l| record.seq > l);
+        if !in_order || record.seq < header.first_seq || record.seq > header.last_seq {
+            return Err(Error::corrupt(
+                name,
+                format!(
+                    "record seq {} out of order or outside the header's range",
+                    record.seq
+                ),
+            ));
+        }
+        if last.is_none() && record.seq != header.first_seq {
+            return Err(Error::corrupt(
+                name,
+                "first record's seq differs from the header",
+            ));
+        }
+        last = Some(record.seq);
+        count += 1;
+    }
+    if count != header.record_count || last != Some(header.last_seq) {
+        return Err(Error::corrupt(
+            name,
+            format!(
+                "body holds {count} records ending at {last:?}, header says {} ending at {}",
+                header.record_count, header.last_seq
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The verifier's position in one volume's chain: which segment must come next and
+/// what it must link to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainCursor {
+    pub volume: VolumeId,
+    /// The protection epoch, once the first segment fixed it.
+    pub epoch: Option<u64>,
+    pub next_index: u64,
+    pub prev_digest: Digest32,
+    /// Every record of the next segment must have a seq at least this.
+    pub next_seq: u64,
+}
+
+impl ChainCursor {
+    /// The cursor before segment 0 of `volume`.
+    pub fn start(volume: VolumeId) -> ChainCursor {
+        ChainCursor {
+            volume,
+            epoch: None,
+            next_index: 0,
+            prev_digest: [0; 32],
+            next_seq: 0,
+        }
+    }
+
+    /// Checks that `header` is the segment that must come next (I6, I8): same volume,
+    /// same epoch, the next index, linked to the previous digest, later seqs.
+    pub fn check(&self, header: &SegmentHeader, name: &str) -> Result<()> {
+        if header.volume != self.volume {
+            return Err(Error::ForeignVolume {
+                segment: name.into(),
+                expected: self.volume.to_string(),
+                found: header.volume.to_string(),
+            });
+        }
+        if let Some(epoch) = self.epoch.filter(|&e| e != header.epoch) {
+            return Err(Error::ForeignEpoch {
+                segment: name.into(),
+                expected: epoch,
+                found: header.epoch,
+            });
+        }
+        let chain = |what: String| {
+            Err(Error::Chain {
+                segment: name.into(),
+                what,
+            })
+        };
+        if header.index != self.next_index {
+            let kind = if header.index < self.next_index {
+                "a replay of an already applied segment"
+            } else {
+                "a gap"
+            };
+            return chain(format!(
+                "it has index {:016x} where {:016x} must come next ({kind})",
+                header.index, self.next_index
+            ));
+        }
+        if header.prev_digest != self.prev_digest {
+            return chain(format!(
+                "its previous digest {} is not the digest {} of the segment before (spliced or reordered history)",
+                &hex(&header.prev_digest)[..16],
+                &hex(&self.prev_digest)[..16]
+            ));
+        }
+        if header.first_seq < self.next_seq {
+            return chain(format!(
+                "its first seq {} repeats seqs below {}",
+                header.first_seq, self.next_seq
+            ));
+        }
+        Ok(())
+    }
+
+    /// Moves past a segment that passed [`ChainCursor::check`] and was applied.
+    pub fn advance(&mut self, header: &SegmentHeader, digest: Digest32) {
+        self.epoch = Some(header.epoch);
+        self.next_index = header.index + 1;
+        self.prev_digest = digest;
+        self.next_seq = header.last_seq + 1;
+    }
+
+    /// Checks the chain position, then authenticates and decodes. Nothing of the body
+    /// is trusted before this returns `Ok`.
+    pub fn open_next(&self, bytes: Vec<u8>, name: &str, key: &Key) -> Result<OpenedSegment> {
+        let info = read_info(&bytes, name)?;
+        self.check(&info.header, name)?;
+        open(bytes, name, key)
+    }
+}

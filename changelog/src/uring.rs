@@ -1,0 +1,262 @@
+//! Synchronous file I/O through io_uring, shared by capture, staging and apply.
+//!
+//! Every call submits its operations and waits for all of them before returning, so
+//! the buffers lent to the kernel outlive their operations by construction: that is the
+//! contract that makes the `unsafe` pushes below sound. A batch keeps up to the ring's
+//! depth of independent operations in flight; callers order dependent operations by
+//! putting them in separate batches.
+
+use io_uring::{opcode, squeue, types, IoUring};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::Path;
+
+/// One operation of a [`Uring::run_batch`].
+#[derive(Clone, Copy, Debug)]
+pub enum IoOp<'a> {
+    Write {
+        offset: u64,
+        data: &'a [u8],
+    },
+    /// `fallocate(2)` with `mode` (e.g. `FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`).
+    Fallocate {
+        offset: u64,
+        len: u64,
+        mode: i32,
+    },
+}
+
+pub struct Uring {
+    ring: IoUring,
+    depth: usize,
+}
+
+impl Uring {
+    pub fn new(depth: u32) -> io::Result<Uring> {
+        Ok(Uring {
+            ring: IoUring::new(depth)?,
+            depth: depth as usize,
+        })
+    }
+
+    /// Writes all of `data` at `offset`, resubmitting after short writes.
+    pub fn write_all_at(&mut self, fd: RawFd, data: &[u8], offset: u64) -> io::Result<()> {
+        self.run_batch(fd, [IoOp::Write { offset, data }])
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`; `UnexpectedEof` at end of file.
+    pub fn read_exact_at(&mut self, fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            let entry = opcode::Read::new(types::Fd(fd), rest.as_mut_ptr(), rest.len() as u32)
+                .offset(offset + done as u64)
+                .build();
+            // SAFETY: `rest` stays borrowed until `complete_one` has reaped this entry.
+            let n = unsafe { self.complete_one(entry)? };
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// `fsync(2)` (or `fdatasync(2)` when `data_only`).
+    pub fn fsync(&mut self, fd: RawFd, data_only: bool) -> io::Result<()> {
+        let flags = if data_only {
+            types::FsyncFlags::DATASYNC
+        } else {
+            types::FsyncFlags::empty()
+        };
+        let entry = opcode::Fsync::new(types::Fd(fd)).flags(flags).build();
+        // SAFETY: fsync lends no buffer.
+        unsafe { self.complete_one(entry) }.map(drop)
+    }
+
+    /// Runs independent operations with up to the ring depth in flight. On error, waits
+    /// for everything already submitted, then returns the first error.
+    pub fn run_batch<'a>(
+        &mut self,
+        fd: RawFd,
+        ops: impl IntoIterator<Item = IoOp<'a>>,
+    ) -> io::Result<()> {
+        let ops: Vec<IoOp<'a>> = ops.into_iter().collect();
+        let mut next = 0usize;
+        let mut in_flight = 0usize;
+        let mut first_error: Option<io::Error> = None;
+        let mut retries: Vec<(u64, &'a [u8])> = Vec::new();
+        while next < ops.len() || in_flight > 0 {
+            while first_error.is_none() && next < ops.len() && in_flight < self.depth {
+                let entry = match ops[next] {
+                    IoOp::Write { offset, data } => {
+                        opcode::Write::new(types::Fd(fd), data.as_ptr(), data.len() as u32)
+                            .offset(offset)
+                            .build()
+                    }
+                    IoOp::Fallocate { offset, len, mode } => {
+                        opcode::Fallocate::new(types::Fd(fd), len)
+                            .offset(offset)
+                            .mode(mode)
+                            .build()
+                    }
+                }
+                .user_data(next as u64);
+                // SAFETY: the buffers in `ops` are borrowed for 'a, which outlives this
+                // call, and this loop does not return before every submitted entry
+                // has completed.
+                unsafe { self.push(&entry)? };
+                next += 1;
+                in_flight += 1;
+            }
+            if in_flight == 0 {
+                break;
+            }
+            self.ring.submit_and_wait(1)?;
+            for cqe in self.ring.completion() {
+                in_flight -= 1;
+                let op = ops[cqe.user_data() as usize];
+                let result = cqe.result();
+                if result < 0 {
+                    first_error.get_or_insert(io::Error::from_raw_os_error(-result));
+                } else if let IoOp::Write { offset, data } = op {
+                    if (result as usize) < data.len() {
+                        if result == 0 {
+                            first_error.get_or_insert(io::ErrorKind::WriteZero.into());
+                        } else {
+                            retries.push((offset + result as u64, &data[result as usize..]));
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        for (offset, rest) in retries {
+            self.write_all_at(fd, rest, offset)?;
+        }
+        Ok(())
+    }
+
+    /// # Safety
+    /// Any buffer `entry` points to must stay valid until the entry completes.
+    unsafe fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        // SAFETY: forwarded from the caller.
+        while unsafe { self.ring.submission().push(entry) }.is_err() {
+            self.ring.submit()?;
+        }
+        Ok(())
+    }
+
+    /// Submits one entry and waits for its completion; returns its non-negative result.
+    ///
+    /// # Safety
+    /// Any buffer `entry` points to must stay valid until this returns. No other entry
+    /// may be in flight.
+    unsafe fn complete_one(&mut self, entry: squeue::Entry) -> io::Result<usize> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.push(&entry)? };
+        self.ring.submit_and_wait(1)?;
+        let cqe = self
+            .ring
+            .completion()
+            .next()
+            .expect("submit_and_wait(1) returned");
+        match cqe.result() {
+            r if r < 0 => Err(io::Error::from_raw_os_error(-r)),
+            r => Ok(r as usize),
+        }
+    }
+}
+
+/// Writes `bytes` as `dir/name` so that the file either exists complete and durable or
+/// not at all: write to a temporary name, fsync, rename, fsync the directory.
+pub fn write_file_atomic(
+    uring: &mut Uring,
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+) -> io::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let file = File::create(&tmp)?;
+    uring.write_all_at(file.as_raw_fd(), bytes, 0)?;
+    uring.fsync(file.as_raw_fd(), false)?;
+    drop(file);
+    std::fs::rename(&tmp, dir.join(name))?;
+    sync_dir(uring, dir)
+}
+
+/// Makes a directory's entries (creations, renames, removals) durable.
+pub fn sync_dir(uring: &mut Uring, dir: &Path) -> io::Result<()> {
+    let handle = File::open(dir)?;
+    uring.fsync(handle.as_raw_fd(), false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn batch_write_read_punch() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("f"))
+            .unwrap();
+        let fd = file.as_raw_fd();
+        let mut uring = Uring::new(4).unwrap();
+        let blocks: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i + 1; 4096]).collect();
+        uring
+            .run_batch(
+                fd,
+                blocks.iter().enumerate().map(|(i, b)| IoOp::Write {
+                    offset: i as u64 * 4096,
+                    data: b,
+                }),
+            )
+            .unwrap();
+        uring.fsync(fd, true).unwrap();
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        uring
+            .run_batch(
+                fd,
+                [IoOp::Fallocate {
+                    offset: 4096,
+                    len: 4096,
+                    mode: punch,
+                }],
+            )
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        for i in 0..10u64 {
+            uring.read_exact_at(fd, &mut buf, i * 4096).unwrap();
+            let expect = if i == 1 { 0 } else { i as u8 + 1 };
+            assert!(buf.iter().all(|&b| b == expect), "block {i}");
+        }
+        let mut direct = [0u8; 1];
+        file.read_exact_at(&mut direct, 9 * 4096).unwrap();
+        assert_eq!(direct[0], 10);
+        assert_eq!(
+            uring
+                .read_exact_at(fd, &mut buf, 10 * 4096)
+                .unwrap_err()
+                .kind(),
+            io::ErrorKind::UnexpectedEof
+        );
+    }
+
+    #[test]
+    fn atomic_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut uring = Uring::new(2).unwrap();
+        write_file_atomic(&mut uring, dir.path(), "a.seg", b"hello").unwrap();
+        assert_eq!(std::fs::read(dir.path().join("a.seg")).unwrap(), b"hello");
+        assert!(!dir.path().join(".a.seg.tmp").exists());
+    }
+}

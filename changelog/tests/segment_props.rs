@@ -1,0 +1,193 @@
+//! Property tests of the segment format: round trips, and every single-bit flip or
+//! truncation of a sealed file is refused.
+
+use changelog::segment::{open, seal, ChainCursor, PlainSegment, SealParams};
+use changelog::{flags, Error, Key, Op, RecordRef, VolumeId};
+use proptest::prelude::*;
+
+#[derive(Clone, Debug)]
+struct Rec {
+    op: Op,
+    offset: u64,
+    len: u32,
+    data: Vec<u8>,
+}
+
+fn rec_strategy() -> impl Strategy<Value = Rec> {
+    let op = prop_oneof![
+        4 => Just(Op::Write),
+        1 => Just(Op::Flush),
+        1 => Just(Op::Fua),
+        1 => Just(Op::Discard),
+        1 => Just(Op::WriteZeroes),
+        1 => Just(Op::Mark),
+    ];
+    (op, 0u64..1 << 40, 0usize..3000, any::<u8>(), any::<bool>()).prop_map(
+        |(op, offset, len, byte, compressible)| {
+            let data: Vec<u8> = if !op.has_payload() {
+                Vec::new()
+            } else if compressible {
+                vec![byte; len]
+            } else {
+                (0..len)
+                    .map(|i| (i as u8).wrapping_mul(31).wrapping_add(byte) ^ (i >> 3) as u8)
+                    .collect()
+            };
+            let (offset, len) = match op {
+                Op::Flush => (0, 0),
+                Op::Mark => (0, len as u32),
+                _ => (offset, len as u32),
+            };
+            Rec {
+                op,
+                offset,
+                len,
+                data,
+            }
+        },
+    )
+}
+
+fn plain(records: &[Rec], first_seq: u64) -> PlainSegment {
+    let mut plain = PlainSegment {
+        flags: flags::CRASH_POINT,
+        ..Default::default()
+    };
+    for (i, r) in records.iter().enumerate() {
+        plain.push(&RecordRef {
+            seq: first_seq + i as u64 * 3,
+            op: r.op,
+            flags: 0,
+            offset: r.offset,
+            len: r.len,
+            data: &r.data,
+        });
+    }
+    plain
+}
+
+fn params(index: u64) -> SealParams {
+    SealParams {
+        volume: VolumeId::new("vol0").unwrap(),
+        epoch: 0xfeed,
+        index,
+        created_unix_ms: 1234,
+    }
+}
+
+fn key() -> Key {
+    Key::from_bytes([7; 32])
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn round_trip(records in prop::collection::vec(rec_strategy(), 1..40), first_seq in 0u64..1 << 50) {
+        let plain = plain(&records, first_seq);
+        let linked = seal(&plain, &params(0), &key()).unwrap().link([0; 32]);
+        let opened = ChainCursor::start(VolumeId::new("vol0").unwrap()).open_next(linked.bytes.clone(), "t", &key()).unwrap();
+        prop_assert_eq!(opened.digest, linked.digest);
+        prop_assert_eq!(opened.header.first_seq, first_seq);
+        let got: Vec<_> = opened.records().collect();
+        prop_assert_eq!(got.len(), records.len());
+        for (i, (g, r)) in got.iter().zip(&records).enumerate() {
+            prop_assert_eq!(g.seq, first_seq + i as u64 * 3);
+            prop_assert_eq!((g.op, g.offset, g.len), (r.op, r.offset, r.len));
+            prop_assert_eq!(g.data, &r.data[..]);
+        }
+    }
+
+    #[test]
+    fn any_flipped_bit_is_refused(records in prop::collection::vec(rec_strategy(), 1..8), pick in any::<prop::sample::Index>(), bit in 0u8..8) {
+        let linked = seal(&plain(&records, 1), &params(0), &key()).unwrap().link([0; 32]);
+        let mut bytes = linked.bytes;
+        let at = pick.index(bytes.len());
+        bytes[at] ^= 1 << bit;
+        let result = ChainCursor::start(VolumeId::new("vol0").unwrap()).open_next(bytes, "t", &key());
+        prop_assert!(result.is_err(), "flip at byte {} bit {} accepted", at, bit);
+    }
+
+    #[test]
+    fn truncation_is_refused(records in prop::collection::vec(rec_strategy(), 1..8), cut in any::<prop::sample::Index>()) {
+        let linked = seal(&plain(&records, 1), &params(0), &key()).unwrap().link([0; 32]);
+        let keep = cut.index(linked.bytes.len());
+        let result = open(linked.bytes[..keep].to_vec(), "t", &key());
+        prop_assert!(matches!(result, Err(Error::Corrupt { .. })), "cut to {} bytes: {:?}", keep, result.err());
+    }
+}
+
+#[test]
+fn chain_refuses_gap_replay_swap_foreign_and_wrong_key() {
+    let vol = VolumeId::new("vol0").unwrap();
+    let records = [Rec {
+        op: Op::Write,
+        offset: 0,
+        len: 4,
+        data: b"abcd".to_vec(),
+    }];
+    let mut prev = [0; 32];
+    let mut segs = Vec::new();
+    for index in 0..4 {
+        let linked = seal(&plain(&records, 10 * index + 1), &params(index), &key())
+            .unwrap()
+            .link(prev);
+        prev = linked.digest;
+        segs.push(linked);
+    }
+    let mut cursor = ChainCursor::start(vol.clone());
+    let s0 = cursor
+        .open_next(segs[0].bytes.clone(), "s0", &key())
+        .unwrap();
+    cursor.advance(&s0.header, s0.digest);
+
+    let err = |bytes: &[u8], key: &Key| cursor.open_next(bytes.to_vec(), "s", key).unwrap_err();
+    assert!(
+        matches!(err(&segs[2].bytes, &key()), Error::Chain { .. }),
+        "gap"
+    );
+    assert!(
+        matches!(err(&segs[0].bytes, &key()), Error::Chain { .. }),
+        "replay"
+    );
+    assert!(matches!(
+        err(&segs[1].bytes, &Key::from_bytes([8; 32])),
+        Error::WrongKey { .. }
+    ));
+
+    let other_vol = SealParams {
+        volume: VolumeId::new("vol1").unwrap(),
+        ..params(1)
+    };
+    let foreign = seal(&plain(&records, 11), &other_vol, &key())
+        .unwrap()
+        .link(s0.digest);
+    assert!(matches!(
+        err(&foreign.bytes, &key()),
+        Error::ForeignVolume { .. }
+    ));
+    let other_epoch = SealParams {
+        epoch: 1,
+        ..params(1)
+    };
+    let foreign = seal(&plain(&records, 11), &other_epoch, &key())
+        .unwrap()
+        .link(s0.digest);
+    assert!(matches!(
+        err(&foreign.bytes, &key()),
+        Error::ForeignEpoch { .. }
+    ));
+    // Same index and epoch, other contents: a splice. The digest link catches it.
+    let spliced = seal(&plain(&records, 11), &params(1), &key())
+        .unwrap()
+        .link([9; 32]);
+    assert!(matches!(err(&spliced.bytes, &key()), Error::Chain { .. }));
+
+    let s1 = cursor
+        .open_next(segs[1].bytes.clone(), "s1", &key())
+        .unwrap();
+    cursor.advance(&s1.header, s1.digest);
+    assert!(cursor
+        .open_next(segs[2].bytes.clone(), "s2", &key())
+        .is_ok());
+}
