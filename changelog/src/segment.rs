@@ -322,8 +322,8 @@ fn validate_records(header: &SegmentHeader, body: &[u8], name: &str) -> Result<(
 }
 
 /// The verifier's position in one volume's chain: which segment must come next and
-/// what it must link to.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// what it must link to. Persisted by both ends (serde) as their chain position.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChainCursor {
     pub volume: VolumeId,
     /// The protection epoch, once the first segment fixed it.

@@ -8,7 +8,8 @@ pub const VOLUME_ID_MAX: usize = 32;
 
 /// A validated volume name: 1–32 bytes of `[A-Za-z0-9._-]`, not starting with `.`, so it
 /// is safe as a directory name in any store.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct VolumeId(String);
 
 impl VolumeId {
@@ -57,6 +58,19 @@ impl fmt::Display for VolumeId {
 impl fmt::Debug for VolumeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:?}", self.0)
+    }
+}
+
+impl TryFrom<String> for VolumeId {
+    type Error = Error;
+    fn try_from(name: String) -> Result<Self> {
+        VolumeId::new(&name)
+    }
+}
+
+impl From<VolumeId> for String {
+    fn from(id: VolumeId) -> String {
+        id.0
     }
 }
 

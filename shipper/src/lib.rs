@@ -1,1 +1,16 @@
-//! shipper
+//! The ublk-dr shipper: turns a volume's capture ring into sealed change-log segments,
+//! stages them durably and ships them to a target store.
+//!
+//! * [`pipeline`]: reader → sealers → stager → uploader, and its contracts (I4).
+//! * [`chain_state`]: the persisted chain position and crash recovery.
+//! * [`retry`]: the retry schedule for recoverable errors.
+//! * [`status`]: health, RPO and the status file.
+pub mod chain_state;
+pub mod error;
+pub mod pipeline;
+pub mod retry;
+pub mod status;
+
+pub use error::{Result, ShipperError};
+pub use pipeline::{run, Control, RunSummary, ShipperConfig};
+pub use status::{Health, Status};

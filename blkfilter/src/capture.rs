@@ -1,0 +1,236 @@
+//! Capture: what the ublk server does for each request of a protected volume.
+//!
+//! For every request the backing I/O is done first (through io_uring), and only after it
+//! completed is the request recorded in the ring with the next sequence number (I1, I2):
+//!
+//! | request | backing I/O | record |
+//! |---|---|---|
+//! | WRITE | write | WRITE + data |
+//! | FUA write | write, then fdatasync | FUA + data |
+//! | FLUSH | fsync | FLUSH (its seq exceeds every write completed before it) |
+//! | DISCARD | fallocate(PUNCH_HOLE) | DISCARD range |
+//! | WRITE_ZEROES | fallocate(ZERO_RANGE) | WRITE_ZEROES range |
+//! | MARK | none | MARK + label |
+//!
+//! When the ring has no room, the request's range is marked in the ring's dirty bitmap
+//! instead and the ring flags overflow (I7): the request still succeeds, so the volume
+//! never stalls on replication. A request re-issued after a server restart is simply
+//! recorded again; records are absolute (offset + data), so replaying one twice is
+//! harmless.
+
+use crate::ring::{Producer, RingError};
+use changelog::record::MARK_APP_CONSISTENT;
+use changelog::uring::{IoOp, Uring};
+use changelog::{Op, RecordRef};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("backing {path}: {source}")]
+    Backing {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("request {offset}+{len} reaches past the end of the {size}-byte volume")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("the ring is full, so the mark {label:?} could not be recorded; retry once the shipper has caught up")]
+    MarkNotRecorded { label: String },
+    #[error(transparent)]
+    Ring(#[from] RingError),
+}
+
+/// One request on the protected volume.
+#[derive(Clone, Copy, Debug)]
+pub enum Request<'a> {
+    Write {
+        offset: u64,
+        data: &'a [u8],
+    },
+    Fua {
+        offset: u64,
+        data: &'a [u8],
+    },
+    Flush,
+    Discard {
+        offset: u64,
+        len: u64,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+    },
+    Mark {
+        label: &'a str,
+        app_consistent: bool,
+    },
+}
+
+/// What happened to a request's record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Captured {
+    /// Recorded in the ring with this seq.
+    Recorded(u64),
+    /// The ring was full: the range was marked dirty for resync.
+    MarkedDirty,
+}
+
+/// The capture path over one backing file or block device.
+pub struct Capture {
+    path: PathBuf,
+    backing: File,
+    size: u64,
+    uring: Uring,
+    ring: Producer,
+}
+
+impl Capture {
+    /// Opens `backing` read-write (with `O_DIRECT` when `direct`; the caller's buffers
+    /// must then be aligned) in front of `ring`.
+    pub fn open(backing: &Path, ring: Producer, direct: bool) -> Result<Capture, CaptureError> {
+        let err = |source| CaptureError::Backing {
+            path: backing.into(),
+            source,
+        };
+        let mut options = OpenOptions::new();
+        options.read(true).write(true);
+        if direct {
+            options.custom_flags(libc::O_DIRECT);
+        }
+        let file = options.open(backing).map_err(err)?;
+        let size = device_size(&file).map_err(err)?;
+        Ok(Capture {
+            path: backing.into(),
+            backing: file,
+            size,
+            uring: Uring::new(8).map_err(err)?,
+            ring,
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn backing(&self) -> &File {
+        &self.backing
+    }
+
+    /// Performs `request` on the backing, then records it. Returns only after both.
+    pub fn handle(&mut self, request: Request<'_>) -> Result<Captured, CaptureError> {
+        let fd = self.backing.as_raw_fd();
+        let err = |source| CaptureError::Backing {
+            path: self.path.clone(),
+            source,
+        };
+        match request {
+            Request::Write { offset, data } | Request::Fua { offset, data } => {
+                self.check_range(offset, data.len() as u64)?;
+                self.uring.write_all_at(fd, data, offset).map_err(err)?;
+                let op = if matches!(request, Request::Fua { .. }) {
+                    self.uring.fsync(fd, true).map_err(err)?;
+                    Op::Fua
+                } else {
+                    Op::Write
+                };
+                Ok(self.record(op, offset, data.len() as u64, data, 0))
+            }
+            Request::Flush => {
+                self.uring.fsync(fd, false).map_err(err)?;
+                Ok(self.record(Op::Flush, 0, 0, &[], 0))
+            }
+            Request::Discard { offset, len } | Request::WriteZeroes { offset, len } => {
+                self.check_range(offset, len)?;
+                let (op, mode) = match request {
+                    Request::Discard { .. } => (
+                        Op::Discard,
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    ),
+                    _ => (
+                        Op::WriteZeroes,
+                        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                    ),
+                };
+                self.uring
+                    .run_batch(fd, [IoOp::Fallocate { offset, len, mode }])
+                    .map_err(err)?;
+                Ok(self.record(op, offset, len, &[], 0))
+            }
+            Request::Mark {
+                label,
+                app_consistent,
+            } => {
+                let flags = if app_consistent {
+                    MARK_APP_CONSISTENT
+                } else {
+                    0
+                };
+                match self.record(Op::Mark, 0, label.len() as u64, label.as_bytes(), flags) {
+                    Captured::MarkedDirty => Err(CaptureError::MarkNotRecorded {
+                        label: label.into(),
+                    }),
+                    recorded => Ok(recorded),
+                }
+            }
+        }
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), CaptureError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(CaptureError::OutOfRange {
+                offset,
+                len,
+                size: self.size,
+            }),
+        }
+    }
+
+    /// Records a completed request; on a full ring marks its range dirty instead.
+    fn record(&mut self, op: Op, offset: u64, len: u64, data: &[u8], flags: u8) -> Captured {
+        let seq = self.ring.next_seq();
+        let record = RecordRef {
+            seq,
+            op,
+            flags,
+            offset,
+            len: len as u32,
+            data,
+        };
+        // A request longer than u32::MAX bytes cannot be one record; the bitmap covers it.
+        if len <= u64::from(u32::MAX) && self.ring.try_push(&record).is_ok() {
+            return Captured::Recorded(seq);
+        }
+        if op.modifies_data() {
+            self.ring.mark_dirty(offset, len);
+        } else {
+            // A lost FLUSH or MARK carries no data; flag overflow so the next
+            // consistent point waits for a resync.
+            self.ring.mark_dirty(0, 0);
+        }
+        Captured::MarkedDirty
+    }
+}
+
+/// Size in bytes of a regular file or block device.
+pub fn device_size(file: &File) -> io::Result<u64> {
+    let meta = file.metadata()?;
+    if std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
+        let mut size = 0u64;
+        // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(size)
+    } else {
+        Ok(meta.len())
+    }
+}
+
+/// `_IOR(0x12, 114, size_t)`.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;

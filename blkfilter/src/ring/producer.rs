@@ -1,0 +1,85 @@
+use super::layout::FLAG_OVERFLOW;
+use super::proto::ProducerCore;
+use super::shm::Shm;
+use super::{futex, Full, RingError, RingGeometry};
+use changelog::RecordRef;
+use std::path::Path;
+use std::sync::atomic::Ordering::{Relaxed, Release, SeqCst};
+use std::sync::atomic::{fence, AtomicU64};
+
+/// The writing end of a ring: blkfilter's capture layer. One per ring (enforced with a
+/// lock on the file); `Send`, so it can live on the queue thread.
+pub struct Producer {
+    shm: Shm,
+    core: ProducerCore,
+}
+
+impl Producer {
+    /// Creates the ring file at `path`, or reopens it with its positions, contents and
+    /// sequence counter when it already exists with the same geometry (a producer
+    /// restarting after a crash).
+    ///
+    /// Errors: [`RingError::GeometryMismatch`] if it exists with another geometry,
+    /// [`RingError::Busy`] if another producer has it open, [`RingError::BadMagic`] if
+    /// the path holds something else.
+    pub fn create(path: &Path, geo: &RingGeometry) -> Result<Producer, RingError> {
+        let shm = Shm::create(path, geo)?;
+        let core = ProducerCore::resume(&shm);
+        Ok(Producer { shm, core })
+    }
+
+    /// Copies `rec` into the ring and publishes it, waking the consumer if it sleeps.
+    /// On [`Full`] nothing is written: mark the record's region with
+    /// [`Producer::mark_dirty`] instead.
+    ///
+    /// # Panics
+    /// If `rec.op` has a payload and `rec.data.len() != rec.len`.
+    pub fn try_push(&mut self, rec: &RecordRef<'_>) -> Result<(), Full> {
+        self.core.try_push(&self.shm, rec)?;
+        self.wake_consumer();
+        Ok(())
+    }
+
+    /// Marks the chunks covering `[offset, offset + len)` dirty and raises OVERFLOW; for
+    /// a write that did not fit. A zero `len` (a lost FLUSH) raises only OVERFLOW.
+    pub fn mark_dirty(&self, offset: u64, len: u64) {
+        self.shm.bitmap().mark(offset, len);
+        // Release: a consumer that sees the flag (Acquire) sees the bits.
+        self.shm.flags().fetch_or(FLAG_OVERFLOW, Release);
+    }
+
+    /// Takes the next sequence number. The counter lives in the ring header, so a
+    /// restarted producer continues where the dead one stopped.
+    pub fn next_seq(&mut self) -> u64 {
+        let counter: &AtomicU64 = self.shm.next_seq();
+        // Relaxed: only the producer touches it; the value outlives the process in the
+        // shared file either way.
+        let seq = counter.load(Relaxed);
+        counter.store(seq + 1, Relaxed);
+        seq
+    }
+
+    /// The producer position: bytes ever published.
+    pub fn published(&self) -> u64 {
+        self.core.published()
+    }
+
+    pub fn geometry(&self) -> RingGeometry {
+        self.shm.geometry()
+    }
+
+    pub fn path(&self) -> &Path {
+        self.shm.path()
+    }
+
+    fn wake_consumer(&self) {
+        // Pairs with the fence in Consumer::wait: either the consumer sees the new
+        // position before it sleeps, or we see it registered and wake it.
+        fence(SeqCst);
+        if self.shm.waiters().load(Relaxed) != 0 {
+            // Release: a consumer that reads the new value sees the new position.
+            self.shm.wake().fetch_add(1, Release);
+            futex::wake_all(self.shm.wake());
+        }
+    }
+}

@@ -1,0 +1,516 @@
+//! The shipping pipeline of one volume:
+//!
+//! ```text
+//! reader ──jobs──► sealers (N threads) ──sealed──► stager ──staged──► uploader ──► store
+//!  ring             lz4 + AES-GCM                  link, write, fsync,            retry on
+//!                                                  rename, release ring           the schedule
+//! ```
+//!
+//! * The reader copies records from the ring into a [`PlainSegment`] and cuts it when it
+//!   is `max_segment_age` old, `max_segment_bytes` large, or ends with a MARK.
+//! * Sealers compress and encrypt in parallel; the stager puts segments back in index
+//!   order, links each to its predecessor's digest, writes it durably into staging, and
+//!   only then releases its ring space (I4) and saves the chain position.
+//! * The uploader puts staged segments into the store in order, retrying recoverable
+//!   errors on the [`RetrySchedule`], and removes each from staging once stored.
+//!   A non-recoverable error makes the volume Critical and stops the run.
+
+use crate::chain_state;
+use crate::error::{Result, ShipperError};
+use crate::retry::RetrySchedule;
+use crate::status::Status;
+use blkfilter::ring::Consumer;
+use changelog::segment::{seal, SealParams, SealedSegment};
+use changelog::store::{list_segment_dir, segment_file_name};
+use changelog::uring::{sync_dir, write_file_atomic, Uring};
+use changelog::{flags, unix_ms_now, ChainCursor, Key, Op, PlainSegment, TargetStore, VolumeId};
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub struct ShipperConfig {
+    pub volume: VolumeId,
+    pub ring_path: PathBuf,
+    /// Segments are staged in `staging_dir/<volume>/`.
+    pub staging_dir: PathBuf,
+    pub key: Key,
+    pub max_segment_age: Duration,
+    pub max_segment_bytes: usize,
+    pub sealers: usize,
+    pub retry_unit: Duration,
+    pub rpo_threshold: Duration,
+    pub status_path: Option<PathBuf>,
+}
+
+impl ShipperConfig {
+    /// A config with the defaults: 1 s segments of at most 8 MiB, two sealers, the
+    /// retry unit a minute, RPO threshold 30 s.
+    pub fn new(volume: VolumeId, ring_path: PathBuf, staging_dir: PathBuf, key: Key) -> Self {
+        ShipperConfig {
+            volume,
+            ring_path,
+            staging_dir,
+            key,
+            max_segment_age: Duration::from_secs(1),
+            max_segment_bytes: 8 << 20,
+            sealers: 2,
+            retry_unit: Duration::from_secs(60),
+            rpo_threshold: Duration::from_secs(30),
+            status_path: None,
+        }
+    }
+
+    pub fn volume_staging_dir(&self) -> PathBuf {
+        self.staging_dir.join(self.volume.as_str())
+    }
+}
+
+/// Tells a running pipeline to stop.
+#[derive(Debug, Default)]
+pub struct Control {
+    stop: AtomicBool,
+    drain: AtomicBool,
+}
+
+impl Control {
+    /// Stop soon; records not yet staged stay in the ring for the next run.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+
+    /// Ship everything published to the ring so far, then stop.
+    pub fn drain(&self) {
+        self.drain.store(true, Ordering::Release);
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    fn draining(&self) -> bool {
+        self.drain.load(Ordering::Acquire)
+    }
+}
+
+/// What a finished run did.
+#[derive(Clone, Debug)]
+pub struct RunSummary {
+    pub segments_uploaded: u64,
+    /// The chain position after the last staged segment.
+    pub cursor: ChainCursor,
+}
+
+struct SealJob {
+    index: u64,
+    plain: PlainSegment,
+    /// Ring position just past the job's last record: released once it is staged.
+    ring_end: u64,
+    created_unix_ms: u64,
+}
+
+struct Sealed {
+    job_index: u64,
+    ring_end: u64,
+    plain_len: usize,
+    segment: SealedSegment,
+}
+
+/// Shared state the stages report into; published as the status file.
+struct Board {
+    status: Mutex<Status>,
+    /// Index → time its oldest record was read, for segments not yet in the store.
+    pending_since: Mutex<BTreeMap<u64, u64>>,
+    /// When the reader's open segment got its first record (0 = empty).
+    open_since_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Board {
+    fn update(&self, f: impl FnOnce(&mut Status)) {
+        f(&mut self.status.lock().expect("status lock"));
+    }
+
+    fn snapshot(&self, ring: &Consumer) -> Status {
+        let now = unix_ms_now();
+        let oldest_pending = self
+            .pending_since
+            .lock()
+            .expect("pending lock")
+            .values()
+            .min()
+            .copied();
+        let open = self.open_since_ms.load(Ordering::Relaxed);
+        let oldest = [oldest_pending, (open != 0).then_some(open)]
+            .into_iter()
+            .flatten()
+            .min();
+        let mut status = self.status.lock().expect("status lock").clone();
+        status.updated_unix_ms = now;
+        status.rpo_ms = oldest.map_or(0, |t| now.saturating_sub(t));
+        status.ring_used_bytes = ring.published() - ring.released();
+        status.ring_capacity_bytes = ring.capacity();
+        status.ring_overflow = ring.overflowed();
+        status
+    }
+}
+
+/// Runs the pipeline until `control` stops it (or it drains), or a non-recoverable
+/// error. Takes the ring's consumer side exclusively.
+pub fn run(
+    config: &ShipperConfig,
+    store: Arc<dyn TargetStore>,
+    control: Arc<Control>,
+) -> Result<RunSummary> {
+    let ring = Arc::new(Consumer::open(&config.ring_path)?);
+    let dir = config.volume_staging_dir();
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        ShipperError::io(format!("creating staging directory {}", dir.display()), e)
+    })?;
+    let cursor = chain_state::recover(&dir, &config.volume, &config.key)?;
+    let backlog: Vec<u64> = list_segment_dir(&dir)?;
+    log::info!(
+        "volume {}: shipping from {} (next segment {:016x}, seq {}), {} staged segment(s) to upload to {}",
+        config.volume,
+        config.ring_path.display(),
+        cursor.next_index,
+        cursor.next_seq,
+        backlog.len(),
+        store.describe()
+    );
+    let board = Arc::new(Board {
+        status: Mutex::new(Status {
+            volume: config.volume.to_string(),
+            pid: std::process::id(),
+            rpo_threshold_ms: config.rpo_threshold.as_millis() as u64,
+            newest_staged_index: cursor.next_index.checked_sub(1),
+            ..Default::default()
+        }),
+        pending_since: Mutex::new(backlog.iter().map(|&i| (i, unix_ms_now())).collect()),
+        open_since_ms: Default::default(),
+    });
+    let sealers = config.sealers.max(1);
+    let (job_tx, job_rx) = bounded::<SealJob>(sealers * 2);
+    let (sealed_tx, sealed_rx) = bounded::<Result<Sealed>>(sealers * 2);
+    let (staged_tx, staged_rx) = unbounded::<u64>();
+    let epoch = cursor.epoch.expect("recover() fixes the epoch");
+
+    let result: Result<(ChainCursor, u64)> = std::thread::scope(|scope| {
+        let reader = scope.spawn(|| {
+            let r = read_ring(config, &ring, &cursor, &board, &control, job_tx);
+            stop_on_err(&r, &control);
+            r
+        });
+        for _ in 0..sealers {
+            let (jobs, out) = (job_rx.clone(), sealed_tx.clone());
+            scope.spawn(move || seal_jobs(config, epoch, &jobs, &out));
+        }
+        drop((job_rx, sealed_tx));
+        let stager = scope.spawn(|| {
+            let r = stage(
+                config,
+                &dir,
+                &ring,
+                cursor.clone(),
+                &board,
+                sealed_rx,
+                staged_tx,
+            );
+            stop_on_err(&r, &control);
+            r
+        });
+        let uploader = scope.spawn(|| {
+            let r = upload(
+                config,
+                &dir,
+                store.as_ref(),
+                backlog,
+                staged_rx,
+                &board,
+                &control,
+            );
+            stop_on_err(&r, &control);
+            r
+        });
+        while !(reader.is_finished() && stager.is_finished() && uploader.is_finished()) {
+            publish(config, &board, &ring);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let panicked = "a shipper pipeline thread panicked";
+        let (read, staged, uploaded) = (
+            reader.join().expect(panicked),
+            stager.join().expect(panicked),
+            uploader.join().expect(panicked),
+        );
+        read?;
+        Ok((staged?, uploaded?))
+    });
+    if let Err(e) = &result {
+        let what = e.to_string();
+        board.update(|s| s.critical = Some(what));
+    }
+    publish(config, &board, &ring);
+    let (cursor, segments_uploaded) = result?;
+    Ok(RunSummary {
+        segments_uploaded,
+        cursor,
+    })
+}
+
+/// A failed stage stops the others; its error is what the run returns.
+fn stop_on_err<T>(r: &Result<T>, control: &Control) {
+    if r.is_err() {
+        control.stop();
+    }
+}
+
+fn publish(config: &ShipperConfig, board: &Board, ring: &Consumer) {
+    if let Some(path) = &config.status_path {
+        if let Err(e) = board.snapshot(ring).write(path) {
+            log::warn!("{e}");
+        }
+    }
+}
+
+/// The reader: ring → plain segments.
+fn read_ring(
+    config: &ShipperConfig,
+    ring: &Consumer,
+    cursor: &ChainCursor,
+    board: &Board,
+    control: &Control,
+    jobs: Sender<SealJob>,
+) -> Result<()> {
+    let mut pos = ring.released();
+    let mut next_index = cursor.next_index;
+    let mut plain = PlainSegment {
+        flags: flags::CRASH_POINT,
+        ..Default::default()
+    };
+    let mut opened_at = Instant::now();
+    let cut = |plain: &mut PlainSegment, pos: u64, next_index: &mut u64| -> bool {
+        let job = SealJob {
+            index: *next_index,
+            plain: std::mem::replace(
+                plain,
+                PlainSegment {
+                    flags: flags::CRASH_POINT,
+                    ..Default::default()
+                },
+            ),
+            ring_end: pos,
+            created_unix_ms: unix_ms_now(),
+        };
+        board
+            .pending_since
+            .lock()
+            .expect("pending lock")
+            .insert(job.index, board.open_since_ms.swap(0, Ordering::Relaxed));
+        *next_index += 1;
+        jobs.send(job).is_ok()
+    };
+    loop {
+        if control.stopping() {
+            return Ok(());
+        }
+        match ring.peek(pos)? {
+            Some((record, next)) => {
+                pos = next;
+                if record.seq < cursor.next_seq {
+                    continue; // already in a staged segment; see chain_state
+                }
+                if plain.is_empty() {
+                    opened_at = Instant::now();
+                    board.open_since_ms.store(unix_ms_now(), Ordering::Relaxed);
+                }
+                if record.op == Op::Mark
+                    && record.flags & changelog::record::MARK_APP_CONSISTENT != 0
+                {
+                    plain.flags |= flags::APP_CONSISTENT;
+                }
+                plain.push(&record);
+                board.update(|s| {
+                    s.records_captured += 1;
+                    s.bytes_plain += record.encoded_len() as u64;
+                });
+                let full = plain.body.len() >= config.max_segment_bytes;
+                if (full || record.op == Op::Mark || opened_at.elapsed() >= config.max_segment_age)
+                    && !cut(&mut plain, pos, &mut next_index)
+                {
+                    return Ok(());
+                }
+            }
+            None => {
+                let due = opened_at.elapsed() >= config.max_segment_age || control.draining();
+                if !plain.is_empty() && due && !cut(&mut plain, pos, &mut next_index) {
+                    return Ok(());
+                }
+                if control.draining() {
+                    return Ok(());
+                }
+                let wait = if plain.is_empty() {
+                    Duration::from_millis(100)
+                } else {
+                    config
+                        .max_segment_age
+                        .saturating_sub(opened_at.elapsed())
+                        .min(Duration::from_millis(100))
+                };
+                ring.wait(pos, wait.max(Duration::from_micros(100)));
+            }
+        }
+    }
+}
+
+/// A sealer worker: compress + encrypt, in whatever order jobs arrive.
+fn seal_jobs(
+    config: &ShipperConfig,
+    epoch: u64,
+    jobs: &Receiver<SealJob>,
+    out: &Sender<Result<Sealed>>,
+) {
+    for job in jobs {
+        let params = SealParams {
+            volume: config.volume.clone(),
+            epoch,
+            index: job.index,
+            created_unix_ms: job.created_unix_ms,
+        };
+        let sealed = seal(&job.plain, &params, &config.key)
+            .map_err(ShipperError::from)
+            .map(|segment| Sealed {
+                job_index: job.index,
+                ring_end: job.ring_end,
+                plain_len: job.plain.body.len(),
+                segment,
+            });
+        if out.send(sealed).is_err() {
+            return;
+        }
+    }
+}
+
+/// The stager: put sealed segments in order, link, write durably, release the ring.
+fn stage(
+    config: &ShipperConfig,
+    dir: &Path,
+    ring: &Consumer,
+    mut cursor: ChainCursor,
+    board: &Board,
+    sealed: Receiver<Result<Sealed>>,
+    staged: Sender<u64>,
+) -> Result<ChainCursor> {
+    let mut uring = Uring::new(8).map_err(|e| ShipperError::io("io_uring setup", e))?;
+    let mut waiting: BTreeMap<u64, Sealed> = BTreeMap::new();
+    for item in sealed {
+        let item = item?;
+        waiting.insert(item.job_index, item);
+        while let Some(next) = waiting.remove(&cursor.next_index) {
+            let linked = next.segment.link(cursor.prev_digest);
+            let name = segment_file_name(linked.header.index);
+            write_file_atomic(&mut uring, dir, &name, &linked.bytes).map_err(|e| {
+                ShipperError::io(format!("staging {}", dir.join(&name).display()), e)
+            })?;
+            ring.release(next.ring_end);
+            cursor.advance(&linked.header, linked.digest);
+            chain_state::save(&mut uring, dir, &cursor)?;
+            board.update(|s| {
+                s.newest_staged_index = Some(linked.header.index);
+                s.bytes_sealed += linked.bytes.len() as u64;
+                s.segments_pending_upload += 1;
+            });
+            log::debug!(
+                "volume {}: staged {name}: seq {}..={}, {} -> {} bytes",
+                config.volume,
+                linked.header.first_seq,
+                linked.header.last_seq,
+                next.plain_len,
+                linked.bytes.len()
+            );
+            let _ = staged.send(linked.header.index);
+        }
+    }
+    Ok(cursor)
+}
+
+/// The uploader: staged segments → store, in order, with retries.
+fn upload(
+    config: &ShipperConfig,
+    dir: &Path,
+    store: &dyn TargetStore,
+    backlog: Vec<u64>,
+    staged: Receiver<u64>,
+    board: &Board,
+    control: &Control,
+) -> Result<u64> {
+    let schedule = RetrySchedule {
+        unit: config.retry_unit,
+    };
+    let mut uring = Uring::new(2).map_err(|e| ShipperError::io("io_uring setup", e))?;
+    let mut uploaded = 0u64;
+    for index in backlog.into_iter().chain(staged) {
+        let path = dir.join(segment_file_name(index));
+        let bytes = std::fs::read(&path)
+            .map_err(|e| ShipperError::io(format!("reading staged {}", path.display()), e))?;
+        let info = changelog::read_info(&bytes, &path.display().to_string())?;
+        let mut attempt = 0u32;
+        loop {
+            match store.put(&config.volume, index, &bytes) {
+                Ok(()) => break,
+                Err(e) if e.is_recoverable() => {
+                    attempt += 1;
+                    let delay = schedule.delay(attempt);
+                    log::warn!("volume {}: upload of segment {index:016x} failed ({e}); retry {attempt} in {delay:?}", config.volume);
+                    let message = e.to_string();
+                    board.update(|s| {
+                        s.retry_attempt = attempt;
+                        s.last_error = Some(message);
+                    });
+                    if !sleep_unless_stopped(delay, control) {
+                        return Ok(uploaded);
+                    }
+                }
+                Err(e) => {
+                    return Err(ShipperError::Critical {
+                        volume: config.volume.to_string(),
+                        what: format!(
+                            "uploading segment {index:016x} to {}: {e}",
+                            store.describe()
+                        ),
+                    })
+                }
+            }
+        }
+        std::fs::remove_file(&path)
+            .map_err(|e| ShipperError::io(format!("removing uploaded {}", path.display()), e))?;
+        sync_dir(&mut uring, dir)
+            .map_err(|e| ShipperError::io(format!("syncing {}", dir.display()), e))?;
+        uploaded += 1;
+        board
+            .pending_since
+            .lock()
+            .expect("pending lock")
+            .remove(&index);
+        board.update(|s| {
+            s.retry_attempt = 0;
+            s.newest_uploaded_index = Some(index);
+            s.newest_uploaded_seq_end = Some(info.header.end_seq());
+            s.segments_pending_upload = s.segments_pending_upload.saturating_sub(1);
+        });
+    }
+    Ok(uploaded)
+}
+
+/// Sleeps `total` in short steps; false if the pipeline is stopping.
+fn sleep_unless_stopped(total: Duration, control: &Control) -> bool {
+    let until = Instant::now() + total;
+    while Instant::now() < until {
+        if control.stopping() {
+            return false;
+        }
+        std::thread::sleep((until - Instant::now()).min(Duration::from_millis(20)));
+    }
+    !control.stopping()
+}

@@ -1,0 +1,129 @@
+//! The status a running shipper publishes for `shipper status` and monitoring.
+//!
+//! The file is JSON, replaced atomically (write + rename) a few times a second.
+//! RPO here is the window of writes that would be lost if the source died now: the age
+//! of the oldest captured write not yet in the target store, 0 when everything is.
+
+use crate::error::{Result, ShipperError};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Health {
+    Healthy,
+    Warning,
+    Critical,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub volume: String,
+    pub pid: u32,
+    pub updated_unix_ms: u64,
+    /// Set for errors that need an operator; the volume stops shipping.
+    pub critical: Option<String>,
+    /// The ring overflowed: regions are in the dirty bitmap and need a resync (I7).
+    pub ring_overflow: bool,
+    pub ring_used_bytes: u64,
+    pub ring_capacity_bytes: u64,
+    pub newest_staged_index: Option<u64>,
+    pub newest_uploaded_index: Option<u64>,
+    /// The newest recovery point in the store: every record with seq below it.
+    pub newest_uploaded_seq_end: Option<u64>,
+    pub segments_pending_upload: u64,
+    pub rpo_ms: u64,
+    pub rpo_threshold_ms: u64,
+    pub records_captured: u64,
+    pub bytes_plain: u64,
+    pub bytes_sealed: u64,
+    /// The upload retry in progress (0 = none) and the error that caused it.
+    pub retry_attempt: u32,
+    pub last_error: Option<String>,
+}
+
+impl Status {
+    pub fn health(&self) -> Health {
+        if self.critical.is_some() {
+            Health::Critical
+        } else if self.ring_overflow
+            || self.retry_attempt > 0
+            || self.rpo_ms > self.rpo_threshold_ms
+        {
+            Health::Warning
+        } else {
+            Health::Healthy
+        }
+    }
+
+    /// One line saying what the volume is doing and why.
+    pub fn state(&self) -> String {
+        if let Some(what) = &self.critical {
+            format!("stopped shipping: {what}")
+        } else if self.ring_overflow {
+            "degraded: ring overflowed, changed regions are tracked in the dirty bitmap and need a resync; no new recovery points until then".into()
+        } else if self.retry_attempt > 0 {
+            format!(
+                "retrying upload (attempt {}): {}",
+                self.retry_attempt,
+                self.last_error.as_deref().unwrap_or("?")
+            )
+        } else if self.rpo_ms > self.rpo_threshold_ms {
+            format!(
+                "RPO {} ms exceeds the threshold of {} ms",
+                self.rpo_ms, self.rpo_threshold_ms
+            )
+        } else {
+            "replicating".into()
+        }
+    }
+
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let mut json = serde_json::to_vec_pretty(self).expect("status serializes");
+        json.push(b'\n');
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, json)
+            .and_then(|_| std::fs::rename(&tmp, path))
+            .map_err(|e| ShipperError::io(format!("writing status file {}", path.display()), e))
+    }
+
+    pub fn read(path: &Path) -> Result<Status> {
+        let bytes = std::fs::read(path).map_err(|e| {
+            ShipperError::io(
+                format!(
+                    "reading status file {} (is the shipper running with --status there?)",
+                    path.display()
+                ),
+                e,
+            )
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| ShipperError::State {
+            path: path.into(),
+            what: e.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_follows_state() {
+        let mut s = Status {
+            rpo_threshold_ms: 1000,
+            ..Default::default()
+        };
+        assert_eq!(s.health(), Health::Healthy);
+        s.rpo_ms = 2000;
+        assert_eq!(s.health(), Health::Warning);
+        s.rpo_ms = 0;
+        s.ring_overflow = true;
+        assert_eq!(s.health(), Health::Warning);
+        assert!(s.state().contains("degraded"));
+        s.critical = Some("broken chain".into());
+        assert_eq!(s.health(), Health::Critical);
+        let dir = tempfile::tempdir().unwrap();
+        s.write(&dir.path().join("s.json")).unwrap();
+        assert_eq!(Status::read(&dir.path().join("s.json")).unwrap(), s);
+    }
+}

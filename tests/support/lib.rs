@@ -1,0 +1,234 @@
+//! Shared pieces of the end-to-end tests: a reference model of the source volume, a
+//! protected-volume fixture on the host (backing file + ring + capture), and helpers to
+//! run the shipper and the applier.
+
+use blkfilter::capture::{Capture, Captured};
+use blkfilter::ring::{Producer, RingGeometry};
+use blkfilter::workload::WorkOp;
+use changelog::{Key, LocalDirStore, TargetStore, VolumeId};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The source volume as it should be: every captured op with its seq, replayable to
+/// any seq. Independent of the code under test: plain memory writes.
+pub struct Model {
+    size: usize,
+    log: Vec<(u64, WorkOp)>,
+}
+
+impl Model {
+    pub fn new(size: u64) -> Model {
+        Model {
+            size: size as usize,
+            log: Vec::new(),
+        }
+    }
+
+    pub fn record(&mut self, seq: u64, op: WorkOp) {
+        assert!(
+            self.log.last().is_none_or(|(s, _)| *s < seq),
+            "seqs must increase"
+        );
+        self.log.push((seq, op));
+    }
+
+    pub fn seqs(&self) -> Vec<u64> {
+        self.log.iter().map(|(s, _)| *s).collect()
+    }
+
+    pub fn replayer(&self) -> Replayer<'_> {
+        Replayer {
+            model: self,
+            next: 0,
+            image: vec![0; self.size],
+        }
+    }
+
+    pub fn final_image(&self) -> Vec<u8> {
+        let mut r = self.replayer();
+        r.advance_to(u64::MAX);
+        r.image
+    }
+}
+
+/// Replays a [`Model`] forward.
+pub struct Replayer<'a> {
+    model: &'a Model,
+    next: usize,
+    pub image: Vec<u8>,
+}
+
+impl Replayer<'_> {
+    /// Applies every op with seq below `seq_end`.
+    pub fn advance_to(&mut self, seq_end: u64) {
+        while let Some((seq, op)) = self.model.log.get(self.next) {
+            if *seq >= seq_end {
+                break;
+            }
+            match op {
+                WorkOp::Write { offset, data } | WorkOp::Fua { offset, data } => self.image
+                    [*offset as usize..*offset as usize + data.len()]
+                    .copy_from_slice(data),
+                WorkOp::Discard { offset, len } | WorkOp::WriteZeroes { offset, len } => {
+                    self.image[*offset as usize..(*offset + *len) as usize].fill(0)
+                }
+                WorkOp::Flush | WorkOp::Mark { .. } => {}
+            }
+            self.next += 1;
+        }
+    }
+}
+
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+pub fn file_sha256(path: &Path) -> [u8; 32] {
+    sha256(&std::fs::read(path).expect("read file"))
+}
+
+/// A protected volume on the host: backing file, ring, capture, key, directories.
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub volume: VolumeId,
+    pub size: u64,
+    pub key: Key,
+}
+
+impl Fixture {
+    pub fn new(size: u64) -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = Key::generate_file(&dir.path().join("key")).expect("keygen");
+        std::fs::File::create(dir.path().join("backing"))
+            .unwrap()
+            .set_len(size)
+            .unwrap();
+        Fixture {
+            dir,
+            volume: VolumeId::new("vol0").unwrap(),
+            size,
+            key,
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn capture(&self, ring_bytes: u64) -> Capture {
+        let producer = Producer::create(
+            &self.path("ring"),
+            &RingGeometry::new(ring_bytes, self.size),
+        )
+        .expect("ring");
+        Capture::open(&self.path("backing"), producer, false).expect("capture")
+    }
+
+    pub fn store(&self) -> Arc<LocalDirStore> {
+        Arc::new(LocalDirStore::new(self.path("store")))
+    }
+
+    /// A shipper config with test-sized segments and a millisecond retry unit.
+    pub fn shipper_config(&self) -> shipper::ShipperConfig {
+        let mut config = shipper::ShipperConfig::new(
+            self.volume.clone(),
+            self.path("ring"),
+            self.path("staging"),
+            self.key.clone(),
+        );
+        config.max_segment_age = Duration::from_millis(20);
+        config.max_segment_bytes = 256 << 10;
+        config.retry_unit = Duration::from_millis(2);
+        config
+    }
+
+    /// An applier over a fresh (zeroed) replica named `name`.
+    pub fn applier(&self, name: &str, key: &Key) -> ublk_target::Result<ublk_target::Applier> {
+        let replica = self.path(name);
+        if !replica.exists() {
+            std::fs::File::create(&replica)
+                .unwrap()
+                .set_len(self.size)
+                .unwrap();
+        }
+        ublk_target::Applier::open(
+            self.store(),
+            self.volume.clone(),
+            key.clone(),
+            &replica,
+            &self.path(&format!("{name}.state")),
+        )
+    }
+
+    /// Paths of the volume's segments in the store, in index order.
+    pub fn store_segments(&self) -> Vec<PathBuf> {
+        let store = self.store();
+        store
+            .list(&self.volume)
+            .unwrap()
+            .into_iter()
+            .map(|i| store.segment_path(&self.volume, i))
+            .collect()
+    }
+}
+
+/// Runs `ops` through `capture`, recording each in `model`. Panics on a full ring:
+/// callers size the ring so that does not happen unless they test it.
+pub fn drive(capture: &mut Capture, model: &mut Model, ops: impl IntoIterator<Item = WorkOp>) {
+    for op in ops {
+        match capture.handle(op.as_request()).expect("capture") {
+            Captured::Recorded(seq) => model.record(seq, op),
+            Captured::MarkedDirty => panic!("ring overflowed in a test that sized it not to"),
+        }
+    }
+}
+
+/// Applies segments one at a time and checks the replica against the model at every
+/// segment end (I3). Returns the number of segments applied.
+pub fn apply_and_check_every_point(fixture: &Fixture, model: &Model, replica: &str) -> usize {
+    let mut applier = fixture.applier(replica, &fixture.key).expect("applier");
+    let mut replay = model.replayer();
+    let mut count = 0;
+    while let Some(applied) = applier.apply_next().expect("apply") {
+        replay.advance_to(applied.header.end_seq());
+        assert!(
+            file_sha256(&fixture.path(replica)) == sha256(&replay.image),
+            "replica differs from the model at seq {} (segment {})",
+            applied.header.end_seq(),
+            applied.header.index
+        );
+        count += 1;
+    }
+    count
+}
+
+/// Every record seq in the store's segments, in chain order; checks that each segment
+/// opens with the fixture's key.
+pub fn store_seqs(fixture: &Fixture) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    for path in fixture.store_segments() {
+        let segment = changelog::open(std::fs::read(&path).unwrap(), "t", &fixture.key)
+            .expect("segment opens");
+        seqs.extend(segment.records().map(|r| r.seq));
+    }
+    seqs
+}
+
+/// Path of a workspace binary built next to the test executable
+/// (`cargo test --workspace` builds them; so does `cargo build --bins`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --bins` first",
+        path.display()
+    );
+    path
+}

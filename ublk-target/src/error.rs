@@ -1,0 +1,46 @@
+//! The recovery side's error type.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = TargetError> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error(transparent)]
+    Changelog(#[from] changelog::Error),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("volume {volume}: segment {missing:016x} is missing from {store} although later segments exist (a gap in the history); nothing after it can be applied")]
+    Gap {
+        volume: String,
+        missing: u64,
+        store: String,
+    },
+    #[error("applier state {path} is unreadable ({what}); it must match the replica: restore it, or start over with an empty replica")]
+    State { path: PathBuf, what: String },
+    #[error("replica {path}: {what}")]
+    Replica { path: PathBuf, what: String },
+}
+
+impl TargetError {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        TargetError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Whether trying again later may succeed (store or disk I/O trouble, or a segment
+    /// not uploaded yet), as opposed to input that must not be applied.
+    pub fn is_recoverable(&self) -> bool {
+        match self {
+            TargetError::Io { .. } => true,
+            TargetError::Changelog(e) => e.is_recoverable(),
+            _ => false,
+        }
+    }
+}
