@@ -480,17 +480,19 @@ cmd_run() {
         [ -w /dev/kvm ] || die "UBLK_DR_VM_KVM=1 but /dev/kvm is not usable"
         accel=(-accel kvm -cpu host)
     fi
+    # qemu option values: a comma is written as two
+    local ctl_q=${ctl//,/,,} share_q=${share//,/,,}
     local secmodel=passthrough
     [ "$(id -u)" = 0 ] || secmodel=none
     # shellcheck disable=SC2054 # the commas are qemu's
     local qemu=("$QEMU" -nodefaults -no-user-config -no-reboot -display none -monitor none
         "${accel[@]}" -m "$mem" -smp "$cpus"
-        -kernel "$kdir/vmlinuz" -initrd "$kdir/initramfs.cpio"
+        -kernel "${kdir//,/,,}/vmlinuz" -initrd "${kdir//,/,,}/initramfs.cpio"
         -append "console=ttyS0 quiet panic=-1 mitigations=off ${UBLK_DR_VM_APPEND:-}"
         -chardev stdio,id=con0,signal=off -serial chardev:con0
         -virtfs "local,path=/,mount_tag=hostroot,security_model=$secmodel,readonly=on,multidevs=remap"
-        -virtfs "local,path=$ctl,mount_tag=ublkctl,security_model=$secmodel,multidevs=remap"
-        -virtfs "local,path=$share,mount_tag=ublkshare,security_model=$secmodel,multidevs=remap")
+        -virtfs "local,path=$ctl_q,mount_tag=ublkctl,security_model=$secmodel,multidevs=remap"
+        -virtfs "local,path=$share_q,mount_tag=ublkshare,security_model=$secmodel,multidevs=remap")
 
     local t0 t1 qst
     t0=$(date +%s.%N)

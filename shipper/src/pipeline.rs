@@ -291,6 +291,10 @@ fn read_ring(
     };
     let mut opened_at = Instant::now();
     let cut = |plain: &mut PlainSegment, pos: u64, next_index: &mut u64| -> bool {
+        if ring.overflowed() {
+            // Writes are missing from the ring until a resync: not a consistent point (I7).
+            plain.flags &= !flags::CRASH_POINT;
+        }
         let job = SealJob {
             index: *next_index,
             plain: std::mem::replace(

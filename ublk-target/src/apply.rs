@@ -22,6 +22,11 @@ use std::sync::Arc;
 /// Queue depth for replica writes.
 const APPLY_DEPTH: u32 = 64;
 
+/// Decodes a saved applier state (the [`ChainCursor`] after the last applied segment).
+pub fn decode_state(bytes: &[u8]) -> std::result::Result<ChainCursor, String> {
+    bincode::deserialize(bytes).map_err(|e| e.to_string())
+}
+
 /// What one applied segment changed.
 #[derive(Clone, Debug)]
 pub struct Applied {
