@@ -487,7 +487,7 @@ cmd_run() {
     # shellcheck disable=SC2054 # the commas are qemu's
     local qemu=("$QEMU" -nodefaults -no-user-config -no-reboot -display none -monitor none
         "${accel[@]}" -m "$mem" -smp "$cpus"
-        -kernel "${kdir//,/,,}/vmlinuz" -initrd "${kdir//,/,,}/initramfs.cpio"
+        -kernel "$kdir/vmlinuz" -initrd "$kdir/initramfs.cpio"
         -append "console=ttyS0 quiet panic=-1 mitigations=off ${UBLK_DR_VM_APPEND:-}"
         -chardev stdio,id=con0,signal=off -serial chardev:con0
         -virtfs "local,path=/,mount_tag=hostroot,security_model=$secmodel,readonly=on,multidevs=remap"

@@ -124,6 +124,7 @@ fn ship(args: RunArgs) -> Result<()> {
     if args.drain {
         control.drain();
     }
+    stop_on_signal(control.clone())?;
     let summary = shipper::run(&config, Arc::new(LocalDirStore::new(args.store)), control)?;
     log::info!(
         "stopped: {} segment(s) uploaded; next segment {}, next seq {}",
@@ -131,6 +132,24 @@ fn ship(args: RunArgs) -> Result<()> {
         summary.cursor.next_index,
         summary.cursor.next_seq
     );
+    Ok(())
+}
+
+/// SIGTERM or SIGINT stops the pipeline cleanly: records not yet staged stay in the
+/// ring for the next run. The signals are blocked before the pipeline's threads start
+/// (they inherit the mask) and taken by one thread with sigwait.
+fn stop_on_signal(control: Arc<Control>) -> Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.thread_block().context("blocking SIGTERM/SIGINT")?;
+    std::thread::spawn(move || {
+        if let Ok(signal) = set.wait() {
+            log::info!("{signal}: stopping");
+            control.stop();
+        }
+    });
     Ok(())
 }
 
