@@ -81,7 +81,9 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("shipper: error: {e:#}");
-        std::process::exit(1);
+        // 3 = Critical: retrying cannot help, an operator must act (see the systemd unit).
+        let critical = matches!(e.downcast_ref(), Some(shipper::ShipperError::Critical { .. }));
+        std::process::exit(if critical { 3 } else { 1 });
     }
 }
 
