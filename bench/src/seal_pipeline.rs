@@ -28,15 +28,24 @@ struct Stream {
 
 impl Stream {
     fn bytes(&self) -> u64 {
-        self.writes.iter().map(|(_, d)| d.len() as u64 + changelog::record::RECORD_HEADER_LEN as u64).sum()
+        self.writes
+            .iter()
+            .map(|(_, d)| d.len() as u64 + changelog::record::RECORD_HEADER_LEN as u64)
+            .sum()
     }
 
     /// The stream cut into plain segment bodies as the shipper would.
     fn segments(&self) -> Vec<PlainSegment> {
         let mut out = vec![PlainSegment::default()];
         for (seq, (offset, data)) in self.writes.iter().enumerate() {
-            let record =
-                RecordRef { seq: seq as u64, op: Op::Write, flags: 0, offset: *offset, len: data.len() as u32, data };
+            let record = RecordRef {
+                seq: seq as u64,
+                op: Op::Write,
+                flags: 0,
+                offset: *offset,
+                len: data.len() as u32,
+                data,
+            };
             let last = out.last_mut().expect("non-empty");
             last.push(&record);
             if last.body.len() >= SEGMENT_BYTES {
@@ -56,7 +65,11 @@ fn make_stream(name: &'static str, total: u64, io: usize, random: bool) -> Strea
     while (writes.len() * io) < total as usize {
         let mut data = vec![0u8; io];
         rng.fill_half_compressible(&mut data);
-        let at = if random { rng.below(device / io as u64) * io as u64 } else { offset };
+        let at = if random {
+            rng.below(device / io as u64) * io as u64
+        } else {
+            offset
+        };
         offset += io as u64;
         writes.push((at, data));
     }
@@ -82,9 +95,15 @@ fn stage_speed(segments: &[PlainSegment], mut f: impl FnMut(&PlainSegment)) -> f
 fn pipeline_speed(stream: &Stream, sealers: usize) -> f64 {
     let dir = tempfile::tempdir_in("/dev/shm").expect("tmpfs dir");
     let ring_path = dir.path().join("ring");
-    let mut producer = Producer::create(&ring_path, &RingGeometry::new(256 << 20, 64 << 30)).expect("ring");
+    let mut producer =
+        Producer::create(&ring_path, &RingGeometry::new(256 << 20, 64 << 30)).expect("ring");
     let key = Key::from_bytes([3; 32]);
-    let mut config = shipper::ShipperConfig::new(VolumeId::new("bench").unwrap(), ring_path, dir.path().join("staging"), key);
+    let mut config = shipper::ShipperConfig::new(
+        VolumeId::new("bench").unwrap(),
+        ring_path,
+        dir.path().join("staging"),
+        key,
+    );
     config.sealers = sealers;
     config.max_segment_bytes = SEGMENT_BYTES;
     let store = Arc::new(LocalDirStore::new(dir.path().join("store")));
@@ -96,7 +115,14 @@ fn pipeline_speed(stream: &Stream, sealers: usize) -> f64 {
     };
     for (offset, data) in &stream.writes {
         let seq = producer.next_seq();
-        let record = RecordRef { seq, op: Op::Write, flags: 0, offset: *offset, len: data.len() as u32, data };
+        let record = RecordRef {
+            seq,
+            op: Op::Write,
+            flags: 0,
+            offset: *offset,
+            len: data.len() as u32,
+            data,
+        };
         while producer.try_push(&record).is_err() {
             std::thread::sleep(Duration::from_micros(50));
         }
@@ -107,7 +133,9 @@ fn pipeline_speed(stream: &Stream, sealers: usize) -> f64 {
 }
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp_micros().init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp_micros()
+        .init();
     let args: Vec<String> = std::env::args().collect();
     let mib: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(512);
     let streams = [
@@ -116,13 +144,16 @@ fn main() {
     ];
     let key = Key::from_bytes([3; 32]);
     let rc = Aes256Gcm::new(&[3u8; 32].into());
-    let ring_key = ring::aead::LessSafeKey::new(ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &[3; 32]).unwrap());
+    let ring_key = ring::aead::LessSafeKey::new(
+        ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &[3; 32]).unwrap(),
+    );
     println!("| stream | lz4 | AES-GCM RustCrypto | AES-GCM ring | seal, 1 core | pipeline, 1 sealer | ratio | pipeline, 2 sealers | per sealer ratio | lz4 size ratio |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for stream in &streams {
         let segments = stream.segments();
         let mut compressed = 0u64;
-        let mut out = vec![0u8; lz4_flex::block::get_maximum_output_size(SEGMENT_BYTES + (64 << 10))];
+        let mut out =
+            vec![0u8; lz4_flex::block::get_maximum_output_size(SEGMENT_BYTES + (64 << 10))];
         let lz4 = stage_speed(&segments, |p| {
             compressed += lz4_flex::block::compress_into(&p.body, &mut out).unwrap() as u64;
         });
@@ -131,16 +162,24 @@ fn main() {
         let aes_rc = stage_speed(&segments, |p| {
             buf.clear();
             buf.extend_from_slice(&p.body);
-            rc.encrypt_in_place_detached(Nonce::from_slice(&[1; 12]), b"aad", &mut buf).unwrap();
+            rc.encrypt_in_place_detached(Nonce::from_slice(&[1; 12]), b"aad", &mut buf)
+                .unwrap();
         });
         let aes_ring = stage_speed(&segments, |p| {
             buf.clear();
             buf.extend_from_slice(&p.body);
             let nonce = ring::aead::Nonce::assume_unique_for_key([1; 12]);
-            let tag = ring_key.seal_in_place_separate_tag(nonce, ring::aead::Aad::from(b"aad"), &mut buf).unwrap();
+            let tag = ring_key
+                .seal_in_place_separate_tag(nonce, ring::aead::Aad::from(b"aad"), &mut buf)
+                .unwrap();
             buf.extend_from_slice(tag.as_ref());
         });
-        let params = SealParams { volume: VolumeId::new("bench").unwrap(), epoch: 1, index: 0, created_unix_ms: 0 };
+        let params = SealParams {
+            volume: VolumeId::new("bench").unwrap(),
+            epoch: 1,
+            index: 0,
+            created_unix_ms: 0,
+        };
         let seal1 = stage_speed(&segments, |p| drop(seal(p, &params, &key).unwrap()));
         let one = pipeline_speed(stream, 1);
         let two = pipeline_speed(stream, 2);

@@ -56,27 +56,49 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Exercise { backing, ring, ring_mib, ops, seed, max_io_kib } => {
+        Command::Exercise {
+            backing,
+            ring,
+            ring_mib,
+            ops,
+            seed,
+            max_io_kib,
+        } => {
             let size = std::fs::metadata(&backing)
-                .with_context(|| format!("backing {} (create it first, e.g. truncate -s 256M FILE)", backing.display()))?
+                .with_context(|| {
+                    format!(
+                        "backing {} (create it first, e.g. truncate -s 256M FILE)",
+                        backing.display()
+                    )
+                })?
                 .len();
             if size < 4096 || size % 512 != 0 {
-                anyhow::bail!("backing {} is {size} bytes; it must be a multiple of 512 and at least 4096", backing.display());
+                anyhow::bail!(
+                    "backing {} is {size} bytes; it must be a multiple of 512 and at least 4096",
+                    backing.display()
+                );
             }
             if let Some(dir) = ring.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
             }
             let producer = Producer::create(&ring, &RingGeometry::new(ring_mib << 20, size))?;
             let mut capture = Capture::open(&backing, producer, false)?;
             let started = Instant::now();
             let (mut recorded, mut dirty, mut bytes) = (0u64, 0u64, 0u64);
-            for op in Workload::new(seed, size).with_max_io(max_io_kib << 10).take(ops) {
-                if let blkfilter::workload::WorkOp::Write { data, .. } | blkfilter::workload::WorkOp::Fua { data, .. } = &op {
+            for op in Workload::new(seed, size)
+                .with_max_io(max_io_kib << 10)
+                .take(ops)
+            {
+                if let blkfilter::workload::WorkOp::Write { data, .. }
+                | blkfilter::workload::WorkOp::Fua { data, .. } = &op
+                {
                     bytes += data.len() as u64;
                 }
                 match capture.handle(op.as_request()) {
                     Ok(Captured::Recorded(_)) => recorded += 1,
-                    Ok(Captured::MarkedDirty) | Err(blkfilter::capture::CaptureError::MarkNotRecorded { .. }) => dirty += 1,
+                    Ok(Captured::MarkedDirty)
+                    | Err(blkfilter::capture::CaptureError::MarkNotRecorded { .. }) => dirty += 1,
                     Err(e) => return Err(e.into()),
                 }
             }

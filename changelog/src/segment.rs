@@ -166,7 +166,9 @@ impl SealedSegment {
 /// AES-256-GCM from `ring`: about four times RustCrypto's `aes-gcm` on this project's
 /// machines (see bench/RESULTS.md); the format is standard AES-GCM either way.
 fn cipher(key: &Key) -> LessSafeKey {
-    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key.bytes()).expect("a 32-byte key fits AES-256"))
+    LessSafeKey::new(
+        UnboundKey::new(&AES_256_GCM, key.bytes()).expect("a 32-byte key fits AES-256"),
+    )
 }
 
 /// A segment's header and digest, read without the key.

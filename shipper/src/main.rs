@@ -82,7 +82,10 @@ fn main() {
     if let Err(e) = run(Cli::parse()) {
         eprintln!("shipper: error: {e:#}");
         // 3 = Critical: retrying cannot help, an operator must act (see the systemd unit).
-        let critical = matches!(e.downcast_ref(), Some(shipper::ShipperError::Critical { .. }));
+        let critical = matches!(
+            e.downcast_ref(),
+            Some(shipper::ShipperError::Critical { .. })
+        );
         std::process::exit(if critical { 3 } else { 1 });
     }
 }
