@@ -138,6 +138,14 @@ fn main() {
         .init();
     let args: Vec<String> = std::env::args().collect();
     let mib: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(512);
+    if std::env::var_os("PIPELINE_ONLY").is_some() {
+        let stream = make_stream("4 KiB random", mib << 20, 4096, true);
+        println!(
+            "pipeline only, 1 sealer: {:.0} MB/s",
+            pipeline_speed(&stream, 1)
+        );
+        return;
+    }
     let streams = [
         make_stream("4 KiB random", mib << 20, 4096, true),
         make_stream("1 MiB sequential", mib << 20, 1 << 20, false),

@@ -31,6 +31,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// How often the status file is rewritten.
+const STATUS_INTERVAL: Duration = Duration::from_millis(200);
+
 #[derive(Clone, Debug)]
 pub struct ShipperConfig {
     pub volume: VolumeId,
@@ -111,6 +114,16 @@ struct SealJob {
     ring_end: u64,
     created_unix_ms: u64,
 }
+
+/// A segment durable in staging, on its way to the uploader.
+struct Staged {
+    index: u64,
+    /// The file's bytes, unless the upload queue was long (then read back from staging).
+    bytes: Option<Vec<u8>>,
+}
+
+/// Staged segments handed to the uploader with their bytes in memory, at most.
+const UPLOAD_QUEUE_IN_MEMORY: usize = 8;
 
 struct Sealed {
     job_index: u64,
@@ -194,21 +207,23 @@ pub fn run(
     let sealers = config.sealers.max(1);
     let (job_tx, job_rx) = bounded::<SealJob>(sealers * 2);
     let (sealed_tx, sealed_rx) = bounded::<Result<Sealed>>(sealers * 2);
-    let (staged_tx, staged_rx) = unbounded::<u64>();
+    let (staged_tx, staged_rx) = unbounded::<Staged>();
     let epoch = cursor.epoch.expect("recover() fixes the epoch");
 
     let result: Result<(ChainCursor, u64)> = std::thread::scope(|scope| {
-        let reader = scope.spawn(|| {
+        let reader = spawn_named(scope, "ship-reader", || {
             let r = read_ring(config, &ring, &cursor, &board, &control, job_tx);
             stop_on_err(&r, &control);
             r
         });
         for _ in 0..sealers {
             let (jobs, out) = (job_rx.clone(), sealed_tx.clone());
-            scope.spawn(move || seal_jobs(config, epoch, &jobs, &out));
+            spawn_named(scope, "ship-sealer", move || {
+                seal_jobs(config, epoch, &jobs, &out)
+            });
         }
         drop((job_rx, sealed_tx));
-        let stager = scope.spawn(|| {
+        let stager = spawn_named(scope, "ship-stager", || {
             let r = stage(
                 config,
                 &dir,
@@ -221,7 +236,7 @@ pub fn run(
             stop_on_err(&r, &control);
             r
         });
-        let uploader = scope.spawn(|| {
+        let uploader = spawn_named(scope, "ship-uploader", || {
             let r = upload(
                 config,
                 &dir,
@@ -234,9 +249,14 @@ pub fn run(
             stop_on_err(&r, &control);
             r
         });
+        let mut last_publish = Instant::now();
+        publish(config, &board, &ring);
         while !(reader.is_finished() && stager.is_finished() && uploader.is_finished()) {
-            publish(config, &board, &ring);
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(5));
+            if last_publish.elapsed() >= STATUS_INTERVAL {
+                publish(config, &board, &ring);
+                last_publish = Instant::now();
+            }
         }
         let panicked = "a shipper pipeline thread panicked";
         let (read, staged, uploaded) = (
@@ -257,6 +277,18 @@ pub fn run(
         segments_uploaded,
         cursor,
     })
+}
+
+/// Threads get names so that `top -H`, perf and panics say which stage is which.
+fn spawn_named<'scope, T: Send + 'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'scope,
+) -> std::thread::ScopedJoinHandle<'scope, T> {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn_scoped(scope, f)
+        .expect("spawning a pipeline thread")
 }
 
 /// A failed stage stops the others; its error is what the run returns.
@@ -285,10 +317,14 @@ fn read_ring(
 ) -> Result<()> {
     let mut pos = ring.released();
     let mut next_index = cursor.next_index;
-    let mut plain = PlainSegment {
+    // Room for a full segment plus a typical record crossing the limit, so bodies
+    // rarely reallocate (each reallocation copies the whole body).
+    let new_plain = || PlainSegment {
         flags: flags::CRASH_POINT,
+        body: Vec::with_capacity(config.max_segment_bytes + (1 << 20)),
         ..Default::default()
     };
+    let mut plain = new_plain();
     let mut opened_at = Instant::now();
     let cut = |plain: &mut PlainSegment, pos: u64, next_index: &mut u64| -> bool {
         if ring.overflowed() {
@@ -297,13 +333,7 @@ fn read_ring(
         }
         let job = SealJob {
             index: *next_index,
-            plain: std::mem::replace(
-                plain,
-                PlainSegment {
-                    flags: flags::CRASH_POINT,
-                    ..Default::default()
-                },
-            ),
+            plain: std::mem::replace(plain, new_plain()),
             ring_end: pos,
             created_unix_ms: unix_ms_now(),
         };
@@ -404,7 +434,7 @@ fn stage(
     mut cursor: ChainCursor,
     board: &Board,
     sealed: Receiver<Result<Sealed>>,
-    staged: Sender<u64>,
+    staged: Sender<Staged>,
 ) -> Result<ChainCursor> {
     let mut uring = Uring::new(8).map_err(|e| ShipperError::io("io_uring setup", e))?;
     let mut waiting: BTreeMap<u64, Sealed> = BTreeMap::new();
@@ -433,7 +463,13 @@ fn stage(
                 next.plain_len,
                 linked.bytes.len()
             );
-            let _ = staged.send(linked.header.index);
+            // Hand the bytes over while the uploader keeps up; past that, it reads
+            // them back from staging, so a store outage cannot fill memory.
+            let bytes = (staged.len() < UPLOAD_QUEUE_IN_MEMORY).then_some(linked.bytes);
+            let _ = staged.send(Staged {
+                index: linked.header.index,
+                bytes,
+            });
         }
     }
     Ok(cursor)
@@ -445,7 +481,7 @@ fn upload(
     dir: &Path,
     store: &dyn TargetStore,
     backlog: Vec<u64>,
-    staged: Receiver<u64>,
+    staged: Receiver<Staged>,
     board: &Board,
     control: &Control,
 ) -> Result<u64> {
@@ -454,10 +490,16 @@ fn upload(
     };
     let mut uring = Uring::new(2).map_err(|e| ShipperError::io("io_uring setup", e))?;
     let mut uploaded = 0u64;
-    for index in backlog.into_iter().chain(staged) {
+    let backlog = backlog
+        .into_iter()
+        .map(|index| Staged { index, bytes: None });
+    for Staged { index, bytes } in backlog.chain(staged) {
         let path = dir.join(segment_file_name(index));
-        let bytes = std::fs::read(&path)
-            .map_err(|e| ShipperError::io(format!("reading staged {}", path.display()), e))?;
+        let bytes = match bytes {
+            Some(bytes) => bytes,
+            None => std::fs::read(&path)
+                .map_err(|e| ShipperError::io(format!("reading staged {}", path.display()), e))?,
+        };
         let info = changelog::read_info(&bytes, &path.display().to_string())?;
         let mut attempt = 0u32;
         loop {
