@@ -85,7 +85,7 @@ pub struct Capture {
     backing: File,
     size: u64,
     uring: Uring,
-    ring: Producer,
+    recorder: Recorder,
 }
 
 impl Capture {
@@ -108,7 +108,7 @@ impl Capture {
             backing: file,
             size,
             uring: Uring::new(8).map_err(err)?,
-            ring,
+            recorder: Recorder::new(ring),
         })
     }
 
@@ -137,11 +137,11 @@ impl Capture {
                 } else {
                     Op::Write
                 };
-                Ok(self.record(op, offset, data.len() as u64, data, 0))
+                Ok(self.recorder.record(op, offset, data.len() as u64, data, 0))
             }
             Request::Flush => {
                 self.uring.fsync(fd, false).map_err(err)?;
-                Ok(self.record(Op::Flush, 0, 0, &[], 0))
+                Ok(self.recorder.record(Op::Flush, 0, 0, &[], 0))
             }
             Request::Discard { offset, len } | Request::WriteZeroes { offset, len } => {
                 self.check_range(offset, len)?;
@@ -158,7 +158,7 @@ impl Capture {
                 self.uring
                     .run_batch(fd, [IoOp::Fallocate { offset, len, mode }])
                     .map_err(err)?;
-                Ok(self.record(op, offset, len, &[], 0))
+                Ok(self.recorder.record(op, offset, len, &[], 0))
             }
             Request::Mark {
                 label,
@@ -169,7 +169,10 @@ impl Capture {
                 } else {
                     0
                 };
-                match self.record(Op::Mark, 0, label.len() as u64, label.as_bytes(), flags) {
+                match self
+                    .recorder
+                    .record(Op::Mark, 0, label.len() as u64, label.as_bytes(), flags)
+                {
                     Captured::MarkedDirty => Err(CaptureError::MarkNotRecorded {
                         label: label.into(),
                     }),
@@ -189,9 +192,22 @@ impl Capture {
             }),
         }
     }
+}
+
+/// The half of capture that follows a completed request: take the next seq and record
+/// it, or mark its range dirty when the ring is full. The ublk server calls this from
+/// its completion path; [`Capture::handle`] calls it after its own backing I/O.
+pub struct Recorder {
+    ring: Producer,
+}
+
+impl Recorder {
+    pub fn new(ring: Producer) -> Recorder {
+        Recorder { ring }
+    }
 
     /// Records a completed request; on a full ring marks its range dirty instead.
-    fn record(&mut self, op: Op, offset: u64, len: u64, data: &[u8], flags: u8) -> Captured {
+    pub fn record(&mut self, op: Op, offset: u64, len: u64, data: &[u8], flags: u8) -> Captured {
         let seq = self.ring.next_seq();
         let record = RecordRef {
             seq,
