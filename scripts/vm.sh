@@ -2,6 +2,7 @@
 # scripts/vm.sh: run a command under a Linux kernel that has ublk, in a qemu guest
 # that sees the host's whole file system. Run `scripts/vm.sh --help` for usage.
 set -euo pipefail
+shopt -s inherit_errexit
 
 usage() {
     cat <<'EOF'
@@ -27,7 +28,9 @@ run       Boot the guest (running setup first if needed) and run CMD there in th
           these variables: RUST_LOG, RUST_BACKTRACE, RUST_LIB_BACKTRACE, RUST_TEST_THREADS,
           RUST_MIN_STACK, HOME, USER, LOGNAME, LANG, LC_ALL, TERM, CARGO_HOME, RUSTUP_HOME,
           RUSTUP_TOOLCHAIN, CARGO_TARGET_DIR and every UBLK_DR_*. In the guest,
-          UBLK_DR_IN_VM=1 and UBLK_DR_VM_SHARE=<the shared directory>.
+          UBLK_DR_IN_VM=1, UBLK_DR_VM_SHARE=<the shared directory> and
+          DM_DISABLE_UDEV=1 (there is no udev: dmsetup makes /dev/mapper nodes itself).
+          `modprobe NAME` loads any other module of the guest kernel.
           CMD's stdout and stderr both stream to vm.sh's stdout (serial console); CMD's
           stdin is /dev/null. vm.sh exits with CMD's exit status.
   --mem MiB      guest memory (default 4096)
@@ -52,6 +55,11 @@ Environment:
   UBLK_DR_VM_KERNEL_PKG  use this kernel package instead of the newest one
   UBLK_DR_VM_APPEND      extra kernel command line arguments
   UBLK_DR_VM_TIMEOUT     default for --timeout
+  UBLK_DR_VM_DEBUG=1     full kernel log and the guest init's stage timings
+  UBLK_DR_VM_OVERLAY=0   no RAM overlay: the host root stays read-only in the guest
+                         (tmpfs on /tmp, /run, /var/tmp only)
+  UBLK_DR_VM_ROOT_9P_OPTS  9p mount options for the host root (default cache=loose:
+                         host changes made while the guest runs may not be seen)
   UBLK_DR_FORCE_VM=1     use the guest even if the host kernel has ublk
 
 Examples:
@@ -132,7 +140,7 @@ newest_kernel_pkg() {
                 echo "$pkg"
                 break
             fi
-        done
+        done || true
 }
 
 current_kver() {
@@ -176,9 +184,19 @@ fetch_kernel() {
     chown _apt "$tmp" 2>/dev/null || true # apt downloads as user _apt
     if ! (cd "$tmp" && apt-get download -q "$pkg" >&2); then
         rm -rf "$tmp"
-        die "apt-get download $pkg failed; try 'scripts/vm.sh setup --update'"
+        if [ "$APT_UPDATED" = 0 ] && [ -z "${UBLK_DR_VM_KERNEL_PKG:-}" ]; then
+            # Stale package lists: the registry has moved on. Refresh and pick again.
+            msg "download failed; refreshing the package lists and picking the kernel again"
+            apt_update_once
+            pkg=$(newest_kernel_pkg)
+            [ -n "$pkg" ] || die "apt offers no linux-image-6.12+-amd64-unsigned package any more"
+            fetch_kernel "$pkg"
+            return
+        fi
+        die "apt-get download $pkg failed; check the apt sources, then run 'scripts/vm.sh setup --update'"
     fi
-    deb=$(find "$tmp" -maxdepth 1 -name '*.deb' | head -n 1)
+    local debs=("$tmp"/*.deb)
+    deb=${debs[0]}
     msg "extracting $(basename "$deb")"
     mkdir "$tmp/x"
     dpkg-deb -x "$deb" "$tmp/x" || die "dpkg-deb -x $deb failed"
@@ -270,6 +288,8 @@ cmd_setup() {
     fi
     exec 9>>"$CACHE/.lock"
     flock 9
+    # leftovers of an interrupted setup
+    rm -rf "$CACHE"/dl.* "$CACHE"/initramfs.*
     kver=$(current_kver || true)
     if [ -n "${UBLK_DR_VM_KERNEL_PKG:-}" ]; then
         pkg=$UBLK_DR_VM_KERNEL_PKG
@@ -287,13 +307,22 @@ cmd_setup() {
         kver=${kver%-unsigned}
     fi
     if ! kernel_complete "$kver"; then
-        fetch_kernel "${pkg:-linux-image-$kver-unsigned}" >/dev/null
+        kver=$(fetch_kernel "${pkg:-linux-image-$kver-unsigned}")
     fi
     if [ "$(current_kver || true)" != "$kver" ]; then
         echo "$kver" >"$CACHE/current.tmp"
         mv "$CACHE/current.tmp" "$CACHE/current"
     fi
     initramfs_current "$kver" || build_initramfs "$kver"
+    if [ "$update" = 1 ]; then
+        local old
+        for old in "$CACHE"/kernel-*; do
+            [ "$old" = "$(kernel_dir "$kver")" ] || [ ! -d "$old" ] || {
+                msg "removing the older kernel $(basename "$old")"
+                rm -rf "$old"
+            }
+        done
+    fi
     flock -u 9
     exec 9>&-
 }
@@ -388,7 +417,11 @@ cmd_run() {
     # Native mode: the host kernel has ublk (or we are the guest already).
     if [ "${UBLK_DR_IN_VM:-}" = 1 ] ||
         { [ -e /dev/ublk-control ] && [ "${UBLK_DR_FORCE_VM:-}" != 1 ]; }; then
-        msg "host kernel has /dev/ublk-control: running natively (UBLK_DR_FORCE_VM=1 forces the VM)"
+        if [ "${UBLK_DR_IN_VM:-}" = 1 ]; then
+            msg "already inside the VM: running natively"
+        else
+            msg "host kernel has /dev/ublk-control: running natively (UBLK_DR_FORCE_VM=1 forces the VM)"
+        fi
         for e in "${extra_env[@]}"; do
             case $e in *=*) export "${e?}" ;; *) ;; esac
         done
@@ -428,8 +461,9 @@ cmd_run() {
     nonce=$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')
 
     # Terminal size for the guest console, when our stdout is a terminal.
-    local rows='' cols='' term=${TERM:-dumb}
+    local rows='' cols='' term=${TERM:-dumb} tty=0
     if [ -t 1 ]; then
+        tty=1
         read -r rows cols < <(stty size </dev/tty 2>/dev/null || true) || true
     else
         term=dumb
@@ -440,6 +474,7 @@ cmd_run() {
         echo "SHARE=$(sq "$share")"
         echo "KVER=$(sq "$kver")"
         echo "MODDIR=$(sq "$kdir/lib/modules/$kver")"
+        echo "TTY=$(sq "$tty")"
         echo "ROWS=$(sq "$rows")"
         echo "COLS=$(sq "$cols")"
         echo "OVERLAY=$(sq "${UBLK_DR_VM_OVERLAY:-1}")"
@@ -469,6 +504,9 @@ cmd_run() {
             esac
         done
         printf 'export UBLK_DR_IN_VM=1 UBLK_DR_VM_SHARE=%q\n' "$share"
+        # No udev in the guest: without this, dmsetup waits for udev to make
+        # /dev/mapper/NAME, which never appears (only /dev/dm-N exists).
+        printf 'export DM_DISABLE_UDEV=%q\n' "${DM_DISABLE_UDEV:-1}"
         printf 'cd -- %q || { echo "vm.sh (guest): cannot cd to %q: the host'"'"'s /tmp and /run are not visible in the guest; run from elsewhere or pass --share DIR" >&2; exit 125; }\n' "$PWD" "$PWD"
         printf 'exec'
         printf ' %q' "$@"
@@ -480,6 +518,8 @@ cmd_run() {
         [ -w /dev/kvm ] || die "UBLK_DR_VM_KVM=1 but /dev/kvm is not usable"
         accel=(-accel kvm -cpu host)
     fi
+    local quiet=quiet
+    [ "${UBLK_DR_VM_DEBUG:-}" = 1 ] && quiet=ublk_dr_debug=1
     # qemu option values: a comma is written as two
     local ctl_q=${ctl//,/,,} share_q=${share//,/,,}
     local secmodel=passthrough
@@ -488,20 +528,21 @@ cmd_run() {
     local qemu=("$QEMU" -nodefaults -no-user-config -no-reboot -display none -monitor none
         "${accel[@]}" -m "$mem" -smp "$cpus"
         -kernel "$kdir/vmlinuz" -initrd "$kdir/initramfs.cpio"
-        -append "console=ttyS0 quiet panic=-1 mitigations=off ${UBLK_DR_VM_APPEND:-}"
+        -append "console=ttyS0 $quiet panic=-1 mitigations=off ${UBLK_DR_VM_APPEND:-}"
         -chardev stdio,id=con0,signal=off -serial chardev:con0
         -virtfs "local,path=/,mount_tag=hostroot,security_model=$secmodel,readonly=on,multidevs=remap"
         -virtfs "local,path=$ctl_q,mount_tag=ublkctl,security_model=$secmodel,multidevs=remap"
         -virtfs "local,path=$share_q,mount_tag=ublkshare,security_model=$secmodel,multidevs=remap")
 
-    local t0 t1 qst
+    local t0 t1 qst qrc
     t0=$(date +%s.%N)
     # qemu runs in the background so that a signal to vm.sh (Ctrl-C, a CI timeout) can
     # stop it; the sed filter strips the exit marker and the kernel's last words.
     {
+        qrc=0
         timeout --foreground -k 10 "$timeout" "${qemu[@]}" -pidfile "$ctl/qemu.pid" \
-            </dev/null 2>"$ctl/qemu.err"
-        echo $? >"$ctl/qemu.rc"
+            </dev/null 2>"$ctl/qemu.err" || qrc=$?
+        echo "$qrc" >"$ctl/qemu.rc"
     } | sed -u -e 's/\r$//' \
         -e "/$MARKER $nonce [0-9]*@@/{" -e "w $ctl/marker" \
         -e "s/$MARKER $nonce [0-9]*@@//" -e '/^$/d' -e '}' \
@@ -527,13 +568,18 @@ cmd_run() {
     [ -s "$ctl/boot-seconds" ] && boot=$(cat "$ctl/boot-seconds")
     [ -s "$ctl/end-seconds" ] && end=$(cat "$ctl/end-seconds")
     if [ -z "$status" ]; then
-        [ -s "$ctl/qemu.err" ] && sed 's/^/qemu: /' "$ctl/qemu.err" >&2
+        if [ -s "$ctl/qemu.err" ] && [ "$qst" != 124 ]; then
+            sed 's/^/qemu: /' "$ctl/qemu.err" >&2
+        fi
         [ -s "$ctl/error" ] && sed 's/^/guest: /' "$ctl/error" >&2
         if [ "$qst" = 124 ] || [ "$qst" = 137 ]; then
             msg "error: the guest timed out after ${timeout}s (--timeout) and was killed"
             status=124
         else
             msg "error: the guest stopped without reporting CMD's exit status: kernel panic, guest init failure or qemu failure (qemu exit status $qst; see the output above)"
+            if [ "${UBLK_DR_VM_KVM:-}" = 1 ]; then
+                msg "hint: KVM does not work on every host; unset UBLK_DR_VM_KVM to use TCG"
+            fi
             status=125
         fi
     elif [ "$status" != 0 ] || [ "$verbose" = 1 ]; then

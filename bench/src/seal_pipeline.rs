@@ -166,7 +166,7 @@ fn main() {
             compressed += lz4_flex::block::compress_into(&p.body, &mut out).unwrap() as u64;
         });
         let plain: u64 = segments.iter().map(|s| s.body.len() as u64).sum();
-        let mut buf = Vec::with_capacity(SEGMENT_BYTES + 64 << 10);
+        let mut buf = Vec::with_capacity(SEGMENT_BYTES + (64 << 10));
         let aes_rc = stage_speed(&segments, |p| {
             buf.clear();
             buf.extend_from_slice(&p.body);

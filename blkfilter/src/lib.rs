@@ -5,4 +5,5 @@
 //! region goes to the ring's dirty bitmap instead.
 pub mod capture;
 pub mod ring;
+pub mod server;
 pub mod workload;

@@ -3,9 +3,12 @@
 use anyhow::{Context, Result};
 use blkfilter::capture::{Capture, Captured};
 use blkfilter::ring::{Producer, RingGeometry};
+use blkfilter::server::{self, AttachOptions};
 use blkfilter::workload::Workload;
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// ublk-dr capture: puts a protected volume in front of a backing disk and records every
@@ -19,6 +22,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Protect a volume: create /dev/ublkbN in front of BACKING and capture every change
+    /// into the ring. Returns once the device is live; the server keeps running in the
+    /// background (or in the foreground with --foreground, for systemd).
+    Attach(AttachArgs),
+    /// Take back a device whose server died (state QUIESCED); in-flight requests are
+    /// re-issued to the new server and nothing acknowledged is lost.
+    Recover {
+        /// Device id (N of /dev/ublkbN).
+        #[arg(long)]
+        id: i32,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
+    /// Delete a blkfilter device; its server exits.
+    Detach {
+        #[arg(long)]
+        id: i32,
+    },
+    /// List blkfilter devices with their state, backing and ring.
+    List,
     /// Drive the capture path with a seeded synthetic workload, without a ublk device.
     ///
     /// Each request goes through exactly the code the ublk server runs: the backing I/O
@@ -46,8 +69,51 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct AttachArgs {
+    /// Backing file or block device (its size is the volume size).
+    #[arg(long)]
+    backing: PathBuf,
+    /// Capture ring file (created if missing), e.g. /dev/shm/ublk-dr/vol0.ring.
+    #[arg(long, required_unless_present = "no_capture")]
+    ring: Option<PathBuf>,
+    /// Serve the device without capture (to measure what capture costs).
+    #[arg(long, conflicts_with = "ring")]
+    no_capture: bool,
+    /// Ring data capacity in MiB, when the ring is created.
+    #[arg(long, default_value_t = 256)]
+    ring_mib: u64,
+    /// Device id (N of /dev/ublkbN); by default the kernel picks one.
+    #[arg(long, default_value_t = -1)]
+    id: i32,
+    /// Requests in flight per device.
+    #[arg(long, default_value_t = 64)]
+    queue_depth: u16,
+    /// Largest request in KiB.
+    #[arg(long, default_value_t = 512)]
+    max_io_kib: u32,
+    /// Use buffered I/O on the backing instead of O_DIRECT.
+    #[arg(long)]
+    buffered: bool,
+    #[command(flatten)]
+    daemon: DaemonArgs,
+}
+
+#[derive(clap::Args)]
+struct DaemonArgs {
+    /// Stay in the foreground (systemd, debugging) instead of daemonizing.
+    #[arg(long)]
+    foreground: bool,
+    /// Where a daemonized server logs.
+    #[arg(long, default_value = "/run/ublk-dr/blkfilter.log")]
+    log: PathBuf,
+}
+
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("info,libublk=warn"),
+    )
+    .init();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("blkfilter: error: {e:#}");
         std::process::exit(1);
@@ -56,6 +122,56 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Attach(args) => {
+            let opts = AttachOptions {
+                backing: args.backing,
+                ring: if args.no_capture { None } else { args.ring },
+                ring_bytes: args.ring_mib << 20,
+                id: args.id,
+                queue_depth: args.queue_depth,
+                io_buf_bytes: args.max_io_kib << 10,
+                direct: !args.buffered,
+            };
+            run_server(&args.daemon, move |ready| server::serve(&opts, None, ready))
+        }
+        Command::Recover { id, daemon } => {
+            let defaults = AttachOptions {
+                backing: PathBuf::new(),
+                ring: None,
+                ring_bytes: 256 << 20,
+                id,
+                queue_depth: 64,
+                io_buf_bytes: 512 << 10,
+                direct: true,
+            };
+            let opts = server::recovery_plan(id, &defaults)?;
+            run_server(&daemon, move |ready| server::serve(&opts, Some(id), ready))
+        }
+        Command::Detach { id } => {
+            server::detach(id)?;
+            println!("deleted /dev/ublkb{id}");
+            Ok(())
+        }
+        Command::List => {
+            println!(
+                "{:<4} {:<9} {:>12} {:>8}  BACKING -> RING",
+                "ID", "STATE", "SIZE", "PID"
+            );
+            for d in server::list()? {
+                let (backing, ring) = d.target.map_or(("?".into(), "?".into()), |t| {
+                    (
+                        t.backing.display().to_string(),
+                        t.ring
+                            .map_or("(no capture)".into(), |r| r.display().to_string()),
+                    )
+                });
+                println!(
+                    "{:<4} {:<9} {:>12} {:>8}  {backing} -> {ring}",
+                    d.id, d.state, d.size_bytes, d.pid
+                );
+            }
+            Ok(())
+        }
         Command::Exercise {
             backing,
             ring,
@@ -108,6 +224,93 @@ fn run(cli: Cli) -> Result<()> {
                 bytes as f64 / (1 << 20) as f64
             );
             Ok(())
+        }
+    }
+}
+
+type Ready = Box<dyn FnOnce(u32) + Send + Sync>;
+
+/// Runs a server in the foreground, or forks it into the background and returns once it
+/// reports the device live (or its error), so scripts can use the device right away.
+fn run_server(
+    daemon: &DaemonArgs,
+    serve: impl FnOnce(Ready) -> Result<(), server::ServerError>,
+) -> Result<()> {
+    if daemon.foreground {
+        let ready: Ready = Box::new(|id| {
+            println!("/dev/ublkb{id} is live");
+            let _ = std::io::stdout().flush();
+        });
+        return Ok(serve(ready)?);
+    }
+    let (read_end, write_end) = nix::unistd::pipe().context("creating a pipe")?;
+    // SAFETY: this process is still single-threaded here (nothing has spawned a
+    // thread yet), so the child may run arbitrary code after fork.
+    match unsafe { nix::unistd::fork() }.context("fork")? {
+        nix::unistd::ForkResult::Parent { .. } => {
+            drop(write_end);
+            let mut report = String::new();
+            std::fs::File::from(read_end)
+                .read_to_string(&mut report)
+                .context("reading the server's report")?;
+            match report.strip_prefix("ok ") {
+                Some(id) => {
+                    println!("/dev/ublkb{}", id.trim());
+                    Ok(())
+                }
+                None if report.is_empty() => anyhow::bail!(
+                    "the server exited before the device was live; see {}",
+                    daemon.log.display()
+                ),
+                None => anyhow::bail!("{}", report.trim_start_matches("error: ").trim()),
+            }
+        }
+        nix::unistd::ForkResult::Child => {
+            drop(read_end);
+            let report = std::sync::Mutex::new(Some(std::fs::File::from(write_end)));
+            let report = std::sync::Arc::new(report);
+            let for_ready = report.clone();
+            let _ = nix::unistd::setsid();
+            redirect_output(&daemon.log);
+            let ready: Ready = Box::new(move |id| {
+                if let Some(mut pipe) = for_ready.lock().ok().and_then(|mut p| p.take()) {
+                    let _ = writeln!(pipe, "ok {id}");
+                }
+            });
+            let result = serve(ready);
+            if let Err(e) = &result {
+                log::error!("{e}");
+                if let Some(mut pipe) = report.lock().ok().and_then(|mut p| p.take()) {
+                    let _ = writeln!(pipe, "error: {e}");
+                }
+            }
+            std::process::exit(if result.is_ok() { 0 } else { 1 });
+        }
+    }
+}
+
+/// Points the daemon's stdin at /dev/null and stdout/stderr at its log file.
+fn redirect_output(log: &Path) {
+    if let Some(dir) = log.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let null = std::fs::File::open("/dev/null").ok().map(OwnedFd::from);
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .ok()
+        .map(OwnedFd::from);
+    use std::os::fd::AsRawFd;
+    // SAFETY: dup2 onto the standard descriptors with fds we own; nothing else in this
+    // (single-threaded) process is using them concurrently.
+    unsafe {
+        if let Some(null) = &null {
+            libc::dup2(null.as_raw_fd(), 0);
+        }
+        if let Some(out) = &out {
+            libc::dup2(out.as_raw_fd(), 1);
+            libc::dup2(out.as_raw_fd(), 2);
         }
     }
 }

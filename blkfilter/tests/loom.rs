@@ -31,6 +31,10 @@ impl HeapRing {
     }
 }
 
+// SAFETY: the cells are shared between the model's threads on purpose: that is what
+// loom checks. The protocol decides who may touch which byte when.
+unsafe impl Sync for HeapRing {}
+
 impl RingMem for HeapRing {
     fn capacity(&self) -> u64 {
         self.data.len() as u64
@@ -94,11 +98,11 @@ impl RingMem for AllRelaxed {
 /// Record `i`: payloads chosen so that a 96-byte ring wraps: slots of 40, 32 and 40
 /// bytes; the third finds 24 bytes before the end and must wait for the first to be
 /// released, then overwrites the bytes the consumer read from it.
-fn record(i: u64) -> (Op, Vec<u8>) {
+fn record(i: u64) -> (Op, u32, Vec<u8>) {
     match i {
-        0 => (Op::Write, vec![0xa0; 5]),
-        1 => (Op::Discard, Vec::new()),
-        _ => (Op::Write, vec![0xa0 + i as u8; 8]),
+        0 => (Op::Write, 5, vec![0xa0; 5]),
+        1 => (Op::Discard, 4096, Vec::new()),
+        _ => (Op::Write, 8, vec![0xa0 + i as u8; 8]),
     }
 }
 
@@ -108,22 +112,14 @@ const CAPACITY: usize = 96;
 fn produce<M: RingMem>(ring: &M) {
     let mut core = ProducerCore::resume(ring);
     for i in 0..RECORDS {
-        let (op, data) = record(i);
+        let (op, len, data) = record(i);
         let rec = RecordRef {
             seq: i,
             op,
             flags: 0,
             offset: i * 512,
-            len: data.len().max(512) as u32,
+            len,
             data: &data,
-        };
-        let rec = if op.has_payload() {
-            RecordRef {
-                len: data.len() as u32,
-                ..rec
-            }
-        } else {
-            rec
         };
         while core.try_push(ring, &rec).is_err() {
             thread::yield_now();
@@ -142,8 +138,11 @@ fn consume<M: RingMem>(ring: &M, batch: u64) {
                 None => thread::yield_now(),
             }
         };
-        let (op, data) = record(i);
-        assert_eq!((slot.seq, slot.op, slot.offset), (i, op, i * 512));
+        let (op, len, data) = record(i);
+        assert_eq!(
+            (slot.seq, slot.op, slot.offset, slot.len),
+            (i, op, i * 512, len)
+        );
         let mut got = vec![0u8; slot.data_len];
         // SAFETY: the slot is published and not released.
         unsafe { ring.read(slot.data_at, &mut got) };

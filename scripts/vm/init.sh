@@ -24,7 +24,7 @@ exec </dev/console >/dev/console 2>&1
 stty -F /dev/console -onlcr 2>/dev/null
 
 NONCE=
-DEBUG=0
+DEBUG=0 # 1: print stage timings (UBLK_DR_VM_DEBUG=1 on the host)
 stage() {
     [ "$DEBUG" = 1 ] || return 0
     read -r up _ </proc/uptime
@@ -56,7 +56,7 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 ublkctl /ctl ||
 . /ctl/init.conf
 
 stage "modules loaded, control share mounted"
-mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000${ROOT_9P_OPTS:+,$ROOT_9P_OPTS} hostroot /lower ||
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,"${ROOT_9P_OPTS:-cache=loose}" hostroot /lower ||
     fail "cannot mount the host root over 9p (tag hostroot)"
 
 overlay=0
@@ -67,7 +67,8 @@ if [ "${OVERLAY:-1}" = 1 ] && grep -qw overlay /proc/filesystems; then
         overlay=1
 fi
 if [ "$overlay" = 0 ]; then
-    echo "vm-init: warning: overlay root not available; host root is read-only in the guest"
+    [ "${OVERLAY:-1}" = 1 ] &&
+        echo "vm-init: warning: overlay root not available; the host root is read-only in the guest"
     mount -o bind /lower /host || fail "cannot bind the host root"
 fi
 
@@ -108,8 +109,20 @@ cp /ctl/cmd.sh /host/run/ublk-dr-vm/cmd.sh || fail "cannot copy the command scri
 read -r boot_s _ </proc/uptime
 echo "$boot_s" >/ctl/boot-seconds
 
-chroot /host /bin/bash /run/ublk-dr-vm/cmd.sh </dev/null
-status=$?
+if [ "${TTY:-0}" = 1 ]; then
+    chroot /host /bin/bash /run/ublk-dr-vm/cmd.sh </dev/null
+    status=$?
+else
+    # vm.sh's stdout is no terminal: give CMD a pipe too (no progress bars or colours).
+    mkfifo /out.fifo
+    cat /out.fifo &
+    catpid=$!
+    chroot /host /bin/bash /run/ublk-dr-vm/cmd.sh </dev/null >/out.fifo 2>&1
+    status=$?
+    # A daemon CMD left behind may hold the pipe open: do not wait for it for long.
+    (sleep 1 && kill "$catpid" 2>/dev/null) &
+    wait "$catpid" 2>/dev/null
+fi
 
 read -r end_s _ </proc/uptime
 echo "$end_s" >/ctl/end-seconds

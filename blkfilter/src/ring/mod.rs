@@ -134,7 +134,7 @@ impl RingGeometry {
     /// Checks the rules on each field, with a message saying which one is wrong.
     pub fn validate(&self) -> Result<(), RingError> {
         let bad = |what: String| Err(RingError::InvalidGeometry(what));
-        if self.capacity_bytes % 8 != 0 || self.capacity_bytes < MIN_CAPACITY_BYTES {
+        if self.capacity_bytes & 7 != 0 || self.capacity_bytes < MIN_CAPACITY_BYTES {
             return bad(format!(
                 "capacity {} bytes: must be a multiple of 8 and at least {MIN_CAPACITY_BYTES}",
                 self.capacity_bytes

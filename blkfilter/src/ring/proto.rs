@@ -144,7 +144,7 @@ pub fn peek<M: RingMem>(mem: &M, pos: u64) -> Result<Option<Slot>, RingError> {
     // published holds in any sound ring even while another thread releases.
     let released = mem.load_released(Acquire);
     let published = mem.load_published(Acquire);
-    if published < released || published % 8 != 0 {
+    if published < released || published & 7 != 0 {
         let what = format!("published {published} is behind released {released} or unaligned");
         return Err(RingError::Corrupt {
             pos: published,
@@ -153,7 +153,7 @@ pub fn peek<M: RingMem>(mem: &M, pos: u64) -> Result<Option<Slot>, RingError> {
     }
     // `published - pos > capacity` means the producer may have reused the bytes at pos:
     // someone released past pos while it was being read.
-    if pos < released || pos > published || published - pos > capacity || pos % 8 != 0 {
+    if pos < released || pos > published || published - pos > capacity || pos & 7 != 0 {
         return Err(RingError::BadPosition {
             pos,
             released,
@@ -217,7 +217,7 @@ pub fn peek<M: RingMem>(mem: &M, pos: u64) -> Result<Option<Slot>, RingError> {
 pub fn release<M: RingMem>(mem: &M, pos: u64) {
     let published = mem.load_published(Acquire);
     assert!(
-        pos <= published && pos % 8 == 0,
+        pos <= published && pos & 7 == 0,
         "release({pos}) past published {published} or unaligned"
     );
     // Release: our reads of the slots happen before the producer reuses them.

@@ -190,7 +190,7 @@ impl Shm {
         let published = u64_in(&map, OFF_PUBLISHED).load(Acquire);
         if released > published
             || published - released > geo.capacity_bytes
-            || (released | published) % 8 != 0
+            || (released | published) & 7 != 0
         {
             let what =
                 format!("positions released {released}, published {published} are inconsistent");
@@ -291,7 +291,7 @@ impl Shm {
 
 /// The header word at `offset` of a mapped ring file.
 fn u64_in(map: &MmapRaw, offset: usize) -> &AtomicU64 {
-    assert!(offset % 8 == 0 && offset + 8 <= map.len().min(HEADER_BYTES as usize));
+    assert!(offset & 7 == 0 && offset + 8 <= map.len().min(HEADER_BYTES as usize));
     // SAFETY: the mapping is page-aligned and covers the (checked) offset, so this is an
     // aligned, in-bounds u64 that lives as long as the borrow of `map`; header words are
     // only ever accessed atomically, by either process.
@@ -300,7 +300,7 @@ fn u64_in(map: &MmapRaw, offset: usize) -> &AtomicU64 {
 
 /// The 32-bit header word at `offset` of a mapped ring file.
 fn u32_in(map: &MmapRaw, offset: usize) -> &AtomicU32 {
-    assert!(offset % 4 == 0 && offset + 4 <= map.len().min(HEADER_BYTES as usize));
+    assert!(offset & 3 == 0 && offset + 4 <= map.len().min(HEADER_BYTES as usize));
     // SAFETY: as for u64_in.
     unsafe { &*map.as_mut_ptr().add(offset).cast::<AtomicU32>() }
 }

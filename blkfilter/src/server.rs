@@ -1,0 +1,555 @@
+//! The ublk server: `/dev/ublkbN` in front of a backing file or block device.
+//!
+//! One hardware queue, served by one thread, so the ring has exactly one producer.
+//! Each tag of the queue is an async task (libublk on a `smol` local executor) that
+//! takes a request, does the backing I/O through the queue's io_uring, and — for
+//! requests that change the volume — records it with the shared [`Recorder`] *after*
+//! the backing I/O completed and *before* the request is completed to the kernel
+//! (I1, I2):
+//!
+//! | ublk op | backing I/O | record |
+//! |---|---|---|
+//! | READ | read | – |
+//! | WRITE | write | WRITE + data |
+//! | WRITE with FUA | write with `RWF_DSYNC` | FUA + data |
+//! | FLUSH | fsync | FLUSH |
+//! | DISCARD | fallocate(PUNCH_HOLE) | DISCARD |
+//! | WRITE_ZEROES | fallocate(ZERO_RANGE) | WRITE_ZEROES |
+//!
+//! Overlapping writes are never in flight together: a write waits until no in-flight
+//! write overlaps its range. The kernel may complete two overlapping writes to the
+//! backing in either order, and records are numbered in completion order, so without
+//! this the replica could end with the other write's data than the source.
+//!
+//! The device is created with `UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE`:
+//! when the server dies the device stays (QUIESCED) and [`recover`] takes it back;
+//! requests the dead server held are re-issued to the new one. A re-issued write is
+//! simply done and recorded again, which is harmless: records are absolute.
+
+use crate::capture::{device_size, Recorder};
+use crate::ring::{Producer, RingGeometry};
+use changelog::Op;
+use event_listener::Event;
+use io_uring::{opcode, types};
+use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
+use libublk::helpers::IoBuf;
+use libublk::io::{BufDesc, UblkDev, UblkQueue};
+use libublk::{UblkError, UblkFlags};
+use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+
+/// The ublk target name of blkfilter devices (`blkfilter list` shows only these).
+pub const TARGET_NAME: &str = "blkfilter";
+
+/// Errors of attaching, recovering and detaching devices.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("backing {path}: {source}")]
+    Backing {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("backing {path} is {size} bytes; a volume must be a non-zero multiple of 512 bytes")]
+    BackingSize { path: PathBuf, size: u64 },
+    #[error("{source}")]
+    Ring {
+        path: PathBuf,
+        #[source]
+        source: crate::ring::RingError,
+    },
+    #[error("cannot create the ring's directory {path}: {source}")]
+    RingDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("/dev/ublk-control is missing: this kernel has no ublk (try `modprobe ublk_drv`; on kernels without it, run inside the VM: scripts/vm.sh run -- ...)")]
+    NoUblk,
+    #[error("ublk device id {0} is already in use (see `blkfilter list`; pick another --id or leave it out)")]
+    IdInUse(i32),
+    #[error("ublk device {0} does not exist (see `blkfilter list`)")]
+    NoDevice(i32),
+    #[error("ublk device {id} is not a blkfilter device (target {target:?})")]
+    NotOurs { id: i32, target: String },
+    #[error("ublk device {id} cannot be recovered: {why}")]
+    NotRecoverable { id: i32, why: String },
+    #[error("ublk: {0}")]
+    Ublk(#[from] UblkError),
+}
+
+/// What `attach` needs.
+#[derive(Clone, Debug)]
+pub struct AttachOptions {
+    pub backing: PathBuf,
+    /// The capture ring; `None` serves the device without capture (to measure its cost).
+    pub ring: Option<PathBuf>,
+    /// Ring data capacity when the ring is created.
+    pub ring_bytes: u64,
+    /// Device id, or -1 to let the kernel choose.
+    pub id: i32,
+    pub queue_depth: u16,
+    /// Largest request in bytes.
+    pub io_buf_bytes: u32,
+    /// Open the backing with O_DIRECT (falls back to buffered where unsupported).
+    pub direct: bool,
+}
+
+/// Saved in the device's json so `recover` and `list` know what the device serves.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TargetInfo {
+    pub backing: PathBuf,
+    pub ring: Option<PathBuf>,
+    pub direct: bool,
+}
+
+/// One device as `list` shows it.
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    pub id: u32,
+    pub state: &'static str,
+    pub size_bytes: u64,
+    pub pid: i32,
+    pub target: Option<TargetInfo>,
+}
+
+fn check_ublk() -> Result<(), ServerError> {
+    if Path::new("/dev/ublk-control").exists() {
+        Ok(())
+    } else {
+        Err(ServerError::NoUblk)
+    }
+}
+
+fn open_backing(path: &Path, direct: bool) -> Result<(File, bool), ServerError> {
+    let err = |source| ServerError::Backing {
+        path: path.into(),
+        source,
+    };
+    let mut options = OpenOptions::new();
+    options.read(true).write(true);
+    if direct {
+        match options.clone().custom_flags(libc::O_DIRECT).open(path) {
+            Ok(file) => return Ok((file, true)),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                log::warn!(
+                    "{}: O_DIRECT not supported here, using buffered I/O",
+                    path.display()
+                );
+            }
+            Err(e) => return Err(err(e)),
+        }
+    }
+    Ok((options.open(path).map_err(err)?, false))
+}
+
+/// Everything the queue thread needs, handed over once.
+struct QueueSetup {
+    backing: File,
+    recorder: Option<Recorder>,
+}
+
+/// Creates (or, with `recover`, takes back) the device and serves it until it is
+/// deleted. `on_ready` runs once the device is live, with its id.
+pub fn serve(
+    opts: &AttachOptions,
+    recover_id: Option<i32>,
+    on_ready: impl FnOnce(u32) + Send + Sync + 'static,
+) -> Result<(), ServerError> {
+    let (backing, direct) = open_backing(&opts.backing, opts.direct)?;
+    check_ublk()?;
+    let size = device_size(&backing).map_err(|source| ServerError::Backing {
+        path: opts.backing.clone(),
+        source,
+    })?;
+    if size == 0 || size % 512 != 0 {
+        return Err(ServerError::BackingSize {
+            path: opts.backing.clone(),
+            size,
+        });
+    }
+    let recorder = match &opts.ring {
+        Some(path) => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|source| ServerError::RingDir {
+                    path: dir.into(),
+                    source,
+                })?;
+            }
+            let producer = Producer::create(path, &RingGeometry::new(opts.ring_bytes, size))
+                .map_err(|source| ServerError::Ring {
+                    path: path.clone(),
+                    source,
+                })?;
+            Some(Recorder::new(producer))
+        }
+        None => None,
+    };
+    let info = TargetInfo {
+        backing: opts.backing.clone(),
+        ring: opts.ring.clone(),
+        direct,
+    };
+
+    let recovery =
+        (libublk::sys::UBLK_F_USER_RECOVERY | libublk::sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
+    let (id, dev_flags) = match recover_id {
+        Some(id) => (id, UblkFlags::UBLK_DEV_F_RECOVER_DEV),
+        None => (opts.id, UblkFlags::UBLK_DEV_F_ADD_DEV),
+    };
+    // Checked up front: libublk deletes device `id` when an ADD for it fails, which
+    // would take down the device that is using the id.
+    if recover_id.is_none() && id >= 0 && UblkCtrl::new_simple(id).is_ok() {
+        return Err(ServerError::IdInUse(id));
+    }
+    let ctrl = UblkCtrlBuilder::default()
+        .name(TARGET_NAME)
+        .id(id)
+        .nr_queues(1)
+        .depth(opts.queue_depth)
+        .io_buf_bytes(opts.io_buf_bytes)
+        .ctrl_flags(recovery)
+        .dev_flags(dev_flags)
+        .build()
+        .map_err(|e| match e {
+            UblkError::UringIOError(code) | UblkError::OtherError(code)
+                if code == -libc::EEXIST =>
+            {
+                ServerError::IdInUse(id)
+            }
+            e => ServerError::Ublk(e),
+        })?;
+
+    let backing_fd = backing.as_raw_fd();
+    let setup = Arc::new(Mutex::new(Some(QueueSetup { backing, recorder })));
+    let tgt_init = |dev: &mut UblkDev| init_target(dev, backing_fd, size, &info);
+    let queue_fn = move |qid: u16, dev: &UblkDev| {
+        let setup = setup.lock().expect("setup lock").take().expect("one queue");
+        serve_queue(qid, dev, setup);
+    };
+    let result = ctrl.run_target(tgt_init, queue_fn, move |ctrl: &UblkCtrl| {
+        on_ready(ctrl.dev_info().dev_id)
+    });
+    if let Err(e) = result {
+        if recover_id.is_none() {
+            // Leave no half-made device behind.
+            let _ = ctrl.del_dev();
+        }
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+fn init_target(
+    dev: &mut UblkDev,
+    backing_fd: i32,
+    size: u64,
+    info: &TargetInfo,
+) -> Result<(), UblkError> {
+    let max_io = dev.dev_info.max_io_buf_bytes;
+    let tgt = &mut dev.tgt;
+    tgt.fds[tgt.nr_fds as usize] = backing_fd;
+    tgt.nr_fds += 1;
+    tgt.dev_size = size;
+    tgt.params = libublk::sys::ublk_params {
+        types: libublk::sys::UBLK_PARAM_TYPE_BASIC | libublk::sys::UBLK_PARAM_TYPE_DISCARD,
+        basic: libublk::sys::ublk_param_basic {
+            // A volatile cache with FUA: the kernel sends FLUSH and FUA, which capture
+            // records, instead of hiding them.
+            attrs: libublk::sys::UBLK_ATTR_VOLATILE_CACHE | libublk::sys::UBLK_ATTR_FUA,
+            logical_bs_shift: 9,
+            physical_bs_shift: 12,
+            io_opt_shift: 12,
+            io_min_shift: 9,
+            max_sectors: max_io >> 9,
+            dev_sectors: size >> 9,
+            ..Default::default()
+        },
+        discard: libublk::sys::ublk_param_discard {
+            discard_granularity: 4096,
+            max_discard_sectors: (1 << 30) >> 9,
+            max_write_zeroes_sectors: (1 << 30) >> 9,
+            max_discard_segments: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    dev.set_target_json(serde_json::json!({ TARGET_NAME: info }));
+    Ok(())
+}
+
+/// Per-queue state shared by the tag tasks (all on the queue's thread).
+struct QueueState {
+    recorder: Option<RefCell<Recorder>>,
+    /// Byte ranges of writes in flight; see the module docs.
+    writes_in_flight: RefCell<Vec<(u64, u64)>>,
+    write_done: Event,
+}
+
+impl QueueState {
+    fn overlaps(&self, start: u64, end: u64) -> bool {
+        self.writes_in_flight
+            .borrow()
+            .iter()
+            .any(|&(s, e)| s < end && start < e)
+    }
+
+    /// Waits until no in-flight write overlaps `[start, end)`, then claims the range.
+    async fn claim(&self, start: u64, end: u64) {
+        while self.overlaps(start, end) {
+            let listener = self.write_done.listen();
+            if self.overlaps(start, end) {
+                listener.await;
+            }
+        }
+        self.writes_in_flight.borrow_mut().push((start, end));
+    }
+
+    fn unclaim(&self, start: u64, end: u64) {
+        let mut in_flight = self.writes_in_flight.borrow_mut();
+        if let Some(i) = in_flight.iter().position(|&r| r == (start, end)) {
+            in_flight.swap_remove(i);
+        }
+        drop(in_flight);
+        self.write_done.notify(usize::MAX);
+    }
+
+    fn record(&self, op: Op, offset: u64, len: u64, data: &[u8], flags: u8) {
+        if let Some(recorder) = &self.recorder {
+            recorder.borrow_mut().record(op, offset, len, data, flags);
+        }
+    }
+}
+
+fn serve_queue(qid: u16, dev: &UblkDev, setup: QueueSetup) {
+    let queue = match UblkQueue::new(qid, dev) {
+        Ok(q) => Rc::new(q),
+        Err(e) => {
+            log::error!("queue {qid}: {e}");
+            return;
+        }
+    };
+    // The backing file must outlive every request; it lives as long as this thread.
+    let _backing = setup.backing;
+    let state = Rc::new(QueueState {
+        recorder: setup.recorder.map(RefCell::new),
+        writes_in_flight: RefCell::new(Vec::new()),
+        write_done: Event::new(),
+    });
+    let executor = Rc::new(smol::LocalExecutor::new());
+    let tasks: Vec<_> = queue
+        .tags()
+        .map(|tag| {
+            let (queue, state) = (queue.clone(), state.clone());
+            executor.spawn(async move {
+                match serve_tag(&queue, &state, tag).await {
+                    Ok(()) | Err(UblkError::QueueIsDown) => {}
+                    Err(e) => log::error!("tag {tag}: {e}"),
+                }
+            })
+        })
+        .collect();
+    let exe = executor.clone();
+    smol::block_on(executor.run(async move {
+        let run_ops = || while exe.try_tick() {};
+        let done = || tasks.iter().all(|t| t.is_finished());
+        if let Err(e) = libublk::wait_and_handle_io_events(&queue, Some(20), run_ops, done).await {
+            log::error!("queue {qid}: {e}");
+        }
+    }));
+}
+
+async fn serve_tag(queue: &UblkQueue<'_>, state: &QueueState, tag: u16) -> Result<(), UblkError> {
+    let buf = IoBuf::<u8>::new(queue.dev.dev_info.max_io_buf_bytes as usize);
+    queue
+        .submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
+        .await?;
+    loop {
+        let res = handle_request(queue, state, tag, &buf).await;
+        queue
+            .submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
+            .await?;
+    }
+}
+
+/// Submits one backing operation on the queue's ring, retrying EAGAIN.
+async fn backing_io(queue: &UblkQueue<'_>, make: impl Fn() -> io_uring::squeue::Entry) -> i32 {
+    for _ in 0..4 {
+        let res = queue.ublk_submit_sqe(make()).await;
+        if res != -libc::EAGAIN {
+            return res;
+        }
+    }
+    -libc::EAGAIN
+}
+
+/// Serves one request; returns the result for the kernel (bytes or -errno).
+async fn handle_request(
+    queue: &UblkQueue<'_>,
+    state: &QueueState,
+    tag: u16,
+    buf: &IoBuf<u8>,
+) -> i32 {
+    let iod = queue.get_iod(tag);
+    let op = iod.op_flags & 0xff;
+    let io_flags = iod.op_flags >> 8;
+    let offset = iod.start_sector << 9;
+    let len = u64::from(iod.nr_sectors) << 9;
+    // The backing is the queue's fixed file 1 (0 is the ublk char device).
+    let fd = types::Fixed(1);
+    match op {
+        libublk::sys::UBLK_IO_OP_READ => {
+            let ptr = buf.as_mut_ptr();
+            backing_io(queue, || {
+                opcode::Read::new(fd, ptr, len as u32)
+                    .offset(offset)
+                    .build()
+            })
+            .await
+        }
+        libublk::sys::UBLK_IO_OP_WRITE => {
+            let fua = io_flags & libublk::sys::UBLK_IO_F_FUA != 0;
+            let rw_flags = if fua { libc::RWF_DSYNC } else { 0 };
+            let ptr = buf.as_ptr();
+            state.claim(offset, offset + len).await;
+            let res = backing_io(queue, || {
+                opcode::Write::new(fd, ptr, len as u32)
+                    .offset(offset)
+                    .rw_flags(rw_flags)
+                    .build()
+            })
+            .await;
+            if res as u64 == len {
+                let op = if fua { Op::Fua } else { Op::Write };
+                state.record(op, offset, len, &buf.as_slice()[..len as usize], 0);
+            }
+            state.unclaim(offset, offset + len);
+            res
+        }
+        libublk::sys::UBLK_IO_OP_FLUSH => {
+            let res = backing_io(queue, || opcode::Fsync::new(fd).build()).await;
+            if res == 0 {
+                state.record(Op::Flush, 0, 0, &[], 0);
+            }
+            res
+        }
+        libublk::sys::UBLK_IO_OP_DISCARD | libublk::sys::UBLK_IO_OP_WRITE_ZEROES => {
+            let (record_op, mode) = if op == libublk::sys::UBLK_IO_OP_DISCARD {
+                (Op::Discard, libc::FALLOC_FL_PUNCH_HOLE)
+            } else {
+                (Op::WriteZeroes, libc::FALLOC_FL_ZERO_RANGE)
+            };
+            state.claim(offset, offset + len).await;
+            let res = backing_io(queue, || {
+                opcode::Fallocate::new(fd, len)
+                    .offset(offset)
+                    .mode(mode | libc::FALLOC_FL_KEEP_SIZE)
+                    .build()
+            })
+            .await;
+            if res == 0 {
+                state.record(record_op, offset, len, &[], 0);
+            }
+            state.unclaim(offset, offset + len);
+            res
+        }
+        _ => -libc::EINVAL,
+    }
+}
+
+/// Deletes a blkfilter device (the server exits when its queue goes down).
+pub fn detach(id: i32) -> Result<(), ServerError> {
+    check_ublk()?;
+    let ctrl = UblkCtrl::new_simple(id).map_err(|_| ServerError::NoDevice(id))?;
+    let target = ctrl.get_target_type_from_json().unwrap_or_default();
+    if !target.is_empty() && target != TARGET_NAME {
+        return Err(ServerError::NotOurs { id, target });
+    }
+    ctrl.del_dev()?;
+    Ok(())
+}
+
+/// Reads what a device serves from its json (written by the live or dead server).
+pub fn target_info(ctrl: &UblkCtrl) -> Option<TargetInfo> {
+    let data = ctrl.get_target_data_from_json()?;
+    serde_json::from_value(data.get(TARGET_NAME)?.clone()).ok()
+}
+
+/// Checks that device `id` is a quiesced blkfilter device and returns how to serve it.
+pub fn recovery_plan(id: i32, defaults: &AttachOptions) -> Result<AttachOptions, ServerError> {
+    check_ublk()?;
+    let ctrl = UblkCtrl::new_simple(id).map_err(|_| ServerError::NoDevice(id))?;
+    let info = ctrl.dev_info();
+    if info.flags & libublk::sys::UBLK_F_USER_RECOVERY as u64 == 0 {
+        return Err(ServerError::NotRecoverable {
+            id,
+            why: "it was created without user recovery".into(),
+        });
+    }
+    if info.state != libublk::sys::UBLK_S_DEV_QUIESCED as u16 {
+        let why = format!(
+            "it is {} (only a device whose server died, QUIESCED, can be recovered)",
+            state_name(info.state)
+        );
+        return Err(ServerError::NotRecoverable { id, why });
+    }
+    let target = target_info(&ctrl).ok_or_else(|| ServerError::NotRecoverable {
+        id,
+        why: "its target description is missing".into(),
+    })?;
+    ctrl.start_user_recover()?;
+    Ok(AttachOptions {
+        backing: target.backing,
+        ring: target.ring,
+        id,
+        queue_depth: info.queue_depth,
+        io_buf_bytes: info.max_io_buf_bytes,
+        direct: target.direct,
+        ..defaults.clone()
+    })
+}
+
+pub fn state_name(state: u16) -> &'static str {
+    match u32::from(state) {
+        libublk::sys::UBLK_S_DEV_DEAD => "DEAD",
+        libublk::sys::UBLK_S_DEV_LIVE => "LIVE",
+        libublk::sys::UBLK_S_DEV_QUIESCED => "QUIESCED",
+        _ => "UNKNOWN",
+    }
+}
+
+/// The blkfilter devices present.
+pub fn list() -> Result<Vec<DeviceInfo>, ServerError> {
+    check_ublk()?;
+    let found = Rc::new(RefCell::new(Vec::new()));
+    let sink = found.clone();
+    UblkCtrl::for_each_dev_id(move |dev_id| {
+        let Ok(ctrl) = UblkCtrl::new_simple(dev_id as i32) else {
+            return;
+        };
+        let info = ctrl.dev_info();
+        let mut params = libublk::sys::ublk_params::default();
+        let size = ctrl
+            .get_params(&mut params)
+            .map(|_| params.basic.dev_sectors << 9)
+            .unwrap_or(0);
+        let target = target_info(&ctrl);
+        if target.is_some() || ctrl.get_name() == TARGET_NAME {
+            sink.borrow_mut().push(DeviceInfo {
+                id: dev_id,
+                state: state_name(info.state),
+                size_bytes: size,
+                pid: info.ublksrv_pid,
+                target,
+            });
+        }
+    });
+    let devices = found.borrow().clone();
+    Ok(devices)
+}

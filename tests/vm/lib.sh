@@ -1,0 +1,95 @@
+# Helpers for scripts that run on a kernel with ublk (natively or inside scripts/vm.sh):
+# protecting a volume, running the shipper, draining, applying and comparing.
+# shellcheck shell=bash
+
+BIN=${BIN:-target/release}
+
+log() { printf '\n--- %s\n' "$*"; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# protect DIR SIZE [ID]: backing file, key, ring, /dev/ublkbID with capture, and a
+# shipper in the background. Sets DEV and SHIPPER_PID.
+protect() {
+  local dir=$1 size=$2 id=${3:-0}
+  mkdir -p "$dir"
+  truncate -s "$size" "$dir/backing"
+  [ -f "$dir/key" ] || "$BIN/shipper" keygen --out "$dir/key" >/dev/null
+  DEV=$("$BIN/blkfilter" attach --backing "$dir/backing" --ring "$dir/ring" --id "$id" \
+        --ring-mib "${RING_MIB:-64}" --log "$dir/blkfilter.log") || die "attach failed: $(tail -5 "$dir/blkfilter.log")"
+  start_shipper "$dir"
+}
+
+start_shipper() {
+  local dir=$1
+  RUST_LOG=${RUST_LOG:-warn} "$BIN/shipper" run --volume vol0 --ring "$dir/ring" \
+    --staging "$dir/staging" --store "$dir/store" --key "$dir/key" \
+    --status "$dir/status.json" --max-segment-age-ms 200 --retry-unit-ms 10 \
+    >>"$dir/shipper.log" 2>&1 &
+  SHIPPER_PID=$!
+}
+
+stop_shipper() {
+  [ -n "${SHIPPER_PID:-}" ] || return 0
+  kill -TERM "$SHIPPER_PID" 2>/dev/null || true
+  wait "$SHIPPER_PID" 2>/dev/null || true
+  SHIPPER_PID=
+}
+
+# blkfilter_pid ID: the pid of the server of /dev/ublkbID.
+blkfilter_pid() {
+  "$BIN/blkfilter" list | awk -v id="$1" '$1 == id { print $4 }'
+}
+
+device_state() {
+  "$BIN/blkfilter" list | awk -v id="$1" '$1 == id { print $2 }'
+}
+
+# wait_state ID STATE: up to 10 s.
+wait_state() {
+  local i
+  for i in $(seq 100); do
+    [ "$(device_state "$1")" = "$2" ] && return 0
+    sleep 0.1
+  done
+  die "device $1 did not reach $2 (is $(device_state "$1"))"
+}
+
+# finish DIR ID: detach the device (every write is then in the ring), stop the
+# shipper, drain the ring into the store, apply everything to DIR/replica.
+finish() {
+  local dir=$1 id=${2:-0}
+  sync
+  "$BIN/blkfilter" detach --id "$id" >/dev/null
+  # The server exits once the device is gone; its last records are in the ring.
+  local i
+  for i in $(seq 100); do [ -z "$(device_state "$id")" ] && break; sleep 0.1; done
+  stop_shipper
+  RUST_LOG=warn "$BIN/shipper" run --volume vol0 --ring "$dir/ring" --staging "$dir/staging" \
+    --store "$dir/store" --key "$dir/key" --drain >>"$dir/shipper.log" 2>&1 ||
+    die "draining shipper failed: $(tail -5 "$dir/shipper.log")"
+  truncate -s "$(stat -c %s "$dir/backing")" "$dir/replica"
+  "$BIN/ublk-target" apply --store "$dir/store" --volume vol0 --replica "$dir/replica" \
+    --key "$dir/key" 2>&1 | tail -1
+}
+
+# same_image DIR: the replica equals the backing byte for byte.
+same_image() {
+  local a b
+  a=$(sha256sum <"$1/backing" | cut -d' ' -f1)
+  b=$(sha256sum <"$1/replica" | cut -d' ' -f1)
+  echo "backing sha256 $a"
+  echo "replica sha256 $b"
+  [ "$a" = "$b" ]
+}
+
+# fio_job NAME DEV ARGS...: fio with crc32c verification, io_uring, direct I/O.
+fio_job() {
+  local name=$1 dev=$2
+  shift 2
+  fio --name="$name" --filename="$dev" --ioengine=io_uring --direct=1 \
+    --verify=crc32c --do_verify=1 --verify_fatal=1 --group_reporting \
+    --output-format=terse --terse-version=3 "$@" >"/tmp/fio-$name.out" 2>&1
+  local rc=$?
+  [ $rc -eq 0 ] || tail -20 "/tmp/fio-$name.out" >&2
+  return $rc
+}

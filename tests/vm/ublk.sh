@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# End-to-end tests on real ublk devices: fio with verification, ext4, kill -9 of
+# blkfilter and of the shipper, bad command lines. Needs /dev/ublk-control: run it
+# through scripts/vm.sh (scripts/test.sh does). Prints "N passed, M failed".
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+. tests/vm/lib.sh
+[ -e /dev/ublk-control ] || { modprobe ublk_drv 2>/dev/null; [ -e /dev/ublk-control ] || die "no /dev/ublk-control"; }
+
+PASSED=0 FAILED=0
+run_test() {
+  local name=$1
+  log "test $name"
+  if ( set -e; "$name" ); then
+    echo "ok: $name"; PASSED=$((PASSED + 1))
+  else
+    echo "FAILED: $name"; FAILED=$((FAILED + 1))
+    tail -n 5 /tmp/t-*/*.log 2>/dev/null
+  fi
+  # Whatever the test left behind must not leak into the next one.
+  for id in $("$BIN/blkfilter" list 2>/dev/null | awk 'NR > 1 { print $1 }'); do
+    "$BIN/blkfilter" detach --id "$id" >/dev/null 2>&1
+  done
+  pkill -f "$BIN/shipper run" 2>/dev/null; sleep 0.2
+  # Guest /tmp is RAM: each test's images go when it ends.
+  umount /tmp/t-*/mnt 2>/dev/null; rm -rf /tmp/t-*
+}
+
+fio_randwrite_and_seqwrite() {
+  local w=/tmp/t-fio
+  protect $w 256M
+  fio_job rand "$DEV" --rw=randwrite --bs=4k --iodepth=32 --size=64M --offset=0
+  fio_job seq "$DEV" --rw=write --bs=1M --iodepth=8 --size=96M --offset=128M
+  finish $w
+  same_image $w
+}
+
+ext4_files() {
+  local w=/tmp/t-ext4
+  protect $w 256M
+  mkfs.ext4 -q -F "$DEV"
+  mkdir -p $w/mnt
+  mount "$DEV" $w/mnt
+  mkdir -p $w/mnt/a/b/c
+  for i in $(seq 50); do head -c $((i * 3000)) /dev/urandom >$w/mnt/a/b/c/f$i; done
+  cp -r /usr/share/doc/fio $w/mnt/doc 2>/dev/null || cp -r /etc/default $w/mnt/doc
+  (cd $w/mnt && find . -type f -exec sha256sum {} + | sort -k2) >$w/files.sha
+  sync
+  umount $w/mnt
+  finish $w
+  same_image $w
+  e2fsck -fn $w/replica
+  mount -o ro,loop $w/replica $w/mnt
+  (cd $w/mnt && sha256sum -c --quiet $w/files.sha)
+  umount $w/mnt
+}
+
+kill9_blkfilter_mid_fio() {
+  local w=/tmp/t-kill-blkfilter
+  protect $w 128M
+  fio_job killed "$DEV" --rw=randwrite --bs=4k --iodepth=16 --size=96M \
+    --verify_backlog=1024 &
+  local fio_pid=$!
+  sleep 2
+  local pid
+  pid=$(blkfilter_pid 0)
+  [ -n "$pid" ]
+  kill -9 "$pid"
+  wait_state 0 QUIESCED
+  "$BIN/blkfilter" recover --id 0 --log $w/blkfilter.log
+  wait_state 0 LIVE
+  [ "$(blkfilter_pid 0)" != "$pid" ]
+  wait $fio_pid   # the write job finishes and verifies
+  finish $w
+  same_image $w
+}
+
+kill9_shipper_under_load() {
+  local w=/tmp/t-kill-shipper
+  protect $w 128M
+  fio_job load "$DEV" --rw=randwrite --bs=16k --iodepth=16 --size=96M &
+  local fio_pid=$! i
+  for i in 1 2 3; do
+    sleep 1
+    kill -9 "$SHIPPER_PID"; wait "$SHIPPER_PID" 2>/dev/null
+    start_shipper $w
+  done
+  wait $fio_pid
+  finish $w
+  same_image $w
+}
+
+bad_command_lines() {
+  local w=/tmp/t-bad out
+  mkdir -p $w
+  truncate -s 64M $w/backing
+  out=$("$BIN/blkfilter" attach --backing $w/missing --ring $w/ring 2>&1) && return 1
+  echo "$out" | grep -q "missing" || { echo "$out"; return 1; }
+  out=$("$BIN/blkfilter" attach --backing $w/backing --ring /proc/no/such/ring 2>&1) && return 1
+  echo "$out" | grep -qi "ring" || { echo "$out"; return 1; }
+  "$BIN/blkfilter" attach --backing $w/backing --ring $w/ring --id 3 >/dev/null
+  out=$("$BIN/blkfilter" attach --backing $w/backing --ring $w/ring2 --id 3 2>&1) && return 1
+  echo "$out" | grep -q "already in use" || { echo "$out"; return 1; }
+  out=$("$BIN/blkfilter" recover --id 3 2>&1) && return 1
+  echo "$out" | grep -q "LIVE" || { echo "$out"; return 1; }
+  out=$("$BIN/blkfilter" attach 2>&1) && return 1
+  # Exactly one device is left (the good one), and it is live.
+  [ "$("$BIN/blkfilter" list | awk 'NR > 1' | wc -l)" -eq 1 ]
+  [ "$(device_state 3)" = LIVE ]
+  "$BIN/blkfilter" detach --id 3 >/dev/null
+  out=$("$BIN/blkfilter" detach --id 3 2>&1) && return 1
+  echo "$out" | grep -q "does not exist" || { echo "$out"; return 1; }
+}
+
+tests=("$@")
+[ ${#tests[@]} -gt 0 ] || tests=(fio_randwrite_and_seqwrite ext4_files kill9_blkfilter_mid_fio kill9_shipper_under_load bad_command_lines)
+for t in "${tests[@]}"; do run_test "$t"; done
+echo
+echo "ublk: $PASSED passed, $FAILED failed"
+[ "$FAILED" -eq 0 ]
