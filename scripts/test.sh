@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Sets up and runs every test: format and lint checks, unit, property and end-to-end
-# tests on the host, and the loom model checks of the ring.
+# Sets up and runs every test: format and lint checks; unit, property and end-to-end
+# tests on the host; the loom model checks of the ring; a fuzz run of the segment
+# reader; and the end-to-end tests on real ublk devices (natively where the kernel has
+# ublk, otherwise in a VM booted by scripts/vm.sh). Installs what is missing.
+# Set UBLK_DR_SKIP_VM=1 to leave out the ublk tests (e.g. while iterating).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 ensure_rust
+# bindgen (for libublk) needs libclang; fio drives the ublk tests.
+ensure_debs libclang-dev fio e2fsprogs
 export CARGO_TERM_COLOR=never RUST_BACKTRACE=1
 
 step "cargo fmt --check"
@@ -22,3 +27,14 @@ cargo test --workspace
 
 step "loom: the ring's position protocol under every interleaving"
 cargo test -p blkfilter --features loom --test loom --release
+
+step "fuzz: the segment reader on arbitrary input (60 s)"
+command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked --quiet
+# cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP lets the stable toolchain accept them.
+(cd changelog/fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run open_segment -- -max_total_time=60 2>&1 | tail -n 3)
+
+if [ "${UBLK_DR_SKIP_VM:-0}" != 1 ]; then
+  step "ublk end-to-end tests (fio, ext4, kill -9, bad command lines)"
+  cargo build --release --bins --quiet
+  scripts/vm.sh run -- tests/vm/ublk.sh
+fi

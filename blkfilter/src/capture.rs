@@ -9,7 +9,7 @@
 //! | FUA write | write, then fdatasync | FUA + data |
 //! | FLUSH | fsync | FLUSH (its seq exceeds every write completed before it) |
 //! | DISCARD | fallocate(PUNCH_HOLE) | DISCARD range |
-//! | WRITE_ZEROES | fallocate(ZERO_RANGE) | WRITE_ZEROES range |
+//! | WRITE_ZEROES | fallocate(PUNCH_HOLE): reads return zeroes, on every file system | WRITE_ZEROES range |
 //! | MARK | none | MARK + label |
 //!
 //! When the ring has no room, the request's range is marked in the ring's dirty bitmap
@@ -152,7 +152,7 @@ impl Capture {
                     ),
                     _ => (
                         Op::WriteZeroes,
-                        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                     ),
                 };
                 self.uring

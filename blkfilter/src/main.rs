@@ -135,16 +135,7 @@ fn run(cli: Cli) -> Result<()> {
             run_server(&args.daemon, move |ready| server::serve(&opts, None, ready))
         }
         Command::Recover { id, daemon } => {
-            let defaults = AttachOptions {
-                backing: PathBuf::new(),
-                ring: None,
-                ring_bytes: 256 << 20,
-                id,
-                queue_depth: 64,
-                io_buf_bytes: 512 << 10,
-                direct: true,
-            };
-            let opts = server::recovery_plan(id, &defaults)?;
+            let opts = server::recovery_plan(id)?;
             run_server(&daemon, move |ready| server::serve(&opts, Some(id), ready))
         }
         Command::Detach { id } => {

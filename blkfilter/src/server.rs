@@ -14,7 +14,7 @@
 //! | WRITE with FUA | write with `RWF_DSYNC` | FUA + data |
 //! | FLUSH | fsync | FLUSH |
 //! | DISCARD | fallocate(PUNCH_HOLE) | DISCARD |
-//! | WRITE_ZEROES | fallocate(ZERO_RANGE) | WRITE_ZEROES |
+//! | WRITE_ZEROES | fallocate(PUNCH_HOLE), or ZERO_RANGE with NOUNMAP | WRITE_ZEROES |
 //!
 //! Overlapping writes are never in flight together: a write waits until no in-flight
 //! write overlaps its range. The kernel may complete two overlapping writes to the
@@ -106,6 +106,8 @@ pub struct AttachOptions {
 pub struct TargetInfo {
     pub backing: PathBuf,
     pub ring: Option<PathBuf>,
+    /// Ring data capacity, so a recovering server reopens the ring as it was made.
+    pub ring_bytes: u64,
     pub direct: bool,
 }
 
@@ -194,6 +196,7 @@ pub fn serve(
     let info = TargetInfo {
         backing: opts.backing.clone(),
         ring: opts.ring.clone(),
+        ring_bytes: opts.ring_bytes,
         direct,
     };
 
@@ -440,20 +443,38 @@ async fn handle_request(
             res
         }
         libublk::sys::UBLK_IO_OP_DISCARD | libublk::sys::UBLK_IO_OP_WRITE_ZEROES => {
-            let (record_op, mode) = if op == libublk::sys::UBLK_IO_OP_DISCARD {
-                (Op::Discard, libc::FALLOC_FL_PUNCH_HOLE)
-            } else {
-                (Op::WriteZeroes, libc::FALLOC_FL_ZERO_RANGE)
+            // As the kernel's loop driver: both punch a hole (reads return zeroes),
+            // except WRITE_ZEROES with NOUNMAP, which must keep the blocks allocated;
+            // ZERO_RANGE does that where the file system supports it (tmpfs does not).
+            let discard = op == libublk::sys::UBLK_IO_OP_DISCARD;
+            let keep_allocated = !discard && io_flags & libublk::sys::UBLK_IO_F_NOUNMAP != 0;
+            let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            let fallocate = |mode| {
+                move || {
+                    opcode::Fallocate::new(fd, len)
+                        .offset(offset)
+                        .mode(mode)
+                        .build()
+                }
             };
             state.claim(offset, offset + len).await;
-            let res = backing_io(queue, || {
-                opcode::Fallocate::new(fd, len)
-                    .offset(offset)
-                    .mode(mode | libc::FALLOC_FL_KEEP_SIZE)
-                    .build()
-            })
-            .await;
+            let mut res = -libc::EOPNOTSUPP;
+            if keep_allocated {
+                res = backing_io(
+                    queue,
+                    fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE),
+                )
+                .await;
+            }
+            if res == -libc::EOPNOTSUPP {
+                res = backing_io(queue, fallocate(punch)).await;
+            }
             if res == 0 {
+                let record_op = if discard {
+                    Op::Discard
+                } else {
+                    Op::WriteZeroes
+                };
                 state.record(record_op, offset, len, &[], 0);
             }
             state.unclaim(offset, offset + len);
@@ -482,7 +503,7 @@ pub fn target_info(ctrl: &UblkCtrl) -> Option<TargetInfo> {
 }
 
 /// Checks that device `id` is a quiesced blkfilter device and returns how to serve it.
-pub fn recovery_plan(id: i32, defaults: &AttachOptions) -> Result<AttachOptions, ServerError> {
+pub fn recovery_plan(id: i32) -> Result<AttachOptions, ServerError> {
     check_ublk()?;
     let ctrl = UblkCtrl::new_simple(id).map_err(|_| ServerError::NoDevice(id))?;
     let info = ctrl.dev_info();
@@ -507,11 +528,11 @@ pub fn recovery_plan(id: i32, defaults: &AttachOptions) -> Result<AttachOptions,
     Ok(AttachOptions {
         backing: target.backing,
         ring: target.ring,
+        ring_bytes: target.ring_bytes,
         id,
         queue_depth: info.queue_depth,
         io_buf_bytes: info.max_io_buf_bytes,
         direct: target.direct,
-        ..defaults.clone()
     })
 }
 

@@ -8,14 +8,16 @@ log() { printf '\n--- %s\n' "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 # protect DIR SIZE [ID]: backing file, key, ring, /dev/ublkbID with capture, and a
-# shipper in the background. Sets DEV and SHIPPER_PID.
+# shipper in the background. Sets DEV and SHIPPER_PID. The ring (RING_MIB, default 256)
+# should hold everything a test writes: under TCG the shipper can fall behind fio, and
+# writes lost to an overflow reach the replica only through a resync.
 protect() {
   local dir=$1 size=$2 id=${3:-0}
   mkdir -p "$dir"
   truncate -s "$size" "$dir/backing"
   [ -f "$dir/key" ] || "$BIN/shipper" keygen --out "$dir/key" >/dev/null
   DEV=$("$BIN/blkfilter" attach --backing "$dir/backing" --ring "$dir/ring" --id "$id" \
-        --ring-mib "${RING_MIB:-64}" --log "$dir/blkfilter.log") || die "attach failed: $(tail -5 "$dir/blkfilter.log")"
+        --ring-mib "${RING_MIB:-256}" --log "$dir/blkfilter.log") || die "attach failed: $(tail -5 "$dir/blkfilter.log")"
   start_shipper "$dir"
 }
 
@@ -79,6 +81,9 @@ same_image() {
   b=$(sha256sum <"$1/replica" | cut -d' ' -f1)
   echo "backing sha256 $a"
   echo "replica sha256 $b"
+  if grep -q '"ring_overflow": true' "$1/status.json" 2>/dev/null; then
+    echo "note: the ring overflowed; overflowed writes reach the replica only by a resync"
+  fi
   [ "$a" = "$b" ]
 }
 

@@ -175,15 +175,12 @@ impl Applier {
                     offset: record.offset,
                     data: record.data,
                 },
-                Op::Discard => IoOp::Fallocate {
+                // Both read back as zeroes; a hole works on every file system and
+                // on block devices (which zero the range).
+                Op::Discard | Op::WriteZeroes => IoOp::Fallocate {
                     offset: record.offset,
                     len: u64::from(record.len),
                     mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                },
-                Op::WriteZeroes => IoOp::Fallocate {
-                    offset: record.offset,
-                    len: u64::from(record.len),
-                    mode: libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
                 },
                 // Durability is settled once per segment below; marks carry no data.
                 Op::Flush | Op::Mark => continue,

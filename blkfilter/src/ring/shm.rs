@@ -388,17 +388,29 @@ fn lock_role(file: &File, path: &Path, role: Role) -> Result<(), RingError> {
     lock.l_whence = libc::SEEK_SET as libc::c_short;
     lock.l_start = role as libc::off_t;
     lock.l_len = 1;
-    // SAFETY: fcntl with F_OFD_SETLK reads the struct we pass; the fd is ours.
-    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
-    if rc == -1 {
+    // A lock just released can look held for a moment: a process that forks while it
+    // holds the file (std::process::Command in a multi-threaded program) shares the
+    // open file description, and so the lock, until the child execs. Retry briefly so
+    // that window is not reported as a second producer or consumer.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
+    loop {
+        // SAFETY: fcntl with F_OFD_SETLK reads the struct we pass; the fd is ours.
+        let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
+        if rc == 0 {
+            return Ok(());
+        }
         let err = io::Error::last_os_error();
-        return Err(match err.raw_os_error() {
-            Some(libc::EAGAIN | libc::EACCES) => RingError::Busy {
-                path: path.to_owned(),
-                role: role.name(),
-            },
-            _ => io_err(path, "lock")(err),
-        });
+        match err.raw_os_error() {
+            Some(libc::EAGAIN | libc::EACCES) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Some(libc::EAGAIN | libc::EACCES) => {
+                return Err(RingError::Busy {
+                    path: path.to_owned(),
+                    role: role.name(),
+                })
+            }
+            _ => return Err(io_err(path, "lock")(err)),
+        }
     }
-    Ok(())
 }
