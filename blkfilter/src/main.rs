@@ -132,6 +132,16 @@ fn run(cli: Cli) -> Result<()> {
                 io_buf_bytes: args.max_io_kib << 10,
                 direct: !args.buffered,
             };
+            // Attaching the same backing to a device whose server died takes it back
+            // (what a restarted systemd unit wants) instead of failing on the id.
+            if server::quiesced_with_backing(args.id, &opts.backing) {
+                let id = args.id;
+                log::info!("/dev/ublkb{id} is QUIESCED over the same backing: recovering it");
+                let opts = server::recovery_plan(id)?;
+                return run_server(&args.daemon, move |ready| {
+                    server::serve(&opts, Some(id), ready)
+                });
+            }
             run_server(&args.daemon, move |ready| server::serve(&opts, None, ready))
         }
         Command::Recover { id, daemon } => {

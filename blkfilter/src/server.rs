@@ -502,6 +502,24 @@ pub fn target_info(ctrl: &UblkCtrl) -> Option<TargetInfo> {
     serde_json::from_value(data.get(TARGET_NAME)?.clone()).ok()
 }
 
+/// Whether device `id` exists, is QUIESCED (its server died) and serves `backing`.
+pub fn quiesced_with_backing(id: i32, backing: &Path) -> bool {
+    if id < 0 || check_ublk().is_err() {
+        return false;
+    }
+    let Ok(ctrl) = UblkCtrl::new_simple(id) else {
+        return false;
+    };
+    let same = |a: &Path, b: &Path| {
+        a.canonicalize()
+            .ok()
+            .zip(b.canonicalize().ok())
+            .is_some_and(|(a, b)| a == b)
+    };
+    ctrl.dev_info().state == libublk::sys::UBLK_S_DEV_QUIESCED as u16
+        && target_info(&ctrl).is_some_and(|t| same(&t.backing, backing))
+}
+
 /// Checks that device `id` is a quiesced blkfilter device and returns how to serve it.
 pub fn recovery_plan(id: i32) -> Result<AttachOptions, ServerError> {
     check_ublk()?;

@@ -75,6 +75,23 @@ kill9_blkfilter_mid_fio() {
   same_image $w
 }
 
+reattach_takes_back_a_dead_servers_device() {
+  local w=/tmp/t-reattach
+  protect $w 64M
+  fio_job reattach "$DEV" --rw=randwrite --bs=8k --iodepth=8 --size=48M --verify_backlog=512 &
+  local fio_pid=$! pid
+  sleep 2
+  pid=$(blkfilter_pid 0)
+  kill -9 "$pid"
+  wait_state 0 QUIESCED
+  # What a restarted systemd unit does: the same attach command line.
+  "$BIN/blkfilter" attach --backing $w/backing --ring $w/ring --id 0 --ring-mib 256 --log $w/blkfilter.log
+  wait_state 0 LIVE
+  wait $fio_pid
+  finish $w
+  same_image $w
+}
+
 kill9_shipper_under_load() {
   local w=/tmp/t-kill-shipper
   protect $w 128M
@@ -113,7 +130,8 @@ bad_command_lines() {
 }
 
 tests=("$@")
-[ ${#tests[@]} -gt 0 ] || tests=(fio_randwrite_and_seqwrite ext4_files kill9_blkfilter_mid_fio kill9_shipper_under_load bad_command_lines)
+[ ${#tests[@]} -gt 0 ] || tests=(fio_randwrite_and_seqwrite ext4_files kill9_blkfilter_mid_fio reattach_takes_back_a_dead_servers_device
+  kill9_shipper_under_load bad_command_lines)
 for t in "${tests[@]}"; do run_test "$t"; done
 echo
 echo "ublk: $PASSED passed, $FAILED failed"
