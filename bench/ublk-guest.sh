@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Runs inside one VM boot (or natively on a kernel with ublk): the same fio jobs against
+# a kernel loop device, blkfilter --no-capture, blkfilter with capture and the shipper,
+# dm-log-writes over a loop device, and rublk's loop target; all backed by a file on
+# tmpfs. Prints a markdown table and the ratios. Usage: ublk-guest.sh RUBLK_BINARY
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=target/release
+RUBLK=${1:-}
+RUNTIME=${BENCH_RUNTIME:-6}
+SIZE=1G
+w=/tmp/ublk-bench
+rm -rf $w; mkdir -p $w
+# Its own tmpfs, larger than the default half of RAM: logs and stores grow with writes.
+mountpoint -q $w || mount -t tmpfs -o size=7G tmpfs $w
+truncate -s $SIZE $w/backing
+# Fill the backing so reads hit real data.
+dd if=/dev/urandom of=$w/backing bs=1M count=1024 status=none conv=notrunc
+
+JOBS=("randwrite 4k 32" "randread 4k 32" "write 1M 8")
+declare -A RESULT
+
+# run_jobs CONFIG DEV: each job, result in IOPS (4k) or MiB/s (1M).
+run_jobs() {
+  local config=$1 dev=$2 job rw bs qd out
+  for job in "${JOBS[@]}"; do
+    read -r rw bs qd <<<"$job"
+    [ -n "${BEFORE_JOB:-}" ] && $BEFORE_JOB
+    out=$(fio --name=b --filename="$dev" --ioengine=io_uring --direct=1 --rw="$rw" --bs="$bs" \
+      --iodepth="$qd" --runtime="$RUNTIME" --time_based --size=$SIZE --output-format=terse \
+      --terse-version=3 2>/dev/null)
+    # terse v3: field 8 read IOPS, field 7 read KiB/s, 49 write IOPS, 48 write KiB/s
+    RESULT["$config/$job"]=$(echo "$out" | awk -F';' -v rw="$rw" -v bs="$bs" '{
+      if (rw ~ /read/) { iops = $8; kib = $7 } else { iops = $49; kib = $48 }
+      if (bs == "4k") printf "%d", iops; else printf "%.0f", kib / 1024 }')
+    echo "  $config $rw $bs QD$qd: ${RESULT["$config/$job"]}" >&2
+  done
+}
+
+echo "loop (direct-io)" >&2
+loopdev=$(losetup -f --show --direct-io=on $w/backing)
+run_jobs loop "$loopdev"
+
+echo "dm-log-writes over loop" >&2
+truncate -s 3G $w/log
+logdev=$(losetup -f --show $w/log)
+dmsetup create bench-lw --table "0 $(blockdev --getsz "$loopdev") log-writes $loopdev $logdev"
+# The log keeps every write; empty it between jobs so tmpfs does not fill.
+reset_log() {
+  dmsetup remove bench-lw; fallocate -p -o 0 -l 3G $w/log 2>/dev/null || true
+  dmsetup create bench-lw --table "0 $(blockdev --getsz "$loopdev") log-writes $loopdev $logdev"
+}
+BEFORE_JOB=reset_log run_jobs dm-log-writes /dev/mapper/bench-lw
+dmsetup remove bench-lw; losetup -d "$logdev" "$loopdev"; rm -f $w/log
+
+echo "blkfilter --no-capture" >&2
+dev=$($BIN/blkfilter attach --backing $w/backing --no-capture --id 0 --log $w/bf.log)
+run_jobs no-capture "$dev"
+$BIN/blkfilter detach --id 0 >/dev/null; sleep 1
+
+echo "blkfilter with capture + shipper" >&2
+$BIN/shipper keygen --out $w/key >/dev/null
+dev=$($BIN/blkfilter attach --backing $w/backing --ring $w/ring --ring-mib 1024 --id 0 --log $w/bf.log)
+RUST_LOG=warn $BIN/shipper run --volume vol0 --ring $w/ring --staging $w/staging --store $w/store \
+  --key $w/key --status $w/status.json >$w/shipper.log 2>&1 &
+shipper=$!
+# The store keeps every segment; clear what was shipped between jobs so tmpfs does not fill.
+clear_store() { sleep 2; rm -f $w/store/vol0/*.seg; }
+BEFORE_JOB=clear_store run_jobs protected "$dev"
+overflow=$(grep -o '"ring_overflow": [a-z]*' $w/status.json | cut -d' ' -f2)
+kill $shipper; wait $shipper 2>/dev/null || true
+$BIN/blkfilter detach --id 0 >/dev/null; sleep 1
+
+if [ -n "$RUBLK" ] && [ -x "$RUBLK" ]; then
+  echo "rublk loop" >&2
+  "$RUBLK" add loop -n 1 -f $w/backing >/dev/null
+  sleep 1
+  run_jobs rublk /dev/ublkb1
+  "$RUBLK" del -n 1 >/dev/null 2>&1 || true
+fi
+
+configs=(loop no-capture protected dm-log-writes rublk)
+printf '| job |'; for c in "${configs[@]}"; do printf ' %s |' "$c"; done
+printf ' no-capture / rublk | protected / no-capture | dm-log-writes / loop |\n'
+printf '|---|'; for _ in "${configs[@]}"; do printf -- '---|'; done; printf -- '---|---|---|\n'
+for job in "${JOBS[@]}"; do
+  read -r rw bs qd <<<"$job"
+  unit=$([ "$bs" = 4k ] && echo IOPS || echo MiB/s)
+  printf '| %s %s QD%s (%s) |' "$rw" "$bs" "$qd" "$unit"
+  for c in "${configs[@]}"; do printf ' %s |' "${RESULT["$c/$job"]:--}"; done
+  ratio() { awk -v a="${RESULT["$1/$job"]:-0}" -v b="${RESULT["$2/$job"]:-0}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'; }
+  printf ' %s | %s | %s |\n' "$(ratio no-capture rublk)" "$(ratio protected no-capture)" "$(ratio dm-log-writes loop)"
+done
+echo
+echo "Ring overflowed during the protected runs: ${overflow:-unknown} (TCG; writes that overflow go to the dirty bitmap, which is cheaper than recording)."
