@@ -58,10 +58,15 @@ dev=$($BIN/blkfilter attach --backing $w/backing --no-capture --id 0 --log $w/bf
 run_jobs no-capture "$dev"
 $BIN/blkfilter detach --id 0 >/dev/null; sleep 1
 
-echo "blkfilter with capture + shipper" >&2
+echo "blkfilter with capture, shipper not running (capture cost alone)" >&2
+dev=$($BIN/blkfilter attach --backing $w/backing --ring $w/ring0 --ring-mib 2048 --id 0 --log $w/bf.log)
+run_jobs capture-only "$dev"
+$BIN/blkfilter detach --id 0 >/dev/null; sleep 1; rm -f $w/ring0
+
+echo "blkfilter with capture + shipper (nice 10, as the unit runs it)" >&2
 $BIN/shipper keygen --out $w/key >/dev/null
 dev=$($BIN/blkfilter attach --backing $w/backing --ring $w/ring --ring-mib 1024 --id 0 --log $w/bf.log)
-RUST_LOG=warn $BIN/shipper run --volume vol0 --ring $w/ring --staging $w/staging --store $w/store \
+RUST_LOG=warn nice -n 10 $BIN/shipper run --volume vol0 --ring $w/ring --staging $w/staging --store $w/store \
   --key $w/key --status $w/status.json >$w/shipper.log 2>&1 &
 shipper=$!
 # The store keeps every segment; clear what was shipped between jobs so tmpfs does not fill.
@@ -79,17 +84,17 @@ if [ -n "$RUBLK" ] && [ -x "$RUBLK" ]; then
   "$RUBLK" del -n 1 >/dev/null 2>&1 || true
 fi
 
-configs=(loop no-capture protected dm-log-writes rublk)
+configs=(loop no-capture capture-only protected dm-log-writes rublk)
 printf '| job |'; for c in "${configs[@]}"; do printf ' %s |' "$c"; done
-printf ' no-capture / rublk | protected / no-capture | dm-log-writes / loop |\n'
-printf '|---|'; for _ in "${configs[@]}"; do printf -- '---|'; done; printf -- '---|---|---|\n'
+printf ' no-capture / rublk | capture-only / no-capture | protected / no-capture | dm-log-writes / loop |\n'
+printf '|---|'; for _ in "${configs[@]}"; do printf -- '---|'; done; printf -- '---|---|---|---|\n'
 for job in "${JOBS[@]}"; do
   read -r rw bs qd <<<"$job"
   unit=$([ "$bs" = 4k ] && echo IOPS || echo MiB/s)
   printf '| %s %s QD%s (%s) |' "$rw" "$bs" "$qd" "$unit"
   for c in "${configs[@]}"; do printf ' %s |' "${RESULT["$c/$job"]:--}"; done
   ratio() { awk -v a="${RESULT["$1/$job"]:-0}" -v b="${RESULT["$2/$job"]:-0}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'; }
-  printf ' %s | %s | %s |\n' "$(ratio no-capture rublk)" "$(ratio protected no-capture)" "$(ratio dm-log-writes loop)"
+  printf ' %s | %s | %s | %s |\n' "$(ratio no-capture rublk)" "$(ratio capture-only no-capture)" "$(ratio protected no-capture)" "$(ratio dm-log-writes loop)"
 done
 echo
 echo "Ring overflowed during the protected runs: ${overflow:-unknown} (TCG; writes that overflow go to the dirty bitmap, which is cheaper than recording)."

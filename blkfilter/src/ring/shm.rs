@@ -5,7 +5,7 @@ use super::bitmap::DirtyBitmap;
 use super::layout::*;
 use super::proto::RingMem;
 use super::{RingError, RingGeometry};
-use memmap2::MmapRaw;
+use memmap2::{MmapOptions, MmapRaw};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -88,7 +88,7 @@ impl Shm {
         }
         file.set_len(0).map_err(io_err(path, "truncate"))?;
         allocate(&file, path, layout.file_bytes)?;
-        let map = MmapRaw::map_raw(&file).map_err(io_err(path, "map"))?;
+        let map = map_populated(&file).map_err(io_err(path, "map"))?;
         let shm = Shm {
             path: path.to_owned(),
             geo: *geo,
@@ -137,7 +137,7 @@ impl Shm {
                 why,
             });
         }
-        let map = MmapRaw::map_raw(&file).map_err(io_err(path, "map"))?;
+        let map = map_populated(&file).map_err(io_err(path, "map"))?;
         let corrupt = |what: String| RingError::CorruptHeader {
             path: path.to_owned(),
             what,
@@ -290,6 +290,13 @@ impl Shm {
 }
 
 /// The header word at `offset` of a mapped ring file.
+/// Maps the whole file with its pages mapped in up front (MAP_POPULATE): a page fault on
+/// first touch would otherwise land on the write path of each request, once per page
+/// of the ring's first lap.
+fn map_populated(file: &File) -> io::Result<MmapRaw> {
+    MmapOptions::new().populate().map_raw(file)
+}
+
 fn u64_in(map: &MmapRaw, offset: usize) -> &AtomicU64 {
     assert!(offset & 7 == 0 && offset + 8 <= map.len().min(HEADER_BYTES as usize));
     // SAFETY: the mapping is page-aligned and covers the (checked) offset, so this is an
