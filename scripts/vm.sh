@@ -439,6 +439,12 @@ cmd_run() {
 
     case $PWD/ in
     /tmp/* | /run/*)
+        # The guest replaces /tmp and /run with empty tmpfs: share the working tree (the
+        # git checkout around it, e.g. a CI clone under /tmp) at the same path instead.
+        if [ -z "$share" ]; then
+            share=$(git -C "$PWD" rev-parse --show-toplevel 2>/dev/null || echo "$PWD")
+            msg "the working directory is under /tmp or /run: sharing $share into the guest"
+        fi
         case $PWD/ in
         "$share"/*) ;;
         *) msg "warning: the working directory $PWD is under /tmp or /run, which the guest replaces with an empty tmpfs; run from elsewhere or --share it" ;;
