@@ -133,3 +133,93 @@ fn shipper_refuses_bad_key_and_missing_ring() {
     );
     assert!(!ok && text.contains("invalid volume id"), "{text}");
 }
+
+/// A config file with two volumes: one shipper process replicates both.
+#[test]
+fn config_file_ships_every_volume() {
+    use blkfilter::capture::Capture;
+    use blkfilter::ring::{Producer, RingGeometry};
+    use blkfilter::workload::Workload;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    changelog::Key::generate_file(&d.join("key")).unwrap();
+    let size = 4u64 << 20;
+    for (i, vol) in ["vol0", "vol1"].iter().enumerate() {
+        let backing = d.join(format!("{vol}.img"));
+        std::fs::File::create(&backing)
+            .unwrap()
+            .set_len(size)
+            .unwrap();
+        let ring = Producer::create(
+            &d.join(format!("{vol}.ring")),
+            &RingGeometry::new(16 << 20, size),
+        )
+        .unwrap();
+        let mut capture = Capture::open(&backing, ring, false).unwrap();
+        for op in Workload::new(i as u64 + 10, size).take(100) {
+            capture.handle(op.as_request()).unwrap();
+        }
+    }
+    let config = format!(
+        "key = \"{0}/key\"\nstaging = \"{0}/staging\"\nstore = \"{0}/store\"\nstatus_dir = \"{0}/status\"\n\
+         max_segment_age_ms = 20\n[[volume]]\nid = \"vol0\"\nring = \"{0}/vol0.ring\"\n\
+         [[volume]]\nid = \"vol1\"\nring = \"{0}/vol1.ring\"\n",
+        d.display()
+    );
+    std::fs::write(d.join("shipper.toml"), config).unwrap();
+    let cfg = d.join("shipper.toml");
+    let (ok, text) = run(
+        "shipper",
+        &["run", "--config", cfg.to_str().unwrap(), "--drain"],
+    );
+    assert!(ok, "{text}");
+    let (ok, text) = run("shipper", &["status", "--config", cfg.to_str().unwrap()]);
+    assert!(
+        ok && text.contains("vol0") && text.contains("vol1"),
+        "{text}"
+    );
+    for vol in ["vol0", "vol1"] {
+        let replica = d.join(format!("{vol}.replica"));
+        let (ok, text) = run(
+            "ublk-target",
+            &[
+                "apply",
+                "--volume",
+                vol,
+                "--store",
+                d.join("store").to_str().unwrap(),
+                "--replica",
+                replica.to_str().unwrap(),
+                "--key",
+                d.join("key").to_str().unwrap(),
+            ],
+        );
+        assert!(ok, "{text}");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&replica)
+            .unwrap()
+            .set_len(size)
+            .unwrap();
+        let source = std::fs::read(d.join(format!("{vol}.img"))).unwrap();
+        assert!(
+            std::fs::read(&replica).unwrap() == source,
+            "{vol}: replica differs from the source"
+        );
+    }
+}
+
+#[test]
+fn bad_config_is_refused_with_the_field_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "key = \"/k\"\nstaging = \"/s\"\nstore = \"/t\"\nsealerz = 2\n[[volume]]\nid = \"v\"\nring = \"/r\"\n")
+        .unwrap();
+    let (ok, text) = run("shipper", &["run", "--config", cfg.to_str().unwrap()]);
+    assert!(
+        !ok && text.contains("sealerz") && text.contains(cfg.to_str().unwrap()),
+        "{text}"
+    );
+    let (ok, text) = run("shipper", &["run", "--config", "/nonexistent.toml"]);
+    assert!(!ok && text.contains("/nonexistent.toml"), "{text}");
+}

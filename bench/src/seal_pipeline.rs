@@ -6,7 +6,8 @@
 //! AES-256-GCM alone (RustCrypto `aes-gcm` and `ring`), `seal` on one core (lz4 + GCM,
 //! the single-core stage limit), and the whole pipeline with N sealer threads, and the
 //! pipeline's ratio to N × the single-core limit. Staging and store live on tmpfs
-//! (/dev/shm) so the disk is not what is measured.
+//! (/dev/shm) so the disk is not what is measured; uploads go to a store that drops
+//! them (the path measured is ring → seal → staging).
 //!
 //! Usage: seal-pipeline [MiB per stream, default 512]
 
@@ -14,7 +15,7 @@ use aes_gcm::aead::AeadInPlace;
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
 use blkfilter::ring::{Producer, RingGeometry};
 use blkfilter::workload::Rng;
-use changelog::{seal, Key, LocalDirStore, Op, PlainSegment, RecordRef, SealParams, VolumeId};
+use changelog::{seal, Key, Op, PlainSegment, RecordRef, SealParams, TargetStore, VolumeId};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -92,6 +93,25 @@ fn stage_speed(segments: &[PlainSegment], mut f: impl FnMut(&PlainSegment)) -> f
         .fold(0.0, f64::max)
 }
 
+/// The measured path ends in staging (ring → seal → staging); the target store's speed
+/// is the network's or the object store's, not ours, so uploads are accepted and dropped.
+struct Discard;
+
+impl TargetStore for Discard {
+    fn put(&self, _: &VolumeId, _: u64, _: &[u8]) -> changelog::Result<()> {
+        Ok(())
+    }
+    fn get(&self, _: &VolumeId, _: u64) -> changelog::Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+    fn list(&self, _: &VolumeId) -> changelog::Result<Vec<u64>> {
+        Ok(Vec::new())
+    }
+    fn describe(&self) -> String {
+        "discard".into()
+    }
+}
+
 fn pipeline_speed(stream: &Stream, sealers: usize) -> f64 {
     let dir = tempfile::tempdir_in("/dev/shm").expect("tmpfs dir");
     let ring_path = dir.path().join("ring");
@@ -106,7 +126,7 @@ fn pipeline_speed(stream: &Stream, sealers: usize) -> f64 {
     );
     config.sealers = sealers;
     config.max_segment_bytes = SEGMENT_BYTES;
-    let store = Arc::new(LocalDirStore::new(dir.path().join("store")));
+    let store = Arc::new(Discard);
     let control = Arc::new(shipper::Control::default());
     let started = Instant::now();
     let runner = {

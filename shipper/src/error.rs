@@ -18,6 +18,8 @@ pub enum ShipperError {
     },
     #[error("state file {path} is unreadable ({what}); if the staging area was copied or damaged, restore it or start a new protection")]
     State { path: PathBuf, what: String },
+    #[error("config {path}: {what}")]
+    Config { path: PathBuf, what: String },
     #[error("volume {volume} is Critical: {what}")]
     Critical { volume: String, what: String },
 }

@@ -5,7 +5,9 @@
 //! * [`chain_state`]: the persisted chain position and crash recovery.
 //! * [`retry`]: the retry schedule for recoverable errors.
 //! * [`status`]: health, RPO and the status file.
+//! * [`config`]: the TOML configuration file.
 pub mod chain_state;
+pub mod config;
 pub mod error;
 pub mod pipeline;
 pub mod retry;

@@ -3,6 +3,7 @@
 use anyhow::{Context, Result};
 use changelog::{Key, LocalDirStore, VolumeId};
 use clap::{Parser, Subcommand};
+use shipper::config::ConfigFile;
 use shipper::{Control, ShipperConfig, Status};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,13 +25,19 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Ship one volume: read its ring, seal, stage and upload segments until stopped.
+    /// Ship volumes: read each ring, seal, stage and upload segments until stopped.
+    ///
+    /// Either every volume of a config file (--config; see the shipper crate's config
+    /// module docs for the format), or one volume given by flags.
     Run(RunArgs),
     /// Show a running shipper's health, RPO and progress.
     Status {
         /// The status file the shipper writes (its --status).
-        #[arg(long, default_value = "/run/ublk-dr/shipper.status.json")]
-        status: PathBuf,
+        #[arg(long, conflicts_with = "config")]
+        status: Option<PathBuf>,
+        /// Show every volume of this config file.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// Print the raw JSON.
         #[arg(long)]
         json: bool,
@@ -39,21 +46,25 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Volume id (1-32 of A-Z a-z 0-9 . _ -).
-    #[arg(long)]
-    volume: VolumeId,
+    /// Config file with every volume to ship (TOML: key, staging, store, [[volume]] id
+    /// and ring, optional limits). The flags below are then not used.
+    #[arg(long, conflicts_with_all = ["ring", "staging", "store", "key", "status"])]
+    config: Option<PathBuf>,
+    /// Volume id (1-32 of A-Z a-z 0-9 . _ -); with --config, ship only this volume.
+    #[arg(long, required_unless_present = "config")]
+    volume: Option<VolumeId>,
     /// The volume's capture ring (made by blkfilter).
-    #[arg(long)]
-    ring: PathBuf,
+    #[arg(long, required_unless_present = "config")]
+    ring: Option<PathBuf>,
     /// Local staging directory (segments wait here until uploaded).
-    #[arg(long)]
-    staging: PathBuf,
+    #[arg(long, required_unless_present = "config")]
+    staging: Option<PathBuf>,
     /// Target store directory.
-    #[arg(long)]
-    store: PathBuf,
+    #[arg(long, required_unless_present = "config")]
+    store: Option<PathBuf>,
     /// Key file (see `shipper keygen`).
-    #[arg(long)]
-    key: PathBuf,
+    #[arg(long, required_unless_present = "config")]
+    key: Option<PathBuf>,
     /// Seal a segment once its oldest record is this old.
     #[arg(long, default_value_t = 1000)]
     max_segment_age_ms: u64,
@@ -102,12 +113,35 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Run(args) => ship(args),
-        Command::Status { status, json } => {
-            let s = Status::read(&status)?;
+        Command::Status {
+            status,
+            config,
+            json,
+        } => {
+            let paths = match (status, config) {
+                (Some(status), _) => vec![status],
+                (None, config) => {
+                    let path = config.unwrap_or_else(|| shipper::config::DEFAULT_CONFIG.into());
+                    let file = ConfigFile::load(&path)?;
+                    file.volumes
+                        .iter()
+                        .map(|v| file.status_path(&v.id))
+                        .collect()
+                }
+            };
+            let statuses = paths
+                .iter()
+                .map(|p| Status::read(p))
+                .collect::<Result<Vec<_>, _>>()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                println!("{}", serde_json::to_string_pretty(&statuses)?);
             } else {
-                print_status(&s);
+                for (i, s) in statuses.iter().enumerate() {
+                    if i > 0 {
+                        println!();
+                    }
+                    print_status(s);
+                }
             }
             Ok(())
         }
@@ -115,29 +149,86 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn ship(args: RunArgs) -> Result<()> {
-    let key = Key::load(&args.key)?;
-    let mut config = ShipperConfig::new(args.volume, args.ring, args.staging, key);
-    config.max_segment_age = Duration::from_millis(args.max_segment_age_ms);
-    config.max_segment_bytes = args.max_segment_bytes;
-    config.sealers = args.sealers;
-    config.retry_unit = Duration::from_millis(args.retry_unit_ms);
-    config.rpo_threshold = Duration::from_millis(args.rpo_threshold_ms);
-    config.status_path = args.status;
-    std::fs::create_dir_all(&args.store)
-        .with_context(|| format!("creating store directory {}", args.store.display()))?;
+    let (mut configs, store) = match &args.config {
+        Some(path) => {
+            let file = ConfigFile::load(path)?;
+            (file.pipelines()?, file.store.clone())
+        }
+        None => {
+            let missing = "clap requires these without --config";
+            let key = Key::load(args.key.as_deref().expect(missing))?;
+            let volume = args.volume.clone().expect(missing);
+            let mut config = ShipperConfig::new(
+                volume,
+                args.ring.clone().expect(missing),
+                args.staging.clone().expect(missing),
+                key,
+            );
+            config.max_segment_age = Duration::from_millis(args.max_segment_age_ms);
+            config.max_segment_bytes = args.max_segment_bytes;
+            config.sealers = args.sealers;
+            config.retry_unit = Duration::from_millis(args.retry_unit_ms);
+            config.rpo_threshold = Duration::from_millis(args.rpo_threshold_ms);
+            config.status_path = args.status.clone();
+            (vec![config], args.store.clone().expect(missing))
+        }
+    };
+    if let (Some(only), Some(_)) = (&args.volume, &args.config) {
+        configs.retain(|c| &c.volume == only);
+        anyhow::ensure!(
+            !configs.is_empty(),
+            "volume {only} is not in the config file"
+        );
+    }
+    std::fs::create_dir_all(&store)
+        .with_context(|| format!("creating store directory {}", store.display()))?;
+    for dir in configs
+        .iter()
+        .filter_map(|c| c.status_path.as_ref()?.parent())
+    {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating status directory {}", dir.display()))?;
+    }
     let control = Arc::new(Control::default());
     if args.drain {
         control.drain();
     }
     stop_on_signal(control.clone())?;
-    let summary = shipper::run(&config, Arc::new(LocalDirStore::new(args.store)), control)?;
-    log::info!(
-        "stopped: {} segment(s) uploaded; next segment {}, next seq {}",
-        summary.segments_uploaded,
-        summary.cursor.next_index,
-        summary.cursor.next_seq
-    );
-    Ok(())
+    let store = Arc::new(LocalDirStore::new(store));
+    // One pipeline per volume; a volume that fails (e.g. goes Critical) does not stop
+    // the others, and the exit status reports it.
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = configs
+            .iter()
+            .map(|config| {
+                let (store, control) = (store.clone(), control.clone());
+                scope.spawn(move || (config.volume.clone(), shipper::run(config, store, control)))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("volume thread panicked"))
+            .collect()
+    });
+    let mut first_error = None;
+    for (volume, result) in results {
+        match result {
+            Ok(summary) => log::info!(
+                "volume {volume} stopped: {} segment(s) uploaded; next segment {}, next seq {}",
+                summary.segments_uploaded,
+                summary.cursor.next_index,
+                summary.cursor.next_seq
+            ),
+            Err(e) => {
+                log::error!("volume {volume}: {e}");
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
 }
 
 /// SIGTERM or SIGINT stops the pipeline cleanly: records not yet staged stay in the

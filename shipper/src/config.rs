@@ -1,0 +1,222 @@
+//! The shipper's configuration file (TOML): shared settings and one `[[volume]]` table
+//! per protected volume. Unknown keys are errors, so a typo never silently falls back
+//! to a default.
+//!
+//! ```toml
+//! key = "/etc/ublk-dr/key"               # required: the 32-byte key (shipper keygen)
+//! staging = "/var/lib/ublk-dr/staging"   # required: local staging directory
+//! store = "/srv/dr-store"                # required: target store (a directory)
+//! status_dir = "/run/ublk-dr"            # status files: <status_dir>/<volume>.status.json
+//! max_segment_age_ms = 1000
+//! max_segment_bytes = 8388608
+//! sealers = 2
+//! retry_unit_ms = 60000                  # retry after 1, 2, 4, 8, 10, then every 30 units
+//! rpo_threshold_ms = 30000               # health is Warning above this RPO
+//!
+//! [[volume]]
+//! id = "vol0"
+//! ring = "/dev/shm/ublk-dr/vol0.ring"
+//! ```
+
+use crate::error::{Result, ShipperError};
+use crate::pipeline::ShipperConfig;
+use changelog::{Key, VolumeId};
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const DEFAULT_CONFIG: &str = "/etc/ublk-dr/shipper.toml";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub key: PathBuf,
+    pub staging: PathBuf,
+    pub store: PathBuf,
+    #[serde(default = "default_status_dir")]
+    pub status_dir: PathBuf,
+    #[serde(default = "default_age")]
+    pub max_segment_age_ms: u64,
+    #[serde(default = "default_bytes")]
+    pub max_segment_bytes: usize,
+    #[serde(default = "default_sealers")]
+    pub sealers: usize,
+    #[serde(default = "default_retry_unit")]
+    pub retry_unit_ms: u64,
+    #[serde(default = "default_rpo")]
+    pub rpo_threshold_ms: u64,
+    #[serde(rename = "volume")]
+    pub volumes: Vec<VolumeEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeEntry {
+    pub id: VolumeId,
+    pub ring: PathBuf,
+}
+
+fn default_status_dir() -> PathBuf {
+    "/run/ublk-dr".into()
+}
+fn default_age() -> u64 {
+    1000
+}
+fn default_bytes() -> usize {
+    8 << 20
+}
+fn default_sealers() -> usize {
+    2
+}
+fn default_retry_unit() -> u64 {
+    60_000
+}
+fn default_rpo() -> u64 {
+    30_000
+}
+
+impl ConfigFile {
+    /// Reads and checks a config file; every error names the file and what to fix.
+    pub fn load(path: &Path) -> Result<ConfigFile> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ShipperError::io(
+                format!(
+                    "reading config {} (see `shipper run --help` for its format)",
+                    path.display()
+                ),
+                e,
+            )
+        })?;
+        Self::parse(&text).map_err(|what| ShipperError::Config {
+            path: path.into(),
+            what,
+        })
+    }
+
+    /// Parses and checks config text.
+    pub fn parse(text: &str) -> std::result::Result<ConfigFile, String> {
+        let config: ConfigFile =
+            toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> std::result::Result<(), String> {
+        if self.volumes.is_empty() {
+            return Err("no [[volume]] tables: add one per protected volume (id, ring)".into());
+        }
+        let mut seen = HashSet::new();
+        for v in &self.volumes {
+            if !seen.insert(&v.id) {
+                return Err(format!("volume {} appears twice", v.id));
+            }
+        }
+        let positive = [
+            ("max_segment_age_ms", self.max_segment_age_ms),
+            ("max_segment_bytes", self.max_segment_bytes as u64),
+            ("sealers", self.sealers as u64),
+            ("retry_unit_ms", self.retry_unit_ms),
+            ("rpo_threshold_ms", self.rpo_threshold_ms),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{name} must be greater than 0"));
+        }
+        if self.max_segment_bytes > changelog::segment::MAX_PLAIN_LEN as usize / 2 {
+            return Err(format!(
+                "max_segment_bytes must be at most {}",
+                changelog::segment::MAX_PLAIN_LEN / 2
+            ));
+        }
+        Ok(())
+    }
+
+    /// One pipeline config per volume (loads the key once).
+    pub fn pipelines(&self) -> Result<Vec<ShipperConfig>> {
+        let key = Key::load(&self.key)?;
+        Ok(self
+            .volumes
+            .iter()
+            .map(|v| {
+                let mut c = ShipperConfig::new(
+                    v.id.clone(),
+                    v.ring.clone(),
+                    self.staging.clone(),
+                    key.clone(),
+                );
+                c.max_segment_age = Duration::from_millis(self.max_segment_age_ms);
+                c.max_segment_bytes = self.max_segment_bytes;
+                c.sealers = self.sealers;
+                c.retry_unit = Duration::from_millis(self.retry_unit_ms);
+                c.rpo_threshold = Duration::from_millis(self.rpo_threshold_ms);
+                c.status_path = Some(self.status_path(&v.id));
+                c
+            })
+            .collect())
+    }
+
+    pub fn status_path(&self, volume: &VolumeId) -> PathBuf {
+        self.status_dir.join(format!("{volume}.status.json"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+key = "/k"
+staging = "/s"
+store = "/t"
+retry_unit_ms = 5
+[[volume]]
+id = "vol0"
+ring = "/r0"
+[[volume]]
+id = "vol1"
+ring = "/r1"
+"#;
+
+    #[test]
+    fn good_config_with_defaults() {
+        let c = ConfigFile::parse(GOOD).unwrap();
+        assert_eq!(c.volumes.len(), 2);
+        assert_eq!(c.retry_unit_ms, 5);
+        assert_eq!(c.max_segment_age_ms, 1000);
+        assert_eq!(
+            c.status_path(&c.volumes[1].id),
+            PathBuf::from("/run/ublk-dr/vol1.status.json")
+        );
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let cases = [
+            (
+                GOOD.replace("retry_unit_ms", "retry_unt_ms"),
+                "retry_unt_ms",
+            ),
+            (GOOD.replace("\"vol1\"", "\"../x\""), "invalid volume id"),
+            (GOOD.replace("\"vol1\"", "\"vol0\""), "appears twice"),
+            (
+                GOOD.replace("retry_unit_ms = 5", "retry_unit_ms = 0"),
+                "retry_unit_ms must be",
+            ),
+            (
+                GOOD.replace("retry_unit_ms = 5", "retry_unit_ms = \"5\""),
+                "retry_unit_ms",
+            ),
+            (GOOD.replace("key = \"/k\"", ""), "key"),
+            (GOOD.replace("ring = \"/r0\"", ""), "ring"),
+            (
+                "key = \"/k\"\nstaging = \"/s\"\nstore = \"/t\"\nvolume = []".to_string(),
+                "no [[volume]]",
+            ),
+            ("key = ".to_string(), "line 1"),
+        ];
+        for (text, expect) in cases {
+            let err = ConfigFile::parse(&text).expect_err(&text);
+            assert!(err.contains(expect), "{expect:?} not in {err:?}");
+        }
+    }
+}
