@@ -10,14 +10,7 @@ use ublk_target::TargetError;
 
 /// A store with several segments of which the replica has applied the first two.
 fn setup() -> (Fixture, Vec<PathBuf>) {
-    let size = 4 << 20;
-    let fixture = Fixture::new(size);
-    let mut capture = fixture.capture(32 << 20);
-    let mut model = Model::new(size);
-    drive(&mut capture, &mut model, Workload::new(5, size).take(200));
-    let control = std::sync::Arc::new(shipper::Control::default());
-    control.drain();
-    shipper::run(&fixture.shipper_config(), fixture.store(), control).expect("ship");
+    let (fixture, _) = Fixture::shipped(4 << 20, 5, 200);
     let segments = fixture.store_segments();
     assert!(segments.len() >= 5);
     let mut applier = fixture.applier("replica", &fixture.key).unwrap();

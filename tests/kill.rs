@@ -113,13 +113,7 @@ fn spawn_applier(fixture: &Fixture, follow: bool) -> Child {
 #[test]
 fn applier_killed_while_applying_converges() {
     let size = 8 << 20;
-    let fixture = Fixture::new(size);
-    let mut capture = fixture.capture(64 << 20);
-    let mut model = Model::new(size);
-    drive(&mut capture, &mut model, Workload::new(7, size).take(400));
-    let control = std::sync::Arc::new(shipper::Control::default());
-    control.drain();
-    shipper::run(&fixture.shipper_config(), fixture.store(), control).expect("ship");
+    let (fixture, model) = Fixture::shipped(size, 7, 400);
     let total = fixture.store_segments().len();
     std::fs::File::create(fixture.path("replica"))
         .unwrap()
@@ -149,14 +143,7 @@ fn applier_killed_while_applying_converges() {
 /// writes and the state write) gives the same replica (I5).
 #[test]
 fn reapplying_a_segment_is_idempotent() {
-    let size = 4 << 20;
-    let fixture = Fixture::new(size);
-    let mut capture = fixture.capture(32 << 20);
-    let mut model = Model::new(size);
-    drive(&mut capture, &mut model, Workload::new(11, size).take(200));
-    let control = std::sync::Arc::new(shipper::Control::default());
-    control.drain();
-    shipper::run(&fixture.shipper_config(), fixture.store(), control).expect("ship");
+    let (fixture, model) = Fixture::shipped(4 << 20, 11, 200);
 
     let mut applier = fixture.applier("replica", &fixture.key).unwrap();
     let mut checked = 0;

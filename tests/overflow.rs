@@ -82,9 +82,7 @@ fn segments_sealed_after_overflow_are_not_crash_points() {
     for op in Workload::new(8, size).take(100) {
         let _ = capture.handle(op.as_request());
     }
-    let control = Arc::new(shipper::Control::default());
-    control.drain();
-    shipper::run(&fixture.shipper_config(), fixture.store(), control).expect("ship");
+    fixture.ship_drained();
     let segments = fixture.store_segments();
     assert!(!segments.is_empty());
     for path in segments {

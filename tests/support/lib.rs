@@ -144,6 +144,28 @@ impl Fixture {
         config
     }
 
+    /// Runs the shipper in this process until everything in the ring is in the store.
+    pub fn ship_drained(&self) -> shipper::RunSummary {
+        let control = Arc::new(shipper::Control::default());
+        control.drain();
+        shipper::run(&self.shipper_config(), self.store(), control).expect("shipper run")
+    }
+
+    /// A fixture of `size` bytes whose store holds the first `ops` requests of
+    /// workload `seed`, with the model of the source.
+    pub fn shipped(size: u64, seed: u64, ops: usize) -> (Fixture, Model) {
+        let fixture = Fixture::new(size);
+        let mut capture = fixture.capture((size * 8).max(16 << 20));
+        let mut model = Model::new(size);
+        drive(
+            &mut capture,
+            &mut model,
+            blkfilter::workload::Workload::new(seed, size).take(ops),
+        );
+        fixture.ship_drained();
+        (fixture, model)
+    }
+
     /// An applier over a fresh (zeroed) replica named `name`.
     pub fn applier(&self, name: &str, key: &Key) -> ublk_target::Result<ublk_target::Applier> {
         let replica = self.path(name);
