@@ -24,6 +24,6 @@ scripts/vm.sh run --mem 8192 -- bench/ublk-guest.sh "$rublk" | tee "$out"
   echo "- machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem:/{print $2}') GiB; $( [ -e /dev/ublk-control ] && echo "native kernel $(uname -r)" || echo "VM: TCG, 2 vCPUs, 8 GiB, Debian 6.12 kernel" ); backing on tmpfs"
   echo "- commit: $(git rev-parse --short HEAD)$(git diff --quiet || echo '-dirty')"
   echo
-  grep -E '^\||^Ring' "$out"
+  grep -E '^\||^Best of' "$out"
 } >> bench/RESULTS.md
 rm -f "$out"
