@@ -28,7 +28,7 @@ fn overflow_marks_dirty_regions_and_status_says_degraded() {
         };
         match capture.handle(op.as_request()) {
             Ok(Captured::Recorded(_)) => recorded += 1,
-            Ok(Captured::MarkedDirty) => lost.extend(range),
+            Ok(Captured::MarkedDirty(_)) => lost.extend(range),
             Err(blkfilter::capture::CaptureError::MarkNotRecorded { .. }) => {}
             Err(e) => panic!("{e}"),
         }
@@ -94,4 +94,91 @@ fn segments_sealed_after_overflow_are_not_crash_points() {
             path.display()
         );
     }
+}
+
+/// Overflow, then resync: once the ring has room the producer re-records every lost
+/// region; the replica converges to the source, no segment in between claims a crash
+/// point, and every segment that does equals the model of the source at its end
+/// (lost writes included: they kept their seq).
+#[test]
+fn resync_after_overflow_converges_and_restores_crash_points() {
+    let size = 8 << 20;
+    let fixture = Fixture::new(size);
+    let mut capture = fixture.capture(256 << 10);
+    let mut model = Model::new(size);
+    let mut workload = Workload::new(21, size).with_max_io(64 << 10);
+    let mut lost = 0;
+    let mut step =
+        |capture: &mut blkfilter::capture::Capture, model: &mut Model, op: WorkOp| match capture
+            .handle(op.as_request())
+        {
+            Ok(Captured::Recorded(seq)) => model.record(seq, op),
+            Ok(Captured::MarkedDirty(seq)) => {
+                lost += 1;
+                model.record(seq, op)
+            }
+            Err(blkfilter::capture::CaptureError::MarkNotRecorded { .. }) => {}
+            Err(e) => panic!("{e}"),
+        };
+    // No consumer yet: the ring overflows.
+    for op in workload.by_ref().take(200) {
+        step(&mut capture, &mut model, op);
+    }
+    assert!(capture.needs_resync());
+
+    let mut config = fixture.shipper_config();
+    config.status_path = Some(fixture.path("status.json"));
+    let control = Arc::new(shipper::Control::default());
+    let runner = {
+        let (control, store) = (control.clone(), fixture.store());
+        std::thread::spawn(move || shipper::run(&config, store, control))
+    };
+    // Writes go on while the shipper catches up; resync passes run between them.
+    for op in workload.by_ref().take(200) {
+        step(&mut capture, &mut model, op);
+        std::thread::sleep(Duration::from_micros(300));
+    }
+    for _ in 0..500 {
+        if !capture.needs_resync()
+            && !shipper::Status::read(&fixture.path("status.json")).is_ok_and(|s| s.ring_resync)
+        {
+            break;
+        }
+        step(&mut capture, &mut model, WorkOp::Flush);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!capture.needs_resync(), "the resync never completed");
+    assert!(lost > 0);
+    control.drain();
+    runner.join().unwrap().expect("shipper");
+
+    // Apply one segment at a time; compare at every crash point.
+    let mut applier = fixture.applier("replica", &fixture.key).unwrap();
+    let mut replay = model.replayer();
+    let (mut points, mut not_points, mut last_is_point) = (0, 0, false);
+    while let Some(applied) = applier.apply_next().unwrap() {
+        last_is_point = applied.header.flags & changelog::flags::CRASH_POINT != 0;
+        if last_is_point {
+            replay.advance_to(applied.header.end_seq());
+            assert!(
+                file_sha256(&fixture.path("replica")) == sha256(&replay.image),
+                "segment {} claims a crash point but differs from the source at seq {}",
+                applied.header.index,
+                applied.header.end_seq()
+            );
+            points += 1;
+        } else {
+            not_points += 1;
+        }
+    }
+    assert!(
+        not_points > 0 && points > 0,
+        "{points} crash points, {not_points} others"
+    );
+    assert!(last_is_point, "consistency was not regained");
+    assert!(
+        std::fs::read(fixture.path("replica")).unwrap()
+            == std::fs::read(fixture.path("backing")).unwrap()
+    );
+    assert!(std::fs::read(fixture.path("replica")).unwrap() == model.final_image());
 }

@@ -14,12 +14,16 @@
 //!
 //! When the ring has no room, the request's range is marked in the ring's dirty bitmap
 //! instead and the ring flags overflow (I7): the request still succeeds, so the volume
-//! never stalls on replication. A request re-issued after a server restart is simply
+//! never stalls on replication. Once the ring has room again, a *resync pass* re-records
+//! the dirty regions from the backing as ordinary WRITE records (taking seqs from the
+//! same clock, so they order correctly against new writes), then a MARK with
+//! `MARK_RESYNC_DONE`. From that record on the stream is consistent again; the shipper
+//! marks no segment as a crash point in between. A request re-issued after a server restart is simply
 //! recorded again; records are absolute (offset + data), so replaying one twice is
 //! harmless.
 
 use crate::ring::{Producer, RingError};
-use changelog::record::MARK_APP_CONSISTENT;
+use changelog::record::{MARK_APP_CONSISTENT, MARK_RESYNC_DONE};
 use changelog::uring::{IoOp, Uring};
 use changelog::{Op, RecordRef};
 use std::fs::{File, OpenOptions};
@@ -75,8 +79,9 @@ pub enum Request<'a> {
 pub enum Captured {
     /// Recorded in the ring with this seq.
     Recorded(u64),
-    /// The ring was full: the range was marked dirty for resync.
-    MarkedDirty,
+    /// The ring was full: the range was marked dirty for resync. The seq was taken
+    /// (and is never used again), so the request still has its place in the order.
+    MarkedDirty(u64),
 }
 
 /// The capture path over one backing file or block device.
@@ -121,7 +126,43 @@ impl Capture {
     }
 
     /// Performs `request` on the backing, then records it. Returns only after both.
+    /// When a resync pass is due, runs it first (see the module docs).
     pub fn handle(&mut self, request: Request<'_>) -> Result<Captured, CaptureError> {
+        if self.recorder.resync_due() {
+            self.resync()?;
+        }
+        self.handle_request(request)
+    }
+
+    /// Whether writes were lost to the bitmap and wait for a resync pass.
+    pub fn needs_resync(&self) -> bool {
+        self.recorder.needs_resync()
+    }
+
+    /// Re-records every dirty region from the backing, then the resync-done MARK.
+    pub fn resync(&mut self) -> Result<(), CaptureError> {
+        let fd = self.backing.as_raw_fd();
+        let mut buf = vec![0u8; RESYNC_CHUNK_BYTES as usize];
+        let pieces = self.recorder.begin_resync();
+        for (i, &(offset, len)) in pieces.iter().enumerate() {
+            let data = &mut buf[..len as usize];
+            if let Err(source) = self.uring.read_exact_at(fd, data, offset) {
+                // Nothing is lost: what is not re-recorded goes back to the bitmap.
+                for &(offset, len) in &pieces[i..] {
+                    self.recorder.mark_dirty(offset, len);
+                }
+                return Err(CaptureError::Backing {
+                    path: self.path.clone(),
+                    source,
+                });
+            }
+            self.recorder.record(Op::Write, offset, len, data, 0);
+        }
+        self.recorder.end_resync();
+        Ok(())
+    }
+
+    fn handle_request(&mut self, request: Request<'_>) -> Result<Captured, CaptureError> {
         let fd = self.backing.as_raw_fd();
         let err = |source| CaptureError::Backing {
             path: self.path.clone(),
@@ -173,7 +214,7 @@ impl Capture {
                     .recorder
                     .record(Op::Mark, 0, label.len() as u64, label.as_bytes(), flags)
                 {
-                    Captured::MarkedDirty => Err(CaptureError::MarkNotRecorded {
+                    Captured::MarkedDirty(_) => Err(CaptureError::MarkNotRecorded {
                         label: label.into(),
                     }),
                     recorded => Ok(recorded),
@@ -201,9 +242,54 @@ pub struct Recorder {
     ring: Producer,
 }
 
+/// Largest piece a resync pass re-records at once.
+pub const RESYNC_CHUNK_BYTES: u64 = 256 << 10;
+
 impl Recorder {
     pub fn new(ring: Producer) -> Recorder {
         Recorder { ring }
+    }
+
+    /// Whether a resync pass should run now: writes were lost to the bitmap and the
+    /// ring is at most half full again.
+    pub fn resync_due(&self) -> bool {
+        self.ring.overflowed() && self.ring.used_bytes() <= self.ring.geometry().capacity_bytes / 2
+    }
+
+    /// Starts a resync pass: the dirty regions, cut into pieces of at most
+    /// [`RESYNC_CHUNK_BYTES`] (and at most a quarter of the ring, so each fits).
+    pub fn begin_resync(&self) -> Vec<(u64, u64)> {
+        let piece = RESYNC_CHUNK_BYTES
+            .min(self.ring.geometry().capacity_bytes / 4 / 512 * 512)
+            .max(512);
+        let mut pieces = Vec::new();
+        for (offset, len) in self.ring.begin_resync() {
+            let mut at = offset;
+            while at < offset + len {
+                let n = piece.min(offset + len - at);
+                pieces.push((at, n));
+                at += n;
+            }
+        }
+        pieces
+    }
+
+    /// Marks a region dirty again (e.g. its resync read failed): the next pass takes it.
+    pub fn mark_dirty(&self, offset: u64, len: u64) {
+        self.ring.mark_dirty(offset, len);
+    }
+
+    /// Whether writes were lost to the bitmap and wait for a resync pass.
+    pub fn needs_resync(&self) -> bool {
+        self.ring.overflowed()
+    }
+
+    /// Ends a resync pass: if nothing overflowed meanwhile, records the MARK after
+    /// which the stream is consistent again.
+    pub fn end_resync(&mut self) {
+        if self.ring.end_resync() {
+            self.record(Op::Mark, 0, 11, b"resync-done", MARK_RESYNC_DONE);
+        }
     }
 
     /// Records a completed request; on a full ring marks its range dirty instead.
@@ -228,7 +314,7 @@ impl Recorder {
             // consistent point waits for a resync.
             self.ring.mark_dirty(0, 0);
         }
-        Captured::MarkedDirty
+        Captured::MarkedDirty(seq)
     }
 }
 

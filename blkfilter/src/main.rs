@@ -214,7 +214,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 match capture.handle(op.as_request()) {
                     Ok(Captured::Recorded(_)) => recorded += 1,
-                    Ok(Captured::MarkedDirty)
+                    Ok(Captured::MarkedDirty(_))
                     | Err(blkfilter::capture::CaptureError::MarkNotRecorded { .. }) => dirty += 1,
                     Err(e) => return Err(e.into()),
                 }

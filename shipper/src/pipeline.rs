@@ -20,6 +20,7 @@ use crate::error::{Result, ShipperError};
 use crate::retry::RetrySchedule;
 use crate::status::Status;
 use blkfilter::ring::Consumer;
+use changelog::record::{MARK_APP_CONSISTENT, MARK_RESYNC_DONE};
 use changelog::segment::{seal, SealParams, SealedSegment};
 use changelog::store::{list_segment_dir, segment_file_name};
 use changelog::uring::{sync_dir, write_file_atomic, Uring};
@@ -169,6 +170,7 @@ impl Board {
         status.ring_used_bytes = ring.published() - ring.released();
         status.ring_capacity_bytes = ring.capacity();
         status.ring_overflow = ring.overflowed();
+        status.ring_resync = ring.resyncing();
         status
     }
 }
@@ -329,25 +331,30 @@ fn read_ring(
     };
     let mut plain = new_plain();
     let mut opened_at = Instant::now();
-    let cut = |plain: &mut PlainSegment, pos: u64, next_index: &mut u64| -> bool {
-        if ring.overflowed() {
-            // Writes are missing from the ring until a resync: not a consistent point (I7).
-            plain.flags &= !flags::CRASH_POINT;
-        }
-        let job = SealJob {
-            index: *next_index,
-            plain: std::mem::replace(plain, new_plain()),
-            ring_end: pos,
-            created_unix_ms: unix_ms_now(),
+    // Whether replaying the stream up to the current position gives a crash state: not
+    // from an overflow (writes went to the bitmap) until the producer's resync pass has
+    // re-recorded them and its resync-done MARK is read (I7).
+    let lost = || ring.overflowed() || ring.resyncing();
+    let mut consistent = !lost();
+    let cut =
+        |plain: &mut PlainSegment, pos: u64, next_index: &mut u64, consistent: bool| -> bool {
+            if !consistent || lost() {
+                plain.flags &= !flags::CRASH_POINT;
+            }
+            let job = SealJob {
+                index: *next_index,
+                plain: std::mem::replace(plain, new_plain()),
+                ring_end: pos,
+                created_unix_ms: unix_ms_now(),
+            };
+            board
+                .pending_since
+                .lock()
+                .expect("pending lock")
+                .insert(job.index, board.open_since_ms.swap(0, Ordering::Relaxed));
+            *next_index += 1;
+            jobs.send(job).is_ok()
         };
-        board
-            .pending_since
-            .lock()
-            .expect("pending lock")
-            .insert(job.index, board.open_since_ms.swap(0, Ordering::Relaxed));
-        *next_index += 1;
-        jobs.send(job).is_ok()
-    };
     loop {
         if control.stopping() {
             return Ok(());
@@ -362,26 +369,29 @@ fn read_ring(
                     opened_at = Instant::now();
                     board.open_since_ms.store(unix_ms_now(), Ordering::Relaxed);
                 }
-                if record.op == Op::Mark
-                    && record.flags & changelog::record::MARK_APP_CONSISTENT != 0
-                {
+                if record.op == Op::Mark && record.flags & MARK_APP_CONSISTENT != 0 {
                     plain.flags |= flags::APP_CONSISTENT;
                 }
                 plain.push(&record);
+                if lost() {
+                    consistent = false;
+                } else if record.op == Op::Mark && record.flags & MARK_RESYNC_DONE != 0 {
+                    consistent = true;
+                }
                 board.update(|s| {
                     s.records_captured += 1;
                     s.bytes_plain += record.encoded_len() as u64;
                 });
                 let full = plain.body.len() >= config.max_segment_bytes;
                 if (full || record.op == Op::Mark || opened_at.elapsed() >= config.max_segment_age)
-                    && !cut(&mut plain, pos, &mut next_index)
+                    && !cut(&mut plain, pos, &mut next_index, consistent)
                 {
                     return Ok(());
                 }
             }
             None => {
                 let due = opened_at.elapsed() >= config.max_segment_age || control.draining();
-                if !plain.is_empty() && due && !cut(&mut plain, pos, &mut next_index) {
+                if !plain.is_empty() && due && !cut(&mut plain, pos, &mut next_index, consistent) {
                     return Ok(());
                 }
                 if control.draining() {

@@ -24,6 +24,9 @@ pub struct Status {
     pub critical: Option<String>,
     /// The ring overflowed: regions are in the dirty bitmap and need a resync (I7).
     pub ring_overflow: bool,
+    /// The producer is re-recording regions lost to an overflow (I7).
+    #[serde(default)]
+    pub ring_resync: bool,
     pub ring_used_bytes: u64,
     pub ring_capacity_bytes: u64,
     pub newest_staged_index: Option<u64>,
@@ -46,6 +49,7 @@ impl Status {
         if self.critical.is_some() {
             Health::Critical
         } else if self.ring_overflow
+            || self.ring_resync
             || self.retry_attempt > 0
             || self.rpo_ms > self.rpo_threshold_ms
         {
@@ -60,7 +64,9 @@ impl Status {
         if let Some(what) = &self.critical {
             format!("stopped shipping: {what}")
         } else if self.ring_overflow {
-            "degraded: ring overflowed, changed regions are tracked in the dirty bitmap and need a resync; no new recovery points until then".into()
+            "degraded: ring overflowed, changed regions are tracked in the dirty bitmap and are resynced once the ring has room; no new recovery points until then".into()
+        } else if self.ring_resync {
+            "degraded: resyncing regions lost to a ring overflow; no new recovery points until it completes".into()
         } else if self.retry_attempt > 0 {
             format!(
                 "retrying upload (attempt {}): {}",

@@ -202,7 +202,7 @@ pub fn drive(capture: &mut Capture, model: &mut Model, ops: impl IntoIterator<It
     for op in ops {
         match capture.handle(op.as_request()).expect("capture") {
             Captured::Recorded(seq) => model.record(seq, op),
-            Captured::MarkedDirty => panic!("ring overflowed in a test that sized it not to"),
+            Captured::MarkedDirty(_) => panic!("ring overflowed in a test that sized it not to"),
         }
     }
 }

@@ -1,4 +1,4 @@
-use super::layout::FLAG_OVERFLOW;
+use super::layout::{FLAG_OVERFLOW, FLAG_RESYNC};
 use super::proto::{self, RingMem};
 use super::shm::Shm;
 use super::{futex, RingError, RingGeometry};
@@ -100,6 +100,11 @@ impl Consumer {
     /// Whether records were lost to the dirty bitmap since it was last taken.
     pub fn overflowed(&self) -> bool {
         self.shm.flags().load(Acquire) & FLAG_OVERFLOW != 0
+    }
+
+    /// Whether the producer is re-recording regions lost to an overflow.
+    pub fn resyncing(&self) -> bool {
+        self.shm.flags().load(Acquire) & FLAG_RESYNC != 0
     }
 
     /// Takes the dirty extents `(offset, len)`, merged and in order, clearing the bitmap

@@ -36,6 +36,9 @@ pub const OFF_WAITERS: usize = 268;
 
 /// `flags` bit: records were lost to the dirty bitmap since it was last taken.
 pub const FLAG_OVERFLOW: u64 = 1;
+/// `flags` bit: the producer is re-recording the regions it took from the bitmap; the
+/// replica is not consistent until the pass ends (with a resync-done MARK record).
+pub const FLAG_RESYNC: u64 = 2;
 
 /// The first sequence number of a new ring; 0 is never handed out.
 pub const FIRST_SEQ: u64 = 1;

@@ -1,10 +1,10 @@
-use super::layout::FLAG_OVERFLOW;
-use super::proto::ProducerCore;
+use super::layout::{FLAG_OVERFLOW, FLAG_RESYNC};
+use super::proto::{ProducerCore, RingMem};
 use super::shm::Shm;
 use super::{futex, Full, RingError, RingGeometry};
 use changelog::RecordRef;
 use std::path::Path;
-use std::sync::atomic::Ordering::{Relaxed, Release, SeqCst};
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
 use std::sync::atomic::{fence, AtomicU64};
 
 /// The writing end of a ring: blkfilter's capture layer. One per ring (enforced with a
@@ -46,6 +46,38 @@ impl Producer {
         self.shm.bitmap().mark(offset, len);
         // Release: a consumer that sees the flag (Acquire) sees the bits.
         self.shm.flags().fetch_or(FLAG_OVERFLOW, Release);
+    }
+
+    /// Whether records were lost to the dirty bitmap since the last resync pass began.
+    pub fn overflowed(&self) -> bool {
+        self.shm.flags().load(Acquire) & FLAG_OVERFLOW != 0
+    }
+
+    /// Bytes published but not yet released by the consumer.
+    pub fn used_bytes(&self) -> u64 {
+        self.core.published() - self.shm.load_released(Acquire)
+    }
+
+    /// Starts a resync pass: raises RESYNC, then takes the dirty extents (clearing the
+    /// bitmap and OVERFLOW). The caller re-records every returned extent from the
+    /// backing, then calls [`Producer::end_resync`]. Regions lost while the pass runs
+    /// set OVERFLOW again and wait for the next pass.
+    pub fn begin_resync(&self) -> Vec<(u64, u64)> {
+        // RESYNC first: the consumer never sees both flags clear while regions are
+        // still missing from the ring.
+        self.shm.flags().fetch_or(FLAG_RESYNC, AcqRel);
+        self.shm.flags().fetch_and(!FLAG_OVERFLOW, AcqRel);
+        self.shm.bitmap().take()
+    }
+
+    /// Ends a resync pass; returns whether it lowered RESYNC (it stays up, and the
+    /// next pass is due, if the ring overflowed again meanwhile).
+    pub fn end_resync(&self) -> bool {
+        if self.shm.flags().load(Acquire) & FLAG_OVERFLOW != 0 {
+            return false;
+        }
+        self.shm.flags().fetch_and(!FLAG_RESYNC, AcqRel);
+        true
     }
 
     /// Takes the next sequence number. The counter lives in the ring header, so a
