@@ -145,6 +145,13 @@ impl Capture {
         let mut buf = vec![0u8; RESYNC_CHUNK_BYTES as usize];
         let pieces = self.recorder.begin_resync();
         for (i, &(offset, len)) in pieces.iter().enumerate() {
+            if !self.recorder.has_room_for_resync() {
+                // The ring is half full again: the rest waits for the next pass.
+                for &(offset, len) in &pieces[i..] {
+                    self.recorder.mark_dirty(offset, len);
+                }
+                break;
+            }
             let data = &mut buf[..len as usize];
             if let Err(source) = self.uring.read_exact_at(fd, data, offset) {
                 // Nothing is lost: what is not re-recorded goes back to the bitmap.
@@ -253,7 +260,13 @@ impl Recorder {
     /// Whether a resync pass should run now: writes were lost to the bitmap and the
     /// ring is at most half full again.
     pub fn resync_due(&self) -> bool {
-        self.ring.overflowed() && self.ring.used_bytes() <= self.ring.geometry().capacity_bytes / 2
+        self.ring.overflowed() && self.has_room_for_resync()
+    }
+
+    /// Whether the ring is at most half full: a resync pass records only then, so it
+    /// does not overflow the ring itself.
+    pub fn has_room_for_resync(&self) -> bool {
+        self.ring.used_bytes() <= self.ring.geometry().capacity_bytes / 2
     }
 
     /// Starts a resync pass: the dirty regions, cut into pieces of at most

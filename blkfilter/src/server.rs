@@ -36,7 +36,7 @@ use libublk::helpers::IoBuf;
 use libublk::io::{BufDesc, UblkDev, UblkQueue};
 use libublk::{UblkError, UblkFlags};
 use serde::{Deserialize, Serialize};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
@@ -293,6 +293,8 @@ struct QueueState {
     /// Byte ranges of writes in flight; see the module docs.
     writes_in_flight: RefCell<Vec<(u64, u64)>>,
     write_done: Event,
+    /// Tag tasks still serving; the resync task ends when none is left.
+    live_tags: Cell<usize>,
 }
 
 impl QueueState {
@@ -325,8 +327,15 @@ impl QueueState {
 
     fn record(&self, op: Op, offset: u64, len: u64, data: &[u8], flags: u8) {
         if let Some(recorder) = &self.recorder {
-            recorder.borrow_mut().record(op, offset, len, data, flags);
+            let mut recorder = recorder.borrow_mut();
+            recorder.record(op, offset, len, data, flags);
         }
+    }
+
+    fn resync_due(&self) -> bool {
+        self.recorder
+            .as_ref()
+            .is_some_and(|r| r.borrow().resync_due())
     }
 }
 
@@ -344,9 +353,10 @@ fn serve_queue(qid: u16, dev: &UblkDev, setup: QueueSetup) {
         recorder: setup.recorder.map(RefCell::new),
         writes_in_flight: RefCell::new(Vec::new()),
         write_done: Event::new(),
+        live_tags: Cell::new(queue.tags().count()),
     });
     let executor = Rc::new(smol::LocalExecutor::new());
-    let tasks: Vec<_> = queue
+    let mut tasks: Vec<_> = queue
         .tags()
         .map(|tag| {
             let (queue, state) = (queue.clone(), state.clone());
@@ -355,9 +365,14 @@ fn serve_queue(qid: u16, dev: &UblkDev, setup: QueueSetup) {
                     Ok(()) | Err(UblkError::QueueIsDown) => {}
                     Err(e) => log::error!("tag {tag}: {e}"),
                 }
+                state.live_tags.set(state.live_tags.get() - 1);
             })
         })
         .collect();
+    if state.recorder.is_some() {
+        let (queue, state) = (queue.clone(), state.clone());
+        tasks.push(executor.spawn(async move { resync_task(&queue, &state).await }));
+    }
     let exe = executor.clone();
     smol::block_on(executor.run(async move {
         let run_ops = || while exe.try_tick() {};
@@ -367,6 +382,70 @@ fn serve_queue(qid: u16, dev: &UblkDev, setup: QueueSetup) {
         }
     }));
 }
+
+/// Re-records regions lost to a ring overflow once the ring has room (see
+/// `capture`'s module docs): reads them from the backing through the queue's ring,
+/// with each range claimed like a write so no write to it is in flight meanwhile.
+/// It looks every [`RESYNC_TICK`] (an io_uring timeout on the queue's own ring, so the
+/// wake-up arrives even while the queue thread sleeps in the kernel) and paces itself:
+/// when the ring is half full again it stops and leaves the rest in the bitmap for
+/// the next tick.
+async fn resync_task(queue: &UblkQueue<'_>, state: &QueueState) {
+    let Some(recorder) = &state.recorder else {
+        return;
+    };
+    let buf = IoBuf::<u8>::new(crate::capture::RESYNC_CHUNK_BYTES as usize);
+    let fd = types::Fixed(1);
+    let tick = types::Timespec::from(RESYNC_TICK);
+    while state.live_tags.get() > 0 {
+        // The timeout's result (-ETIME) is its normal completion.
+        queue
+            .ublk_submit_sqe(opcode::Timeout::new(&tick).build())
+            .await;
+        if !state.resync_due() {
+            continue;
+        }
+        let pieces = recorder.borrow().begin_resync();
+        log::info!(
+            "resync pass: {} piece(s) lost to a ring overflow",
+            pieces.len()
+        );
+        for (i, &(offset, len)) in pieces.iter().enumerate() {
+            let ring_half_full = !recorder.borrow().has_room_for_resync();
+            let mut res = -libc::EAGAIN;
+            if !ring_half_full {
+                state.claim(offset, offset + len).await;
+                let ptr = buf.as_mut_ptr();
+                res = backing_io(queue, || {
+                    opcode::Read::new(fd, ptr, len as u32)
+                        .offset(offset)
+                        .build()
+                })
+                .await;
+                if res as u64 == len {
+                    state.record(Op::Write, offset, len, &buf.as_slice()[..len as usize], 0);
+                }
+                state.unclaim(offset, offset + len);
+            }
+            if res as u64 != len {
+                if !ring_half_full {
+                    log::warn!(
+                        "resync read at {offset}+{len} failed ({res}); retrying on the next pass"
+                    );
+                }
+                // What is not re-recorded goes back to the bitmap for the next pass.
+                for &(offset, len) in &pieces[i..] {
+                    recorder.borrow().mark_dirty(offset, len);
+                }
+                break;
+            }
+        }
+        recorder.borrow_mut().end_resync();
+    }
+}
+
+/// How often the resync task looks for regions to re-record.
+const RESYNC_TICK: std::time::Duration = std::time::Duration::from_millis(200);
 
 async fn serve_tag(queue: &UblkQueue<'_>, state: &QueueState, tag: u16) -> Result<(), UblkError> {
     let buf = IoBuf::<u8>::new(queue.dev.dev_info.max_io_buf_bytes as usize);

@@ -98,3 +98,16 @@ fio_job() {
   [ $rc -eq 0 ] || tail -20 "/tmp/fio-$name.out" >&2
   return $rc
 }
+
+# wait_resynced DIR: until the shipper's status shows no overflow and no resync (60 s).
+wait_resynced() {
+  local i
+  for i in $(seq 600); do
+    if grep -q '"ring_overflow": false' "$1/status.json" 2>/dev/null &&
+       grep -q '"ring_resync": false' "$1/status.json" 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  die "the ring did not resync: $(cat "$1/status.json")"
+}

@@ -107,6 +107,21 @@ kill9_shipper_under_load() {
   same_image $w
 }
 
+overflow_then_resync_converges() {
+  local w=/tmp/t-resync
+  RING_MIB=1 protect $w 128M
+  fio_job overflow "$DEV" --rw=randwrite --bs=64k --iodepth=16 --size=96M
+  grep -q '"ring_overflow": true\|"ring_resync": true' $w/status.json ||
+    echo "note: the ring did not overflow in this run"
+  wait_resynced $w
+  finish $w
+  same_image $w
+  # The last segment is a crash point again: consistency was regained.
+  local last
+  last=$(ls $w/store/vol0 | tail -1)
+  "$BIN/ublk-target" inspect $w/store/vol0/$last | grep flags | grep -q crash-point
+}
+
 bad_command_lines() {
   local w=/tmp/t-bad out
   mkdir -p $w
@@ -131,7 +146,7 @@ bad_command_lines() {
 
 tests=("$@")
 [ ${#tests[@]} -gt 0 ] || tests=(fio_randwrite_and_seqwrite ext4_files kill9_blkfilter_mid_fio reattach_takes_back_a_dead_servers_device
-  kill9_shipper_under_load bad_command_lines)
+  kill9_shipper_under_load overflow_then_resync_converges bad_command_lines)
 for t in "${tests[@]}"; do run_test "$t"; done
 echo
 echo "ublk: $PASSED passed, $FAILED failed"
