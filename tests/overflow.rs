@@ -5,7 +5,6 @@ use blkfilter::capture::Captured;
 use blkfilter::ring::Consumer;
 use blkfilter::workload::{WorkOp, Workload};
 use e2e::*;
-use std::sync::Arc;
 use std::time::Duration;
 
 #[test]
@@ -39,13 +38,7 @@ fn overflow_marks_dirty_regions_and_status_says_degraded() {
     );
 
     // The shipper sees the overflow and reports it.
-    let mut config = fixture.shipper_config();
-    config.status_path = Some(fixture.path("status.json"));
-    let control = Arc::new(shipper::Control::default());
-    let runner = {
-        let (control, store) = (control.clone(), fixture.store());
-        std::thread::spawn(move || shipper::run(&config, store, control))
-    };
+    let (control, runner) = fixture.spawn_shipper(fixture.shipper_config());
     std::thread::sleep(Duration::from_millis(400));
     control.stop();
     runner.join().unwrap().expect("shipper");
@@ -126,13 +119,7 @@ fn resync_after_overflow_converges_and_restores_crash_points() {
     }
     assert!(capture.needs_resync());
 
-    let mut config = fixture.shipper_config();
-    config.status_path = Some(fixture.path("status.json"));
-    let control = Arc::new(shipper::Control::default());
-    let runner = {
-        let (control, store) = (control.clone(), fixture.store());
-        std::thread::spawn(move || shipper::run(&config, store, control))
-    };
+    let (control, runner) = fixture.spawn_shipper(fixture.shipper_config());
     // Writes go on while the shipper catches up; resync passes run between them.
     for op in workload.by_ref().take(200) {
         step(&mut capture, &mut model, op);

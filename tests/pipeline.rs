@@ -4,20 +4,13 @@
 
 use blkfilter::workload::Workload;
 use e2e::*;
-use std::sync::Arc;
 
 fn run_seed(seed: u64) {
     let size = 16 << 20;
     let fixture = Fixture::new(size);
     let mut capture = fixture.capture(64 << 20);
     let mut model = Model::new(size);
-    let control = Arc::new(shipper::Control::default());
-    let config = fixture.shipper_config();
-    let store = fixture.store();
-    let shipper = {
-        let control = control.clone();
-        std::thread::spawn(move || shipper::run(&config, store, control))
-    };
+    let (control, shipper) = fixture.spawn_shipper(fixture.shipper_config());
     // Two phases with a pause, so segments are cut by age as well as by size and MARK.
     drive(
         &mut capture,

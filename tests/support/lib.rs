@@ -144,6 +144,24 @@ impl Fixture {
         config
     }
 
+    /// Starts the shipper on a thread with `config` (status written to `status.json`);
+    /// stop it with the returned control and join the handle.
+    pub fn spawn_shipper(
+        &self,
+        mut config: shipper::ShipperConfig,
+    ) -> (
+        Arc<shipper::Control>,
+        std::thread::JoinHandle<shipper::Result<shipper::RunSummary>>,
+    ) {
+        config.status_path = Some(self.path("status.json"));
+        let control = Arc::new(shipper::Control::default());
+        let (store, c) = (self.store(), control.clone());
+        (
+            control,
+            std::thread::spawn(move || shipper::run(&config, store, c)),
+        )
+    }
+
     /// Runs the shipper in this process until everything in the ring is in the store.
     pub fn ship_drained(&self) -> shipper::RunSummary {
         let control = Arc::new(shipper::Control::default());
