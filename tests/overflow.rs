@@ -169,3 +169,66 @@ fn resync_after_overflow_converges_and_restores_crash_points() {
     );
     assert!(std::fs::read(fixture.path("replica")).unwrap() == model.final_image());
 }
+
+/// A shipper that starts after a resync pass has ended but before its records are read
+/// (the ring's flags are already down) must still claim no crash point inside the
+/// resync data: it finds the unread resync-done MARK.
+#[test]
+fn shipper_started_after_a_finished_resync_pass_still_withholds_crash_points() {
+    let size = 4 << 20;
+    let fixture = Fixture::new(size);
+    let mut capture = fixture.capture(1 << 20);
+    let mut model = Model::new(size);
+    let record =
+        |capture: &mut blkfilter::capture::Capture, model: &mut Model, op: WorkOp| match capture
+            .handle(op.as_request())
+            .unwrap()
+        {
+            Captured::Recorded(seq) | Captured::MarkedDirty(seq) => model.record(seq, op),
+        };
+    // Fill the ring until writes are lost.
+    let mut workload = Workload::new(33, size).with_max_io(16 << 10);
+    while !capture.needs_resync() {
+        let op = workload.next().unwrap();
+        if matches!(op, WorkOp::Mark { .. }) {
+            continue;
+        }
+        record(&mut capture, &mut model, op);
+    }
+    // Lose more writes, so the resync pass has several pieces to re-record.
+    for op in workload
+        .by_ref()
+        .filter(|op| matches!(op, WorkOp::Write { .. }))
+        .take(3)
+    {
+        record(&mut capture, &mut model, op);
+    }
+    // Ship what was recorded; the ring is empty afterwards, OVERFLOW still up.
+    fixture.ship_drained();
+    // The next request runs the resync pass: resync data, then the MARK; flags down.
+    record(&mut capture, &mut model, WorkOp::Flush);
+    assert!(!capture.needs_resync());
+    // A shipper with small segments cuts inside the resync data.
+    let mut config = fixture.shipper_config();
+    config.max_segment_bytes = 16 << 10;
+    let control = std::sync::Arc::new(shipper::Control::default());
+    control.drain();
+    shipper::run(&config, fixture.store(), control).unwrap();
+
+    let mut applier = fixture.applier("replica", &fixture.key).unwrap();
+    let mut replay = model.replayer();
+    let mut last_is_point = false;
+    while let Some(applied) = applier.apply_next().unwrap() {
+        last_is_point = applied.header.flags & changelog::flags::CRASH_POINT != 0;
+        if last_is_point {
+            replay.advance_to(applied.header.end_seq());
+            assert!(
+                file_sha256(&fixture.path("replica")) == sha256(&replay.image),
+                "segment {} claims a crash point inside the resync",
+                applied.header.index
+            );
+        }
+    }
+    assert!(last_is_point);
+    assert!(std::fs::read(fixture.path("replica")).unwrap() == model.final_image());
+}

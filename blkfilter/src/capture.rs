@@ -298,10 +298,17 @@ impl Recorder {
     }
 
     /// Ends a resync pass: if nothing overflowed meanwhile, records the MARK after
-    /// which the stream is consistent again.
+    /// which the stream is consistent again, then lowers RESYNC. The MARK goes first,
+    /// so a reader that finds RESYNC down also finds the MARK in the ring (unread) or
+    /// already read: it never sees a consistent-looking ring with resync data unread.
     pub fn end_resync(&mut self) {
-        if self.ring.end_resync() {
-            self.record(Op::Mark, 0, 11, b"resync-done", MARK_RESYNC_DONE);
+        if self.ring.overflowed() {
+            return; // RESYNC stays up; the next pass is due.
+        }
+        if let Captured::Recorded(_) =
+            self.record(Op::Mark, 0, 11, b"resync-done", MARK_RESYNC_DONE)
+        {
+            self.ring.end_resync();
         }
     }
 

@@ -335,7 +335,7 @@ fn read_ring(
     // from an overflow (writes went to the bitmap) until the producer's resync pass has
     // re-recorded them and its resync-done MARK is read (I7).
     let lost = || ring.overflowed() || ring.resyncing();
-    let mut consistent = !lost();
+    let mut consistent = !lost() && !unread_resync_done(ring, pos, cursor.next_seq)?;
     let cut =
         |plain: &mut PlainSegment, pos: u64, next_index: &mut u64, consistent: bool| -> bool {
             if !consistent || lost() {
@@ -373,10 +373,11 @@ fn read_ring(
                     plain.flags |= flags::APP_CONSISTENT;
                 }
                 plain.push(&record);
-                if lost() {
+                if record.op == Op::Mark && record.flags & MARK_RESYNC_DONE != 0 {
+                    // The producer lowers RESYNC right after this record.
+                    consistent = !ring.overflowed();
+                } else if lost() {
                     consistent = false;
-                } else if record.op == Op::Mark && record.flags & MARK_RESYNC_DONE != 0 {
-                    consistent = true;
                 }
                 board.update(|s| {
                     s.records_captured += 1;
@@ -409,6 +410,19 @@ fn read_ring(
             }
         }
     }
+}
+
+/// Whether the unread part of the ring holds a resync-done MARK: then the records
+/// before it are resync data, and the stream is not consistent until it is read, even
+/// though the ring's flags are already down (a shipper restarted mid-resync).
+fn unread_resync_done(ring: &Consumer, mut pos: u64, next_seq: u64) -> Result<bool> {
+    while let Some((record, next)) = ring.peek(pos)? {
+        if record.seq >= next_seq && record.op == Op::Mark && record.flags & MARK_RESYNC_DONE != 0 {
+            return Ok(true);
+        }
+        pos = next;
+    }
+    Ok(false)
 }
 
 /// A sealer worker: compress + encrypt, in whatever order jobs arrive.
