@@ -113,7 +113,7 @@ impl Uring {
             if in_flight == 0 {
                 break;
             }
-            self.ring.submit_and_wait(1)?;
+            self.wait_for_completion()?;
             for cqe in self.ring.completion() {
                 in_flight -= 1;
                 let op = ops[cqe.user_data() as usize];
@@ -140,6 +140,18 @@ impl Uring {
         Ok(())
     }
 
+    /// Submits what is queued and waits for at least one completion. Retries when a
+    /// signal interrupts the wait: returning early would end a batch with operations
+    /// still in flight on borrowed buffers.
+    fn wait_for_completion(&mut self) -> io::Result<()> {
+        loop {
+            match self.ring.submit_and_wait(1) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => return other.map(drop),
+            }
+        }
+    }
+
     /// # Safety
     /// Any buffer `entry` points to must stay valid until the entry completes.
     unsafe fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
@@ -158,12 +170,13 @@ impl Uring {
     unsafe fn complete_one(&mut self, entry: squeue::Entry) -> io::Result<usize> {
         // SAFETY: forwarded from the caller.
         unsafe { self.push(&entry)? };
-        self.ring.submit_and_wait(1)?;
-        let cqe = self
-            .ring
-            .completion()
-            .next()
-            .expect("submit_and_wait(1) returned");
+        let cqe = loop {
+            self.wait_for_completion()?;
+            // io_uring_enter may return before the completion is posted; wait again.
+            if let Some(cqe) = self.ring.completion().next() {
+                break cqe;
+            }
+        };
         match cqe.result() {
             r if r < 0 => Err(io::Error::from_raw_os_error(-r)),
             r => Ok(r as usize),
