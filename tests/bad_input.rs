@@ -139,16 +139,7 @@ fn cli_reports_bad_input_and_exits_nonzero() {
     let (fixture, segs) = setup();
     std::fs::remove_file(&segs[2]).unwrap();
     let before = file_sha256(&fixture.path("replica"));
-    let out = std::process::Command::new(bin("ublk-target"))
-        .args(["apply", "--volume", "vol0"])
-        .arg("--store")
-        .arg(fixture.path("store"))
-        .arg("--replica")
-        .arg(fixture.path("replica"))
-        .arg("--key")
-        .arg(fixture.path("key"))
-        .output()
-        .unwrap();
+    let out = apply_command(&fixture, "replica").output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(

@@ -94,16 +94,8 @@ fn shipper_kill9_seed_3() {
 }
 
 fn spawn_applier(fixture: &Fixture, follow: bool) -> Child {
-    let mut cmd = Command::new(bin("ublk-target"));
-    cmd.arg("apply")
-        .args(["--volume", "vol0", "--poll-ms", "1"])
-        .arg("--store")
-        .arg(fixture.path("store"))
-        .arg("--replica")
-        .arg(fixture.path("replica"))
-        .arg("--key")
-        .arg(fixture.path("key"))
-        .env("RUST_LOG", "warn");
+    let mut cmd = apply_command(fixture, "replica");
+    cmd.args(["--poll-ms", "1"]).env("RUST_LOG", "warn");
     if follow {
         cmd.arg("--follow");
     }

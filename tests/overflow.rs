@@ -139,25 +139,8 @@ fn resync_after_overflow_converges_and_restores_crash_points() {
     control.drain();
     runner.join().unwrap().expect("shipper");
 
-    // Apply one segment at a time; compare at every crash point.
-    let mut applier = fixture.applier("replica", &fixture.key).unwrap();
-    let mut replay = model.replayer();
-    let (mut points, mut not_points, mut last_is_point) = (0, 0, false);
-    while let Some(applied) = applier.apply_next().unwrap() {
-        last_is_point = applied.header.flags & changelog::flags::CRASH_POINT != 0;
-        if last_is_point {
-            replay.advance_to(applied.header.end_seq());
-            assert!(
-                file_sha256(&fixture.path("replica")) == sha256(&replay.image),
-                "segment {} claims a crash point but differs from the source at seq {}",
-                applied.header.index,
-                applied.header.end_seq()
-            );
-            points += 1;
-        } else {
-            not_points += 1;
-        }
-    }
+    let seen = apply_and_check_crash_points(&fixture, &model, "replica");
+    let (points, not_points, last_is_point) = (seen.crash_points, seen.others, seen.last_is_point);
     assert!(
         not_points > 0 && points > 0,
         "{points} crash points, {not_points} others"
@@ -215,20 +198,7 @@ fn shipper_started_after_a_finished_resync_pass_still_withholds_crash_points() {
     control.drain();
     shipper::run(&config, fixture.store(), control).unwrap();
 
-    let mut applier = fixture.applier("replica", &fixture.key).unwrap();
-    let mut replay = model.replayer();
-    let mut last_is_point = false;
-    while let Some(applied) = applier.apply_next().unwrap() {
-        last_is_point = applied.header.flags & changelog::flags::CRASH_POINT != 0;
-        if last_is_point {
-            replay.advance_to(applied.header.end_seq());
-            assert!(
-                file_sha256(&fixture.path("replica")) == sha256(&replay.image),
-                "segment {} claims a crash point inside the resync",
-                applied.header.index
-            );
-        }
-    }
+    let last_is_point = apply_and_check_crash_points(&fixture, &model, "replica").last_is_point;
     assert!(last_is_point);
     assert!(std::fs::read(fixture.path("replica")).unwrap() == model.final_image());
 }

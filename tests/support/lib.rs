@@ -225,23 +225,63 @@ pub fn drive(capture: &mut Capture, model: &mut Model, ops: impl IntoIterator<It
     }
 }
 
-/// Applies segments one at a time and checks the replica against the model at every
-/// segment end (I3). Returns the number of segments applied.
-pub fn apply_and_check_every_point(fixture: &Fixture, model: &Model, replica: &str) -> usize {
+/// What [`apply_and_check_crash_points`] saw.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Applied {
+    /// Segments whose end is a crash point; each was compared with the model.
+    pub crash_points: usize,
+    /// Segments that claim no crash point (written while writes were missing).
+    pub others: usize,
+    /// Whether the last segment is a crash point.
+    pub last_is_point: bool,
+}
+
+/// Applies segments one at a time; at every segment that claims a crash point, the
+/// replica must equal the model of the source at that seq (I3, I7).
+pub fn apply_and_check_crash_points(fixture: &Fixture, model: &Model, replica: &str) -> Applied {
     let mut applier = fixture.applier(replica, &fixture.key).expect("applier");
     let mut replay = model.replayer();
-    let mut count = 0;
+    let mut seen = Applied::default();
     while let Some(applied) = applier.apply_next().expect("apply") {
+        seen.last_is_point = applied.header.flags & changelog::flags::CRASH_POINT != 0;
+        if !seen.last_is_point {
+            seen.others += 1;
+            continue;
+        }
         replay.advance_to(applied.header.end_seq());
         assert!(
             file_sha256(&fixture.path(replica)) == sha256(&replay.image),
-            "replica differs from the model at seq {} (segment {})",
-            applied.header.end_seq(),
-            applied.header.index
+            "segment {} claims a crash point but differs from the model at seq {}",
+            applied.header.index,
+            applied.header.end_seq()
         );
-        count += 1;
+        seen.crash_points += 1;
     }
-    count
+    seen
+}
+
+/// Applies segments one at a time and checks the replica against the model at every
+/// segment end: all of them must be crash points. Returns the number applied.
+pub fn apply_and_check_every_point(fixture: &Fixture, model: &Model, replica: &str) -> usize {
+    let seen = apply_and_check_crash_points(fixture, model, replica);
+    assert_eq!(
+        seen.others, 0,
+        "segments without a crash point where none was lost"
+    );
+    seen.crash_points
+}
+
+/// `ublk-target apply` for the fixture's volume, store, replica `replica` and key.
+pub fn apply_command(fixture: &Fixture, replica: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(bin("ublk-target"));
+    cmd.args(["apply", "--volume", "vol0"])
+        .arg("--store")
+        .arg(fixture.path("store"))
+        .arg("--replica")
+        .arg(fixture.path(replica))
+        .arg("--key")
+        .arg(fixture.path("key"));
+    cmd
 }
 
 /// Every record seq in the store's segments, in chain order; checks that each segment
