@@ -193,16 +193,12 @@ impl Capture {
             }
             Request::Discard { offset, len } | Request::WriteZeroes { offset, len } => {
                 self.check_range(offset, len)?;
-                let (op, mode) = match request {
-                    Request::Discard { .. } => (
-                        Op::Discard,
-                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    ),
-                    _ => (
-                        Op::WriteZeroes,
-                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    ),
+                let op = match request {
+                    Request::Discard { .. } => Op::Discard,
+                    _ => Op::WriteZeroes,
                 };
+                // Both read back as zeroes; a hole does that on every file system.
+                let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
                 self.uring
                     .run_batch(fd, [IoOp::Fallocate { offset, len, mode }])
                     .map_err(err)?;
@@ -248,6 +244,9 @@ impl Capture {
 pub struct Recorder {
     ring: Producer,
 }
+
+/// Label of the MARK that ends a resync pass.
+const RESYNC_DONE_LABEL: &[u8] = b"resync-done";
 
 /// Largest piece a resync pass re-records at once.
 pub const RESYNC_CHUNK_BYTES: u64 = 256 << 10;
@@ -305,9 +304,13 @@ impl Recorder {
         if self.ring.overflowed() {
             return; // RESYNC stays up; the next pass is due.
         }
-        if let Captured::Recorded(_) =
-            self.record(Op::Mark, 0, 11, b"resync-done", MARK_RESYNC_DONE)
-        {
+        if let Captured::Recorded(_) = self.record(
+            Op::Mark,
+            0,
+            RESYNC_DONE_LABEL.len() as u64,
+            RESYNC_DONE_LABEL,
+            MARK_RESYNC_DONE,
+        ) {
             self.ring.end_resync();
         }
     }
