@@ -82,7 +82,7 @@ bench_protected() {
   [ -f $w/key ] || $BIN/shipper keygen --out $w/key >/dev/null
   dev=$($BIN/blkfilter attach --backing $w/backing --ring $w/ring --ring-mib 1024 --id 0 --log $w/bf.log)
   RUST_LOG=warn nice -n 10 $BIN/shipper run --volume vol0 --ring $w/ring --staging $w/staging --store $w/store \
-    --key $w/key --status $w/status.json >$w/shipper.log 2>&1 &
+    --key $w/key --no-initial-sync --status $w/status.json >$w/shipper.log 2>&1 &
   shipper=$!
   # The store keeps every segment; clear what was shipped between jobs so tmpfs does not fill.
   clear_store() { sleep 2; rm -f $w/store/vol0/*.seg; }

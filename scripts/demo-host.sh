@@ -23,7 +23,7 @@ $bin/blkfilter exercise --backing "$work/backing" --ring "$work/vol0.ring" --ops
 
 step "shipper running as a service; writing 3000 requests through the capture path"
 RUST_LOG=warn $bin/shipper run --volume vol0 --ring "$work/vol0.ring" --staging "$work/staging" \
-  --store "$work/store" --key "$work/key" --status "$work/status.json" &
+  --store "$work/store" --key "$work/key" --status "$work/status.json" --no-initial-sync &
 shipper_pid=$!
 $bin/blkfilter exercise --backing "$work/backing" --ring "$work/vol0.ring" --ops 3000 --seed 42
 sleep 1.5

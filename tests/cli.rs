@@ -18,7 +18,7 @@ fn every_command_has_help() {
             "blkfilter",
             &["attach", "recover", "detach", "list", "exercise"][..],
         ),
-        ("shipper", &["keygen", "run", "status"][..]),
+        ("shipper", &["keygen", "run", "resync", "status"][..]),
         ("ublk-target", &["apply", "inspect"][..]),
     ] {
         let (ok, text) = run(name, &["--help"]);
@@ -162,7 +162,7 @@ fn config_file_ships_every_volume() {
     }
     let config = format!(
         "key = \"{0}/key\"\nstaging = \"{0}/staging\"\nstore = \"{0}/store\"\nstatus_dir = \"{0}/status\"\n\
-         max_segment_age_ms = 20\n[[volume]]\nid = \"vol0\"\nring = \"{0}/vol0.ring\"\n\
+         max_segment_age_ms = 20\ninitial_sync = false\n[[volume]]\nid = \"vol0\"\nring = \"{0}/vol0.ring\"\n\
          [[volume]]\nid = \"vol1\"\nring = \"{0}/vol1.ring\"\n",
         d.display()
     );

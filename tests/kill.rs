@@ -19,6 +19,7 @@ fn spawn_shipper(fixture: &Fixture, drain: bool) -> Child {
             "131072",
             "--retry-unit-ms",
             "2",
+            "--no-initial-sync",
         ])
         .arg("--ring")
         .arg(fixture.path("ring"))

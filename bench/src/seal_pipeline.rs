@@ -107,6 +107,18 @@ impl TargetStore for Discard {
     fn list(&self, _: &VolumeId) -> changelog::Result<Vec<u64>> {
         Ok(Vec::new())
     }
+    fn put_blob(&self, _: &VolumeId, _: &str, _: &[u8]) -> changelog::Result<()> {
+        Ok(())
+    }
+    fn get_blob(&self, _: &VolumeId, _: &str) -> changelog::Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+    fn delete_blob(&self, _: &VolumeId, _: &str) -> changelog::Result<()> {
+        Ok(())
+    }
+    fn list_blobs(&self, _: &VolumeId) -> changelog::Result<Vec<String>> {
+        Ok(Vec::new())
+    }
     fn describe(&self) -> String {
         "discard".into()
     }

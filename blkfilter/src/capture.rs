@@ -22,8 +22,10 @@
 //! recorded again; records are absolute (offset + data), so replaying one twice is
 //! harmless.
 
-use crate::ring::{Producer, RingError};
-use changelog::record::{MARK_APP_CONSISTENT, MARK_RESYNC_DONE};
+use crate::digest_pass::{usable_block_bytes, DigestPass, MAX_BLOCK_BYTES};
+use crate::ring::{digests_path, Producer, RingError};
+use changelog::digests::DigestAnswer;
+use changelog::record::{MARK_APP_CONSISTENT, MARK_RESYNC_BEGIN, MARK_RESYNC_DONE};
 use changelog::uring::{IoOp, Uring};
 use changelog::{Op, RecordRef};
 use std::fs::{File, OpenOptions};
@@ -131,7 +133,29 @@ impl Capture {
         if self.recorder.resync_due() {
             self.resync()?;
         }
+        self.digest_resync()?;
         self.handle_request(request)
+    }
+
+    /// Moves a digest resync along (see [`crate::ring::resync`]): starts one that was
+    /// asked for, takes the replica digests once they are delivered, and compares
+    /// blocks while the ring is at most half full. Returns whether one is still pending.
+    pub fn digest_resync(&mut self) -> Result<bool, CaptureError> {
+        self.recorder.digest_poll();
+        let fd = self.backing.as_raw_fd();
+        let mut buf = vec![0u8; MAX_BLOCK_BYTES as usize];
+        while let Some((offset, len)) = self.recorder.digest_next() {
+            let data = &mut buf[..len as usize];
+            if let Err(source) = self.uring.read_exact_at(fd, data, offset) {
+                self.recorder.digest_skip(offset, len);
+                return Err(CaptureError::Backing {
+                    path: self.path.clone(),
+                    source,
+                });
+            }
+            self.recorder.digest_compare(offset, data);
+        }
+        Ok(self.recorder.digest_pending())
     }
 
     /// Whether writes were lost to the bitmap and wait for a resync pass.
@@ -243,17 +267,21 @@ impl Capture {
 /// its completion path; [`Capture::handle`] calls it after its own backing I/O.
 pub struct Recorder {
     ring: Producer,
+    /// The running digest pass, if any.
+    digest: Option<DigestPass>,
 }
 
 /// Label of the MARK that ends a resync pass.
 const RESYNC_DONE_LABEL: &[u8] = b"resync-done";
+/// Label of the MARK that begins a digest resync.
+const RESYNC_BEGIN_LABEL: &[u8] = b"digest-resync-begin";
 
 /// Largest piece a resync pass re-records at once.
 pub const RESYNC_CHUNK_BYTES: u64 = 256 << 10;
 
 impl Recorder {
     pub fn new(ring: Producer) -> Recorder {
-        Recorder { ring }
+        Recorder { ring, digest: None }
     }
 
     /// Whether a resync pass should run now: writes were lost to the bitmap and the
@@ -301,8 +329,8 @@ impl Recorder {
     /// so a reader that finds RESYNC down also finds the MARK in the ring (unread) or
     /// already read: it never sees a consistent-looking ring with resync data unread.
     pub fn end_resync(&mut self) {
-        if self.ring.overflowed() {
-            return; // RESYNC stays up; the next pass is due.
+        if self.ring.overflowed() || self.ring.digest_resync_wanted() {
+            return; // RESYNC stays up; another pass is due or running.
         }
         if let Captured::Recorded(_) = self.record(
             Op::Mark,
@@ -315,8 +343,112 @@ impl Recorder {
         }
     }
 
+    /// Starts a digest pass that was asked for, or takes the replica digests once the
+    /// consumer delivered them. Cheap when there is nothing to do: call it every tick.
+    pub fn digest_poll(&mut self) {
+        match &mut self.digest {
+            None if self.ring.digest_resync_wanted() => {
+                let label = RESYNC_BEGIN_LABEL;
+                let len = label.len() as u64;
+                // A full ring: the request stays up and the next poll tries again.
+                if let Captured::Recorded(gen) =
+                    self.record(Op::Mark, 0, len, label, MARK_RESYNC_BEGIN)
+                {
+                    let block = usable_block_bytes(self.ring.resync_progress().block_bytes);
+                    let size = self.ring.geometry().device_bytes;
+                    self.ring.begin_digest_pass(gen, size);
+                    self.digest = Some(DigestPass::new(gen, block, size));
+                    log::info!(
+                        "digest resync {gen}: begun over {size} bytes in {block}-byte blocks; waiting for the replica's digests"
+                    );
+                }
+            }
+            Some(pass) if pass.waiting_for_digests() && self.ring.digests_ready() => {
+                let path = digests_path(self.ring.path());
+                let answer = std::fs::read(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| {
+                        bincode::deserialize::<DigestAnswer>(&b).map_err(|e| e.to_string())
+                    })
+                    .and_then(|answer| pass.accept(answer));
+                match answer {
+                    Ok(()) => log::info!("digest resync {}: comparing blocks", pass.gen()),
+                    Err(e) => {
+                        log::warn!(
+                            "digest resync {}: {}: {e}; asking again",
+                            pass.gen(),
+                            path.display()
+                        );
+                        self.ring.reject_digests();
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The next block a digest pass compares, while the ring is at most half full.
+    pub fn digest_next(&self) -> Option<(u64, u64)> {
+        self.digest
+            .as_ref()
+            .filter(|_| self.has_room_for_resync())
+            .and_then(DigestPass::next)
+    }
+
+    /// Compares the block [`Recorder::digest_next`] returned (its source bytes are
+    /// `data`, read under the write claim) and re-records it if it differs.
+    pub fn digest_compare(&mut self, offset: u64, data: &[u8]) {
+        let pass = self.digest.as_mut().expect("digest_next returned a block");
+        if pass.compare(data) {
+            // Pieces of at most a quarter ring, so each fits once the ring has room.
+            let piece = (self.ring.geometry().capacity_bytes / 4 / 512 * 512).max(512) as usize;
+            for (i, chunk) in data.chunks(piece).enumerate() {
+                let at = offset + (i * piece) as u64;
+                self.record(Op::Write, at, chunk.len() as u64, chunk, 0);
+            }
+        }
+        self.digest_step_done();
+    }
+
+    /// Skips a block whose read failed, leaving it to the overflow resync.
+    pub fn digest_skip(&mut self, offset: u64, len: u64) {
+        self.ring.mark_dirty(offset, len);
+        if let Some(pass) = &mut self.digest {
+            pass.skip();
+        }
+        self.digest_step_done();
+    }
+
+    fn digest_step_done(&mut self) {
+        let Some(pass) = &self.digest else { return };
+        self.ring
+            .set_digest_progress(pass.done_bytes(), pass.sent_bytes());
+        if pass.finished() {
+            log::info!(
+                "digest resync {}: done; {} of {} bytes differed and were re-recorded",
+                pass.gen(),
+                pass.sent_bytes(),
+                pass.done_bytes()
+            );
+            self.digest = None;
+            // ACTIVE goes down before the done MARK, so its reader sees it down.
+            self.ring.finish_digest_pass();
+            self.end_resync();
+        }
+    }
+
+    /// Whether a digest resync is asked for or running.
+    pub fn digest_pending(&self) -> bool {
+        self.digest.is_some() || self.ring.digest_resync_wanted()
+    }
+
     /// Records a completed request; on a full ring marks its range dirty instead.
     pub fn record(&mut self, op: Op, offset: u64, len: u64, data: &[u8], flags: u8) -> Captured {
+        if let Some(pass) = &mut self.digest {
+            if op.modifies_data() {
+                pass.touch(offset, len);
+            }
+        }
         let seq = self.ring.next_seq();
         let record = RecordRef {
             seq,

@@ -395,6 +395,7 @@ async fn resync_task(queue: &UblkQueue<'_>, state: &QueueState) {
         return;
     };
     let buf = IoBuf::<u8>::new(crate::capture::RESYNC_CHUNK_BYTES as usize);
+    let digest_buf = IoBuf::<u8>::new(crate::digest_pass::MAX_BLOCK_BYTES as usize);
     let fd = types::Fixed(1);
     let tick = types::Timespec::from(RESYNC_TICK);
     while state.live_tags.get() > 0 {
@@ -402,6 +403,7 @@ async fn resync_task(queue: &UblkQueue<'_>, state: &QueueState) {
         queue
             .ublk_submit_sqe(opcode::Timeout::new(&tick).build())
             .await;
+        digest_resync(queue, state, recorder, &digest_buf).await;
         if !state.resync_due() {
             continue;
         }
@@ -441,6 +443,42 @@ async fn resync_task(queue: &UblkQueue<'_>, state: &QueueState) {
             }
         }
         recorder.borrow_mut().end_resync();
+    }
+}
+
+/// One tick of a digest resync (see `ring::resync`): start or take digests, then
+/// compare blocks while the ring has room, each read with its range claimed like a
+/// write so the comparison sees no write in flight.
+async fn digest_resync(
+    queue: &UblkQueue<'_>,
+    state: &QueueState,
+    recorder: &RefCell<Recorder>,
+    buf: &IoBuf<u8>,
+) {
+    recorder.borrow_mut().digest_poll();
+    loop {
+        let Some((offset, len)) = recorder.borrow().digest_next() else {
+            return;
+        };
+        state.claim(offset, offset + len).await;
+        let ptr = buf.as_mut_ptr();
+        let res = backing_io(queue, || {
+            opcode::Read::new(types::Fixed(1), ptr, len as u32)
+                .offset(offset)
+                .build()
+        })
+        .await;
+        if res as u64 == len {
+            recorder
+                .borrow_mut()
+                .digest_compare(offset, &buf.as_slice()[..len as usize]);
+        } else {
+            log::warn!(
+                "digest resync read at {offset}+{len} failed ({res}); left to the overflow resync"
+            );
+            recorder.borrow_mut().digest_skip(offset, len);
+        }
+        state.unclaim(offset, offset + len);
     }
 }
 

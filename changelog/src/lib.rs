@@ -7,8 +7,10 @@
 //! * [`segment`]: sealing (lz4, AES-256-GCM, hash chain) and verified opening.
 //! * [`store`]: the target-store trait and the local-directory store.
 //! * [`key`], [`volume`]: the shared key and volume names.
+//! * [`digests`]: block digests and the resync digest exchange through the store.
 //! * [`uring`]: synchronous io_uring file I/O used by every stage.
 //! * [`inspect`]: a human-readable dump of one segment.
+pub mod digests;
 pub mod error;
 pub mod header;
 pub mod inspect;

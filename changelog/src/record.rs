@@ -14,7 +14,8 @@
 //! * `DISCARD`/`WRITE_ZEROES`: the byte range `[offset, offset + len)`, no payload.
 //!   Both read back as zeroes on the replica.
 //! * `MARK`: a named point (payload = label bytes); `flags & MARK_APP_CONSISTENT` tells
-//!   an application-consistent point, `flags & MARK_RESYNC_DONE` the end of a resync
+//!   an application-consistent point, `flags & MARK_RESYNC_BEGIN` the start of a digest
+//!   resync, `flags & MARK_RESYNC_DONE` the end of a resync
 //!   pass (every region lost to a ring overflow is re-recorded before it). `offset` = 0.
 
 /// Size of the fixed part of an encoded record.
@@ -26,6 +27,10 @@ pub const MARK_APP_CONSISTENT: u8 = 1;
 /// `flags` bit of a MARK record: a resync pass ended here; from this record on, the
 /// stream is consistent again unless the ring has overflowed since.
 pub const MARK_RESYNC_DONE: u8 = 2;
+
+/// `flags` bit of a MARK record: a digest resync begins here; the recovery side's block
+/// digests must describe a replica holding every record up to this one.
+pub const MARK_RESYNC_BEGIN: u8 = 4;
 
 /// The kind of a record. The discriminants are the on-disk (and in-ring) codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

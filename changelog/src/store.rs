@@ -33,6 +33,16 @@ pub trait TargetStore: Send + Sync {
     fn get(&self, volume: &VolumeId, index: u64) -> Result<Option<Vec<u8>>>;
     /// The indexes present for `volume`, ascending.
     fn list(&self, volume: &VolumeId) -> Result<Vec<u64>>;
+    /// Stores a small named object of `volume` (not a segment; names are
+    /// [`valid_blob_name`]), replacing any earlier one. Used for the resync digest
+    /// exchange.
+    fn put_blob(&self, volume: &VolumeId, name: &str, bytes: &[u8]) -> Result<()>;
+    /// Reads a named object; `None` when absent.
+    fn get_blob(&self, volume: &VolumeId, name: &str) -> Result<Option<Vec<u8>>>;
+    /// Deletes a named object; absent is fine.
+    fn delete_blob(&self, volume: &VolumeId, name: &str) -> Result<()>;
+    /// The names of `volume`'s objects, sorted.
+    fn list_blobs(&self, volume: &VolumeId) -> Result<Vec<String>>;
     /// Human-readable location, for messages.
     fn describe(&self) -> String;
     /// Name of one segment for messages.
@@ -98,8 +108,74 @@ impl TargetStore for LocalDirStore {
         list_segment_dir(&self.volume_dir(volume))
     }
 
+    fn put_blob(&self, volume: &VolumeId, name: &str, bytes: &[u8]) -> Result<()> {
+        check_blob_name(name)?;
+        let dir = self.volume_dir(volume);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("creating store directory {}", dir.display()), e))?;
+        let mut uring = Uring::new(4).map_err(|e| Error::io("setting up io_uring", e))?;
+        write_file_atomic(&mut uring, &dir, name, bytes)
+            .map_err(|e| Error::io(format!("writing {}", dir.join(name).display()), e))
+    }
+
+    fn get_blob(&self, volume: &VolumeId, name: &str) -> Result<Option<Vec<u8>>> {
+        check_blob_name(name)?;
+        read_optional(&self.volume_dir(volume).join(name))
+    }
+
+    fn delete_blob(&self, volume: &VolumeId, name: &str) -> Result<()> {
+        check_blob_name(name)?;
+        let path = self.volume_dir(volume).join(name);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(Error::io(format!("deleting {}", path.display()), e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn list_blobs(&self, volume: &VolumeId) -> Result<Vec<String>> {
+        let dir = self.volume_dir(volume);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(format!("listing {}", dir.display()), e)),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
+            if let Some(name) = entry.file_name().to_str().filter(|n| valid_blob_name(n)) {
+                names.push(name.to_string());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
     fn describe(&self) -> String {
         self.root.display().to_string()
+    }
+}
+
+/// Blob names: 1–64 of `[a-z0-9.-]`, not starting with a dot (temporary files do) and
+/// not a segment name.
+pub fn valid_blob_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+        && parse_segment_file_name(name).is_none()
+}
+
+fn check_blob_name(name: &str) -> Result<()> {
+    if valid_blob_name(name) {
+        Ok(())
+    } else {
+        Err(Error::io(
+            format!("store object name {name:?}"),
+            std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        ))
     }
 }
 
@@ -143,6 +219,26 @@ mod tests {
         assert_eq!(store.list(&vol).unwrap(), vec![0, 2]);
         assert_eq!(store.get(&vol, 0).unwrap().unwrap(), b"zero");
         assert_eq!(store.get(&vol, 1).unwrap(), None);
+        store.put_blob(&vol, "digests-1.req", b"r").unwrap();
+        store.put_blob(&vol, "digests-1.req", b"r2").unwrap();
+        assert_eq!(
+            store.get_blob(&vol, "digests-1.req").unwrap().unwrap(),
+            b"r2"
+        );
+        assert_eq!(
+            store.list_blobs(&vol).unwrap(),
+            vec!["digests-1.req", "junk.txt"]
+        );
+        assert_eq!(
+            store.list(&vol).unwrap(),
+            vec![0, 2],
+            "blobs are not segments"
+        );
+        assert!(store.put_blob(&vol, "../x", b"").is_err());
+        assert!(store.put_blob(&vol, &segment_file_name(3), b"").is_err());
+        store.delete_blob(&vol, "digests-1.req").unwrap();
+        store.delete_blob(&vol, "digests-1.req").unwrap();
+        assert_eq!(store.get_blob(&vol, "digests-1.req").unwrap(), None);
         assert_eq!(
             parse_segment_file_name(&segment_file_name(u64::MAX)),
             Some(u64::MAX)

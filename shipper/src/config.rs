@@ -12,6 +12,8 @@
 //! sealers = 2
 //! retry_unit_ms = 60000                  # retry after 1, 2, 4, 8, 10, then every 30 units
 //! rpo_threshold_ms = 30000               # health is Warning above this RPO
+//! initial_sync = true                    # a new protection starts with a digest resync
+//! resync_block_kib = 64                  # digest block: a power of two, 4..=1024 KiB
 //!
 //! [[volume]]
 //! id = "vol0"
@@ -46,6 +48,10 @@ pub struct ConfigFile {
     pub retry_unit_ms: u64,
     #[serde(default = "default_rpo")]
     pub rpo_threshold_ms: u64,
+    #[serde(default = "default_true")]
+    pub initial_sync: bool,
+    #[serde(default = "default_block_kib")]
+    pub resync_block_kib: u32,
     #[serde(rename = "volume")]
     pub volumes: Vec<VolumeEntry>,
 }
@@ -74,6 +80,23 @@ fn default_retry_unit() -> u64 {
 }
 fn default_rpo() -> u64 {
     30_000
+}
+fn default_true() -> bool {
+    true
+}
+fn default_block_kib() -> u32 {
+    changelog::digests::DEFAULT_BLOCK_BYTES / 1024
+}
+
+/// Checks a digest block size given in KiB; returns it in bytes.
+pub fn resync_block_bytes(kib: u32) -> std::result::Result<u32, String> {
+    if kib.is_power_of_two() && (4..=1024).contains(&kib) {
+        Ok(kib * 1024)
+    } else {
+        Err(format!(
+            "resync_block_kib must be a power of two from 4 to 1024, not {kib}"
+        ))
+    }
 }
 
 impl ConfigFile {
@@ -122,6 +145,7 @@ impl ConfigFile {
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be greater than 0"));
         }
+        resync_block_bytes(self.resync_block_kib)?;
         if self.max_segment_bytes > changelog::segment::MAX_PLAIN_LEN as usize / 2 {
             return Err(format!(
                 "max_segment_bytes must be at most {}",
@@ -150,6 +174,9 @@ impl ConfigFile {
                 c.retry_unit = Duration::from_millis(self.retry_unit_ms);
                 c.rpo_threshold = Duration::from_millis(self.rpo_threshold_ms);
                 c.status_path = Some(self.status_path(&v.id));
+                c.initial_sync = self.initial_sync;
+                c.resync_block_bytes =
+                    resync_block_bytes(self.resync_block_kib).expect("checked on load");
                 c
             })
             .collect())
@@ -213,6 +240,10 @@ ring = "/r1"
                 "no [[volume]]",
             ),
             ("key = ".to_string(), "line 1"),
+            (
+                GOOD.replace("retry_unit_ms = 5", "resync_block_kib = 48"),
+                "resync_block_kib must be",
+            ),
         ];
         for (text, expect) in cases {
             let err = ConfigFile::parse(&text).expect_err(&text);

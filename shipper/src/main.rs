@@ -30,6 +30,27 @@ enum Command {
     /// Either every volume of a config file (--config; see the shipper crate's config
     /// module docs for the format), or one volume given by flags.
     Run(RunArgs),
+    /// Resync a volume by block digests: compare every block of the protected volume
+    /// with the replica's and re-send only the blocks that differ.
+    ///
+    /// blkfilter and the shipper must be running; the recovery side (`ublk-target apply
+    /// --follow`) answers with the replica's digests. Shows progress until done.
+    Resync {
+        /// The volume's capture ring.
+        #[arg(long, required_unless_present = "config")]
+        ring: Option<PathBuf>,
+        /// Take the ring of --volume from this config file.
+        #[arg(long, requires = "volume", conflicts_with = "ring")]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        volume: Option<VolumeId>,
+        /// Digest block size in KiB (a power of two, 4 to 1024).
+        #[arg(long, default_value_t = 64)]
+        block_kib: u32,
+        /// Ask for the resync and return without waiting.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Show a running shipper's health, RPO and progress.
     Status {
         /// The status file the shipper writes (its --status).
@@ -83,6 +104,13 @@ struct RunArgs {
     /// Where to publish status (JSON).
     #[arg(long)]
     status: Option<PathBuf>,
+    /// Do not start a new protection with a digest resync. Only for a volume known to
+    /// be identical to its replica (or empty on both sides).
+    #[arg(long)]
+    no_initial_sync: bool,
+    /// Digest resync block size in KiB (a power of two, 4 to 1024).
+    #[arg(long, default_value_t = 64)]
+    resync_block_kib: u32,
     /// Ship everything already in the ring, then exit.
     #[arg(long)]
     drain: bool,
@@ -113,6 +141,29 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Run(args) => ship(args),
+        Command::Resync {
+            ring,
+            config,
+            volume,
+            block_kib,
+            no_wait,
+        } => {
+            let ring = match (ring, config) {
+                (Some(ring), _) => ring,
+                (None, config) => {
+                    let file = ConfigFile::load(&config.expect("clap: ring or config"))?;
+                    let volume = volume.expect("clap: config requires volume");
+                    file.volumes
+                        .iter()
+                        .find(|v| v.id == volume)
+                        .map(|v| v.ring.clone())
+                        .with_context(|| format!("volume {volume} is not in the config file"))?
+                }
+            };
+            let block = shipper::config::resync_block_bytes(block_kib)
+                .map_err(|e| anyhow::anyhow!("--block-kib: {e}"))?;
+            resync(&ring, block, !no_wait)
+        }
         Command::Status {
             status,
             config,
@@ -170,6 +221,9 @@ fn ship(args: RunArgs) -> Result<()> {
             config.retry_unit = Duration::from_millis(args.retry_unit_ms);
             config.rpo_threshold = Duration::from_millis(args.rpo_threshold_ms);
             config.status_path = args.status.clone();
+            config.initial_sync = !args.no_initial_sync;
+            config.resync_block_bytes = shipper::config::resync_block_bytes(args.resync_block_kib)
+                .map_err(|e| anyhow::anyhow!("--resync-block-kib: {e}"))?;
             (vec![config], args.store.clone().expect(missing))
         }
     };
@@ -229,6 +283,58 @@ fn ship(args: RunArgs) -> Result<()> {
         Some(e) => Err(e.into()),
         None => Ok(()),
     }
+}
+
+/// Asks for a digest resync through the ring header and follows its progress there.
+fn resync(ring: &std::path::Path, block_bytes: u32, wait: bool) -> Result<()> {
+    let control = blkfilter::ring::RingControl::open(ring).with_context(|| {
+        format!(
+            "opening ring {} (is the volume attached with blkfilter?)",
+            ring.display()
+        )
+    })?;
+    control.request_digest_resync(block_bytes);
+    println!(
+        "digest resync of {} asked for ({} KiB blocks)",
+        ring.display(),
+        block_bytes / 1024
+    );
+    if !wait {
+        return Ok(());
+    }
+    let bar = indicatif::ProgressBar::new(control.device_bytes()).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:32} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    loop {
+        let p = control.progress();
+        if !p.pending() {
+            break;
+        }
+        let msg = if p.requested {
+            "waiting for blkfilter"
+        } else if !p.digests_ready {
+            "waiting for replica digests"
+        } else {
+            "comparing blocks"
+        };
+        bar.set_message(msg);
+        bar.set_position(if p.active { p.done_bytes } else { 0 });
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let p = control.progress();
+    bar.finish_and_clear();
+    println!(
+        "digest resync {} done: {} of {} bytes differed and were re-sent ({:.2}%)",
+        p.gen,
+        p.sent_bytes,
+        p.total_bytes,
+        p.sent_bytes as f64 * 100.0 / p.total_bytes.max(1) as f64
+    );
+    Ok(())
 }
 
 /// SIGTERM or SIGINT stops the pipeline cleanly: records not yet staged stay in the

@@ -51,11 +51,16 @@ pub struct ShipperConfig {
     pub retry_unit: Duration,
     pub rpo_threshold: Duration,
     pub status_path: Option<PathBuf>,
+    /// When a new protection epoch starts, run a digest resync of the whole disk (the
+    /// initial replication of a volume that already holds data, I7).
+    pub initial_sync: bool,
+    /// Block size of digest resyncs this shipper asks for.
+    pub resync_block_bytes: u32,
 }
 
 impl ShipperConfig {
     /// A config with the defaults: 1 s segments of at most 8 MiB, two sealers, the
-    /// retry unit a minute, RPO threshold 30 s.
+    /// retry unit a minute, RPO threshold 30 s, initial sync on, 64 KiB resync blocks.
     pub fn new(volume: VolumeId, ring_path: PathBuf, staging_dir: PathBuf, key: Key) -> Self {
         ShipperConfig {
             volume,
@@ -68,6 +73,8 @@ impl ShipperConfig {
             retry_unit: Duration::from_secs(60),
             rpo_threshold: Duration::from_secs(30),
             status_path: None,
+            initial_sync: true,
+            resync_block_bytes: changelog::digests::DEFAULT_BLOCK_BYTES,
         }
     }
 
@@ -171,6 +178,7 @@ impl Board {
         status.ring_capacity_bytes = ring.capacity();
         status.ring_overflow = ring.overflowed();
         status.ring_resync = ring.resyncing();
+        status.resync = Some(ring.resync_progress()).filter(|p| p.pending());
         status
     }
 }
@@ -189,6 +197,13 @@ pub fn run(
     })?;
     let cursor = chain_state::recover(&dir, &config.volume, &config.key)?;
     let backlog: Vec<u64> = list_segment_dir(&dir)?;
+    if config.initial_sync && cursor.next_index == 0 && !ring.resync_progress().pending() {
+        log::info!(
+            "volume {}: new protection epoch: initial replication by digest resync",
+            config.volume
+        );
+        ring.request_digest_resync(config.resync_block_bytes);
+    }
     log::info!(
         "volume {}: shipping from {} (next segment {:016x}, seq {}), {} staged segment(s) to upload to {}",
         config.volume,
@@ -215,6 +230,7 @@ pub fn run(
     let (staged_tx, staged_rx) = unbounded::<Staged>();
     let epoch = cursor.epoch.expect("recover() fixes the epoch");
 
+    let finished = AtomicBool::new(false);
     let result: Result<(ChainCursor, u64)> = std::thread::scope(|scope| {
         let reader = spawn_named(scope, "ship-reader", || {
             let r = read_ring(config, &ring, &cursor, &board, &control, job_tx);
@@ -254,6 +270,12 @@ pub fn run(
             stop_on_err(&r, &control);
             r
         });
+        let finished = &finished;
+        let coordinator = spawn_named(scope, "ship-resync", || {
+            let r = crate::resync::coordinate(config, &ring, store.as_ref(), finished);
+            stop_on_err(&r, &control);
+            r
+        });
         let mut last_publish = Instant::now();
         publish(config, &board, &ring);
         while !(reader.is_finished() && stager.is_finished() && uploader.is_finished()) {
@@ -263,13 +285,16 @@ pub fn run(
                 last_publish = Instant::now();
             }
         }
+        finished.store(true, Ordering::Release);
         let panicked = "a shipper pipeline thread panicked";
-        let (read, staged, uploaded) = (
+        let (read, staged, uploaded, coordinated) = (
             reader.join().expect(panicked),
             stager.join().expect(panicked),
             uploader.join().expect(panicked),
+            coordinator.join().expect(panicked),
         );
         read?;
+        coordinated?;
         Ok((staged?, uploaded?))
     });
     if let Err(e) = &result {
@@ -335,6 +360,7 @@ fn read_ring(
     // from an overflow (writes went to the bitmap) until the producer's resync pass has
     // re-recorded them and its resync-done MARK is read (I7).
     let lost = || ring.overflowed() || ring.resyncing();
+    // (RESYNC is also up from a digest resync request until its done MARK.)
     let mut consistent = !lost() && !unread_resync_done(ring, pos, cursor.next_seq)?;
     let cut =
         |plain: &mut PlainSegment, pos: u64, next_index: &mut u64, consistent: bool| -> bool {
@@ -374,8 +400,9 @@ fn read_ring(
                 }
                 plain.push(&record);
                 if record.op == Op::Mark && record.flags & MARK_RESYNC_DONE != 0 {
-                    // The producer lowers RESYNC right after this record.
-                    consistent = !ring.overflowed();
+                    // The producer lowers RESYNC right after this record, and lowered
+                    // DIGEST_ACTIVE before it (ring::resync).
+                    consistent = !ring.overflowed() && !ring.resync_progress().pending();
                 } else if lost() {
                     consistent = false;
                 }

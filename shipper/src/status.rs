@@ -27,6 +27,9 @@ pub struct Status {
     /// The producer is re-recording regions lost to an overflow (I7).
     #[serde(default)]
     pub ring_resync: bool,
+    /// A digest resync (initial replication, or asked for) and how far it is.
+    #[serde(default)]
+    pub resync: Option<blkfilter::ring::ResyncProgress>,
     pub ring_used_bytes: u64,
     pub ring_capacity_bytes: u64,
     pub newest_staged_index: Option<u64>,
@@ -50,6 +53,7 @@ impl Status {
             Health::Critical
         } else if self.ring_overflow
             || self.ring_resync
+            || self.resync.is_some()
             || self.retry_attempt > 0
             || self.rpo_ms > self.rpo_threshold_ms
         {
@@ -63,6 +67,19 @@ impl Status {
     pub fn state(&self) -> String {
         if let Some(what) = &self.critical {
             format!("stopped shipping: {what}")
+        } else if let Some(r) = &self.resync {
+            let what = if r.requested {
+                "starting".to_string()
+            } else if !r.digests_ready {
+                "waiting for the replica's block digests".to_string()
+            } else {
+                format!(
+                    "{:.1}% compared, {} MiB differed and re-sent",
+                    r.done_bytes as f64 * 100.0 / r.total_bytes.max(1) as f64,
+                    r.sent_bytes >> 20
+                )
+            };
+            format!("degraded: digest resync (initial replication or on demand): {what}; no new recovery points until it completes")
         } else if self.ring_overflow {
             "degraded: ring overflowed, changed regions are tracked in the dirty bitmap and are resynced once the ring has room; no new recovery points until then".into()
         } else if self.ring_resync {

@@ -14,14 +14,20 @@ use std::time::Duration;
 /// The source volume as it should be: every captured op with its seq, replayable to
 /// any seq. Independent of the code under test: plain memory writes.
 pub struct Model {
-    size: usize,
+    /// The source before the first op.
+    initial: Vec<u8>,
     log: Vec<(u64, WorkOp)>,
 }
 
 impl Model {
     pub fn new(size: u64) -> Model {
+        Model::with_image(vec![0; size as usize])
+    }
+
+    /// A source that already holds `initial` when capture starts.
+    pub fn with_image(initial: Vec<u8>) -> Model {
         Model {
-            size: size as usize,
+            initial,
             log: Vec::new(),
         }
     }
@@ -42,7 +48,7 @@ impl Model {
         Replayer {
             model: self,
             next: 0,
-            image: vec![0; self.size],
+            image: self.initial.clone(),
         }
     }
 
@@ -141,6 +147,8 @@ impl Fixture {
         config.max_segment_age = Duration::from_millis(20);
         config.max_segment_bytes = 256 << 10;
         config.retry_unit = Duration::from_millis(2);
+        // Source and replica both start as zeroes here; the resync tests turn it on.
+        config.initial_sync = false;
         config
     }
 
@@ -211,6 +219,44 @@ impl Fixture {
             .into_iter()
             .map(|i| store.segment_path(&self.volume, i))
             .collect()
+    }
+}
+
+/// The recovery side as `ublk-target apply --follow` runs it, on a thread: applies new
+/// segments and answers digest-resync requests until [`Follower::finish`].
+pub struct Follower {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<ublk_target::Applier>,
+}
+
+impl Fixture {
+    pub fn follow(&self, replica: &str) -> Follower {
+        let mut applier = self.applier(replica, &self.key).expect("applier");
+        let (store, volume, key) = (self.store(), self.volume.clone(), self.key.clone());
+        let replica = self.path(replica);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let handle = std::thread::spawn(move || {
+            while !stopping.load(std::sync::atomic::Ordering::Acquire) {
+                applier.apply_available().expect("apply");
+                let next_seq = applier.cursor().next_seq;
+                ublk_target::digests::answer_requests(&*store, &volume, &key, &replica, next_seq)
+                    .expect("answer digest requests");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            applier
+        });
+        Follower { stop, handle }
+    }
+}
+
+impl Follower {
+    /// Stops following, applies whatever the store holds by now, returns the applier.
+    pub fn finish(self) -> ublk_target::Applier {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        let mut applier = self.handle.join().expect("follower thread");
+        applier.apply_available().expect("apply");
+        applier
     }
 }
 

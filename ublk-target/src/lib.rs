@@ -2,7 +2,9 @@
 //!
 //! * [`apply`]: verify and apply segments to a replica image, crash-safe and
 //!   idempotent (I5, I6).
+//! * [`digests`]: answer digest-resync requests with the replica's block digests.
 pub mod apply;
+pub mod digests;
 pub mod error;
 
 pub use apply::{Applied, Applier};

@@ -84,14 +84,22 @@ fn run(cli: Cli) -> Result<()> {
             let state =
                 state.unwrap_or_else(|| PathBuf::from(format!("{}.state", replica.display())));
             let mut applier = Applier::open(
-                Arc::new(LocalDirStore::new(store)),
+                Arc::new(LocalDirStore::new(&store)),
                 volume,
-                key,
+                key.clone(),
                 &replica,
                 &state,
             )?;
+            let store = LocalDirStore::new(store);
             loop {
                 let applied = applier.apply_available()?;
+                ublk_target::digests::answer_requests(
+                    &store,
+                    &applier.cursor().volume,
+                    &key,
+                    &replica,
+                    applier.cursor().next_seq,
+                )?;
                 if applied > 0 {
                     let c = applier.cursor();
                     log::info!(

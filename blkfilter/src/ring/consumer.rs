@@ -1,5 +1,6 @@
 use super::layout::{FLAG_OVERFLOW, FLAG_RESYNC};
 use super::proto::{self, RingMem};
+use super::resync::{self, ResyncProgress};
 use super::shm::Shm;
 use super::{futex, RingError, RingGeometry};
 use changelog::RecordRef;
@@ -105,6 +106,21 @@ impl Consumer {
     /// Whether the producer is re-recording regions lost to an overflow.
     pub fn resyncing(&self) -> bool {
         self.shm.flags().load(Acquire) & FLAG_RESYNC != 0
+    }
+
+    /// The digest-resync handshake's state (see [`resync`]).
+    pub fn resync_progress(&self) -> ResyncProgress {
+        resync::progress(&self.shm)
+    }
+
+    /// Asks the producer for a whole-disk digest resync (step 1 of [`resync`]).
+    pub fn request_digest_resync(&self, block_bytes: u32) {
+        resync::request(&self.shm, block_bytes);
+    }
+
+    /// Tells the producer the replica digests are at [`resync::digests_path`].
+    pub fn mark_digests_ready(&self) {
+        resync::mark_ready(&self.shm);
     }
 
     /// Takes the dirty extents `(offset, len)`, merged and in order, clearing the bitmap

@@ -33,12 +33,25 @@ pub const OFF_NEXT_SEQ: usize = 192;
 pub const OFF_FLAGS: usize = 256;
 pub const OFF_WAKE: usize = 264;
 pub const OFF_WAITERS: usize = 268;
+pub const OFF_RESYNC_GEN: usize = 320;
+pub const OFF_RESYNC_TOTAL: usize = 328;
+pub const OFF_RESYNC_DONE: usize = 336;
+pub const OFF_RESYNC_SENT: usize = 344;
+pub const OFF_RESYNC_BLOCK: usize = 352;
 
 /// `flags` bit: records were lost to the dirty bitmap since it was last taken.
 pub const FLAG_OVERFLOW: u64 = 1;
 /// `flags` bit: the producer is re-recording the regions it took from the bitmap; the
 /// replica is not consistent until the pass ends (with a resync-done MARK record).
 pub const FLAG_RESYNC: u64 = 2;
+/// `flags` bit: a whole-disk digest resync is asked for (by the shipper, or an operator
+/// through `shipper resync`); the producer starts it and lowers this bit.
+pub const FLAG_DIGEST_REQUEST: u64 = 4;
+/// `flags` bit: the producer recorded a resync-begin MARK and runs a digest pass.
+pub const FLAG_DIGEST_ACTIVE: u64 = 8;
+/// `flags` bit: the consumer put the replica's digests for the active pass next to the
+/// ring (`<ring>.digests`).
+pub const FLAG_DIGESTS_READY: u64 = 16;
 
 /// The first sequence number of a new ring; 0 is never handed out.
 pub const FIRST_SEQ: u64 = 1;

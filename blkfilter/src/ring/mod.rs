@@ -32,8 +32,18 @@
 //!   192    8    next_seq       producer    next sequence number      (own cache line)
 //!   256    8    flags          both        bit 0 OVERFLOW: set by the producer, cleared
 //!                                          by the consumer when it takes the bitmap
+//!                                          bit 1 RESYNC: the stream is not consistent
+//!                                          until the next resync-done MARK
+//!                                          bit 2 DIGEST_REQUEST, bit 3 DIGEST_ACTIVE,
+//!                                          bit 4 DIGESTS_READY: the digest resync
+//!                                          handshake, see `resync`
 //!   264    4    wake           producer    futex word, bumped to wake a sleeping consumer
 //!   268    4    waiters        consumer    consumer threads about to sleep on `wake`
+//!   320    8    resync_gen     producer    seq of the active digest pass's begin MARK
+//!   328    8    resync_total   producer    bytes the digest pass compares
+//!   336    8    resync_done    producer    bytes compared so far
+//!   344    8    resync_sent    producer    bytes re-recorded because they differed
+//!   352    4    resync_block   requester   digest block size (0 = 64 KiB)
 //! bitmap   = bitmap_words x u64; bit b of word w set = chunk 64*w+b holds lost writes
 //! data     = capacity bytes: a circular sequence of slots
 //! slot     = record | wrap
@@ -99,6 +109,7 @@ mod futex;
 mod layout;
 mod producer;
 pub mod proto;
+pub mod resync;
 mod shm;
 #[cfg(test)]
 mod tests;
@@ -107,6 +118,7 @@ pub use consumer::Consumer;
 pub use error::{Full, RingError};
 pub use layout::{DEFAULT_CHUNK_BYTES, MIN_CAPACITY_BYTES, SLOT_HEADER_BYTES};
 pub use producer::Producer;
+pub use resync::{digests_path, ResyncProgress, RingControl};
 
 use std::fmt;
 

@@ -1,5 +1,8 @@
-use super::layout::{FLAG_OVERFLOW, FLAG_RESYNC};
+use super::layout::{
+    FLAG_DIGESTS_READY, FLAG_DIGEST_ACTIVE, FLAG_DIGEST_REQUEST, FLAG_OVERFLOW, FLAG_RESYNC,
+};
 use super::proto::{ProducerCore, RingMem};
+use super::resync::{self, ResyncProgress};
 use super::shm::Shm;
 use super::{futex, Full, RingError, RingGeometry};
 use changelog::RecordRef;
@@ -70,14 +73,51 @@ impl Producer {
         self.shm.bitmap().take()
     }
 
-    /// Ends a resync pass; returns whether it lowered RESYNC (it stays up, and the
-    /// next pass is due, if the ring overflowed again meanwhile).
+    /// Ends a resync pass; returns whether it lowered RESYNC. It stays up while
+    /// another pass is due: the ring overflowed again meanwhile, or a digest resync is
+    /// asked for or running.
     pub fn end_resync(&self) -> bool {
-        if self.shm.flags().load(Acquire) & FLAG_OVERFLOW != 0 {
-            return false;
-        }
-        self.shm.flags().fetch_and(!FLAG_RESYNC, AcqRel);
-        true
+        let busy = FLAG_OVERFLOW | FLAG_DIGEST_REQUEST | FLAG_DIGEST_ACTIVE;
+        self.shm
+            .flags()
+            .fetch_update(AcqRel, Acquire, |f| {
+                (f & busy == 0).then_some(f & !FLAG_RESYNC)
+            })
+            .is_ok()
+    }
+
+    /// Whether a digest resync is asked for, or was running when a previous producer
+    /// died (its touched-block set is gone, so it must start over).
+    pub fn digest_resync_wanted(&self) -> bool {
+        self.shm.flags().load(Acquire) & (FLAG_DIGEST_REQUEST | FLAG_DIGEST_ACTIVE) != 0
+    }
+
+    /// Starts a digest pass whose begin MARK has seq `gen` (see [`resync`]).
+    pub fn begin_digest_pass(&self, gen: u64, total_bytes: u64) {
+        resync::begin(&self.shm, gen, total_bytes);
+    }
+
+    /// Whether the consumer put the replica digests in place.
+    pub fn digests_ready(&self) -> bool {
+        self.shm.flags().load(Acquire) & FLAG_DIGESTS_READY != 0
+    }
+
+    /// The digests file was stale or unreadable: the consumer writes it again.
+    pub fn reject_digests(&self) {
+        resync::clear_ready(&self.shm);
+    }
+
+    pub fn set_digest_progress(&self, done_bytes: u64, sent_bytes: u64) {
+        resync::set_progress(&self.shm, done_bytes, sent_bytes);
+    }
+
+    /// Lowers DIGEST_ACTIVE; the caller then records the done MARK and ends the resync.
+    pub fn finish_digest_pass(&self) {
+        resync::finish(&self.shm);
+    }
+
+    pub fn resync_progress(&self) -> ResyncProgress {
+        resync::progress(&self.shm)
     }
 
     /// Takes the next sequence number. The counter lives in the ring header, so a

@@ -128,6 +128,19 @@ impl Shm {
         Shm::validate(path, file, len)
     }
 
+    /// Opens an existing ring without a role: for an operator's control commands
+    /// (requesting a resync, reading its progress), which touch only header fields
+    /// meant for that.
+    pub fn open_unlocked(path: &Path) -> Result<Shm, RingError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(io_err(path, "open"))?;
+        let len = file.metadata().map_err(io_err(path, "stat"))?.len();
+        Shm::validate(path, file, len)
+    }
+
     /// Maps `file` and checks its header against the layout rules.
     fn validate(path: &Path, file: File, len: u64) -> Result<Shm, RingError> {
         if len < HEADER_BYTES {
@@ -237,6 +250,15 @@ impl Shm {
     /// How many consumer threads are about to sleep on [`Shm::wake`].
     pub fn waiters(&self) -> &AtomicU32 {
         self.u32_at(OFF_WAITERS)
+    }
+
+    /// A header word by its layout offset (`layout::OFF_*`).
+    pub fn header_u64(&self, offset: usize) -> &AtomicU64 {
+        self.u64_at(offset)
+    }
+
+    pub fn header_u32(&self, offset: usize) -> &AtomicU32 {
+        self.u32_at(offset)
     }
 
     pub fn bitmap(&self) -> DirtyBitmap<'_> {

@@ -1,0 +1,153 @@
+//! The digest-resync handshake, carried by ring header fields (see the layout table in
+//! the parent module) so it survives either side restarting:
+//!
+//! 1. A requester (the shipper starting a new protection epoch, or an operator through
+//!    `shipper resync`) sets the block size and raises `DIGEST_REQUEST` and `RESYNC`
+//!    ([`RingControl::request_digest_resync`]). From then on the stream is not
+//!    consistent.
+//! 2. The producer records a resync-begin MARK with seq `gen`, starts remembering which
+//!    blocks later writes touch, stores `gen` and the size to compare, lowers
+//!    `DIGEST_REQUEST`/`DIGESTS_READY` and raises `DIGEST_ACTIVE`.
+//! 3. The consumer asks the recovery side for its replica's block digests as of a state
+//!    holding every record up to `gen`, writes them to [`digests_path`] and raises
+//!    `DIGESTS_READY`.
+//! 4. The producer compares each block of the source with the replica's digest, under
+//!    the same range claim a write takes, and re-records the block when it differs or a
+//!    write after `gen` touched it. It publishes progress in the header as it goes.
+//! 5. The producer lowers `DIGEST_ACTIVE`, records the resync-done MARK, then lowers
+//!    `RESYNC` unless another resync is due. A reader of the done MARK therefore sees
+//!    `DIGEST_ACTIVE` already down.
+//!
+//! A producer that restarts with `DIGEST_ACTIVE` up lost its touched-block set, so it
+//! starts over at step 2 with a new `gen`.
+
+use super::layout::{
+    FLAG_DIGESTS_READY, FLAG_DIGEST_ACTIVE, FLAG_DIGEST_REQUEST, FLAG_RESYNC, OFF_RESYNC_BLOCK,
+    OFF_RESYNC_DONE, OFF_RESYNC_GEN, OFF_RESYNC_SENT, OFF_RESYNC_TOTAL,
+};
+use super::shm::Shm;
+use super::RingError;
+use changelog::digests::DEFAULT_BLOCK_BYTES;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+
+/// Where the consumer puts the replica digests for the producer: beside the ring file.
+pub fn digests_path(ring: &Path) -> PathBuf {
+    let mut name = ring.as_os_str().to_owned();
+    name.push(".digests");
+    PathBuf::from(name)
+}
+
+/// A snapshot of the digest-resync fields.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ResyncProgress {
+    /// A digest resync was asked for and has not begun.
+    pub requested: bool,
+    /// A digest pass is running (waiting for digests, or comparing).
+    pub active: bool,
+    /// The replica's digests are in place; the producer is comparing.
+    pub digests_ready: bool,
+    /// The stream is not consistent until the next resync-done MARK (any resync).
+    pub resync: bool,
+    pub gen: u64,
+    pub block_bytes: u32,
+    pub total_bytes: u64,
+    pub done_bytes: u64,
+    /// Bytes re-recorded because they differed (or were written meanwhile).
+    pub sent_bytes: u64,
+}
+
+impl ResyncProgress {
+    /// Whether a digest resync is asked for or running.
+    pub fn pending(&self) -> bool {
+        self.requested || self.active
+    }
+}
+
+pub(super) fn progress(shm: &Shm) -> ResyncProgress {
+    let flags = shm.flags().load(Acquire);
+    let block = shm.header_u32(OFF_RESYNC_BLOCK).load(Relaxed);
+    ResyncProgress {
+        requested: flags & FLAG_DIGEST_REQUEST != 0,
+        active: flags & FLAG_DIGEST_ACTIVE != 0,
+        digests_ready: flags & FLAG_DIGESTS_READY != 0,
+        resync: flags & FLAG_RESYNC != 0,
+        gen: shm.header_u64(OFF_RESYNC_GEN).load(Relaxed),
+        block_bytes: if block == 0 {
+            DEFAULT_BLOCK_BYTES
+        } else {
+            block
+        },
+        total_bytes: shm.header_u64(OFF_RESYNC_TOTAL).load(Relaxed),
+        done_bytes: shm.header_u64(OFF_RESYNC_DONE).load(Relaxed),
+        sent_bytes: shm.header_u64(OFF_RESYNC_SENT).load(Relaxed),
+    }
+}
+
+/// Step 1. `block_bytes` must be a power of two of at least 4 KiB.
+pub(super) fn request(shm: &Shm, block_bytes: u32) {
+    shm.header_u32(OFF_RESYNC_BLOCK).store(block_bytes, Relaxed);
+    // Release: the producer that sees the flag sees the block size.
+    shm.flags()
+        .fetch_or(FLAG_DIGEST_REQUEST | FLAG_RESYNC, Release);
+}
+
+/// Step 2, producer side.
+pub(super) fn begin(shm: &Shm, gen: u64, total_bytes: u64) {
+    shm.header_u64(OFF_RESYNC_GEN).store(gen, Relaxed);
+    shm.header_u64(OFF_RESYNC_TOTAL).store(total_bytes, Relaxed);
+    shm.header_u64(OFF_RESYNC_DONE).store(0, Relaxed);
+    shm.header_u64(OFF_RESYNC_SENT).store(0, Relaxed);
+    shm.flags()
+        .fetch_or(FLAG_DIGEST_ACTIVE | FLAG_RESYNC, AcqRel);
+    shm.flags()
+        .fetch_and(!(FLAG_DIGEST_REQUEST | FLAG_DIGESTS_READY), AcqRel);
+}
+
+pub(super) fn set_progress(shm: &Shm, done_bytes: u64, sent_bytes: u64) {
+    shm.header_u64(OFF_RESYNC_DONE).store(done_bytes, Relaxed);
+    shm.header_u64(OFF_RESYNC_SENT).store(sent_bytes, Relaxed);
+}
+
+/// Step 3, consumer side.
+pub(super) fn mark_ready(shm: &Shm) {
+    shm.flags().fetch_or(FLAG_DIGESTS_READY, Release);
+}
+
+/// The producer found the digests file stale or unreadable: ask for it again.
+pub(super) fn clear_ready(shm: &Shm) {
+    shm.flags().fetch_and(!FLAG_DIGESTS_READY, AcqRel);
+}
+
+/// Step 5, before the done MARK is recorded.
+pub(super) fn finish(shm: &Shm) {
+    shm.flags()
+        .fetch_and(!(FLAG_DIGEST_ACTIVE | FLAG_DIGESTS_READY), AcqRel);
+}
+
+/// A role-less handle on a ring for operator commands: ask for a digest resync and
+/// watch its progress while blkfilter and the shipper keep their roles.
+pub struct RingControl {
+    shm: Shm,
+}
+
+impl RingControl {
+    pub fn open(path: &Path) -> Result<RingControl, RingError> {
+        Ok(RingControl {
+            shm: Shm::open_unlocked(path)?,
+        })
+    }
+
+    /// Asks for a whole-disk digest resync (step 1). Idempotent while one is pending.
+    pub fn request_digest_resync(&self, block_bytes: u32) {
+        request(&self.shm, block_bytes);
+    }
+
+    pub fn progress(&self) -> ResyncProgress {
+        progress(&self.shm)
+    }
+
+    pub fn device_bytes(&self) -> u64 {
+        self.shm.geometry().device_bytes
+    }
+}

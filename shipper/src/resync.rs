@@ -1,0 +1,106 @@
+//! The shipper's part of a digest resync (the handshake is in `blkfilter::ring::resync`):
+//! it asks for one when a new protection epoch starts (the initial replication of a
+//! volume that may already hold data), and it carries the replica's block digests from
+//! the recovery side, through the target store, to the producer.
+//!
+//! For a pass with generation `gen` (the seq of its begin MARK) it stores a
+//! [`DigestRequest`] with `need_seq = gen`; the recovery side answers once its replica
+//! holds every record up to the MARK. The answer is authenticated with the volume key
+//! ([`DigestAnswer::open`]); a forged or damaged answer is refused (the volume goes
+//! Critical) rather than trusted, since a wrong digest could skip a differing block.
+
+use crate::error::{Result, ShipperError};
+use crate::pipeline::ShipperConfig;
+use blkfilter::ring::{digests_path, Consumer};
+use changelog::digests::{answer_name, request_name, DigestAnswer, DigestRequest};
+use changelog::uring::{write_file_atomic, Uring};
+use changelog::TargetStore;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// How often the coordinator looks at the ring and the store.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Runs until `finished` is set: forwards requests and answers for every digest pass
+/// the producer begins.
+pub fn coordinate(
+    config: &ShipperConfig,
+    ring: &Consumer,
+    store: &dyn TargetStore,
+    finished: &AtomicBool,
+) -> Result<()> {
+    let volume = &config.volume;
+    let mut asked: Option<u64> = None;
+    while !finished.load(Ordering::Acquire) {
+        std::thread::sleep(TICK);
+        let progress = ring.resync_progress();
+        if !progress.active || progress.digests_ready || progress.gen == 0 {
+            continue;
+        }
+        let gen = progress.gen;
+        if asked != Some(gen) {
+            let request = DigestRequest {
+                gen,
+                need_seq: gen,
+                block_bytes: progress.block_bytes,
+                device_bytes: ring.geometry().device_bytes,
+            };
+            let json = serde_json::to_vec(&request).expect("request serializes");
+            match store.put_blob(volume, &request_name(gen), &json) {
+                Ok(()) => {
+                    log::info!(
+                        "volume {volume}: digest resync {gen}: asked {} for the replica's digests",
+                        store.describe()
+                    );
+                    asked = Some(gen);
+                }
+                Err(e) => log::warn!("volume {volume}: digest request: {e}; retrying"),
+            }
+            continue;
+        }
+        let name = answer_name(gen);
+        let bytes = match store.get_blob(volume, &name) {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => continue,
+            Err(e) => {
+                log::warn!("volume {volume}: reading the digest answer: {e}; retrying");
+                continue;
+            }
+        };
+        let where_ = format!("{}/{volume}/{name}", store.describe());
+        let answer = DigestAnswer::open(&config.key, volume.as_str(), gen, &where_, bytes)
+            .map_err(|e| ShipperError::Critical {
+                volume: volume.to_string(),
+                what: format!(
+                    "the replica digests failed verification ({e}); check that both sides use the same key, remove {where_} and run `shipper resync` again"
+                ),
+            })?;
+        deliver(ring.path(), &answer)?;
+        ring.mark_digests_ready();
+        log::info!(
+            "volume {volume}: digest resync {gen}: {} replica digests delivered; the producer compares",
+            answer.digests.len()
+        );
+        for name in [request_name(gen), name] {
+            if let Err(e) = store.delete_blob(volume, &name) {
+                log::warn!("volume {volume}: removing {name} from the store: {e}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes the digests beside the ring, durably and atomically, for the producer.
+fn deliver(ring: &Path, answer: &DigestAnswer) -> Result<()> {
+    let path = digests_path(ring);
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("ring paths have a file name");
+    let bytes = bincode::serialize(answer).expect("answer serializes");
+    let mut uring = Uring::new(2).map_err(|e| ShipperError::io("setting up io_uring", e))?;
+    write_file_atomic(&mut uring, dir, name, &bytes)
+        .map_err(|e| ShipperError::io(format!("writing {}", path.display()), e))
+}

@@ -1,0 +1,86 @@
+//! The recovery side of a digest resync: answer the protected side's requests for the
+//! replica's block digests (format and exchange in [`changelog::digests`]).
+//!
+//! A request is answered only once the replica holds every record up to its
+//! `need_seq` (the producer's resync-begin MARK), so the digests describe a replica at
+//! least that new; the protected side's comparison relies on that. Requests stay until
+//! the shipper takes the answer and removes both.
+
+use crate::error::{Result, TargetError};
+use changelog::digests::{
+    answer_name, file_digests, parse_request_name, DigestAnswer, DigestRequest,
+};
+use changelog::{Key, TargetStore, VolumeId};
+use std::fs::File;
+use std::path::Path;
+
+/// Largest device a request may describe (1 PiB): a bound against absurd requests.
+const MAX_DEVICE_BYTES: u64 = 1 << 50;
+
+/// Answers every pending request whose `need_seq` is below `applied_next_seq` (the
+/// first seq not applied to `replica`). Returns how many it answered.
+pub fn answer_requests(
+    store: &dyn TargetStore,
+    volume: &VolumeId,
+    key: &Key,
+    replica: &Path,
+    applied_next_seq: u64,
+) -> Result<usize> {
+    let names = store.list_blobs(volume)?;
+    let mut answered = 0;
+    for name in &names {
+        let Some(gen) = parse_request_name(name) else {
+            continue;
+        };
+        if names.contains(&answer_name(gen)) {
+            continue; // answered; the shipper has not collected it yet
+        }
+        let Some(bytes) = store.get_blob(volume, name)? else {
+            continue;
+        };
+        let request: DigestRequest = match serde_json::from_slice(&bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                log::warn!("volume {volume}: ignoring unreadable digest request {name}: {e}");
+                continue;
+            }
+        };
+        let block_ok = request.block_bytes.is_power_of_two()
+            && (4096..=(1 << 20)).contains(&request.block_bytes);
+        if request.gen != gen || !block_ok || request.device_bytes > MAX_DEVICE_BYTES {
+            log::warn!("volume {volume}: ignoring malformed digest request {name}: {request:?}");
+            continue;
+        }
+        if request.need_seq >= applied_next_seq {
+            log::debug!(
+                "volume {volume}: digest request {gen:016x} waits for seq {} to be applied",
+                request.need_seq
+            );
+            continue;
+        }
+        let started = std::time::Instant::now();
+        let file = File::open(replica)
+            .map_err(|e| TargetError::io(format!("opening replica {}", replica.display()), e))?;
+        let digests = file_digests(&file, request.device_bytes, request.block_bytes, |_| {})
+            .map_err(|e| TargetError::io(format!("reading replica {}", replica.display()), e))?;
+        let answer = DigestAnswer {
+            gen,
+            block_bytes: request.block_bytes,
+            device_bytes: request.device_bytes,
+            digests,
+        };
+        store.put_blob(
+            volume,
+            &answer_name(gen),
+            &answer.seal(key, volume.as_str())?,
+        )?;
+        log::info!(
+            "volume {volume}: answered digest request {gen:016x}: {} blocks of {} bytes in {:.1} s",
+            answer.digests.len(),
+            request.block_bytes,
+            started.elapsed().as_secs_f64()
+        );
+        answered += 1;
+    }
+    Ok(answered)
+}
