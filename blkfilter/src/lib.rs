@@ -4,6 +4,7 @@
 //! shared-memory [`ring`] that the shipper drains; when the ring is full, the written
 //! region goes to the ring's dirty bitmap instead.
 pub mod capture;
+pub mod daemon;
 pub mod digest_pass;
 pub mod ring;
 pub mod server;

@@ -1,14 +1,13 @@
 //! `blkfilter`: the capture side's command line.
 
 use anyhow::{Context, Result};
+use blkfilter::daemon::run_server;
 use blkfilter::capture::{Capture, Captured};
 use blkfilter::ring::{Producer, RingGeometry};
 use blkfilter::server::{self, AttachOptions};
 use blkfilter::workload::Workload;
 use clap::{Parser, Subcommand};
-use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 /// ublk-dr capture: puts a protected volume in front of a backing disk and records every
@@ -138,15 +137,15 @@ fn run(cli: Cli) -> Result<()> {
                 let id = args.id;
                 log::info!("/dev/ublkb{id} is QUIESCED over the same backing: recovering it");
                 let opts = server::recovery_plan(id)?;
-                return run_server(&args.daemon, move |ready| {
+                return run_server(args.daemon.foreground, &args.daemon.log, move |ready| {
                     server::serve(&opts, Some(id), ready)
                 });
             }
-            run_server(&args.daemon, move |ready| server::serve(&opts, None, ready))
+            run_server(args.daemon.foreground, &args.daemon.log, move |ready| server::serve(&opts, None, ready))
         }
         Command::Recover { id, daemon } => {
             let opts = server::recovery_plan(id)?;
-            run_server(&daemon, move |ready| server::serve(&opts, Some(id), ready))
+            run_server(daemon.foreground, &daemon.log, move |ready| server::serve(&opts, Some(id), ready))
         }
         Command::Detach { id } => {
             server::detach(id)?;
@@ -229,89 +228,3 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-type Ready = Box<dyn FnOnce(u32) + Send + Sync>;
-
-/// Runs a server in the foreground, or forks it into the background and returns once it
-/// reports the device live (or its error), so scripts can use the device right away.
-fn run_server(
-    daemon: &DaemonArgs,
-    serve: impl FnOnce(Ready) -> Result<(), server::ServerError>,
-) -> Result<()> {
-    if daemon.foreground {
-        let ready: Ready = Box::new(|id| {
-            println!("/dev/ublkb{id} is live");
-            let _ = std::io::stdout().flush();
-        });
-        return Ok(serve(ready)?);
-    }
-    let (read_end, write_end) = nix::unistd::pipe().context("creating a pipe")?;
-    // SAFETY: this process is still single-threaded here (nothing has spawned a
-    // thread yet), so the child may run arbitrary code after fork.
-    match unsafe { nix::unistd::fork() }.context("fork")? {
-        nix::unistd::ForkResult::Parent { .. } => {
-            drop(write_end);
-            let mut report = String::new();
-            std::fs::File::from(read_end)
-                .read_to_string(&mut report)
-                .context("reading the server's report")?;
-            match report.strip_prefix("ok ") {
-                Some(id) => {
-                    println!("/dev/ublkb{}", id.trim());
-                    Ok(())
-                }
-                None if report.is_empty() => anyhow::bail!(
-                    "the server exited before the device was live; see {}",
-                    daemon.log.display()
-                ),
-                None => anyhow::bail!("{}", report.trim_start_matches("error: ").trim()),
-            }
-        }
-        nix::unistd::ForkResult::Child => {
-            drop(read_end);
-            let report = std::sync::Mutex::new(Some(std::fs::File::from(write_end)));
-            let report = std::sync::Arc::new(report);
-            let for_ready = report.clone();
-            let _ = nix::unistd::setsid();
-            redirect_output(&daemon.log);
-            let ready: Ready = Box::new(move |id| {
-                if let Some(mut pipe) = for_ready.lock().ok().and_then(|mut p| p.take()) {
-                    let _ = writeln!(pipe, "ok {id}");
-                }
-            });
-            let result = serve(ready);
-            if let Err(e) = &result {
-                log::error!("{e}");
-                if let Some(mut pipe) = report.lock().ok().and_then(|mut p| p.take()) {
-                    let _ = writeln!(pipe, "error: {e}");
-                }
-            }
-            std::process::exit(if result.is_ok() { 0 } else { 1 });
-        }
-    }
-}
-
-/// Points the daemon's stdin at /dev/null and stdout/stderr at its log file.
-fn redirect_output(log: &Path) {
-    if let Some(dir) = log.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    let null = std::fs::File::open("/dev/null").ok().map(OwnedFd::from);
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .ok()
-        .map(OwnedFd::from);
-    use std::os::fd::AsRawFd;
-    // SAFETY: dup2 onto the standard descriptors with fds we own; nothing else in this
-    // (single-threaded) process is using them concurrently.
-    unsafe {
-        if let Some(null) = &null {
-            libc::dup2(null.as_raw_fd(), 0);
-        }
-        if let Some(out) = &out {
-            libc::dup2(out.as_raw_fd(), 1);
-            libc::dup2(out.as_raw_fd(), 2);
-        }
-    }
-}
