@@ -36,5 +36,5 @@ command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked --qui
 if [ "${UBLK_DR_SKIP_VM:-0}" != 1 ]; then
   step "ublk end-to-end tests (fio, ext4, kill -9, bad command lines)"
   cargo build --release --bins --quiet
-  scripts/vm.sh run -- tests/vm/ublk.sh
+  scripts/vm.sh run --mem 6144 -- tests/vm/ublk.sh
 fi

@@ -40,7 +40,7 @@ fn run_until_resynced(
         if let Some(w) = workload.as_deref_mut() {
             drive(capture, model, w.take(10));
         }
-        if !capture.digest_resync().expect("digest resync") {
+        if !capture.tick().expect("digest resync") {
             return statuses;
         }
         if let Ok(s) = shipper::Status::read(&fixture.path("status.json")) {
@@ -195,7 +195,7 @@ fn forged_digest_answer_stops_the_volume() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let store = fixture.store();
     let gen = loop {
-        capture.digest_resync().unwrap();
+        capture.tick().unwrap();
         let names = changelog::TargetStore::list_blobs(&*store, &fixture.volume).unwrap();
         if let Some(gen) = names
             .iter()

@@ -133,14 +133,18 @@ impl Capture {
         if self.recorder.resync_due() {
             self.resync()?;
         }
-        self.digest_resync()?;
+        self.tick()?;
         self.handle_request(request)
     }
 
-    /// Moves a digest resync along (see [`crate::ring::resync`]): starts one that was
-    /// asked for, takes the replica digests once they are delivered, and compares
-    /// blocks while the ring is at most half full. Returns whether one is still pending.
-    pub fn digest_resync(&mut self) -> Result<bool, CaptureError> {
+    /// What the ublk server's background task does each tick: records MARKs asked for
+    /// through the ring header, and moves a digest resync along (see
+    /// [`crate::ring::resync`]): starts one that was asked for, takes the replica
+    /// digests once delivered, compares blocks while the ring is at most half full.
+    /// Returns whether a digest resync is still pending. [`Capture::handle`] calls it
+    /// before each request.
+    pub fn tick(&mut self) -> Result<bool, CaptureError> {
+        self.recorder.serve_mark_requests();
         self.recorder.digest_poll();
         let fd = self.backing.as_raw_fd();
         let mut buf = vec![0u8; MAX_BLOCK_BYTES as usize];
@@ -434,6 +438,27 @@ impl Recorder {
             // ACTIVE goes down before the done MARK, so its reader sees it down.
             self.ring.finish_digest_pass();
             self.end_resync();
+        }
+    }
+
+    /// Records the MARK operators asked for through the ring header (`shipper mark`),
+    /// if any. A full ring leaves the request pending for the next tick.
+    pub fn serve_mark_requests(&mut self) {
+        let Some(req) = self.ring.pending_mark() else {
+            return;
+        };
+        let (label, flags): (&[u8], u8) = if req.app_consistent {
+            (b"app-consistent", MARK_APP_CONSISTENT)
+        } else {
+            (b"operator-mark", 0)
+        };
+        if let Captured::Recorded(seq) = self.record(Op::Mark, 0, label.len() as u64, label, flags)
+        {
+            self.ring.mark_served(req, seq);
+            log::info!(
+                "recorded {} MARK with seq {seq}",
+                String::from_utf8_lossy(label)
+            );
         }
     }
 

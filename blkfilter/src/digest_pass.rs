@@ -10,8 +10,7 @@
 //! source's bytes. Every other block is re-recorded: the current source bytes under a
 //! fresh seq, which overrides whatever the replica holds or will receive before it.
 
-use changelog::digests::{block_count, DigestAnswer, DEFAULT_BLOCK_BYTES};
-use sha2::{Digest, Sha256};
+use changelog::digests::{block_count, block_digest, DigestAnswer, DEFAULT_BLOCK_BYTES};
 
 /// Largest block a digest pass uses (and the buffer its reader needs).
 pub const MAX_BLOCK_BYTES: u32 = 1 << 20;
@@ -122,8 +121,7 @@ impl DigestPass {
     pub fn compare(&mut self, data: &[u8]) -> bool {
         let block = self.next_block;
         let replica = self.replica.as_ref().expect("next() returned a block");
-        let differs = self.is_touched(block)
-            || <[u8; 32]>::from(Sha256::digest(data)) != replica[block as usize];
+        let differs = self.is_touched(block) || block_digest(data) != replica[block as usize];
         if differs {
             self.sent_bytes += data.len() as u64;
         }
@@ -153,6 +151,7 @@ impl DigestPass {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
 
     fn digests_of(image: &[u8], block: usize) -> Vec<[u8; 32]> {
         image

@@ -1,8 +1,8 @@
 //! `blkfilter`: the capture side's command line.
 
 use anyhow::{Context, Result};
-use blkfilter::daemon::run_server;
 use blkfilter::capture::{Capture, Captured};
+use blkfilter::daemon::run_server;
 use blkfilter::ring::{Producer, RingGeometry};
 use blkfilter::server::{self, AttachOptions};
 use blkfilter::workload::Workload;
@@ -141,11 +141,15 @@ fn run(cli: Cli) -> Result<()> {
                     server::serve(&opts, Some(id), ready)
                 });
             }
-            run_server(args.daemon.foreground, &args.daemon.log, move |ready| server::serve(&opts, None, ready))
+            run_server(args.daemon.foreground, &args.daemon.log, move |ready| {
+                server::serve(&opts, None, ready)
+            })
         }
         Command::Recover { id, daemon } => {
             let opts = server::recovery_plan(id)?;
-            run_server(daemon.foreground, &daemon.log, move |ready| server::serve(&opts, Some(id), ready))
+            run_server(daemon.foreground, &daemon.log, move |ready| {
+                server::serve(&opts, Some(id), ready)
+            })
         }
         Command::Detach { id } => {
             server::detach(id)?;
@@ -227,4 +231,3 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
 }
-

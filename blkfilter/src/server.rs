@@ -403,6 +403,7 @@ async fn resync_task(queue: &UblkQueue<'_>, state: &QueueState) {
         queue
             .ublk_submit_sqe(opcode::Timeout::new(&tick).build())
             .await;
+        recorder.borrow_mut().serve_mark_requests();
         digest_resync(queue, state, recorder, &digest_buf).await;
         if !state.resync_due() {
             continue;

@@ -62,6 +62,32 @@ pub fn block_count(device_bytes: u64, block_bytes: u32) -> u64 {
     device_bytes.div_ceil(u64::from(block_bytes))
 }
 
+/// The SHA-256 of one block. All-zero blocks (unwritten space, the common case in an
+/// initial replication) are recognised first, which is several times faster than
+/// hashing them; their digest is computed once per length.
+pub fn block_digest(data: &[u8]) -> [u8; 32] {
+    let zero = data
+        .chunks(4096)
+        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0);
+    if !zero {
+        return Sha256::digest(data).into();
+    }
+    thread_local! {
+        static ZERO: std::cell::RefCell<Option<(usize, [u8; 32])>> = const { std::cell::RefCell::new(None) };
+    }
+    ZERO.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        match *cached {
+            Some((len, digest)) if len == data.len() => digest,
+            _ => {
+                let digest: [u8; 32] = Sha256::digest(data).into();
+                *cached = Some((data.len(), digest));
+                digest
+            }
+        }
+    })
+}
+
 /// SHA-256 of every block of `file` (zero-extended to `device_bytes`), read with
 /// io_uring in large pieces. `progress` is called with the bytes done so far.
 pub fn file_digests(
@@ -90,9 +116,7 @@ pub fn file_digests(
         if readable > 0 {
             uring.read_exact_at(file.as_raw_fd(), &mut chunk[..readable], at)?;
         }
-        for b in chunk.chunks(block as usize) {
-            digests.push(Sha256::digest(b).into());
-        }
+        digests.extend(chunk.chunks(block as usize).map(block_digest));
         at += n;
         progress(at);
     }

@@ -3,6 +3,7 @@
 //!
 //! * [`pipeline`]: reader → sealers → stager → uploader, and its contracts (I4).
 //! * [`chain_state`]: the persisted chain position and crash recovery.
+//! * [`mark`]: operator MARKs and app-consistent points (freeze, hooks).
 //! * [`resync`]: initial replication and the digest exchange of a resync.
 //! * [`retry`]: the retry schedule for recoverable errors.
 //! * [`status`]: health, RPO and the status file.
@@ -10,6 +11,7 @@
 pub mod chain_state;
 pub mod config;
 pub mod error;
+pub mod mark;
 pub mod pipeline;
 pub mod resync;
 pub mod retry;

@@ -51,6 +51,30 @@ enum Command {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Record a MARK in a volume's change stream: a recovery point to fail over to.
+    ///
+    /// With --app-consistent, the point is flagged application-consistent: run --pre,
+    /// freeze each --freeze mount point (FIFREEZE), record the MARK, thaw, run --post.
+    Mark {
+        #[arg(long, required_unless_present = "config")]
+        ring: Option<PathBuf>,
+        #[arg(long, requires = "volume", conflicts_with = "ring")]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        volume: Option<VolumeId>,
+        /// Flag the point application-consistent (needs --freeze or --pre).
+        #[arg(long)]
+        app_consistent: bool,
+        /// Freeze this mounted file system around the MARK (repeatable).
+        #[arg(long, value_name = "MOUNTPOINT")]
+        freeze: Vec<PathBuf>,
+        /// Shell command run before freezing (e.g. put a database in backup mode).
+        #[arg(long, value_name = "CMD")]
+        pre: Option<String>,
+        /// Shell command run after thawing.
+        #[arg(long, value_name = "CMD")]
+        post: Option<String>,
+    },
     /// Show a running shipper's health, RPO and progress.
     Status {
         /// The status file the shipper writes (its --status).
@@ -141,6 +165,38 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Run(args) => ship(args),
+        Command::Mark {
+            ring,
+            config,
+            volume,
+            app_consistent,
+            freeze,
+            pre,
+            post,
+        } => {
+            let ring = ring_of(ring, config, volume)?;
+            anyhow::ensure!(
+                !app_consistent || !freeze.is_empty() || pre.is_some(),
+                "an app-consistent point needs --freeze MOUNTPOINT or a --pre hook that quiesces the application"
+            );
+            let options = shipper::mark::MarkOptions {
+                app_consistent,
+                freeze,
+                pre,
+                post,
+                timeout: Duration::from_secs(10),
+            };
+            let seq = shipper::mark::mark(&ring, &options)?;
+            println!(
+                "recorded {} MARK with seq {seq}",
+                if app_consistent {
+                    "an app-consistent"
+                } else {
+                    "a"
+                }
+            );
+            Ok(())
+        }
         Command::Resync {
             ring,
             config,
@@ -148,18 +204,7 @@ fn run(cli: Cli) -> Result<()> {
             block_kib,
             no_wait,
         } => {
-            let ring = match (ring, config) {
-                (Some(ring), _) => ring,
-                (None, config) => {
-                    let file = ConfigFile::load(&config.expect("clap: ring or config"))?;
-                    let volume = volume.expect("clap: config requires volume");
-                    file.volumes
-                        .iter()
-                        .find(|v| v.id == volume)
-                        .map(|v| v.ring.clone())
-                        .with_context(|| format!("volume {volume} is not in the config file"))?
-                }
-            };
+            let ring = ring_of(ring, config, volume)?;
             let block = shipper::config::resync_block_bytes(block_kib)
                 .map_err(|e| anyhow::anyhow!("--block-kib: {e}"))?;
             resync(&ring, block, !no_wait)
@@ -283,6 +328,24 @@ fn ship(args: RunArgs) -> Result<()> {
         Some(e) => Err(e.into()),
         None => Ok(()),
     }
+}
+
+/// The ring named by --ring, or by --config and --volume.
+fn ring_of(
+    ring: Option<PathBuf>,
+    config: Option<PathBuf>,
+    volume: Option<VolumeId>,
+) -> Result<PathBuf> {
+    if let Some(ring) = ring {
+        return Ok(ring);
+    }
+    let file = ConfigFile::load(&config.context("give --ring, or --config with --volume")?)?;
+    let volume = volume.context("--config needs --volume")?;
+    file.volumes
+        .iter()
+        .find(|v| v.id == volume)
+        .map(|v| v.ring.clone())
+        .with_context(|| format!("volume {volume} is not in the config file"))
 }
 
 /// Asks for a digest resync through the ring header and follows its progress there.

@@ -40,6 +40,34 @@ stop_shipper() {
   SHIPPER_PID=
 }
 
+# start_follower DIR: the recovery side as a service, `ublk-target apply --follow`
+# (applies segments as they arrive and answers digest-resync requests). Sets
+# FOLLOWER_PID; `finish` stops it before its final apply.
+start_follower() {
+  local dir=$1
+  [ -f "$dir/replica" ] || truncate -s "$(stat -c %s "$dir/backing")" "$dir/replica"
+  RUST_LOG=${RUST_LOG:-info} "$BIN/ublk-target" apply --follow --poll-ms 100 --store "$dir/store" \
+    --volume vol0 --replica "$dir/replica" --key "$dir/key" >>"$dir/target.log" 2>&1 &
+  FOLLOWER_PID=$!
+}
+
+stop_follower() {
+  [ -n "${FOLLOWER_PID:-}" ] || return 0
+  kill -TERM "$FOLLOWER_PID" 2>/dev/null || true
+  wait "$FOLLOWER_PID" 2>/dev/null || true
+  FOLLOWER_PID=
+}
+
+# wait_digest_resync DIR: until the shipper's status shows no digest resync (300 s).
+wait_digest_resync() {
+  local i
+  for i in $(seq 1200); do
+    grep -q '"resync": null' "$1/status.json" 2>/dev/null && return 0
+    sleep 0.25
+  done
+  die "the digest resync did not finish: $(cat "$1/status.json")"
+}
+
 # blkfilter_pid ID: the pid of the server of /dev/ublkbID.
 blkfilter_pid() {
   "$BIN/blkfilter" list | awk -v id="$1" '$1 == id { print $4 }'
@@ -72,6 +100,7 @@ finish() {
   RUST_LOG=warn "$BIN/shipper" run --volume vol0 --ring "$dir/ring" --staging "$dir/staging" \
     --store "$dir/store" --key "$dir/key" --drain >>"$dir/shipper.log" 2>&1 ||
     die "draining shipper failed: $(tail -5 "$dir/shipper.log")"
+  stop_follower
   truncate -s "$(stat -c %s "$dir/backing")" "$dir/replica"
   "$BIN/ublk-target" apply --store "$dir/store" --volume vol0 --replica "$dir/replica" \
     --key "$dir/key" 2>&1 | tail -1

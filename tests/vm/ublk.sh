@@ -21,7 +21,7 @@ run_test() {
   for id in $("$BIN/blkfilter" list 2>/dev/null | awk 'NR > 1 { print $1 }'); do
     "$BIN/blkfilter" detach --id "$id" >/dev/null 2>&1
   done
-  pkill -f "$BIN/shipper run" 2>/dev/null; sleep 0.2
+  pkill -f "$BIN/shipper run" 2>/dev/null; pkill -f "$BIN/ublk-target apply" 2>/dev/null; sleep 0.2
   # Guest /tmp is RAM: each test's images go when it ends.
   umount /tmp/t-*/mnt 2>/dev/null; rm -rf /tmp/t-*
 }
@@ -122,6 +122,45 @@ overflow_then_resync_converges() {
   "$BIN/ublk-target" inspect $w/store/vol0/$last | grep flags | grep -q crash-point
 }
 
+# Issue #4: protecting a volume that already holds ext4 and files, while fio writes
+# into that file system; the digest resync copies what the replica lacks.
+initial_replication_of_used_ext4_under_fio() {
+  local w=/tmp/t-initial fio_pid
+  mkdir -p $w/mnt
+  truncate -s 1G $w/backing
+  mkfs.ext4 -q -F $w/backing
+  mount -o loop $w/backing $w/mnt
+  mkdir -p $w/mnt/data
+  for i in $(seq 100); do head -c $((i * 8192)) /dev/urandom >$w/mnt/data/f$i; done
+  cp -r /usr/share/doc/fio $w/mnt/doc 2>/dev/null || cp -r /etc/default $w/mnt/doc
+  umount $w/mnt
+  "$BIN/shipper" keygen --out $w/key >/dev/null
+  start_follower $w
+  SYNC_OPT= protect $w 1G
+  mount "$DEV" $w/mnt
+  fio --name=live --directory=$w/mnt/data --size=32M --rw=randwrite --bs=4k --iodepth=8 \
+    --ioengine=io_uring --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 \
+    >/tmp/fio-live.out 2>&1 &
+  fio_pid=$!
+  sleep 1
+  grep -q '"resync": {' $w/status.json   # status shows the initial replication
+  "$BIN/shipper" status --status $w/status.json | grep state
+  wait $fio_pid
+  wait_digest_resync $w
+  grep "digest resync .*: done" $w/blkfilter.log | tail -1
+  (cd $w/mnt && find . -type f -exec sha256sum {} + | sort -k2) >$w/files.sha
+  umount $w/mnt
+  finish $w
+  same_image $w
+  local last
+  last=$(ls $w/store/vol0 | grep '\.seg$' | tail -1)
+  "$BIN/ublk-target" inspect $w/store/vol0/$last | grep flags | grep -q crash-point
+  e2fsck -fn $w/replica
+  mount -o ro,loop $w/replica $w/mnt
+  (cd $w/mnt && sha256sum -c --quiet $w/files.sha)
+  umount $w/mnt
+}
+
 bad_command_lines() {
   local w=/tmp/t-bad out
   mkdir -p $w
@@ -146,7 +185,8 @@ bad_command_lines() {
 
 tests=("$@")
 [ ${#tests[@]} -gt 0 ] || tests=(fio_randwrite_and_seqwrite ext4_files kill9_blkfilter_mid_fio reattach_takes_back_a_dead_servers_device
-  kill9_shipper_under_load overflow_then_resync_converges bad_command_lines)
+  kill9_shipper_under_load overflow_then_resync_converges initial_replication_of_used_ext4_under_fio
+  bad_command_lines)
 for t in "${tests[@]}"; do run_test "$t"; done
 echo
 echo "ublk: $PASSED passed, $FAILED failed"

@@ -24,6 +24,8 @@ pub enum TargetError {
     State { path: PathBuf, what: String },
     #[error("replica {path}: {what}")]
     Replica { path: PathBuf, what: String },
+    #[error("{0}")]
+    Device(String),
 }
 
 impl TargetError {

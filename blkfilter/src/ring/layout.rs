@@ -38,6 +38,10 @@ pub const OFF_RESYNC_TOTAL: usize = 328;
 pub const OFF_RESYNC_DONE: usize = 336;
 pub const OFF_RESYNC_SENT: usize = 344;
 pub const OFF_RESYNC_BLOCK: usize = 352;
+pub const OFF_MARK_REQUESTED: usize = 384;
+pub const OFF_MARK_DONE: usize = 392;
+pub const OFF_MARK_SEQ: usize = 400;
+pub const OFF_MARK_APP: usize = 408;
 
 /// `flags` bit: records were lost to the dirty bitmap since it was last taken.
 pub const FLAG_OVERFLOW: u64 = 1;

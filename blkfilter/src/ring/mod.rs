@@ -44,6 +44,10 @@
 //!   336    8    resync_done    producer    bytes compared so far
 //!   344    8    resync_sent    producer    bytes re-recorded because they differed
 //!   352    4    resync_block   requester   digest block size (0 = 64 KiB)
+//!   384    8    mark_requested requester   MARKs asked for by operators (a counter)
+//!   392    8    mark_done      producer    MARK requests recorded (a counter)
+//!   400    8    mark_seq       producer    seq of the last MARK recorded for a request
+//!   408    8    mark_app       requester   1 if the asked MARK is app-consistent
 //! bitmap   = bitmap_words x u64; bit b of word w set = chunk 64*w+b holds lost writes
 //! data     = capacity bytes: a circular sequence of slots
 //! slot     = record | wrap
@@ -107,6 +111,7 @@ mod consumer;
 mod error;
 mod futex;
 mod layout;
+pub mod mark;
 mod producer;
 pub mod proto;
 pub mod resync;
@@ -117,6 +122,7 @@ mod tests;
 pub use consumer::Consumer;
 pub use error::{Full, RingError};
 pub use layout::{DEFAULT_CHUNK_BYTES, MIN_CAPACITY_BYTES, SLOT_HEADER_BYTES};
+pub use mark::MarkRequest;
 pub use producer::Producer;
 pub use resync::{digests_path, ResyncProgress, RingControl};
 

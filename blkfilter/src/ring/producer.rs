@@ -1,6 +1,7 @@
 use super::layout::{
     FLAG_DIGESTS_READY, FLAG_DIGEST_ACTIVE, FLAG_DIGEST_REQUEST, FLAG_OVERFLOW, FLAG_RESYNC,
 };
+use super::mark::{self, MarkRequest};
 use super::proto::{ProducerCore, RingMem};
 use super::resync::{self, ResyncProgress};
 use super::shm::Shm;
@@ -114,6 +115,16 @@ impl Producer {
     /// Lowers DIGEST_ACTIVE; the caller then records the done MARK and ends the resync.
     pub fn finish_digest_pass(&self) {
         resync::finish(&self.shm);
+    }
+
+    /// MARKs operators asked for and the producer has not recorded yet.
+    pub fn pending_mark(&self) -> Option<MarkRequest> {
+        mark::pending(&self.shm)
+    }
+
+    /// Acknowledges the requests of `req`: their MARK has `seq`.
+    pub fn mark_served(&self, req: MarkRequest, seq: u64) {
+        mark::served(&self.shm, req, seq);
     }
 
     pub fn resync_progress(&self) -> ResyncProgress {

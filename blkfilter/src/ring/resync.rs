@@ -147,6 +147,17 @@ impl RingControl {
         progress(&self.shm)
     }
 
+    /// Asks the producer for a MARK (see [`super::mark`]); returns the request number
+    /// for [`RingControl::mark_recorded`].
+    pub fn request_mark(&self, app_consistent: bool) -> u64 {
+        super::mark::request(&self.shm, app_consistent)
+    }
+
+    /// The seq of the MARK that served request `number`, once the producer recorded it.
+    pub fn mark_recorded(&self, number: u64) -> Option<u64> {
+        super::mark::recorded(&self.shm, number)
+    }
+
     pub fn device_bytes(&self) -> u64 {
         self.shm.geometry().device_bytes
     }
