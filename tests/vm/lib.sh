@@ -46,6 +46,7 @@ stop_shipper() {
 start_follower() {
   local dir=$1
   [ -f "$dir/replica" ] || truncate -s "$(stat -c %s "$dir/backing")" "$dir/replica"
+  mkdir -p "$dir/store"
   RUST_LOG=${RUST_LOG:-info} "$BIN/ublk-target" apply --follow --poll-ms 100 --store "$dir/store" \
     --volume vol0 --replica "$dir/replica" --key "$dir/key" >>"$dir/target.log" 2>&1 &
   FOLLOWER_PID=$!
