@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 ensure_rust
 name=${1:?usage: bench/run.sh BENCH [ARGS...]}; shift
+# The digest-resync bench compares against rsync.
+[ "$name" != digest-resync ] || command -v rsync >/dev/null || ensure_debs rsync
 cargo build --release -p bench --bin "$name" --quiet
 out=$(target/release/"$name" "$@")
 echo "$out"

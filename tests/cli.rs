@@ -18,7 +18,10 @@ fn every_command_has_help() {
             "blkfilter",
             &["attach", "recover", "detach", "list", "exercise"][..],
         ),
-        ("shipper", &["keygen", "run", "mark", "resync", "status"][..]),
+        (
+            "shipper",
+            &["keygen", "run", "mark", "resync", "status"][..],
+        ),
         ("ublk-target", &["apply", "inspect"][..]),
     ] {
         let (ok, text) = run(name, &["--help"]);
