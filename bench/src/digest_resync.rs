@@ -175,13 +175,7 @@ fn main() {
         stats
             .lines()
             .find_map(|l| l.strip_prefix(name))
-            .map(|v| {
-                v.trim()
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("0")
-                    .replace(',', "")
-            })
+            .map(|v| v.split_whitespace().next().unwrap_or("0").replace(',', ""))
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
