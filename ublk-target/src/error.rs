@@ -24,6 +24,10 @@ pub enum TargetError {
     State { path: PathBuf, what: String },
     #[error("replica {path}: {what}")]
     Replica { path: PathBuf, what: String },
+    #[error("undo journal {path} is unusable: {what}. It was not used; the points that need it cannot be served or rolled back to until it is restored (`ublk-target points` lists what is intact)")]
+    Journal { path: PathBuf, what: String },
+    #[error("journal {journal} is locked by another ublk-target apply, prune or rollback of this replica; only one may change a replica at a time, stop the other first")]
+    Busy { journal: PathBuf },
 }
 
 impl TargetError {

@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use ublk_target::Applier;
+use ublk_target::{Applier, ApplyOptions};
 
 /// Recovery side of ublk-dr: verify change-log segments and apply them to replica disks.
 #[derive(Parser)]
@@ -39,6 +39,10 @@ enum Command {
         /// Where the applied position is kept [default: REPLICA.state].
         #[arg(long)]
         state: Option<PathBuf>,
+        /// Undo journal directory, which keeps the older recovery points
+        /// [default: REPLICA.journal].
+        #[arg(long)]
+        journal: Option<PathBuf>,
         /// Keep running and apply new segments as they arrive.
         #[arg(long)]
         follow: bool,
@@ -71,6 +75,7 @@ fn run(cli: Cli) -> Result<()> {
             replica,
             key,
             state,
+            journal,
             follow,
             poll_ms,
         } => {
@@ -89,6 +94,10 @@ fn run(cli: Cli) -> Result<()> {
                 key,
                 &replica,
                 &state,
+                &ApplyOptions {
+                    journal_dir: journal,
+                    ..ApplyOptions::default()
+                },
             )?;
             loop {
                 let applied = applier.apply_available()?;
