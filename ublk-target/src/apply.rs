@@ -9,8 +9,9 @@
 //! position update re-applies the same segment on restart; records are absolute
 //! (offset + data, or a zeroed range), so re-applying yields the same replica.
 //!
-//! The applier holds the journal lock: no other applier of the same replica runs
-//! meanwhile.
+//! After each segment, retention ([`crate::points::prune`]) drops the oldest undo
+//! journals when configured. The applier holds the journal lock: no other applier or prune
+//! of the same replica runs meanwhile.
 //!
 //! Within a segment, records whose ranges do not overlap are submitted together; an
 //! overlapping record waits for the batch before it, so the replica sees the records'
@@ -18,6 +19,7 @@
 
 use crate::error::{Result, TargetError};
 use crate::journal::{Journal, JournalLock};
+use crate::points::{prune_locked, PruneReport, Retention};
 use crate::state::{ApplyState, PointFacts, ReplicaPaths};
 use changelog::uring::{IoOp, Uring};
 use changelog::{ChainCursor, Key, Op, OpenedSegment, SegmentHeader, TargetStore, VolumeId};
@@ -44,6 +46,8 @@ pub struct Applied {
     /// Whether its undo journal was written now (`false`: kept from an interrupted
     /// apply of the same segment).
     pub journal_saved: bool,
+    /// What retention removed afterwards.
+    pub pruned: Option<PruneReport>,
 }
 
 /// Applier settings beyond the store, key and paths.
@@ -51,6 +55,8 @@ pub struct Applied {
 pub struct ApplyOptions {
     /// The undo journal directory [default: `REPLICA.journal/`].
     pub journal_dir: Option<PathBuf>,
+    /// Pruning after each applied segment (none by default: every journal is kept).
+    pub retention: Retention,
 }
 
 pub struct Applier {
@@ -60,6 +66,7 @@ pub struct Applier {
     replica: File,
     state: ApplyState,
     journal: Journal,
+    retention: Retention,
     uring: Uring,
     _lock: JournalLock,
 }
@@ -100,6 +107,7 @@ impl Applier {
             replica,
             state,
             journal,
+            retention: options.retention,
             uring,
             _lock: lock,
         })
@@ -120,8 +128,21 @@ impl Applier {
         &self.paths
     }
 
+    /// Applies `retention` now (see [`crate::points::prune`]).
+    pub fn prune(&mut self, retention: &Retention, now_unix_ms: u64) -> Result<PruneReport> {
+        prune_locked(
+            &self.paths,
+            &self.journal,
+            &mut self.uring,
+            retention,
+            now_unix_ms,
+        )
+    }
+
     /// Applies the next segment if the store has it. `Ok(None)` when it is not there
-    /// yet; [`TargetError::Gap`] when it is missing but later ones exist..
+    /// yet; [`TargetError::Gap`] when it is missing but later ones exist. With
+    /// a retention, an error of the pruning that follows is returned although the
+    /// segment was applied (the position has moved; the next call goes on).
     pub fn apply_next(&mut self) -> Result<Option<Applied>> {
         let volume = self.state.cursor.volume.clone();
         let index = self.state.cursor.next_index;
@@ -154,11 +175,18 @@ impl Applier {
             segment.header.first_seq,
             segment.header.last_seq
         );
+        let pruned = if self.retention.is_unlimited() {
+            None
+        } else {
+            let retention = self.retention;
+            Some(self.prune(&retention, changelog::unix_ms_now())?)
+        };
         Ok(Some(Applied {
             records: segment.records().count(),
             bytes_written,
             header: segment.header,
             journal_saved,
+            pruned,
         }))
     }
 

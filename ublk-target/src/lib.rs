@@ -3,12 +3,18 @@
 //! * [`apply`]: verify and apply segments to a replica image, crash-safe and
 //!   idempotent (I5, I6), saving an undo journal per segment first.
 //! * [`journal`]: the undo journal format and its contract.
+//! * [`points`]: the recovery-point catalog, the views registry and retention.
+//! * [`view`]: the replica at any retained point, with a throw-away write overlay.
 //! * [`state`]: the replica's paths and the persisted applier state.
 pub mod apply;
 pub mod error;
 pub mod journal;
+pub mod points;
 pub mod state;
+pub mod view;
 
 pub use apply::{Applied, Applier, ApplyOptions};
 pub use error::{Result, TargetError};
+pub use points::{catalog, prune, Catalog, PruneReport, RecoveryPoint, Retention};
 pub use state::{ApplyState, PointFacts, ReplicaPaths};
+pub use view::{PointView, ViewOptions};
