@@ -10,7 +10,7 @@
 //! (offset + data, or a zeroed range), so re-applying yields the same replica.
 //!
 //! After each segment, retention ([`crate::points::prune`]) drops the oldest undo
-//! journals when configured. The applier holds the journal lock: no other applier or prune
+//! journals when configured. The applier holds the journal lock: no rollback or prune
 //! of the same replica runs meanwhile.
 //!
 //! Within a segment, records whose ranges do not overlap are submitted together; an
@@ -20,6 +20,7 @@
 use crate::error::{Result, TargetError};
 use crate::journal::{Journal, JournalLock};
 use crate::points::{prune_locked, PruneReport, Retention};
+use crate::rollback::{rollback_locked, RollbackReport};
 use crate::state::{ApplyState, PointFacts, ReplicaPaths};
 use changelog::uring::{IoOp, Uring};
 use changelog::{ChainCursor, Key, Op, OpenedSegment, SegmentHeader, TargetStore, VolumeId};
@@ -139,11 +140,31 @@ impl Applier {
         )
     }
 
+    /// Rolls the replica back to `point` for failover (see [`crate::rollback`]); no
+    /// segment is applied afterwards.
+    pub fn rollback_to(&mut self, point: u64) -> Result<RollbackReport> {
+        let (state, report) = rollback_locked(
+            &self.paths,
+            &self.journal,
+            &mut self.uring,
+            &self.replica,
+            self.state.clone(),
+            point,
+            None,
+        )?;
+        self.state = state;
+        Ok(report)
+    }
+
     /// Applies the next segment if the store has it. `Ok(None)` when it is not there
-    /// yet; [`TargetError::Gap`] when it is missing but later ones exist. With
+    /// yet; [`TargetError::Gap`] when it is missing but later ones exist;
+    /// [`TargetError::RolledBack`] once the replica was rolled back for failover. With
     /// a retention, an error of the pruning that follows is returned although the
     /// segment was applied (the position has moved; the next call goes on).
     pub fn apply_next(&mut self) -> Result<Option<Applied>> {
+        if let Some(point) = self.state.rolled_back_to {
+            return Err(TargetError::RolledBack { point });
+        }
         let volume = self.state.cursor.volume.clone();
         let index = self.state.cursor.next_index;
         let name = self.store.segment_name(&volume, index);

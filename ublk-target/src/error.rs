@@ -38,6 +38,8 @@ pub enum TargetError {
     },
     #[error("replica was rolled back to point {point} for failover; it no longer follows the source, so no segment is applied to it: protect it in the reverse direction (failback), or start a new replica with an empty state and journal")]
     RolledBack { point: u64 },
+    #[error("rollback to point {point} refused: {what}")]
+    Rollback { point: u64, what: String },
     #[error("point view: {what}")]
     View { what: String },
 }

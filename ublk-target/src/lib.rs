@@ -5,16 +5,19 @@
 //! * [`journal`]: the undo journal format and its contract.
 //! * [`points`]: the recovery-point catalog, the views registry and retention.
 //! * [`view`]: the replica at any retained point, with a throw-away write overlay.
+//! * [`rollback`]: make the replica equal a point for real (failover).
 //! * [`state`]: the replica's paths and the persisted applier state.
 pub mod apply;
 pub mod error;
 pub mod journal;
 pub mod points;
+pub mod rollback;
 pub mod state;
 pub mod view;
 
 pub use apply::{Applied, Applier, ApplyOptions};
 pub use error::{Result, TargetError};
 pub use points::{catalog, prune, Catalog, PruneReport, RecoveryPoint, Retention};
+pub use rollback::{rollback_steps, rollback_to, RollbackReport};
 pub use state::{ApplyState, PointFacts, ReplicaPaths};
 pub use view::{PointView, ViewOptions};
