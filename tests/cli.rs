@@ -19,7 +19,10 @@ fn every_command_has_help() {
             &["attach", "recover", "detach", "list", "exercise"][..],
         ),
         ("shipper", &["keygen", "run", "status"][..]),
-        ("ublk-target", &["apply", "inspect"][..]),
+        (
+            "ublk-target",
+            &["apply", "points", "prune", "rollback", "export", "inspect"][..],
+        ),
     ] {
         let (ok, text) = run(name, &["--help"]);
         assert!(ok, "{name} --help failed");
