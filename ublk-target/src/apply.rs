@@ -88,6 +88,7 @@ impl Applier {
             .with_state(Some(state_path.into()))
             .with_journal(options.journal_dir.clone());
         let journal = Journal::new(&paths.journal);
+        journal.create()?;
         let lock = journal.lock()?;
         let replica = OpenOptions::new()
             .read(true)

@@ -482,10 +482,18 @@ impl Journal {
         Ok(())
     }
 
-    /// Takes the journal's lock without waiting; [`TargetError::Busy`] when another
-    /// applier, prune or rollback holds it.
+    /// Takes the journal's lock; [`TargetError::Busy`] when another applier, prune or
+    /// rollback holds it. The directory must exist (the applier creates it).
     pub fn lock(&self) -> Result<JournalLock> {
-        self.create()?;
+        if !self.dir.is_dir() {
+            return Err(TargetError::io(
+                format!(
+                    "journal directory {} (nothing applied to this replica yet, or give --journal)",
+                    self.dir.display()
+                ),
+                std::io::ErrorKind::NotFound.into(),
+            ));
+        }
         let path = self.dir.join("lock");
         let file = File::options()
             .create(true)

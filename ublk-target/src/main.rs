@@ -152,6 +152,24 @@ fn parse_keep_points(text: &str) -> std::result::Result<usize, String> {
     }
 }
 
+/// Refuses, before anything is created, a replica that was never applied to.
+fn require_applied(paths: &ReplicaPaths) -> Result<()> {
+    if !paths.replica.exists() {
+        anyhow::bail!(
+            "replica {} does not exist (give the replica `apply` writes)",
+            paths.replica.display()
+        );
+    }
+    if !paths.state.exists() {
+        anyhow::bail!(
+            "no applied state {} for replica {}: nothing was applied to it yet, or give --state",
+            paths.state.display(),
+            paths.replica.display()
+        );
+    }
+    Ok(())
+}
+
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     if let Err(e) = run(Cli::parse()) {
@@ -217,12 +235,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Points { replica, json } => {
             let paths = replica.paths();
-            if !paths.state.exists() && !paths.replica.exists() {
-                anyhow::bail!(
-                    "replica {} does not exist (give the replica `apply` writes)",
-                    paths.replica.display()
-                );
-            }
+            require_applied(&paths)?;
             let catalog = ublk_target::catalog(&paths)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&catalog)?);
@@ -236,8 +249,9 @@ fn run(cli: Cli) -> Result<()> {
             if retention.is_unlimited() {
                 anyhow::bail!("give --keep-points and/or --keep-age");
             }
-            let report =
-                ublk_target::prune(&replica.paths(), &retention, changelog::unix_ms_now())?;
+            let paths = replica.paths();
+            require_applied(&paths)?;
+            let report = ublk_target::prune(&paths, &retention, changelog::unix_ms_now())?;
             match (report.removed.first(), report.removed.last()) {
                 (Some(first), Some(last)) => println!(
                     "removed undo journals {first}..={last}; {} point(s) left",
@@ -256,6 +270,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Rollback { replica, point } => {
             let paths = replica.paths();
+            require_applied(&paths)?;
             let report = ublk_target::rollback_to(&paths, point)?;
             println!(
                 "replica {} is at point {point} ({} segment(s) undone now); it is no longer \
@@ -271,6 +286,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
         } => {
             let paths = replica.paths();
+            require_applied(&paths)?;
             let mut view = ublk_target::PointView::open(&paths, point)?;
             ublk_target::view::export(&mut view, &out)?;
             view.close()?;

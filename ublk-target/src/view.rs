@@ -151,6 +151,13 @@ impl PointView {
                 VIEW_COUNTER.fetch_add(1, Ordering::Relaxed)
             )
         });
+        if !paths.journal.is_dir() {
+            return Err(unavailable(format!(
+                "there is no journal directory {} (nothing applied to this replica, or give \
+                 the journal directory)",
+                paths.journal.display()
+            )));
+        }
         // Register before looking at any journal, so a prune from now on keeps them.
         journal.create()?;
         let registration = Registration(register_view(&paths.journal, &name, point)?);
