@@ -764,6 +764,16 @@ fn command_line() {
     assert!(ok, "{text}");
     assert!(std::fs::read(&out_file).unwrap() == model_at(&model, oldest.last_seq));
 
+    // A mistyped replica: refused, and nothing is created next to it.
+    let out = std::process::Command::new(bin("ublk-target"))
+        .args(["prune", "--keep-points", "1", "--replica"])
+        .arg(fixture.path("replcia"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+    assert!(!fixture.path("replcia.journal").exists());
+
     let (ok, text) = cli(&["prune", "--keep-age", "3w"], &fixture);
     assert!(!ok && text.contains("unknown unit"), "{text}");
     let (ok, text) = cli(&["prune", "--keep-points", "0"], &fixture);
