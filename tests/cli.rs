@@ -22,7 +22,10 @@ fn every_command_has_help() {
             "shipper",
             &["keygen", "run", "mark", "resync", "status"][..],
         ),
-        ("ublk-target", &["apply", "inspect"][..]),
+        (
+            "ublk-target",
+            &["apply", "points", "prune", "rollback", "export", "inspect"][..],
+        ),
     ] {
         let (ok, text) = run(name, &["--help"]);
         assert!(ok, "{name} --help failed");

@@ -151,6 +151,7 @@ fn reapplying_a_segment_is_idempotent() {
             Some(bytes) => std::fs::write(fixture.path("replica.state"), bytes).unwrap(),
             None => std::fs::remove_file(fixture.path("replica.state")).unwrap(),
         }
+        drop(applier); // it holds the journal lock
         applier = fixture.applier("replica", &fixture.key).unwrap();
         applier
             .apply_next()

@@ -192,8 +192,18 @@ impl Fixture {
         (fixture, model)
     }
 
-    /// An applier over a fresh (zeroed) replica named `name`.
+    /// An applier over a fresh (zeroed) replica named `name`, journal in `name.journal`.
     pub fn applier(&self, name: &str, key: &Key) -> ublk_target::Result<ublk_target::Applier> {
+        self.applier_with(name, key, &ublk_target::ApplyOptions::default())
+    }
+
+    /// [`Fixture::applier`] with options (journal directory, retention).
+    pub fn applier_with(
+        &self,
+        name: &str,
+        key: &Key,
+        options: &ublk_target::ApplyOptions,
+    ) -> ublk_target::Result<ublk_target::Applier> {
         let replica = self.path(name);
         if !replica.exists() {
             std::fs::File::create(&replica)
@@ -207,7 +217,13 @@ impl Fixture {
             key.clone(),
             &replica,
             &self.path(&format!("{name}.state")),
+            options,
         )
+    }
+
+    /// The paths of replica `name` with the default state and journal locations.
+    pub fn replica_paths(&self, name: &str) -> ublk_target::ReplicaPaths {
+        ublk_target::ReplicaPaths::new(self.path(name))
     }
 
     /// Paths of the volume's segments in the store, in index order.

@@ -2,17 +2,27 @@
 //!
 //! For each segment: read it from the store, check its place in the chain and
 //! authenticate it ([`ChainCursor::open_next`]) — no byte reaches the replica before
-//! that (I6) — then apply its records with io_uring, fdatasync the replica, and only
-//! then persist the new chain position (I5). A crash between the replica writes and the
+//! that (I6) — then save the before-images of everything it changes in its undo
+//! journal ([`crate::journal`]; in place before the first replica write, and kept if
+//! it is already there), apply its records with io_uring, fdatasync the replica, and
+//! only then persist the new position (I5). A crash between the replica writes and the
 //! position update re-applies the same segment on restart; records are absolute
 //! (offset + data, or a zeroed range), so re-applying yields the same replica.
+//!
+//! After each segment, retention ([`crate::points::prune`]) drops the oldest undo
+//! journals when configured. The applier holds the journal lock: no rollback or prune
+//! of the same replica runs meanwhile.
 //!
 //! Within a segment, records whose ranges do not overlap are submitted together; an
 //! overlapping record waits for the batch before it, so the replica sees the records'
 //! order wherever it matters.
 
 use crate::error::{Result, TargetError};
-use changelog::uring::{write_file_atomic, IoOp, Uring};
+use crate::journal::{Journal, JournalLock};
+use crate::points::{prune_locked, PruneReport, Retention};
+use crate::rollback::{rollback_locked, RollbackReport};
+use crate::state::{ApplyState, PointFacts, ReplicaPaths};
+use changelog::uring::{IoOp, Uring};
 use changelog::{ChainCursor, Key, Op, OpenedSegment, SegmentHeader, TargetStore, VolumeId};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -22,9 +32,10 @@ use std::sync::Arc;
 /// Queue depth for replica writes.
 const APPLY_DEPTH: u32 = 64;
 
-/// Decodes a saved applier state (the [`ChainCursor`] after the last applied segment).
+/// Decodes a saved applier state's chain position (the [`ChainCursor`] after the last
+/// applied segment); reads the current and the legacy format.
 pub fn decode_state(bytes: &[u8]) -> std::result::Result<ChainCursor, String> {
-    bincode::deserialize(bytes).map_err(|e| e.to_string())
+    ApplyState::decode(bytes).map(|s| s.cursor)
 }
 
 /// What one applied segment changed.
@@ -33,28 +44,52 @@ pub struct Applied {
     pub header: SegmentHeader,
     pub records: usize,
     pub bytes_written: u64,
+    /// Whether its undo journal was written now (`false`: kept from an interrupted
+    /// apply of the same segment).
+    pub journal_saved: bool,
+    /// What retention removed afterwards.
+    pub pruned: Option<PruneReport>,
+}
+
+/// Applier settings beyond the store, key and paths.
+#[derive(Clone, Debug, Default)]
+pub struct ApplyOptions {
+    /// The undo journal directory [default: `REPLICA.journal/`].
+    pub journal_dir: Option<PathBuf>,
+    /// Pruning after each applied segment (none by default: every journal is kept).
+    pub retention: Retention,
 }
 
 pub struct Applier {
     store: Arc<dyn TargetStore>,
     key: Key,
-    replica_path: PathBuf,
+    paths: ReplicaPaths,
     replica: File,
-    state_path: PathBuf,
-    cursor: ChainCursor,
+    state: ApplyState,
+    journal: Journal,
+    retention: Retention,
     uring: Uring,
+    _lock: JournalLock,
 }
 
 impl Applier {
-    /// Opens the replica (created if missing) and the applied position saved in
-    /// `state_path` (fresh when missing).
+    /// Opens the replica (created if missing), the applied position saved in
+    /// `state_path` (fresh when missing) and the undo journal (created if missing), and
+    /// takes the journal lock.
     pub fn open(
         store: Arc<dyn TargetStore>,
         volume: VolumeId,
         key: Key,
         replica_path: &Path,
         state_path: &Path,
+        options: &ApplyOptions,
     ) -> Result<Applier> {
+        let paths = ReplicaPaths::new(replica_path)
+            .with_state(Some(state_path.into()))
+            .with_journal(options.journal_dir.clone());
+        let journal = Journal::new(&paths.journal);
+        journal.create()?;
+        let lock = journal.lock()?;
         let replica = OpenOptions::new()
             .read(true)
             .write(true)
@@ -64,51 +99,75 @@ impl Applier {
             .map_err(|e| {
                 TargetError::io(format!("opening replica {}", replica_path.display()), e)
             })?;
-        let cursor = match std::fs::read(state_path) {
-            Ok(bytes) => {
-                let cursor: ChainCursor =
-                    bincode::deserialize(&bytes).map_err(|e| TargetError::State {
-                        path: state_path.into(),
-                        what: e.to_string(),
-                    })?;
-                if cursor.volume != volume {
-                    return Err(TargetError::State {
-                        path: state_path.into(),
-                        what: format!("it tracks volume {}, not {volume}", cursor.volume),
-                    });
-                }
-                cursor
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => ChainCursor::start(volume),
-            Err(e) => {
-                return Err(TargetError::io(
-                    format!("reading {}", state_path.display()),
-                    e,
-                ))
-            }
-        };
+        let state = ApplyState::load(state_path, Some(&volume))?
+            .unwrap_or_else(|| ApplyState::start(volume));
         let uring = Uring::new(APPLY_DEPTH).map_err(|e| TargetError::io("io_uring setup", e))?;
         Ok(Applier {
             store,
             key,
-            replica_path: replica_path.into(),
+            paths,
             replica,
-            state_path: state_path.into(),
-            cursor,
+            state,
+            journal,
+            retention: options.retention,
             uring,
+            _lock: lock,
         })
     }
 
     /// The applied position: the next segment index and the first seq not applied.
     pub fn cursor(&self) -> &ChainCursor {
-        &self.cursor
+        &self.state.cursor
+    }
+
+    /// The whole applied state.
+    pub fn state(&self) -> &ApplyState {
+        &self.state
+    }
+
+    /// The replica's paths (replica, state, journal).
+    pub fn paths(&self) -> &ReplicaPaths {
+        &self.paths
+    }
+
+    /// Applies `retention` now (see [`crate::points::prune`]).
+    pub fn prune(&mut self, retention: &Retention, now_unix_ms: u64) -> Result<PruneReport> {
+        prune_locked(
+            &self.paths,
+            &self.journal,
+            &mut self.uring,
+            retention,
+            now_unix_ms,
+        )
+    }
+
+    /// Rolls the replica back to `point` for failover (see [`crate::rollback`]); no
+    /// segment is applied afterwards.
+    pub fn rollback_to(&mut self, point: u64) -> Result<RollbackReport> {
+        let (state, report) = rollback_locked(
+            &self.paths,
+            &self.journal,
+            &mut self.uring,
+            &self.replica,
+            self.state.clone(),
+            point,
+            None,
+        )?;
+        self.state = state;
+        Ok(report)
     }
 
     /// Applies the next segment if the store has it. `Ok(None)` when it is not there
-    /// yet; [`TargetError::Gap`] when it is missing but later ones exist.
+    /// yet; [`TargetError::Gap`] when it is missing but later ones exist;
+    /// [`TargetError::RolledBack`] once the replica was rolled back for failover. With
+    /// a retention, an error of the pruning that follows is returned although the
+    /// segment was applied (the position has moved; the next call goes on).
     pub fn apply_next(&mut self) -> Result<Option<Applied>> {
-        let volume = self.cursor.volume.clone();
-        let index = self.cursor.next_index;
+        if let Some(point) = self.state.rolled_back_to {
+            return Err(TargetError::RolledBack { point });
+        }
+        let volume = self.state.cursor.volume.clone();
+        let index = self.state.cursor.next_index;
         let name = self.store.segment_name(&volume, index);
         let Some(bytes) = self.store.get(&volume, index)? else {
             if let Some(&later) = self.store.list(&volume)?.iter().find(|&&i| i > index) {
@@ -121,31 +180,35 @@ impl Applier {
             }
             return Ok(None);
         };
-        let segment = self.cursor.open_next(bytes, &name, &self.key)?;
+        let segment = self.state.cursor.open_next(bytes, &name, &self.key)?;
+        let journal_saved = self.journal.save_undo(
+            &mut self.uring,
+            &segment,
+            &self.state,
+            &self.replica,
+            &self.paths.replica,
+        )?;
         let bytes_written = self.write_records(&segment)?;
-        self.cursor.advance(&segment.header, segment.digest);
-        let state = bincode::serialize(&self.cursor).expect("cursor serializes");
-        let dir = self
-            .state_path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let file_name = self
-            .state_path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("apply.state");
-        write_file_atomic(&mut self.uring, dir, file_name, &state)
-            .map_err(|e| TargetError::io(format!("saving {}", self.state_path.display()), e))?;
+        self.state.cursor.advance(&segment.header, segment.digest);
+        self.state.last = Some(PointFacts::from_header(&segment.header));
+        self.state.save(&mut self.uring, &self.paths.state)?;
         log::debug!(
             "volume {volume}: applied segment {index:016x} (seq {}..={})",
             segment.header.first_seq,
             segment.header.last_seq
         );
+        let pruned = if self.retention.is_unlimited() {
+            None
+        } else {
+            let retention = self.retention;
+            Some(self.prune(&retention, changelog::unix_ms_now())?)
+        };
         Ok(Some(Applied {
             records: segment.records().count(),
             bytes_written,
             header: segment.header,
+            journal_saved,
+            pruned,
         }))
     }
 
@@ -165,7 +228,7 @@ impl Applier {
         let mut written = 0u64;
         let err = |e| {
             TargetError::io(
-                format!("writing replica {}", self.replica_path.display()),
+                format!("writing replica {}", self.paths.replica.display()),
                 e,
             )
         };

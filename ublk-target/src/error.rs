@@ -26,6 +26,24 @@ pub enum TargetError {
     Replica { path: PathBuf, what: String },
     #[error("{0}")]
     Device(String),
+    #[error("undo journal {path} is unusable: {what}. It was not used; the points that need it cannot be served or rolled back to until it is restored (`ublk-target points` lists what is intact)")]
+    Journal { path: PathBuf, what: String },
+    #[error("journal {journal} is locked by another ublk-target apply, prune or rollback of this replica; only one may change a replica at a time, stop the other first")]
+    Busy { journal: PathBuf },
+    #[error(
+        "recovery point {point} is not available: {why}; {available}; see `ublk-target points`"
+    )]
+    PointUnavailable {
+        point: u64,
+        why: String,
+        available: String,
+    },
+    #[error("replica was rolled back to point {point} for failover; it no longer follows the source, so no segment is applied to it: protect it in the reverse direction (failback), or start a new replica with an empty state and journal")]
+    RolledBack { point: u64 },
+    #[error("rollback to point {point} refused: {what}")]
+    Rollback { point: u64, what: String },
+    #[error("point view: {what}")]
+    View { what: String },
 }
 
 impl TargetError {

@@ -1,13 +1,27 @@
 //! ublk-target: the recovery side of ublk-dr.
 //!
 //! * [`apply`]: verify and apply segments to a replica image, crash-safe and
-//!   idempotent (I5, I6).
+//!   idempotent (I5, I6), saving an undo journal per segment first.
+//! * [`journal`]: the undo journal format and its contract.
+//! * [`points`]: the recovery-point catalog, the views registry and retention.
+//! * [`view`]: the replica at any retained point, with a throw-away write overlay.
+//! * [`rollback`]: make the replica equal a point for real (failover).
+//! * [`state`]: the replica's paths and the persisted applier state.
 //! * [`digests`]: answer digest-resync requests with the replica's block digests.
 //! * [`device`]: serve a view of the replica as a ublk device.
 pub mod apply;
 pub mod device;
 pub mod digests;
 pub mod error;
+pub mod journal;
+pub mod points;
+pub mod rollback;
+pub mod state;
+pub mod view;
 
-pub use apply::{Applied, Applier};
+pub use apply::{Applied, Applier, ApplyOptions};
 pub use error::{Result, TargetError};
+pub use points::{catalog, prune, Catalog, PruneReport, RecoveryPoint, Retention};
+pub use rollback::{rollback_steps, rollback_to, RollbackReport};
+pub use state::{ApplyState, PointFacts, ReplicaPaths};
+pub use view::{PointView, ViewOptions};

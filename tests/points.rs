@@ -1,0 +1,810 @@
+//! Recovery points: the undo journal, the catalog, point views, retention and rollback,
+//! checked against the reference model of the source.
+//!
+//! A point view at `P` must equal the model replayed through the last seq of segment
+//! `P`. That fails if a journal held after-images instead of before-images, if the view
+//! took a before-image from the wrong journal (any but the oldest newer than `P`), or if
+//! it lost track while segments kept being applied.
+
+use blkfilter::workload::Rng;
+use e2e::*;
+use std::path::{Path, PathBuf};
+use ublk_target::{
+    catalog, prune, rollback_steps, rollback_to, Applier, ApplyOptions, PointView, ReplicaPaths,
+    Retention, TargetError, ViewOptions,
+};
+
+const SIZE: u64 = 8 << 20;
+
+/// The model's image with every record of point `index` applied.
+fn model_at(model: &Model, last_seq: u64) -> Vec<u8> {
+    let mut r = model.replayer();
+    r.advance_to(last_seq + 1);
+    r.image
+}
+
+/// Reads a whole view in chunks whose size is not a multiple of anything the workload
+/// uses, so reads start and end inside overlay pieces.
+fn read_view(view: &mut PointView) -> Vec<u8> {
+    let mut image = vec![0u8; view.size() as usize];
+    let chunk = (192 << 10) + 4096 * 3 + 512;
+    let mut pos = 0;
+    while pos < image.len() {
+        let n = chunk.min(image.len() - pos);
+        view.read_at(&mut image[pos..pos + n], pos as u64)
+            .expect("view read");
+        pos += n;
+    }
+    image
+}
+
+/// Applies every segment in the store to replica `name` (default options).
+fn apply_all(fixture: &Fixture, name: &str) -> usize {
+    let mut applier = fixture.applier(name, &fixture.key).unwrap();
+    applier.apply_available().unwrap()
+}
+
+/// SHA-256 of every file in a directory (not recursing), by name.
+fn dir_digests(dir: &Path) -> Vec<(String, [u8; 32])> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().unwrap().is_file())
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                file_sha256(&e.path()),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn undo_path(paths: &ReplicaPaths, index: u64) -> PathBuf {
+    paths.journal.join(format!("{index:016x}.undo"))
+}
+
+fn every_point_matches(seed: u64) {
+    let (fixture, model) = Fixture::shipped(SIZE, seed, 300);
+    let segments = apply_all(&fixture, "replica");
+    let paths = fixture.replica_paths("replica");
+    let catalog = catalog(&paths).unwrap();
+    assert!(segments >= 8, "only {segments} segments");
+    assert_eq!(
+        catalog.points.len(),
+        segments,
+        "every segment of an undisturbed stream is a crash point, and all are retained"
+    );
+    assert_eq!(catalog.latest_applied, Some(segments as u64 - 1));
+    assert!(catalog.points.last().unwrap().latest);
+    assert!(
+        std::fs::read(&paths.replica).unwrap() == model.final_image(),
+        "the replica holds the latest point"
+    );
+
+    let mut replay = model.replayer();
+    let mut rng = Rng::new(seed);
+    for point in &catalog.points {
+        replay.advance_to(point.last_seq + 1);
+        let mut view = PointView::open(&paths, point.index).unwrap();
+        assert_eq!(view.point().index, point.index);
+        assert_eq!(view.point().last_seq, point.last_seq);
+        assert!(
+            read_view(&mut view) == replay.image,
+            "view at point {} differs from the model at seq {}",
+            point.index,
+            point.last_seq + 1
+        );
+        // Random small reads land anywhere in the overlay map.
+        for _ in 0..50 {
+            let len = 1 + rng.below(64 << 10) as usize;
+            let offset = rng.below(SIZE - len as u64) as usize;
+            let mut buf = vec![0u8; len];
+            view.read_at(&mut buf, offset as u64).unwrap();
+            assert!(
+                buf == replay.image[offset..offset + len],
+                "point {}: {len} bytes at {offset}",
+                point.index
+            );
+        }
+    }
+}
+
+#[test]
+fn every_point_view_equals_the_model_seed_1() {
+    every_point_matches(1);
+}
+
+#[test]
+fn every_point_view_equals_the_model_seed_2() {
+    every_point_matches(0x5eed_0002);
+}
+
+/// A replica file shorter than the disk (here: empty at the start): bytes past its end
+/// read as zeroes, in the journals too.
+#[test]
+fn short_replica_reads_zeroes_past_its_end() {
+    let (fixture, model) = Fixture::shipped(SIZE, 3, 200);
+    std::fs::File::create(fixture.path("replica")).unwrap();
+    apply_all(&fixture, "replica");
+    let paths = fixture.replica_paths("replica");
+    let options = ViewOptions {
+        size: Some(SIZE),
+        ..ViewOptions::default()
+    };
+    for point in catalog(&paths).unwrap().points.iter().step_by(3) {
+        let mut view = PointView::open_with(&paths, point.index, &options).unwrap();
+        assert!(
+            read_view(&mut view) == model_at(&model, point.last_seq),
+            "point {}",
+            point.index
+        );
+    }
+}
+
+/// A view opened while half the segments are applied stays at its point while the
+/// rest is applied by another process; the replica ends at the final image.
+#[test]
+fn view_stays_at_its_point_while_another_process_applies() {
+    let (fixture, model) = Fixture::shipped(SIZE, 21, 300);
+    let total = fixture.store_segments().len();
+    let half = total / 2;
+    let paths = fixture.replica_paths("replica");
+    {
+        let mut applier = fixture.applier("replica", &fixture.key).unwrap();
+        for _ in 0..half {
+            applier.apply_next().unwrap().unwrap();
+        }
+    }
+    let points = catalog(&paths).unwrap().points;
+    let latest = *points.last().unwrap();
+    let older = points[points.len() / 3];
+    let mut at_latest = PointView::open(&paths, latest.index).unwrap();
+    let mut at_older = PointView::open(&paths, older.index).unwrap();
+    let expect_latest = model_at(&model, latest.last_seq);
+    let expect_older = model_at(&model, older.last_seq);
+    assert!(read_view(&mut at_latest) == expect_latest);
+
+    let mut child = apply_command(&fixture, "replica")
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let mut reads = 0;
+    loop {
+        let running = child.try_wait().unwrap().is_none();
+        assert!(
+            read_view(&mut at_latest) == expect_latest,
+            "view at the then-latest point {} moved while applying (read {reads})",
+            latest.index
+        );
+        assert!(read_view(&mut at_older) == expect_older);
+        reads += 1;
+        if !running {
+            break;
+        }
+    }
+    assert!(child.wait().unwrap().success());
+    assert_eq!(
+        at_latest.journals_loaded(),
+        total - half,
+        "the view picked up the journal of every segment applied after it"
+    );
+    assert!(std::fs::read(&paths.replica).unwrap() == model.final_image());
+    // A view opened now at the same point agrees.
+    let mut fresh = PointView::open(&paths, latest.index).unwrap();
+    assert!(read_view(&mut fresh) == expect_latest);
+}
+
+/// The same within one process: apply on a thread while a view is read.
+#[test]
+fn view_stays_at_its_point_while_a_thread_applies() {
+    let (fixture, model) = Fixture::shipped(SIZE, 22, 300);
+    let paths = fixture.replica_paths("replica");
+    let mut applier = fixture.applier("replica", &fixture.key).unwrap();
+    for _ in 0..3 {
+        applier.apply_next().unwrap().unwrap();
+    }
+    let point = catalog(&paths).unwrap().points[1];
+    let expect = model_at(&model, point.last_seq);
+    let mut view = PointView::open(&paths, point.index).unwrap();
+    let worker = std::thread::spawn(move || {
+        while applier.apply_next().unwrap().is_some() {
+            std::thread::yield_now();
+        }
+    });
+    while !worker.is_finished() {
+        assert!(read_view(&mut view) == expect, "view moved");
+    }
+    worker.join().unwrap();
+    assert!(read_view(&mut view) == expect);
+    assert!(std::fs::read(&paths.replica).unwrap() == model.final_image());
+}
+
+#[test]
+fn view_writes_go_to_scratch_and_vanish_on_cleanup() {
+    let (fixture, model) = Fixture::shipped(SIZE, 31, 250);
+    apply_all(&fixture, "replica");
+    let paths = fixture.replica_paths("replica");
+    let point = catalog(&paths).unwrap().points[2];
+    let at_point = model_at(&model, point.last_seq);
+    let replica_before = file_sha256(&paths.replica);
+    let journals_before = dir_digests(&paths.journal);
+
+    let scratch = fixture.path("my-scratch");
+    let mut view = PointView::open_with(
+        &paths,
+        point.index,
+        &ViewOptions {
+            name: Some("test-failover".into()),
+            scratch: Some(scratch.clone()),
+            size: None,
+        },
+    )
+    .unwrap();
+    assert!(paths.journal.join("views/test-failover").exists());
+    assert!(scratch.exists());
+    let mut expect = at_point.clone();
+    let mut rng = Rng::new(5);
+    for _ in 0..20 {
+        let len = 512 * (1 + rng.below(300)) as usize;
+        let offset = 512 * rng.below((SIZE - len as u64) / 512) as usize;
+        let mut data = vec![0u8; len];
+        rng.fill_half_compressible(&mut data);
+        view.write_at(&data, offset as u64).unwrap();
+        expect[offset..offset + len].copy_from_slice(&data);
+    }
+    view.discard(4096, 1 << 20).unwrap();
+    expect[4096..4096 + (1 << 20)].fill(0);
+    view.write_zeroes(3 << 20, 12345).unwrap();
+    expect[3 << 20..(3 << 20) + 12345].fill(0);
+    view.write_at(b"after zeroes", (3 << 20) + 100).unwrap();
+    expect[(3 << 20) + 100..(3 << 20) + 112].copy_from_slice(b"after zeroes");
+    view.flush().unwrap();
+    assert!(
+        read_view(&mut view) == expect,
+        "the view shows its own writes"
+    );
+    assert!(
+        view.write_at(b"x", SIZE).is_err(),
+        "writes past the end are refused"
+    );
+
+    assert_eq!(
+        file_sha256(&paths.replica),
+        replica_before,
+        "replica touched"
+    );
+    assert_eq!(
+        dir_digests(&paths.journal),
+        journals_before,
+        "journals touched"
+    );
+    view.close().unwrap();
+    assert!(!scratch.exists(), "scratch left behind");
+    assert!(!paths.journal.join("views/test-failover").exists());
+
+    let mut fresh = PointView::open(&paths, point.index).unwrap();
+    assert!(
+        read_view(&mut fresh) == at_point,
+        "a fresh view still sees writes of a closed one"
+    );
+    drop(fresh);
+    assert!(
+        std::fs::read_dir(paths.journal.join("scratch"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "dropping a view removes its scratch file"
+    );
+}
+
+#[test]
+fn retention_by_count() {
+    let (fixture, model) = Fixture::shipped(SIZE, 41, 250);
+    let total = apply_all(&fixture, "replica");
+    let paths = fixture.replica_paths("replica");
+    let all = catalog(&paths).unwrap().points;
+    assert_eq!(all.len(), total);
+
+    let report = prune(
+        &paths,
+        &Retention {
+            keep_points: Some(3),
+            keep_age: None,
+        },
+        changelog::unix_ms_now(),
+    )
+    .unwrap();
+    let left = catalog(&paths).unwrap();
+    assert_eq!(report.points_left, 3);
+    assert_eq!(
+        left.points,
+        all[total - 3..],
+        "the three newest points remain"
+    );
+    assert_eq!(
+        left.journals,
+        ((total - 2) as u64..total as u64).collect::<Vec<_>>(),
+        "exactly the journals the kept points need"
+    );
+    for p in &left.points {
+        let mut view = PointView::open(&paths, p.index).unwrap();
+        assert!(read_view(&mut view) == model_at(&model, p.last_seq));
+    }
+    let dropped = all[total - 4].index;
+    let err = PointView::open(&paths, dropped).unwrap_err();
+    assert!(matches!(err, TargetError::PointUnavailable { .. }), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!(
+            "points {}..={} exist",
+            all[total - 3].index,
+            all[total - 1].index
+        )) && message.contains("ublk-target points"),
+        "{message}"
+    );
+
+    // keep_points 1: only the latest, and no journal at all.
+    prune(
+        &paths,
+        &Retention {
+            keep_points: Some(1),
+            keep_age: None,
+        },
+        changelog::unix_ms_now(),
+    )
+    .unwrap();
+    let left = catalog(&paths).unwrap();
+    assert_eq!(left.points, all[total - 1..]);
+    assert!(left.journals.is_empty());
+}
+
+/// The applier prunes after each segment when given a retention.
+#[test]
+fn applier_keeps_at_most_n_points() {
+    let (fixture, model) = Fixture::shipped(SIZE, 42, 200);
+    let paths = fixture.replica_paths("replica");
+    let mut applier = fixture
+        .applier_with(
+            "replica",
+            &fixture.key,
+            &ApplyOptions {
+                journal_dir: None,
+                retention: Retention {
+                    keep_points: Some(4),
+                    keep_age: None,
+                },
+            },
+        )
+        .unwrap();
+    let mut applied = 0;
+    while let Some(a) = applier.apply_next().unwrap() {
+        applied += 1;
+        assert!(a.pruned.is_some());
+        let c = catalog(&paths).unwrap();
+        assert_eq!(c.points.len(), applied.min(4));
+        assert_eq!(c.points.last().unwrap().index, a.header.index);
+    }
+    assert!(applied > 4);
+    drop(applier);
+    let oldest = catalog(&paths).unwrap().points[0];
+    let mut view = PointView::open(&paths, oldest.index).unwrap();
+    assert!(read_view(&mut view) == model_at(&model, oldest.last_seq));
+}
+
+#[test]
+fn retention_by_age() {
+    let (fixture, _model) = Fixture::shipped(SIZE, 43, 250);
+    apply_all(&fixture, "replica");
+    let paths = fixture.replica_paths("replica");
+    let all = catalog(&paths).unwrap().points;
+    let n = all.len();
+    // "Now" is a while after a point in the middle; the age limit reaches back to it.
+    let pivot = all[n / 2];
+    let age = std::time::Duration::from_secs(3600);
+    let now = pivot.created_unix_ms + 3_600_000;
+    let expect: Vec<_> = all
+        .iter()
+        .copied()
+        .filter(|p| p.created_unix_ms >= pivot.created_unix_ms)
+        .collect();
+    prune(
+        &paths,
+        &Retention {
+            keep_points: None,
+            keep_age: Some(age),
+        },
+        now,
+    )
+    .unwrap();
+    assert_eq!(catalog(&paths).unwrap().points, expect);
+
+    // Age 0: everything but the latest is too old, and the latest is always kept.
+    prune(
+        &paths,
+        &Retention {
+            keep_points: None,
+            keep_age: Some(std::time::Duration::ZERO),
+        },
+        now + 10_000_000,
+    )
+    .unwrap();
+    assert_eq!(catalog(&paths).unwrap().points, all[n - 1..]);
+}
+
+#[test]
+fn pruning_keeps_journals_a_view_needs() {
+    let (fixture, model) = Fixture::shipped(SIZE, 44, 250);
+    apply_all(&fixture, "replica");
+    let paths = fixture.replica_paths("replica");
+    let all = catalog(&paths).unwrap().points;
+    let held = all[2];
+    let expect = model_at(&model, held.last_seq);
+    let mut view = PointView::open(&paths, held.index).unwrap();
+    // Pruning happens while the view is open; the view was opened first, and another
+    // one is opened after the prune.
+    let report = prune(
+        &paths,
+        &Retention {
+            keep_points: Some(1),
+            keep_age: None,
+        },
+        changelog::unix_ms_now(),
+    )
+    .unwrap();
+    assert_eq!(report.held_by.len(), 1);
+    assert_eq!(report.held_by[0].point, Some(held.index));
+    let left = catalog(&paths).unwrap();
+    assert_eq!(left.points.first().unwrap().index, held.index);
+    assert_eq!(left.views.len(), 1);
+    assert!(read_view(&mut view) == expect);
+    let mut second = PointView::open(&paths, held.index).unwrap();
+    assert!(read_view(&mut second) == expect);
+    drop(second);
+    drop(view);
+
+    prune(
+        &paths,
+        &Retention {
+            keep_points: Some(1),
+            keep_age: None,
+        },
+        changelog::unix_ms_now(),
+    )
+    .unwrap();
+    let left = catalog(&paths).unwrap();
+    assert_eq!(left.points, all[all.len() - 1..]);
+    assert!(left.views.is_empty());
+    assert!(matches!(
+        PointView::open(&paths, held.index),
+        Err(TargetError::PointUnavailable { .. })
+    ));
+}
+
+#[test]
+fn rollback_to_a_point_survives_interruptions() {
+    let (fixture, model) = Fixture::shipped(SIZE, 51, 300);
+    let total = apply_all(&fixture, "replica");
+    let paths = fixture.replica_paths("replica");
+    let all = catalog(&paths).unwrap().points;
+    let target = all[total / 3];
+    let expect = model_at(&model, target.last_seq);
+    assert!(total - 1 - target.index as usize >= 4, "enough to undo");
+
+    // An open view blocks the rollback (it could be served from the replica).
+    let view = PointView::open(&paths, target.index).unwrap();
+    let err = rollback_to(&paths, target.index).unwrap_err();
+    assert!(err.to_string().contains("views are open"), "{err}");
+    drop(view);
+
+    // Stop after one step, as a crash between steps would.
+    let report = rollback_steps(&paths, target.index, Some(1)).unwrap();
+    assert!(!report.done);
+    assert_eq!(report.undone, vec![total as u64 - 1]);
+    let err = fixture
+        .applier("replica", &fixture.key)
+        .unwrap()
+        .apply_next()
+        .unwrap_err();
+    assert!(
+        matches!(err, TargetError::RolledBack { point } if point == target.index),
+        "{err}"
+    );
+
+    // A crash after the replica writes of a step, before its state was saved: the state
+    // and the journal are as before the step, the replica already partly rolled back.
+    let top = total as u64 - 2;
+    let state_before = std::fs::read(&paths.state).unwrap();
+    let undo_before = std::fs::read(undo_path(&paths, top)).unwrap();
+    let report = rollback_steps(&paths, target.index, Some(1)).unwrap();
+    assert_eq!(report.undone, vec![top]);
+    std::fs::write(&paths.state, &state_before).unwrap();
+    std::fs::write(undo_path(&paths, top), &undo_before).unwrap();
+
+    // A crash after a step's state was saved, before its journal was deleted.
+    let report = rollback_steps(&paths, target.index, Some(2)).unwrap();
+    assert_eq!(report.undone, vec![top, top - 1]);
+    let undo_next = undo_path(&paths, top - 2);
+    let undo_next_bytes = std::fs::read(&undo_next).unwrap();
+    rollback_steps(&paths, target.index, Some(1)).unwrap();
+    std::fs::write(&undo_next, undo_next_bytes).unwrap();
+
+    let err = rollback_to(&paths, target.index - 1).unwrap_err();
+    assert!(
+        err.to_string().contains("already rolled back"),
+        "a different point mid-way: {err}"
+    );
+    let report = rollback_to(&paths, target.index).unwrap();
+    assert!(report.done);
+    assert!(
+        std::fs::read(&paths.replica).unwrap() == expect,
+        "replica differs from the model at point {}",
+        target.index
+    );
+    let after = catalog(&paths).unwrap();
+    assert_eq!(after.rolled_back_to, Some(target.index));
+    assert_eq!(after.latest_applied, Some(target.index));
+    assert!(after.journals.is_empty() && after.unused_journals.is_empty());
+
+    // Again: nothing changes.
+    let sha = file_sha256(&paths.replica);
+    assert!(rollback_to(&paths, target.index).unwrap().undone.is_empty());
+    assert_eq!(file_sha256(&paths.replica), sha);
+
+    let err = fixture
+        .applier("replica", &fixture.key)
+        .unwrap()
+        .apply_next()
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!(
+            "replica was rolled back to point {} for failover",
+            target.index
+        )),
+        "{message}"
+    );
+    assert!(!err.is_recoverable());
+    assert_eq!(file_sha256(&paths.replica), sha);
+}
+
+#[test]
+fn rollback_to_the_latest_point_only_stops_applying() {
+    let (fixture, model) = Fixture::shipped(4 << 20, 52, 120);
+    let total = apply_all(&fixture, "replica");
+    let paths = fixture.replica_paths("replica");
+    let mut applier = fixture.applier("replica", &fixture.key).unwrap();
+    let report = applier.rollback_to(total as u64 - 1).unwrap();
+    assert!(report.done && report.undone.is_empty());
+    assert!(std::fs::read(&paths.replica).unwrap() == model.final_image());
+    assert!(matches!(
+        applier.apply_next(),
+        Err(TargetError::RolledBack { .. })
+    ));
+}
+
+#[test]
+fn damaged_undo_files_are_refused() {
+    let (fixture, model) = Fixture::shipped(SIZE, 61, 250);
+    let total = apply_all(&fixture, "replica") as u64;
+    let paths = fixture.replica_paths("replica");
+    let k = total / 2;
+    let replica_sha = file_sha256(&paths.replica);
+    let state_before = std::fs::read(&paths.state).unwrap();
+
+    // A flipped bit in the before-images: found by the data checksum.
+    let path = undo_path(&paths, k);
+    let good = std::fs::read(&path).unwrap();
+    let mut bad = good.clone();
+    let at = bad.len() - 10;
+    bad[at] ^= 0x04;
+    std::fs::write(&path, &bad).unwrap();
+    let err = PointView::open(&paths, k - 2).unwrap_err();
+    let message = err.to_string();
+    assert!(matches!(err, TargetError::Journal { .. }), "{message}");
+    assert!(
+        message.contains(&path.display().to_string()) && message.contains("checksum"),
+        "{message}"
+    );
+    let err = rollback_to(&paths, k - 2).unwrap_err();
+    assert!(matches!(err, TargetError::Journal { .. }), "{err}");
+    // Points that do not need it still work.
+    let p = catalog(&paths).unwrap().find(k).copied().unwrap();
+    let mut view = PointView::open(&paths, k).unwrap();
+    assert!(read_view(&mut view) == model_at(&model, p.last_seq));
+    drop(view);
+
+    // A damaged header: the catalog stops there and says so.
+    let mut bad = good.clone();
+    bad[60] ^= 0x01;
+    std::fs::write(&path, &bad).unwrap();
+    let c = catalog(&paths).unwrap();
+    assert_eq!(c.damaged.len(), 1, "{:?}", c.damaged);
+    assert_eq!(c.points.first().unwrap().index, k);
+    assert!(c.table().contains("DAMAGED"));
+    let err = PointView::open(&paths, k - 1).unwrap_err();
+    assert!(err.to_string().contains("checksum"), "{err}");
+
+    // Truncated.
+    std::fs::write(&path, &good[..good.len() / 2]).unwrap();
+    let err = PointView::open(&paths, k - 1).unwrap_err();
+    assert!(err.to_string().contains("truncated"), "{err}");
+    let err = rollback_to(&paths, k - 1).unwrap_err();
+    assert!(matches!(err, TargetError::Journal { .. }), "{err}");
+
+    assert_eq!(file_sha256(&paths.replica), replica_sha, "replica touched");
+    assert_eq!(
+        std::fs::read(&paths.state).unwrap(),
+        state_before,
+        "state moved"
+    );
+    std::fs::write(&path, &good).unwrap();
+    let mut view = PointView::open(&paths, k - 2).unwrap();
+    let p = catalog(&paths).unwrap().find(k - 2).copied().unwrap();
+    assert!(read_view(&mut view) == model_at(&model, p.last_seq));
+}
+
+/// A crash after a segment's undo journal was saved (and maybe some of its writes
+/// done) but before the applied position moved: re-applying keeps the first journal,
+/// which alone holds the true before-images.
+#[test]
+fn reapply_after_a_crash_keeps_the_first_undo_file() {
+    let (fixture, model) = Fixture::shipped(SIZE, 71, 250);
+    let paths = fixture.replica_paths("replica");
+    let mut applier = fixture.applier("replica", &fixture.key).unwrap();
+    let mut checked = 0;
+    let mut prev: Option<ublk_target::PointFacts> = None;
+    loop {
+        let state_before = std::fs::read(&paths.state).ok();
+        let Some(applied) = applier.apply_next().unwrap() else {
+            break;
+        };
+        assert!(applied.journal_saved);
+        let index = applied.header.index;
+        if index % 3 == 1 {
+            let undo = std::fs::read(undo_path(&paths, index)).unwrap();
+            // Lose the position update.
+            drop(applier);
+            std::fs::write(&paths.state, state_before.unwrap()).unwrap();
+            // The view at the previous point sees the pending journal already.
+            let p = prev.unwrap();
+            let mut view = PointView::open(&paths, p.index).unwrap();
+            assert!(
+                read_view(&mut view) == model_at(&model, p.last_seq),
+                "view at {} with segment {index} half-applied",
+                p.index
+            );
+            drop(view);
+            applier = fixture.applier("replica", &fixture.key).unwrap();
+            let again = applier.apply_next().unwrap().unwrap();
+            assert_eq!(again.header.index, index);
+            let mut view = PointView::open(&paths, p.index).unwrap();
+            assert!(
+                read_view(&mut view) == model_at(&model, p.last_seq),
+                "view at {} after re-applying {index}",
+                p.index
+            );
+            assert!(!again.journal_saved, "the first journal must be kept");
+            assert_eq!(std::fs::read(undo_path(&paths, index)).unwrap(), undo);
+            checked += 1;
+        }
+        prev = Some(ublk_target::PointFacts::from_header(&applied.header));
+    }
+    assert!(checked >= 3);
+    assert!(std::fs::read(&paths.replica).unwrap() == model.final_image());
+}
+
+/// Only one writer per replica: a second applier (or a rollback) is refused while
+/// one runs.
+#[test]
+fn one_writer_per_replica() {
+    let (fixture, _model) = Fixture::shipped(4 << 20, 81, 60);
+    let paths = fixture.replica_paths("replica");
+    let applier = fixture.applier("replica", &fixture.key).unwrap();
+    let Err(err) = fixture.applier("replica", &fixture.key) else {
+        panic!("a second applier was allowed");
+    };
+    assert!(matches!(err, TargetError::Busy { .. }), "{err}");
+    let err = rollback_to(&paths, 0).unwrap_err();
+    assert!(matches!(err, TargetError::Busy { .. }), "{err}");
+    drop(applier);
+    let _again: Applier = fixture.applier("replica", &fixture.key).unwrap();
+}
+
+fn cli(args: &[&str], fixture: &Fixture) -> (bool, String) {
+    let out = std::process::Command::new(bin("ublk-target"))
+        .args(args)
+        .arg("--replica")
+        .arg(fixture.path("replica"))
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn command_line() {
+    let (fixture, model) = Fixture::shipped(SIZE, 91, 200);
+    std::fs::File::create(fixture.path("replica"))
+        .unwrap()
+        .set_len(SIZE)
+        .unwrap();
+    let out = apply_command(&fixture, "replica")
+        .args(["--keep-points", "5"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    let (ok, text) = cli(&["points"], &fixture);
+    assert!(ok, "{text}");
+    assert!(text.contains("latest, on the replica"), "{text}");
+    let (ok, json) = cli(&["points", "--json"], &fixture);
+    assert!(ok, "{json}");
+    let paths = fixture.replica_paths("replica");
+    let c = catalog(&paths).unwrap();
+    assert_eq!(c.points.len(), 5);
+    assert!(json.contains(&format!("\"index\": {}", c.points[0].index)));
+
+    let oldest = c.points[0];
+    let out_file = fixture.path("exported");
+    let (ok, text) = cli(
+        &[
+            "export",
+            "--point",
+            &oldest.index.to_string(),
+            "--out",
+            out_file.to_str().unwrap(),
+        ],
+        &fixture,
+    );
+    assert!(ok, "{text}");
+    assert!(std::fs::read(&out_file).unwrap() == model_at(&model, oldest.last_seq));
+
+    // A mistyped replica: refused, and nothing is created next to it.
+    let out = std::process::Command::new(bin("ublk-target"))
+        .args(["prune", "--keep-points", "1", "--replica"])
+        .arg(fixture.path("replcia"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+    assert!(!fixture.path("replcia.journal").exists());
+
+    let (ok, text) = cli(&["prune", "--keep-age", "3w"], &fixture);
+    assert!(!ok && text.contains("unknown unit"), "{text}");
+    let (ok, text) = cli(&["prune", "--keep-points", "0"], &fixture);
+    assert!(!ok && text.contains("at least 1"), "{text}");
+    let (ok, text) = cli(&["prune"], &fixture);
+    assert!(!ok && text.contains("--keep-points"), "{text}");
+    let (ok, text) = cli(&["prune", "--keep-points", "2"], &fixture);
+    assert!(ok && text.contains("2 point(s) left"), "{text}");
+
+    let (ok, text) = cli(
+        &["rollback", "--point", &oldest.index.to_string()],
+        &fixture,
+    );
+    assert!(!ok, "a pruned point");
+    assert!(
+        text.contains("is not available") && text.contains("exist"),
+        "{text}"
+    );
+    let target = catalog(&paths).unwrap().points[0];
+    let (ok, text) = cli(
+        &["rollback", "--point", &target.index.to_string()],
+        &fixture,
+    );
+    assert!(ok, "{text}");
+    assert!(std::fs::read(&paths.replica).unwrap() == model_at(&model, target.last_seq));
+    let out = apply_command(&fixture, "replica").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("rolled back to point"),
+        "{stderr}"
+    );
+    let (ok, text) = cli(&["points"], &fixture);
+    assert!(ok && text.contains("ROLLED BACK"), "{text}");
+}

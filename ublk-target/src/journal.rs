@@ -1,0 +1,674 @@
+//! The undo journal: before applying segment `k`, the replica bytes it is about to
+//! change are saved in `JOURNAL/<k:016x>.undo`.
+//!
+//! Contract (what views and rollback rely on):
+//!
+//! * `undo_k` holds, for every byte range segment `k` changes (WRITE/FUA data,
+//!   DISCARD/WRITE_ZEROES ranges, merged), the replica's bytes *before any write of
+//!   segment `k`*: the state at point `k - 1` for those ranges. Bytes past the end of
+//!   the replica file read as zeroes.
+//! * `undo_k` is in place (written to a temporary name, fsynced, renamed, directory
+//!   fsynced) before the first replica write of segment `k`.
+//! * If `undo_k` already exists when segment `k` is applied (a crash after it was saved
+//!   and before the applied position moved), it is kept: reading again could capture
+//!   bytes segment `k` already wrote. It must be the journal of the same segment (same
+//!   digest); anything else is refused.
+//! * A damaged file is refused with an error, never used.
+//!
+//! File format, version 1, little-endian:
+//!
+//! | offset | size | field |
+//! |---:|---:|---|
+//! | 0 | 8 | magic `UBLKDRUN` |
+//! | 8 | 2 | version (1) |
+//! | 10 | 2 | header length (256) |
+//! | 12 | 4 | segment flags ([`changelog::flags`]) |
+//! | 16 | 32 | volume id, ASCII, zero-padded |
+//! | 48 | 8 | protection epoch |
+//! | 56 | 8 | segment index `k` |
+//! | 64 | 8 | first seq of `k` |
+//! | 72 | 8 | last seq of `k` |
+//! | 80 | 8 | creation time of `k`, ms since the Unix epoch |
+//! | 88 | 32 | digest of segment `k` (as the chain computes it) |
+//! | 120 | 32 | the applier's previous digest before `k` (the digest of `k - 1`) |
+//! | 152 | 8 | the applier's next seq before `k` |
+//! | 160 | 4 | bit 0: the epoch was fixed before `k`; bit 1: facts of `k - 1` follow |
+//! | 164 | 4 | flags of segment `k - 1` |
+//! | 168 | 8 | first seq of `k - 1` |
+//! | 176 | 8 | last seq of `k - 1` |
+//! | 184 | 8 | creation time of `k - 1` |
+//! | 192 | 8 | extent count `n` |
+//! | 200 | 8 | data length `D` (the sum of the extent lengths) |
+//! | 208 | 16 | reserved, 0 |
+//! | 224 | 32 | SHA-256 of the data area |
+//! | 256 | 16·n | extents: replica offset (8), length (8); sorted, disjoint, non-empty |
+//! | 256+16n | 32 | SHA-256 of everything before it (header and extent table) |
+//! | 288+16n | D | before-images, in extent order |
+//!
+//! Bytes 120..192 are the applier state before segment `k`, so a rollback that undoes
+//! `k` can record exactly where the replica then is, and the catalog can describe point
+//! `k - 1` after `undo_{k-1}` was pruned. Opening checks the header and the extent table
+//! (cheap); [`UndoFile::verify_data`] streams the data area against its checksum, which
+//! views and rollback do before using a file.
+
+use crate::error::{Result, TargetError};
+use crate::state::{ApplyState, PointFacts};
+use changelog::uring::{sync_dir, write_file_atomic, Uring};
+use changelog::{ChainCursor, Digest32, OpenedSegment, VolumeId};
+use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+pub const UNDO_MAGIC: [u8; 8] = *b"UBLKDRUN";
+pub const UNDO_VERSION: u16 = 1;
+pub const UNDO_HEADER_LEN: usize = 256;
+const EXTENT_LEN: usize = 16;
+const META_SUM_LEN: usize = 32;
+const BEFORE_EPOCH_FIXED: u32 = 1;
+const BEFORE_HAS_PREV: u32 = 2;
+
+/// A byte range of the replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl Extent {
+    pub fn end(&self) -> u64 {
+        self.offset + self.len
+    }
+}
+
+/// The fixed part of an undo file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UndoHeader {
+    /// The segment this journal undoes (point `index`).
+    pub segment: PointFacts,
+    pub epoch: u64,
+    pub digest: Digest32,
+    /// The applier position before the segment: undoing it puts the replica there.
+    pub cursor_before: ChainCursor,
+    /// The segment before it (point `index - 1`), when the applier knew it.
+    pub prev: Option<PointFacts>,
+    pub data_len: u64,
+    pub data_sha: Digest32,
+}
+
+impl UndoHeader {
+    pub fn index(&self) -> u64 {
+        self.segment.index
+    }
+
+    /// The applier state the replica is in once this journal is undone.
+    pub fn state_before(&self) -> ApplyState {
+        ApplyState {
+            cursor: self.cursor_before.clone(),
+            last: self.prev,
+            rolled_back_to: None,
+        }
+    }
+
+    /// Whether this journal's segment came right after `earlier`'s in one chain.
+    pub fn follows(&self, earlier: &UndoHeader) -> bool {
+        self.index() == earlier.index() + 1
+            && self.cursor_before.prev_digest == earlier.digest
+            && self.cursor_before.volume == earlier.cursor_before.volume
+            && self.prev == Some(earlier.segment)
+    }
+
+    fn encode(&self, extents: &[Extent]) -> [u8; UNDO_HEADER_LEN] {
+        let mut h = [0u8; UNDO_HEADER_LEN];
+        let put = |h: &mut [u8; UNDO_HEADER_LEN], at: usize, v: u64| {
+            h[at..at + 8].copy_from_slice(&v.to_le_bytes())
+        };
+        h[0..8].copy_from_slice(&UNDO_MAGIC);
+        h[8..10].copy_from_slice(&UNDO_VERSION.to_le_bytes());
+        h[10..12].copy_from_slice(&(UNDO_HEADER_LEN as u16).to_le_bytes());
+        h[12..16].copy_from_slice(&self.segment.flags.to_le_bytes());
+        let volume = self.cursor_before.volume.as_str().as_bytes();
+        h[16..16 + volume.len()].copy_from_slice(volume);
+        put(&mut h, 48, self.epoch);
+        put(&mut h, 56, self.segment.index);
+        put(&mut h, 64, self.segment.first_seq);
+        put(&mut h, 72, self.segment.last_seq);
+        put(&mut h, 80, self.segment.created_unix_ms);
+        h[88..120].copy_from_slice(&self.digest);
+        h[120..152].copy_from_slice(&self.cursor_before.prev_digest);
+        put(&mut h, 152, self.cursor_before.next_seq);
+        let mut before = 0u32;
+        if self.cursor_before.epoch.is_some() {
+            before |= BEFORE_EPOCH_FIXED;
+        }
+        if let Some(prev) = &self.prev {
+            before |= BEFORE_HAS_PREV;
+            h[164..168].copy_from_slice(&prev.flags.to_le_bytes());
+            put(&mut h, 168, prev.first_seq);
+            put(&mut h, 176, prev.last_seq);
+            put(&mut h, 184, prev.created_unix_ms);
+        }
+        h[160..164].copy_from_slice(&before.to_le_bytes());
+        put(&mut h, 192, extents.len() as u64);
+        put(&mut h, 200, self.data_len);
+        h[224..256].copy_from_slice(&self.data_sha);
+        h
+    }
+
+    /// Parses the fixed header; `Err(what)` names the problem.
+    fn decode(h: &[u8; UNDO_HEADER_LEN]) -> std::result::Result<(UndoHeader, u64), String> {
+        if h[0..8] != UNDO_MAGIC {
+            return Err("bad magic: not a ublk-dr undo journal".into());
+        }
+        let u32_at = |at: usize| u32::from_le_bytes(h[at..at + 4].try_into().expect("4"));
+        let u64_at = |at: usize| u64::from_le_bytes(h[at..at + 8].try_into().expect("8"));
+        let version = u16::from_le_bytes([h[8], h[9]]);
+        if version != UNDO_VERSION {
+            return Err(format!(
+                "format version {version}, this build reads version {UNDO_VERSION}"
+            ));
+        }
+        if usize::from(u16::from_le_bytes([h[10], h[11]])) != UNDO_HEADER_LEN {
+            return Err("header length is not 256".into());
+        }
+        let volume_end = h[16..48].iter().position(|&b| b == 0).unwrap_or(32);
+        let volume = std::str::from_utf8(&h[16..16 + volume_end])
+            .ok()
+            .filter(|_| h[16 + volume_end..48].iter().all(|&b| b == 0))
+            .and_then(|v| VolumeId::new(v).ok())
+            .ok_or("volume id field is not a valid volume id")?;
+        let epoch = u64_at(48);
+        let index = u64_at(56);
+        let before = u32_at(160);
+        if before & !(BEFORE_EPOCH_FIXED | BEFORE_HAS_PREV) != 0 || h[208..224] != [0; 16] {
+            return Err("reserved bits are not zero".into());
+        }
+        let prev = (before & BEFORE_HAS_PREV != 0).then(|| PointFacts {
+            index: index.wrapping_sub(1),
+            flags: u32_at(164),
+            first_seq: u64_at(168),
+            last_seq: u64_at(176),
+            created_unix_ms: u64_at(184),
+        });
+        if prev.is_some() && index == 0 {
+            return Err("segment 0 cannot have a previous segment".into());
+        }
+        let header = UndoHeader {
+            segment: PointFacts {
+                index,
+                flags: u32_at(12),
+                first_seq: u64_at(64),
+                last_seq: u64_at(72),
+                created_unix_ms: u64_at(80),
+            },
+            epoch,
+            digest: h[88..120].try_into().expect("32"),
+            cursor_before: ChainCursor {
+                volume,
+                epoch: (before & BEFORE_EPOCH_FIXED != 0).then_some(epoch),
+                next_index: index,
+                prev_digest: h[120..152].try_into().expect("32"),
+                next_seq: u64_at(152),
+            },
+            prev,
+            data_len: u64_at(200),
+            data_sha: h[224..256].try_into().expect("32"),
+        };
+        Ok((header, u64_at(192)))
+    }
+}
+
+/// An opened undo file whose header and extent table were checked.
+#[derive(Debug)]
+pub struct UndoFile {
+    pub header: UndoHeader,
+    pub extents: Vec<Extent>,
+    /// File offset of each extent's before-image.
+    data_at: Vec<u64>,
+    file: File,
+    path: PathBuf,
+}
+
+impl UndoFile {
+    /// Opens `path` and checks the header and extent table.
+    pub fn open(path: &Path) -> Result<UndoFile> {
+        let damaged = |what: String| TargetError::Journal {
+            path: path.into(),
+            what,
+        };
+        let file = File::open(path)
+            .map_err(|e| TargetError::io(format!("opening undo journal {}", path.display()), e))?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| TargetError::io(format!("stat {}", path.display()), e))?
+            .len();
+        let read = |buf: &mut [u8], at: u64| {
+            file.read_exact_at(buf, at).map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => damaged(format!(
+                    "truncated: {file_len} bytes end before the {} bytes at {at}",
+                    buf.len()
+                )),
+                _ => TargetError::io(format!("reading {}", path.display()), e),
+            })
+        };
+        let mut h = [0u8; UNDO_HEADER_LEN];
+        read(&mut h, 0)?;
+        let (header, count) = UndoHeader::decode(&h).map_err(damaged)?;
+        let table_len = count
+            .checked_mul(EXTENT_LEN as u64)
+            .filter(|&t| t <= file_len)
+            .ok_or_else(|| damaged(format!("extent count {count} exceeds the file")))?;
+        let data_start = UNDO_HEADER_LEN as u64 + table_len + META_SUM_LEN as u64;
+        if data_start.checked_add(header.data_len) != Some(file_len) {
+            return Err(damaged(format!(
+                "file is {file_len} bytes, header declares {} extents and {} data bytes \
+                 (truncated or padded)",
+                count, header.data_len
+            )));
+        }
+        let mut table = vec![0u8; table_len as usize + META_SUM_LEN];
+        read(&mut table, UNDO_HEADER_LEN as u64)?;
+        let (table, sum) = table.split_at(table_len as usize);
+        let computed: Digest32 = Sha256::new()
+            .chain_update(h)
+            .chain_update(table)
+            .finalize()
+            .into();
+        if computed[..] != sum[..] {
+            return Err(damaged("header checksum mismatch".into()));
+        }
+        let mut extents = Vec::with_capacity(count as usize);
+        let mut data_at = Vec::with_capacity(count as usize);
+        let mut at = data_start;
+        for chunk in table.chunks_exact(EXTENT_LEN) {
+            let offset = u64::from_le_bytes(chunk[..8].try_into().expect("8"));
+            let len = u64::from_le_bytes(chunk[8..].try_into().expect("8"));
+            let sorted = extents.last().is_none_or(|e: &Extent| e.end() <= offset);
+            if len == 0 || offset.checked_add(len).is_none() || !sorted {
+                return Err(damaged(format!(
+                    "extent {offset}+{len} is empty, overflows or overlaps the one before"
+                )));
+            }
+            extents.push(Extent { offset, len });
+            data_at.push(at);
+            at += len;
+        }
+        if at != file_len {
+            return Err(damaged(
+                "extent lengths do not add up to the data length".into(),
+            ));
+        }
+        Ok(UndoFile {
+            header,
+            extents,
+            data_at,
+            file,
+            path: path.into(),
+        })
+    }
+
+    pub fn index(&self) -> u64 {
+        self.header.index()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the whole data area and compares it with its checksum.
+    pub fn verify_data(&self) -> Result<()> {
+        let mut sha = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let start = self.data_at.first().copied().unwrap_or(0);
+        let mut done = 0u64;
+        while done < self.header.data_len {
+            let n = buf.len().min((self.header.data_len - done) as usize);
+            self.file
+                .read_exact_at(&mut buf[..n], start + done)
+                .map_err(|e| TargetError::io(format!("reading {}", self.path.display()), e))?;
+            sha.update(&buf[..n]);
+            done += n as u64;
+        }
+        if <[u8; 32]>::from(sha.finalize()) != self.header.data_sha {
+            return Err(TargetError::Journal {
+                path: self.path.clone(),
+                what: "before-image data checksum mismatch".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes of extent `i`'s before-image starting `within` it.
+    pub fn read_extent(&self, i: usize, within: u64, buf: &mut [u8]) -> Result<()> {
+        debug_assert!(within + buf.len() as u64 <= self.extents[i].len);
+        self.file
+            .read_exact_at(buf, self.data_at[i] + within)
+            .map_err(|e| TargetError::io(format!("reading {}", self.path.display()), e))
+    }
+}
+
+/// The byte ranges a segment changes, sorted and merged (overlapping or adjacent
+/// ranges become one).
+pub fn changed_ranges(segment: &OpenedSegment) -> Vec<Extent> {
+    let mut ranges: Vec<Extent> = segment
+        .records()
+        .filter(|r| r.op.modifies_data() && r.len > 0)
+        .map(|r| Extent {
+            offset: r.offset,
+            len: u64::from(r.len),
+        })
+        .collect();
+    ranges.sort_unstable();
+    let mut merged: Vec<Extent> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match merged.last_mut() {
+            Some(last) if r.offset <= last.end() => {
+                let end = last.end().max(r.end());
+                last.len = end - last.offset;
+            }
+            _ => merged.push(r),
+        }
+    }
+    merged
+}
+
+/// Reads `buf.len()` bytes at `offset` from `file`; bytes past its end read as zeroes.
+pub(crate) fn read_or_zero(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                break;
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// File name of undo journal `index`.
+pub fn undo_file_name(index: u64) -> String {
+    format!("{index:016x}.undo")
+}
+
+/// The index named by an undo file name, `None` for other files.
+pub fn parse_undo_file_name(name: &str) -> Option<u64> {
+    let hex = name.strip_suffix(".undo")?;
+    if hex.len() != 16 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok()
+}
+
+/// A replica's journal directory.
+#[derive(Clone, Debug)]
+pub struct Journal {
+    dir: PathBuf,
+}
+
+/// The exclusive right to change a replica and its journal (apply, prune, rollback).
+/// Views do not take it. Released when dropped (or when the process dies).
+#[derive(Debug)]
+pub struct JournalLock {
+    _file: File,
+}
+
+impl Journal {
+    pub fn new(dir: impl Into<PathBuf>) -> Journal {
+        Journal { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn path_of(&self, index: u64) -> PathBuf {
+        self.dir.join(undo_file_name(index))
+    }
+
+    pub fn exists(&self, index: u64) -> bool {
+        self.path_of(index).exists()
+    }
+
+    pub fn open(&self, index: u64) -> Result<UndoFile> {
+        let file = UndoFile::open(&self.path_of(index))?;
+        if file.index() != index {
+            return Err(TargetError::Journal {
+                path: self.path_of(index),
+                what: format!("it holds segment {:016x}", file.index()),
+            });
+        }
+        Ok(file)
+    }
+
+    /// The indexes of the undo files present, ascending. A missing directory is empty.
+    pub fn list(&self) -> Result<Vec<u64>> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(TargetError::io(
+                    format!("listing {}", self.dir.display()),
+                    e,
+                ))
+            }
+        };
+        let mut indexes = Vec::new();
+        for entry in entries {
+            let entry =
+                entry.map_err(|e| TargetError::io(format!("listing {}", self.dir.display()), e))?;
+            if let Some(index) = entry.file_name().to_str().and_then(parse_undo_file_name) {
+                indexes.push(index);
+            }
+        }
+        indexes.sort_unstable();
+        Ok(indexes)
+    }
+
+    /// Creates the directory (and its `views/` and `scratch/`) if missing.
+    pub fn create(&self) -> Result<()> {
+        for dir in [
+            self.dir.clone(),
+            self.dir.join("views"),
+            self.dir.join("scratch"),
+        ] {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| TargetError::io(format!("creating {}", dir.display()), e))?;
+        }
+        Ok(())
+    }
+
+    /// Takes the journal's lock; [`TargetError::Busy`] when another applier, prune or
+    /// rollback holds it. The directory must exist (the applier creates it).
+    pub fn lock(&self) -> Result<JournalLock> {
+        if !self.dir.is_dir() {
+            return Err(TargetError::io(
+                format!(
+                    "journal directory {} (nothing applied to this replica yet, or give --journal)",
+                    self.dir.display()
+                ),
+                std::io::ErrorKind::NotFound.into(),
+            ));
+        }
+        let path = self.dir.join("lock");
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| TargetError::io(format!("opening {}", path.display()), e))?;
+        // A lock just released may still be held for a moment by a child process that
+        // a thread of the previous holder forked (it shares the open file until its
+        // exec closes it), so a busy lock is tried again for up to a second.
+        for attempt in 0..50 {
+            // SAFETY: flock on a descriptor we own; no memory is involved.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Ok(JournalLock { _file: file });
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::WouldBlock {
+                return Err(TargetError::io(format!("locking {}", path.display()), e));
+            }
+            if attempt < 49 {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+        Err(TargetError::Busy {
+            journal: self.dir.clone(),
+        })
+    }
+
+    /// Saves the before-images of everything `segment` changes, unless its undo file
+    /// already exists (then it is checked to belong to this segment and kept). `state`
+    /// is the applier state before the segment. Returns whether a file was written.
+    /// Must run after the segment was authenticated and before any replica write.
+    pub(crate) fn save_undo(
+        &self,
+        uring: &mut Uring,
+        segment: &OpenedSegment,
+        state: &ApplyState,
+        replica: &File,
+        replica_path: &Path,
+    ) -> Result<bool> {
+        let index = segment.header.index;
+        let path = self.path_of(index);
+        if path.exists() {
+            // Only an interrupted apply of this segment leaves its journal behind; the
+            // replica may hold some of its writes, so the journal cannot be made again.
+            let existing = self.open(index).map_err(|e| match e {
+                TargetError::Journal { path, what } => TargetError::Journal {
+                    path,
+                    what: format!(
+                        "{what}; it was saved by an interrupted apply of this segment, so \
+                         applying cannot go on safely: restore the file, or delete it only \
+                         if the replica is known to hold no write of segment {index}"
+                    ),
+                },
+                other => other,
+            })?;
+            if existing.header.digest != segment.digest {
+                return Err(TargetError::Journal {
+                    path,
+                    what: "it belongs to a different segment with the same index \
+                           (another history); move it away only if the replica never \
+                           received that segment"
+                        .into(),
+                });
+            }
+            log::info!(
+                "{}: kept the undo journal saved before an interrupted apply",
+                segment.header.describe()
+            );
+            return Ok(false);
+        }
+        let extents = changed_ranges(segment);
+        let data_len: u64 = extents.iter().map(|e| e.len).sum();
+        let table_len = extents.len() * EXTENT_LEN;
+        let data_start = UNDO_HEADER_LEN + table_len + META_SUM_LEN;
+        let mut bytes = vec![0u8; data_start + data_len as usize];
+        let mut at = data_start;
+        for e in &extents {
+            let end = at + e.len as usize;
+            read_or_zero(replica, &mut bytes[at..end], e.offset).map_err(|err| {
+                TargetError::io(format!("reading replica {}", replica_path.display()), err)
+            })?;
+            at = end;
+        }
+        let header = UndoHeader {
+            segment: PointFacts::from_header(&segment.header),
+            epoch: segment.header.epoch,
+            digest: segment.digest,
+            cursor_before: state.cursor.clone(),
+            prev: state.last,
+            data_len,
+            data_sha: Sha256::digest(&bytes[data_start..]).into(),
+        };
+        debug_assert_eq!(state.cursor.next_index, index);
+        bytes[..UNDO_HEADER_LEN].copy_from_slice(&header.encode(&extents));
+        for (i, e) in extents.iter().enumerate() {
+            let at = UNDO_HEADER_LEN + i * EXTENT_LEN;
+            bytes[at..at + 8].copy_from_slice(&e.offset.to_le_bytes());
+            bytes[at + 8..at + 16].copy_from_slice(&e.len.to_le_bytes());
+        }
+        let meta_sum = Sha256::digest(&bytes[..UNDO_HEADER_LEN + table_len]);
+        bytes[UNDO_HEADER_LEN + table_len..data_start].copy_from_slice(&meta_sum);
+        write_file_atomic(uring, &self.dir, &undo_file_name(index), &bytes)
+            .map_err(|e| TargetError::io(format!("saving undo journal {}", path.display()), e))?;
+        Ok(true)
+    }
+
+    /// Deletes undo file `index` (absent is fine). The caller syncs the directory.
+    pub(crate) fn remove(&self, index: u64) -> Result<()> {
+        let path = self.path_of(index);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(TargetError::io(format!("removing {}", path.display()), e)),
+        }
+    }
+
+    /// Makes removals and creations in the directory durable.
+    pub(crate) fn sync(&self, uring: &mut Uring) -> Result<()> {
+        sync_dir(uring, &self.dir)
+            .map_err(|e| TargetError::io(format!("syncing {}", self.dir.display()), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert_eq!(undo_file_name(42), "000000000000002a.undo");
+        assert_eq!(parse_undo_file_name("000000000000002a.undo"), Some(42));
+        for bad in [
+            "2a.undo",
+            ".000000000000002a.undo.tmp",
+            "000000000000002a.seg",
+        ] {
+            assert_eq!(parse_undo_file_name(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn header_round_trip() {
+        let volume = VolumeId::new("vol0").unwrap();
+        let header = UndoHeader {
+            segment: PointFacts {
+                index: 5,
+                first_seq: 100,
+                last_seq: 120,
+                created_unix_ms: 1234,
+                flags: changelog::flags::CRASH_POINT,
+            },
+            epoch: 99,
+            digest: [7; 32],
+            cursor_before: ChainCursor {
+                volume,
+                epoch: Some(99),
+                next_index: 5,
+                prev_digest: [3; 32],
+                next_seq: 100,
+            },
+            prev: Some(PointFacts {
+                index: 4,
+                first_seq: 90,
+                last_seq: 99,
+                created_unix_ms: 1200,
+                flags: 0,
+            }),
+            data_len: 4096,
+            data_sha: [1; 32],
+        };
+        let encoded = header.encode(&[Extent {
+            offset: 0,
+            len: 4096,
+        }]);
+        assert_eq!(UndoHeader::decode(&encoded).unwrap(), (header, 1));
+    }
+}

@@ -1,0 +1,567 @@
+//! The recovery-point catalog, the views registry and retention.
+//!
+//! Point numbering: point `P` is segment index `P`; the state at point `P` is every
+//! record with seq `<= last_seq(P)` applied, i.e. the replica right after segment `P`.
+//! The replica holds the latest applied point `L`; an older point `k` can be
+//! reconstructed while the undo journals `k+1 ..= L` are all retained (each one gives
+//! back the bytes its segment overwrote). So the recovery points are:
+//!
+//! * `L`, if segment `L` carries the crash-point flag;
+//! * every `k < L` whose journals `k+1 ..= L` are present, intact and chained, and
+//!   whose segment carries the crash-point flag (its facts come from `undo_{k+1}`).
+//!
+//! Segments without the flag (initial sync, resync, a ring overflow) are no points: the
+//! source never had that state (I3, I7).
+//!
+//! Views register in `JOURNAL/views/<name>` (text: `point P`, `pid N`) so that pruning
+//! keeps what they read; an entry whose process is gone is ignored and removed.
+//!
+//! Retention ([`prune`]) drops the oldest undo files so that at most `keep_points`
+//! points remain and none is older than `keep_age` (by its creation time), always
+//! keeping the latest point, and never a journal a registered view needs. Files are
+//! deleted oldest first, so after a crash the retained journals are still one
+//! contiguous run ending at `L`.
+
+use crate::error::{Result, TargetError};
+use crate::journal::Journal;
+use crate::state::{ApplyState, PointFacts, ReplicaPaths};
+use changelog::uring::Uring;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// One recovery point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RecoveryPoint {
+    /// The point's number: the index of the segment it ends with.
+    pub index: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// Source clock, ms since the Unix epoch.
+    pub created_unix_ms: u64,
+    pub crash_consistent: bool,
+    pub app_consistent: bool,
+    /// The replica is at this point: serving it needs no journal.
+    pub latest: bool,
+}
+
+impl RecoveryPoint {
+    fn new(facts: &PointFacts, latest: bool) -> RecoveryPoint {
+        RecoveryPoint {
+            index: facts.index,
+            first_seq: facts.first_seq,
+            last_seq: facts.last_seq,
+            created_unix_ms: facts.created_unix_ms,
+            crash_consistent: facts.is_crash_point(),
+            app_consistent: facts.is_app_consistent(),
+            latest,
+        }
+    }
+}
+
+/// A registered point view.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ViewEntry {
+    pub name: String,
+    /// The point it shows; `None` when the entry is unreadable (it then holds every
+    /// journal, to be safe).
+    pub point: Option<u64>,
+    pub pid: Option<u32>,
+}
+
+/// A replica's recovery points and journals.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Catalog {
+    pub volume: Option<String>,
+    /// The last applied segment.
+    pub latest_applied: Option<u64>,
+    /// Set when the replica was rolled back for failover.
+    pub rolled_back_to: Option<u64>,
+    /// Oldest first.
+    pub points: Vec<RecoveryPoint>,
+    /// Undo journals in the contiguous, chained run ending at the latest segment.
+    pub journals: Vec<u64>,
+    /// The undo journal of a segment whose apply was interrupted (index latest + 1).
+    pub pending: Option<u64>,
+    /// Journal files outside the run (below a missing or damaged one); prune removes
+    /// them.
+    pub unused_journals: Vec<u64>,
+    /// Journals that could not be read, with why.
+    pub damaged: Vec<(u64, String)>,
+    pub views: Vec<ViewEntry>,
+}
+
+impl Catalog {
+    pub fn find(&self, point: u64) -> Option<&RecoveryPoint> {
+        self.points.iter().find(|p| p.index == point)
+    }
+
+    pub fn latest_point(&self) -> Option<&RecoveryPoint> {
+        self.points.last()
+    }
+
+    /// "points 3..=17 exist (9 of them)", for error messages.
+    pub fn describe_available(&self) -> String {
+        match (self.points.first(), self.points.last()) {
+            (Some(first), Some(last)) if first.index == last.index => {
+                format!("only point {} exists", first.index)
+            }
+            (Some(first), Some(last)) => format!(
+                "points {}..={} exist ({} of them)",
+                first.index,
+                last.index,
+                self.points.len()
+            ),
+            _ => "no recovery point exists yet".into(),
+        }
+    }
+
+    /// A human-readable table.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        match self.latest_applied {
+            Some(l) => {
+                let _ = writeln!(
+                    out,
+                    "volume {}: latest applied segment {l}",
+                    self.volume.as_deref().unwrap_or("?")
+                );
+            }
+            None => out.push_str("nothing applied yet\n"),
+        }
+        if let Some(p) = self.rolled_back_to {
+            let _ = writeln!(
+                out,
+                "ROLLED BACK to point {p} for failover: no further segment is applied"
+            );
+        }
+        if !self.points.is_empty() {
+            let _ = writeln!(
+                out,
+                "{:>8}  {:<24}  {:>23}  kind",
+                "point", "created (UTC)", "seqs"
+            );
+        }
+        for p in &self.points {
+            let mut kind = String::from("crash");
+            if p.app_consistent {
+                kind.push_str(", app");
+            }
+            if p.latest {
+                kind.push_str(" (latest, on the replica)");
+            }
+            let _ = writeln!(
+                out,
+                "{:>8}  {:<24}  {:>23}  {kind}",
+                p.index,
+                format_utc_ms(p.created_unix_ms),
+                format!("{}..={}", p.first_seq, p.last_seq)
+            );
+        }
+        let _ = writeln!(out, "{}", self.describe_available());
+        if let (Some(first), Some(last)) = (self.journals.first(), self.journals.last()) {
+            let _ = writeln!(
+                out,
+                "undo journals {first}..={last} ({} files)",
+                self.journals.len()
+            );
+        }
+        if let Some(p) = self.pending {
+            let _ = writeln!(
+                out,
+                "undo journal {p} belongs to an interrupted apply (it is re-applied next)"
+            );
+        }
+        for (index, why) in &self.damaged {
+            let _ = writeln!(out, "DAMAGED undo journal {index}: {why}");
+        }
+        if !self.unused_journals.is_empty() {
+            let _ = writeln!(
+                out,
+                "{} undo journal(s) below a gap serve no point (prune removes them)",
+                self.unused_journals.len()
+            );
+        }
+        for v in &self.views {
+            let _ = writeln!(
+                out,
+                "view {} at point {} (pid {})",
+                v.name,
+                v.point.map_or("?".into(), |p| p.to_string()),
+                v.pid.map_or("?".into(), |p| p.to_string())
+            );
+        }
+        out
+    }
+}
+
+/// Reads the catalog of the replica at `paths`. Checks journal headers (not their
+/// data; views and rollback verify that before use).
+pub fn catalog(paths: &ReplicaPaths) -> Result<Catalog> {
+    let journal = Journal::new(&paths.journal);
+    let views = list_views(&paths.journal)?;
+    let Some(state) = ApplyState::load(&paths.state, None)? else {
+        return Ok(Catalog {
+            views,
+            unused_journals: journal.list()?,
+            ..Catalog::default()
+        });
+    };
+    let mut catalog = Catalog {
+        volume: Some(state.cursor.volume.to_string()),
+        latest_applied: state.latest(),
+        rolled_back_to: state.rolled_back_to,
+        views,
+        ..Catalog::default()
+    };
+    let present = journal.list()?;
+    let next = state.cursor.next_index;
+    if present.contains(&next) {
+        catalog.pending = Some(next);
+    }
+    let mut points = Vec::new();
+    if let Some(last) = state.last.filter(|l| l.is_crash_point()) {
+        points.push(RecoveryPoint::new(&last, true));
+    }
+    // Walk down from the latest while journals are present, intact and chained.
+    let mut expect_digest = state.cursor.prev_digest;
+    let mut expect_facts = state.last;
+    let mut k = state.latest();
+    while let Some(index) = k.filter(|i| present.binary_search(i).is_ok()) {
+        let undo = match journal.open(index) {
+            Ok(undo) => undo,
+            Err(e) => {
+                catalog.damaged.push((index, e.to_string()));
+                break;
+            }
+        };
+        let h = &undo.header;
+        if h.digest != expect_digest
+            || expect_facts.is_some_and(|f| f != h.segment)
+            || h.cursor_before.volume != state.cursor.volume
+        {
+            catalog.damaged.push((
+                index,
+                "it does not belong to this replica's history (digest differs)".into(),
+            ));
+            break;
+        }
+        catalog.journals.push(index);
+        if let Some(prev) = h.prev.filter(|p| p.is_crash_point()) {
+            points.push(RecoveryPoint::new(&prev, false));
+        }
+        expect_digest = h.cursor_before.prev_digest;
+        expect_facts = h.prev;
+        k = index.checked_sub(1);
+    }
+    catalog.journals.reverse();
+    points.reverse();
+    catalog.points = points;
+    catalog.unused_journals = present
+        .into_iter()
+        .filter(|i| {
+            *i < next
+                && catalog.journals.binary_search(i).is_err()
+                && !catalog.damaged.iter().any(|(d, _)| d == i)
+        })
+        .collect();
+    Ok(catalog)
+}
+
+/// Formats ms since the Unix epoch as `YYYY-MM-DD hh:mm:ss.mmm` (UTC).
+pub fn format_utc_ms(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{:03}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+// ---- views registry ----
+
+fn views_dir(journal_dir: &Path) -> PathBuf {
+    journal_dir.join("views")
+}
+
+/// Whether a view name is usable as a file name: `[A-Za-z0-9._-]`, 1–64 bytes, not
+/// starting with `.`.
+pub fn valid_view_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: signal 0 only checks whether the process exists; nothing is delivered.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+fn parse_view(text: &str) -> (Option<u64>, Option<u32>) {
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.trim().parse::<u64>().ok())
+    };
+    (
+        field("point "),
+        field("pid ").and_then(|p| u32::try_from(p).ok()),
+    )
+}
+
+/// The live registered views. Entries of processes that are gone are removed.
+pub fn list_views(journal_dir: &Path) -> Result<Vec<ViewEntry>> {
+    let dir = views_dir(journal_dir);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(TargetError::io(format!("listing {}", dir.display()), e)),
+    };
+    let mut views = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| TargetError::io(format!("listing {}", dir.display()), e))?;
+        let Some(name) = entry.file_name().to_str().map(String::from) else {
+            continue;
+        };
+        if !valid_view_name(&name) {
+            continue; // temporary files
+        }
+        let text = match std::fs::read_to_string(entry.path()) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // just removed
+            Err(e) => {
+                return Err(TargetError::io(
+                    format!("reading {}", entry.path().display()),
+                    e,
+                ))
+            }
+        };
+        let (point, pid) = parse_view(&text);
+        if let Some(pid) = pid.filter(|&p| !process_alive(p)) {
+            log::warn!("view {name}: its process {pid} is gone; removing its registration");
+            let _ = std::fs::remove_file(entry.path());
+            continue;
+        }
+        views.push(ViewEntry { name, point, pid });
+    }
+    views.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(views)
+}
+
+/// Registers view `name` at `point` for this process; refuses a name a live view holds.
+pub(crate) fn register_view(journal_dir: &Path, name: &str, point: u64) -> Result<PathBuf> {
+    if !valid_view_name(name) {
+        return Err(TargetError::View {
+            what: format!(
+                "view name {name:?} is not 1-64 characters of [A-Za-z0-9._-] not starting with '.'"
+            ),
+        });
+    }
+    let dir = views_dir(journal_dir);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| TargetError::io(format!("creating {}", dir.display()), e))?;
+    let path = dir.join(name);
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        if let (_, Some(pid)) = parse_view(&text) {
+            if process_alive(pid) {
+                return Err(TargetError::View {
+                    what: format!("a view named {name} is open (process {pid}); pick another name"),
+                });
+            }
+        }
+    }
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let text = format!("point {point}\npid {}\n", std::process::id());
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| TargetError::io(format!("registering view {}", path.display()), e))?;
+    Ok(path)
+}
+
+// ---- retention ----
+
+/// How many recovery points to keep. Both limits apply; the latest point is always
+/// kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// At most this many points (counting the latest); 0 is treated as 1.
+    pub keep_points: Option<usize>,
+    /// No point older than this (by its creation time).
+    pub keep_age: Option<Duration>,
+}
+
+impl Retention {
+    pub fn is_unlimited(&self) -> bool {
+        self.keep_points.is_none() && self.keep_age.is_none()
+    }
+}
+
+/// What [`prune`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    /// Undo journals deleted, ascending.
+    pub removed: Vec<u64>,
+    /// Recovery points left.
+    pub points_left: usize,
+    /// Views that kept journals retention would have dropped.
+    pub held_by: Vec<ViewEntry>,
+}
+
+/// Applies `retention` to the replica at `paths` (taking the journal lock: not while
+/// an applier runs; an applier prunes itself, see `ApplyOptions::retention`).
+/// `now_unix_ms` is the clock ages are measured against.
+pub fn prune(paths: &ReplicaPaths, retention: &Retention, now_unix_ms: u64) -> Result<PruneReport> {
+    let journal = Journal::new(&paths.journal);
+    let _lock = journal.lock()?;
+    let mut uring = Uring::new(4).map_err(|e| TargetError::io("io_uring setup", e))?;
+    prune_locked(paths, &journal, &mut uring, retention, now_unix_ms)
+}
+
+/// [`prune`] for a caller that holds the journal lock.
+pub(crate) fn prune_locked(
+    paths: &ReplicaPaths,
+    journal: &Journal,
+    uring: &mut Uring,
+    retention: &Retention,
+    now_unix_ms: u64,
+) -> Result<PruneReport> {
+    let catalog = catalog(paths)?;
+    if let Some(point) = catalog.rolled_back_to {
+        return Err(TargetError::RolledBack { point });
+    }
+    let Some(latest) = catalog.latest_applied else {
+        return Ok(PruneReport::default());
+    };
+    // Newest first: the latest point always stays, then as many as the limits allow.
+    let keep_points = retention.keep_points.unwrap_or(usize::MAX).max(1);
+    let mut oldest_kept: Option<u64> = None;
+    for (n, p) in catalog.points.iter().rev().enumerate() {
+        let age_ms = now_unix_ms.saturating_sub(p.created_unix_ms);
+        let too_old = retention
+            .keep_age
+            .is_some_and(|max| u128::from(age_ms) > max.as_millis());
+        if n > 0 && (n >= keep_points || too_old) {
+            break;
+        }
+        oldest_kept = Some(p.index);
+    }
+    // Journals up to the oldest kept point serve nothing; with no point at all, every
+    // journal of an applied segment goes.
+    let wanted_limit = oldest_kept.unwrap_or(latest);
+    let mut limit = wanted_limit;
+    let mut held_by = Vec::new();
+    for view in &catalog.views {
+        let needs = view.point.unwrap_or(0);
+        if needs < wanted_limit {
+            held_by.push(view.clone());
+        }
+        limit = limit.min(needs);
+    }
+    let mut removed = Vec::new();
+    for index in journal.list()? {
+        if index > limit || index > latest {
+            break;
+        }
+        journal.remove(index)?;
+        removed.push(index);
+    }
+    if !removed.is_empty() {
+        journal.sync(uring)?;
+        log::info!(
+            "pruned undo journals {}..={} (points older than {limit} dropped)",
+            removed[0],
+            removed[removed.len() - 1]
+        );
+    }
+    Ok(PruneReport {
+        points_left: catalog.points.iter().filter(|p| p.index >= limit).count(),
+        removed,
+        held_by,
+    })
+}
+
+/// Parses a retention age: `90` or `90s` (seconds), `30m`, `2h`, `15d`.
+pub fn parse_age(text: &str) -> std::result::Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(format!(
+            "{text:?}: unknown unit {unit:?}; use a number with s, m, h or d (e.g. 30m, 2h, 15d)"
+        ))
+        }
+    };
+    let n: u64 = number.parse().map_err(|_| {
+        format!("{text:?} is not an age; use a number with s, m, h or d (e.g. 30m, 2h, 15d)")
+    })?;
+    n.checked_mul(scale)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages() {
+        assert_eq!(parse_age("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_age("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_age("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_age("15d"), Ok(Duration::from_secs(15 * 86_400)));
+        for bad in ["", "m", "3w", "1.5h", "-1s", "99999999999999999999d"] {
+            assert!(parse_age(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn utc() {
+        assert_eq!(format_utc_ms(0), "1970-01-01 00:00:00.000");
+        assert_eq!(format_utc_ms(951_782_400_123), "2000-02-29 00:00:00.123");
+        assert_eq!(format_utc_ms(1_767_225_599_999), "2025-12-31 23:59:59.999");
+    }
+
+    #[test]
+    fn view_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = register_view(dir.path(), "test-a", 4).unwrap();
+        assert!(
+            register_view(dir.path(), "test-a", 5).is_err(),
+            "live name reused"
+        );
+        assert!(register_view(dir.path(), "../x", 5).is_err());
+        let views = list_views(dir.path()).unwrap();
+        assert_eq!(views.len(), 1);
+        assert_eq!(views[0].point, Some(4));
+        // A registration of a process that is gone is dropped.
+        std::fs::write(&path, format!("point 4\npid {}\n", i32::MAX)).unwrap();
+        assert!(list_views(dir.path()).unwrap().is_empty());
+        assert!(!path.exists());
+    }
+}

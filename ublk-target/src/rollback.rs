@@ -1,0 +1,224 @@
+//! Rollback for failover: make the replica equal its state at point `P` for real, so
+//! it can become the primary.
+//!
+//! Steps, each durable before the next:
+//!
+//! 1. Verify every journal `P+1 ..= top` (all of it, data too) and that they chain onto
+//!    the applied state; `top` is the latest applied segment, or the one after it when
+//!    an interrupted apply left its journal. Nothing is written if any check fails.
+//! 2. Record in the applied state that the replica is rolled back to `P`: from here on
+//!    no segment is applied to it ([`crate::TargetError::RolledBack`]).
+//! 3. For `k = top` down to `P + 1`: write `undo_k`'s before-images to the replica,
+//!    fdatasync, save the state "at `k - 1`" (the position recorded in `undo_k`), then
+//!    delete `undo_k`.
+//! 4. Delete the journals of older points: once the replica is written as a primary
+//!    they no longer describe it.
+//!
+//! Re-running after a crash at any point continues where it stopped and ends in the
+//! same replica: before-images are absolute bytes, so writing one twice is harmless,
+//! and a journal whose step was recorded but not yet deleted is the "pending" journal
+//! of the state, which is undone again (a no-op) and deleted.
+
+use crate::error::{Result, TargetError};
+use crate::journal::{Journal, UndoFile};
+use crate::points::{catalog, list_views};
+use crate::state::{ApplyState, ReplicaPaths};
+use changelog::uring::Uring;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+
+/// What a rollback did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RollbackReport {
+    pub point: u64,
+    /// Segments undone in this run, newest first.
+    pub undone: Vec<u64>,
+    /// Journals of older points deleted at the end.
+    pub removed_older: usize,
+    /// `false` when stopped early by `max_steps`.
+    pub done: bool,
+}
+
+/// Rolls the replica at `paths` back to `point` (taking the journal lock: stop the
+/// applier first).
+pub fn rollback_to(paths: &ReplicaPaths, point: u64) -> Result<RollbackReport> {
+    rollback_steps(paths, point, None)
+}
+
+/// [`rollback_to`] that stops after undoing `max_steps` segments (`None`: no limit),
+/// leaving the rollback to be finished by another call — as a crash would.
+pub fn rollback_steps(
+    paths: &ReplicaPaths,
+    point: u64,
+    max_steps: Option<usize>,
+) -> Result<RollbackReport> {
+    let journal = Journal::new(&paths.journal);
+    let _lock = journal.lock()?;
+    let mut uring = Uring::new(4).map_err(|e| TargetError::io("io_uring setup", e))?;
+    let replica = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&paths.replica)
+        .map_err(|e| TargetError::io(format!("opening replica {}", paths.replica.display()), e))?;
+    let Some(state) = ApplyState::load(&paths.state, None)? else {
+        return Err(TargetError::Rollback {
+            point,
+            what: format!(
+                "nothing has been applied ({} is missing)",
+                paths.state.display()
+            ),
+        });
+    };
+    rollback_locked(
+        paths, &journal, &mut uring, &replica, state, point, max_steps,
+    )
+    .map(|(_, report)| report)
+}
+
+/// The rollback for a caller that holds the journal lock. Returns the final state.
+pub(crate) fn rollback_locked(
+    paths: &ReplicaPaths,
+    journal: &Journal,
+    uring: &mut Uring,
+    replica: &File,
+    mut state: ApplyState,
+    point: u64,
+    max_steps: Option<usize>,
+) -> Result<(ApplyState, RollbackReport)> {
+    let refuse = |what: String| TargetError::Rollback { point, what };
+    if let Some(q) = state.rolled_back_to.filter(|&q| q != point) {
+        return Err(refuse(format!(
+            "the replica was already rolled back to point {q}; only that rollback can be \
+             finished (`ublk-target rollback --point {q}`)"
+        )));
+    }
+    let Some(latest) = state.latest() else {
+        return Err(refuse("nothing has been applied to this replica".into()));
+    };
+    let unavailable = |why: String| TargetError::PointUnavailable {
+        point,
+        why,
+        available: catalog(paths)
+            .map(|c| c.describe_available())
+            .unwrap_or_else(|e| format!("the catalog is unreadable ({e})")),
+    };
+    if point > latest {
+        return Err(unavailable(format!(
+            "it is newer than the latest applied segment {latest}"
+        )));
+    }
+    let views = list_views(journal.dir())?;
+    if !views.is_empty() {
+        let names: Vec<&str> = views.iter().map(|v| v.name.as_str()).collect();
+        return Err(refuse(format!(
+            "point views are open ({}); close them (end the test failover) first",
+            names.join(", ")
+        )));
+    }
+
+    // 1. Verify everything needed before writing anything.
+    let top = if journal.exists(latest + 1) {
+        latest + 1
+    } else {
+        latest
+    };
+    let mut undo: Vec<UndoFile> = Vec::new();
+    for k in point + 1..=top {
+        if !journal.exists(k) {
+            return Err(unavailable(format!("undo journal {k} is gone (pruned)")));
+        }
+        let file = journal.open(k)?;
+        file.verify_data()?;
+        let chained = undo.last().is_none_or(|b| file.header.follows(&b.header));
+        let fits = if k == latest + 1 {
+            file.header.cursor_before == state.cursor && file.header.prev == state.last
+        } else if k == latest {
+            file.header.digest == state.cursor.prev_digest
+        } else {
+            true
+        };
+        if !chained || !fits {
+            return Err(TargetError::Journal {
+                path: file.path().into(),
+                what: "it does not chain onto the replica's history".into(),
+            });
+        }
+        undo.push(file);
+    }
+    let facts = if point == latest {
+        state.last
+    } else {
+        undo[0].header.prev
+    };
+    match facts {
+        Some(f) if f.is_crash_point() => {}
+        Some(_) => {
+            return Err(unavailable(
+                "its segment is not a crash-consistent point".into(),
+            ))
+        }
+        None => return Err(unavailable("nothing describes its segment".into())),
+    }
+
+    // 2. From now on nothing is applied to this replica.
+    if state.rolled_back_to.is_none() {
+        state.rolled_back_to = Some(point);
+        state.save(uring, &paths.state)?;
+        log::warn!(
+            "replica {}: rolling back to point {point} for failover",
+            paths.replica.display()
+        );
+    }
+
+    // 3. Undo the newest segment first.
+    let mut report = RollbackReport {
+        point,
+        ..RollbackReport::default()
+    };
+    for file in undo.iter().rev() {
+        if max_steps.is_some_and(|max| report.undone.len() >= max) {
+            return Ok((state, report));
+        }
+        restore(file, replica, paths)?;
+        replica.sync_data().map_err(|e| {
+            TargetError::io(format!("syncing replica {}", paths.replica.display()), e)
+        })?;
+        state = ApplyState {
+            rolled_back_to: Some(point),
+            ..file.header.state_before()
+        };
+        state.save(uring, &paths.state)?;
+        journal.remove(file.index())?;
+        journal.sync(uring)?;
+        report.undone.push(file.index());
+        log::info!("undid segment {}", file.index());
+    }
+
+    // 4. Older points described the replica as a replica; it is a primary now.
+    for k in journal.list()? {
+        journal.remove(k)?;
+        report.removed_older += 1;
+    }
+    journal.sync(uring)?;
+    report.done = true;
+    Ok((state, report))
+}
+
+/// Writes a journal's before-images to the replica.
+fn restore(file: &UndoFile, replica: &File, paths: &ReplicaPaths) -> Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    for (i, e) in file.extents.iter().enumerate() {
+        let mut done = 0u64;
+        while done < e.len {
+            let n = buf.len().min((e.len - done) as usize);
+            file.read_extent(i, done, &mut buf[..n])?;
+            replica
+                .write_all_at(&buf[..n], e.offset + done)
+                .map_err(|err| {
+                    TargetError::io(format!("writing replica {}", paths.replica.display()), err)
+                })?;
+            done += n as u64;
+        }
+    }
+    Ok(())
+}
