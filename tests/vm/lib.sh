@@ -69,6 +69,31 @@ wait_digest_resync() {
   die "the digest resync did not finish: $(cat "$1/status.json")"
 }
 
+# point_of_seq DIR SEQ: waits (60 s) until the follower applied the segment that ends
+# with record SEQ (a MARK) and prints that recovery point's number.
+point_of_seq() {
+  local i p
+  for i in $(seq 240); do
+    p=$("$BIN/ublk-target" points --replica "$1/replica" --json 2>/dev/null |
+      awk -v seq="$2" '/"index":/ { gsub(",", "", $2); idx = $2 }
+                       /"last_seq":/ { gsub(",", "", $2); if ($2 == seq) { print idx; exit } }')
+    [ -n "$p" ] && { echo "$p"; return 0; }
+    sleep 0.25
+  done
+  die "no recovery point ends with seq $2"
+}
+
+# mark_frozen DIR MNT REF: freezes MNT, records an app-consistent MARK, copies the
+# source (the backing, still while frozen) to REF, thaws. Prints the MARK's seq.
+mark_frozen() {
+  local out
+  fsfreeze -f "$2"
+  out=$("$BIN/shipper" mark --ring "$1/ring" --app-consistent --pre true) || { fsfreeze -u "$2"; die "mark: $out"; }
+  cp --sparse=always "$1/backing" "$3"
+  fsfreeze -u "$2"
+  echo "$out" | sed -n 's/.*with seq \([0-9]*\).*/\1/p'
+}
+
 # blkfilter_pid ID: the pid of the server of /dev/ublkbID.
 blkfilter_pid() {
   "$BIN/blkfilter" list | awk -v id="$1" '$1 == id { print $4 }'

@@ -11,7 +11,11 @@ PASSED=0 FAILED=0
 run_test() {
   local name=$1
   log "test $name"
-  if ( set -e; "$name" ); then
+  # Not in an `if` condition: bash ignores `set -e` inside one, and a failing step in
+  # the middle of a test would go unnoticed.
+  ( set -e; "$name" )
+  local rc=$?
+  if [ $rc -eq 0 ]; then
     echo "ok: $name"; PASSED=$((PASSED + 1))
   else
     echo "FAILED: $name"; FAILED=$((FAILED + 1))
@@ -161,6 +165,130 @@ initial_replication_of_used_ext4_under_fio() {
   umount $w/mnt
 }
 
+# Issue #5: five app-consistent points taken under a fio + file workload; the test
+# failover device at each equals a copy of the source taken at that point and holds a
+# clean ext4; the view stays put while applying goes on; test writes vanish.
+points_and_test_failover() {
+  local w=/tmp/t-points i seq dev points=() out
+  protect $w 256M
+  start_follower $w
+  mkfs.ext4 -q -F "$DEV"
+  mkdir -p $w/mnt
+  mount "$DEV" $w/mnt
+  for i in 1 2 3 4 5; do
+    mkdir -p $w/mnt/d$i
+    for f in $(seq 10); do head -c $((f * 7000)) /dev/urandom >$w/mnt/d$i/f$f; done
+    fio --name=p$i --directory=$w/mnt --filename=load --size=16M --rw=randwrite --bs=4k \
+      --iodepth=8 --ioengine=io_uring --direct=1 --io_size=4M >/dev/null
+    seq=$(mark_frozen $w $w/mnt $w/ref$i)
+    points+=("$(point_of_seq $w "$seq")")
+  done
+  "$BIN/ublk-target" points --replica $w/replica
+  for i in 1 2 3 4 5; do
+    dev=$("$BIN/ublk-target" failover --test --replica $w/replica --point "${points[$((i - 1))]}" --id 10 --log $w/view.log)
+    echo "point ${points[$((i - 1))]} is $dev"
+    cmp "$dev" $w/ref$i
+    e2fsck -fn "$dev" >/dev/null
+    "$BIN/ublk-target" failover --cleanup --id 10
+  done
+  # Writes go on and are applied while a test device shows point 2.
+  dev=$("$BIN/ublk-target" failover --test --replica $w/replica --point "${points[1]}" --id 10 --log $w/view.log)
+  fio --name=more --directory=$w/mnt --filename=load --size=16M --rw=randwrite --bs=4k \
+    --iodepth=8 --ioengine=io_uring --direct=1 --io_size=8M >/dev/null
+  seq=$(mark_frozen $w $w/mnt $w/ref6)
+  point_of_seq $w "$seq" >/dev/null
+  cmp "$dev" $w/ref2
+  # Test writes read back through the device, and go nowhere else.
+  head -c 1M /dev/urandom >$w/testdata
+  dd if=$w/testdata of="$dev" bs=1M seek=100 oflag=direct conv=notrunc status=none
+  dd if="$dev" of=$w/readback bs=1M skip=100 count=1 iflag=direct status=none
+  cmp $w/testdata $w/readback
+  "$BIN/ublk-target" failover --cleanup --id 10
+  out=$("$BIN/ublk-target" failover --cleanup --id 10 2>&1) && return 1
+  echo "$out" | grep -q "does not exist" || { echo "$out"; return 1; }
+  out=$("$BIN/ublk-target" failover --test --replica $w/replica --point 99999 --id 11 --log $w/view.log 2>&1) && return 1
+  echo "$out" | grep -q "not available" || { echo "$out"; return 1; }
+  [ -z "$(device_state 11)" ]
+  out=$("$BIN/ublk-target" failover --test --replica $w/nonexistent --id 11 2>&1) && return 1
+  echo "$out" | grep -q "does not exist" || { echo "$out"; return 1; }
+  umount $w/mnt
+  finish $w
+  same_image $w   # none of the test writes reached the replica
+}
+
+# Issue #5: planned failover loses nothing; writes on the recovered volume; failback
+# with digest compare ships only what differs; protection resumes toward the replica.
+failover_failback_round_trip() {
+  local w=/tmp/t-roundtrip src dev shipped
+  protect $w 256M
+  start_follower $w
+  fio_job before "$DEV" --rw=randwrite --bs=4k --iodepth=16 --size=64M --io_size=24M
+  fio_job before2 "$DEV" --rw=write --bs=1M --iodepth=4 --offset=128M --size=32M
+  src=$(sha256sum <"$DEV" | cut -d' ' -f1)
+  # Planned failover: quiesce (detach), drain, apply everything, fail over.
+  finish $w
+  dev=$("$BIN/ublk-target" failover --replica $w/replica --ring $w/ring-back --id 1)
+  [ "$(sha256sum <"$dev" | cut -d' ' -f1)" = "$src" ] || die "planned failover lost writes"
+  echo "planned failover: $dev equals the source as quiesced"
+  "$BIN/ublk-target" commit --replica $w/replica
+  out=$("$BIN/ublk-target" apply --store $w/store --volume vol0 --replica $w/replica --key $w/key 2>&1) && return 1
+  echo "$out" | grep -q "rolled back" || { echo "$out"; return 1; }
+  # The recovered volume is used.
+  fio_job after "$dev" --rw=randwrite --bs=4k --iodepth=16 --size=32M --offset=64M
+  # Failback, minimize downtime: protect the recovered volume toward the original
+  # disk; the initial digest resync ships only the blocks that differ.
+  mkdir -p $w/back/store
+  cp $w/key $w/back/key
+  RUST_LOG=info "$BIN/ublk-target" apply --follow --poll-ms 100 --store $w/back/store --volume vol0 \
+    --replica $w/backing --state $w/back/original.state --journal $w/back/original.journal \
+    --key $w/key >>$w/back/target.log 2>&1 &
+  FOLLOWER_PID=$!
+  RUST_LOG=warn "$BIN/shipper" run --volume vol0 --ring $w/ring-back --staging $w/back/staging \
+    --store $w/back/store --key $w/key --status $w/back/status.json --max-segment-age-ms 200 \
+    >>$w/back/shipper.log 2>&1 &
+  SHIPPER_PID=$!
+  fio_job during "$dev" --rw=randwrite --bs=64k --iodepth=4 --size=16M --offset=200M &
+  local fio_pid=$!
+  wait_digest_resync $w/back
+  wait $fio_pid
+  shipped=$(grep -h "digest resync .*: done" /run/ublk-dr/blkfilter.log | tail -1)
+  echo "failback: $shipped (disk 268435456 bytes)"
+  # Final delta after quiescing the recovered volume.
+  src=$(sha256sum <"$dev" | cut -d' ' -f1)
+  "$BIN/blkfilter" detach --id 1 >/dev/null
+  for i in $(seq 100); do [ -z "$(device_state 1)" ] && break; sleep 0.1; done
+  stop_shipper
+  RUST_LOG=warn "$BIN/shipper" run --volume vol0 --ring $w/ring-back --staging $w/back/staging \
+    --store $w/back/store --key $w/key --drain >>$w/back/shipper.log 2>&1
+  stop_follower
+  "$BIN/ublk-target" apply --store $w/back/store --volume vol0 --replica $w/backing \
+    --state $w/back/original.state --journal $w/back/original.journal --key $w/key | tail -1
+  [ "$(sha256sum <$w/backing | cut -d' ' -f1)" = "$src" ] || die "the original disk differs from the recovered volume"
+  echo "failback: the original disk equals the recovered volume"
+  # Protection resumes in the original direction, toward a fresh replica state.
+  mkdir -p $w/again
+  rm -f $w/ring
+  DEV=$("$BIN/blkfilter" attach --backing $w/backing --ring $w/again/ring --id 0 --ring-mib 256 --log $w/again/blkfilter.log)
+  cp $w/key $w/again/key
+  mv $w/replica $w/again/replica
+  start_follower $w/again
+  SYNC_OPT= start_shipper $w/again
+  fio_job resumed "$DEV" --rw=randwrite --bs=4k --iodepth=16 --size=16M
+  wait_digest_resync $w/again
+  grep -h "digest resync .*: done" $w/again/blkfilter.log | tail -1
+  "$BIN/blkfilter" detach --id 0 >/dev/null
+  for i in $(seq 100); do [ -z "$(device_state 0)" ] && break; sleep 0.1; done
+  stop_shipper
+  RUST_LOG=warn "$BIN/shipper" run --volume vol0 --ring $w/again/ring --staging $w/again/staging \
+    --store $w/again/store --key $w/key --drain >>$w/again/shipper.log 2>&1
+  stop_follower
+  "$BIN/ublk-target" apply --store $w/again/store --volume vol0 --replica $w/again/replica \
+    --key $w/key | tail -1
+  [ "$(sha256sum <$w/backing | cut -d' ' -f1)" = "$(sha256sum <$w/again/replica | cut -d' ' -f1)" ] ||
+    die "after reprotect the replica differs from the original"
+  echo "protection resumed: the replica equals the original disk again"
+}
+
 bad_command_lines() {
   local w=/tmp/t-bad out
   mkdir -p $w
@@ -186,7 +314,7 @@ bad_command_lines() {
 tests=("$@")
 [ ${#tests[@]} -gt 0 ] || tests=(fio_randwrite_and_seqwrite ext4_files kill9_blkfilter_mid_fio reattach_takes_back_a_dead_servers_device
   kill9_shipper_under_load overflow_then_resync_converges initial_replication_of_used_ext4_under_fio
-  bad_command_lines)
+  points_and_test_failover failover_failback_round_trip bad_command_lines)
 for t in "${tests[@]}"; do run_test "$t"; done
 echo
 echo "ublk: $PASSED passed, $FAILED failed"

@@ -42,6 +42,24 @@ pub trait Backend {
     fn flush(&mut self) -> io::Result<()>;
 }
 
+impl Backend for crate::PointView {
+    fn size(&self) -> u64 {
+        crate::PointView::size(self)
+    }
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        crate::PointView::read_at(self, buf, offset).map_err(io::Error::other)
+    }
+    fn write_at(&mut self, data: &[u8], offset: u64) -> io::Result<()> {
+        crate::PointView::write_at(self, data, offset).map_err(io::Error::other)
+    }
+    fn zero(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.write_zeroes(offset, len).map_err(io::Error::other)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        crate::PointView::flush(self).map_err(io::Error::other)
+    }
+}
+
 fn ublk_err(e: UblkError) -> TargetError {
     TargetError::Device(e.to_string())
 }
@@ -177,7 +195,10 @@ fn handle<B: Backend>(queue: &UblkQueue<'_>, backend: &mut B, tag: u16, buf: &Io
     let op = iod.op_flags & 0xff;
     let offset = iod.start_sector << 9;
     let len = (u64::from(iod.nr_sectors) << 9) as usize;
-    if offset + len as u64 > backend.size() || len > buf.len() {
+    // A FLUSH carries no range (its sector field is not meaningful).
+    let out_of_range = offset.saturating_add(len as u64) > backend.size() || len > buf.len();
+    if op != libublk::sys::UBLK_IO_OP_FLUSH && out_of_range {
+        log::error!("request op {op} at {offset}+{len} is outside the device");
         return -libc::EINVAL;
     }
     let result = match op {

@@ -22,6 +22,6 @@ pub mod view;
 pub use apply::{Applied, Applier, ApplyOptions};
 pub use error::{Result, TargetError};
 pub use points::{catalog, prune, Catalog, PruneReport, RecoveryPoint, Retention};
-pub use rollback::{rollback_steps, rollback_to, RollbackReport};
+pub use rollback::{commit, rollback_steps, rollback_to, RollbackReport};
 pub use state::{ApplyState, PointFacts, ReplicaPaths};
 pub use view::{PointView, ViewOptions};

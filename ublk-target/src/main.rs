@@ -82,6 +82,57 @@ enum Command {
         #[arg(long)]
         point: u64,
     },
+    /// Bring a volume up at the recovery site as /dev/ublkbN.
+    ///
+    /// --test: serve the replica as it was at --point (default: the latest) through a
+    /// throw-away write overlay; the replica, its points and a running `apply` are not
+    /// affected, and the view stays at the point while applying goes on. Remove it with
+    /// `failover --cleanup --id N`.
+    ///
+    /// Without --test (unplanned failover; a planned one is the same after the source
+    /// was detached, the shipper drained and every segment applied): roll the replica
+    /// back to --point for real and serve it with capture into --ring, so it is
+    /// protected from its first write and ready to replicate back (failback). Stop
+    /// `apply` first. Then `ublk-target commit`.
+    Failover {
+        /// Replica image file or block device.
+        #[arg(long, required_unless_present = "cleanup")]
+        replica: Option<PathBuf>,
+        /// The applied position [default: REPLICA.state].
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Undo journal directory [default: REPLICA.journal].
+        #[arg(long)]
+        journal: Option<PathBuf>,
+        /// The recovery point (see `ublk-target points`) [default: the latest].
+        #[arg(long)]
+        point: Option<u64>,
+        /// Test failover: a disposable view, nothing changes.
+        #[arg(long, conflicts_with_all = ["ring", "cleanup"])]
+        test: bool,
+        /// End a test failover: delete view device --id and its overlay.
+        #[arg(long, requires = "id", conflicts_with_all = ["replica", "point"])]
+        cleanup: bool,
+        /// Capture ring of the recovered volume (real failover).
+        #[arg(long, required_unless_present_any = ["test", "cleanup"])]
+        ring: Option<PathBuf>,
+        /// Device id [default: the kernel picks].
+        #[arg(long)]
+        id: Option<i32>,
+        /// Serve a test view in the foreground instead of daemonizing.
+        #[arg(long)]
+        foreground: bool,
+        /// Where a daemonized server logs.
+        #[arg(long, default_value = "/run/ublk-dr/ublk-target.log")]
+        log: PathBuf,
+    },
+    /// After a failover: the recovered volume is the primary now. Records that in the
+    /// replica's state, so nothing can apply the old direction's segments to it; the
+    /// next step is protecting it back toward the original disk (failback).
+    Commit {
+        #[command(flatten)]
+        replica: ReplicaArgs,
+    },
     /// Write the replica as it was at --point to a file, without changing the replica.
     Export {
         #[command(flatten)]
@@ -167,6 +218,66 @@ fn require_applied(paths: &ReplicaPaths) -> Result<()> {
             paths.replica.display()
         );
     }
+    Ok(())
+}
+
+/// Serves the replica at `point` through a throw-away overlay as a ublk device.
+fn test_failover(
+    paths: &ReplicaPaths,
+    point: u64,
+    id: i32,
+    foreground: bool,
+    log: &std::path::Path,
+) -> Result<()> {
+    // The view is opened in the server (after the fork), so its registration, which
+    // keeps its journals from pruning, names the process that lives as long as it. A
+    // bad point is still an error of this command: the server reports it back.
+    let started = std::time::Instant::now();
+    let paths = paths.clone();
+    blkfilter::daemon::run_server(foreground, log, move |ready| {
+        let view = ublk_target::PointView::open(&paths, point)?;
+        let info = ublk_target::device::ViewInfo {
+            replica: paths.replica.clone(),
+            point,
+            scratch: view.scratch_path().to_path_buf(),
+        };
+        ublk_target::device::serve(view, id, &info, move |id| {
+            log::info!(
+                "test failover of point {point} is /dev/ublkb{id} ({:.2} s to bring up)",
+                started.elapsed().as_secs_f64()
+            );
+            ready(id)
+        })
+    })
+}
+
+/// Serves the rolled-back replica as a protected volume: `blkfilter attach` with
+/// capture into `ring`.
+fn attach_protected(
+    replica: &std::path::Path,
+    ring: &std::path::Path,
+    id: Option<i32>,
+) -> Result<()> {
+    let exe = std::env::current_exe().context("locating this program")?;
+    let blkfilter = exe.with_file_name("blkfilter");
+    let mut cmd = std::process::Command::new(&blkfilter);
+    cmd.arg("attach")
+        .arg("--backing")
+        .arg(replica)
+        .arg("--ring")
+        .arg(ring);
+    if let Some(id) = id {
+        cmd.args(["--id", &id.to_string()]);
+    }
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {}", blkfilter.display()))?;
+    anyhow::ensure!(
+        status.success(),
+        "blkfilter attach failed ({status}); the replica is rolled back, attach it by hand: blkfilter attach --backing {} --ring {}",
+        replica.display(),
+        ring.display()
+    );
     Ok(())
 }
 
@@ -302,6 +413,63 @@ fn run(cli: Cli) -> Result<()> {
                 "wrote point {point} of {} to {}",
                 paths.replica.display(),
                 out.display()
+            );
+            Ok(())
+        }
+        Command::Failover {
+            replica,
+            state,
+            journal,
+            point,
+            test,
+            cleanup,
+            ring,
+            id,
+            foreground,
+            log,
+        } => {
+            if cleanup {
+                let id = id.expect("clap: --cleanup requires --id");
+                let info = ublk_target::device::delete(id)?;
+                println!(
+                    "test failover /dev/ublkb{id} (point {} of {}) removed; its writes are gone",
+                    info.point,
+                    info.replica.display()
+                );
+                return Ok(());
+            }
+            let paths = ReplicaPaths::new(replica.expect("clap: replica unless cleanup"))
+                .with_state(state)
+                .with_journal(journal);
+            require_applied(&paths)?;
+            let catalog = ublk_target::catalog(&paths)?;
+            let point = match point {
+                Some(p) => p,
+                None => catalog
+                    .latest_point()
+                    .map(|p| p.index)
+                    .context("the replica has no recovery point yet")?,
+            };
+            if test {
+                return test_failover(&paths, point, id.unwrap_or(-1), foreground, &log);
+            }
+            let report = ublk_target::rollback_to(&paths, point)?;
+            eprintln!(
+                "replica {} rolled back to point {point} ({} segment(s) undone); bringing it up with capture",
+                paths.replica.display(),
+                report.undone.len()
+            );
+            let ring = ring.expect("clap: ring unless test or cleanup");
+            attach_protected(&paths.replica, &ring, id)
+        }
+        Command::Commit { replica } => {
+            let paths = replica.paths();
+            require_applied(&paths)?;
+            let point = ublk_target::commit(&paths)?;
+            println!(
+                "failover of {} to point {point} committed: it is the primary now; protect it \
+                 back toward the original disk to fail back",
+                paths.replica.display()
             );
             Ok(())
         }

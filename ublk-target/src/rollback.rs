@@ -222,3 +222,41 @@ fn restore(file: &UndoFile, replica: &File, paths: &ReplicaPaths) -> Result<()> 
     }
     Ok(())
 }
+
+/// Commits a failover: the rolled-back replica is the primary from now on. Writes a
+/// marker beside it (`REPLICA.committed`) saying so; the state already refuses every
+/// further segment of the old direction. Returns the point it was failed over to.
+pub fn commit(paths: &ReplicaPaths) -> Result<u64> {
+    let state = ApplyState::load(&paths.state, None)?.ok_or_else(|| TargetError::State {
+        path: paths.state.clone(),
+        what: "missing".into(),
+    })?;
+    let Some(point) = state.rolled_back_to else {
+        return Err(TargetError::Rollback {
+            point: state.latest().unwrap_or(0),
+            what: "nothing to commit: the replica was not failed over (run `ublk-target failover` first)".into(),
+        });
+    };
+    if state.latest() != Some(point) {
+        return Err(TargetError::Rollback {
+            point,
+            what: "the rollback was interrupted; run `ublk-target failover` again to finish it"
+                .into(),
+        });
+    }
+    let marker = committed_marker(paths);
+    let text = format!(
+        "failed over to point {point}; committed at {} (unix ms)\n",
+        changelog::unix_ms_now()
+    );
+    std::fs::write(&marker, text)
+        .map_err(|e| TargetError::io(format!("writing {}", marker.display()), e))?;
+    Ok(point)
+}
+
+/// The file that records a committed failover.
+pub fn committed_marker(paths: &ReplicaPaths) -> std::path::PathBuf {
+    let mut name = paths.replica.as_os_str().to_owned();
+    name.push(".committed");
+    name.into()
+}

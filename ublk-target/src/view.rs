@@ -295,6 +295,11 @@ impl PointView {
         self.size
     }
 
+    /// Where writes through the view go (deleted when the view is dropped).
+    pub fn scratch_path(&self) -> &std::path::Path {
+        &self.scratch.path
+    }
+
     /// How many undo journals the view uses (segments applied after its point that it
     /// knows of).
     pub fn journals_loaded(&self) -> usize {
