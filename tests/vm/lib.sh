@@ -69,6 +69,63 @@ wait_digest_resync() {
   die "the digest resync did not finish: $(cat "$1/status.json")"
 }
 
+# planned_failover DIR ID: the source is already detached and drained (`finish`): fail
+# over to the latest point and bring the replica up as /dev/ublkbID with capture into
+# DIR/ring-back. Sets DEV.
+planned_failover() {
+  DEV=$("$BIN/ublk-target" failover --replica "$1/replica" --ring "$1/ring-back" --id "$2") ||
+    die "failover failed"
+}
+
+# start_failback DIR: protect the recovered volume (ring DIR/ring-back) toward the
+# original disk DIR/backing: a shipper into DIR/back/store and `apply --follow` with the
+# original disk as its replica. The new epoch starts with a digest resync, so only
+# differing blocks travel (minimize downtime).
+start_failback() {
+  local dir=$1
+  mkdir -p "$dir/back/store"
+  cp "$dir/key" "$dir/back/key"
+  RUST_LOG=${RUST_LOG:-info} "$BIN/ublk-target" apply --follow --poll-ms 100 --store "$dir/back/store" \
+    --volume vol0 --replica "$dir/backing" --state "$dir/back/original.state" \
+    --journal "$dir/back/original.journal" --key "$dir/key" >>"$dir/back/target.log" 2>&1 &
+  FOLLOWER_PID=$!
+  RUST_LOG=warn "$BIN/shipper" run --volume vol0 --ring "$dir/ring-back" --staging "$dir/back/staging" \
+    --store "$dir/back/store" --key "$dir/key" --status "$dir/back/status.json" \
+    --max-segment-age-ms 200 >>"$dir/back/shipper.log" 2>&1 &
+  SHIPPER_PID=$!
+}
+
+# finish_failback DIR ID: the final delta: detach the recovered volume /dev/ublkbID,
+# drain its ring, apply everything to the original disk.
+finish_failback() {
+  local dir=$1 id=$2 i
+  "$BIN/blkfilter" detach --id "$id" >/dev/null
+  for i in $(seq 100); do [ -z "$(device_state "$id")" ] && break; sleep 0.1; done
+  stop_shipper
+  RUST_LOG=warn "$BIN/shipper" run --volume vol0 --ring "$dir/ring-back" --staging "$dir/back/staging" \
+    --store "$dir/back/store" --key "$dir/key" --drain >>"$dir/back/shipper.log" 2>&1 ||
+    die "draining the failback shipper failed"
+  stop_follower
+  "$BIN/ublk-target" apply --store "$dir/back/store" --volume vol0 --replica "$dir/backing" \
+    --state "$dir/back/original.state" --journal "$dir/back/original.journal" --key "$dir/key" | tail -1
+}
+
+# reprotect DIR ID: protection in the original direction again: /dev/ublkbID over the
+# original disk with a new ring and epoch, toward the old replica (moved to
+# DIR/again/replica with a fresh applied state), starting with a digest resync. The
+# next `finish DIR/again` ends it. Sets DEV.
+reprotect() {
+  local dir=$1 id=$2
+  mkdir -p "$dir/again"
+  cp "$dir/key" "$dir/again/key"
+  mv "$dir/replica" "$dir/again/replica"
+  ln -sf "$dir/backing" "$dir/again/backing"
+  DEV=$("$BIN/blkfilter" attach --backing "$dir/backing" --ring "$dir/again/ring" --id "$id" \
+        --ring-mib "${RING_MIB:-256}" --log "$dir/again/blkfilter.log") || die "attach failed"
+  start_follower "$dir/again"
+  SYNC_OPT= start_shipper "$dir/again"
+}
+
 # point_of_seq DIR SEQ: waits (60 s) until the follower applied the segment that ends
 # with record SEQ (a MARK) and prints that recovery point's number.
 point_of_seq() {

@@ -219,7 +219,7 @@ points_and_test_failover() {
 # Issue #5: planned failover loses nothing; writes on the recovered volume; failback
 # with digest compare ships only what differs; protection resumes toward the replica.
 failover_failback_round_trip() {
-  local w=/tmp/t-roundtrip src dev shipped
+  local w=/tmp/t-roundtrip src out fio_pid
   protect $w 256M
   start_follower $w
   fio_job before "$DEV" --rw=randwrite --bs=4k --iodepth=16 --size=64M --io_size=24M
@@ -227,65 +227,30 @@ failover_failback_round_trip() {
   src=$(sha256sum <"$DEV" | cut -d' ' -f1)
   # Planned failover: quiesce (detach), drain, apply everything, fail over.
   finish $w
-  dev=$("$BIN/ublk-target" failover --replica $w/replica --ring $w/ring-back --id 1)
-  [ "$(sha256sum <"$dev" | cut -d' ' -f1)" = "$src" ] || die "planned failover lost writes"
-  echo "planned failover: $dev equals the source as quiesced"
+  planned_failover $w 1
+  [ "$(sha256sum <"$DEV" | cut -d' ' -f1)" = "$src" ] || die "planned failover lost writes"
+  echo "planned failover: $DEV equals the source as quiesced"
   "$BIN/ublk-target" commit --replica $w/replica
   out=$("$BIN/ublk-target" apply --store $w/store --volume vol0 --replica $w/replica --key $w/key 2>&1) && return 1
   echo "$out" | grep -q "rolled back" || { echo "$out"; return 1; }
-  # The recovered volume is used.
-  fio_job after "$dev" --rw=randwrite --bs=4k --iodepth=16 --size=32M --offset=64M
-  # Failback, minimize downtime: protect the recovered volume toward the original
-  # disk; the initial digest resync ships only the blocks that differ.
-  mkdir -p $w/back/store
-  cp $w/key $w/back/key
-  RUST_LOG=info "$BIN/ublk-target" apply --follow --poll-ms 100 --store $w/back/store --volume vol0 \
-    --replica $w/backing --state $w/back/original.state --journal $w/back/original.journal \
-    --key $w/key >>$w/back/target.log 2>&1 &
-  FOLLOWER_PID=$!
-  RUST_LOG=warn "$BIN/shipper" run --volume vol0 --ring $w/ring-back --staging $w/back/staging \
-    --store $w/back/store --key $w/key --status $w/back/status.json --max-segment-age-ms 200 \
-    >>$w/back/shipper.log 2>&1 &
-  SHIPPER_PID=$!
-  fio_job during "$dev" --rw=randwrite --bs=64k --iodepth=4 --size=16M --offset=200M &
-  local fio_pid=$!
+  # The recovered volume is used, then failed back while it keeps running.
+  fio_job after "$DEV" --rw=randwrite --bs=4k --iodepth=16 --size=32M --offset=64M
+  start_failback $w
+  fio_job during "$DEV" --rw=randwrite --bs=64k --iodepth=4 --size=16M --offset=200M &
+  fio_pid=$!
   wait_digest_resync $w/back
   wait $fio_pid
-  shipped=$(grep -h "digest resync .*: done" /run/ublk-dr/blkfilter.log | tail -1)
-  echo "failback: $shipped (disk 268435456 bytes)"
-  # Final delta after quiescing the recovered volume.
-  src=$(sha256sum <"$dev" | cut -d' ' -f1)
-  "$BIN/blkfilter" detach --id 1 >/dev/null
-  for i in $(seq 100); do [ -z "$(device_state 1)" ] && break; sleep 0.1; done
-  stop_shipper
-  RUST_LOG=warn "$BIN/shipper" run --volume vol0 --ring $w/ring-back --staging $w/back/staging \
-    --store $w/back/store --key $w/key --drain >>$w/back/shipper.log 2>&1
-  stop_follower
-  "$BIN/ublk-target" apply --store $w/back/store --volume vol0 --replica $w/backing \
-    --state $w/back/original.state --journal $w/back/original.journal --key $w/key | tail -1
+  echo "failback: $(grep -h "digest resync .*: done" /run/ublk-dr/blkfilter.log | tail -1 | sed 's/.*done; //') (disk: 268435456 bytes)"
+  src=$(sha256sum <"$DEV" | cut -d' ' -f1)
+  finish_failback $w 1
   [ "$(sha256sum <$w/backing | cut -d' ' -f1)" = "$src" ] || die "the original disk differs from the recovered volume"
   echo "failback: the original disk equals the recovered volume"
-  # Protection resumes in the original direction, toward a fresh replica state.
-  mkdir -p $w/again
-  rm -f $w/ring
-  DEV=$("$BIN/blkfilter" attach --backing $w/backing --ring $w/again/ring --id 0 --ring-mib 256 --log $w/again/blkfilter.log)
-  cp $w/key $w/again/key
-  mv $w/replica $w/again/replica
-  start_follower $w/again
-  SYNC_OPT= start_shipper $w/again
+  reprotect $w 0
   fio_job resumed "$DEV" --rw=randwrite --bs=4k --iodepth=16 --size=16M
   wait_digest_resync $w/again
-  grep -h "digest resync .*: done" $w/again/blkfilter.log | tail -1
-  "$BIN/blkfilter" detach --id 0 >/dev/null
-  for i in $(seq 100); do [ -z "$(device_state 0)" ] && break; sleep 0.1; done
-  stop_shipper
-  RUST_LOG=warn "$BIN/shipper" run --volume vol0 --ring $w/again/ring --staging $w/again/staging \
-    --store $w/again/store --key $w/key --drain >>$w/again/shipper.log 2>&1
-  stop_follower
-  "$BIN/ublk-target" apply --store $w/again/store --volume vol0 --replica $w/again/replica \
-    --key $w/key | tail -1
-  [ "$(sha256sum <$w/backing | cut -d' ' -f1)" = "$(sha256sum <$w/again/replica | cut -d' ' -f1)" ] ||
-    die "after reprotect the replica differs from the original"
+  echo "reprotect: $(grep -h "digest resync .*: done" $w/again/blkfilter.log | tail -1 | sed 's/.*done; //')"
+  finish $w/again 0
+  same_image $w/again
   echo "protection resumed: the replica equals the original disk again"
 }
 
