@@ -1,0 +1,127 @@
+//! The target store goes away for a while (its volume directory is replaced by a file,
+//! so every upload fails with a real I/O error), then comes back: uploads are retried
+//! on the schedule (1, 2, 4, 8, 10, then 30 units; the unit scaled to 20 ms), status
+//! says Warning with the error meanwhile, capture goes on, and the replica converges.
+
+use blkfilter::workload::Workload;
+use changelog::{LocalDirStore, TargetStore, VolumeId};
+use e2e::*;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The real local store, noting when each upload was tried and whether it failed.
+struct Recording {
+    inner: LocalDirStore,
+    attempts: Mutex<Vec<(Instant, bool)>>,
+}
+
+impl TargetStore for Recording {
+    fn put(&self, volume: &VolumeId, index: u64, bytes: &[u8]) -> changelog::Result<()> {
+        let result = self.inner.put(volume, index, bytes);
+        self.attempts
+            .lock()
+            .unwrap()
+            .push((Instant::now(), result.is_ok()));
+        result
+    }
+    fn get(&self, volume: &VolumeId, index: u64) -> changelog::Result<Option<Vec<u8>>> {
+        self.inner.get(volume, index)
+    }
+    fn list(&self, volume: &VolumeId) -> changelog::Result<Vec<u64>> {
+        self.inner.list(volume)
+    }
+    fn put_blob(&self, volume: &VolumeId, name: &str, bytes: &[u8]) -> changelog::Result<()> {
+        self.inner.put_blob(volume, name, bytes)
+    }
+    fn get_blob(&self, volume: &VolumeId, name: &str) -> changelog::Result<Option<Vec<u8>>> {
+        self.inner.get_blob(volume, name)
+    }
+    fn delete_blob(&self, volume: &VolumeId, name: &str) -> changelog::Result<()> {
+        self.inner.delete_blob(volume, name)
+    }
+    fn list_blobs(&self, volume: &VolumeId) -> changelog::Result<Vec<String>> {
+        self.inner.list_blobs(volume)
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+#[test]
+fn store_outage_is_retried_on_schedule_and_converges() {
+    let size = 8 << 20;
+    let fixture = Fixture::new(size);
+    let mut capture = fixture.capture(64 << 20);
+    let mut model = Model::new(size);
+    let unit = Duration::from_millis(20);
+    let store = Arc::new(Recording {
+        inner: LocalDirStore::new(fixture.path("store")),
+        attempts: Mutex::new(Vec::new()),
+    });
+    let mut config = fixture.shipper_config();
+    config.retry_unit = unit;
+    config.status_path = Some(fixture.path("status.json"));
+    let control = Arc::new(shipper::Control::default());
+    let shipper = {
+        let (store, control) = (store.clone(), control.clone());
+        std::thread::spawn(move || shipper::run(&config, store, control))
+    };
+    let mut workload = Workload::new(77, size);
+    drive(&mut capture, &mut model, workload.by_ref().take(100));
+
+    // The store goes away: its volume directory becomes a file.
+    let volume_dir = fixture.path("store").join("vol0");
+    std::fs::create_dir_all(&volume_dir).unwrap();
+    std::fs::rename(&volume_dir, fixture.path("store-away")).unwrap();
+    std::fs::write(&volume_dir, b"not a directory").unwrap();
+    let down_at = Instant::now();
+    let mut warned = None;
+    while down_at.elapsed() < Duration::from_millis(1800) {
+        // Capture continues meanwhile.
+        drive(&mut capture, &mut model, workload.by_ref().take(5));
+        if let Ok(s) = shipper::Status::read(&fixture.path("status.json")) {
+            if s.retry_attempt > 0 {
+                warned = Some(s);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // It comes back, with what it held.
+    std::fs::remove_file(&volume_dir).unwrap();
+    std::fs::rename(fixture.path("store-away"), &volume_dir).unwrap();
+    drive(&mut capture, &mut model, workload.take(50));
+    control.drain();
+    shipper.join().unwrap().expect("shipper");
+
+    let warned = warned.expect("status never showed the retries");
+    assert_eq!(warned.health(), shipper::Health::Warning);
+    assert!(
+        warned.state().contains("retrying upload") && warned.last_error.is_some(),
+        "{}",
+        warned.state()
+    );
+    // The failed attempts of the outage: each wait at least the scheduled delay.
+    let attempts = store.attempts.lock().unwrap().clone();
+    let first_failure = attempts.iter().position(|a| !a.1).expect("uploads failed");
+    let run: Vec<Instant> = attempts[first_failure..]
+        .iter()
+        .take_while(|a| !a.1)
+        .map(|a| a.0)
+        .collect();
+    assert!(run.len() >= 6, "only {} attempts in the outage", run.len());
+    let schedule = [1, 2, 4, 8, 10, 30];
+    for (i, pair) in run.windows(2).enumerate() {
+        let want = unit * schedule[i.min(schedule.len() - 1)];
+        let waited = pair[1] - pair[0];
+        assert!(
+            waited >= want,
+            "retry {} after {waited:?}, schedule says {want:?}",
+            i + 1
+        );
+    }
+    assert!(attempts.last().unwrap().1, "the last upload succeeded");
+
+    let seen = apply_and_check_crash_points(&fixture, &model, "replica");
+    assert!(seen.last_is_point && seen.others == 0, "{seen:?}");
+    assert!(std::fs::read(fixture.path("replica")).unwrap() == model.final_image());
+}
