@@ -1,0 +1,252 @@
+//! Recovery-side benchmark (issue #5), in one run on the same data:
+//!
+//! 1. Apply throughput (`Applier`: authenticate, decompress, save the undo journal,
+//!    write with io_uring, fdatasync per segment) beside raw io_uring writes of the same
+//!    records to the same kind of replica file, also synced per segment. Goal >= 0.9x.
+//!    Opening the segments alone (AES-GCM + lz4) is printed too, to show where the time
+//!    goes.
+//! 2. Test-failover bring-up: opening a view at the oldest of 20 retained points
+//!    (`PointView::open`, what `failover --test` does before the ublk device exists)
+//!    plus its first 1 MiB read, for 1 GiB and 8 GiB replicas. Goal: under 2 s.
+//!
+//! Files live on tmpfs (/dev/shm) so the disk is not what is measured.
+//! Usage: apply [MiB of 64 KiB writes, default 512]
+
+use blkfilter::workload::Rng;
+use changelog::uring::{IoOp, Uring};
+use changelog::{
+    flags, seal, ChainCursor, Key, LocalDirStore, Op, PlainSegment, RecordRef, SealParams,
+    TargetStore, VolumeId,
+};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+use ublk_target::{Applier, ApplyOptions, PointView, ReplicaPaths};
+
+const SEGMENT_BYTES: usize = 8 << 20;
+
+/// Seals `writes` (offset, data) into a chain of segments in `store`; returns them as
+/// plain record lists per segment for the raw baseline.
+fn make_store(
+    store: &LocalDirStore,
+    volume: &VolumeId,
+    key: &Key,
+    writes: &[(u64, Vec<u8>)],
+) -> Vec<Vec<(u64, Vec<u8>)>> {
+    let mut segments = Vec::new();
+    let mut plain = PlainSegment {
+        flags: flags::CRASH_POINT,
+        ..Default::default()
+    };
+    let mut current = Vec::new();
+    let mut prev = [0u8; 32];
+    let mut index = 0u64;
+    let mut flush = |plain: &mut PlainSegment, current: &mut Vec<(u64, Vec<u8>)>| {
+        let params = SealParams {
+            volume: volume.clone(),
+            epoch: 42,
+            index,
+            created_unix_ms: changelog::unix_ms_now(),
+        };
+        let linked = seal(plain, &params, key).expect("seal").link(prev);
+        store.put(volume, index, &linked.bytes).expect("put");
+        prev = linked.digest;
+        index += 1;
+        *plain = PlainSegment {
+            flags: flags::CRASH_POINT,
+            ..Default::default()
+        };
+        segments.push(std::mem::take(current));
+    };
+    for (i, (offset, data)) in writes.iter().enumerate() {
+        plain.push(&RecordRef {
+            seq: i as u64 + 1,
+            op: Op::Write,
+            flags: 0,
+            offset: *offset,
+            len: data.len() as u32,
+            data,
+        });
+        current.push((*offset, data.clone()));
+        if plain.body.len() >= SEGMENT_BYTES {
+            flush(&mut plain, &mut current);
+        }
+    }
+    if !plain.is_empty() {
+        flush(&mut plain, &mut current);
+    }
+    segments
+}
+
+fn writes(seed: u64, count: usize, len: usize, device: u64) -> Vec<(u64, Vec<u8>)> {
+    let mut rng = Rng::new(seed);
+    (0..count)
+        .map(|_| {
+            let mut data = vec![0u8; len];
+            rng.fill_half_compressible(&mut data);
+            (rng.below(device / len as u64) * len as u64, data)
+        })
+        .collect()
+}
+
+fn sparse(path: &Path, size: u64) {
+    File::create(path).unwrap().set_len(size).unwrap();
+}
+
+fn mbps(bytes: u64, secs: f64) -> f64 {
+    bytes as f64 / secs / 1e6
+}
+
+fn main() {
+    let mib: usize = std::env::args()
+        .nth(1)
+        .map_or(512, |a| a.parse().expect("MiB"));
+    let dir = tempfile::tempdir_in("/dev/shm").expect("tmpfs dir");
+    let key = Key::from_bytes([5; 32]);
+    let volume = VolumeId::new("bench").unwrap();
+    let device = 1u64 << 30;
+
+    // 1. Apply beside raw io_uring writes.
+    let store = LocalDirStore::new(dir.path().join("store"));
+    let stream = writes(1, mib * 16, 64 << 10, device);
+    let bytes: u64 = stream.iter().map(|(_, d)| d.len() as u64).sum();
+    let segments = make_store(&store, &volume, &key, &stream);
+    drop(stream);
+
+    let raw_path = dir.path().join("raw.img");
+    sparse(&raw_path, device);
+    let raw = File::options().write(true).open(&raw_path).unwrap();
+    let mut uring = Uring::new(64).unwrap();
+    let t = Instant::now();
+    for records in &segments {
+        // Batches of non-overlapping writes, as apply submits them.
+        let mut batch: Vec<(u64, u64)> = Vec::new();
+        let mut ops = Vec::new();
+        for (offset, data) in records {
+            let range = (*offset, offset + data.len() as u64);
+            if batch.iter().any(|&(s, e)| s < range.1 && range.0 < e) {
+                uring.run_batch(raw.as_raw_fd(), ops.drain(..)).unwrap();
+                batch.clear();
+            }
+            batch.push(range);
+            ops.push(IoOp::Write {
+                offset: *offset,
+                data,
+            });
+        }
+        uring.run_batch(raw.as_raw_fd(), ops).unwrap();
+        uring.fsync(raw.as_raw_fd(), true).unwrap();
+    }
+    let raw_secs = t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    let mut cursor = ChainCursor::start(volume.clone());
+    for index in store.list(&volume).unwrap() {
+        let bytes = store.get(&volume, index).unwrap().unwrap();
+        let opened = cursor.open_next(bytes, "s", &key).unwrap();
+        cursor.advance(&opened.header, opened.digest);
+    }
+    let open_secs = t.elapsed().as_secs_f64();
+
+    let replica = dir.path().join("replica.img");
+    sparse(&replica, device);
+    let mut applier = Applier::open(
+        Arc::new(store.clone()),
+        volume.clone(),
+        key.clone(),
+        &replica,
+        &dir.path().join("replica.state"),
+        &ApplyOptions::default(),
+    )
+    .unwrap();
+    let t = Instant::now();
+    let applied = applier.apply_available().unwrap();
+    let apply_secs = t.elapsed().as_secs_f64();
+    assert_eq!(applied, segments.len());
+    drop(applier);
+    println!(
+        "| apply, {mib} MiB of 64 KiB writes in {} segments, 1 GiB replica | MB/s |",
+        segments.len()
+    );
+    println!("|---|---|");
+    println!(
+        "| raw io_uring writes + fdatasync per segment (baseline) | {:.0} |",
+        mbps(bytes, raw_secs)
+    );
+    println!(
+        "| open segments alone (chain + AES-GCM + lz4) | {:.0} |",
+        mbps(bytes, open_secs)
+    );
+    println!(
+        "| Applier (open + undo journal + writes + fdatasync) | {:.0} |",
+        mbps(bytes, apply_secs)
+    );
+    println!(
+        "| ratio apply / raw (goal >= 0.9) | {:.2} |",
+        raw_secs / apply_secs
+    );
+    println!();
+
+    // 2. Test-failover bring-up for 1 and 8 GiB replicas with 20 retained points.
+    println!("| test-failover bring-up, 20 retained points | view open + first 1 MiB read, s |");
+    println!("|---|---|");
+    for gib in [1u64, 8] {
+        let sub = dir.path().join(format!("g{gib}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        let store = LocalDirStore::new(sub.join("store"));
+        let stream = writes(gib, 20 * 64, 4096, gib << 30);
+        let volume = VolumeId::new("bringup").unwrap();
+        // 20 segments of 64 writes each.
+        let mut index = 0u64;
+        let mut prev = [0u8; 32];
+        for (chunk_no, chunk) in stream.chunks(64).enumerate() {
+            let mut plain = PlainSegment {
+                flags: flags::CRASH_POINT,
+                ..Default::default()
+            };
+            for (i, (offset, data)) in chunk.iter().enumerate() {
+                plain.push(&RecordRef {
+                    seq: (chunk_no * 64 + i) as u64 + 1,
+                    op: Op::Write,
+                    flags: 0,
+                    offset: *offset,
+                    len: data.len() as u32,
+                    data,
+                });
+            }
+            let params = SealParams {
+                volume: volume.clone(),
+                epoch: 7,
+                index,
+                created_unix_ms: changelog::unix_ms_now(),
+            };
+            let linked = seal(&plain, &params, &key).unwrap().link(prev);
+            store.put(&volume, index, &linked.bytes).unwrap();
+            prev = linked.digest;
+            index += 1;
+        }
+        let replica = sub.join("replica.img");
+        sparse(&replica, gib << 30);
+        let mut applier = Applier::open(
+            Arc::new(store),
+            volume,
+            key.clone(),
+            &replica,
+            &sub.join("replica.img.state"),
+            &ApplyOptions::default(),
+        )
+        .unwrap();
+        applier.apply_available().unwrap();
+        drop(applier);
+        let paths = ReplicaPaths::new(replica);
+        let t = Instant::now();
+        let mut view = PointView::open(&paths, 0).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        view.read_at(&mut buf, 0).unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        println!("| {gib} GiB replica, point 0 of 0..=19 | {secs:.3} |");
+        view.close().unwrap();
+    }
+}
