@@ -199,9 +199,9 @@ fn main() {
         let stream = writes(gib, 20 * 64, 4096, gib << 30);
         let volume = VolumeId::new("bringup").unwrap();
         // 20 segments of 64 writes each.
-        let mut index = 0u64;
         let mut prev = [0u8; 32];
         for (chunk_no, chunk) in stream.chunks(64).enumerate() {
+            let index = chunk_no as u64;
             let mut plain = PlainSegment {
                 flags: flags::CRASH_POINT,
                 ..Default::default()
@@ -225,7 +225,6 @@ fn main() {
             let linked = seal(&plain, &params, &key).unwrap().link(prev);
             store.put(&volume, index, &linked.bytes).unwrap();
             prev = linked.digest;
-            index += 1;
         }
         let replica = sub.join("replica.img");
         sparse(&replica, gib << 30);
