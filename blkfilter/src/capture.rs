@@ -22,6 +22,7 @@
 //! recorded again; records are absolute (offset + data), so replaying one twice is
 //! harmless.
 
+use crate::activity_log::{ActivityLog, ActivityLogError, Recovered};
 use crate::digest_pass::{usable_block_bytes, DigestPass, MAX_BLOCK_BYTES};
 use crate::ring::{digests_path, Producer, RingError};
 use changelog::digests::DigestAnswer;
@@ -48,6 +49,8 @@ pub enum CaptureError {
     MarkNotRecorded { label: String },
     #[error(transparent)]
     Ring(#[from] RingError),
+    #[error(transparent)]
+    ActivityLog(#[from] ActivityLogError),
 }
 
 /// One request on the protected volume.
@@ -99,6 +102,14 @@ impl Capture {
     /// Opens `backing` read-write (with `O_DIRECT` when `direct`; the caller's buffers
     /// must then be aligned) in front of `ring`.
     pub fn open(backing: &Path, ring: Producer, direct: bool) -> Result<Capture, CaptureError> {
+        Capture::open_with(backing, Recorder::new(ring), direct)
+    }
+
+    fn open_with(
+        backing: &Path,
+        recorder: Recorder,
+        direct: bool,
+    ) -> Result<Capture, CaptureError> {
         let err = |source| CaptureError::Backing {
             path: backing.into(),
             source,
@@ -115,8 +126,24 @@ impl Capture {
             backing: file,
             size,
             uring: Uring::new(8).map_err(err)?,
-            recorder: Recorder::new(ring),
+            recorder,
         })
+    }
+
+    /// [`Capture::open`] with an activity log at `log` (see [`crate::activity_log`]);
+    /// returns what the log recovered from an unclean stop.
+    pub fn open_with_activity_log(
+        backing: &Path,
+        ring: Producer,
+        direct: bool,
+        log: &Path,
+    ) -> Result<(Capture, Recovered), CaptureError> {
+        let size = ring.geometry().device_bytes;
+        let (log, recovered) =
+            ActivityLog::open(log, size, crate::activity_log::DEFAULT_EXTENT_BYTES)?;
+        let recorder = Recorder::with_activity_log(ring, log, &recovered)?;
+        let mut capture = Capture::open_with(backing, recorder, direct)?;
+        Ok((capture, recovered))
     }
 
     pub fn size(&self) -> u64 {
@@ -145,6 +172,7 @@ impl Capture {
     /// before each request.
     pub fn tick(&mut self) -> Result<bool, CaptureError> {
         self.recorder.serve_mark_requests();
+        self.recorder.activity_log_tick();
         self.recorder.digest_poll();
         let fd = self.backing.as_raw_fd();
         let mut buf = vec![0u8; MAX_BLOCK_BYTES as usize];
@@ -206,6 +234,8 @@ impl Capture {
         match request {
             Request::Write { offset, data } | Request::Fua { offset, data } => {
                 self.check_range(offset, data.len() as u64)?;
+                self.recorder
+                    .activity_log_ensure(offset, data.len() as u64)?;
                 self.uring.write_all_at(fd, data, offset).map_err(err)?;
                 let op = if matches!(request, Request::Fua { .. }) {
                     self.uring.fsync(fd, true).map_err(err)?;
@@ -221,6 +251,7 @@ impl Capture {
             }
             Request::Discard { offset, len } | Request::WriteZeroes { offset, len } => {
                 self.check_range(offset, len)?;
+                self.recorder.activity_log_ensure(offset, len)?;
                 let op = match request {
                     Request::Discard { .. } => Op::Discard,
                     _ => Op::WriteZeroes,
@@ -273,6 +304,8 @@ pub struct Recorder {
     ring: Producer,
     /// The running digest pass, if any.
     digest: Option<DigestPass>,
+    /// The persistent set of hot extents, if the volume has one.
+    activity_log: Option<ActivityLog>,
 }
 
 /// Label of the MARK that ends a resync pass.
@@ -285,7 +318,67 @@ pub const RESYNC_CHUNK_BYTES: u64 = 256 << 10;
 
 impl Recorder {
     pub fn new(ring: Producer) -> Recorder {
-        Recorder { ring, digest: None }
+        Recorder {
+            ring,
+            digest: None,
+            activity_log: None,
+        }
+    }
+
+    /// A recorder with an activity log (see [`crate::activity_log`]). When the ring is
+    /// new (the previous one was lost with the machine) the extents the log recovered
+    /// hot are marked dirty, so the resync pass re-records exactly those, and seqs
+    /// continue above every seq handed out before. When the ring survived (only the
+    /// server restarted), the records it holds cover those extents already.
+    pub fn with_activity_log(
+        mut ring: Producer,
+        mut log: ActivityLog,
+        recovered: &Recovered,
+    ) -> Result<Recorder, ActivityLogError> {
+        if ring.is_new() {
+            ring.raise_next_seq(recovered.seq_floor);
+            for &(offset, len) in &recovered.extents {
+                ring.mark_dirty(offset, len);
+            }
+            if recovered.hot > 0 {
+                log::warn!(
+                    "activity log {}: unclean stop; resyncing {} of {} extents ({} bytes)",
+                    log.path().display(),
+                    recovered.hot,
+                    recovered.total,
+                    recovered.extents.iter().map(|e| e.1).sum::<u64>()
+                );
+            }
+        } else {
+            // Every record before the restart is in the ring (or already staged).
+            log.unpin(ring.next_seq_peek().saturating_sub(1));
+        }
+        log.reserve_seq(ring.next_seq_peek())?;
+        Ok(Recorder {
+            ring,
+            digest: None,
+            activity_log: Some(log),
+        })
+    }
+
+    /// Makes the extents of `[offset, offset + len)` hot in the activity log, durably,
+    /// before the caller writes them on the backing (no-op without a log).
+    pub fn activity_log_ensure(&mut self, offset: u64, len: u64) -> Result<(), ActivityLogError> {
+        match &mut self.activity_log {
+            Some(log) => log.ensure(offset, len),
+            None => Ok(()),
+        }
+    }
+
+    /// Cools activity-log extents whose records are all durable in staging; only while
+    /// no resync is pending (regions in the dirty bitmap have no record yet).
+    pub fn activity_log_tick(&mut self) {
+        let idle = !self.ring.overflowed() && !self.ring.resync_progress().resync;
+        if let (Some(log), true) = (&mut self.activity_log, idle) {
+            if let Err(e) = log.evict(self.ring.released_seq()) {
+                log::warn!("{e}");
+            }
+        }
     }
 
     /// Whether a resync pass should run now: writes were lost to the bitmap and the
@@ -336,7 +429,7 @@ impl Recorder {
         if self.ring.overflowed() || self.ring.digest_resync_wanted() {
             return; // RESYNC stays up; another pass is due or running.
         }
-        if let Captured::Recorded(_) = self.record(
+        if let Captured::Recorded(seq) = self.record(
             Op::Mark,
             0,
             RESYNC_DONE_LABEL.len() as u64,
@@ -344,6 +437,9 @@ impl Recorder {
             MARK_RESYNC_DONE,
         ) {
             self.ring.end_resync();
+            if let Some(log) = &mut self.activity_log {
+                log.unpin(seq);
+            }
         }
     }
 
@@ -474,7 +570,17 @@ impl Recorder {
                 pass.touch(offset, len);
             }
         }
+        if let Some(log) = &mut self.activity_log {
+            // Seqs stay below the persisted reservation, so a new ring after a crash
+            // can start above every seq handed out (see activity_log).
+            if let Err(e) = log.reserve_seq(self.ring.next_seq_peek()) {
+                log::error!("{e}");
+            }
+        }
         let seq = self.ring.next_seq();
+        if let (Some(log), true) = (&mut self.activity_log, op.modifies_data()) {
+            log.note(offset, len, seq);
+        }
         let record = RecordRef {
             seq,
             op,

@@ -94,8 +94,32 @@ struct AttachArgs {
     /// Use buffered I/O on the backing instead of O_DIRECT.
     #[arg(long)]
     buffered: bool,
+    /// Activity log: the persistent set of hot extents, so that after a power cut only
+    /// those are resynced. Keep it on persistent storage [default: BACKING.al for a
+    /// file backing, /var/lib/ublk-dr/NAME.al for a block device].
+    #[arg(long, conflicts_with = "no_activity_log")]
+    activity_log: Option<PathBuf>,
+    /// No activity log: after an unclean stop, resync the whole disk (`shipper resync`).
+    #[arg(long)]
+    no_activity_log: bool,
     #[command(flatten)]
     daemon: DaemonArgs,
+}
+
+/// The default activity log of a backing: beside a file, under /var/lib/ublk-dr for a
+/// block device (whose directory, /dev, is not persistent).
+fn default_activity_log(backing: &std::path::Path) -> PathBuf {
+    let is_file = std::fs::metadata(backing).is_ok_and(|m| m.is_file());
+    if is_file {
+        let mut name = backing.as_os_str().to_owned();
+        name.push(".al");
+        PathBuf::from(name)
+    } else {
+        let name = backing
+            .file_name()
+            .map_or("volume".into(), |n| n.to_string_lossy().into_owned());
+        PathBuf::from(format!("/var/lib/ublk-dr/{name}.al"))
+    }
 }
 
 #[derive(clap::Args)]
@@ -122,6 +146,12 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Attach(args) => {
+            let activity_log = (args.ring.is_some() && !args.no_capture && !args.no_activity_log)
+                .then(|| {
+                    args.activity_log
+                        .clone()
+                        .unwrap_or_else(|| default_activity_log(&args.backing))
+                });
             let opts = AttachOptions {
                 backing: args.backing,
                 ring: if args.no_capture { None } else { args.ring },
@@ -130,6 +160,7 @@ fn run(cli: Cli) -> Result<()> {
                 queue_depth: args.queue_depth,
                 io_buf_bytes: args.max_io_kib << 10,
                 direct: !args.buffered,
+                activity_log,
             };
             // Attaching the same backing to a device whose server died takes it back
             // (what a restarted systemd unit wants) instead of failing on the id.

@@ -26,6 +26,7 @@
 //! requests the dead server held are re-issued to the new one. A re-issued write is
 //! simply done and recorded again, which is harmless: records are absolute.
 
+use crate::activity_log::{ActivityLog, DEFAULT_EXTENT_BYTES};
 use crate::capture::{device_size, Recorder};
 use crate::ring::{Producer, RingGeometry};
 use changelog::Op;
@@ -82,6 +83,8 @@ pub enum ServerError {
     NotRecoverable { id: i32, why: String },
     #[error("ublk: {0}")]
     Ublk(#[from] UblkError),
+    #[error(transparent)]
+    ActivityLog(crate::activity_log::ActivityLogError),
 }
 
 /// What `attach` needs.
@@ -99,6 +102,8 @@ pub struct AttachOptions {
     pub io_buf_bytes: u32,
     /// Open the backing with O_DIRECT (falls back to buffered where unsupported).
     pub direct: bool,
+    /// The activity log (persistent hot extents, for unclean stops); only with a ring.
+    pub activity_log: Option<PathBuf>,
 }
 
 /// Saved in the device's json so `recover` and `list` know what the device serves.
@@ -109,6 +114,8 @@ pub struct TargetInfo {
     /// Ring data capacity, so a recovering server reopens the ring as it was made.
     pub ring_bytes: u64,
     pub direct: bool,
+    #[serde(default)]
+    pub activity_log: Option<PathBuf>,
 }
 
 /// One device as `list` shows it.
@@ -189,7 +196,17 @@ pub fn serve(
                     path: path.clone(),
                     source,
                 })?;
-            Some(Recorder::new(producer))
+            match &opts.activity_log {
+                Some(al) => {
+                    let (log, recovered) = ActivityLog::open(al, size, DEFAULT_EXTENT_BYTES)
+                        .map_err(ServerError::ActivityLog)?;
+                    Some(
+                        Recorder::with_activity_log(producer, log, &recovered)
+                            .map_err(ServerError::ActivityLog)?,
+                    )
+                }
+                None => Some(Recorder::new(producer)),
+            }
         }
         None => None,
     };
@@ -198,6 +215,7 @@ pub fn serve(
         ring: opts.ring.clone(),
         ring_bytes: opts.ring_bytes,
         direct,
+        activity_log: opts.activity_log.clone(),
     };
 
     let recovery =
@@ -332,6 +350,23 @@ impl QueueState {
         }
     }
 
+    /// Makes the range hot in the activity log before the backing write (I1 for
+    /// unclean stops); `false` if that failed, and the write must fail too. Blocks the
+    /// queue thread for one fdatasync when an extent turns hot; writes to hot extents
+    /// cost nothing.
+    fn activity_log_ensure(&self, offset: u64, len: u64) -> bool {
+        let Some(recorder) = &self.recorder else {
+            return true;
+        };
+        match recorder.borrow_mut().activity_log_ensure(offset, len) {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!("{e}; failing the write");
+                false
+            }
+        }
+    }
+
     fn resync_due(&self) -> bool {
         self.recorder
             .as_ref()
@@ -404,6 +439,7 @@ async fn resync_task(queue: &UblkQueue<'_>, state: &QueueState) {
             .ublk_submit_sqe(opcode::Timeout::new(&tick).build())
             .await;
         recorder.borrow_mut().serve_mark_requests();
+        recorder.borrow_mut().activity_log_tick();
         digest_resync(queue, state, recorder, &digest_buf).await;
         if !state.resync_due() {
             continue;
@@ -539,6 +575,10 @@ async fn handle_request(
             let rw_flags = if fua { libc::RWF_DSYNC } else { 0 };
             let ptr = buf.as_ptr();
             state.claim(offset, offset + len).await;
+            if !state.activity_log_ensure(offset, len) {
+                state.unclaim(offset, offset + len);
+                return -libc::EIO;
+            }
             let res = backing_io(queue, || {
                 opcode::Write::new(fd, ptr, len as u32)
                     .offset(offset)
@@ -576,6 +616,10 @@ async fn handle_request(
                 }
             };
             state.claim(offset, offset + len).await;
+            if !state.activity_log_ensure(offset, len) {
+                state.unclaim(offset, offset + len);
+                return -libc::EIO;
+            }
             let mut res = -libc::EOPNOTSUPP;
             if keep_allocated {
                 res = backing_io(
@@ -669,6 +713,7 @@ pub fn recovery_plan(id: i32) -> Result<AttachOptions, ServerError> {
         queue_depth: info.queue_depth,
         io_buf_bytes: info.max_io_buf_bytes,
         direct: target.direct,
+        activity_log: target.activity_log,
     })
 }
 

@@ -502,6 +502,8 @@ fn stage(
                 ShipperError::io(format!("staging {}", dir.join(&name).display()), e)
             })?;
             ring.release(next.ring_end);
+            // For blkfilter's activity log: everything up to here is durable.
+            ring.set_released_seq(linked.header.last_seq);
             cursor.advance(&linked.header, linked.digest);
             chain_state::save(&mut uring, dir, &cursor)?;
             board.update(|s| {

@@ -71,6 +71,14 @@ impl Consumer {
         proto::release(&self.shm, pos);
     }
 
+    /// Tells the producer every record up to `seq` is durable in staging (after the
+    /// matching [`Consumer::release`]); its activity log cools extents by it.
+    pub fn set_released_seq(&self, seq: u64) {
+        self.shm
+            .header_u64(super::layout::OFF_RELEASED_SEQ)
+            .fetch_max(seq, AcqRel);
+    }
+
     /// Sleeps until `published() > pos` or `timeout` passes, without spinning; returns
     /// whether data is there.
     pub fn wait(&self, pos: u64, timeout: Duration) -> bool {

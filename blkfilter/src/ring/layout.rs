@@ -42,6 +42,7 @@ pub const OFF_MARK_REQUESTED: usize = 384;
 pub const OFF_MARK_DONE: usize = 392;
 pub const OFF_MARK_SEQ: usize = 400;
 pub const OFF_MARK_APP: usize = 408;
+pub const OFF_RELEASED_SEQ: usize = 416;
 
 /// `flags` bit: records were lost to the dirty bitmap since it was last taken.
 pub const FLAG_OVERFLOW: u64 = 1;

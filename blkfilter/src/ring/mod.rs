@@ -48,6 +48,8 @@
 //!   392    8    mark_done      producer    MARK requests recorded (a counter)
 //!   400    8    mark_seq       producer    seq of the last MARK recorded for a request
 //!   408    8    mark_app       requester   1 if the asked MARK is app-consistent
+//!   416    8    released_seq   consumer    every record up to this seq is durable in
+//!                                          staging (for the activity log)
 //! bitmap   = bitmap_words x u64; bit b of word w set = chunk 64*w+b holds lost writes
 //! data     = capacity bytes: a circular sequence of slots
 //! slot     = record | wrap

@@ -117,6 +117,24 @@ impl Producer {
         resync::finish(&self.shm);
     }
 
+    /// Every record up to this seq is durable in the shipper's staging.
+    pub fn released_seq(&self) -> u64 {
+        self.shm
+            .header_u64(super::layout::OFF_RELEASED_SEQ)
+            .load(Acquire)
+    }
+
+    /// Whether this ring has never recorded anything (just created, e.g. after the
+    /// previous one was lost with the machine's memory).
+    pub fn is_new(&self) -> bool {
+        self.core.published() == 0 && self.shm.next_seq().load(Relaxed) == super::layout::FIRST_SEQ
+    }
+
+    /// Makes the next seq at least `floor` (seqs continue across a lost ring).
+    pub fn raise_next_seq(&mut self, floor: u64) {
+        self.shm.next_seq().fetch_max(floor, Relaxed);
+    }
+
     /// MARKs operators asked for and the producer has not recorded yet.
     pub fn pending_mark(&self) -> Option<MarkRequest> {
         mark::pending(&self.shm)
@@ -140,6 +158,11 @@ impl Producer {
         let seq = counter.load(Relaxed);
         counter.store(seq + 1, Relaxed);
         seq
+    }
+
+    /// The seq [`Producer::next_seq`] would hand out next, without taking it.
+    pub fn next_seq_peek(&self) -> u64 {
+        self.shm.next_seq().load(Relaxed)
     }
 
     /// The producer position: bytes ever published.
