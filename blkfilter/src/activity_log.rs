@@ -9,8 +9,12 @@
 //!   `released_seq` has passed the extent's last seq, I4). [`ActivityLog::ensure`] makes
 //!   an extent hot *durably* (pwrite + fdatasync) before the caller writes the backing,
 //!   so any change the ring may lose lies in an extent the file lists.
-//! * Cooling ([`ActivityLog::evict`]) needs no sync: an extent still listed after a
-//!   crash only costs a needless resync of it.
+//! * Cooling ([`ActivityLog::evict`]) needs no sync of the log: an extent still listed
+//!   after a crash only costs a needless resync of it. It does need the *backing*
+//!   flushed first: a write whose record is staged may still sit in the backing's
+//!   volatile cache, and a power cut losing it there would leave the replica with data
+//!   the source no longer has, in an extent nobody resyncs. So the caller takes
+//!   `released_seq`, flushes the backing, then evicts with that seq.
 //! * Sequence numbers survive the ring: the file reserves seqs ahead
 //!   (`seq_reserved`, persisted before any seq at or above the old reservation is
 //!   handed out), and a new ring after a crash starts at the reservation, so seqs keep
@@ -290,6 +294,12 @@ impl ActivityLog {
             self.write_page(page)?;
         }
         Ok(cooled)
+    }
+
+    /// Whether [`ActivityLog::evict`] with `released_seq` would cool anything.
+    pub fn would_cool(&self, released_seq: u64) -> bool {
+        (0..self.last_seq.len())
+            .any(|e| self.is_hot(e as u64) && !self.pinned[e] && self.last_seq[e] <= released_seq)
     }
 
     /// Hot extents now, and all extents.

@@ -142,7 +142,7 @@ impl Capture {
         let (log, recovered) =
             ActivityLog::open(log, size, crate::activity_log::DEFAULT_EXTENT_BYTES)?;
         let recorder = Recorder::with_activity_log(ring, log, &recovered)?;
-        let mut capture = Capture::open_with(backing, recorder, direct)?;
+        let capture = Capture::open_with(backing, recorder, direct)?;
         Ok((capture, recovered))
     }
 
@@ -172,7 +172,16 @@ impl Capture {
     /// before each request.
     pub fn tick(&mut self) -> Result<bool, CaptureError> {
         self.recorder.serve_mark_requests();
-        self.recorder.activity_log_tick();
+        if let Some(released) = self.recorder.activity_log_evictable() {
+            let fd = self.backing.as_raw_fd();
+            self.uring
+                .fsync(fd, true)
+                .map_err(|source| CaptureError::Backing {
+                    path: self.path.clone(),
+                    source,
+                })?;
+            self.recorder.activity_log_evict(released);
+        }
         self.recorder.digest_poll();
         let fd = self.backing.as_raw_fd();
         let mut buf = vec![0u8; MAX_BLOCK_BYTES as usize];
@@ -370,12 +379,22 @@ impl Recorder {
         }
     }
 
-    /// Cools activity-log extents whose records are all durable in staging; only while
-    /// no resync is pending (regions in the dirty bitmap have no record yet).
-    pub fn activity_log_tick(&mut self) {
+    /// The released seq to cool activity-log extents by, if any would cool now: only
+    /// while no resync is pending (regions in the dirty bitmap have no record yet).
+    /// The caller flushes the backing, then calls [`Recorder::activity_log_evict`] with
+    /// it (see [`crate::activity_log`] for why the flush comes first).
+    pub fn activity_log_evictable(&self) -> Option<u64> {
+        let log = self.activity_log.as_ref()?;
         let idle = !self.ring.overflowed() && !self.ring.resync_progress().resync;
-        if let (Some(log), true) = (&mut self.activity_log, idle) {
-            if let Err(e) = log.evict(self.ring.released_seq()) {
+        let released = self.ring.released_seq();
+        (idle && log.would_cool(released)).then_some(released)
+    }
+
+    /// Cools the extents whose records up to `released_seq` are staged; call after the
+    /// backing was flushed.
+    pub fn activity_log_evict(&mut self, released_seq: u64) {
+        if let Some(log) = &mut self.activity_log {
+            if let Err(e) = log.evict(released_seq) {
                 log::warn!("{e}");
             }
         }

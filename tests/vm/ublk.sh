@@ -103,7 +103,7 @@ kill9_shipper_under_load() {
   local fio_pid=$! i
   for i in 1 2 3; do
     sleep 1
-    kill -9 "$SHIPPER_PID"; wait "$SHIPPER_PID" 2>/dev/null
+    kill -9 "$SHIPPER_PID"; wait "$SHIPPER_PID" 2>/dev/null || true
     start_shipper $w
   done
   wait $fio_pid
