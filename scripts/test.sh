@@ -34,7 +34,9 @@ command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked --qui
 (cd changelog/fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run open_segment -- -max_total_time=60 2>&1 | tail -n 3)
 
 if [ "${UBLK_DR_SKIP_VM:-0}" != 1 ]; then
-  step "ublk end-to-end tests (fio, ext4, kill -9, bad command lines)"
+  step "ublk end-to-end tests (fio, ext4, kill -9, initial sync, points, failover, failback, bad command lines)"
   cargo build --release --bins --quiet
   scripts/vm.sh run --mem 6144 -- tests/vm/ublk.sh
+  step "power cut under load: qemu killed, rebooted over the same disk"
+  tests/vm/power-cut.sh
 fi
