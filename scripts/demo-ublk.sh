@@ -66,7 +66,8 @@ umount "$w/mnt"
 log "failback, minimize downtime: only blocks that differ go back while it runs"
 start_failback "$w"
 wait_digest_resync "$w/back"
-echo "failback: $(grep -h "digest resync .*: done" /run/ublk-dr/blkfilter.log | tail -1 | sed 's/.*done; //') (disk: 268435456 bytes)"
+echo "failback digest resync: $(grep -h "digest resync .*: done" /run/ublk-dr/blkfilter.log | tail -1 | sed 's/.*done; //')"
+echo "failback shipped $(sed -n 's/.*"bytes_sealed": \([0-9]*\).*/\1/p' "$w/back/status.json") bytes in segments (writes since the failover plus resync), disk 268435456 bytes"
 src=$(sha256sum <"$DEV" | cut -d' ' -f1)
 finish_failback "$w" 1
 [ "$(sha256sum <"$w/backing" | cut -d' ' -f1)" = "$src" ] || die "the original disk differs from the recovered volume"

@@ -45,7 +45,7 @@ stop_shipper() {
 # FOLLOWER_PID; `finish` stops it before its final apply.
 start_follower() {
   local dir=$1
-  [ -f "$dir/replica" ] || truncate -s "$(stat -c %s "$dir/backing")" "$dir/replica"
+  [ -f "$dir/replica" ] || truncate -s "$(stat -L -c %s "$dir/backing")" "$dir/replica"
   mkdir -p "$dir/store"
   RUST_LOG=${RUST_LOG:-info} "$BIN/ublk-target" apply --follow --poll-ms 100 --store "$dir/store" \
     --volume vol0 --replica "$dir/replica" --key "$dir/key" >>"$dir/target.log" 2>&1 &
@@ -184,7 +184,7 @@ finish() {
     --store "$dir/store" --key "$dir/key" --drain >>"$dir/shipper.log" 2>&1 ||
     die "draining shipper failed: $(tail -5 "$dir/shipper.log")"
   stop_follower
-  truncate -s "$(stat -c %s "$dir/backing")" "$dir/replica"
+  truncate -s "$(stat -L -c %s "$dir/backing")" "$dir/replica"
   "$BIN/ublk-target" apply --store "$dir/store" --volume vol0 --replica "$dir/replica" \
     --key "$dir/key" 2>&1 | tail -1
 }
