@@ -31,8 +31,8 @@ fio --name=demo --directory="$w/mnt" --size=32M --rw=randwrite --bs=4k --iodepth
   --output-format=terse >/tmp/fio-demo.out
 echo "fio: wrote and verified 32 MiB of 4k random writes"
 "$BIN/shipper" status --status "$w/status.json" | sed -n '1,4p'
-wait_digest_resync "$w"
-echo "initial replication: $(grep -h "digest resync .*: done" "$w/blkfilter.log" | tail -1 | sed 's/.*done; //')"
+echo "initial replication (shipper resync --watch shows its progress bar on a terminal):"
+timeout 300 "$BIN/shipper" resync --ring "$w/ring" --watch
 
 log "an app-consistent recovery point (ext4 frozen around the MARK)"
 echo "state at the point" >"$w/mnt/marker.txt"

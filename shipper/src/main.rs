@@ -48,8 +48,12 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         block_kib: u32,
         /// Ask for the resync and return without waiting.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         no_wait: bool,
+        /// Ask for nothing: show the progress of the resync under way (e.g. the initial
+        /// replication a new protection starts with) until it is done.
+        #[arg(long)]
+        watch: bool,
     },
     /// Record a MARK in a volume's change stream: a recovery point to fail over to.
     ///
@@ -203,11 +207,12 @@ fn run(cli: Cli) -> Result<()> {
             volume,
             block_kib,
             no_wait,
+            watch,
         } => {
             let ring = ring_of(ring, config, volume)?;
             let block = shipper::config::resync_block_bytes(block_kib)
                 .map_err(|e| anyhow::anyhow!("--block-kib: {e}"))?;
-            resync(&ring, block, !no_wait)
+            resync(&ring, block, !watch, !no_wait)
         }
         Command::Status {
             status,
@@ -349,19 +354,24 @@ fn ring_of(
 }
 
 /// Asks for a digest resync through the ring header and follows its progress there.
-fn resync(ring: &std::path::Path, block_bytes: u32, wait: bool) -> Result<()> {
+fn resync(ring: &std::path::Path, block_bytes: u32, request: bool, wait: bool) -> Result<()> {
     let control = blkfilter::ring::RingControl::open(ring).with_context(|| {
         format!(
             "opening ring {} (is the volume attached with blkfilter?)",
             ring.display()
         )
     })?;
-    control.request_digest_resync(block_bytes);
-    println!(
-        "digest resync of {} asked for ({} KiB blocks)",
-        ring.display(),
-        block_bytes / 1024
-    );
+    if request {
+        control.request_digest_resync(block_bytes);
+        println!(
+            "digest resync of {} asked for ({} KiB blocks)",
+            ring.display(),
+            block_bytes / 1024
+        );
+    } else if !control.progress().pending() {
+        println!("no digest resync is under way on {}", ring.display());
+        return Ok(());
+    }
     if !wait {
         return Ok(());
     }

@@ -150,8 +150,8 @@ initial_replication_of_used_ext4_under_fio() {
   grep -q '"resync": {' $w/status.json   # status shows the initial replication
   "$BIN/shipper" status --status $w/status.json | grep state
   wait $fio_pid
-  wait_digest_resync $w
-  grep "digest resync .*: done" $w/blkfilter.log | tail -1
+  # The progress of the initial replication, until it is done.
+  timeout 300 "$BIN/shipper" resync --ring $w/ring --watch
   (cd $w/mnt && find . -type f -exec sha256sum {} + | sort -k2) >$w/files.sha
   umount $w/mnt
   finish $w
