@@ -20,15 +20,17 @@ fn some_data(seed: u64, len: u64) -> Vec<u8> {
     image
 }
 
-/// Drives the capture's digest pass (and `batch` ops per round, if a workload is given)
-/// until no digest resync is pending; returns the statuses seen meanwhile.
+/// Drives the capture's digest pass (and 10 ops per round for the first 30 rounds, if a
+/// workload is given: writes go on while the resync starts, without outrunning a
+/// shipper slowed by a busy machine) until no digest resync is pending; returns the
+/// statuses seen meanwhile.
 fn run_until_resynced(
     fixture: &Fixture,
     capture: &mut blkfilter::capture::Capture,
     model: &mut Model,
     mut workload: Option<&mut Workload>,
 ) -> Vec<shipper::Status> {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(180);
     // The shipper (started just before) asks for the initial sync when it starts.
     let ring = RingControl::open(&fixture.path("ring")).unwrap();
     while !ring.progress().pending() {
@@ -36,8 +38,8 @@ fn run_until_resynced(
         std::thread::sleep(Duration::from_millis(5));
     }
     let mut statuses = Vec::new();
-    loop {
-        if let Some(w) = workload.as_deref_mut() {
+    for round in 0.. {
+        if let Some(w) = workload.as_deref_mut().filter(|_| round < 30) {
             drive(capture, model, w.take(10));
         }
         if !capture.tick().expect("digest resync") {
@@ -49,6 +51,7 @@ fn run_until_resynced(
         assert!(Instant::now() < deadline, "digest resync did not finish");
         std::thread::sleep(Duration::from_millis(10));
     }
+    unreachable!()
 }
 
 #[test]
@@ -64,7 +67,7 @@ fn initial_replication_of_a_used_volume_under_writes() {
     config.initial_sync = true;
     let (control, shipper) = fixture.spawn_shipper(config);
 
-    let mut workload = Workload::new(5, size);
+    let mut workload = Workload::new(5, size).with_max_io(256 << 10);
     let statuses = run_until_resynced(&fixture, &mut capture, &mut model, Some(&mut workload));
     drive(&mut capture, &mut model, workload.take(100));
     control.drain();
@@ -149,7 +152,7 @@ fn on_demand_resync_repairs_a_diverged_replica_under_writes() {
     let mut model = Model::new(size);
     let follower = fixture.follow("replica");
     let (control, shipper) = fixture.spawn_shipper(fixture.shipper_config());
-    let mut workload = Workload::new(9, size);
+    let mut workload = Workload::new(9, size).with_max_io(256 << 10);
     drive(&mut capture, &mut model, workload.by_ref().take(200));
 
     // Damage the replica behind the applier's back, then ask for a resync while
