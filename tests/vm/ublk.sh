@@ -214,6 +214,13 @@ points_and_test_failover() {
   umount $w/mnt
   finish $w
   same_image $w   # none of the test writes reached the replica
+  # Unplanned failover to an older point: the replica rolls back for real and comes up
+  # as a protected volume equal to the source at that point.
+  dev=$("$BIN/ublk-target" failover --replica $w/replica --point "${points[2]}" --ring $w/ring-fo --id 12)
+  cmp "$dev" $w/ref3
+  e2fsck -fn "$dev" >/dev/null
+  echo "failover to point ${points[2]}: $dev equals the source at that point"
+  "$BIN/blkfilter" detach --id 12 >/dev/null
 }
 
 # Issue #5: planned failover loses nothing; writes on the recovered volume; failback
