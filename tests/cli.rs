@@ -168,7 +168,7 @@ fn config_file_ships_every_volume() {
     }
     let config = format!(
         "key = \"{0}/key\"\nstaging = \"{0}/staging\"\nstore = \"{0}/store\"\nstatus_dir = \"{0}/status\"\n\
-         max_segment_age_ms = 20\ninitial_sync = false\n[[volume]]\nid = \"vol0\"\nring = \"{0}/vol0.ring\"\n\
+         max_segment_age_ms = 20\ninitial_sync = false\nbacklog_resync_percent = 0\n[[volume]]\nid = \"vol0\"\nring = \"{0}/vol0.ring\"\n\
          [[volume]]\nid = \"vol1\"\nring = \"{0}/vol1.ring\"\n",
         d.display()
     );

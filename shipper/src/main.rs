@@ -135,6 +135,10 @@ struct RunArgs {
     /// Digest resync block size in KiB (a power of two, 4 to 1024).
     #[arg(long, default_value_t = 64)]
     resync_block_kib: u32,
+    /// When the staged backlog (segments not yet in the store) exceeds this percent of
+    /// the disk, drop it and resync the whole disk by digest (0 = never, at most 100).
+    #[arg(long, default_value_t = shipper::backlog::DEFAULT_PERCENT)]
+    backlog_resync_percent: u32,
     /// Ship everything already in the ring, then exit.
     #[arg(long)]
     drain: bool,
@@ -269,6 +273,9 @@ fn ship(args: RunArgs) -> Result<()> {
             config.initial_sync = !args.no_initial_sync;
             config.resync_block_bytes = shipper::config::resync_block_bytes(args.resync_block_kib)
                 .map_err(|e| anyhow::anyhow!("--resync-block-kib: {e}"))?;
+            config.backlog_resync_percent =
+                shipper::backlog::check_percent(args.backlog_resync_percent)
+                    .map_err(|e| anyhow::anyhow!("--backlog-resync-percent: {e}"))?;
             (vec![config], args.store.clone().expect(missing))
         }
     };
@@ -436,10 +443,33 @@ fn print_status(s: &Status) {
         if s.ring_overflow { ", OVERFLOWED" } else { "" }
     );
     println!(
-        "staged           {} (pending upload: {})",
+        "staged           {} (pending upload: {} segments, {} bytes{})",
         opt(s.newest_staged_index),
-        s.segments_pending_upload
+        s.segments_pending_upload,
+        s.staged_backlog_bytes,
+        if s.backlog_limit_bytes > 0 {
+            format!("; dropped above {}", s.backlog_limit_bytes)
+        } else {
+            String::new()
+        }
     );
+    if let Some(d) = &s.backlog_dropped {
+        println!(
+            "backlog dropped  {:.1} s ago: {} segments, {} bytes (over {}% of {} bytes); chain continued at {:016x} in epoch {:016x}{}",
+            changelog::unix_ms_now().saturating_sub(d.at_unix_ms) as f64 / 1e3,
+            d.segments,
+            d.bytes,
+            d.limit_percent,
+            d.device_bytes,
+            d.continue_index,
+            d.epoch,
+            if s.backlog_resync {
+                "; resync in progress"
+            } else {
+                "; resynced"
+            }
+        );
+    }
     println!(
         "uploaded         {} (recovery point: seq < {})",
         opt(s.newest_uploaded_index),

@@ -15,6 +15,25 @@ pub enum Health {
     Critical,
 }
 
+/// A dropped staged backlog (see [`crate::backlog`]): the event, kept in the status
+/// and in `resync.owed` until the resync after it has completed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BacklogDrop {
+    pub at_unix_ms: u64,
+    /// Staged segments deleted, and their bytes.
+    pub segments: u64,
+    pub bytes: u64,
+    /// The limit that was exceeded, in percent of `device_bytes`.
+    pub limit_percent: u32,
+    pub device_bytes: u64,
+    /// The chain went on at this index, in this new protection epoch.
+    pub continue_index: u64,
+    pub epoch: u64,
+    /// When the oldest dropped record was read: the RPO counts from it until a new
+    /// recovery point is in the store.
+    pub oldest_lost_unix_ms: u64,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub volume: String,
@@ -37,6 +56,18 @@ pub struct Status {
     /// The newest recovery point in the store: every record with seq below it.
     pub newest_uploaded_seq_end: Option<u64>,
     pub segments_pending_upload: u64,
+    /// Bytes of the segments staged and not yet uploaded.
+    #[serde(default)]
+    pub staged_backlog_bytes: u64,
+    /// Above this the staged backlog is dropped for a resync (0 = never).
+    #[serde(default)]
+    pub backlog_limit_bytes: u64,
+    /// The last time the staged backlog was dropped.
+    #[serde(default)]
+    pub backlog_dropped: Option<BacklogDrop>,
+    /// The whole-disk resync after that drop has not completed yet (I7).
+    #[serde(default)]
+    pub backlog_resync: bool,
     pub rpo_ms: u64,
     pub rpo_threshold_ms: u64,
     pub records_captured: u64,
@@ -53,6 +84,7 @@ impl Status {
             Health::Critical
         } else if self.ring_overflow
             || self.ring_resync
+            || self.backlog_resync
             || self.resync.is_some()
             || self.retry_attempt > 0
             || self.rpo_ms > self.rpo_threshold_ms
@@ -65,10 +97,8 @@ impl Status {
 
     /// One line saying what the volume is doing and why.
     pub fn state(&self) -> String {
-        if let Some(what) = &self.critical {
-            format!("stopped shipping: {what}")
-        } else if let Some(r) = &self.resync {
-            let what = if r.requested {
+        let resync_phase = |r: &blkfilter::ring::ResyncProgress| {
+            if r.requested {
                 "starting".to_string()
             } else if !r.digests_ready {
                 "waiting for the replica's block digests".to_string()
@@ -78,8 +108,27 @@ impl Status {
                     r.done_bytes as f64 * 100.0 / r.total_bytes.max(1) as f64,
                     r.sent_bytes >> 20
                 )
-            };
-            format!("degraded: digest resync (initial replication or on demand): {what}; no new recovery points until it completes")
+            }
+        };
+        if let Some(what) = &self.critical {
+            format!("stopped shipping: {what}")
+        } else if let Some(d) = self
+            .backlog_dropped
+            .as_ref()
+            .filter(|_| self.backlog_resync)
+        {
+            let what = self.resync.as_ref().map_or(
+                "compared, shipping the last re-sent blocks".to_string(),
+                resync_phase,
+            );
+            format!(
+                "degraded: staged backlog exceeded {}% of the disk; dropped {} segments ({} MiB), resyncing by digest: {what}; no new recovery points until it completes",
+                d.limit_percent,
+                d.segments,
+                d.bytes >> 20
+            )
+        } else if let Some(r) = &self.resync {
+            format!("degraded: digest resync (initial replication or on demand): {}; no new recovery points until it completes", resync_phase(r))
         } else if self.ring_overflow {
             "degraded: ring overflowed, changed regions are tracked in the dirty bitmap and are resynced once the ring has room; no new recovery points until then".into()
         } else if self.ring_resync {
@@ -143,6 +192,23 @@ mod tests {
         s.ring_overflow = true;
         assert_eq!(s.health(), Health::Warning);
         assert!(s.state().contains("degraded"));
+        s.ring_overflow = false;
+        s.backlog_dropped = Some(BacklogDrop {
+            segments: 12,
+            bytes: 3 << 20,
+            limit_percent: 50,
+            ..Default::default()
+        });
+        assert_eq!(s.health(), Health::Healthy, "an old drop is history");
+        s.backlog_resync = true;
+        assert_eq!(s.health(), Health::Warning);
+        assert!(
+            s.state().starts_with(
+                "degraded: staged backlog exceeded 50% of the disk; dropped 12 segments (3 MiB), resyncing by digest"
+            ),
+            "{}",
+            s.state()
+        );
         s.critical = Some("broken chain".into());
         assert_eq!(s.health(), Health::Critical);
         let dir = tempfile::tempdir().unwrap();
