@@ -168,7 +168,7 @@ fn config_file_ships_every_volume() {
     }
     let config = format!(
         "key = \"{0}/key\"\nstaging = \"{0}/staging\"\nstore = \"{0}/store\"\nstatus_dir = \"{0}/status\"\n\
-         max_segment_age_ms = 20\ninitial_sync = false\n[[volume]]\nid = \"vol0\"\nring = \"{0}/vol0.ring\"\n\
+         max_segment_age_ms = 20\ninitial_sync = false\nbacklog_resync_percent = 0\n[[volume]]\nid = \"vol0\"\nring = \"{0}/vol0.ring\"\n\
          [[volume]]\nid = \"vol1\"\nring = \"{0}/vol1.ring\"\n",
         d.display()
     );
@@ -179,11 +179,7 @@ fn config_file_ships_every_volume() {
         &["run", "--config", cfg.to_str().unwrap(), "--drain"],
     );
     assert!(ok, "{text}");
-    let (ok, text) = run("shipper", &["status", "--config", cfg.to_str().unwrap()]);
-    assert!(
-        ok && text.contains("vol0") && text.contains("vol1"),
-        "{text}"
-    );
+    status_shows_a_table_per_config(&cfg, d);
     for vol in ["vol0", "vol1"] {
         let replica = d.join(format!("{vol}.replica"));
         let (ok, text) = run(
@@ -213,6 +209,71 @@ fn config_file_ships_every_volume() {
             "{vol}: replica differs from the source"
         );
     }
+}
+
+/// `shipper status` after [`config_file_ships_every_volume`] shipped vol0 and vol1: a
+/// table with a row per volume for a config file, the detailed view for one status
+/// file (or its row with --table), JSON unchanged, and a volume without a status file
+/// named as such (non-zero exit).
+fn status_shows_a_table_per_config(cfg: &std::path::Path, d: &std::path::Path) {
+    let cfg = cfg.to_str().unwrap();
+    let (ok, text) = run("shipper", &["status", "--config", cfg]);
+    assert!(ok, "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "a header and a row per volume: {text}");
+    for column in [
+        "VOLUME", "HEALTH", "RPO", "RING", "PENDING", "RESYNC", "STATE",
+    ] {
+        assert!(lines[0].contains(column), "{column} missing: {text}");
+    }
+    for (line, vol) in lines[1..].iter().zip(["vol0", "vol1"]) {
+        let cells: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(cells[0], vol, "{text}");
+        assert_eq!(cells[1], "Healthy", "{text}");
+        assert!(cells[3].ends_with('%'), "ring used in percent: {text}");
+        assert_eq!(cells[4], "0", "nothing pending after --drain: {text}");
+        assert_eq!(cells[5], "-", "no resync: {text}");
+        assert_eq!(cells[6], "replicating", "{text}");
+    }
+
+    let (ok, json) = run("shipper", &["status", "--config", cfg, "--json"]);
+    assert!(ok, "{json}");
+    let statuses: Vec<shipper::Status> = serde_json::from_str(&json).expect("JSON array");
+    let volumes: Vec<&str> = statuses.iter().map(|s| s.volume.as_str()).collect();
+    assert_eq!(volumes, ["vol0", "vol1"]);
+
+    let one = d.join("status/vol1.status.json");
+    let one = one.to_str().unwrap();
+    let (ok, text) = run("shipper", &["status", "--status", one]);
+    assert!(
+        ok && text.contains("volume           vol1") && text.contains("health           Healthy"),
+        "the detailed view: {text}"
+    );
+    let (ok, text) = run("shipper", &["status", "--status", one, "--table"]);
+    assert!(
+        ok && text.lines().count() == 2 && text.lines().nth(1).unwrap().starts_with("vol1 "),
+        "{text}"
+    );
+
+    // A volume the shipper never ran for has no status file: its row says so.
+    let with_vol2 = d.join("with-vol2.toml");
+    let text = std::fs::read_to_string(cfg).unwrap()
+        + &format!(
+            "[[volume]]\nid = \"vol2\"\nring = \"{}/vol2.ring\"\n",
+            d.display()
+        );
+    std::fs::write(&with_vol2, text).unwrap();
+    let (ok, text) = run(
+        "shipper",
+        &["status", "--config", with_vol2.to_str().unwrap()],
+    );
+    let row = text.lines().find(|l| l.starts_with("vol2")).unwrap_or("");
+    assert!(
+        !ok && row.contains(" ? ")
+            && row.contains("no status")
+            && text.contains("1 of 3 volume(s)"),
+        "{text}"
+    );
 }
 
 #[test]

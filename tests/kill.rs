@@ -20,6 +20,10 @@ fn spawn_shipper(fixture: &Fixture, drain: bool) -> Child {
             "--retry-unit-ms",
             "2",
             "--no-initial-sync",
+            // An 8 MiB disk: a burst staged while the store lags must not drop the
+            // backlog here (every record must reach the store).
+            "--backlog-resync-percent",
+            "0",
         ])
         .arg("--ring")
         .arg(fixture.path("ring"))

@@ -9,7 +9,7 @@
 //! | 10 | 2 | header length (192) |
 //! | 12 | 4 | flags ([`flags`]) |
 //! | 16 | 32 | volume id, ASCII, zero-padded |
-//! | 48 | 8 | protection epoch (random per protection start) |
+//! | 48 | 8 | protection epoch (random per protection start, and per continuation after a dropped backlog: [`flags::NEW_EPOCH`]) |
 //! | 56 | 8 | segment index (0, 1, 2, … within the epoch) |
 //! | 64 | 8 | first seq |
 //! | 72 | 8 | last seq (inclusive; the recovery point is `last seq + 1`) |
@@ -64,7 +64,14 @@ pub mod flags {
     pub const APP_CONSISTENT: u32 = 8;
     /// The segment ends at a consistency-group mark.
     pub const GROUP_MARK: u32 = 16;
-    pub const ALL: u32 = 31;
+    /// The segment continues its volume's chain under a new protection epoch: its
+    /// epoch differs from its predecessor's, whose digest it links to as usual. The
+    /// shipper starts one after dropping staged segments that never reached the store
+    /// (a staged backlog over its limit): their indexes were sealed under the old
+    /// epoch, and sealing those indexes again there would repeat a nonce. Only
+    /// accepted at the next index with the right link ([`crate::ChainCursor::check`]).
+    pub const NEW_EPOCH: u32 = 32;
+    pub const ALL: u32 = 63;
 }
 
 pub type Digest32 = [u8; 32];

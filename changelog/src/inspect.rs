@@ -14,6 +14,7 @@ fn flag_names(bits: u32) -> String {
         (flags::CRASH_POINT, "crash-point"),
         (flags::APP_CONSISTENT, "app-consistent"),
         (flags::GROUP_MARK, "group-mark"),
+        (flags::NEW_EPOCH, "new-epoch"),
     ]
     .iter()
     .filter(|(bit, _)| bits & bit != 0)

@@ -351,7 +351,16 @@ impl ChainCursor {
     }
 
     /// Checks that `header` is the segment that must come next (I6, I8): same volume,
-    /// same epoch, the next index, linked to the previous digest, later seqs.
+    /// same epoch (or a new one announced by [`flags::NEW_EPOCH`]), the next index,
+    /// linked to the previous digest, later seqs.
+    ///
+    /// An epoch change is accepted only from a segment that carries `NEW_EPOCH` — a
+    /// flag inside the authenticated header, so only the key holder can set it — and
+    /// that passes every other check: it sits at the next index and links to the
+    /// digest of the segment applied last, which covers that segment's epoch. A
+    /// segment of another protection of the same volume and key (or of the reverse
+    /// direction after a failover) therefore stays a foreign epoch: its links are to
+    /// digests of its own chain.
     pub fn check(&self, header: &SegmentHeader, name: &str) -> Result<()> {
         if header.volume != self.volume {
             return Err(Error::ForeignVolume {
@@ -360,19 +369,28 @@ impl ChainCursor {
                 found: header.volume.to_string(),
             });
         }
-        if let Some(epoch) = self.epoch.filter(|&e| e != header.epoch) {
-            return Err(Error::ForeignEpoch {
-                segment: name.into(),
-                expected: epoch,
-                found: header.epoch,
-            });
-        }
         let chain = |what: String| {
             Err(Error::Chain {
                 segment: name.into(),
                 what,
             })
         };
+        let new_epoch = header.flags & flags::NEW_EPOCH != 0;
+        match self.epoch {
+            Some(epoch) if epoch != header.epoch && !new_epoch => {
+                return Err(Error::ForeignEpoch {
+                    segment: name.into(),
+                    expected: epoch,
+                    found: header.epoch,
+                });
+            }
+            Some(epoch) if epoch == header.epoch && new_epoch => {
+                return chain(format!(
+                    "it announces a new protection epoch but keeps epoch {epoch:016x}"
+                ));
+            }
+            _ => {}
+        }
         if header.index != self.next_index {
             let kind = if header.index < self.next_index {
                 "a replay of an already applied segment"

@@ -192,6 +192,79 @@ fn chain_refuses_gap_replay_swap_foreign_and_wrong_key() {
         .is_ok());
 }
 
+/// A continuation under a new protection epoch (after the shipper dropped a staged
+/// backlog) is accepted only when it announces it (NEW_EPOCH), sits at the next index
+/// and links to the digest applied last; then the chain goes on in the new epoch.
+#[test]
+fn new_epoch_continuation_is_chained_and_announced() {
+    let vol = VolumeId::new("vol0").unwrap();
+    let records = [Rec {
+        op: Op::Write,
+        offset: 0,
+        len: 4,
+        data: b"abcd".to_vec(),
+    }];
+    let s0 = seal(&plain(&records, 1), &params(0), &key())
+        .unwrap()
+        .link([0; 32]);
+    let mut cursor = ChainCursor::start(vol);
+    let opened = cursor.open_next(s0.bytes.clone(), "s0", &key()).unwrap();
+    cursor.advance(&opened.header, opened.digest);
+    // Segment 1 of the old epoch was sealed and dropped; segment 1 of epoch 0xbeef
+    // continues (same index, other content, other nonce).
+    let continuation = |epoch: u64, flags_: u32, index: u64, prev: [u8; 32]| {
+        let mut p = plain(&records, 50);
+        p.flags |= flags_;
+        let params = SealParams {
+            epoch,
+            ..params(index)
+        };
+        seal(&p, &params, &key()).unwrap().link(prev)
+    };
+    let err = |cursor: &ChainCursor, bytes: &[u8]| {
+        cursor.open_next(bytes.to_vec(), "s", &key()).unwrap_err()
+    };
+    let unannounced = continuation(0xbeef, 0, 1, s0.digest);
+    assert!(matches!(
+        err(&cursor, &unannounced.bytes),
+        Error::ForeignEpoch { .. }
+    ));
+    let unlinked = continuation(0xbeef, flags::NEW_EPOCH, 1, [3; 32]);
+    assert!(matches!(err(&cursor, &unlinked.bytes), Error::Chain { .. }));
+    let skipping = continuation(0xbeef, flags::NEW_EPOCH, 2, s0.digest);
+    assert!(matches!(err(&cursor, &skipping.bytes), Error::Chain { .. }));
+    let same_epoch = continuation(0xfeed, flags::NEW_EPOCH, 1, s0.digest);
+    assert!(matches!(
+        err(&cursor, &same_epoch.bytes),
+        Error::Chain { .. }
+    ));
+
+    let good = continuation(0xbeef, flags::NEW_EPOCH, 1, s0.digest);
+    let opened = cursor.open_next(good.bytes.clone(), "s1", &key()).unwrap();
+    assert_eq!(
+        opened.header.nonce(),
+        changelog::header::nonce_for(0xbeef, 1)
+    );
+    cursor.advance(&opened.header, opened.digest);
+    assert_eq!(cursor.epoch, Some(0xbeef));
+    // The new epoch is the chain's now: the old one is foreign from here on.
+    let next_params = SealParams {
+        epoch: 0xbeef,
+        ..params(2)
+    };
+    let next = seal(&plain(&records, 60), &next_params, &key())
+        .unwrap()
+        .link(good.digest);
+    assert!(cursor.open_next(next.bytes.clone(), "s2", &key()).is_ok());
+    let old_epoch = seal(&plain(&records, 90), &params(2), &key())
+        .unwrap()
+        .link(good.digest);
+    assert!(matches!(
+        err(&cursor, &old_epoch.bytes),
+        Error::ForeignEpoch { .. }
+    ));
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 

@@ -7,6 +7,9 @@
 //! therefore walks the staged files past the saved position, checking each link, and
 //! the reader skips ring records below `next_seq` (they are already in a staged
 //! segment whose ring space was not yet released).
+//!
+//! A dropped staged backlog rewinds the position ([`crate::backlog`]); a drop that a
+//! crash interrupted is finished first, before the position is loaded.
 
 use crate::error::{Result, ShipperError};
 use changelog::store::{list_segment_dir, segment_file_name};
@@ -19,6 +22,7 @@ pub const STATE_FILE: &str = "chain.state";
 /// Loads the saved position (or starts a new protection epoch) and rolls it forward
 /// over segments already staged.
 pub fn recover(dir: &Path, volume: &VolumeId, key: &Key) -> Result<ChainCursor> {
+    crate::backlog::finish_interrupted(dir, volume)?;
     let path = dir.join(STATE_FILE);
     let mut cursor = match std::fs::read(&path) {
         Ok(bytes) => {

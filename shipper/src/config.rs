@@ -14,6 +14,8 @@
 //! rpo_threshold_ms = 30000               # health is Warning above this RPO
 //! initial_sync = true                    # a new protection starts with a digest resync
 //! resync_block_kib = 64                  # digest block: a power of two, 4..=1024 KiB
+//! backlog_resync_percent = 50            # staged backlog above this % of the disk is
+//!                                        # dropped for a whole-disk resync (0 = never)
 //!
 //! [[volume]]
 //! id = "vol0"
@@ -52,6 +54,8 @@ pub struct ConfigFile {
     pub initial_sync: bool,
     #[serde(default = "default_block_kib")]
     pub resync_block_kib: u32,
+    #[serde(default = "default_backlog_percent")]
+    pub backlog_resync_percent: u32,
     #[serde(rename = "volume")]
     pub volumes: Vec<VolumeEntry>,
 }
@@ -86,6 +90,9 @@ fn default_true() -> bool {
 }
 fn default_block_kib() -> u32 {
     changelog::digests::DEFAULT_BLOCK_BYTES / 1024
+}
+fn default_backlog_percent() -> u32 {
+    crate::backlog::DEFAULT_PERCENT
 }
 
 /// Checks a digest block size given in KiB; returns it in bytes.
@@ -146,6 +153,7 @@ impl ConfigFile {
             return Err(format!("{name} must be greater than 0"));
         }
         resync_block_bytes(self.resync_block_kib)?;
+        crate::backlog::check_percent(self.backlog_resync_percent)?;
         if self.max_segment_bytes > changelog::segment::MAX_PLAIN_LEN as usize / 2 {
             return Err(format!(
                 "max_segment_bytes must be at most {}",
@@ -177,6 +185,7 @@ impl ConfigFile {
                 c.initial_sync = self.initial_sync;
                 c.resync_block_bytes =
                     resync_block_bytes(self.resync_block_kib).expect("checked on load");
+                c.backlog_resync_percent = self.backlog_resync_percent;
                 c
             })
             .collect())
@@ -206,10 +215,13 @@ ring = "/r1"
 
     #[test]
     fn good_config_with_defaults() {
+        let never = GOOD.replace("retry_unit_ms = 5", "backlog_resync_percent = 0");
+        assert_eq!(ConfigFile::parse(&never).unwrap().backlog_resync_percent, 0);
         let c = ConfigFile::parse(GOOD).unwrap();
         assert_eq!(c.volumes.len(), 2);
         assert_eq!(c.retry_unit_ms, 5);
         assert_eq!(c.max_segment_age_ms, 1000);
+        assert_eq!(c.backlog_resync_percent, 50);
         assert_eq!(
             c.status_path(&c.volumes[1].id),
             PathBuf::from("/run/ublk-dr/vol1.status.json")
@@ -243,6 +255,14 @@ ring = "/r1"
             (
                 GOOD.replace("retry_unit_ms = 5", "resync_block_kib = 48"),
                 "resync_block_kib must be",
+            ),
+            (
+                GOOD.replace("retry_unit_ms = 5", "backlog_resync_percent = 101"),
+                "backlog_resync_percent must be from 0",
+            ),
+            (
+                GOOD.replace("retry_unit_ms = 5", "backlog_resync_percent = -1"),
+                "backlog_resync_percent",
             ),
         ];
         for (text, expect) in cases {

@@ -3,11 +3,13 @@
 //!
 //! * [`pipeline`]: reader → sealers → stager → uploader, and its contracts (I4).
 //! * [`chain_state`]: the persisted chain position and crash recovery.
+//! * [`backlog`]: dropping a staged backlog over its limit, and the resync that follows.
 //! * [`mark`]: operator MARKs and app-consistent points (freeze, hooks).
 //! * [`resync`]: initial replication and the digest exchange of a resync.
 //! * [`retry`]: the retry schedule for recoverable errors.
 //! * [`status`]: health, RPO and the status file.
 //! * [`config`]: the TOML configuration file.
+pub mod backlog;
 pub mod chain_state;
 pub mod config;
 pub mod error;

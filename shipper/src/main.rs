@@ -79,7 +79,11 @@ enum Command {
         #[arg(long, value_name = "CMD")]
         post: Option<String>,
     },
-    /// Show a running shipper's health, RPO and progress.
+    /// Show running shippers' health, RPO and progress.
+    ///
+    /// With --config (default /etc/ublk-dr/shipper.toml): a table, one row per volume
+    /// (VOLUME, HEALTH, RPO, RING used, PENDING segments, RESYNC progress, STATE). With
+    /// --status: the detailed view of that volume (--table for its row instead).
     Status {
         /// The status file the shipper writes (its --status).
         #[arg(long, conflicts_with = "config")]
@@ -87,9 +91,12 @@ enum Command {
         /// Show every volume of this config file.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Print the raw JSON.
+        /// Print the raw JSON (an array, one object per volume).
         #[arg(long)]
         json: bool,
+        /// One row per volume even for a single --status file.
+        #[arg(long, conflicts_with = "json")]
+        table: bool,
     },
 }
 
@@ -139,6 +146,10 @@ struct RunArgs {
     /// Digest resync block size in KiB (a power of two, 4 to 1024).
     #[arg(long, default_value_t = 64)]
     resync_block_kib: u32,
+    /// When the staged backlog (segments not yet in the store) exceeds this percent of
+    /// the disk, drop it and resync the whole disk by digest (0 = never, at most 100).
+    #[arg(long, default_value_t = shipper::backlog::DEFAULT_PERCENT)]
+    backlog_resync_percent: u32,
     /// Ship everything already in the ring, then exit.
     #[arg(long)]
     drain: bool,
@@ -218,31 +229,60 @@ fn run(cli: Cli) -> Result<()> {
             status,
             config,
             json,
+            table,
         } => {
-            let paths = match (status, config) {
-                (Some(status), _) => vec![status],
+            // (volume name for the table, status file)
+            let (files, table) = match (status, config) {
+                (Some(status), _) => {
+                    let name = status
+                        .file_name()
+                        .map(|n| {
+                            n.to_string_lossy()
+                                .trim_end_matches(".status.json")
+                                .to_string()
+                        })
+                        .unwrap_or_default();
+                    (vec![(name, status)], table)
+                }
                 (None, config) => {
                     let path = config.unwrap_or_else(|| shipper::config::DEFAULT_CONFIG.into());
                     let file = ConfigFile::load(&path)?;
-                    file.volumes
+                    let files = file
+                        .volumes
                         .iter()
-                        .map(|v| file.status_path(&v.id))
-                        .collect()
+                        .map(|v| (v.id.to_string(), file.status_path(&v.id)))
+                        .collect();
+                    (files, true)
                 }
             };
-            let statuses = paths
-                .iter()
-                .map(|p| Status::read(p))
-                .collect::<Result<Vec<_>, _>>()?;
             if json {
+                let statuses = files
+                    .iter()
+                    .map(|(_, p)| Status::read(p))
+                    .collect::<Result<Vec<_>, _>>()?;
                 println!("{}", serde_json::to_string_pretty(&statuses)?);
+            } else if table {
+                let rows: Vec<_> = files
+                    .iter()
+                    .map(|(name, p)| (name.clone(), Status::read(p).map_err(|e| e.to_string())))
+                    .collect();
+                let width = std::env::var("COLUMNS")
+                    .ok()
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(120);
+                print!(
+                    "{}",
+                    shipper::status::table(&rows, changelog::unix_ms_now(), width)
+                );
+                let missing = rows.iter().filter(|(_, r)| r.is_err()).count();
+                anyhow::ensure!(
+                    missing == 0,
+                    "{missing} of {} volume(s) have no readable status (is the shipper running?)",
+                    rows.len()
+                );
             } else {
-                for (i, s) in statuses.iter().enumerate() {
-                    if i > 0 {
-                        println!();
-                    }
-                    print_status(s);
-                }
+                let status = Status::read(&files[0].1)?;
+                print_status(&status);
             }
             Ok(())
         }
@@ -274,6 +314,9 @@ fn ship(args: RunArgs) -> Result<()> {
             config.initial_sync = !args.no_initial_sync;
             config.resync_block_bytes = shipper::config::resync_block_bytes(args.resync_block_kib)
                 .map_err(|e| anyhow::anyhow!("--resync-block-kib: {e}"))?;
+            config.backlog_resync_percent =
+                shipper::backlog::check_percent(args.backlog_resync_percent)
+                    .map_err(|e| anyhow::anyhow!("--backlog-resync-percent: {e}"))?;
             (vec![config], args.store.clone().expect(missing))
         }
     };
@@ -446,10 +489,33 @@ fn print_status(s: &Status) {
         if s.ring_overflow { ", OVERFLOWED" } else { "" }
     );
     println!(
-        "staged           {} (pending upload: {})",
+        "staged           {} (pending upload: {} segments, {} bytes{})",
         opt(s.newest_staged_index),
-        s.segments_pending_upload
+        s.segments_pending_upload,
+        s.staged_backlog_bytes,
+        if s.backlog_limit_bytes > 0 {
+            format!("; dropped above {}", s.backlog_limit_bytes)
+        } else {
+            String::new()
+        }
     );
+    if let Some(d) = &s.backlog_dropped {
+        println!(
+            "backlog dropped  {:.1} s ago: {} segments, {} bytes (over {}% of {} bytes); chain continued at {:016x} in epoch {:016x}{}",
+            changelog::unix_ms_now().saturating_sub(d.at_unix_ms) as f64 / 1e3,
+            d.segments,
+            d.bytes,
+            d.limit_percent,
+            d.device_bytes,
+            d.continue_index,
+            d.epoch,
+            if s.backlog_resync {
+                "; resync in progress"
+            } else {
+                "; resynced"
+            }
+        );
+    }
     println!(
         "uploaded         {} (recovery point: seq < {})",
         opt(s.newest_uploaded_index),

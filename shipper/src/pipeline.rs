@@ -14,7 +14,11 @@
 //! * The uploader puts staged segments into the store in order, retrying recoverable
 //!   errors on the [`RetrySchedule`], and removes each from staging once stored.
 //!   A non-recoverable error makes the volume Critical and stops the run.
+//! * When the staged backlog (staged, not uploaded) exceeds `backlog_resync_percent`
+//!   of the disk, the reader drops it and the chain continues in a new epoch, with a
+//!   whole-disk digest resync ([`crate::backlog`]).
 
+use crate::backlog;
 use crate::chain_state;
 use crate::error::{Result, ShipperError};
 use crate::retry::RetrySchedule;
@@ -28,7 +32,7 @@ use changelog::{flags, unix_ms_now, ChainCursor, Key, Op, PlainSegment, TargetSt
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -56,11 +60,15 @@ pub struct ShipperConfig {
     pub initial_sync: bool,
     /// Block size of digest resyncs this shipper asks for.
     pub resync_block_bytes: u32,
+    /// When the staged backlog (segments staged but not uploaded) exceeds this percent
+    /// of the disk, drop it and resync the whole disk by digest (0 = never).
+    pub backlog_resync_percent: u32,
 }
 
 impl ShipperConfig {
     /// A config with the defaults: 1 s segments of at most 8 MiB, two sealers, the
-    /// retry unit a minute, RPO threshold 30 s, initial sync on, 64 KiB resync blocks.
+    /// retry unit a minute, RPO threshold 30 s, initial sync on, 64 KiB resync blocks,
+    /// the staged backlog dropped above 50% of the disk.
     pub fn new(volume: VolumeId, ring_path: PathBuf, staging_dir: PathBuf, key: Key) -> Self {
         ShipperConfig {
             volume,
@@ -75,6 +83,7 @@ impl ShipperConfig {
             status_path: None,
             initial_sync: true,
             resync_block_bytes: changelog::digests::DEFAULT_BLOCK_BYTES,
+            backlog_resync_percent: backlog::DEFAULT_PERCENT,
         }
     }
 
@@ -120,6 +129,7 @@ pub struct RunSummary {
 
 struct SealJob {
     index: u64,
+    epoch: u64,
     plain: PlainSegment,
     /// Ring position just past the job's last record: released once it is staged.
     ring_end: u64,
@@ -129,6 +139,8 @@ struct SealJob {
 /// A segment durable in staging, on its way to the uploader.
 struct Staged {
     index: u64,
+    /// The drop generation it was staged under; skipped once a drop passed it.
+    generation: u64,
     /// The file's bytes, unless the upload queue was long (then read back from staging).
     bytes: Option<Vec<u8>>,
 }
@@ -149,7 +161,24 @@ struct Board {
     /// Index → time its oldest record was read, for segments not yet in the store.
     pending_since: Mutex<BTreeMap<u64, u64>>,
     /// When the reader's open segment got its first record (0 = empty).
-    open_since_ms: std::sync::atomic::AtomicU64,
+    open_since_ms: AtomicU64,
+    /// Bytes of the segments staged and not yet uploaded.
+    staged_bytes: AtomicU64,
+    /// When the oldest record of a dropped backlog was read (0 = none): no recovery
+    /// point in the store covers it until a crash point after the drop is uploaded.
+    lost_since_ms: AtomicU64,
+}
+
+/// What the stager, the uploader and a backlog drop share.
+struct Chain {
+    /// The stager's position: after the newest staged segment. Held while staging one.
+    cursor: Mutex<ChainCursor>,
+    /// Held by the uploader around each upload attempt, and by a drop.
+    upload: Mutex<()>,
+    /// Bumped by each drop, with both locks held.
+    generation: AtomicU64,
+    /// A whole-disk resync is owed for a dropped backlog (`resync.owed` exists).
+    owed: AtomicBool,
 }
 
 impl Board {
@@ -167,10 +196,15 @@ impl Board {
             .min()
             .copied();
         let open = self.open_since_ms.load(Ordering::Relaxed);
-        let oldest = [oldest_pending, (open != 0).then_some(open)]
-            .into_iter()
-            .flatten()
-            .min();
+        let lost = self.lost_since_ms.load(Ordering::Relaxed);
+        let oldest = [
+            oldest_pending,
+            (open != 0).then_some(open),
+            (lost != 0).then_some(lost),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let mut status = self.status.lock().expect("status lock").clone();
         status.updated_unix_ms = now;
         status.rpo_ms = oldest.map_or(0, |t| now.saturating_sub(t));
@@ -178,6 +212,7 @@ impl Board {
         status.ring_capacity_bytes = ring.capacity();
         status.ring_overflow = ring.overflowed();
         status.ring_resync = ring.resyncing();
+        status.staged_backlog_bytes = self.staged_bytes.load(Ordering::Relaxed);
         status.resync = Some(ring.resync_progress()).filter(|p| p.pending());
         status
     }
@@ -197,7 +232,24 @@ pub fn run(
     })?;
     let cursor = chain_state::recover(&dir, &config.volume, &config.key)?;
     let backlog: Vec<u64> = list_segment_dir(&dir)?;
-    if config.initial_sync && cursor.next_index == 0 && !ring.resync_progress().pending() {
+    let mut staged_bytes = 0;
+    for &index in &backlog {
+        let path = dir.join(segment_file_name(index));
+        staged_bytes += std::fs::metadata(&path)
+            .map_err(|e| ShipperError::io(format!("reading {}", path.display()), e))?
+            .len();
+    }
+    let owed = backlog::owed(&dir)?;
+    let no_resync_pending = !ring.resync_progress().pending()
+        && !unread_resync_done(&ring, ring.released(), cursor.next_seq)?;
+    if let (Some(_), true) = (&owed, no_resync_pending) {
+        // A host crash lost the ring with the request (see crate::backlog).
+        log::warn!(
+            "volume {}: a whole-disk digest resync is owed for a dropped staged backlog: asking again",
+            config.volume
+        );
+        ring.request_digest_resync(config.resync_block_bytes);
+    } else if config.initial_sync && cursor.next_index == 0 && no_resync_pending {
         log::info!(
             "volume {}: new protection epoch: initial replication by digest resync",
             config.volume
@@ -219,41 +271,48 @@ pub fn run(
             pid: std::process::id(),
             rpo_threshold_ms: config.rpo_threshold.as_millis() as u64,
             newest_staged_index: cursor.next_index.checked_sub(1),
+            segments_pending_upload: backlog.len() as u64,
+            backlog_limit_bytes: backlog::limit_bytes(
+                config.backlog_resync_percent,
+                ring.geometry().device_bytes,
+            )
+            .unwrap_or(0),
+            backlog_resync: owed.is_some(),
+            backlog_dropped: owed.clone(),
             ..Default::default()
         }),
         pending_since: Mutex::new(backlog.iter().map(|&i| (i, unix_ms_now())).collect()),
         open_since_ms: Default::default(),
+        staged_bytes: AtomicU64::new(staged_bytes),
+        lost_since_ms: AtomicU64::new(owed.as_ref().map_or(0, |d| d.oldest_lost_unix_ms)),
     });
+    let chain = Chain {
+        cursor: Mutex::new(cursor.clone()),
+        upload: Mutex::new(()),
+        generation: AtomicU64::new(0),
+        owed: AtomicBool::new(owed.is_some()),
+    };
     let sealers = config.sealers.max(1);
     let (job_tx, job_rx) = bounded::<SealJob>(sealers * 2);
     let (sealed_tx, sealed_rx) = bounded::<Result<Sealed>>(sealers * 2);
     let (staged_tx, staged_rx) = unbounded::<Staged>();
-    let epoch = cursor.epoch.expect("recover() fixes the epoch");
 
     let finished = AtomicBool::new(false);
     let result: Result<(ChainCursor, u64)> = std::thread::scope(|scope| {
         let reader = spawn_named(scope, "ship-reader", || {
-            let r = read_ring(config, &ring, &cursor, &board, &control, job_tx);
+            let r = read_ring(
+                config, &dir, &ring, &cursor, &chain, &board, &control, job_tx,
+            );
             stop_on_err(&r, &control);
             r
         });
         for _ in 0..sealers {
             let (jobs, out) = (job_rx.clone(), sealed_tx.clone());
-            spawn_named(scope, "ship-sealer", move || {
-                seal_jobs(config, epoch, &jobs, &out)
-            });
+            spawn_named(scope, "ship-sealer", move || seal_jobs(config, &jobs, &out));
         }
         drop((job_rx, sealed_tx));
         let stager = spawn_named(scope, "ship-stager", || {
-            let r = stage(
-                config,
-                &dir,
-                &ring,
-                cursor.clone(),
-                &board,
-                sealed_rx,
-                staged_tx,
-            );
+            let r = stage(config, &dir, &ring, &chain, &board, sealed_rx, staged_tx);
             stop_on_err(&r, &control);
             r
         });
@@ -264,6 +323,7 @@ pub fn run(
                 store.as_ref(),
                 backlog,
                 staged_rx,
+                &chain,
                 &board,
                 &control,
             );
@@ -337,16 +397,24 @@ fn publish(config: &ShipperConfig, board: &Board, ring: &Consumer) {
 }
 
 /// The reader: ring → plain segments.
+#[allow(clippy::too_many_arguments)]
 fn read_ring(
     config: &ShipperConfig,
+    dir: &Path,
     ring: &Consumer,
     cursor: &ChainCursor,
+    chain: &Chain,
     board: &Board,
     control: &Control,
     jobs: Sender<SealJob>,
 ) -> Result<()> {
     let mut pos = ring.released();
     let mut next_index = cursor.next_index;
+    let mut epoch = cursor.epoch.expect("recover() fixes the epoch");
+    // The next segment cut starts a new epoch (after a backlog drop).
+    let mut announce_epoch = false;
+    let backlog_limit =
+        backlog::limit_bytes(config.backlog_resync_percent, ring.geometry().device_bytes);
     // Room for a full segment plus a typical record crossing the limit, so bodies
     // rarely reallocate (each reallocation copies the whole body).
     let new_plain = || PlainSegment {
@@ -362,28 +430,52 @@ fn read_ring(
     let lost = || ring.overflowed() || ring.resyncing();
     // (RESYNC is also up from a digest resync request until its done MARK.)
     let mut consistent = !lost() && !unread_resync_done(ring, pos, cursor.next_seq)?;
-    let cut =
-        |plain: &mut PlainSegment, pos: u64, next_index: &mut u64, consistent: bool| -> bool {
-            if !consistent || lost() {
-                plain.flags &= !flags::CRASH_POINT;
-            }
-            let job = SealJob {
-                index: *next_index,
-                plain: std::mem::replace(plain, new_plain()),
-                ring_end: pos,
-                created_unix_ms: unix_ms_now(),
-            };
-            board
-                .pending_since
-                .lock()
-                .expect("pending lock")
-                .insert(job.index, board.open_since_ms.swap(0, Ordering::Relaxed));
-            *next_index += 1;
-            jobs.send(job).is_ok()
+    let cut = |plain: &mut PlainSegment,
+               pos: u64,
+               next_index: &mut u64,
+               epoch: u64,
+               announce_epoch: &mut bool,
+               consistent: bool|
+     -> bool {
+        if !consistent || lost() {
+            plain.flags &= !flags::CRASH_POINT;
+        }
+        if std::mem::take(announce_epoch) {
+            plain.flags |= flags::NEW_EPOCH;
+        }
+        let job = SealJob {
+            index: *next_index,
+            epoch,
+            plain: std::mem::replace(plain, new_plain()),
+            ring_end: pos,
+            created_unix_ms: unix_ms_now(),
         };
+        board
+            .pending_since
+            .lock()
+            .expect("pending lock")
+            .insert(job.index, board.open_since_ms.swap(0, Ordering::Relaxed));
+        *next_index += 1;
+        jobs.send(job).is_ok()
+    };
     loop {
         if control.stopping() {
             return Ok(());
+        }
+        if backlog_limit.is_some_and(|limit| board.staged_bytes.load(Ordering::Relaxed) > limit) {
+            match drop_backlog(config, dir, ring, chain, board, control, next_index)? {
+                DropOutcome::Stopping => return Ok(()),
+                DropOutcome::NothingStaged => {}
+                DropOutcome::Dropped(continuation) => {
+                    next_index = continuation.next_index;
+                    epoch = continuation.epoch.expect("a drop sets the epoch");
+                    announce_epoch = true;
+                    // The records read from here on miss the dropped ones: no crash
+                    // point until the resync asked for has ended (its done MARK).
+                    consistent = false;
+                    plain.flags &= !flags::CRASH_POINT;
+                }
+            }
         }
         match ring.peek(pos)? {
             Some((record, next)) => {
@@ -412,14 +504,31 @@ fn read_ring(
                 });
                 let full = plain.body.len() >= config.max_segment_bytes;
                 if (full || record.op == Op::Mark || opened_at.elapsed() >= config.max_segment_age)
-                    && !cut(&mut plain, pos, &mut next_index, consistent)
+                    && !cut(
+                        &mut plain,
+                        pos,
+                        &mut next_index,
+                        epoch,
+                        &mut announce_epoch,
+                        consistent,
+                    )
                 {
                     return Ok(());
                 }
             }
             None => {
                 let due = opened_at.elapsed() >= config.max_segment_age || control.draining();
-                if !plain.is_empty() && due && !cut(&mut plain, pos, &mut next_index, consistent) {
+                if !plain.is_empty()
+                    && due
+                    && !cut(
+                        &mut plain,
+                        pos,
+                        &mut next_index,
+                        epoch,
+                        &mut announce_epoch,
+                        consistent,
+                    )
+                {
                     return Ok(());
                 }
                 if control.draining() {
@@ -439,6 +548,77 @@ fn read_ring(
     }
 }
 
+enum DropOutcome {
+    Stopping,
+    /// The uploader emptied staging meanwhile.
+    NothingStaged,
+    /// Dropped; the chain continues at this position (a new epoch).
+    Dropped(ChainCursor),
+}
+
+/// Drops the staged backlog ([`crate::backlog`]). `next_index` is the index the
+/// reader would give its next segment: every segment before it was cut.
+fn drop_backlog(
+    config: &ShipperConfig,
+    dir: &Path,
+    ring: &Consumer,
+    chain: &Chain,
+    board: &Board,
+    control: &Control,
+    next_index: u64,
+) -> Result<DropOutcome> {
+    // Wait until every segment cut is staged: no sealed segment of the old numbering
+    // is in flight, the sealers and the stager are idle.
+    while chain.cursor.lock().expect("cursor lock").next_index != next_index {
+        if control.stopping() {
+            return Ok(DropOutcome::Stopping);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Lock order: cursor, then upload (the stager and the uploader each take one).
+    let mut cursor = chain.cursor.lock().expect("cursor lock");
+    let _no_upload = chain.upload.lock().expect("upload lock");
+    let oldest_pending = board
+        .pending_since
+        .lock()
+        .expect("pending lock")
+        .values()
+        .copied()
+        .filter(|&t| t != 0)
+        .min();
+    let oldest_lost = [
+        oldest_pending,
+        Some(board.lost_since_ms.load(Ordering::Relaxed)).filter(|&t| t != 0),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+    .unwrap_or_else(unix_ms_now);
+    let Some(dropped) = backlog::drop_staged(config, dir, ring, &cursor, oldest_lost)? else {
+        // The uploader emptied staging meanwhile (the count follows it, under the lock).
+        board.staged_bytes.store(0, Ordering::Relaxed);
+        return Ok(DropOutcome::NothingStaged);
+    };
+    let from = dropped.continuation.next_index;
+    board
+        .pending_since
+        .lock()
+        .expect("pending lock")
+        .retain(|&index, _| index < from);
+    *cursor = dropped.continuation.clone();
+    chain.generation.fetch_add(1, Ordering::AcqRel);
+    chain.owed.store(true, Ordering::Release);
+    board.staged_bytes.store(0, Ordering::Relaxed);
+    board.lost_since_ms.store(oldest_lost, Ordering::Relaxed);
+    board.update(|s| {
+        s.segments_pending_upload = 0;
+        s.newest_staged_index = from.checked_sub(1);
+        s.backlog_dropped = Some(dropped.record);
+        s.backlog_resync = true;
+    });
+    Ok(DropOutcome::Dropped(dropped.continuation))
+}
+
 /// Whether the unread part of the ring holds a resync-done MARK: then the records
 /// before it are resync data, and the stream is not consistent until it is read, even
 /// though the ring's flags are already down (a shipper restarted mid-resync).
@@ -453,16 +633,11 @@ fn unread_resync_done(ring: &Consumer, mut pos: u64, next_seq: u64) -> Result<bo
 }
 
 /// A sealer worker: compress + encrypt, in whatever order jobs arrive.
-fn seal_jobs(
-    config: &ShipperConfig,
-    epoch: u64,
-    jobs: &Receiver<SealJob>,
-    out: &Sender<Result<Sealed>>,
-) {
+fn seal_jobs(config: &ShipperConfig, jobs: &Receiver<SealJob>, out: &Sender<Result<Sealed>>) {
     for job in jobs {
         let params = SealParams {
             volume: config.volume.clone(),
-            epoch,
+            epoch: job.epoch,
             index: job.index,
             created_unix_ms: job.created_unix_ms,
         };
@@ -485,7 +660,7 @@ fn stage(
     config: &ShipperConfig,
     dir: &Path,
     ring: &Consumer,
-    mut cursor: ChainCursor,
+    chain: &Chain,
     board: &Board,
     sealed: Receiver<Result<Sealed>>,
     staged: Sender<Staged>,
@@ -495,7 +670,12 @@ fn stage(
     for item in sealed {
         let item = item?;
         waiting.insert(item.job_index, item);
-        while let Some(next) = waiting.remove(&cursor.next_index) {
+        loop {
+            // Held while staging one segment, so a backlog drop never sees half of it.
+            let mut cursor = chain.cursor.lock().expect("cursor lock");
+            let Some(next) = waiting.remove(&cursor.next_index) else {
+                break;
+            };
             let linked = next.segment.link(cursor.prev_digest);
             let name = segment_file_name(linked.header.index);
             write_file_atomic(&mut uring, dir, &name, &linked.bytes).map_err(|e| {
@@ -506,9 +686,11 @@ fn stage(
             ring.set_released_seq(linked.header.last_seq);
             cursor.advance(&linked.header, linked.digest);
             chain_state::save(&mut uring, dir, &cursor)?;
+            let len = linked.bytes.len() as u64;
+            board.staged_bytes.fetch_add(len, Ordering::Relaxed);
             board.update(|s| {
                 s.newest_staged_index = Some(linked.header.index);
-                s.bytes_sealed += linked.bytes.len() as u64;
+                s.bytes_sealed += len;
                 s.segments_pending_upload += 1;
             });
             log::debug!(
@@ -517,27 +699,41 @@ fn stage(
                 linked.header.first_seq,
                 linked.header.last_seq,
                 next.plain_len,
-                linked.bytes.len()
+                len
             );
+            if linked.header.flags & flags::CRASH_POINT != 0 && chain.owed.load(Ordering::Acquire) {
+                // The reader flags a crash point after a drop only once the resync
+                // asked for by the drop has ended: nothing is owed any more.
+                crate::backlog::settle(&mut uring, dir)?;
+                chain.owed.store(false, Ordering::Release);
+                board.update(|s| s.backlog_resync = false);
+                log::info!(
+                    "volume {}: the resync after the dropped backlog has completed; recovery points resume at segment {name}",
+                    config.volume
+                );
+            }
             // Hand the bytes over while the uploader keeps up; past that, it reads
             // them back from staging, so a store outage cannot fill memory.
             let bytes = (staged.len() < UPLOAD_QUEUE_IN_MEMORY).then_some(linked.bytes);
             let _ = staged.send(Staged {
                 index: linked.header.index,
+                generation: chain.generation.load(Ordering::Acquire),
                 bytes,
             });
         }
     }
-    Ok(cursor)
+    Ok(chain.cursor.lock().expect("cursor lock").clone())
 }
 
 /// The uploader: staged segments → store, in order, with retries.
+#[allow(clippy::too_many_arguments)]
 fn upload(
     config: &ShipperConfig,
     dir: &Path,
     store: &dyn TargetStore,
     backlog: Vec<u64>,
     staged: Receiver<Staged>,
+    chain: &Chain,
     board: &Board,
     control: &Control,
 ) -> Result<u64> {
@@ -546,22 +742,70 @@ fn upload(
     };
     let mut uring = Uring::new(2).map_err(|e| ShipperError::io("io_uring setup", e))?;
     let mut uploaded = 0u64;
-    let backlog = backlog
-        .into_iter()
-        .map(|index| Staged { index, bytes: None });
-    for Staged { index, bytes } in backlog.chain(staged) {
+    let backlog = backlog.into_iter().map(|index| Staged {
+        index,
+        generation: 0,
+        bytes: None,
+    });
+    for Staged {
+        index,
+        generation,
+        mut bytes,
+    } in backlog.chain(staged)
+    {
         let path = dir.join(segment_file_name(index));
-        let bytes = match bytes {
-            Some(bytes) => bytes,
-            None => std::fs::read(&path)
-                .map_err(|e| ShipperError::io(format!("reading staged {}", path.display()), e))?,
-        };
-        let info = changelog::read_info(&bytes, &path.display().to_string())?;
         let mut attempt = 0u32;
         loop {
-            match store.put(&config.volume, index, &bytes) {
-                Ok(()) => break,
+            // Held for the attempt: a backlog drop waits for it, and after a drop the
+            // segments staged before it are gone (skipped here).
+            let gate = chain.upload.lock().expect("upload lock");
+            if generation != chain.generation.load(Ordering::Acquire) {
+                log::debug!(
+                    "volume {}: segment {index:016x} was dropped with the staged backlog",
+                    config.volume
+                );
+                break;
+            }
+            let data = match bytes.take() {
+                Some(data) => data,
+                None => std::fs::read(&path).map_err(|e| {
+                    ShipperError::io(format!("reading staged {}", path.display()), e)
+                })?,
+            };
+            let info = changelog::read_info(&data, &path.display().to_string())?;
+            match store.put(&config.volume, index, &data) {
+                Ok(()) => {
+                    std::fs::remove_file(&path).map_err(|e| {
+                        ShipperError::io(format!("removing uploaded {}", path.display()), e)
+                    })?;
+                    sync_dir(&mut uring, dir)
+                        .map_err(|e| ShipperError::io(format!("syncing {}", dir.display()), e))?;
+                    uploaded += 1;
+                    board
+                        .pending_since
+                        .lock()
+                        .expect("pending lock")
+                        .remove(&index);
+                    let len = data.len() as u64;
+                    let _ = board.staged_bytes.fetch_update(
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                        |b| Some(b.saturating_sub(len)),
+                    );
+                    if info.header.flags & flags::CRASH_POINT != 0 {
+                        // A recovery point after any dropped backlog is in the store.
+                        board.lost_since_ms.store(0, Ordering::Relaxed);
+                    }
+                    board.update(|s| {
+                        s.retry_attempt = 0;
+                        s.newest_uploaded_index = Some(index);
+                        s.newest_uploaded_seq_end = Some(info.header.end_seq());
+                        s.segments_pending_upload = s.segments_pending_upload.saturating_sub(1);
+                    });
+                    break;
+                }
                 Err(e) if e.is_recoverable() => {
+                    bytes = Some(data);
                     attempt += 1;
                     let delay = schedule.delay(attempt);
                     log::warn!("volume {}: upload of segment {index:016x} failed ({e}); retry {attempt} in {delay:?}", config.volume);
@@ -570,37 +814,32 @@ fn upload(
                         s.retry_attempt = attempt;
                         s.last_error = Some(message);
                     });
+                    drop(gate);
                     if !sleep_unless_stopped(delay, control) {
                         return Ok(uploaded);
                     }
                 }
                 Err(e) => {
+                    let hint = if info.header.flags & flags::NEW_EPOCH != 0
+                        && matches!(e, changelog::Error::Conflict { .. })
+                    {
+                        " (this segment continues the chain after a dropped staged backlog; \
+                         the store holds another segment under its index, most likely a \
+                         dropped one whose upload was reported as failed but landed: \
+                         remove it from the store, restart, and let the resync run)"
+                    } else {
+                        ""
+                    };
                     return Err(ShipperError::Critical {
                         volume: config.volume.to_string(),
                         what: format!(
-                            "uploading segment {index:016x} to {}: {e}",
+                            "uploading segment {index:016x} to {}: {e}{hint}",
                             store.describe()
                         ),
-                    })
+                    });
                 }
             }
         }
-        std::fs::remove_file(&path)
-            .map_err(|e| ShipperError::io(format!("removing uploaded {}", path.display()), e))?;
-        sync_dir(&mut uring, dir)
-            .map_err(|e| ShipperError::io(format!("syncing {}", dir.display()), e))?;
-        uploaded += 1;
-        board
-            .pending_since
-            .lock()
-            .expect("pending lock")
-            .remove(&index);
-        board.update(|s| {
-            s.retry_attempt = 0;
-            s.newest_uploaded_index = Some(index);
-            s.newest_uploaded_seq_end = Some(info.header.end_seq());
-            s.segments_pending_upload = s.segments_pending_upload.saturating_sub(1);
-        });
     }
     Ok(uploaded)
 }

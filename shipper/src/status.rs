@@ -15,6 +15,25 @@ pub enum Health {
     Critical,
 }
 
+/// A dropped staged backlog (see [`crate::backlog`]): the event, kept in the status
+/// and in `resync.owed` until the resync after it has completed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BacklogDrop {
+    pub at_unix_ms: u64,
+    /// Staged segments deleted, and their bytes.
+    pub segments: u64,
+    pub bytes: u64,
+    /// The limit that was exceeded, in percent of `device_bytes`.
+    pub limit_percent: u32,
+    pub device_bytes: u64,
+    /// The chain went on at this index, in this new protection epoch.
+    pub continue_index: u64,
+    pub epoch: u64,
+    /// When the oldest dropped record was read: the RPO counts from it until a new
+    /// recovery point is in the store.
+    pub oldest_lost_unix_ms: u64,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub volume: String,
@@ -37,6 +56,18 @@ pub struct Status {
     /// The newest recovery point in the store: every record with seq below it.
     pub newest_uploaded_seq_end: Option<u64>,
     pub segments_pending_upload: u64,
+    /// Bytes of the segments staged and not yet uploaded.
+    #[serde(default)]
+    pub staged_backlog_bytes: u64,
+    /// Above this the staged backlog is dropped for a resync (0 = never).
+    #[serde(default)]
+    pub backlog_limit_bytes: u64,
+    /// The last time the staged backlog was dropped.
+    #[serde(default)]
+    pub backlog_dropped: Option<BacklogDrop>,
+    /// The whole-disk resync after that drop has not completed yet (I7).
+    #[serde(default)]
+    pub backlog_resync: bool,
     pub rpo_ms: u64,
     pub rpo_threshold_ms: u64,
     pub records_captured: u64,
@@ -53,6 +84,7 @@ impl Status {
             Health::Critical
         } else if self.ring_overflow
             || self.ring_resync
+            || self.backlog_resync
             || self.resync.is_some()
             || self.retry_attempt > 0
             || self.rpo_ms > self.rpo_threshold_ms
@@ -65,10 +97,8 @@ impl Status {
 
     /// One line saying what the volume is doing and why.
     pub fn state(&self) -> String {
-        if let Some(what) = &self.critical {
-            format!("stopped shipping: {what}")
-        } else if let Some(r) = &self.resync {
-            let what = if r.requested {
+        let resync_phase = |r: &blkfilter::ring::ResyncProgress| {
+            if r.requested {
                 "starting".to_string()
             } else if !r.digests_ready {
                 "waiting for the replica's block digests".to_string()
@@ -78,8 +108,27 @@ impl Status {
                     r.done_bytes as f64 * 100.0 / r.total_bytes.max(1) as f64,
                     r.sent_bytes >> 20
                 )
-            };
-            format!("degraded: digest resync (initial replication or on demand): {what}; no new recovery points until it completes")
+            }
+        };
+        if let Some(what) = &self.critical {
+            format!("stopped shipping: {what}")
+        } else if let Some(d) = self
+            .backlog_dropped
+            .as_ref()
+            .filter(|_| self.backlog_resync)
+        {
+            let what = self.resync.as_ref().map_or(
+                "compared, shipping the last re-sent blocks".to_string(),
+                resync_phase,
+            );
+            format!(
+                "degraded: staged backlog exceeded {}% of the disk; dropped {} segments ({} MiB), resyncing by digest: {what}; no new recovery points until it completes",
+                d.limit_percent,
+                d.segments,
+                d.bytes >> 20
+            )
+        } else if let Some(r) = &self.resync {
+            format!("degraded: digest resync (initial replication or on demand): {}; no new recovery points until it completes", resync_phase(r))
         } else if self.ring_overflow {
             "degraded: ring overflowed, changed regions are tracked in the dirty bitmap and are resynced once the ring has room; no new recovery points until then".into()
         } else if self.ring_resync {
@@ -126,9 +175,197 @@ impl Status {
     }
 }
 
+/// A status file not updated for longer than this belongs to a shipper that stopped.
+const STALE_MS: u64 = 10_000;
+
+/// An RPO for a table cell: `0.4s`, `12.0s`, `4m05s`, `3h07m`.
+fn short_duration(ms: u64) -> String {
+    let secs = ms / 1000;
+    if secs < 60 {
+        format!("{:.1}s", ms as f64 / 1e3)
+    } else if secs < 3600 {
+        format!("{}m{:02}s", secs / 60, secs % 60)
+    } else {
+        format!("{}h{:02}m", secs / 3600, secs % 3600 / 60)
+    }
+}
+
+/// `text` cut to at most `max` characters, ending with `…` when cut.
+fn truncate(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        text.to_string()
+    } else {
+        let mut cut: String = text.chars().take(max.saturating_sub(1)).collect();
+        cut.push('…');
+        cut
+    }
+}
+
+/// `shipper status` as a table: one row per volume (its name, and its status or why
+/// there is none), fitted to `width` columns by truncating the STATE column.
+pub fn table(
+    rows: &[(String, std::result::Result<Status, String>)],
+    now_unix_ms: u64,
+    width: usize,
+) -> String {
+    const HEADER: [&str; 7] = [
+        "VOLUME", "HEALTH", "RPO", "RING", "PENDING", "RESYNC", "STATE",
+    ];
+    let cells: Vec<[String; 7]> = rows
+        .iter()
+        .map(|(name, status)| match status {
+            Ok(s) => {
+                let ring = (s.ring_used_bytes * 100)
+                    .checked_div(s.ring_capacity_bytes)
+                    .map_or("-".to_string(), |pct| {
+                        format!("{pct}%{}", if s.ring_overflow { " ovf" } else { "" })
+                    });
+                let resync = s.resync.as_ref().map_or("-".to_string(), |r| {
+                    let done = if r.active && r.digests_ready {
+                        r.done_bytes
+                    } else {
+                        0
+                    };
+                    format!("{}%", done * 100 / r.total_bytes.max(1))
+                });
+                let age = now_unix_ms.saturating_sub(s.updated_unix_ms);
+                let state = if age > STALE_MS && s.critical.is_none() {
+                    format!(
+                        "not updated for {} (shipper stopped?); was: {}",
+                        short_duration(age),
+                        s.state()
+                    )
+                } else {
+                    s.state()
+                };
+                [
+                    s.volume.clone(),
+                    format!("{:?}", s.health()),
+                    short_duration(s.rpo_ms),
+                    ring,
+                    s.segments_pending_upload.to_string(),
+                    resync,
+                    state,
+                ]
+            }
+            Err(e) => [
+                name.clone(),
+                "?".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                format!("no status: {e}"),
+            ],
+        })
+        .collect();
+    let mut widths = HEADER.map(str::len);
+    for row in &cells {
+        for (w, cell) in widths.iter_mut().zip(row).take(6) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let fixed: usize = widths[..6].iter().map(|w| w + 2).sum();
+    let state_width = width.saturating_sub(fixed).max(24);
+    let mut out = String::new();
+    let header = HEADER.map(String::from);
+    for row in std::iter::once(&header).chain(&cells) {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate().take(6) {
+            // Names left, numbers right.
+            let cell = if (2..6).contains(&i) {
+                format!("{cell:>w$}  ", w = widths[i])
+            } else {
+                format!("{cell:<w$}  ", w = widths[i])
+            };
+            line.push_str(&cell);
+        }
+        line.push_str(&truncate(&row[6], state_width));
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn table_has_a_row_per_volume_and_fits() {
+        let now = 1_000_000;
+        let healthy = Status {
+            volume: "vol0".into(),
+            updated_unix_ms: now,
+            rpo_ms: 400,
+            rpo_threshold_ms: 30_000,
+            ring_used_bytes: 1 << 20,
+            ring_capacity_bytes: 4 << 20,
+            segments_pending_upload: 3,
+            ..Default::default()
+        };
+        let resyncing = Status {
+            volume: "db-1".into(),
+            rpo_ms: 245_000,
+            resync: Some(blkfilter::ring::ResyncProgress {
+                active: true,
+                digests_ready: true,
+                total_bytes: 1000,
+                done_bytes: 425,
+                ..Default::default()
+            }),
+            ..healthy.clone()
+        };
+        let stale = Status {
+            volume: "old".into(),
+            updated_unix_ms: now - 60_000,
+            ..healthy.clone()
+        };
+        let rows = vec![
+            ("vol0".to_string(), Ok(healthy)),
+            ("db-1".to_string(), Ok(resyncing)),
+            ("old".to_string(), Ok(stale)),
+            (
+                "gone".to_string(),
+                Err("reading status file /x: No such file".to_string()),
+            ),
+        ];
+        let text = table(&rows, now, 100);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        for (line, words) in lines.iter().zip([
+            &[
+                "VOLUME", "HEALTH", "RPO", "RING", "PENDING", "RESYNC", "STATE",
+            ][..],
+            &["vol0", "Healthy", "0.4s", "25%", "3", "-", "replicating"],
+            &[
+                "db-1",
+                "Warning",
+                "4m05s",
+                "25%",
+                "3",
+                "42%",
+                "degraded: digest resync",
+            ],
+            &["old", "Healthy", "not updated for 1m00s"],
+            &["gone", "?", "no status: reading status file"],
+        ]) {
+            for word in words {
+                assert!(line.contains(word), "{word:?} not in {line:?}");
+            }
+            assert!(line.chars().count() <= 100, "{line:?} is wider than 100");
+        }
+        assert!(
+            lines[2].ends_with('…'),
+            "a long state is cut: {:?}",
+            lines[2]
+        );
+        // Columns line up: every row's RPO ends where the header's does.
+        let rpo_end = lines[0].find("RPO").unwrap() + 3;
+        for line in &lines[1..3] {
+            assert_eq!(&line[rpo_end..rpo_end + 2], "  ", "{line:?}");
+        }
+    }
 
     #[test]
     fn health_follows_state() {
@@ -143,6 +380,23 @@ mod tests {
         s.ring_overflow = true;
         assert_eq!(s.health(), Health::Warning);
         assert!(s.state().contains("degraded"));
+        s.ring_overflow = false;
+        s.backlog_dropped = Some(BacklogDrop {
+            segments: 12,
+            bytes: 3 << 20,
+            limit_percent: 50,
+            ..Default::default()
+        });
+        assert_eq!(s.health(), Health::Healthy, "an old drop is history");
+        s.backlog_resync = true;
+        assert_eq!(s.health(), Health::Warning);
+        assert!(
+            s.state().starts_with(
+                "degraded: staged backlog exceeded 50% of the disk; dropped 12 segments (3 MiB), resyncing by digest"
+            ),
+            "{}",
+            s.state()
+        );
         s.critical = Some("broken chain".into());
         assert_eq!(s.health(), Health::Critical);
         let dir = tempfile::tempdir().unwrap();

@@ -32,24 +32,26 @@
 //! | 88 | 32 | digest of segment `k` (as the chain computes it) |
 //! | 120 | 32 | the applier's previous digest before `k` (the digest of `k - 1`) |
 //! | 152 | 8 | the applier's next seq before `k` |
-//! | 160 | 4 | bit 0: the epoch was fixed before `k`; bit 1: facts of `k - 1` follow |
+//! | 160 | 4 | bit 0: the epoch was fixed before `k`; bit 1: facts of `k - 1` follow; bit 2: the epoch before `k` differs from `k`'s and is at 208 |
 //! | 164 | 4 | flags of segment `k - 1` |
 //! | 168 | 8 | first seq of `k - 1` |
 //! | 176 | 8 | last seq of `k - 1` |
 //! | 184 | 8 | creation time of `k - 1` |
 //! | 192 | 8 | extent count `n` |
 //! | 200 | 8 | data length `D` (the sum of the extent lengths) |
-//! | 208 | 16 | reserved, 0 |
+//! | 208 | 8 | the epoch before `k` when bit 2 is set (`k` starts a new epoch, [`changelog::flags::NEW_EPOCH`]), else 0 |
+//! | 216 | 8 | reserved, 0 |
 //! | 224 | 32 | SHA-256 of the data area |
 //! | 256 | 16·n | extents: replica offset (8), length (8); sorted, disjoint, non-empty |
 //! | 256+16n | 32 | SHA-256 of everything before it (header and extent table) |
 //! | 288+16n | D | before-images, in extent order |
 //!
-//! Bytes 120..192 are the applier state before segment `k`, so a rollback that undoes
-//! `k` can record exactly where the replica then is, and the catalog can describe point
-//! `k - 1` after `undo_{k-1}` was pruned. Opening checks the header and the extent table
-//! (cheap); [`UndoFile::verify_data`] streams the data area against its checksum, which
-//! views and rollback do before using a file.
+//! Bytes 120..192 (and 208..216 when `k` changed the epoch) are the applier state
+//! before segment `k`, so a rollback that undoes `k` can record exactly where the
+//! replica then is, and the catalog can describe point `k - 1` after `undo_{k-1}` was
+//! pruned. Opening checks the header and the extent table (cheap);
+//! [`UndoFile::verify_data`] streams the data area against its checksum, which views
+//! and rollback do before using a file.
 
 use crate::error::{Result, TargetError};
 use crate::state::{ApplyState, PointFacts};
@@ -68,6 +70,7 @@ const EXTENT_LEN: usize = 16;
 const META_SUM_LEN: usize = 32;
 const BEFORE_EPOCH_FIXED: u32 = 1;
 const BEFORE_HAS_PREV: u32 = 2;
+const BEFORE_EPOCH_OTHER: u32 = 4;
 
 /// A byte range of the replica.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -139,8 +142,13 @@ impl UndoHeader {
         h[120..152].copy_from_slice(&self.cursor_before.prev_digest);
         put(&mut h, 152, self.cursor_before.next_seq);
         let mut before = 0u32;
-        if self.cursor_before.epoch.is_some() {
+        if let Some(epoch) = self.cursor_before.epoch {
             before |= BEFORE_EPOCH_FIXED;
+            if epoch != self.epoch {
+                // Segment `k` continues the chain under a new epoch.
+                before |= BEFORE_EPOCH_OTHER;
+                put(&mut h, 208, epoch);
+            }
         }
         if let Some(prev) = &self.prev {
             before |= BEFORE_HAS_PREV;
@@ -181,9 +189,21 @@ impl UndoHeader {
         let epoch = u64_at(48);
         let index = u64_at(56);
         let before = u32_at(160);
-        if before & !(BEFORE_EPOCH_FIXED | BEFORE_HAS_PREV) != 0 || h[208..224] != [0; 16] {
+        let other_epoch = before & BEFORE_EPOCH_OTHER != 0;
+        if before & !(BEFORE_EPOCH_FIXED | BEFORE_HAS_PREV | BEFORE_EPOCH_OTHER) != 0
+            || h[216..224] != [0; 8]
+            || (!other_epoch && h[208..216] != [0; 8])
+        {
             return Err("reserved bits are not zero".into());
         }
+        let epoch_before = if other_epoch {
+            if before & BEFORE_EPOCH_FIXED == 0 || u64_at(208) == epoch {
+                return Err("the epoch before the segment is marked different but is not".into());
+            }
+            u64_at(208)
+        } else {
+            epoch
+        };
         let prev = (before & BEFORE_HAS_PREV != 0).then(|| PointFacts {
             index: index.wrapping_sub(1),
             flags: u32_at(164),
@@ -206,7 +226,7 @@ impl UndoHeader {
             digest: h[88..120].try_into().expect("32"),
             cursor_before: ChainCursor {
                 volume,
-                epoch: (before & BEFORE_EPOCH_FIXED != 0).then_some(epoch),
+                epoch: (before & BEFORE_EPOCH_FIXED != 0).then_some(epoch_before),
                 next_index: index,
                 prev_digest: h[120..152].try_into().expect("32"),
                 next_seq: u64_at(152),
@@ -669,6 +689,19 @@ mod tests {
             offset: 0,
             len: 4096,
         }]);
-        assert_eq!(UndoHeader::decode(&encoded).unwrap(), (header, 1));
+        assert_eq!(UndoHeader::decode(&encoded).unwrap(), (header.clone(), 1));
+
+        // A segment that starts a new epoch: the position before it is in the old one.
+        let continuation = UndoHeader {
+            epoch: 0xbeef,
+            ..header
+        };
+        let encoded = continuation.encode(&[]);
+        let (decoded, _) = UndoHeader::decode(&encoded).unwrap();
+        assert_eq!(decoded, continuation);
+        assert_eq!(decoded.cursor_before.epoch, Some(99));
+        let mut bad = encoded;
+        bad[208..216].copy_from_slice(&0xbeefu64.to_le_bytes());
+        assert!(UndoHeader::decode(&bad).is_err(), "same epoch marked other");
     }
 }
