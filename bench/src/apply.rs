@@ -3,8 +3,8 @@
 //! 1. Apply throughput (`Applier`: authenticate, decompress, save the undo journal,
 //!    write with io_uring, fdatasync per segment) beside raw io_uring writes of the same
 //!    records to the same kind of replica file, also synced per segment. Goal >= 0.9x.
-//!    Opening the segments alone (AES-GCM + lz4) is printed too, to show where the time
-//!    goes.
+//!    Opening the segments alone (AES-GCM + lz4) is printed too, and the Applier's own
+//!    time per phase ([`ublk_target::ApplyTimes`]), to show where the time goes.
 //! 2. Test-failover bring-up: opening a view at the oldest of 20 retained points
 //!    (`PointView::open`, what `failover --test` does before the ublk device exists)
 //!    plus its first 1 MiB read, for 1 GiB and 8 GiB replicas. Goal: under 2 s.
@@ -165,6 +165,7 @@ fn main() {
     let applied = applier.apply_available().unwrap();
     let apply_secs = t.elapsed().as_secs_f64();
     assert_eq!(applied, segments.len());
+    let times = *applier.times();
     drop(applier);
     println!(
         "| apply, {mib} MiB of 64 KiB writes in {} segments, 1 GiB replica | MB/s |",
@@ -186,6 +187,21 @@ fn main() {
     println!(
         "| ratio apply / raw (goal >= 0.9) | {:.2} |",
         raw_secs / apply_secs
+    );
+    let per_segment = |d: std::time::Duration| d.as_secs_f64() * 1e3 / times.segments.max(1) as f64;
+    println!();
+    println!(
+        "Applier phases, ms per segment (wall time on the thread running each; {:.2} ms per \
+         segment in all): fetch {:.2}, open {:.2}, undo read {:.2}, undo save {:.2}, \
+         writes {:.2}, fdatasync {:.2}, state {:.2}",
+        apply_secs * 1e3 / times.segments.max(1) as f64,
+        per_segment(times.fetch),
+        per_segment(times.open),
+        per_segment(times.undo_read),
+        per_segment(times.undo_save),
+        per_segment(times.write),
+        per_segment(times.sync),
+        per_segment(times.state),
     );
     println!();
 

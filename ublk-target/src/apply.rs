@@ -28,6 +28,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Queue depth for replica writes.
 const APPLY_DEPTH: u32 = 64;
@@ -51,6 +52,29 @@ pub struct Applied {
     pub pruned: Option<PruneReport>,
 }
 
+/// Where an applier's time went, summed over the segments it applied since it was
+/// opened. Each phase is wall time on the thread that ran it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ApplyTimes {
+    /// Segments applied.
+    pub segments: u64,
+    /// Reading segment files from the store.
+    pub fetch: Duration,
+    /// Chain check, AES-GCM, lz4 and record validation ([`ChainCursor::open_next`]).
+    pub open: Duration,
+    /// Reading the before-images of the ranges each segment changes.
+    pub undo_read: Duration,
+    /// Hashing the before-images and writing the undo file (fsync, rename, directory
+    /// fsync).
+    pub undo_save: Duration,
+    /// The replica writes.
+    pub write: Duration,
+    /// The replica's fdatasync.
+    pub sync: Duration,
+    /// Saving the applied state.
+    pub state: Duration,
+}
+
 /// Applier settings beyond the store, key and paths.
 #[derive(Clone, Debug, Default)]
 pub struct ApplyOptions {
@@ -69,6 +93,7 @@ pub struct Applier {
     journal: Journal,
     retention: Retention,
     uring: Uring,
+    times: ApplyTimes,
     _lock: JournalLock,
 }
 
@@ -111,6 +136,7 @@ impl Applier {
             journal,
             retention: options.retention,
             uring,
+            times: ApplyTimes::default(),
             _lock: lock,
         })
     }
@@ -123,6 +149,11 @@ impl Applier {
     /// The whole applied state.
     pub fn state(&self) -> &ApplyState {
         &self.state
+    }
+
+    /// Where the time went so far.
+    pub fn times(&self) -> &ApplyTimes {
+        &self.times
     }
 
     /// The replica's paths (replica, state, journal).
@@ -163,35 +194,40 @@ impl Applier {
     /// a retention, an error of the pruning that follows is returned although the
     /// segment was applied (the position has moved; the next call goes on).
     pub fn apply_next(&mut self) -> Result<Option<Applied>> {
-        if let Some(point) = self.state.rolled_back_to {
-            return Err(TargetError::RolledBack { point });
+        self.refuse_if_rolled_back()?;
+        match fetch_and_open(&*self.store, &self.key, &self.state.cursor, &mut self.times)? {
+            Some(segment) => self.apply_opened(segment).map(Some),
+            None => Ok(None),
         }
+    }
+
+    fn refuse_if_rolled_back(&self) -> Result<()> {
+        match self.state.rolled_back_to {
+            Some(point) => Err(TargetError::RolledBack { point }),
+            None => Ok(()),
+        }
+    }
+
+    /// Applies a segment [`fetch_and_open`] returned for the current position.
+    fn apply_opened(&mut self, segment: OpenedSegment) -> Result<Applied> {
         let volume = self.state.cursor.volume.clone();
-        let index = self.state.cursor.next_index;
-        let name = self.store.segment_name(&volume, index);
-        let Some(bytes) = self.store.get(&volume, index)? else {
-            if let Some(&later) = self.store.list(&volume)?.iter().find(|&&i| i > index) {
-                log::error!("volume {volume}: segment {index:016x} missing, {later:016x} present");
-                return Err(TargetError::Gap {
-                    volume: volume.to_string(),
-                    missing: index,
-                    store: self.store.describe(),
-                });
-            }
-            return Ok(None);
-        };
-        let segment = self.state.cursor.open_next(bytes, &name, &self.key)?;
-        let journal_saved = self.journal.save_undo(
+        let index = segment.header.index;
+        let saved = self.journal.save_undo(
             &mut self.uring,
             &segment,
             &self.state,
             &self.replica,
             &self.paths.replica,
         )?;
+        self.times.undo_read += saved.read;
+        self.times.undo_save += saved.save;
         let bytes_written = self.write_records(&segment)?;
+        let t = Instant::now();
         self.state.cursor.advance(&segment.header, segment.digest);
         self.state.last = Some(PointFacts::from_header(&segment.header));
         self.state.save(&mut self.uring, &self.paths.state)?;
+        self.times.state += t.elapsed();
+        self.times.segments += 1;
         log::debug!(
             "volume {volume}: applied segment {index:016x} (seq {}..={})",
             segment.header.first_seq,
@@ -203,13 +239,13 @@ impl Applier {
             let retention = self.retention;
             Some(self.prune(&retention, changelog::unix_ms_now())?)
         };
-        Ok(Some(Applied {
+        Ok(Applied {
             records: segment.records().count(),
             bytes_written,
             header: segment.header,
-            journal_saved,
+            journal_saved: saved.saved,
             pruned,
-        }))
+        })
     }
 
     /// Applies every segment available now; returns how many.
@@ -222,6 +258,7 @@ impl Applier {
     }
 
     fn write_records(&mut self, segment: &OpenedSegment) -> Result<u64> {
+        let started = Instant::now();
         let fd = self.replica.as_raw_fd();
         let mut batch: Vec<IoOp<'_>> = Vec::new();
         let mut batch_ranges: Vec<(u64, u64)> = Vec::new();
@@ -264,7 +301,41 @@ impl Applier {
             written += u64::from(record.len);
         }
         self.uring.run_batch(fd, batch).map_err(err)?;
+        let t = Instant::now();
+        self.times.write += t - started;
         self.uring.fsync(fd, true).map_err(err)?;
+        self.times.sync += t.elapsed();
         Ok(written)
     }
+}
+
+/// Reads the segment that must come after `cursor` and opens it (chain position,
+/// authentication, decompression, record validation: nothing of it is trusted before
+/// this returns it). `Ok(None)` when the store does not have it yet;
+/// [`TargetError::Gap`] when it is missing but later ones exist.
+fn fetch_and_open(
+    store: &dyn TargetStore,
+    key: &Key,
+    cursor: &ChainCursor,
+    times: &mut ApplyTimes,
+) -> Result<Option<OpenedSegment>> {
+    let volume = &cursor.volume;
+    let index = cursor.next_index;
+    let t = Instant::now();
+    let Some(bytes) = store.get(volume, index)? else {
+        if let Some(&later) = store.list(volume)?.iter().find(|&&i| i > index) {
+            log::error!("volume {volume}: segment {index:016x} missing, {later:016x} present");
+            return Err(TargetError::Gap {
+                volume: volume.to_string(),
+                missing: index,
+                store: store.describe(),
+            });
+        }
+        return Ok(None);
+    };
+    let fetched = Instant::now();
+    times.fetch += fetched - t;
+    let segment = cursor.open_next(bytes, &store.segment_name(volume, index), key)?;
+    times.open += fetched.elapsed();
+    Ok(Some(segment))
 }

@@ -60,6 +60,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 pub const UNDO_MAGIC: [u8; 8] = *b"UBLKDRUN";
 pub const UNDO_VERSION: u16 = 1;
@@ -404,6 +405,17 @@ pub fn parse_undo_file_name(name: &str) -> Option<u64> {
     u64::from_str_radix(hex, 16).ok()
 }
 
+/// What [`Journal::save_undo`] did.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct UndoSaved {
+    /// Whether a file was written (`false`: kept from an interrupted apply).
+    pub saved: bool,
+    /// Time spent reading the before-images.
+    pub read: Duration,
+    /// Time spent hashing them and writing the file durably in place.
+    pub save: Duration,
+}
+
 /// A replica's journal directory.
 #[derive(Clone, Debug)]
 pub struct Journal {
@@ -524,7 +536,7 @@ impl Journal {
 
     /// Saves the before-images of everything `segment` changes, unless its undo file
     /// already exists (then it is checked to belong to this segment and kept). `state`
-    /// is the applier state before the segment. Returns whether a file was written.
+    /// is the applier state before the segment. Returns whether a file was written, and the time taken.
     /// Must run after the segment was authenticated and before any replica write.
     pub(crate) fn save_undo(
         &self,
@@ -533,7 +545,7 @@ impl Journal {
         state: &ApplyState,
         replica: &File,
         replica_path: &Path,
-    ) -> Result<bool> {
+    ) -> Result<UndoSaved> {
         let index = segment.header.index;
         let path = self.path_of(index);
         if path.exists() {
@@ -563,8 +575,9 @@ impl Journal {
                 "{}: kept the undo journal saved before an interrupted apply",
                 segment.header.describe()
             );
-            return Ok(false);
+            return Ok(UndoSaved::default());
         }
+        let started = Instant::now();
         let extents = changed_ranges(segment);
         let data_len: u64 = extents.iter().map(|e| e.len).sum();
         let table_len = extents.len() * EXTENT_LEN;
@@ -578,6 +591,7 @@ impl Journal {
             })?;
             at = end;
         }
+        let read = started.elapsed();
         let header = UndoHeader {
             segment: PointFacts::from_header(&segment.header),
             epoch: segment.header.epoch,
@@ -598,7 +612,11 @@ impl Journal {
         bytes[UNDO_HEADER_LEN + table_len..data_start].copy_from_slice(&meta_sum);
         write_file_atomic(uring, &self.dir, &undo_file_name(index), &bytes)
             .map_err(|e| TargetError::io(format!("saving undo journal {}", path.display()), e))?;
-        Ok(true)
+        Ok(UndoSaved {
+            saved: true,
+            read,
+            save: started.elapsed() - read,
+        })
     }
 
     /// Deletes undo file `index` (absent is fine). The caller syncs the directory.
