@@ -212,6 +212,11 @@ impl Applier {
     fn apply_opened(&mut self, segment: OpenedSegment) -> Result<Applied> {
         let volume = self.state.cursor.volume.clone();
         let index = segment.header.index;
+        // The opener checked the chain against the position it predicted; that must be
+        // the applied one (cheap, and it keeps I6 local to this function).
+        self.state
+            .cursor
+            .check(&segment.header, &self.store.segment_name(&volume, index))?;
         let saved = self.journal.save_undo(
             &mut self.uring,
             &segment,
@@ -249,12 +254,50 @@ impl Applier {
     }
 
     /// Applies every segment available now; returns how many.
+    ///
+    /// A second thread fetches and opens the next segment while this one applies the
+    /// current one (a pipeline one segment deep, so at most two opened segments are in
+    /// memory). Opening includes the chain check and authentication, so I6 holds as in
+    /// [`Applier::apply_next`]; the opener checks each segment against the position the
+    /// segment before it leads to, and [`Applier::apply_opened`] checks it again
+    /// against the applied position. An error of the opener (say a segment that fails
+    /// authentication) is returned once every segment before it is applied, as the
+    /// sequential loop would; an error of this thread stops the opener.
     pub fn apply_available(&mut self) -> Result<usize> {
-        let mut count = 0;
-        while self.apply_next()?.is_some() {
-            count += 1;
-        }
-        Ok(count)
+        self.refuse_if_rolled_back()?;
+        let store = self.store.clone();
+        let key = self.key.clone();
+        let mut cursor = self.state.cursor.clone();
+        std::thread::scope(|scope| {
+            // Rendezvous: the opener hands over segment k + 1 only when this thread is
+            // done with k, and opens k + 2 only after that.
+            let (tx, rx) = std::sync::mpsc::sync_channel(0);
+            scope.spawn(move || loop {
+                let mut times = ApplyTimes::default();
+                let next = fetch_and_open(&*store, &key, &cursor, &mut times);
+                let more = match &next {
+                    Ok(Some(segment)) => {
+                        cursor.advance(&segment.header, segment.digest);
+                        true
+                    }
+                    _ => false,
+                };
+                if tx.send((next, times)).is_err() || !more {
+                    break;
+                }
+            });
+            let mut count = 0;
+            loop {
+                let (next, times) = rx.recv().expect("the opener sends before it ends");
+                self.times.fetch += times.fetch;
+                self.times.open += times.open;
+                let Some(segment) = next? else {
+                    return Ok(count);
+                };
+                self.apply_opened(segment)?;
+                count += 1;
+            }
+        })
     }
 
     fn write_records(&mut self, segment: &OpenedSegment) -> Result<u64> {
