@@ -10,7 +10,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// One operation of a [`Uring::run_batch`].
 #[derive(Clone, Copy, Debug)]
@@ -59,6 +59,76 @@ impl Uring {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
             done += n;
+        }
+        Ok(())
+    }
+
+    /// Fills each buffer from its file offset, with up to the ring depth of reads in
+    /// flight. Bytes past the end of the file read as zeroes.
+    pub fn read_batch_or_zero<'a>(
+        &mut self,
+        fd: RawFd,
+        ops: impl IntoIterator<Item = (u64, &'a mut [u8])>,
+    ) -> io::Result<()> {
+        let mut ops: Vec<(u64, &'a mut [u8])> = ops.into_iter().collect();
+        let mut next = 0usize;
+        let mut in_flight = 0usize;
+        let mut first_error: Option<io::Error> = None;
+        let mut short: Vec<(usize, usize)> = Vec::new();
+        while next < ops.len() || in_flight > 0 {
+            while first_error.is_none() && next < ops.len() && in_flight < self.depth {
+                let (offset, buf) = &mut ops[next];
+                let entry = opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), buf.len() as u32)
+                    .offset(*offset)
+                    .build()
+                    .user_data(next as u64);
+                // SAFETY: the buffers in `ops` are borrowed for 'a and not touched until
+                // their entry completes; this loop does not end before every submitted
+                // entry has completed (a failed push is recorded, not returned).
+                match unsafe { self.push(&entry) } {
+                    Ok(()) => {
+                        next += 1;
+                        in_flight += 1;
+                    }
+                    Err(e) => first_error = Some(e),
+                }
+            }
+            if in_flight == 0 {
+                break;
+            }
+            self.wait_for_completion()?;
+            for cqe in self.ring.completion() {
+                in_flight -= 1;
+                let i = cqe.user_data() as usize;
+                match cqe.result() {
+                    r if r < 0 => {
+                        first_error.get_or_insert(io::Error::from_raw_os_error(-r));
+                    }
+                    r if (r as usize) < ops[i].1.len() => short.push((i, r as usize)),
+                    _ => {}
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        // Short reads: the end of the file, or a read the kernel split.
+        for (i, mut done) in short {
+            let (offset, buf) = &mut ops[i];
+            while done < buf.len() {
+                let rest = &mut buf[done..];
+                let entry = opcode::Read::new(types::Fd(fd), rest.as_mut_ptr(), rest.len() as u32)
+                    .offset(*offset + done as u64)
+                    .build();
+                // SAFETY: `rest` stays borrowed until `complete_one` has reaped this entry.
+                match unsafe { self.complete_one(entry)? } {
+                    0 => {
+                        rest.fill(0);
+                        break;
+                    }
+                    n => done += n,
+                }
+            }
         }
         Ok(())
     }
@@ -192,13 +262,45 @@ pub fn write_file_atomic(
     name: &str,
     bytes: &[u8],
 ) -> io::Result<()> {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let file = File::create(&tmp)?;
-    uring.write_all_at(file.as_raw_fd(), bytes, 0)?;
-    uring.fsync(file.as_raw_fd(), false)?;
-    drop(file);
-    std::fs::rename(&tmp, dir.join(name))?;
-    sync_dir(uring, dir)
+    let file = AtomicFile::create(dir, name)?;
+    uring.write_all_at(file.fd(), bytes, 0)?;
+    file.commit(uring)
+}
+
+/// A file written piecewise under a temporary name (`dir/.name.tmp`, created empty)
+/// and put in place by [`AtomicFile::commit`] complete and durable, as
+/// [`write_file_atomic`] does in one call. Dropped without a commit, the temporary file
+/// stays behind; the next create of the same name truncates it.
+pub struct AtomicFile {
+    file: File,
+    dir: PathBuf,
+    tmp: PathBuf,
+    name: String,
+}
+
+impl AtomicFile {
+    pub fn create(dir: &Path, name: &str) -> io::Result<AtomicFile> {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        Ok(AtomicFile {
+            file: File::create(&tmp)?,
+            dir: dir.into(),
+            tmp,
+            name: name.into(),
+        })
+    }
+
+    /// The temporary file's descriptor, to write the contents with.
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// fsync, rename to `dir/name`, fsync the directory.
+    pub fn commit(self, uring: &mut Uring) -> io::Result<()> {
+        uring.fsync(self.file.as_raw_fd(), false)?;
+        drop(self.file);
+        std::fs::rename(&self.tmp, self.dir.join(&self.name))?;
+        sync_dir(uring, &self.dir)
+    }
 }
 
 /// Makes a directory's entries (creations, renames, removals) durable.
@@ -262,6 +364,38 @@ mod tests {
                 .kind(),
             io::ErrorKind::UnexpectedEof
         );
+    }
+
+    #[test]
+    fn read_batch_zeroes_past_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8 + 1).collect();
+        std::fs::write(&path, &data).unwrap();
+        let file = File::open(&path).unwrap();
+        let mut uring = Uring::new(2).unwrap();
+        let mut bufs = vec![
+            vec![0xAAu8; 4096],
+            vec![0xAA; 3000],
+            vec![0xAA; 5000],
+            vec![0xAA; 100],
+        ];
+        let offsets = [0u64, 4096, 8000, 20_000];
+        uring
+            .read_batch_or_zero(
+                file.as_raw_fd(),
+                offsets
+                    .iter()
+                    .copied()
+                    .zip(bufs.iter_mut().map(|b| &mut b[..])),
+            )
+            .unwrap();
+        for (offset, buf) in offsets.iter().zip(&bufs) {
+            for (i, &b) in buf.iter().enumerate() {
+                let at = *offset as usize + i;
+                assert_eq!(b, data.get(at).copied().unwrap_or(0), "byte {at}");
+            }
+        }
     }
 
     #[test]

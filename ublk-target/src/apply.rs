@@ -94,6 +94,8 @@ pub struct Applier {
     retention: Retention,
     uring: Uring,
     times: ApplyTimes,
+    /// Scratch space for undo files, kept from one segment to the next.
+    undo_buf: Vec<u8>,
     _lock: JournalLock,
 }
 
@@ -137,6 +139,7 @@ impl Applier {
             retention: options.retention,
             uring,
             times: ApplyTimes::default(),
+            undo_buf: Vec::new(),
             _lock: lock,
         })
     }
@@ -223,6 +226,7 @@ impl Applier {
             &self.state,
             &self.replica,
             &self.paths.replica,
+            &mut self.undo_buf,
         )?;
         self.times.undo_read += saved.read;
         self.times.undo_save += saved.save;

@@ -53,7 +53,7 @@
 
 use crate::error::{Result, TargetError};
 use crate::state::{ApplyState, PointFacts};
-use changelog::uring::{sync_dir, write_file_atomic, Uring};
+use changelog::uring::{sync_dir, AtomicFile, Uring};
 use changelog::{ChainCursor, Digest32, OpenedSegment, VolumeId};
 use sha2::{Digest, Sha256};
 use std::fs::File;
@@ -69,6 +69,11 @@ const EXTENT_LEN: usize = 16;
 const META_SUM_LEN: usize = 32;
 const BEFORE_EPOCH_FIXED: u32 = 1;
 const BEFORE_HAS_PREV: u32 = 2;
+/// Before-images at least this large are hashed on a second thread while they are
+/// written; below it a thread costs more than it saves.
+const PARALLEL_HASH_MIN: usize = 1 << 20;
+/// A save buffer larger than this is freed after use rather than kept for the next.
+const KEEP_BUFFER_MAX: usize = 64 << 20;
 
 /// A byte range of the replica.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -536,7 +541,9 @@ impl Journal {
 
     /// Saves the before-images of everything `segment` changes, unless its undo file
     /// already exists (then it is checked to belong to this segment and kept). `state`
-    /// is the applier state before the segment. Returns whether a file was written, and the time taken.
+    /// is the applier state before the segment; `buf` is scratch space kept by the
+    /// caller from one call to the next. Returns whether a file was written, and the
+    /// time taken.
     /// Must run after the segment was authenticated and before any replica write.
     pub(crate) fn save_undo(
         &self,
@@ -545,6 +552,7 @@ impl Journal {
         state: &ApplyState,
         replica: &File,
         replica_path: &Path,
+        buf: &mut Vec<u8>,
     ) -> Result<UndoSaved> {
         let index = segment.header.index;
         let path = self.path_of(index);
@@ -582,16 +590,41 @@ impl Journal {
         let data_len: u64 = extents.iter().map(|e| e.len).sum();
         let table_len = extents.len() * EXTENT_LEN;
         let data_start = UNDO_HEADER_LEN + table_len + META_SUM_LEN;
-        let mut bytes = vec![0u8; data_start + data_len as usize];
-        let mut at = data_start;
+        let total = data_start + data_len as usize;
+        // The buffer is reused from segment to segment (every byte of it is written
+        // below before it is used), which spares allocating and faulting in pages.
+        if buf.len() < total {
+            buf.resize(total, 0);
+        }
+        let (meta, data) = buf[..total].split_at_mut(data_start);
+        let mut rest = &mut data[..];
+        let mut reads = Vec::with_capacity(extents.len());
         for e in &extents {
-            let end = at + e.len as usize;
-            read_or_zero(replica, &mut bytes[at..end], e.offset).map_err(|err| {
+            let (this, more) = rest.split_at_mut(e.len as usize);
+            reads.push((e.offset, this));
+            rest = more;
+        }
+        uring
+            .read_batch_or_zero(replica.as_raw_fd(), reads)
+            .map_err(|err| {
                 TargetError::io(format!("reading replica {}", replica_path.display()), err)
             })?;
-            at = end;
-        }
+        let data = &*data;
         let read = started.elapsed();
+        let saving = |e| TargetError::io(format!("saving undo journal {}", path.display()), e);
+        let file = AtomicFile::create(&self.dir, &undo_file_name(index)).map_err(saving)?;
+        // The data area goes to the file while another thread hashes it: both only read
+        // the buffer, and the header that carries the hash is written after both.
+        let data_sha: Digest32 = std::thread::scope(|scope| {
+            let hasher = (data.len() >= PARALLEL_HASH_MIN)
+                .then(|| scope.spawn(|| Sha256::digest(data).into()));
+            uring.write_all_at(file.fd(), data, data_start as u64)?;
+            Ok::<_, std::io::Error>(match hasher {
+                Some(hasher) => hasher.join().expect("hashing thread"),
+                None => Sha256::digest(data).into(),
+            })
+        })
+        .map_err(saving)?;
         let header = UndoHeader {
             segment: PointFacts::from_header(&segment.header),
             epoch: segment.header.epoch,
@@ -599,19 +632,22 @@ impl Journal {
             cursor_before: state.cursor.clone(),
             prev: state.last,
             data_len,
-            data_sha: Sha256::digest(&bytes[data_start..]).into(),
+            data_sha,
         };
         debug_assert_eq!(state.cursor.next_index, index);
-        bytes[..UNDO_HEADER_LEN].copy_from_slice(&header.encode(&extents));
+        meta[..UNDO_HEADER_LEN].copy_from_slice(&header.encode(&extents));
         for (i, e) in extents.iter().enumerate() {
             let at = UNDO_HEADER_LEN + i * EXTENT_LEN;
-            bytes[at..at + 8].copy_from_slice(&e.offset.to_le_bytes());
-            bytes[at + 8..at + 16].copy_from_slice(&e.len.to_le_bytes());
+            meta[at..at + 8].copy_from_slice(&e.offset.to_le_bytes());
+            meta[at + 8..at + 16].copy_from_slice(&e.len.to_le_bytes());
         }
-        let meta_sum = Sha256::digest(&bytes[..UNDO_HEADER_LEN + table_len]);
-        bytes[UNDO_HEADER_LEN + table_len..data_start].copy_from_slice(&meta_sum);
-        write_file_atomic(uring, &self.dir, &undo_file_name(index), &bytes)
-            .map_err(|e| TargetError::io(format!("saving undo journal {}", path.display()), e))?;
+        let meta_sum = Sha256::digest(&meta[..UNDO_HEADER_LEN + table_len]);
+        meta[UNDO_HEADER_LEN + table_len..].copy_from_slice(&meta_sum);
+        uring.write_all_at(file.fd(), meta, 0).map_err(saving)?;
+        file.commit(uring).map_err(saving)?;
+        if buf.len() > KEEP_BUFFER_MAX {
+            *buf = Vec::new();
+        }
         Ok(UndoSaved {
             saved: true,
             read,
