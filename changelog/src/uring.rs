@@ -63,14 +63,49 @@ impl Uring {
         Ok(())
     }
 
-    /// Fills each buffer from its file offset, with up to the ring depth of reads in
-    /// flight. Bytes past the end of the file read as zeroes.
+    /// Fills each buffer from its file offset; bytes past the end of the file read as
+    /// zeroes. What the page cache holds is copied right away (`preadv2` with
+    /// `RWF_NOWAIT`); the rest is read through the ring, up to its depth in flight, so
+    /// reads that wait for a device overlap. On a file system without non-blocking reads
+    /// (tmpfs, which has no device to wait for; some network file systems) each buffer
+    /// is read with a plain `pread`: the ring would hand every read to a worker thread.
     pub fn read_batch_or_zero<'a>(
         &mut self,
         fd: RawFd,
         ops: impl IntoIterator<Item = (u64, &'a mut [u8])>,
     ) -> io::Result<()> {
-        let mut ops: Vec<(u64, &'a mut [u8])> = ops.into_iter().collect();
+        let mut pending: Vec<(u64, &'a mut [u8])> = Vec::new();
+        let mut nowait = true;
+        for (offset, buf) in ops {
+            let done = if nowait {
+                match pread_nowait(fd, buf, offset) {
+                    Ok(n) => n,
+                    Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                        nowait = false;
+                        0
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                    Err(e) => return Err(e),
+                }
+            } else {
+                0
+            };
+            if !nowait {
+                read_or_zero(fd, buf, offset)?;
+            } else if done < buf.len() {
+                pending.push((offset + done as u64, &mut buf[done..]));
+            }
+        }
+        self.read_batch_in_ring(fd, pending)
+    }
+
+    /// [`Uring::read_batch_or_zero`] with every read through the ring.
+    fn read_batch_in_ring<'a>(
+        &mut self,
+        fd: RawFd,
+        ops: Vec<(u64, &'a mut [u8])>,
+    ) -> io::Result<()> {
+        let mut ops = ops;
         let mut next = 0usize;
         let mut in_flight = 0usize;
         let mut first_error: Option<io::Error> = None;
@@ -252,6 +287,58 @@ impl Uring {
             r => Ok(r as usize),
         }
     }
+}
+
+/// One `preadv2(RWF_NOWAIT)`: what the page cache can give without waiting (`Ok(0)` at
+/// the end of the file; `WouldBlock` when nothing is cached there).
+fn pread_nowait(fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    loop {
+        // SAFETY: `iov` describes `buf`, which is borrowed mutably for the call.
+        let n = unsafe { libc::preadv2(fd, &iov, 1, offset as libc::off_t, libc::RWF_NOWAIT) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Fills `buf` from `offset` with plain `pread`s; bytes past the end read as zeroes.
+fn read_or_zero(fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: `rest` is borrowed mutably for the call and `pread` writes at most
+        // its length.
+        let n = unsafe {
+            libc::pread(
+                fd,
+                rest.as_mut_ptr().cast(),
+                rest.len(),
+                (offset + done as u64) as libc::off_t,
+            )
+        };
+        match n {
+            0 => {
+                rest.fill(0);
+                break;
+            }
+            n if n > 0 => done += n as usize,
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Writes `bytes` as `dir/name` so that the file either exists complete and durable or
