@@ -4,7 +4,12 @@
 //!    write with io_uring, fdatasync per segment) beside raw io_uring writes of the same
 //!    records to the same kind of replica file, also synced per segment. Goal >= 0.9x.
 //!    Opening the segments alone (AES-GCM + lz4) is printed too, and the Applier's own
-//!    time per phase ([`ublk_target::ApplyTimes`]), to show where the time goes.
+//!    time per phase ([`ublk_target::ApplyTimes`]) and its process CPU time per
+//!    segment, to show where the time goes. The Applier runs on two threads (opening
+//!    the next segment beside journaling and writing the current one) plus a hashing
+//!    thread and io_uring's workers, so on a 2-core machine its CPU time, not a single
+//!    thread, is what bounds it: the undo journal alone (read, SHA-256 and write of the
+//!    before-images) takes over twice the CPU time of the raw writes.
 //! 2. Test-failover bring-up: opening a view at the oldest of 20 retained points
 //!    (`PointView::open`, what `failover --test` does before the ublk device exists)
 //!    plus its first 1 MiB read, for 1 GiB and 8 GiB replicas. Goal: under 2 s.

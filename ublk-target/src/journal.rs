@@ -543,8 +543,12 @@ impl Journal {
     /// already exists (then it is checked to belong to this segment and kept). `state`
     /// is the applier state before the segment; `buf` is scratch space kept by the
     /// caller from one call to the next. Returns whether a file was written, and the
-    /// time taken.
-    /// Must run after the segment was authenticated and before any replica write.
+    /// time taken. Must run after the segment was authenticated and before any replica
+    /// write.
+    ///
+    /// The before-images are read in one batch ([`Uring::read_batch_or_zero`]); the
+    /// data area is written while a second thread hashes it, then the header and
+    /// extent table, which carry the hashes; then fsync, rename, directory fsync.
     pub(crate) fn save_undo(
         &self,
         uring: &mut Uring,
