@@ -107,12 +107,7 @@ impl Uring {
     }
 
     /// [`Uring::read_batch_or_zero`] with every read through the ring.
-    fn read_batch_in_ring<'a>(
-        &mut self,
-        fd: RawFd,
-        ops: Vec<(u64, &'a mut [u8])>,
-    ) -> io::Result<()> {
-        let mut ops = ops;
+    fn read_batch_in_ring(&mut self, fd: RawFd, mut ops: Vec<(u64, &mut [u8])>) -> io::Result<()> {
         let mut next = 0usize;
         let mut in_flight = 0usize;
         let mut first_error: Option<io::Error> = None;
@@ -124,9 +119,10 @@ impl Uring {
                     .offset(*offset)
                     .build()
                     .user_data(next as u64);
-                // SAFETY: the buffers in `ops` are borrowed for 'a and not touched until
-                // their entry completes; this loop does not end before every submitted
-                // entry has completed (a failed push is recorded, not returned).
+                // SAFETY: the buffers in `ops` are borrowed from the caller for the whole
+                // call and not touched here until their entry completes; this loop does
+                // not end before every submitted entry has completed (a failed push is
+                // recorded, not returned).
                 match unsafe { self.push(&entry) } {
                     Ok(()) => {
                         next += 1;
