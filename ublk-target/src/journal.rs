@@ -595,8 +595,8 @@ impl Journal {
         let table_len = extents.len() * EXTENT_LEN;
         let data_start = UNDO_HEADER_LEN + table_len + META_SUM_LEN;
         let total = data_start + data_len as usize;
-        // The buffer is reused from segment to segment (every byte of it is written
-        // below before it is used), which spares allocating and faulting in pages.
+        // The buffer is kept from segment to segment (every byte of it is written below
+        // before it is used): no fresh zeroed buffer per segment.
         if buf.len() < total {
             buf.resize(total, 0);
         }
