@@ -10,7 +10,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// One operation of a [`Uring::run_batch`].
 #[derive(Clone, Copy, Debug)]
@@ -59,6 +59,114 @@ impl Uring {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
             done += n;
+        }
+        Ok(())
+    }
+
+    /// Fills each buffer from its file offset; bytes past the end of the file read as
+    /// zeroes. What the page cache holds is copied right away (`preadv2` with
+    /// `RWF_NOWAIT`); the rest is read through the ring, up to its depth in flight, so
+    /// reads that wait for a device overlap. On a file system without non-blocking reads
+    /// (tmpfs, which has no device to wait for; some network file systems) each buffer
+    /// is read with a plain `pread`: the ring would hand every read to a worker thread.
+    pub fn read_batch_or_zero<'a>(
+        &mut self,
+        fd: RawFd,
+        ops: impl IntoIterator<Item = (u64, &'a mut [u8])>,
+    ) -> io::Result<()> {
+        let mut pending: Vec<(u64, &'a mut [u8])> = Vec::new();
+        let mut nowait = true;
+        for (offset, buf) in ops {
+            let done = if nowait {
+                match pread_nowait(fd, buf, offset) {
+                    Ok(n) => n,
+                    // Not supported by the file system (or, EINVAL / ENOSYS, by an old
+                    // kernel): read the plain way from here on.
+                    Err(e)
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS)
+                        ) =>
+                    {
+                        nowait = false;
+                        0
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                    Err(e) => return Err(e),
+                }
+            } else {
+                0
+            };
+            if !nowait {
+                read_or_zero(fd, buf, offset)?;
+            } else if done < buf.len() {
+                pending.push((offset + done as u64, &mut buf[done..]));
+            }
+        }
+        self.read_batch_in_ring(fd, pending)
+    }
+
+    /// [`Uring::read_batch_or_zero`] with every read through the ring.
+    fn read_batch_in_ring(&mut self, fd: RawFd, mut ops: Vec<(u64, &mut [u8])>) -> io::Result<()> {
+        let mut next = 0usize;
+        let mut in_flight = 0usize;
+        let mut first_error: Option<io::Error> = None;
+        let mut short: Vec<(usize, usize)> = Vec::new();
+        while next < ops.len() || in_flight > 0 {
+            while first_error.is_none() && next < ops.len() && in_flight < self.depth {
+                let (offset, buf) = &mut ops[next];
+                let entry = opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), buf.len() as u32)
+                    .offset(*offset)
+                    .build()
+                    .user_data(next as u64);
+                // SAFETY: the buffers in `ops` are borrowed from the caller for the whole
+                // call and not touched here until their entry completes; this loop does
+                // not end before every submitted entry has completed (a failed push is
+                // recorded, not returned).
+                match unsafe { self.push(&entry) } {
+                    Ok(()) => {
+                        next += 1;
+                        in_flight += 1;
+                    }
+                    Err(e) => first_error = Some(e),
+                }
+            }
+            if in_flight == 0 {
+                break;
+            }
+            self.wait_for_completion()?;
+            for cqe in self.ring.completion() {
+                in_flight -= 1;
+                let i = cqe.user_data() as usize;
+                match cqe.result() {
+                    r if r < 0 => {
+                        first_error.get_or_insert(io::Error::from_raw_os_error(-r));
+                    }
+                    r if (r as usize) < ops[i].1.len() => short.push((i, r as usize)),
+                    _ => {}
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        // Short reads: the end of the file, or a read the kernel split.
+        for (i, mut done) in short {
+            let (offset, buf) = &mut ops[i];
+            while done < buf.len() {
+                let rest = &mut buf[done..];
+                let entry = opcode::Read::new(types::Fd(fd), rest.as_mut_ptr(), rest.len() as u32)
+                    .offset(*offset + done as u64)
+                    .build();
+                // SAFETY: `rest` stays borrowed until `complete_one` has reaped this entry.
+                match unsafe { self.complete_one(entry)? } {
+                    0 => {
+                        rest.fill(0);
+                        break;
+                    }
+                    n => done += n,
+                }
+            }
         }
         Ok(())
     }
@@ -184,6 +292,58 @@ impl Uring {
     }
 }
 
+/// One `preadv2(RWF_NOWAIT)`: what the page cache can give without waiting (`Ok(0)` at
+/// the end of the file; `WouldBlock` when nothing is cached there).
+fn pread_nowait(fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    loop {
+        // SAFETY: `iov` describes `buf`, which is borrowed mutably for the call.
+        let n = unsafe { libc::preadv2(fd, &iov, 1, offset as libc::off_t, libc::RWF_NOWAIT) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Fills `buf` from `offset` with plain `pread`s; bytes past the end read as zeroes.
+fn read_or_zero(fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: `rest` is borrowed mutably for the call and `pread` writes at most
+        // its length.
+        let n = unsafe {
+            libc::pread(
+                fd,
+                rest.as_mut_ptr().cast(),
+                rest.len(),
+                (offset + done as u64) as libc::off_t,
+            )
+        };
+        match n {
+            0 => {
+                rest.fill(0);
+                break;
+            }
+            n if n > 0 => done += n as usize,
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Writes `bytes` as `dir/name` so that the file either exists complete and durable or
 /// not at all: write to a temporary name, fsync, rename, fsync the directory.
 pub fn write_file_atomic(
@@ -192,13 +352,45 @@ pub fn write_file_atomic(
     name: &str,
     bytes: &[u8],
 ) -> io::Result<()> {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let file = File::create(&tmp)?;
-    uring.write_all_at(file.as_raw_fd(), bytes, 0)?;
-    uring.fsync(file.as_raw_fd(), false)?;
-    drop(file);
-    std::fs::rename(&tmp, dir.join(name))?;
-    sync_dir(uring, dir)
+    let file = AtomicFile::create(dir, name)?;
+    uring.write_all_at(file.fd(), bytes, 0)?;
+    file.commit(uring)
+}
+
+/// A file written piecewise under a temporary name (`dir/.name.tmp`, created empty)
+/// and put in place by [`AtomicFile::commit`] complete and durable, as
+/// [`write_file_atomic`] does in one call. Dropped without a commit, the temporary file
+/// stays behind; the next create of the same name truncates it.
+pub struct AtomicFile {
+    file: File,
+    dir: PathBuf,
+    tmp: PathBuf,
+    name: String,
+}
+
+impl AtomicFile {
+    pub fn create(dir: &Path, name: &str) -> io::Result<AtomicFile> {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        Ok(AtomicFile {
+            file: File::create(&tmp)?,
+            dir: dir.into(),
+            tmp,
+            name: name.into(),
+        })
+    }
+
+    /// The temporary file's descriptor, to write the contents with.
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// fsync, rename to `dir/name`, fsync the directory.
+    pub fn commit(self, uring: &mut Uring) -> io::Result<()> {
+        uring.fsync(self.file.as_raw_fd(), false)?;
+        drop(self.file);
+        std::fs::rename(&self.tmp, self.dir.join(&self.name))?;
+        sync_dir(uring, &self.dir)
+    }
 }
 
 /// Makes a directory's entries (creations, renames, removals) durable.
@@ -262,6 +454,45 @@ mod tests {
                 .kind(),
             io::ErrorKind::UnexpectedEof
         );
+    }
+
+    #[test]
+    fn read_batch_zeroes_past_the_end() {
+        read_batch_in(tempfile::tempdir().unwrap());
+        // tmpfs has no non-blocking reads: the plain-pread path.
+        if Path::new("/dev/shm").is_dir() {
+            read_batch_in(tempfile::tempdir_in("/dev/shm").unwrap());
+        }
+    }
+
+    fn read_batch_in(dir: tempfile::TempDir) {
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8 + 1).collect();
+        std::fs::write(&path, &data).unwrap();
+        let file = File::open(&path).unwrap();
+        let mut uring = Uring::new(2).unwrap();
+        let mut bufs = vec![
+            vec![0xAAu8; 4096],
+            vec![0xAA; 3000],
+            vec![0xAA; 5000],
+            vec![0xAA; 100],
+        ];
+        let offsets = [0u64, 4096, 8000, 20_000];
+        uring
+            .read_batch_or_zero(
+                file.as_raw_fd(),
+                offsets
+                    .iter()
+                    .copied()
+                    .zip(bufs.iter_mut().map(|b| &mut b[..])),
+            )
+            .unwrap();
+        for (offset, buf) in offsets.iter().zip(&bufs) {
+            for (i, &b) in buf.iter().enumerate() {
+                let at = *offset as usize + i;
+                assert_eq!(b, data.get(at).copied().unwrap_or(0), "byte {at}");
+            }
+        }
     }
 
     #[test]

@@ -55,13 +55,14 @@
 
 use crate::error::{Result, TargetError};
 use crate::state::{ApplyState, PointFacts};
-use changelog::uring::{sync_dir, write_file_atomic, Uring};
+use changelog::uring::{sync_dir, AtomicFile, Uring};
 use changelog::{ChainCursor, Digest32, OpenedSegment, VolumeId};
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 pub const UNDO_MAGIC: [u8; 8] = *b"UBLKDRUN";
 pub const UNDO_VERSION: u16 = 1;
@@ -71,6 +72,11 @@ const META_SUM_LEN: usize = 32;
 const BEFORE_EPOCH_FIXED: u32 = 1;
 const BEFORE_HAS_PREV: u32 = 2;
 const BEFORE_EPOCH_OTHER: u32 = 4;
+/// Before-images at least this large are hashed on a second thread while they are
+/// written; below it a thread costs more than it saves.
+const PARALLEL_HASH_MIN: usize = 1 << 20;
+/// A save buffer larger than this is freed after use rather than kept for the next.
+const KEEP_BUFFER_MAX: usize = 64 << 20;
 
 /// A byte range of the replica.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -424,6 +430,17 @@ pub fn parse_undo_file_name(name: &str) -> Option<u64> {
     u64::from_str_radix(hex, 16).ok()
 }
 
+/// What [`Journal::save_undo`] did.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct UndoSaved {
+    /// Whether a file was written (`false`: kept from an interrupted apply).
+    pub saved: bool,
+    /// Time spent reading the before-images.
+    pub read: Duration,
+    /// Time spent hashing them and writing the file durably in place.
+    pub save: Duration,
+}
+
 /// A replica's journal directory.
 #[derive(Clone, Debug)]
 pub struct Journal {
@@ -544,8 +561,14 @@ impl Journal {
 
     /// Saves the before-images of everything `segment` changes, unless its undo file
     /// already exists (then it is checked to belong to this segment and kept). `state`
-    /// is the applier state before the segment. Returns whether a file was written.
-    /// Must run after the segment was authenticated and before any replica write.
+    /// is the applier state before the segment; `buf` is scratch space kept by the
+    /// caller from one call to the next. Returns whether a file was written, and the
+    /// time taken. Must run after the segment was authenticated and before any replica
+    /// write.
+    ///
+    /// The before-images are read in one batch ([`Uring::read_batch_or_zero`]); the
+    /// data area is written while a second thread hashes it, then the header and
+    /// extent table, which carry the hashes; then fsync, rename, directory fsync.
     pub(crate) fn save_undo(
         &self,
         uring: &mut Uring,
@@ -553,7 +576,8 @@ impl Journal {
         state: &ApplyState,
         replica: &File,
         replica_path: &Path,
-    ) -> Result<bool> {
+        buf: &mut Vec<u8>,
+    ) -> Result<UndoSaved> {
         let index = segment.header.index;
         let path = self.path_of(index);
         if path.exists() {
@@ -583,21 +607,48 @@ impl Journal {
                 "{}: kept the undo journal saved before an interrupted apply",
                 segment.header.describe()
             );
-            return Ok(false);
+            return Ok(UndoSaved::default());
         }
+        let started = Instant::now();
         let extents = changed_ranges(segment);
         let data_len: u64 = extents.iter().map(|e| e.len).sum();
         let table_len = extents.len() * EXTENT_LEN;
         let data_start = UNDO_HEADER_LEN + table_len + META_SUM_LEN;
-        let mut bytes = vec![0u8; data_start + data_len as usize];
-        let mut at = data_start;
+        let total = data_start + data_len as usize;
+        // The buffer is kept from segment to segment (every byte of it is written below
+        // before it is used): no fresh zeroed buffer per segment.
+        if buf.len() < total {
+            buf.resize(total, 0);
+        }
+        let (meta, data) = buf[..total].split_at_mut(data_start);
+        let mut rest = &mut data[..];
+        let mut reads = Vec::with_capacity(extents.len());
         for e in &extents {
-            let end = at + e.len as usize;
-            read_or_zero(replica, &mut bytes[at..end], e.offset).map_err(|err| {
+            let (this, more) = rest.split_at_mut(e.len as usize);
+            reads.push((e.offset, this));
+            rest = more;
+        }
+        uring
+            .read_batch_or_zero(replica.as_raw_fd(), reads)
+            .map_err(|err| {
                 TargetError::io(format!("reading replica {}", replica_path.display()), err)
             })?;
-            at = end;
-        }
+        let data = &*data;
+        let read = started.elapsed();
+        let saving = |e| TargetError::io(format!("saving undo journal {}", path.display()), e);
+        let file = AtomicFile::create(&self.dir, &undo_file_name(index)).map_err(saving)?;
+        // The data area goes to the file while another thread hashes it: both only read
+        // the buffer, and the header that carries the hash is written after both.
+        let data_sha: Digest32 = std::thread::scope(|scope| {
+            let hasher = (data.len() >= PARALLEL_HASH_MIN)
+                .then(|| scope.spawn(|| Sha256::digest(data).into()));
+            uring.write_all_at(file.fd(), data, data_start as u64)?;
+            Ok::<_, std::io::Error>(match hasher {
+                Some(hasher) => hasher.join().expect("hashing thread"),
+                None => Sha256::digest(data).into(),
+            })
+        })
+        .map_err(saving)?;
         let header = UndoHeader {
             segment: PointFacts::from_header(&segment.header),
             epoch: segment.header.epoch,
@@ -605,20 +656,27 @@ impl Journal {
             cursor_before: state.cursor.clone(),
             prev: state.last,
             data_len,
-            data_sha: Sha256::digest(&bytes[data_start..]).into(),
+            data_sha,
         };
         debug_assert_eq!(state.cursor.next_index, index);
-        bytes[..UNDO_HEADER_LEN].copy_from_slice(&header.encode(&extents));
+        meta[..UNDO_HEADER_LEN].copy_from_slice(&header.encode(&extents));
         for (i, e) in extents.iter().enumerate() {
             let at = UNDO_HEADER_LEN + i * EXTENT_LEN;
-            bytes[at..at + 8].copy_from_slice(&e.offset.to_le_bytes());
-            bytes[at + 8..at + 16].copy_from_slice(&e.len.to_le_bytes());
+            meta[at..at + 8].copy_from_slice(&e.offset.to_le_bytes());
+            meta[at + 8..at + 16].copy_from_slice(&e.len.to_le_bytes());
         }
-        let meta_sum = Sha256::digest(&bytes[..UNDO_HEADER_LEN + table_len]);
-        bytes[UNDO_HEADER_LEN + table_len..data_start].copy_from_slice(&meta_sum);
-        write_file_atomic(uring, &self.dir, &undo_file_name(index), &bytes)
-            .map_err(|e| TargetError::io(format!("saving undo journal {}", path.display()), e))?;
-        Ok(true)
+        let meta_sum = Sha256::digest(&meta[..UNDO_HEADER_LEN + table_len]);
+        meta[UNDO_HEADER_LEN + table_len..].copy_from_slice(&meta_sum);
+        uring.write_all_at(file.fd(), meta, 0).map_err(saving)?;
+        file.commit(uring).map_err(saving)?;
+        if buf.len() > KEEP_BUFFER_MAX {
+            *buf = Vec::new();
+        }
+        Ok(UndoSaved {
+            saved: true,
+            read,
+            save: started.elapsed() - read,
+        })
     }
 
     /// Deletes undo file `index` (absent is fine). The caller syncs the directory.

@@ -19,7 +19,7 @@ pub mod rollback;
 pub mod state;
 pub mod view;
 
-pub use apply::{Applied, Applier, ApplyOptions};
+pub use apply::{Applied, Applier, ApplyOptions, ApplyTimes};
 pub use error::{Result, TargetError};
 pub use points::{catalog, prune, Catalog, PruneReport, RecoveryPoint, Retention};
 pub use rollback::{commit, rollback_steps, rollback_to, RollbackReport};
