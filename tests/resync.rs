@@ -145,6 +145,29 @@ fn digest_resync_ships_only_changed_blocks() {
 }
 
 #[test]
+fn full_download_sends_every_block() {
+    let size = 8 << 20;
+    let fixture = Fixture::new(size);
+    let source = some_data(31, size);
+    std::fs::write(fixture.path("backing"), &source).unwrap();
+    // The replica already equals the source; a full download sends it all anyway.
+    std::fs::write(fixture.path("replica"), &source).unwrap();
+    let mut capture = fixture.capture(32 << 20);
+    let mut model = Model::with_image(source.clone());
+    let follower = fixture.follow_with("replica", ublk_target::digests::AnswerMode::FullDownload);
+    let mut config = fixture.shipper_config();
+    config.initial_sync = true;
+    let (control, shipper) = fixture.spawn_shipper(config);
+    run_until_resynced(&fixture, &mut capture, &mut model, None);
+    let progress = RingControl::open(&fixture.path("ring")).unwrap().progress();
+    control.drain();
+    shipper.join().unwrap().expect("shipper");
+    follower.finish();
+    assert_eq!(progress.sent_bytes, size, "every block was sent");
+    assert!(std::fs::read(fixture.path("replica")).unwrap() == source);
+}
+
+#[test]
 fn on_demand_resync_repairs_a_diverged_replica_under_writes() {
     let size = 8 << 20;
     let fixture = Fixture::new(size);

@@ -250,6 +250,10 @@ pub struct Follower {
 
 impl Fixture {
     pub fn follow(&self, replica: &str) -> Follower {
+        self.follow_with(replica, ublk_target::digests::AnswerMode::Compare)
+    }
+
+    pub fn follow_with(&self, replica: &str, mode: ublk_target::digests::AnswerMode) -> Follower {
         let mut applier = self.applier(replica, &self.key).expect("applier");
         let (store, volume, key) = (self.store(), self.volume.clone(), self.key.clone());
         let replica = self.path(replica);
@@ -259,7 +263,7 @@ impl Fixture {
             while !stopping.load(std::sync::atomic::Ordering::Acquire) {
                 applier.apply_available().expect("apply");
                 let next_seq = applier.cursor().next_seq;
-                ublk_target::digests::answer_requests(&*store, &volume, &key, &replica, next_seq)
+                ublk_target::digests::answer_requests(&*store, &volume, &key, &replica, next_seq, mode)
                     .expect("answer digest requests");
                 std::thread::sleep(Duration::from_millis(5));
             }

@@ -14,6 +14,19 @@ use changelog::{Key, TargetStore, VolumeId};
 use std::fs::File;
 use std::path::Path;
 
+/// How requests are answered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AnswerMode {
+    /// The replica's real block digests: only differing blocks are sent
+    /// ("minimize downtime").
+    #[default]
+    Compare,
+    /// Digests no block can have (all bits set; no SHA-256 preimage is known), so the
+    /// protected side sends every block: failback's "full download", or a replica that
+    /// cannot be trusted. The replica is not even read.
+    FullDownload,
+}
+
 /// Largest device a request may describe (1 PiB): a bound against absurd requests.
 const MAX_DEVICE_BYTES: u64 = 1 << 50;
 
@@ -25,6 +38,7 @@ pub fn answer_requests(
     key: &Key,
     replica: &Path,
     applied_next_seq: u64,
+    mode: AnswerMode,
 ) -> Result<usize> {
     let names = store.list_blobs(volume)?;
     let mut answered = 0;
@@ -59,10 +73,20 @@ pub fn answer_requests(
             continue;
         }
         let started = std::time::Instant::now();
-        let file = File::open(replica)
-            .map_err(|e| TargetError::io(format!("opening replica {}", replica.display()), e))?;
-        let digests = file_digests(&file, request.device_bytes, request.block_bytes, |_| {})
-            .map_err(|e| TargetError::io(format!("reading replica {}", replica.display()), e))?;
+        let digests = match mode {
+            AnswerMode::Compare => {
+                let file = File::open(replica).map_err(|e| {
+                    TargetError::io(format!("opening replica {}", replica.display()), e)
+                })?;
+                file_digests(&file, request.device_bytes, request.block_bytes, |_| {}).map_err(
+                    |e| TargetError::io(format!("reading replica {}", replica.display()), e),
+                )?
+            }
+            AnswerMode::FullDownload => {
+                let blocks = changelog::digests::block_count(request.device_bytes, request.block_bytes);
+                vec![[0xff; 32]; blocks as usize]
+            }
+        };
         let answer = DigestAnswer {
             gen,
             block_bytes: request.block_bytes,

@@ -51,6 +51,10 @@ enum Command {
         /// How often --follow looks for new segments, in milliseconds.
         #[arg(long, default_value_t = 200)]
         poll_ms: u64,
+        /// Answer resync requests so that every block is sent, not only the ones that
+        /// differ: failback's "full download", or a replica that cannot be trusted.
+        #[arg(long)]
+        full_download: bool,
     },
     /// List a replica's recovery points: the latest applied one and every older one
     /// whose undo journals are retained.
@@ -301,6 +305,7 @@ fn run(cli: Cli) -> Result<()> {
             retention,
             follow,
             poll_ms,
+            full_download,
         } => {
             let key = Key::load(&key)?;
             if !store.is_dir() {
@@ -331,6 +336,11 @@ fn run(cli: Cli) -> Result<()> {
                     &key,
                     &replica,
                     applier.cursor().next_seq,
+                    if full_download {
+                        ublk_target::digests::AnswerMode::FullDownload
+                    } else {
+                        ublk_target::digests::AnswerMode::Compare
+                    },
                 )?;
                 if applied > 0 {
                     let c = applier.cursor();
