@@ -263,8 +263,10 @@ impl Fixture {
             while !stopping.load(std::sync::atomic::Ordering::Acquire) {
                 applier.apply_available().expect("apply");
                 let next_seq = applier.cursor().next_seq;
-                ublk_target::digests::answer_requests(&*store, &volume, &key, &replica, next_seq, mode)
-                    .expect("answer digest requests");
+                ublk_target::digests::answer_requests(
+                    &*store, &volume, &key, &replica, next_seq, mode,
+                )
+                .expect("answer digest requests");
                 std::thread::sleep(Duration::from_millis(5));
             }
             applier

@@ -83,7 +83,8 @@ pub fn answer_requests(
                 )?
             }
             AnswerMode::FullDownload => {
-                let blocks = changelog::digests::block_count(request.device_bytes, request.block_bytes);
+                let blocks =
+                    changelog::digests::block_count(request.device_bytes, request.block_bytes);
                 vec![[0xff; 32]; blocks as usize]
             }
         };
