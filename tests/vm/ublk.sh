@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end tests on real ublk devices: fio with verification, ext4, kill -9 of
-# blkfilter and of the shipper, bad command lines. Needs /dev/ublk-control: run it
+# blkfilter and of the shipper, ring overflow, initial replication of a used volume,
+# recovery points with test failover, failover and failback, bad command lines. Needs /dev/ublk-control: run it
 # through scripts/vm.sh (scripts/test.sh does). Prints "N passed, M failed".
 set -uo pipefail
 cd "$(dirname "$0")/../.."
