@@ -87,6 +87,10 @@ use std::path::Path;
 pub const REWIND_FILE: &str = "rewind.state";
 /// A whole-disk digest resync is owed for a dropped backlog.
 pub const OWED_FILE: &str = "resync.owed";
+/// The index of the continuation's first segment, which must announce the new epoch
+/// (`NEW_EPOCH`). Kept on disk so a shipper restarted before cutting that segment still
+/// announces it; harmless afterwards (the reader announces only at that exact index).
+pub const ANNOUNCE_FILE: &str = "epoch.announce";
 
 /// Default `backlog_resync_percent`.
 pub const DEFAULT_PERCENT: u32 = 50;
@@ -201,6 +205,11 @@ fn rewind(uring: &mut Uring, dir: &Path, continuation: &ChainCursor) -> Result<(
         }
     }
     sync_dir(uring, dir).map_err(io_err(format!("syncing {}", dir.display())))?;
+    let index = continuation.next_index.to_string();
+    write_file_atomic(uring, dir, ANNOUNCE_FILE, index.as_bytes()).map_err(io_err(format!(
+        "writing {}",
+        dir.join(ANNOUNCE_FILE).display()
+    )))?;
     chain_state::save(uring, dir, continuation)?;
     let path = dir.join(REWIND_FILE);
     match std::fs::remove_file(&path) {
@@ -209,6 +218,15 @@ fn rewind(uring: &mut Uring, dir: &Path, continuation: &ChainCursor) -> Result<(
         Err(e) => return Err(ShipperError::io(format!("removing {}", path.display()), e)),
     }
     sync_dir(uring, dir).map_err(io_err(format!("syncing {}", dir.display())))
+}
+
+/// Whether the segment with `index` must announce a new epoch: it is the first of a
+/// continuation after a drop (see [`ANNOUNCE_FILE`]).
+pub fn must_announce(dir: &Path, index: u64) -> bool {
+    std::fs::read_to_string(dir.join(ANNOUNCE_FILE))
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        == Some(index)
 }
 
 /// Finishes a drop a crash interrupted between steps 2 and 5; true if there was one.

@@ -411,8 +411,9 @@ fn read_ring(
     let mut pos = ring.released();
     let mut next_index = cursor.next_index;
     let mut epoch = cursor.epoch.expect("recover() fixes the epoch");
-    // The next segment cut starts a new epoch (after a backlog drop).
-    let mut announce_epoch = false;
+    // The next segment cut starts a new epoch (after a backlog drop, possibly made by a
+    // run that stopped before cutting it).
+    let mut announce_epoch = backlog::must_announce(dir, next_index);
     let backlog_limit =
         backlog::limit_bytes(config.backlog_resync_percent, ring.geometry().device_bytes);
     // Room for a full segment plus a typical record crossing the limit, so bodies
