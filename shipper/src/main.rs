@@ -412,7 +412,18 @@ fn resync(ring: &std::path::Path, block_bytes: u32, request: bool, wait: bool) -
             block_bytes / 1024
         );
     } else if !control.progress().pending() {
-        println!("no digest resync is under way on {}", ring.display());
+        let p = control.progress();
+        if p.gen == 0 {
+            println!("no digest resync is under way on {}", ring.display());
+        } else {
+            println!(
+                "no digest resync is under way; the last one ({}) is done: {} of {} bytes differed and were re-sent ({:.2}%)",
+                p.gen,
+                p.sent_bytes,
+                p.total_bytes,
+                p.sent_bytes as f64 * 100.0 / p.total_bytes.max(1) as f64
+            );
+        }
         return Ok(());
     }
     if !wait {
