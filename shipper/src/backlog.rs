@@ -386,6 +386,10 @@ mod tests {
             assert_eq!(cursor, continuation, "deleted {deleted_before_crash}");
             assert!(list_segment_dir(dir.path()).unwrap().is_empty());
             assert!(!dir.path().join(REWIND_FILE).exists());
+            // A run that starts now announces the new epoch on the continuation's first
+            // segment, and only there.
+            assert!(must_announce(dir.path(), continuation.next_index));
+            assert!(!must_announce(dir.path(), continuation.next_index + 1));
             // And again: nothing left to do.
             assert!(!finish_interrupted(dir.path(), &volume()).unwrap());
             assert_eq!(
