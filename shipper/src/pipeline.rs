@@ -478,7 +478,8 @@ fn read_ring(
                 }
             }
         }
-        match ring.peek(pos)? {
+        // Whether to cut the open segment now, and whether the ring is empty.
+        let (cut_now, idle) = match ring.peek(pos)? {
             Some((record, next)) => {
                 pos = next;
                 if record.seq < cursor.next_seq {
@@ -504,47 +505,40 @@ fn read_ring(
                     s.bytes_plain += record.encoded_len() as u64;
                 });
                 let full = plain.body.len() >= config.max_segment_bytes;
-                if (full || record.op == Op::Mark || opened_at.elapsed() >= config.max_segment_age)
-                    && !cut(
-                        &mut plain,
-                        pos,
-                        &mut next_index,
-                        epoch,
-                        &mut announce_epoch,
-                        consistent,
-                    )
-                {
-                    return Ok(());
-                }
+                let aged = opened_at.elapsed() >= config.max_segment_age;
+                (full || record.op == Op::Mark || aged, false)
             }
             None => {
                 let due = opened_at.elapsed() >= config.max_segment_age || control.draining();
-                if !plain.is_empty()
-                    && due
-                    && !cut(
-                        &mut plain,
-                        pos,
-                        &mut next_index,
-                        epoch,
-                        &mut announce_epoch,
-                        consistent,
-                    )
-                {
-                    return Ok(());
-                }
-                if control.draining() {
-                    return Ok(());
-                }
-                if plain.is_empty() {
-                    ring.wait(pos, Duration::from_millis(100));
-                } else {
-                    // A segment is open: gather records with short sleeps rather than
-                    // a futex wait, so the producer does not pay a wake-up syscall per
-                    // request (it only wakes a consumer that registered as waiting).
-                    let left = config.max_segment_age.saturating_sub(opened_at.elapsed());
-                    std::thread::sleep(left.clamp(Duration::from_micros(100), READER_NAP));
-                }
+                (!plain.is_empty() && due, true)
             }
+        };
+        if cut_now
+            && !cut(
+                &mut plain,
+                pos,
+                &mut next_index,
+                epoch,
+                &mut announce_epoch,
+                consistent,
+            )
+        {
+            return Ok(());
+        }
+        if !idle {
+            continue;
+        }
+        if control.draining() {
+            return Ok(());
+        }
+        if plain.is_empty() {
+            ring.wait(pos, Duration::from_millis(100));
+        } else {
+            // A segment is open: gather records with short sleeps rather than a futex
+            // wait, so the producer does not pay a wake-up syscall per request (it only
+            // wakes a consumer that registered as waiting).
+            let left = config.max_segment_age.saturating_sub(opened_at.elapsed());
+            std::thread::sleep(left.clamp(Duration::from_micros(100), READER_NAP));
         }
     }
 }
