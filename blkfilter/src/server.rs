@@ -278,12 +278,23 @@ fn init_target(
     tgt.fds[tgt.nr_fds as usize] = backing_fd;
     tgt.nr_fds += 1;
     tgt.dev_size = size;
-    tgt.params = libublk::sys::ublk_params {
+    // A volatile cache with FUA: the kernel sends FLUSH and FUA, which capture records,
+    // instead of hiding them.
+    tgt.params = device_params(size, max_io, true);
+    dev.set_target_json(serde_json::json!({ TARGET_NAME: info }));
+    Ok(())
+}
+
+/// The block-device parameters of a ublk device of `size` bytes: 512-byte logical and
+/// 4 KiB physical blocks, requests up to `max_io` bytes, a volatile write cache (so
+/// FLUSH reaches the server), FUA when `fua`, and DISCARD / WRITE_ZEROES up to 1 GiB.
+/// Shared by blkfilter's devices and the recovery side's view devices.
+pub fn device_params(size: u64, max_io: u32, fua: bool) -> libublk::sys::ublk_params {
+    let fua = if fua { libublk::sys::UBLK_ATTR_FUA } else { 0 };
+    libublk::sys::ublk_params {
         types: libublk::sys::UBLK_PARAM_TYPE_BASIC | libublk::sys::UBLK_PARAM_TYPE_DISCARD,
         basic: libublk::sys::ublk_param_basic {
-            // A volatile cache with FUA: the kernel sends FLUSH and FUA, which capture
-            // records, instead of hiding them.
-            attrs: libublk::sys::UBLK_ATTR_VOLATILE_CACHE | libublk::sys::UBLK_ATTR_FUA,
+            attrs: libublk::sys::UBLK_ATTR_VOLATILE_CACHE | fua,
             logical_bs_shift: 9,
             physical_bs_shift: 12,
             io_opt_shift: 12,
@@ -300,9 +311,7 @@ fn init_target(
             ..Default::default()
         },
         ..Default::default()
-    };
-    dev.set_target_json(serde_json::json!({ TARGET_NAME: info }));
-    Ok(())
+    }
 }
 
 /// Per-queue state shared by the tag tasks (all on the queue's thread).

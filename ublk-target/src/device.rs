@@ -97,27 +97,7 @@ pub fn serve<B: Backend + Send + 'static>(
     let tgt_init = move |dev: &mut UblkDev| {
         let max_io = dev.dev_info.max_io_buf_bytes;
         dev.tgt.dev_size = size;
-        dev.tgt.params = libublk::sys::ublk_params {
-            types: libublk::sys::UBLK_PARAM_TYPE_BASIC | libublk::sys::UBLK_PARAM_TYPE_DISCARD,
-            basic: libublk::sys::ublk_param_basic {
-                attrs: libublk::sys::UBLK_ATTR_VOLATILE_CACHE,
-                logical_bs_shift: 9,
-                physical_bs_shift: 12,
-                io_opt_shift: 12,
-                io_min_shift: 9,
-                max_sectors: max_io >> 9,
-                dev_sectors: size >> 9,
-                ..Default::default()
-            },
-            discard: libublk::sys::ublk_param_discard {
-                discard_granularity: 4096,
-                max_discard_sectors: (1 << 30) >> 9,
-                max_write_zeroes_sectors: (1 << 30) >> 9,
-                max_discard_segments: 1,
-                ..Default::default()
-            },
-            ..Default::default()
-        };
+        dev.tgt.params = blkfilter::server::device_params(size, max_io, false);
         dev.set_target_json(json.clone());
         Ok(())
     };
