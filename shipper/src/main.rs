@@ -36,14 +36,8 @@ enum Command {
     /// blkfilter and the shipper must be running; the recovery side (`ublk-target apply
     /// --follow`) answers with the replica's digests. Shows progress until done.
     Resync {
-        /// The volume's capture ring.
-        #[arg(long, required_unless_present = "config")]
-        ring: Option<PathBuf>,
-        /// Take the ring of --volume from this config file.
-        #[arg(long, requires = "volume", conflicts_with = "ring")]
-        config: Option<PathBuf>,
-        #[arg(long)]
-        volume: Option<VolumeId>,
+        #[command(flatten)]
+        ring: RingArgs,
         /// Digest block size in KiB (a power of two, 4 to 1024).
         #[arg(long, default_value_t = 64)]
         block_kib: u32,
@@ -60,12 +54,8 @@ enum Command {
     /// With --app-consistent, the point is flagged application-consistent: run --pre,
     /// freeze each --freeze mount point (FIFREEZE), record the MARK, thaw, run --post.
     Mark {
-        #[arg(long, required_unless_present = "config")]
-        ring: Option<PathBuf>,
-        #[arg(long, requires = "volume", conflicts_with = "ring")]
-        config: Option<PathBuf>,
-        #[arg(long)]
-        volume: Option<VolumeId>,
+        #[command(flatten)]
+        ring: RingArgs,
         /// Flag the point application-consistent (needs --freeze or --pre).
         #[arg(long)]
         app_consistent: bool,
@@ -98,6 +88,19 @@ enum Command {
         #[arg(long, conflicts_with = "json")]
         table: bool,
     },
+}
+
+/// Which volume's ring: --ring, or --config with --volume.
+#[derive(clap::Args)]
+struct RingArgs {
+    /// The volume's capture ring.
+    #[arg(long, required_unless_present = "config")]
+    ring: Option<PathBuf>,
+    /// Take the ring of --volume from this config file.
+    #[arg(long, requires = "volume", conflicts_with = "ring")]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    volume: Option<VolumeId>,
 }
 
 #[derive(clap::Args)]
@@ -182,14 +185,12 @@ fn run(cli: Cli) -> Result<()> {
         Command::Run(args) => ship(args),
         Command::Mark {
             ring,
-            config,
-            volume,
             app_consistent,
             freeze,
             pre,
             post,
         } => {
-            let ring = ring_of(ring, config, volume)?;
+            let ring = ring.path()?;
             anyhow::ensure!(
                 !app_consistent || !freeze.is_empty() || pre.is_some(),
                 "an app-consistent point needs --freeze MOUNTPOINT or a --pre hook that quiesces the application"
@@ -214,13 +215,11 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Resync {
             ring,
-            config,
-            volume,
             block_kib,
             no_wait,
             watch,
         } => {
-            let ring = ring_of(ring, config, volume)?;
+            let ring = ring.path()?;
             let block = shipper::config::resync_block_bytes(block_kib)
                 .map_err(|e| anyhow::anyhow!("--block-kib: {e}"))?;
             resync(&ring, block, !watch, !no_wait)
@@ -378,22 +377,23 @@ fn ship(args: RunArgs) -> Result<()> {
     }
 }
 
-/// The ring named by --ring, or by --config and --volume.
-fn ring_of(
-    ring: Option<PathBuf>,
-    config: Option<PathBuf>,
-    volume: Option<VolumeId>,
-) -> Result<PathBuf> {
-    if let Some(ring) = ring {
-        return Ok(ring);
+impl RingArgs {
+    /// The ring named by --ring, or by --config and --volume.
+    fn path(self) -> Result<PathBuf> {
+        if let Some(ring) = self.ring {
+            return Ok(ring);
+        }
+        let config = self
+            .config
+            .context("give --ring, or --config with --volume")?;
+        let file = ConfigFile::load(&config)?;
+        let volume = self.volume.context("--config needs --volume")?;
+        file.volumes
+            .iter()
+            .find(|v| v.id == volume)
+            .map(|v| v.ring.clone())
+            .with_context(|| format!("volume {volume} is not in the config file"))
     }
-    let file = ConfigFile::load(&config.context("give --ring, or --config with --volume")?)?;
-    let volume = volume.context("--config needs --volume")?;
-    file.volumes
-        .iter()
-        .find(|v| v.id == volume)
-        .map(|v| v.ring.clone())
-        .with_context(|| format!("volume {volume} is not in the config file"))
 }
 
 /// Asks for a digest resync through the ring header and follows its progress there.
