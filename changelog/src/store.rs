@@ -136,19 +136,9 @@ impl TargetStore for LocalDirStore {
 
     fn list_blobs(&self, volume: &VolumeId) -> Result<Vec<String>> {
         let dir = self.volume_dir(volume);
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(Error::io(format!("listing {}", dir.display()), e)),
-        };
-        let mut names = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
-            if let Some(name) = entry.file_name().to_str().filter(|n| valid_blob_name(n)) {
-                names.push(name.to_string());
-            }
-        }
-        names.sort();
+        let mut names =
+            file_names(&dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
+        names.retain(|n| valid_blob_name(n));
         Ok(names)
     }
 
@@ -179,21 +169,33 @@ fn check_blob_name(name: &str) -> Result<()> {
     }
 }
 
-/// The segment indexes in a directory, ascending; a missing directory is empty.
-/// Temporary files and foreign names are skipped.
-pub fn list_segment_dir(dir: &Path) -> Result<Vec<u64>> {
+/// The names of the entries of `dir`, sorted; a missing directory has none, and names
+/// that are not UTF-8 (never ours) are skipped. Every listing of this project's
+/// directories (segments, blobs, undo journals, view registrations) goes through here.
+pub fn file_names(dir: &Path) -> std::io::Result<Vec<String>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io(format!("listing {}", dir.display()), e)),
+        Err(e) => return Err(e),
     };
-    let mut indexes = Vec::new();
+    let mut names = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
-        if let Some(index) = entry.file_name().to_str().and_then(parse_segment_file_name) {
-            indexes.push(index);
+        if let Ok(name) = entry?.file_name().into_string() {
+            names.push(name);
         }
     }
+    names.sort_unstable();
+    Ok(names)
+}
+
+/// The segment indexes in a directory, ascending; a missing directory is empty.
+/// Temporary files and foreign names are skipped.
+pub fn list_segment_dir(dir: &Path) -> Result<Vec<u64>> {
+    let names = file_names(dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
+    let mut indexes: Vec<u64> = names
+        .iter()
+        .filter_map(|n| parse_segment_file_name(n))
+        .collect();
     indexes.sort_unstable();
     Ok(indexes)
 }

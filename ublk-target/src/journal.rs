@@ -484,24 +484,12 @@ impl Journal {
 
     /// The indexes of the undo files present, ascending. A missing directory is empty.
     pub fn list(&self) -> Result<Vec<u64>> {
-        let entries = match std::fs::read_dir(&self.dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => {
-                return Err(TargetError::io(
-                    format!("listing {}", self.dir.display()),
-                    e,
-                ))
-            }
-        };
-        let mut indexes = Vec::new();
-        for entry in entries {
-            let entry =
-                entry.map_err(|e| TargetError::io(format!("listing {}", self.dir.display()), e))?;
-            if let Some(index) = entry.file_name().to_str().and_then(parse_undo_file_name) {
-                indexes.push(index);
-            }
-        }
+        let names = changelog::store::file_names(&self.dir)
+            .map_err(|e| TargetError::io(format!("listing {}", self.dir.display()), e))?;
+        let mut indexes: Vec<u64> = names
+            .iter()
+            .filter_map(|n| parse_undo_file_name(n))
+            .collect();
         indexes.sort_unstable();
         Ok(indexes)
     }

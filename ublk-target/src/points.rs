@@ -331,40 +331,28 @@ fn parse_view(text: &str) -> (Option<u64>, Option<u32>) {
 /// The live registered views. Entries of processes that are gone are removed.
 pub fn list_views(journal_dir: &Path) -> Result<Vec<ViewEntry>> {
     let dir = views_dir(journal_dir);
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(TargetError::io(format!("listing {}", dir.display()), e)),
-    };
+    let names = changelog::store::file_names(&dir)
+        .map_err(|e| TargetError::io(format!("listing {}", dir.display()), e))?;
     let mut views = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|e| TargetError::io(format!("listing {}", dir.display()), e))?;
-        let Some(name) = entry.file_name().to_str().map(String::from) else {
-            continue;
-        };
+    for name in names {
         if !valid_view_name(&name) {
             continue; // temporary files
         }
-        let text = match std::fs::read_to_string(entry.path()) {
+        let path = dir.join(&name);
+        let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // just removed
-            Err(e) => {
-                return Err(TargetError::io(
-                    format!("reading {}", entry.path().display()),
-                    e,
-                ))
-            }
+            Err(e) => return Err(TargetError::io(format!("reading {}", path.display()), e)),
         };
         let (point, pid) = parse_view(&text);
         if let Some(pid) = pid.filter(|&p| !process_alive(p)) {
             log::warn!("view {name}: its process {pid} is gone; removing its registration");
-            let _ = std::fs::remove_file(entry.path());
+            let _ = std::fs::remove_file(&path);
             continue;
         }
         views.push(ViewEntry { name, point, pid });
     }
-    views.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(views)
+    Ok(views) // in name order, as file_names lists them
 }
 
 /// Registers view `name` at `point` for this process; refuses a name a live view holds.
