@@ -7,6 +7,7 @@ use blkfilter::ring::RingControl;
 use blkfilter::workload::{Rng, Workload};
 use e2e::*;
 use std::time::{Duration, Instant};
+use ublk_target::digests::AnswerMode;
 
 const BLOCK: u64 = 64 << 10;
 
@@ -52,6 +53,26 @@ fn run_until_resynced(
         std::thread::sleep(Duration::from_millis(10));
     }
     unreachable!()
+}
+
+/// A new protection's initial digest resync with no writes meanwhile: the recovery side
+/// answers in `mode`, then everything is shipped and applied. Returns the pass's figures.
+fn initial_sync_alone(
+    fixture: &Fixture,
+    capture: &mut blkfilter::capture::Capture,
+    model: &mut Model,
+    mode: AnswerMode,
+) -> blkfilter::ring::ResyncProgress {
+    let follower = fixture.follow_with("replica", mode);
+    let mut config = fixture.shipper_config();
+    config.initial_sync = true;
+    let (control, shipper) = fixture.spawn_shipper(config);
+    run_until_resynced(fixture, capture, model, None);
+    let progress = RingControl::open(&fixture.path("ring")).unwrap().progress();
+    control.drain();
+    shipper.join().unwrap().expect("shipper");
+    follower.finish();
+    progress
 }
 
 #[test]
@@ -116,15 +137,7 @@ fn digest_resync_ships_only_changed_blocks() {
 
     let mut capture = fixture.capture(16 << 20);
     let mut model = Model::with_image(source.clone());
-    let follower = fixture.follow("replica");
-    let mut config = fixture.shipper_config();
-    config.initial_sync = true;
-    let (control, shipper) = fixture.spawn_shipper(config);
-    run_until_resynced(&fixture, &mut capture, &mut model, None);
-    let progress = RingControl::open(&fixture.path("ring")).unwrap().progress();
-    control.drain();
-    shipper.join().unwrap().expect("shipper");
-    follower.finish();
+    let progress = initial_sync_alone(&fixture, &mut capture, &mut model, AnswerMode::Compare);
 
     println!(
         "digest resync: {} of {} blocks changed; {} bytes re-sent = {:.2}% of the {} MiB disk",
@@ -154,15 +167,7 @@ fn full_download_sends_every_block() {
     std::fs::write(fixture.path("replica"), &source).unwrap();
     let mut capture = fixture.capture(32 << 20);
     let mut model = Model::with_image(source.clone());
-    let follower = fixture.follow_with("replica", ublk_target::digests::AnswerMode::FullDownload);
-    let mut config = fixture.shipper_config();
-    config.initial_sync = true;
-    let (control, shipper) = fixture.spawn_shipper(config);
-    run_until_resynced(&fixture, &mut capture, &mut model, None);
-    let progress = RingControl::open(&fixture.path("ring")).unwrap().progress();
-    control.drain();
-    shipper.join().unwrap().expect("shipper");
-    follower.finish();
+    let progress = initial_sync_alone(&fixture, &mut capture, &mut model, AnswerMode::FullDownload);
     assert_eq!(progress.sent_bytes, size, "every block was sent");
     assert!(std::fs::read(fixture.path("replica")).unwrap() == source);
 }
