@@ -315,6 +315,8 @@ pub struct Recorder {
     digest: Option<DigestPass>,
     /// The persistent set of hot extents, if the volume has one.
     activity_log: Option<ActivityLog>,
+    /// The `released_seq` the activity log was last scanned for cooling at.
+    activity_log_scanned_at: u64,
 }
 
 /// Label of the MARK that ends a resync pass.
@@ -331,6 +333,7 @@ impl Recorder {
             ring,
             digest: None,
             activity_log: None,
+            activity_log_scanned_at: 0,
         }
     }
 
@@ -367,6 +370,7 @@ impl Recorder {
             ring,
             digest: None,
             activity_log: Some(log),
+            activity_log_scanned_at: 0,
         })
     }
 
@@ -383,11 +387,20 @@ impl Recorder {
     /// while no resync is pending (regions in the dirty bitmap have no record yet).
     /// The caller flushes the backing, then calls [`Recorder::activity_log_evict`] with
     /// it (see [`crate::activity_log`] for why the flush comes first).
-    pub fn activity_log_evictable(&self) -> Option<u64> {
+    /// Scans the log only when `released_seq` moved since the last scan: `Capture`
+    /// calls this before every request.
+    pub fn activity_log_evictable(&mut self) -> Option<u64> {
         let log = self.activity_log.as_ref()?;
-        let idle = !self.ring.overflowed() && !self.ring.resync_progress().resync;
         let released = self.ring.released_seq();
-        (idle && log.would_cool(released)).then_some(released)
+        if released == self.activity_log_scanned_at {
+            return None;
+        }
+        let idle = !self.ring.overflowed() && !self.ring.resync_progress().resync;
+        if !idle {
+            return None; // scan again once the resync is over
+        }
+        self.activity_log_scanned_at = released;
+        log.would_cool(released).then_some(released)
     }
 
     /// Cools the extents whose records up to `released_seq` are staged; call after the

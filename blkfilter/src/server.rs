@@ -448,7 +448,7 @@ async fn resync_task(queue: &UblkQueue<'_>, state: &QueueState) {
             .ublk_submit_sqe(opcode::Timeout::new(&tick).build())
             .await;
         recorder.borrow_mut().serve_mark_requests();
-        let evictable = recorder.borrow().activity_log_evictable();
+        let evictable = recorder.borrow_mut().activity_log_evictable();
         if let Some(released) = evictable {
             // The backing first: see activity_log on volatile caches.
             let res = backing_io(queue, || opcode::Fsync::new(fd).build()).await;
