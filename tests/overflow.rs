@@ -95,9 +95,22 @@ fn segments_sealed_after_overflow_are_not_crash_points() {
 /// (lost writes included: they kept their seq).
 #[test]
 fn resync_after_overflow_converges_and_restores_crash_points() {
+    resync_after_overflow(None);
+}
+
+/// The same with a recovery side answering digests: the dirty regions are compared
+/// with the replica instead of re-recorded whole.
+#[test]
+fn resync_by_comparison_after_overflow_converges_and_restores_crash_points() {
+    resync_after_overflow(Some(Duration::from_secs(60)));
+}
+
+fn resync_after_overflow(compare: Option<Duration>) {
     let size = 8 << 20;
     let fixture = Fixture::new(size);
     let mut capture = fixture.capture(256 << 10);
+    capture.set_resync_compare(compare);
+    let follower = compare.map(|_| fixture.follow("followed"));
     let mut model = Model::new(size);
     let mut workload = Workload::new(21, size).with_max_io(64 << 10);
     let mut lost = 0;
@@ -138,6 +151,19 @@ fn resync_after_overflow_converges_and_restores_crash_points() {
     assert!(lost > 0);
     control.drain();
     runner.join().unwrap().expect("shipper");
+    if let Some(follower) = follower {
+        follower.finish();
+        assert!(std::fs::read(fixture.path("followed")).unwrap() == model.final_image());
+        // Only blocks that differed were re-sent: the pass's figures are in the ring.
+        let progress = blkfilter::ring::RingControl::open(&fixture.path("ring"))
+            .unwrap()
+            .progress();
+        println!("last digest pass: {progress:?}");
+        assert!(
+            progress.gen > 0 && progress.total_bytes < size,
+            "no digest pass over the dirty regions only ran"
+        );
+    }
 
     let seen = apply_and_check_crash_points(&fixture, &model, "replica");
     let (points, not_points, last_is_point) = (seen.crash_points, seen.others, seen.last_is_point);
@@ -200,5 +226,52 @@ fn shipper_started_after_a_finished_resync_pass_still_withholds_crash_points() {
 
     let last_is_point = apply_and_check_crash_points(&fixture, &model, "replica").last_is_point;
     assert!(last_is_point);
+    assert!(std::fs::read(fixture.path("replica")).unwrap() == model.final_image());
+}
+
+/// blkfilter dies in a resync pass after taking the dirty regions from the bitmap and
+/// before re-recording them: the next producer must not forget them.
+#[test]
+fn a_resync_pass_cut_short_by_a_crash_loses_nothing() {
+    let size = 4 << 20;
+    let fixture = Fixture::new(size);
+    let mut capture = fixture.capture(1 << 20);
+    let mut model = Model::new(size);
+    let mut workload = Workload::new(44, size).with_max_io(64 << 10);
+    while !capture.needs_resync() {
+        let op = workload.next().unwrap();
+        if matches!(op, WorkOp::Mark { .. }) {
+            continue;
+        }
+        match capture.handle(op.as_request()).unwrap() {
+            Captured::Recorded(seq) | Captured::MarkedDirty(seq) => model.record(seq, op),
+        }
+    }
+    fixture.ship_drained();
+    // The pass takes the bitmap, then the process dies.
+    drop(capture);
+    let producer = blkfilter::ring::Producer::create(
+        &fixture.path("ring"),
+        &blkfilter::ring::RingGeometry::new(1 << 20, size),
+    )
+    .unwrap();
+    assert!(!producer.begin_resync().is_empty());
+    drop(producer);
+
+    let mut capture = fixture.capture(1 << 20);
+    assert!(
+        capture.needs_resync(),
+        "the regions of the dead pass were forgotten"
+    );
+    for _ in 0..100 {
+        capture.tick().unwrap();
+        fixture.ship_drained();
+        if !capture.needs_resync() {
+            break;
+        }
+    }
+    assert!(!capture.needs_resync(), "the resync never completed");
+    let seen = apply_and_check_crash_points(&fixture, &model, "replica");
+    assert!(seen.last_is_point, "{seen:?}");
     assert!(std::fs::read(fixture.path("replica")).unwrap() == model.final_image());
 }

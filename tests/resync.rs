@@ -241,6 +241,7 @@ fn forged_digest_answer_stops_the_volume() {
         gen,
         block_bytes: BLOCK as u32,
         device_bytes: size,
+        blocks: None,
         digests: vec![[0; 32]; (size / BLOCK) as usize],
     }
     .seal(&changelog::Key::from_bytes([9; 32]), "vol0")

@@ -108,6 +108,7 @@ fn main() {
     let answer = DigestAnswer {
         gen: 1,
         block_bytes: BLOCK as u32,
+        blocks: None,
         device_bytes: size,
         digests: replica,
     }

@@ -24,6 +24,7 @@
 
 use crate::activity_log::{ActivityLog, ActivityLogError, Recovered};
 use crate::digest_pass::{usable_block_bytes, DigestPass, MAX_BLOCK_BYTES};
+use crate::ring::resync::write_digest_blocks;
 use crate::ring::{digests_path, Producer, RingError};
 use changelog::digests::DigestAnswer;
 use changelog::record::{MARK_APP_CONSISTENT, MARK_RESYNC_BEGIN, MARK_RESYNC_DONE};
@@ -34,6 +35,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -150,6 +152,11 @@ impl Capture {
         self.size
     }
 
+    /// See [`Recorder::set_resync_compare`].
+    pub fn set_resync_compare(&mut self, wait: Option<Duration>) {
+        self.recorder.set_resync_compare(wait);
+    }
+
     pub fn backing(&self) -> &File {
         &self.backing
     }
@@ -157,20 +164,20 @@ impl Capture {
     /// Performs `request` on the backing, then records it. Returns only after both.
     /// When a resync pass is due, runs it first (see the module docs).
     pub fn handle(&mut self, request: Request<'_>) -> Result<Captured, CaptureError> {
-        if self.recorder.resync_due() {
-            self.resync()?;
-        }
         self.tick()?;
         self.handle_request(request)
     }
 
-    /// What the ublk server's background task does each tick: records MARKs asked for
-    /// through the ring header, and moves a digest resync along (see
-    /// [`crate::ring::resync`]): starts one that was asked for, takes the replica
-    /// digests once delivered, compares blocks while the ring is at most half full.
-    /// Returns whether a digest resync is still pending. [`Capture::handle`] calls it
-    /// before each request.
+    /// What the ublk server's background task does each tick: runs a resync pass when
+    /// one is due, records MARKs asked for through the ring header, cools activity-log
+    /// extents, and moves a digest resync along (see [`crate::ring::resync`]): starts
+    /// one that was asked for, takes the replica digests once delivered, compares
+    /// blocks while the ring is at most half full. Returns whether a digest resync is
+    /// still pending. [`Capture::handle`] calls it before each request.
     pub fn tick(&mut self) -> Result<bool, CaptureError> {
+        if self.recorder.resync_due() {
+            self.resync()?;
+        }
         self.recorder.serve_mark_requests();
         if let Some(released) = self.recorder.activity_log_evictable() {
             let fd = self.backing.as_raw_fd();
@@ -199,12 +206,15 @@ impl Capture {
         Ok(self.recorder.digest_pending())
     }
 
-    /// Whether writes were lost to the bitmap and wait for a resync pass.
+    /// Whether the replica may lack writes until a resync ends: writes were lost to
+    /// the bitmap and wait for a pass, or a digest pass is asked for or running.
     pub fn needs_resync(&self) -> bool {
-        self.recorder.needs_resync()
+        self.recorder.needs_resync() || self.recorder.digest_pending()
     }
 
-    /// Re-records every dirty region from the backing, then the resync-done MARK.
+    /// Re-records every dirty region from the backing, then the resync-done MARK; or,
+    /// when resyncing by comparison, starts a digest pass over them (which [`Capture::tick`]
+    /// carries on).
     pub fn resync(&mut self) -> Result<(), CaptureError> {
         let fd = self.backing.as_raw_fd();
         let mut buf = vec![0u8; RESYNC_CHUNK_BYTES as usize];
@@ -317,6 +327,9 @@ pub struct Recorder {
     activity_log: Option<ActivityLog>,
     /// The `released_seq` the activity log was last scanned for cooling at.
     activity_log_scanned_at: u64,
+    /// Resync dirty regions by comparing digests, waiting this long for the replica's
+    /// before re-recording them whole; `None`: re-record them whole at once.
+    compare_wait: Option<Duration>,
 }
 
 /// Label of the MARK that ends a resync pass.
@@ -329,12 +342,27 @@ pub const RESYNC_CHUNK_BYTES: u64 = 256 << 10;
 
 impl Recorder {
     pub fn new(ring: Producer) -> Recorder {
+        if resync_interrupted(&ring) {
+            // Which regions the dead pass took is unknown: all of them.
+            let size = ring.geometry().device_bytes;
+            log::warn!("a resync pass was interrupted; resyncing the whole disk");
+            ring.mark_dirty(0, size);
+        }
         Recorder {
             ring,
             digest: None,
             activity_log: None,
             activity_log_scanned_at: 0,
+            compare_wait: None,
         }
+    }
+
+    /// Resync dirty regions (after an overflow or an unclean stop) by comparing them
+    /// with the replica's digests, waiting up to `wait` for those before re-recording
+    /// the regions whole; `None` (the default) re-records them whole at once, which
+    /// needs no recovery side.
+    pub fn set_resync_compare(&mut self, wait: Option<Duration>) {
+        self.compare_wait = wait;
     }
 
     /// A recorder with an activity log (see [`crate::activity_log`]). When the ring is
@@ -364,6 +392,17 @@ impl Recorder {
         } else {
             // Every record before the restart is in the ring (or already staged).
             log.unpin(ring.next_seq_peek().saturating_sub(1));
+            if resync_interrupted(&ring) {
+                // Extents stay hot while a resync is pending, so the hot ones cover
+                // whatever the dead pass took from the bitmap.
+                log::warn!(
+                    "a resync pass was interrupted; resyncing the {} hot extents",
+                    recovered.hot
+                );
+                for &(offset, len) in &recovered.extents {
+                    ring.mark_dirty(offset, len);
+                }
+            }
         }
         log.reserve_seq(ring.next_seq_peek())?;
         Ok(Recorder {
@@ -371,6 +410,7 @@ impl Recorder {
             digest: None,
             activity_log: Some(log),
             activity_log_scanned_at: 0,
+            compare_wait: None,
         })
     }
 
@@ -414,9 +454,14 @@ impl Recorder {
     }
 
     /// Whether a resync pass should run now: writes were lost to the bitmap and the
-    /// ring is at most half full again.
+    /// ring is at most half full again. When resyncing by comparison, not while a
+    /// digest pass is pending: one pass at a time, and a write lost meanwhile either
+    /// touched a block that pass has yet to compare (it re-records it) or waits in the
+    /// bitmap for the next pass.
     pub fn resync_due(&self) -> bool {
-        self.ring.overflowed() && self.has_room_for_resync()
+        self.ring.overflowed()
+            && self.has_room_for_resync()
+            && !(self.compare_wait.is_some() && self.digest_pending())
     }
 
     /// Whether the ring is at most half full: a resync pass records only then, so it
@@ -425,14 +470,21 @@ impl Recorder {
         self.ring.used_bytes() <= self.ring.geometry().capacity_bytes / 2
     }
 
-    /// Starts a resync pass: the dirty regions, cut into pieces of at most
-    /// [`RESYNC_CHUNK_BYTES`] (and at most a quarter of the ring, so each fits).
-    pub fn begin_resync(&self) -> Vec<(u64, u64)> {
+    /// Starts a resync pass: takes the dirty regions from the bitmap and returns them
+    /// cut into pieces of at most [`RESYNC_CHUNK_BYTES`] (and at most a quarter of the
+    /// ring, so each fits) for the caller to re-record. When resyncing by comparison it
+    /// starts a restricted digest pass over them instead and returns nothing.
+    pub fn begin_resync(&mut self) -> Vec<(u64, u64)> {
+        let regions = self.ring.begin_resync();
+        if self.compare_wait.is_some() && !regions.is_empty() {
+            self.begin_restricted_pass(&regions);
+            return Vec::new();
+        }
         let piece = RESYNC_CHUNK_BYTES
             .min(self.ring.geometry().capacity_bytes / 4 / 512 * 512)
             .max(512);
         let mut pieces = Vec::new();
-        for (offset, len) in self.ring.begin_resync() {
+        for (offset, len) in regions {
             let mut at = offset;
             while at < offset + len {
                 let n = piece.min(offset + len - at);
@@ -475,8 +527,40 @@ impl Recorder {
         }
     }
 
+    /// Starts a restricted digest pass over `regions` (taken from the bitmap; RESYNC is
+    /// up): a lost write happened before the begin MARK, so a replica holding every
+    /// record up to the MARK lacks it and its block differs (see [`DigestPass`]).
+    fn begin_restricted_pass(&mut self, regions: &[(u64, u64)]) {
+        let label = RESYNC_BEGIN_LABEL;
+        let Captured::Recorded(gen) =
+            self.record(Op::Mark, 0, label.len() as u64, label, MARK_RESYNC_BEGIN)
+        else {
+            // The ring filled up (the record marked the bitmap): the regions wait too.
+            for &(offset, len) in regions {
+                self.ring.mark_dirty(offset, len);
+            }
+            return;
+        };
+        let block = usable_block_bytes(self.ring.resync_progress().block_bytes);
+        let size = self.ring.geometry().device_bytes;
+        let mut pass = DigestPass::restricted(gen, block, size, regions);
+        let blocks = pass.restricted_blocks().expect("restricted");
+        log::info!(
+            "digest resync {gen}: comparing {} bytes in doubt after an overflow or unclean stop ({} blocks); waiting for the replica's digests",
+            pass.total_bytes(),
+            blocks.len()
+        );
+        if let Err(e) = write_digest_blocks(self.ring.path(), gen, blocks) {
+            log::warn!("digest resync {gen}: listing the blocks: {e}; re-recording them whole");
+            pass.resend_all();
+        }
+        self.ring.begin_digest_pass(gen, pass.total_bytes(), true);
+        self.digest = Some(pass);
+    }
+
     /// Starts a digest pass that was asked for, or takes the replica digests once the
-    /// consumer delivered them. Cheap when there is nothing to do: call it every tick.
+    /// consumer delivered them, or gives up waiting for them (a restricted pass, after
+    /// the compare wait). Cheap when there is nothing to do: call it every tick.
     pub fn digest_poll(&mut self) {
         match &mut self.digest {
             None if self.ring.digest_resync_wanted() => {
@@ -488,7 +572,7 @@ impl Recorder {
                 {
                     let block = usable_block_bytes(self.ring.resync_progress().block_bytes);
                     let size = self.ring.geometry().device_bytes;
-                    self.ring.begin_digest_pass(gen, size);
+                    self.ring.begin_digest_pass(gen, size, false);
                     self.digest = Some(DigestPass::new(gen, block, size));
                     log::info!(
                         "digest resync {gen}: begun over {size} bytes in {block}-byte blocks; waiting for the replica's digests"
@@ -514,6 +598,19 @@ impl Recorder {
                         self.ring.reject_digests();
                     }
                 }
+            }
+            Some(pass)
+                if pass.waiting_for_digests()
+                    && pass.restricted_blocks().is_some()
+                    && self.compare_wait.is_some_and(|wait| pass.age() >= wait) =>
+            {
+                log::warn!(
+                    "digest resync {}: no replica digests after {:.0?}; re-recording the {} bytes in doubt whole",
+                    pass.gen(),
+                    pass.age(),
+                    pass.total_bytes()
+                );
+                pass.resend_all();
             }
             _ => {}
         }
@@ -634,6 +731,13 @@ impl Recorder {
         }
         Captured::MarkedDirty(seq)
     }
+}
+
+/// Whether a previous producer died in a resync pass: RESYNC is up with nothing left
+/// to explain it (no overflow, no digest pass asked for or running), so the regions it
+/// took from the bitmap may never have been re-recorded.
+fn resync_interrupted(ring: &Producer) -> bool {
+    ring.resync_progress().resync && !ring.overflowed() && !ring.digest_resync_wanted()
 }
 
 /// Size in bytes of a regular file or block device.

@@ -10,7 +10,8 @@
 //! source's bytes. Every other block is re-recorded: the current source bytes under a
 //! fresh seq, which overrides whatever the replica holds or will receive before it.
 
-use changelog::digests::{block_count, block_digest, DigestAnswer, DEFAULT_BLOCK_BYTES};
+use changelog::digests::{block_count, block_digest, BlockRuns, DigestAnswer, DEFAULT_BLOCK_BYTES};
+use std::time::{Duration, Instant};
 
 /// Largest block a digest pass uses (and the buffer its reader needs).
 pub const MAX_BLOCK_BYTES: u32 = 1 << 20;
@@ -25,29 +26,73 @@ pub fn usable_block_bytes(requested: u32) -> u32 {
     }
 }
 
+/// One digest pass: over the whole device (a requested resync) or over the blocks an
+/// overflow or an unclean stop left in doubt (a *restricted* pass).
 pub struct DigestPass {
     gen: u64,
     block_bytes: u32,
     device_bytes: u64,
+    /// The blocks compared, and whether they are a restricted set (the request and
+    /// answer then list them).
+    blocks: BlockRuns,
+    restricted: bool,
     /// One bit per block touched by a record after the begin MARK.
     touched: Vec<u64>,
-    /// The replica's digests, once the consumer delivered them.
+    /// The replica's digests, one per block of `blocks`, once the consumer delivered them.
     replica: Option<Vec<[u8; 32]>>,
-    next_block: u64,
+    /// No digests came in time: every block is re-recorded without comparing.
+    resend_all: bool,
+    /// The next block: index into `blocks`' runs, and the block within that run.
+    run: usize,
+    in_run: u64,
+    /// Blocks decided so far (the index of the next one's digest).
+    decided: u64,
+    done_bytes: u64,
     sent_bytes: u64,
+    began: Instant,
 }
 
 impl DigestPass {
+    /// A pass over the whole device.
     pub fn new(gen: u64, block_bytes: u32, device_bytes: u64) -> DigestPass {
-        let blocks = block_count(device_bytes, block_bytes);
+        let blocks = BlockRuns::whole(device_bytes, block_bytes);
+        DigestPass::over(gen, block_bytes, device_bytes, blocks, false)
+    }
+
+    /// A restricted pass over the blocks the byte `extents` touch.
+    pub fn restricted(
+        gen: u64,
+        block_bytes: u32,
+        device_bytes: u64,
+        extents: &[(u64, u64)],
+    ) -> DigestPass {
+        let blocks = BlockRuns::covering(extents, device_bytes, block_bytes);
+        DigestPass::over(gen, block_bytes, device_bytes, blocks, true)
+    }
+
+    fn over(
+        gen: u64,
+        block_bytes: u32,
+        device_bytes: u64,
+        blocks: BlockRuns,
+        restricted: bool,
+    ) -> DigestPass {
+        let all_blocks = block_count(device_bytes, block_bytes);
         DigestPass {
             gen,
             block_bytes,
             device_bytes,
-            touched: vec![0; blocks.div_ceil(64) as usize],
+            blocks,
+            restricted,
+            touched: vec![0; all_blocks.div_ceil(64) as usize],
             replica: None,
-            next_block: 0,
+            resend_all: false,
+            run: 0,
+            in_run: 0,
+            decided: 0,
+            done_bytes: 0,
             sent_bytes: 0,
+            began: Instant::now(),
         }
     }
 
@@ -59,8 +104,29 @@ impl DigestPass {
         self.block_bytes
     }
 
+    /// The blocks a restricted pass compares (`None` for a whole-device pass).
+    pub fn restricted_blocks(&self) -> Option<&BlockRuns> {
+        self.restricted.then_some(&self.blocks)
+    }
+
+    /// Bytes this pass compares.
+    pub fn total_bytes(&self) -> u64 {
+        self.blocks.bytes(self.device_bytes, self.block_bytes)
+    }
+
     pub fn waiting_for_digests(&self) -> bool {
-        self.replica.is_none()
+        self.replica.is_none() && !self.resend_all
+    }
+
+    /// How long the pass has existed.
+    pub fn age(&self) -> Duration {
+        self.began.elapsed()
+    }
+
+    /// Gives up waiting for the replica's digests: every block of the pass is
+    /// re-recorded, as a resync without digests does.
+    pub fn resend_all(&mut self) {
+        self.resend_all = true;
     }
 
     /// Remembers that a record after the begin MARK changed `[offset, offset + len)`.
@@ -84,20 +150,22 @@ impl DigestPass {
         if answer.gen != self.gen
             || answer.block_bytes != self.block_bytes
             || answer.device_bytes != self.device_bytes
+            || answer.blocks.as_ref() != self.restricted_blocks()
         {
             return Err(format!(
-                "digests for generation {} ({} blocks of {} bytes over {} bytes) do not answer pass {} ({} bytes over {})",
+                "digests for generation {} ({} blocks of {} bytes over {} bytes) do not answer pass {} ({} blocks of {} bytes over {})",
                 answer.gen,
                 answer.digests.len(),
                 answer.block_bytes,
                 answer.device_bytes,
                 self.gen,
+                self.blocks.len(),
                 self.block_bytes,
                 self.device_bytes
             ));
         }
-        if answer.digests.len() as u64 != block_count(self.device_bytes, self.block_bytes) {
-            return Err("the digest count does not match the device".into());
+        if answer.digests.len() as u64 != self.blocks.len() {
+            return Err("the digest count does not match the blocks asked for".into());
         }
         self.replica = Some(answer.digests);
         Ok(())
@@ -106,37 +174,53 @@ impl DigestPass {
     /// The next block to compare, `(offset, len)`; `None` while waiting for digests or
     /// when every block is done.
     pub fn next(&self) -> Option<(u64, u64)> {
-        self.replica.as_ref()?;
-        let offset = self.next_block * u64::from(self.block_bytes);
-        (offset < self.device_bytes).then(|| {
-            (
-                offset,
-                u64::from(self.block_bytes).min(self.device_bytes - offset),
-            )
-        })
+        if self.waiting_for_digests() {
+            return None;
+        }
+        let &(first, _) = self.blocks.runs().get(self.run)?;
+        let offset = (first + self.in_run) * u64::from(self.block_bytes);
+        Some((
+            offset,
+            u64::from(self.block_bytes).min(self.device_bytes - offset),
+        ))
+    }
+
+    fn advance(&mut self, len: u64) {
+        self.decided += 1;
+        self.done_bytes += len;
+        self.in_run += 1;
+        if self.in_run == self.blocks.runs()[self.run].1 {
+            self.run += 1;
+            self.in_run = 0;
+        }
     }
 
     /// Decides for the block [`DigestPass::next`] returned, whose source bytes are
     /// `data`, and moves on. Returns whether it must be re-recorded.
     pub fn compare(&mut self, data: &[u8]) -> bool {
-        let block = self.next_block;
-        let replica = self.replica.as_ref().expect("next() returned a block");
-        let differs = self.is_touched(block) || block_digest(data) != replica[block as usize];
+        let (offset, _) = self.next().expect("next() returned a block");
+        let block = offset / u64::from(self.block_bytes);
+        let differs = self.resend_all || self.is_touched(block) || {
+            let replica = self.replica.as_ref().expect("digests arrived");
+            block_digest(data) != replica[self.decided as usize]
+        };
         if differs {
             self.sent_bytes += data.len() as u64;
         }
-        self.next_block += 1;
+        self.advance(data.len() as u64);
         differs
     }
 
     /// Skips the block [`DigestPass::next`] returned (its read failed: the caller marked
     /// it dirty for the overflow resync instead).
     pub fn skip(&mut self) {
-        self.next_block += 1;
+        if let Some((_, len)) = self.next() {
+            self.advance(len);
+        }
     }
 
     pub fn done_bytes(&self) -> u64 {
-        (self.next_block * u64::from(self.block_bytes)).min(self.device_bytes)
+        self.done_bytes
     }
 
     pub fn sent_bytes(&self) -> u64 {
@@ -144,7 +228,7 @@ impl DigestPass {
     }
 
     pub fn finished(&self) -> bool {
-        self.replica.is_some() && self.done_bytes() >= self.device_bytes
+        !self.waiting_for_digests() && self.run >= self.blocks.runs().len()
     }
 }
 
@@ -174,6 +258,7 @@ mod tests {
             gen: 5,
             block_bytes: block as u32,
             device_bytes: source.len() as u64,
+            blocks: None,
             digests: digests_of(&replica, block),
         })
         .unwrap();
@@ -196,11 +281,67 @@ mod tests {
             gen: 4,
             block_bytes: 4096,
             device_bytes: 8192,
+            blocks: None,
             digests: vec![[0; 32]; 2],
         };
-        assert!(pass.accept(answer).is_err());
+        assert!(pass.accept(answer.clone()).is_err());
         assert!(pass.waiting_for_digests());
+        // A whole-device answer does not answer a restricted pass.
+        let mut restricted = DigestPass::restricted(4, 4096, 8192, &[(0, 1)]);
+        assert!(restricted.accept(answer).is_err());
         assert_eq!(usable_block_bytes(3000), DEFAULT_BLOCK_BYTES);
         assert_eq!(usable_block_bytes(8192), 8192);
+    }
+
+    #[test]
+    fn a_restricted_pass_compares_only_its_blocks() {
+        let block = 4096usize;
+        let source: Vec<u8> = (0..10 * block).map(|i| (i / block) as u8 + 1).collect();
+        let mut replica = source.clone();
+        for b in [1, 4, 8] {
+            replica[b * block] ^= 1; // blocks 1, 4 and 8 differ...
+        }
+        // ...but only blocks 3..=5 and 8 are in doubt (block 1 is not compared).
+        let extents = [
+            (3 * block as u64 + 5, 2 * block as u64),
+            (8 * block as u64, 1),
+        ];
+        let mut pass = DigestPass::restricted(7, block as u32, source.len() as u64, &extents);
+        assert_eq!(pass.total_bytes(), 4 * block as u64);
+        let runs = pass.restricted_blocks().unwrap().clone();
+        assert_eq!(runs.runs(), &[(3, 3), (8, 1)]);
+        pass.touch(5 * block as u64, 1); // written after the MARK
+        let digests: Vec<_> = digests_of(&replica, block);
+        pass.accept(DigestAnswer {
+            gen: 7,
+            block_bytes: block as u32,
+            device_bytes: source.len() as u64,
+            blocks: Some(runs),
+            digests: [3, 4, 5, 8].iter().map(|&b| digests[b]).collect(),
+        })
+        .unwrap();
+        let mut sent = Vec::new();
+        while let Some((offset, len)) = pass.next() {
+            if pass.compare(&source[offset as usize..(offset + len) as usize]) {
+                sent.push(offset as usize / block);
+            }
+        }
+        assert_eq!(sent, vec![4, 5, 8]);
+        assert!(pass.finished());
+        assert_eq!(pass.done_bytes(), 4 * block as u64);
+    }
+
+    #[test]
+    fn giving_up_on_digests_re_records_every_block() {
+        let mut pass = DigestPass::restricted(7, 4096, 10 * 4096, &[(4096, 8192)]);
+        assert!(pass.next().is_none());
+        pass.resend_all();
+        let mut sent = Vec::new();
+        while let Some((offset, _)) = pass.next() {
+            assert!(pass.compare(&[0; 4096]));
+            sent.push(offset / 4096);
+        }
+        assert_eq!(sent, vec![1, 2]);
+        assert!(pass.finished());
     }
 }

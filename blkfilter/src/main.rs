@@ -102,6 +102,12 @@ struct AttachArgs {
     /// No activity log: after an unclean stop, resync the whole disk (`shipper resync`).
     #[arg(long)]
     no_activity_log: bool,
+    /// After a ring overflow or an unclean stop, resync the regions in doubt by
+    /// comparing block digests with the replica (only differing blocks are sent),
+    /// waiting this many seconds for the recovery side's digests before sending the
+    /// regions whole. 0: send them whole at once.
+    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    resync_compare_wait: u64,
     #[command(flatten)]
     daemon: DaemonArgs,
 }
@@ -161,6 +167,8 @@ fn run(cli: Cli) -> Result<()> {
                 io_buf_bytes: args.max_io_kib << 10,
                 direct: !args.buffered,
                 activity_log,
+                resync_compare_wait: (args.resync_compare_wait > 0)
+                    .then(|| std::time::Duration::from_secs(args.resync_compare_wait)),
             };
             // Attaching the same backing to a device whose server died takes it back
             // (what a restarted systemd unit wants) instead of failing on the id.

@@ -104,6 +104,9 @@ pub struct AttachOptions {
     pub direct: bool,
     /// The activity log (persistent hot extents, for unclean stops); only with a ring.
     pub activity_log: Option<PathBuf>,
+    /// Resync regions in doubt by digest comparison, waiting this long for the
+    /// replica's digests (see [`Recorder::set_resync_compare`]).
+    pub resync_compare_wait: Option<std::time::Duration>,
 }
 
 /// Saved in the device's json so `recover` and `list` know what the device serves.
@@ -116,6 +119,8 @@ pub struct TargetInfo {
     pub direct: bool,
     #[serde(default)]
     pub activity_log: Option<PathBuf>,
+    #[serde(default)]
+    pub resync_compare_wait_ms: Option<u64>,
 }
 
 /// One device as `list` shows it.
@@ -196,17 +201,17 @@ pub fn serve(
                     path: path.clone(),
                     source,
                 })?;
-            match &opts.activity_log {
+            let mut recorder = match &opts.activity_log {
                 Some(al) => {
                     let (log, recovered) = ActivityLog::open(al, size, DEFAULT_EXTENT_BYTES)
                         .map_err(ServerError::ActivityLog)?;
-                    Some(
-                        Recorder::with_activity_log(producer, log, &recovered)
-                            .map_err(ServerError::ActivityLog)?,
-                    )
+                    Recorder::with_activity_log(producer, log, &recovered)
+                        .map_err(ServerError::ActivityLog)?
                 }
-                None => Some(Recorder::new(producer)),
-            }
+                None => Recorder::new(producer),
+            };
+            recorder.set_resync_compare(opts.resync_compare_wait);
+            Some(recorder)
         }
         None => None,
     };
@@ -216,6 +221,7 @@ pub fn serve(
         ring_bytes: opts.ring_bytes,
         direct,
         activity_log: opts.activity_log.clone(),
+        resync_compare_wait_ms: opts.resync_compare_wait.map(|w| w.as_millis() as u64),
     };
 
     let recovery =
@@ -460,11 +466,13 @@ async fn resync_task(queue: &UblkQueue<'_>, state: &QueueState) {
         if !state.resync_due() {
             continue;
         }
-        let pieces = recorder.borrow().begin_resync();
-        log::info!(
-            "resync pass: {} piece(s) lost to a ring overflow",
-            pieces.len()
-        );
+        let pieces = recorder.borrow_mut().begin_resync();
+        if !pieces.is_empty() {
+            log::info!(
+                "resync pass: re-recording {} piece(s) lost to a ring overflow",
+                pieces.len()
+            );
+        }
         for (i, &(offset, len)) in pieces.iter().enumerate() {
             let ring_half_full = !recorder.borrow().has_room_for_resync();
             let mut res = -libc::EAGAIN;
@@ -730,6 +738,9 @@ pub fn recovery_plan(id: i32) -> Result<AttachOptions, ServerError> {
         io_buf_bytes: info.max_io_buf_bytes,
         direct: target.direct,
         activity_log: target.activity_log,
+        resync_compare_wait: target
+            .resync_compare_wait_ms
+            .map(std::time::Duration::from_millis),
     })
 }
 

@@ -12,6 +12,10 @@
 //!
 //! Block `i` covers `[i * block_bytes, min((i + 1) * block_bytes, device_bytes))`;
 //! bytes a replica file does not have (it is shorter than the device) read as zeroes.
+//!
+//! A request covers the whole device, or only the [`BlockRuns`] it lists (the regions
+//! an overflow or an unclean stop left in doubt); its answer then holds one digest per
+//! listed block, in order.
 
 use crate::error::{Error, Result};
 use crate::key::Key;
@@ -32,15 +36,97 @@ pub struct DigestRequest {
     pub need_seq: u64,
     pub block_bytes: u32,
     pub device_bytes: u64,
+    /// Only these blocks; `None`: every block of the device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocks: Option<BlockRuns>,
 }
 
-/// The replica's digests, one per block, in order.
+/// The replica's digests, one per block asked for, in order.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DigestAnswer {
     pub gen: u64,
     pub block_bytes: u32,
     pub device_bytes: u64,
+    /// The blocks the request listed; `None`: every block.
+    pub blocks: Option<BlockRuns>,
     pub digests: Vec<[u8; 32]>,
+}
+
+/// A set of blocks as runs `(first block, count)`: sorted, disjoint, not touching, no
+/// empty run. Built by [`BlockRuns::covering`] or checked by [`BlockRuns::check`], so a
+/// request read from the untrusted store cannot make the answer absurd.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlockRuns(Vec<(u64, u64)>);
+
+impl BlockRuns {
+    /// Every block of a device.
+    pub fn whole(device_bytes: u64, block_bytes: u32) -> BlockRuns {
+        let blocks = block_count(device_bytes, block_bytes);
+        BlockRuns(if blocks == 0 {
+            vec![]
+        } else {
+            vec![(0, blocks)]
+        })
+    }
+
+    /// The blocks that byte extents `(offset, len)` (sorted or not) touch, clipped to
+    /// the device.
+    pub fn covering(extents: &[(u64, u64)], device_bytes: u64, block_bytes: u32) -> BlockRuns {
+        let block = u64::from(block_bytes);
+        let mut spans: Vec<(u64, u64)> = extents
+            .iter()
+            .filter(|&&(offset, len)| len > 0 && offset < device_bytes)
+            .map(|&(offset, len)| {
+                let end = offset.saturating_add(len).min(device_bytes);
+                (offset / block, (end - 1) / block + 1)
+            })
+            .collect();
+        spans.sort_unstable();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (first, end) in spans {
+            match runs.last_mut() {
+                Some((f, n)) if *f + *n >= first => *n = (*n).max(end - *f),
+                _ => runs.push((first, end - first)),
+            }
+        }
+        BlockRuns(runs)
+    }
+
+    /// Checks runs from elsewhere against a device of `blocks` blocks.
+    pub fn check(self, blocks: u64) -> std::result::Result<BlockRuns, String> {
+        let mut end = 0;
+        for (i, &(first, count)) in self.0.iter().enumerate() {
+            if count == 0 || (i > 0 && first <= end) || first.saturating_add(count) > blocks {
+                return Err(format!(
+                    "block run {i} ({first}, {count}) is empty, out of order or past block {blocks}"
+                ));
+            }
+            end = first + count;
+        }
+        Ok(self)
+    }
+
+    pub fn runs(&self) -> &[(u64, u64)] {
+        &self.0
+    }
+
+    /// Number of blocks in the set.
+    pub fn len(&self) -> u64 {
+        self.0.iter().map(|r| r.1).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Bytes the set covers on a device (the last block may be short).
+    pub fn bytes(&self, device_bytes: u64, block_bytes: u32) -> u64 {
+        let block = u64::from(block_bytes);
+        self.0
+            .iter()
+            .map(|&(first, count)| ((first + count) * block).min(device_bytes) - first * block)
+            .sum()
+    }
 }
 
 pub fn request_name(gen: u64) -> String {
@@ -95,6 +181,19 @@ pub fn file_digests(
     file: &File,
     device_bytes: u64,
     block_bytes: u32,
+    progress: impl FnMut(u64),
+) -> std::io::Result<Vec<[u8; 32]>> {
+    let whole = BlockRuns::whole(device_bytes, block_bytes);
+    file_digests_of(file, device_bytes, block_bytes, &whole, progress)
+}
+
+/// [`file_digests`] of the blocks in `blocks` only, in order; `progress` gets the
+/// bytes of them done.
+pub fn file_digests_of(
+    file: &File,
+    device_bytes: u64,
+    block_bytes: u32,
+    blocks: &BlockRuns,
     mut progress: impl FnMut(u64),
 ) -> std::io::Result<Vec<[u8; 32]>> {
     if block_bytes == 0 {
@@ -104,8 +203,16 @@ pub fn file_digests(
     let block = u64::from(block_bytes);
     // Whole blocks per read, about 4 MiB.
     let piece = ((4 << 20) / block * block).max(block);
-    let mut digests = Vec::with_capacity(block_count(device_bytes, block_bytes) as usize);
-    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<std::io::Result<(u64, Vec<u8>)>>(1);
+    // Byte spans to read: each run, cut into pieces.
+    let spans = blocks.runs().iter().flat_map(|&(first, count)| {
+        let end = ((first + count) * block).min(device_bytes);
+        (first * block..end)
+            .step_by(piece as usize)
+            .map(move |at| (at, piece.min(end - at)))
+    });
+    let mut digests = Vec::with_capacity(blocks.len() as usize);
+    let mut done = 0;
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(1);
     let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     for _ in 0..2 {
         empty_tx
@@ -118,10 +225,8 @@ pub fn file_digests(
                 Ok(u) => u,
                 Err(e) => return drop(full_tx.send(Err(e))),
             };
-            let mut at = 0u64;
-            while at < device_bytes {
+            for (at, n) in spans {
                 let Ok(mut buf) = empty_rx.recv() else { return };
-                let n = piece.min(device_bytes - at);
                 buf.resize(n as usize, 0);
                 let readable = file_len.saturating_sub(at).min(n) as usize;
                 buf[readable..].fill(0);
@@ -129,16 +234,16 @@ pub fn file_digests(
                     0 => Ok(()),
                     _ => uring.read_exact_at(file.as_raw_fd(), &mut buf[..readable], at),
                 };
-                if full_tx.send(read.map(|()| (at, buf))).is_err() {
+                if full_tx.send(read.map(|()| buf)).is_err() {
                     return;
                 }
-                at += n;
             }
         });
         for piece in full_rx {
-            let (at, buf) = piece?;
+            let buf = piece?;
             digests.extend(buf.chunks(block as usize).map(block_digest));
-            progress(at + buf.len() as u64);
+            done += buf.len() as u64;
+            progress(done);
             let _ = empty_tx.send(buf);
         }
         Ok(digests)
@@ -233,7 +338,10 @@ impl DigestAnswer {
         if answer.gen != gen || answer.block_bytes == 0 {
             return Err(corrupt(format!("answers generation {:016x}", answer.gen)));
         }
-        let blocks = block_count(answer.device_bytes, answer.block_bytes);
+        let blocks = match &answer.blocks {
+            Some(runs) => runs.len(),
+            None => block_count(answer.device_bytes, answer.block_bytes),
+        };
         if answer.digests.len() as u64 != blocks {
             return Err(corrupt(format!(
                 "{} digests for {blocks} blocks",
@@ -255,6 +363,7 @@ mod tests {
             gen: 9,
             block_bytes: 4096,
             device_bytes: 3 * 4096 + 1,
+            blocks: None,
             digests: vec![[1; 32]; 4],
         };
         let sealed = answer.seal(&key, "vol").unwrap();
@@ -291,5 +400,47 @@ mod tests {
             ]
         );
         assert_eq!(parse_request_name(&request_name(77)), Some(77));
+        // Only blocks 0 and 2, in order.
+        let runs = BlockRuns::covering(&[(9000, 10), (100, 1)], 3 * 4096, 4096);
+        assert_eq!(runs.runs(), &[(0, 1), (2, 1)]);
+        let some = file_digests_of(&file, 3 * 4096, 4096, &runs, |_| {}).unwrap();
+        assert_eq!(some, vec![digests[0], digests[2]]);
+    }
+
+    #[test]
+    fn block_runs_cover_merge_and_check() {
+        let block = 4096;
+        let size = 10 * 4096 + 100;
+        // Overlapping, touching and unsorted extents merge; the tail clips to the device.
+        let runs = BlockRuns::covering(
+            &[
+                (8192, 4096),
+                (0, 1),
+                (4096, 1),
+                (5 * 4096 + 1, 8192),
+                (10 * 4096, 1 << 20),
+            ],
+            size,
+            block,
+        );
+        assert_eq!(runs.runs(), &[(0, 3), (5, 3), (10, 1)]);
+        assert_eq!(runs.len(), 7);
+        assert_eq!(runs.bytes(size, block), 6 * 4096 + 100);
+        assert_eq!(BlockRuns::whole(size, block).runs(), &[(0, 11)]);
+        assert!(runs.clone().check(11).is_ok());
+        assert!(runs.check(10).is_err(), "past the end");
+        assert!(
+            BlockRuns(vec![(3, 1), (2, 1)]).check(11).is_err(),
+            "out of order"
+        );
+        assert!(
+            BlockRuns(vec![(3, 1), (4, 1)]).check(11).is_err(),
+            "touching"
+        );
+        assert!(BlockRuns(vec![(3, 0)]).check(11).is_err(), "empty");
+        assert!(
+            BlockRuns(vec![(u64::MAX, 2)]).check(11).is_err(),
+            "overflow"
+        );
     }
 }

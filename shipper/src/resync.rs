@@ -4,13 +4,16 @@
 //! the recovery side, through the target store, to the producer.
 //!
 //! For a pass with generation `gen` (the seq of its begin MARK) it stores a
-//! [`DigestRequest`] with `need_seq = gen`; the recovery side answers once its replica
-//! holds every record up to the MARK. The answer is authenticated with the volume key
+//! [`DigestRequest`] with `need_seq = gen` (listing the pass's blocks when the pass is
+//! restricted to the regions an overflow or unclean stop left in doubt); the recovery
+//! side answers once its replica holds every record up to the MARK. A request whose
+//! pass ended without it (the producer gave up waiting) is removed. The answer is authenticated with the volume key
 //! ([`DigestAnswer::open`]); a forged or damaged answer is refused (the volume goes
 //! Critical) rather than trusted, since a wrong digest could skip a differing block.
 
 use crate::error::{Result, ShipperError};
 use crate::pipeline::ShipperConfig;
+use blkfilter::ring::resync::read_digest_blocks;
 use blkfilter::ring::{digests_path, Consumer};
 use changelog::digests::{answer_name, request_name, DigestAnswer, DigestRequest};
 use changelog::uring::{write_file_atomic, Uring};
@@ -35,16 +38,38 @@ pub fn coordinate(
     while !finished.load(Ordering::Acquire) {
         std::thread::sleep(TICK);
         let progress = ring.resync_progress();
+        let again = ring.resync_progress();
+        if (progress.active, progress.gen, progress.restricted)
+            != (again.active, again.gen, again.restricted)
+        {
+            continue; // a pass is beginning: look again next tick
+        }
+        if let Some(stale) = asked.filter(|&g| !progress.active || progress.gen != g) {
+            forget(store, volume, stale);
+            asked = None;
+        }
         if !progress.active || progress.digests_ready || progress.gen == 0 {
             continue;
         }
         let gen = progress.gen;
         if asked != Some(gen) {
+            let blocks = if progress.restricted {
+                match read_digest_blocks(ring.path(), gen) {
+                    Ok(blocks) => Some(blocks),
+                    Err(e) => {
+                        log::warn!("volume {volume}: digest resync {gen}: {e}; retrying");
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
             let request = DigestRequest {
                 gen,
                 need_seq: gen,
                 block_bytes: progress.block_bytes,
                 device_bytes: ring.geometry().device_bytes,
+                blocks,
             };
             let json = serde_json::to_vec(&request).expect("request serializes");
             match store.put_blob(volume, &request_name(gen), &json) {
@@ -82,13 +107,19 @@ pub fn coordinate(
             "volume {volume}: digest resync {gen}: {} replica digests delivered; the producer compares",
             answer.digests.len()
         );
-        for name in [request_name(gen), name] {
-            if let Err(e) = store.delete_blob(volume, &name) {
-                log::warn!("volume {volume}: removing {name} from the store: {e}");
-            }
-        }
+        forget(store, volume, gen);
+        asked = None;
     }
     Ok(())
+}
+
+/// Removes pass `gen`'s request and answer from the store.
+fn forget(store: &dyn TargetStore, volume: &changelog::VolumeId, gen: u64) {
+    for name in [request_name(gen), answer_name(gen)] {
+        if let Err(e) = store.delete_blob(volume, &name) {
+            log::warn!("volume {volume}: removing {name} from the store: {e}");
+        }
+    }
 }
 
 /// Writes the digests beside the ring, durably and atomically, for the producer.

@@ -128,7 +128,12 @@ impl Status {
                 d.bytes >> 20
             )
         } else if let Some(r) = &self.resync {
-            format!("degraded: digest resync (initial replication or on demand): {}; no new recovery points until it completes", resync_phase(r))
+            let why = if r.restricted {
+                "of the regions an overflow or unclean stop left in doubt"
+            } else {
+                "(initial replication or on demand)"
+            };
+            format!("degraded: digest resync {why}: {}; no new recovery points until it completes", resync_phase(r))
         } else if self.ring_overflow {
             "degraded: ring overflowed, changed regions are tracked in the dirty bitmap and are resynced once the ring has room; no new recovery points until then".into()
         } else if self.ring_resync {

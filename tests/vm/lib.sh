@@ -217,7 +217,7 @@ fio_job() {
 # wait_resynced DIR: until the shipper's status shows no overflow and no resync (60 s).
 wait_resynced() {
   local i
-  for i in $(seq 600); do
+  for i in $(seq 3000); do
     if grep -q '"ring_overflow": false' "$1/status.json" 2>/dev/null &&
        grep -q '"ring_resync": false' "$1/status.json" 2>/dev/null; then
       return 0
@@ -225,4 +225,9 @@ wait_resynced() {
     sleep 0.1
   done
   die "the ring did not resync: $(cat "$1/status.json")"
+}
+
+# digest_passes LOG: prints blkfilter's finished digest passes ("X of Y bytes differed").
+digest_passes() {
+  grep -o 'digest resync [0-9]*: done; [0-9]* of [0-9]* bytes differed' "$1" || true
 }

@@ -9,7 +9,7 @@ ring=/dev/shm/ublk-dr/pc.ring   # guest memory: lost in the power cut
 
 attach() {
   DEV=$("$BIN/blkfilter" attach --backing "$d/backing" --ring "$ring" --id 0 --ring-mib 256 \
-        --activity-log "$d/backing.al" --log "$d/blkfilter-$phase.log") || die "attach: $(tail -3 "$d/blkfilter-$phase.log")"
+        --activity-log "$d/backing.al" --resync-compare-wait 600 --log "$d/blkfilter-$phase.log") || die "attach: $(tail -3 "$d/blkfilter-$phase.log")"
 }
 SHIP=("$BIN/shipper" run --volume vol0 --ring "$ring" --staging "$d/staging" --store "$d/store"
       --key "$d/key" --status "$d/status.json" --max-segment-age-ms 200 --no-initial-sync)
@@ -38,15 +38,25 @@ resume)
   [ "$total" -eq 64 ] && [ "$hot" -ge 1 ] && [ "$hot" -le 17 ] ||
     die "expected 1..17 hot extents of 64 (fio wrote 16 of them), got $hot of $total"
   rm -f "$d/status.json"   # boot 1's
+  # The recovery side applies what boot 1 shipped and answers the digest pass over the
+  # hot extents: only their blocks that differ from the replica are re-sent.
+  start_follower "$d"
   RUST_LOG=warn "${SHIP[@]}" >>"$d/shipper-$phase.log" 2>&1 &
   SHIPPER_PID=$!
   for _ in $(seq 100); do [ -e "$d/status.json" ] && break; sleep 0.1; done
   wait_resynced "$d"
+  pass=$(digest_passes "$d/blkfilter-resume.log" | tail -1)
+  [ -n "$pass" ] || die "no digest pass compared the hot extents"
+  sent=$(echo "$pass" | sed 's/.*done; \([0-9]*\) of \([0-9]*\) bytes.*/\1/')
+  compared=$(echo "$pass" | sed 's/.*done; \([0-9]*\) of \([0-9]*\) bytes.*/\2/')
+  echo "hot extents compared with the replica: re-sent $sent of $compared bytes"
+  [ "$compared" -eq $((hot * 4 << 20)) ] || die "the pass compared $compared bytes, not the $hot hot extents"
+  [ "$sent" -lt $((compared / 2)) ] || die "most of the hot extents were re-sent: no comparison"
   "$BIN/blkfilter" detach --id 0 >/dev/null
   for _ in $(seq 100); do [ -z "$(device_state 0)" ] && break; sleep 0.1; done
   stop_shipper
   RUST_LOG=warn "${SHIP[@]}" --drain >>"$d/shipper-$phase.log" 2>&1
-  truncate -s 256M "$d/replica"
+  stop_follower
   "$BIN/ublk-target" apply --store "$d/store" --volume vol0 --replica "$d/replica" --key "$d/key" | tail -1
   a=$(sha256sum <"$d/backing" | cut -d' ' -f1)
   b=$(sha256sum <"$d/replica" | cut -d' ' -f1)

@@ -8,7 +8,8 @@
 
 use crate::error::{Result, TargetError};
 use changelog::digests::{
-    answer_name, file_digests, parse_request_name, DigestAnswer, DigestRequest,
+    answer_name, block_count, file_digests_of, parse_request_name, BlockRuns, DigestAnswer,
+    DigestRequest,
 };
 use changelog::{Key, TargetStore, VolumeId};
 use std::fs::File;
@@ -65,6 +66,15 @@ pub fn answer_requests(
             log::warn!("volume {volume}: ignoring malformed digest request {name}: {request:?}");
             continue;
         }
+        let all_blocks = block_count(request.device_bytes, request.block_bytes);
+        let blocks = match request.blocks.clone().map(|b| b.check(all_blocks)) {
+            None => BlockRuns::whole(request.device_bytes, request.block_bytes),
+            Some(Ok(blocks)) => blocks,
+            Some(Err(e)) => {
+                log::warn!("volume {volume}: ignoring malformed digest request {name}: {e}");
+                continue;
+            }
+        };
         if request.need_seq >= applied_next_seq {
             log::debug!(
                 "volume {volume}: digest request {gen:016x} waits for seq {} to be applied",
@@ -78,20 +88,22 @@ pub fn answer_requests(
                 let file = File::open(replica).map_err(|e| {
                     TargetError::io(format!("opening replica {}", replica.display()), e)
                 })?;
-                file_digests(&file, request.device_bytes, request.block_bytes, |_| {}).map_err(
-                    |e| TargetError::io(format!("reading replica {}", replica.display()), e),
-                )?
+                file_digests_of(
+                    &file,
+                    request.device_bytes,
+                    request.block_bytes,
+                    &blocks,
+                    |_| {},
+                )
+                .map_err(|e| TargetError::io(format!("reading replica {}", replica.display()), e))?
             }
-            AnswerMode::FullDownload => {
-                let blocks =
-                    changelog::digests::block_count(request.device_bytes, request.block_bytes);
-                vec![[0xff; 32]; blocks as usize]
-            }
+            AnswerMode::FullDownload => vec![[0xff; 32]; blocks.len() as usize],
         };
         let answer = DigestAnswer {
             gen,
             block_bytes: request.block_bytes,
             device_bytes: request.device_bytes,
+            blocks: request.blocks,
             digests,
         };
         store.put_blob(

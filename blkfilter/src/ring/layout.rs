@@ -57,6 +57,10 @@ pub const FLAG_DIGEST_ACTIVE: u64 = 8;
 /// `flags` bit: the consumer put the replica's digests for the active pass next to the
 /// ring (`<ring>.digests`).
 pub const FLAG_DIGESTS_READY: u64 = 16;
+/// `flags` bit: the active digest pass is restricted to the blocks listed next to the
+/// ring (`<ring>.digest-blocks`): the regions an overflow or an unclean stop left in
+/// doubt.
+pub const FLAG_DIGEST_RESTRICTED: u64 = 32;
 
 /// The first sequence number of a new ring; 0 is never handed out.
 pub const FIRST_SEQ: u64 = 1;

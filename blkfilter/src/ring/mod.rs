@@ -35,7 +35,8 @@
 //!                                          bit 1 RESYNC: the stream is not consistent
 //!                                          until the next resync-done MARK
 //!                                          bit 2 DIGEST_REQUEST, bit 3 DIGEST_ACTIVE,
-//!                                          bit 4 DIGESTS_READY: the digest resync
+//!                                          bit 4 DIGESTS_READY, bit 5
+//!                                          DIGEST_RESTRICTED: the digest resync
 //!                                          handshake, see `resync`
 //!   264    4    wake           producer    futex word, bumped to wake a sleeping consumer
 //!   268    4    waiters        consumer    consumer threads about to sleep on `wake`
@@ -126,7 +127,7 @@ pub use error::{Full, RingError};
 pub use layout::{DEFAULT_CHUNK_BYTES, MIN_CAPACITY_BYTES, SLOT_HEADER_BYTES};
 pub use mark::MarkRequest;
 pub use producer::Producer;
-pub use resync::{digests_path, ResyncProgress, RingControl};
+pub use resync::{digest_blocks_path, digests_path, ResyncProgress, RingControl};
 
 use std::fmt;
 

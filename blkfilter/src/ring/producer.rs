@@ -93,9 +93,10 @@ impl Producer {
         self.shm.flags().load(Acquire) & (FLAG_DIGEST_REQUEST | FLAG_DIGEST_ACTIVE) != 0
     }
 
-    /// Starts a digest pass whose begin MARK has seq `gen` (see [`resync`]).
-    pub fn begin_digest_pass(&self, gen: u64, total_bytes: u64) {
-        resync::begin(&self.shm, gen, total_bytes);
+    /// Starts a digest pass whose begin MARK has seq `gen` (see [`resync`]); a
+    /// `restricted` one listed its blocks with [`resync::write_digest_blocks`] first.
+    pub fn begin_digest_pass(&self, gen: u64, total_bytes: u64, restricted: bool) {
+        resync::begin(&self.shm, gen, total_bytes, restricted);
     }
 
     /// Whether the consumer put the replica digests in place.

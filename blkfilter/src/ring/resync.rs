@@ -8,9 +8,14 @@
 //! 2. The producer records a resync-begin MARK with seq `gen`, starts remembering which
 //!    blocks later writes touch, stores `gen` and the size to compare, lowers
 //!    `DIGEST_REQUEST`/`DIGESTS_READY` and raises `DIGEST_ACTIVE`.
-//! 3. The consumer asks the recovery side for its replica's block digests as of a state
-//!    holding every record up to `gen`, writes them to [`digests_path`] and raises
-//!    `DIGESTS_READY`.
+//!
+//!    The producer also starts a *restricted* pass on its own, without step 1, for the
+//!    regions a ring overflow or an unclean stop left in the dirty bitmap (when the
+//!    volume resyncs by comparison): it writes the blocks to [`digest_blocks_path`]
+//!    first and raises `DIGEST_RESTRICTED` with `DIGEST_ACTIVE`. `RESYNC` is already up.
+//! 3. The consumer asks the recovery side for its replica's block digests (of the
+//!    listed blocks only, for a restricted pass) as of a state holding every record up
+//!    to `gen`, writes them to [`digests_path`] and raises `DIGESTS_READY`.
 //! 4. The producer compares each block of the source with the replica's digest, under
 //!    the same range claim a write takes, and re-records the block when it differs or a
 //!    write after `gen` touched it. It publishes progress in the header as it goes.
@@ -19,15 +24,20 @@
 //!    `DIGEST_ACTIVE` already down.
 //!
 //! A producer that restarts with `DIGEST_ACTIVE` up lost its touched-block set, so it
-//! starts over at step 2 with a new `gen`.
+//! starts over at step 2 with a new `gen`, over the whole disk (a restricted pass's
+//! block list left the dirty bitmap when the pass began).
+//!
+//! A restricted pass may give up waiting for digests (the recovery side is down):
+//! it then re-records every listed block, as a resync without digests does.
 
 use super::layout::{
-    FLAG_DIGESTS_READY, FLAG_DIGEST_ACTIVE, FLAG_DIGEST_REQUEST, FLAG_RESYNC, OFF_RESYNC_BLOCK,
-    OFF_RESYNC_DONE, OFF_RESYNC_GEN, OFF_RESYNC_SENT, OFF_RESYNC_TOTAL,
+    FLAG_DIGESTS_READY, FLAG_DIGEST_ACTIVE, FLAG_DIGEST_REQUEST, FLAG_DIGEST_RESTRICTED,
+    FLAG_RESYNC, OFF_RESYNC_BLOCK, OFF_RESYNC_DONE, OFF_RESYNC_GEN, OFF_RESYNC_SENT,
+    OFF_RESYNC_TOTAL,
 };
 use super::shm::Shm;
 use super::RingError;
-use changelog::digests::DEFAULT_BLOCK_BYTES;
+use changelog::digests::{BlockRuns, DEFAULT_BLOCK_BYTES};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
@@ -36,6 +46,38 @@ pub fn digests_path(ring: &Path) -> PathBuf {
     let mut name = ring.as_os_str().to_owned();
     name.push(".digests");
     PathBuf::from(name)
+}
+
+/// Where the producer lists the blocks of a restricted pass for the consumer.
+pub fn digest_blocks_path(ring: &Path) -> PathBuf {
+    let mut name = ring.as_os_str().to_owned();
+    name.push(".digest-blocks");
+    PathBuf::from(name)
+}
+
+/// Lists the blocks of restricted pass `gen` (write, then rename: the consumer never
+/// reads half a list). Not synced: a producer that restarts begins a new pass anyway.
+pub fn write_digest_blocks(ring: &Path, gen: u64, blocks: &BlockRuns) -> std::io::Result<()> {
+    let path = digest_blocks_path(ring);
+    let mut tmp = path.clone().into_os_string();
+    tmp.push(".tmp");
+    let bytes = bincode::serialize(&(gen, blocks)).expect("block runs serialize");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, &path)
+}
+
+/// The blocks of restricted pass `gen`, as the producer listed them.
+pub fn read_digest_blocks(ring: &Path, gen: u64) -> Result<BlockRuns, String> {
+    let path = digest_blocks_path(ring);
+    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    match bincode::deserialize::<(u64, BlockRuns)>(&bytes) {
+        Ok((listed, blocks)) if listed == gen => Ok(blocks),
+        Ok((listed, _)) => Err(format!(
+            "{} lists the blocks of pass {listed}, not {gen}",
+            path.display()
+        )),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
 }
 
 /// A snapshot of the digest-resync fields.
@@ -47,6 +89,9 @@ pub struct ResyncProgress {
     pub active: bool,
     /// The replica's digests are in place; the producer is comparing.
     pub digests_ready: bool,
+    /// The active pass covers only the blocks in [`digest_blocks_path`].
+    #[serde(default)]
+    pub restricted: bool,
     /// The stream is not consistent until the next resync-done MARK (any resync).
     pub resync: bool,
     pub gen: u64,
@@ -71,6 +116,7 @@ pub(super) fn progress(shm: &Shm) -> ResyncProgress {
         requested: flags & FLAG_DIGEST_REQUEST != 0,
         active: flags & FLAG_DIGEST_ACTIVE != 0,
         digests_ready: flags & FLAG_DIGESTS_READY != 0,
+        restricted: flags & FLAG_DIGEST_RESTRICTED != 0,
         resync: flags & FLAG_RESYNC != 0,
         gen: shm.header_u64(OFF_RESYNC_GEN).load(Relaxed),
         block_bytes: if block == 0 {
@@ -92,16 +138,23 @@ pub(super) fn request(shm: &Shm, block_bytes: u32) {
         .fetch_or(FLAG_DIGEST_REQUEST | FLAG_RESYNC, Release);
 }
 
-/// Step 2, producer side.
-pub(super) fn begin(shm: &Shm, gen: u64, total_bytes: u64) {
+/// Step 2, producer side. A restricted pass listed its blocks before.
+pub(super) fn begin(shm: &Shm, gen: u64, total_bytes: u64, restricted: bool) {
     shm.header_u64(OFF_RESYNC_GEN).store(gen, Relaxed);
     shm.header_u64(OFF_RESYNC_TOTAL).store(total_bytes, Relaxed);
     shm.header_u64(OFF_RESYNC_DONE).store(0, Relaxed);
     shm.header_u64(OFF_RESYNC_SENT).store(0, Relaxed);
-    shm.flags()
-        .fetch_or(FLAG_DIGEST_ACTIVE | FLAG_RESYNC, AcqRel);
-    shm.flags()
-        .fetch_and(!(FLAG_DIGEST_REQUEST | FLAG_DIGESTS_READY), AcqRel);
+    let restricted = if restricted {
+        FLAG_DIGEST_RESTRICTED
+    } else {
+        0
+    };
+    // One update: a consumer never sees this pass active with another pass's kind.
+    let lowered = FLAG_DIGEST_REQUEST | FLAG_DIGESTS_READY | FLAG_DIGEST_RESTRICTED;
+    let raised = FLAG_DIGEST_ACTIVE | FLAG_RESYNC | restricted;
+    let _ = shm
+        .flags()
+        .fetch_update(AcqRel, Acquire, |f| Some(f & !lowered | raised));
 }
 
 pub(super) fn set_progress(shm: &Shm, done_bytes: u64, sent_bytes: u64) {
@@ -121,8 +174,10 @@ pub(super) fn clear_ready(shm: &Shm) {
 
 /// Step 5, before the done MARK is recorded.
 pub(super) fn finish(shm: &Shm) {
-    shm.flags()
-        .fetch_and(!(FLAG_DIGEST_ACTIVE | FLAG_DIGESTS_READY), AcqRel);
+    shm.flags().fetch_and(
+        !(FLAG_DIGEST_ACTIVE | FLAG_DIGESTS_READY | FLAG_DIGEST_RESTRICTED),
+        AcqRel,
+    );
 }
 
 /// A role-less handle on a ring for operator commands: ask for a digest resync and
