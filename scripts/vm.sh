@@ -540,35 +540,48 @@ cmd_run() {
         -virtfs "local,path=$ctl_q,mount_tag=ublkctl,security_model=$secmodel,multidevs=remap"
         -virtfs "local,path=$share_q,mount_tag=ublkshare,security_model=$secmodel,multidevs=remap")
 
-    local t0 t1 qst qrc
+    local t0 t1 qst qrc status='' attempt
     t0=$(date +%s.%N)
-    # qemu runs in the background so that a signal to vm.sh (Ctrl-C, a CI timeout) can
-    # stop it; the sed filter strips the exit marker and the kernel's last words.
-    {
-        qrc=0
-        timeout --foreground -k 10 "$timeout" "${qemu[@]}" -pidfile "$ctl/qemu.pid" \
-            </dev/null 2>"$ctl/qemu.err" || qrc=$?
-        echo "$qrc" >"$ctl/qemu.rc"
-    } | sed -u -e 's/\r$//' \
-        -e "/$MARKER $nonce [0-9]*@@/{" -e "w $ctl/marker" \
-        -e "s/$MARKER $nonce [0-9]*@@//" -e '/^$/d' -e '}' \
-        -e '/^\[ *[0-9.]*\] reboot: Power down$/d' &
-    RUN_PID=$!
-    trap 'on_signal INT 2' INT
-    trap 'on_signal TERM 15' TERM
-    trap 'on_signal HUP 1' HUP
-    wait "$RUN_PID" || true
-    trap - INT TERM HUP
-    qst=$(cat "$ctl/qemu.rc" 2>/dev/null || echo '?')
-    t1=$(date +%s.%N)
+    for attempt in 1 2 3; do
+        rm -f "$ctl/marker" "$ctl/status" "$ctl/qemu.rc" "$ctl/boot-seconds" "$ctl/end-seconds" \
+            "$ctl/error" "$ctl/qemu.pid"
+        # qemu runs in the background so that a signal to vm.sh (Ctrl-C, a CI timeout) can
+        # stop it; the sed filter strips the exit marker and the kernel's last words.
+        {
+            qrc=0
+            timeout --foreground -k 10 "$timeout" "${qemu[@]}" -pidfile "$ctl/qemu.pid" \
+                </dev/null 2>"$ctl/qemu.err" || qrc=$?
+            echo "$qrc" >"$ctl/qemu.rc"
+        } | sed -u -e 's/\r$//' \
+            -e "/$MARKER $nonce [0-9]*@@/{" -e "w $ctl/marker" \
+            -e "s/$MARKER $nonce [0-9]*@@//" -e '/^$/d' -e '}' \
+            -e '/^\[ *[0-9.]*\] reboot: Power down$/d' &
+        RUN_PID=$!
+        trap 'on_signal INT 2' INT
+        trap 'on_signal TERM 15' TERM
+        trap 'on_signal HUP 1' HUP
+        wait "$RUN_PID" || true
+        trap - INT TERM HUP
+        qst=$(cat "$ctl/qemu.rc" 2>/dev/null || echo '?')
 
-    local status=
-    if [ -s "$ctl/marker" ]; then
-        status=$(sed -nE "s/.*$MARKER $nonce ([0-9]+)@@.*/\1/p" "$ctl/marker" | tail -n 1)
-    fi
-    if [ -z "$status" ] && [ -s "$ctl/status" ]; then
-        status=$(tr -dc 0-9 <"$ctl/status")
-    fi
+        status=
+        if [ -s "$ctl/marker" ]; then
+            status=$(sed -nE "s/.*$MARKER $nonce ([0-9]+)@@.*/\1/p" "$ctl/marker" | tail -n 1)
+        fi
+        if [ -z "$status" ] && [ -s "$ctl/status" ]; then
+            status=$(tr -dc 0-9 <"$ctl/status")
+        fi
+        # A guest that died before CMD started ran nothing, so booting again is safe.
+        # Under TCG the kernel sometimes panics at boot (an int3 oops while it patches
+        # its own code); a second boot gets past it.
+        if [ -z "$status" ] && [ ! -s "$ctl/boot-seconds" ] && [ ! -s "$ctl/error" ] && [ "$qst" != 124 ] &&
+            [ "$qst" != 137 ] && [ "$attempt" -lt 3 ]; then
+            msg "the guest died before CMD started (boot $attempt of 3); booting again"
+            continue
+        fi
+        break
+    done
+    t1=$(date +%s.%N)
 
     local boot='?' end='?'
     [ -s "$ctl/boot-seconds" ] && boot=$(cat "$ctl/boot-seconds")

@@ -124,6 +124,9 @@ overflow_then_resync_converges() {
   wait_resynced $w
   echo "digest passes over the regions lost to the overflow:"
   digest_passes $w/blkfilter.log | tail -5
+  # fio writes fresh random data, so every block a lost write hit differs; a pass that
+  # gave up waiting for the follower's digests would say so here.
+  echo "passes that gave up waiting for digests: $(grep -c 'no replica digests' $w/blkfilter.log || true)"
   finish $w
   same_image $w
   # The last segment is a crash point again: consistency was regained.
