@@ -196,3 +196,59 @@ fn power_cut_without_a_recovery_side_re_records_after_the_compare_wait() {
     let cut = power_cut(Some(Duration::from_millis(300)), false);
     assert_eq!(cut.resent_bytes, cut.hot_bytes);
 }
+
+/// The activity log cools an extent once the shipper's `released_seq` passed its
+/// records, so that seq must never run ahead of what is durably staged (I4): every
+/// value seen while the shipper runs is covered by a segment already in staging or in
+/// the store.
+#[test]
+fn released_seq_never_runs_ahead_of_staging() {
+    let size = 16 * MIB;
+    let fixture = Fixture::new(size);
+    let mut capture = fixture.capture(64 * MIB);
+    let mut model = Model::new(size);
+    let (control, shipper) = fixture.spawn_shipper(fixture.shipper_config());
+    let ring = blkfilter::ring::RingControl::open(&fixture.path("ring")).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let covered = |dir: &std::path::Path| -> u64 {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+            .filter_map(|e| std::fs::read(e.path()).ok())
+            .filter_map(|b| changelog::open(b, "s", &fixture.key).ok())
+            .map(|s| s.header.last_seq)
+            .max()
+            .unwrap_or(0)
+    };
+    let checked = std::thread::scope(|scope| {
+        let watcher = scope.spawn(|| {
+            let (mut last, mut checked) = (0, 0);
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                let released = ring.released_seq();
+                if released != last {
+                    // Staging first: a segment leaves it only after it is in the store.
+                    let staged = covered(&fixture.path("staging").join("vol0"));
+                    let stored = covered(&fixture.path("store").join("vol0"));
+                    assert!(
+                        staged.max(stored) >= released,
+                        "released_seq {released} is ahead of staging ({staged}) and the store ({stored})"
+                    );
+                    (last, checked) = (released, checked + 1);
+                }
+            }
+            checked
+        });
+        for _ in 0..40 {
+            drive(&mut capture, &mut model, Workload::new(9, size).take(20));
+            std::thread::sleep(Duration::from_millis(15));
+        }
+        control.drain();
+        shipper.join().unwrap().expect("shipper");
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        watcher.join().unwrap()
+    });
+    assert!(checked > 10, "only {checked} released seqs were seen");
+}

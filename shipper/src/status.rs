@@ -133,7 +133,10 @@ impl Status {
             } else {
                 "(initial replication or on demand)"
             };
-            format!("degraded: digest resync {why}: {}; no new recovery points until it completes", resync_phase(r))
+            format!(
+                "degraded: digest resync {why}: {}; no new recovery points until it completes",
+                resync_phase(r)
+            )
         } else if self.ring_overflow {
             "degraded: ring overflowed, changed regions are tracked in the dirty bitmap and are resynced once the ring has room; no new recovery points until then".into()
         } else if self.ring_resync {

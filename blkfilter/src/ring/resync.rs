@@ -202,6 +202,13 @@ impl RingControl {
         progress(&self.shm)
     }
 
+    /// The seq up to which the shipper says every record is durably staged.
+    pub fn released_seq(&self) -> u64 {
+        self.shm
+            .header_u64(super::layout::OFF_RELEASED_SEQ)
+            .load(Acquire)
+    }
+
     /// Asks the producer for a MARK (see [`super::mark`]); returns the request number
     /// for [`RingControl::mark_recorded`].
     pub fn request_mark(&self, app_consistent: bool) -> u64 {
