@@ -449,6 +449,10 @@ fn resync(ring: &std::path::Path, block_bytes: u32, request: bool, wait: bool) -
             "comparing blocks"
         };
         bar.set_message(msg);
+        if p.active && p.total_bytes > 0 {
+            // A pass restricted to regions in doubt compares less than the disk.
+            bar.set_length(p.total_bytes);
+        }
         bar.set_position(if p.active { p.done_bytes } else { 0 });
         std::thread::sleep(Duration::from_millis(200));
     }

@@ -298,6 +298,12 @@ impl Applier {
     /// authentication) is returned once every segment before it is applied, as the
     /// sequential loop would; an error of this thread stops the opener.
     pub fn apply_available(&mut self) -> Result<usize> {
+        self.apply_available_with(|_| {})
+    }
+
+    /// [`Applier::apply_available`], telling `on_applied` about each segment as it is
+    /// applied (for progress).
+    pub fn apply_available_with(&mut self, mut on_applied: impl FnMut(&Applied)) -> Result<usize> {
         self.refuse_if_rolled_back()?;
         let store = self.store.clone();
         let key = self.key.clone();
@@ -328,7 +334,7 @@ impl Applier {
                 let Some(segment) = next? else {
                     return Ok(count);
                 };
-                self.apply_opened(segment)?;
+                on_applied(&self.apply_opened(segment)?);
                 count += 1;
             }
         })

@@ -1,7 +1,7 @@
 //! `ublk-target`: the recovery-side command line.
 
 use anyhow::{Context, Result};
-use changelog::{Key, LocalDirStore, VolumeId};
+use changelog::{Key, LocalDirStore, TargetStore, VolumeId};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -329,7 +329,7 @@ fn run(cli: Cli) -> Result<()> {
             )?;
             let store = LocalDirStore::new(store);
             loop {
-                let applied = applier.apply_available()?;
+                let applied = apply_with_progress(&mut applier, &store)?;
                 ublk_target::digests::answer_requests(
                     &store,
                     &applier.cursor().volume,
@@ -417,7 +417,12 @@ fn run(cli: Cli) -> Result<()> {
             let paths = replica.paths();
             require_applied(&paths)?;
             let mut view = ublk_target::PointView::open(&paths, point)?;
-            ublk_target::view::export(&mut view, &out)?;
+            let bar = progress_bar(
+                view.size(),
+                "{bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+            );
+            ublk_target::view::export(&mut view, &out, |done| bar.set_position(done))?;
+            bar.finish_and_clear();
             view.close()?;
             println!(
                 "wrote point {point} of {} to {}",
@@ -494,4 +499,37 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// A progress bar on stderr (drawn only when that is a terminal).
+fn progress_bar(len: u64, figures: &str) -> indicatif::ProgressBar {
+    indicatif::ProgressBar::new(len).with_style(
+        indicatif::ProgressStyle::with_template(&format!("[{{bar:30}}] {figures}"))
+            .expect("valid template")
+            .progress_chars("=> "),
+    )
+}
+
+/// Applies every segment available now, with a progress bar over the segments the
+/// store holds beyond the replica's position when there is more than one (a catch-up,
+/// e.g. failback's final delta or a new replica).
+fn apply_with_progress(applier: &mut Applier, store: &LocalDirStore) -> Result<usize> {
+    let next = applier.cursor().next_index;
+    let pending = store
+        .list(&applier.cursor().volume)?
+        .into_iter()
+        .filter(|&i| i >= next)
+        .count() as u64;
+    if pending <= 1 {
+        return Ok(applier.apply_available()?);
+    }
+    let bar = progress_bar(pending, "{pos}/{len} segments, {msg} written, ETA {eta}");
+    let mut written = 0u64;
+    let applied = applier.apply_available_with(|a| {
+        written += a.bytes_written;
+        bar.set_message(indicatif::HumanBytes(written).to_string());
+        bar.inc(1);
+    });
+    bar.finish_and_clear();
+    Ok(applied?)
 }

@@ -562,8 +562,9 @@ impl PointView {
     }
 }
 
-/// Reads a whole view into `out` (a file or device) in 1 MiB chunks.
-pub fn export(view: &mut PointView, out: &Path) -> Result<()> {
+/// Reads a whole view into `out` (a file or device) in 1 MiB chunks; `progress` gets
+/// the bytes done.
+pub fn export(view: &mut PointView, out: &Path, mut progress: impl FnMut(u64)) -> Result<()> {
     let file =
         File::create(out).map_err(|e| TargetError::io(format!("creating {}", out.display()), e))?;
     let mut buf = vec![0u8; 1 << 20];
@@ -574,6 +575,7 @@ pub fn export(view: &mut PointView, out: &Path) -> Result<()> {
         file.write_all_at(&buf[..n], pos)
             .map_err(|e| TargetError::io(format!("writing {}", out.display()), e))?;
         pos += n as u64;
+        progress(pos);
     }
     file.sync_all()
         .map_err(|e| TargetError::io(format!("syncing {}", out.display()), e))
