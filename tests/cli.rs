@@ -180,23 +180,23 @@ fn config_file_ships_every_volume() {
     );
     assert!(ok, "{text}");
     status_shows_a_table_per_config(&cfg, d);
-    for vol in ["vol0", "vol1"] {
+    // The recovery side applies both volumes from its own config file.
+    let target_cfg = d.join("target.toml");
+    std::fs::write(
+        &target_cfg,
+        format!(
+            "key = \"{0}/key\"\nstore = \"{0}/store\"\nkeep_points = 3\n\
+             [[volume]]\nid = \"vol0\"\nreplica = \"{0}/vol0.replica\"\n\
+             [[volume]]\nid = \"vol1\"\nreplica = \"{0}/vol1.replica\"\nkeep_points = 2\n",
+            d.display()
+        ),
+    )
+    .unwrap();
+    let target_cfg = target_cfg.to_str().unwrap();
+    let (ok, text) = run("ublk-target", &["apply", "--config", target_cfg]);
+    assert!(ok, "{text}");
+    for (vol, kept) in [("vol0", 3), ("vol1", 2)] {
         let replica = d.join(format!("{vol}.replica"));
-        let (ok, text) = run(
-            "ublk-target",
-            &[
-                "apply",
-                "--volume",
-                vol,
-                "--store",
-                d.join("store").to_str().unwrap(),
-                "--replica",
-                replica.to_str().unwrap(),
-                "--key",
-                d.join("key").to_str().unwrap(),
-            ],
-        );
-        assert!(ok, "{text}");
         std::fs::OpenOptions::new()
             .write(true)
             .open(&replica)
@@ -208,7 +208,29 @@ fn config_file_ships_every_volume() {
             std::fs::read(&replica).unwrap() == source,
             "{vol}: replica differs from the source"
         );
+        // Each volume's retention: the shared one, or its own.
+        let (ok, json) = run(
+            "ublk-target",
+            &["points", "--replica", replica.to_str().unwrap(), "--json"],
+        );
+        assert!(ok, "{json}");
+        let points = json.matches("\"index\":").count();
+        assert_eq!(points, kept, "{vol}: {json}");
     }
+    // One volume of the file; an unknown one is named with the ones there are.
+    let (ok, text) = run(
+        "ublk-target",
+        &["apply", "--config", target_cfg, "--volume", "vol1"],
+    );
+    assert!(ok && text.contains("vol1.replica"), "{text}");
+    let (ok, text) = run(
+        "ublk-target",
+        &["apply", "--config", target_cfg, "--volume", "vol9"],
+    );
+    assert!(
+        !ok && text.contains("vol9") && text.contains("vol0, vol1"),
+        "{text}"
+    );
 }
 
 /// `shipper status` after [`config_file_ships_every_volume`] shipped vol0 and vol1: a
@@ -288,5 +310,18 @@ fn bad_config_is_refused_with_the_field_named() {
         "{text}"
     );
     let (ok, text) = run("shipper", &["run", "--config", "/nonexistent.toml"]);
+    assert!(!ok && text.contains("/nonexistent.toml"), "{text}");
+
+    std::fs::write(
+        &cfg,
+        "key = \"/k\"\nstore = \"/s\"\n[[volume]]\nid = \"v\"\nreplica = \"/r\"\nkeep_age = \"2 weeks\"\n",
+    )
+    .unwrap();
+    let (ok, text) = run("ublk-target", &["apply", "--config", cfg.to_str().unwrap()]);
+    assert!(
+        !ok && text.contains("keep_age") && text.contains(cfg.to_str().unwrap()),
+        "{text}"
+    );
+    let (ok, text) = run("ublk-target", &["apply", "--config", "/nonexistent.toml"]);
     assert!(!ok && text.contains("/nonexistent.toml"), "{text}");
 }

@@ -44,6 +44,8 @@ pub enum TargetError {
     Rollback { point: u64, what: String },
     #[error("point view: {what}")]
     View { what: String },
+    #[error("config {path}: {what}")]
+    Config { path: PathBuf, what: String },
 }
 
 impl TargetError {

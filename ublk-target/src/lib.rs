@@ -1,5 +1,6 @@
 //! ublk-target: the recovery side of ublk-dr.
 //!
+//! * [`config`]: the config file (`ublk-target apply --config`).
 //! * [`apply`]: verify and apply segments to a replica image, crash-safe and
 //!   idempotent (I5, I6), saving an undo journal per segment first.
 //! * [`journal`]: the undo journal format and its contract.
@@ -10,6 +11,7 @@
 //! * [`digests`]: answer digest-resync requests with the replica's block digests.
 //! * [`device`]: serve a view of the replica as a ublk device.
 pub mod apply;
+pub mod config;
 pub mod device;
 pub mod digests;
 pub mod error;

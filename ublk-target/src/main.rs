@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use ublk_target::config::{TargetConfig, VolumeConfig};
 use ublk_target::{Applier, ApplyOptions, ReplicaPaths, Retention};
 
 /// Recovery side of ublk-dr: verify change-log segments and apply them to replica disks.
@@ -23,19 +24,29 @@ enum Command {
     /// Each segment is authenticated and checked against the hash chain before any of
     /// its bytes touch the replica. The applied position is kept in --state, so an
     /// interrupted run continues where it stopped.
+    #[command(after_long_help = ublk_target::config::EXAMPLE)]
     Apply {
+        /// Config file with the store, key, retention and one [[volume]] table per
+        /// replica (format below); replaces --store, --key,
+        /// --replica, --state, --journal and the retention options. Without --volume
+        /// every volume in it is applied, each on its own thread.
+        #[arg(
+            long,
+            conflicts_with_all = ["store", "key", "replica", "state", "journal", "keep_points", "keep_age"]
+        )]
+        config: Option<PathBuf>,
         /// Target store directory (the shipper's --store).
-        #[arg(long)]
-        store: PathBuf,
-        /// Volume id.
-        #[arg(long)]
-        volume: VolumeId,
+        #[arg(long, required_unless_present = "config")]
+        store: Option<PathBuf>,
+        /// Volume id (with --config: only this volume of the file).
+        #[arg(long, required_unless_present = "config")]
+        volume: Option<VolumeId>,
         /// Replica image file or block device (a file is created if missing).
-        #[arg(long)]
-        replica: PathBuf,
+        #[arg(long, required_unless_present = "config")]
+        replica: Option<PathBuf>,
         /// Key file, the same as the shipper's.
-        #[arg(long)]
-        key: PathBuf,
+        #[arg(long, required_unless_present = "config")]
+        key: Option<PathBuf>,
         /// Where the applied position is kept [default: REPLICA.state].
         #[arg(long)]
         state: Option<PathBuf>,
@@ -48,9 +59,10 @@ enum Command {
         /// Keep running and apply new segments as they arrive.
         #[arg(long)]
         follow: bool,
-        /// How often --follow looks for new segments, in milliseconds.
-        #[arg(long, default_value_t = 200)]
-        poll_ms: u64,
+        /// How often --follow looks for new segments, in milliseconds [default: 200, or
+        /// the config's poll_ms].
+        #[arg(long)]
+        poll_ms: Option<u64>,
         /// Answer resync requests so that every block is sent, not only the ones that
         /// differ: failback's "full download", or a replica that cannot be trusted.
         #[arg(long)]
@@ -296,6 +308,7 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Apply {
+            config,
             store,
             volume,
             replica,
@@ -307,59 +320,77 @@ fn run(cli: Cli) -> Result<()> {
             poll_ms,
             full_download,
         } => {
-            let key = Key::load(&key)?;
-            if !store.is_dir() {
-                anyhow::bail!(
-                    "store directory {} does not exist (use the shipper's --store path)",
-                    store.display()
-                );
+            let (jobs, poll) = match config {
+                Some(path) => {
+                    let config = TargetConfig::load(&path)?;
+                    let key = Key::load(&config.key)?;
+                    let picked: Vec<&VolumeConfig> = match &volume {
+                        Some(id) => vec![config.volume(id).map_err(|what| {
+                            anyhow::anyhow!("config {}: {what}", path.display())
+                        })?],
+                        None => config.volumes.iter().collect(),
+                    };
+                    let jobs = picked
+                        .into_iter()
+                        .map(|v| ApplyJob {
+                            store: config.store.clone(),
+                            volume: v.id.clone(),
+                            replica: v.replica.clone(),
+                            key: key.clone(),
+                            state: v.state.clone(),
+                            journal: v.journal.clone(),
+                            retention: config.retention(v).expect("checked on load"),
+                            full_download: v.full_download || full_download,
+                        })
+                        .collect();
+                    (jobs, poll_ms.map_or(config.poll(), Duration::from_millis))
+                }
+                None => {
+                    let job = ApplyJob {
+                        store: store.expect("clap requires it"),
+                        volume: volume.expect("clap requires it"),
+                        replica: replica.expect("clap requires it"),
+                        key: Key::load(&key.expect("clap requires it"))?,
+                        state,
+                        journal,
+                        retention: retention.retention(),
+                        full_download,
+                    };
+                    (vec![job], Duration::from_millis(poll_ms.unwrap_or(200)))
+                }
+            };
+            let follow = follow.then_some(poll);
+            if let [job] = &jobs[..] {
+                return job.run(follow, true);
             }
-            let state =
-                state.unwrap_or_else(|| PathBuf::from(format!("{}.state", replica.display())));
-            let mut applier = Applier::open(
-                Arc::new(LocalDirStore::new(&store)),
-                volume,
-                key.clone(),
-                &replica,
-                &state,
-                &ApplyOptions {
-                    journal_dir: journal,
-                    retention: retention.retention(),
-                },
-            )?;
-            let store = LocalDirStore::new(store);
-            loop {
-                let applied = apply_with_progress(&mut applier, &store)?;
-                ublk_target::digests::answer_requests(
-                    &store,
-                    &applier.cursor().volume,
-                    &key,
-                    &replica,
-                    applier.cursor().next_seq,
-                    if full_download {
-                        ublk_target::digests::AnswerMode::FullDownload
-                    } else {
-                        ublk_target::digests::AnswerMode::Compare
-                    },
-                )?;
-                if applied > 0 {
-                    let c = applier.cursor();
-                    log::info!(
-                        "applied {applied} segment(s); replica now at segment {} (seq < {})",
-                        c.next_index,
-                        c.next_seq
-                    );
-                }
-                if !follow {
-                    println!(
-                        "replica {} at segment {} (every record with seq < {})",
-                        replica.display(),
-                        applier.cursor().next_index,
-                        applier.cursor().next_seq
-                    );
-                    return Ok(());
-                }
-                std::thread::sleep(Duration::from_millis(poll_ms));
+            // One thread per volume: a volume that fails stops alone, and the command
+            // exits non-zero once the others are done (with --follow, never unless all
+            // failed).
+            let failed: Vec<String> = std::thread::scope(|scope| {
+                let handles: Vec<_> = jobs
+                    .iter()
+                    .map(|job| (job, scope.spawn(move || job.run(follow, false))))
+                    .collect();
+                handles
+                    .into_iter()
+                    .filter_map(|(job, handle)| match handle.join().expect("apply thread") {
+                        Ok(()) => None,
+                        Err(e) => {
+                            eprintln!("ublk-target: volume {}: error: {e:#}", job.volume);
+                            Some(job.volume.to_string())
+                        }
+                    })
+                    .collect()
+            });
+            if failed.is_empty() {
+                Ok(())
+            } else {
+                anyhow::bail!(
+                    "{} of {} volume(s) failed: {}",
+                    failed.len(),
+                    jobs.len(),
+                    failed.join(", ")
+                )
             }
         }
         Command::Points { replica, json } => {
@@ -532,4 +563,82 @@ fn apply_with_progress(applier: &mut Applier, store: &LocalDirStore) -> Result<u
     });
     bar.finish_and_clear();
     Ok(applied?)
+}
+
+/// One volume for `apply`: from the command line or a config file.
+struct ApplyJob {
+    store: PathBuf,
+    volume: VolumeId,
+    replica: PathBuf,
+    key: Key,
+    state: Option<PathBuf>,
+    journal: Option<PathBuf>,
+    retention: Retention,
+    full_download: bool,
+}
+
+impl ApplyJob {
+    /// Applies what the store holds, answers digest requests; with `follow`, keeps
+    /// doing so every `follow` interval. `progress`: a bar over a catch-up (for one
+    /// volume at a time only: bars of several threads would overwrite each other).
+    fn run(&self, follow: Option<Duration>, progress: bool) -> Result<()> {
+        if !self.store.is_dir() {
+            anyhow::bail!(
+                "store directory {} does not exist (use the shipper's --store path)",
+                self.store.display()
+            );
+        }
+        let replica = &self.replica;
+        let state = self
+            .state
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("{}.state", replica.display())));
+        let mut applier = Applier::open(
+            Arc::new(LocalDirStore::new(&self.store)),
+            self.volume.clone(),
+            self.key.clone(),
+            replica,
+            &state,
+            &ApplyOptions {
+                journal_dir: self.journal.clone(),
+                retention: self.retention,
+            },
+        )?;
+        let store = LocalDirStore::new(&self.store);
+        let mode = if self.full_download {
+            ublk_target::digests::AnswerMode::FullDownload
+        } else {
+            ublk_target::digests::AnswerMode::Compare
+        };
+        loop {
+            let applied = if progress {
+                apply_with_progress(&mut applier, &store)?
+            } else {
+                applier.apply_available()?
+            };
+            let (volume, next_seq) = (&applier.cursor().volume, applier.cursor().next_seq);
+            ublk_target::digests::answer_requests(
+                &store, volume, &self.key, replica, next_seq, mode,
+            )?;
+            if applied > 0 {
+                let c = applier.cursor();
+                log::info!(
+                    "volume {}: applied {applied} segment(s); replica now at segment {} (seq < {})",
+                    c.volume,
+                    c.next_index,
+                    c.next_seq
+                );
+            }
+            let Some(poll) = follow else {
+                println!(
+                    "replica {} at segment {} (every record with seq < {})",
+                    replica.display(),
+                    applier.cursor().next_index,
+                    applier.cursor().next_seq
+                );
+                return Ok(());
+            };
+            std::thread::sleep(poll);
+        }
+    }
 }

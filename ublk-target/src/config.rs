@@ -1,0 +1,210 @@
+//! The recovery side's configuration file (TOML): shared settings and one `[[volume]]`
+//! table per replicated volume, for `ublk-target apply --config`. Unknown keys are
+//! errors, so a typo never silently falls back to a default.
+//!
+//! The format, as `ublk-target apply --help` shows it: [`EXAMPLE`].
+
+use crate::error::{Result, TargetError};
+use crate::points::{parse_age, Retention};
+use changelog::VolumeId;
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const EXAMPLE: &str = r#"Config file (--config), TOML; unknown keys are errors:
+
+  key = "/etc/ublk-dr/key"      # required: the same key file as the shipper's
+  store = "/srv/dr-store"       # required: the shipper's target store (a directory)
+  poll_ms = 200                 # how often --follow looks for new segments
+  keep_points = 1000            # retention for every volume (optional):
+  keep_age = "15d"              #   at most this many points, none older than this
+
+  [[volume]]
+  id = "vol0"
+  replica = "/srv/replicas/vol0.img"
+  # state = "/srv/replicas/vol0.img.state"       (the default)
+  # journal = "/srv/replicas/vol0.img.journal"   (the default)
+  # keep_points = 100, keep_age = "2h"            (override the shared retention)
+  # full_download = false                        (failback's "full download")
+"#;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub key: PathBuf,
+    pub store: PathBuf,
+    #[serde(default = "default_poll_ms")]
+    pub poll_ms: u64,
+    pub keep_points: Option<usize>,
+    pub keep_age: Option<String>,
+    #[serde(rename = "volume")]
+    pub volumes: Vec<VolumeConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeConfig {
+    pub id: VolumeId,
+    pub replica: PathBuf,
+    pub state: Option<PathBuf>,
+    pub journal: Option<PathBuf>,
+    pub keep_points: Option<usize>,
+    pub keep_age: Option<String>,
+    #[serde(default)]
+    pub full_download: bool,
+}
+
+fn default_poll_ms() -> u64 {
+    200
+}
+
+impl TargetConfig {
+    /// Reads and checks a config file; every error names the file and what to fix.
+    pub fn load(path: &Path) -> Result<TargetConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            TargetError::io(
+                format!(
+                    "reading config {} (see `ublk-target apply --help` for its format)",
+                    path.display()
+                ),
+                e,
+            )
+        })?;
+        Self::parse(&text).map_err(|what| TargetError::Config {
+            path: path.into(),
+            what,
+        })
+    }
+
+    /// Parses and checks config text.
+    pub fn parse(text: &str) -> std::result::Result<TargetConfig, String> {
+        let config: TargetConfig =
+            toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())?;
+        if config.volumes.is_empty() {
+            return Err("no [[volume]] tables: add one per replicated volume (id, replica)".into());
+        }
+        let mut seen = HashSet::new();
+        for v in &config.volumes {
+            if !seen.insert(&v.id) {
+                return Err(format!("volume {} appears twice", v.id));
+            }
+            config.retention(v)?;
+        }
+        if config.poll_ms == 0 {
+            return Err("poll_ms must be greater than 0".into());
+        }
+        Ok(config)
+    }
+
+    /// The volume `id`, or an error listing the ones there are.
+    pub fn volume(&self, id: &VolumeId) -> std::result::Result<&VolumeConfig, String> {
+        self.volumes.iter().find(|v| &v.id == id).ok_or_else(|| {
+            let ids: Vec<&str> = self.volumes.iter().map(|v| v.id.as_str()).collect();
+            format!("volume {id} is not in it (it has {})", ids.join(", "))
+        })
+    }
+
+    /// A volume's retention: its own settings over the shared ones.
+    pub fn retention(&self, volume: &VolumeConfig) -> std::result::Result<Retention, String> {
+        let keep_points = volume.keep_points.or(self.keep_points);
+        if keep_points == Some(0) {
+            return Err(format!(
+                "volume {}: keep_points must be at least 1 (the latest point is always kept)",
+                volume.id
+            ));
+        }
+        let keep_age = match volume.keep_age.as_ref().or(self.keep_age.as_ref()) {
+            Some(age) => {
+                Some(parse_age(age).map_err(|e| format!("volume {}: keep_age {e}", volume.id))?)
+            }
+            None => None,
+        };
+        Ok(Retention {
+            keep_points,
+            keep_age,
+        })
+    }
+
+    pub fn poll(&self) -> Duration {
+        Duration::from_millis(self.poll_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+key = "/k"
+store = "/s"
+keep_points = 10
+keep_age = "2h"
+[[volume]]
+id = "a"
+replica = "/r/a"
+[[volume]]
+id = "b"
+replica = "/r/b"
+keep_points = 3
+full_download = true
+"#;
+
+    #[test]
+    fn volumes_inherit_and_override_retention() {
+        let config = TargetConfig::parse(GOOD).unwrap();
+        let a = config.volume(&VolumeId::new("a").unwrap()).unwrap();
+        let b = config.volume(&VolumeId::new("b").unwrap()).unwrap();
+        assert_eq!(
+            config.retention(a).unwrap(),
+            Retention {
+                keep_points: Some(10),
+                keep_age: Some(Duration::from_secs(7200))
+            }
+        );
+        assert_eq!(config.retention(b).unwrap().keep_points, Some(3));
+        assert!(b.full_download && !a.full_download);
+        assert_eq!(config.poll(), Duration::from_millis(200));
+        let missing = config.volume(&VolumeId::new("c").unwrap()).unwrap_err();
+        assert!(missing.contains("it has a, b"), "{missing}");
+    }
+
+    #[test]
+    fn the_help_example_parses() {
+        let (_, toml) = EXAMPLE.split_once("\n\n").unwrap();
+        let config = TargetConfig::parse(toml).unwrap();
+        assert_eq!(config.volumes.len(), 1);
+        assert_eq!(
+            config.retention(&config.volumes[0]).unwrap().keep_points,
+            Some(1000)
+        );
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        for (text, expected) in [
+            (
+                GOOD.replace("keep_age = \"2h\"", "keep_age = \"2 weeks\""),
+                "keep_age",
+            ),
+            (
+                GOOD.replace("keep_points = 3", "keep_points = 0"),
+                "keep_points",
+            ),
+            (
+                GOOD.replace("replica = \"/r/a\"", "replika = \"/r/a\""),
+                "replika",
+            ),
+            (GOOD.replace("id = \"b\"", "id = \"a\""), "appears twice"),
+            (GOOD.replace("id = \"b\"", "id = \"no/slash\""), "no/slash"),
+            (
+                "key = \"/k\"\nstore = \"/s\"\nvolume = []\n".to_string(),
+                "no [[volume]]",
+            ),
+            (GOOD.replace("store = \"/s\"\n", ""), "store"),
+        ] {
+            let err = TargetConfig::parse(&text).unwrap_err();
+            assert!(err.contains(expected), "{expected:?} not in {err:?}");
+        }
+    }
+}
