@@ -216,15 +216,18 @@ fio_job() {
 
 # wait_resynced DIR: until the shipper's status shows no overflow and no resync (60 s).
 wait_resynced() {
-  local i
-  for i in $(seq 3000); do
+  # Bounded by the clock, not by rounds: under TCG each round's processes cost more
+  # than its sleep.
+  local deadline=$((SECONDS + 300))
+  while [ $SECONDS -lt $deadline ]; do
     if grep -q '"ring_overflow": false' "$1/status.json" 2>/dev/null &&
        grep -q '"ring_resync": false' "$1/status.json" 2>/dev/null; then
       return 0
     fi
     sleep 0.1
   done
-  die "the ring did not resync: $(cat "$1/status.json")"
+  ps -eo pid,stat,pcpu,etime,args | grep -E 'blkfilter|shipper|ublk-target' | grep -v grep >&2 || true
+  die "the ring did not resync in 300 s: $(cat "$1/status.json")"
 }
 
 # digest_passes LOG: prints blkfilter's finished digest passes ("X of Y bytes differed").

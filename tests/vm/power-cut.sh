@@ -13,7 +13,7 @@ cd "$(dirname "$0")/../.."
 d=${UBLK_DR_POWERCUT_DIR:-/var/tmp/ublk-dr-powercut}
 rm -rf "$d"
 mkdir -p "$d"
-VM=(scripts/vm.sh run --mem 4096 --share "$d" --)
+VM=(scripts/vm.sh run --mem 4096 --timeout 900 --share "$d" --)
 export UBLK_DR_FORCE_VM=1
 
 echo "--- boot 1: protect, ship, write; power cut in the middle"
