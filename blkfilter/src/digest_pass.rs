@@ -9,6 +9,11 @@
 //! "every record before the MARK", and equal digests mean the replica already holds the
 //! source's bytes. Every other block is re-recorded: the current source bytes under a
 //! fresh seq, which overrides whatever the replica holds or will receive before it.
+//!
+//! A pass covers the whole device, or (restricted) only the blocks an overflow or an
+//! unclean stop left in doubt; a write lost to the bitmap there happened before the
+//! begin MARK without a record, so the replica lacks it and the block differs. A
+//! restricted pass that gets no digests in time re-records all its blocks.
 
 use changelog::digests::{block_count, block_digest, BlockRuns, DigestAnswer, DEFAULT_BLOCK_BYTES};
 use std::time::{Duration, Instant};
