@@ -188,22 +188,8 @@ fn shipper_started_after_a_finished_resync_pass_still_withholds_crash_points() {
     let fixture = Fixture::new(size);
     let mut capture = fixture.capture(1 << 20);
     let mut model = Model::new(size);
-    let record =
-        |capture: &mut blkfilter::capture::Capture, model: &mut Model, op: WorkOp| match capture
-            .handle(op.as_request())
-            .unwrap()
-        {
-            Captured::Recorded(seq) | Captured::MarkedDirty(seq) => model.record(seq, op),
-        };
-    // Fill the ring until writes are lost.
     let mut workload = Workload::new(33, size).with_max_io(16 << 10);
-    while !capture.needs_resync() {
-        let op = workload.next().unwrap();
-        if matches!(op, WorkOp::Mark { .. }) {
-            continue;
-        }
-        record(&mut capture, &mut model, op);
-    }
+    fill_until_writes_are_lost(&mut capture, &mut model, &mut workload);
     // Lose more writes, so the resync pass has several pieces to re-record.
     for op in workload
         .by_ref()
@@ -238,15 +224,7 @@ fn a_resync_pass_cut_short_by_a_crash_loses_nothing() {
     let mut capture = fixture.capture(1 << 20);
     let mut model = Model::new(size);
     let mut workload = Workload::new(44, size).with_max_io(64 << 10);
-    while !capture.needs_resync() {
-        let op = workload.next().unwrap();
-        if matches!(op, WorkOp::Mark { .. }) {
-            continue;
-        }
-        match capture.handle(op.as_request()).unwrap() {
-            Captured::Recorded(seq) | Captured::MarkedDirty(seq) => model.record(seq, op),
-        }
-    }
+    fill_until_writes_are_lost(&mut capture, &mut model, &mut workload);
     fixture.ship_drained();
     // The pass takes the bitmap, then the process dies.
     drop(capture);
@@ -274,4 +252,25 @@ fn a_resync_pass_cut_short_by_a_crash_loses_nothing() {
     let seen = apply_and_check_crash_points(&fixture, &model, "replica");
     assert!(seen.last_is_point, "{seen:?}");
     assert!(std::fs::read(fixture.path("replica")).unwrap() == model.final_image());
+}
+
+/// Runs `op` through `capture` and records it in `model`, lost to the bitmap or not.
+fn record(capture: &mut blkfilter::capture::Capture, model: &mut Model, op: WorkOp) {
+    match capture.handle(op.as_request()).unwrap() {
+        Captured::Recorded(seq) | Captured::MarkedDirty(seq) => model.record(seq, op),
+    }
+}
+
+/// Runs `workload` (without MARKs, which a full ring refuses) until writes are lost.
+fn fill_until_writes_are_lost(
+    capture: &mut blkfilter::capture::Capture,
+    model: &mut Model,
+    workload: &mut Workload,
+) {
+    while !capture.needs_resync() {
+        let op = workload.next().unwrap();
+        if !matches!(op, WorkOp::Mark { .. }) {
+            record(capture, model, op);
+        }
+    }
 }

@@ -191,8 +191,10 @@ impl Capture {
         }
         self.recorder.digest_poll();
         let fd = self.backing.as_raw_fd();
-        let mut buf = vec![0u8; MAX_BLOCK_BYTES as usize];
+        // Allocated only when a block is due: this runs before every request.
+        let mut buf = Vec::new();
         while let Some((offset, len)) = self.recorder.digest_next() {
+            buf.resize(MAX_BLOCK_BYTES as usize, 0);
             let data = &mut buf[..len as usize];
             if let Err(source) = self.uring.read_exact_at(fd, data, offset) {
                 self.recorder.digest_skip(offset, len);
@@ -217,8 +219,8 @@ impl Capture {
     /// carries on).
     pub fn resync(&mut self) -> Result<(), CaptureError> {
         let fd = self.backing.as_raw_fd();
-        let mut buf = vec![0u8; RESYNC_CHUNK_BYTES as usize];
         let pieces = self.recorder.begin_resync();
+        let mut buf = vec![0u8; pieces.iter().map(|p| p.1).max().unwrap_or(0) as usize];
         for (i, &(offset, len)) in pieces.iter().enumerate() {
             if !self.recorder.has_room_for_resync() {
                 // The ring is half full again: the rest waits for the next pass.

@@ -43,24 +43,26 @@ use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
 /// Where the consumer puts the replica digests for the producer: beside the ring file.
 pub fn digests_path(ring: &Path) -> PathBuf {
+    beside(ring, ".digests")
+}
+
+/// `ring` with `suffix` appended to its file name.
+fn beside(ring: &Path, suffix: &str) -> PathBuf {
     let mut name = ring.as_os_str().to_owned();
-    name.push(".digests");
+    name.push(suffix);
     PathBuf::from(name)
 }
 
 /// Where the producer lists the blocks of a restricted pass for the consumer.
 pub fn digest_blocks_path(ring: &Path) -> PathBuf {
-    let mut name = ring.as_os_str().to_owned();
-    name.push(".digest-blocks");
-    PathBuf::from(name)
+    beside(ring, ".digest-blocks")
 }
 
 /// Lists the blocks of restricted pass `gen` (write, then rename: the consumer never
 /// reads half a list). Not synced: a producer that restarts begins a new pass anyway.
 pub fn write_digest_blocks(ring: &Path, gen: u64, blocks: &BlockRuns) -> std::io::Result<()> {
     let path = digest_blocks_path(ring);
-    let mut tmp = path.clone().into_os_string();
-    tmp.push(".tmp");
+    let tmp = beside(&path, ".tmp");
     let bytes = bincode::serialize(&(gen, blocks)).expect("block runs serialize");
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, &path)
