@@ -579,8 +579,8 @@ struct ApplyJob {
 
 impl ApplyJob {
     /// Applies what the store holds, answers digest requests; with `follow`, keeps
-    /// doing so every `follow` interval. `progress`: a bar over a catch-up (for one
-    /// volume at a time only: bars of several threads would overwrite each other).
+    /// doing so every `follow` interval. `progress`: a bar over the first catch-up (for
+    /// one volume at a time only: bars of several threads would overwrite each other).
     fn run(&self, follow: Option<Duration>, progress: bool) -> Result<()> {
         if !self.store.is_dir() {
             anyhow::bail!(
@@ -610,8 +610,10 @@ impl ApplyJob {
         } else {
             ublk_target::digests::AnswerMode::Compare
         };
+        let mut progress = progress;
         loop {
-            let applied = if progress {
+            // The bar is for the catch-up at start; later polls skip its store listing.
+            let applied = if std::mem::take(&mut progress) {
                 apply_with_progress(&mut applier, &store)?
             } else {
                 applier.apply_available()?
