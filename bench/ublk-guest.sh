@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs inside one VM boot (or natively on a kernel with ublk): the same fio jobs against
 # a kernel loop device, blkfilter --no-capture, blkfilter with capture and the shipper,
-# dm-log-writes over a loop device, and rublk's loop target; all backed by a file on
-# tmpfs. Each configuration runs BENCH_ROUNDS times (default 2, alternating order) and
-# the best figure counts. Prints a markdown table and the ratios.
+# dm-log-writes over a loop device, and rublk's loop target (its default callback path
+# and its async path, -a); all backed by a file on tmpfs. Each configuration runs
+# BENCH_ROUNDS times (default 2, alternating order) and the best figure counts. Prints a
+# markdown table and the ratios.
 # Usage: ublk-guest.sh RUBLK_BINARY
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -101,8 +102,19 @@ bench_rublk() {
   "$RUBLK" del -n 1 >/dev/null 2>&1 || true
 }
 
+# rublk's async/await path (-a): a smol task per tag, as blkfilter serves its queue, so
+# the gap between rublk and rublk -a is what that model costs.
+bench_rublk_async() {
+  [ -n "$RUBLK" ] && [ -x "$RUBLK" ] || return 0
+  echo "rublk loop -a (async/await)" >&2
+  "$RUBLK" add loop -a -n 2 -f $w/backing >/dev/null
+  sleep 1
+  run_jobs rublk-a /dev/ublkb2
+  "$RUBLK" del -n 2 >/dev/null 2>&1 || true
+}
+
 OVERFLOW=no
-order=(bench_loop_and_dm_log_writes bench_no_capture bench_capture_only bench_protected bench_rublk)
+order=(bench_loop_and_dm_log_writes bench_no_capture bench_capture_only bench_protected bench_rublk bench_rublk_async)
 for ROUND in $(seq "${BENCH_ROUNDS:-2}"); do
   for b in "${order[@]}"; do $b; done
   # The next round runs in the opposite order, so drift within the boot evens out.
@@ -111,17 +123,17 @@ for ROUND in $(seq "${BENCH_ROUNDS:-2}"); do
   done
 done
 
-configs=(loop no-capture capture-only protected dm-log-writes rublk)
+configs=(loop no-capture capture-only protected dm-log-writes rublk rublk-a)
 printf '| job |'; for c in "${configs[@]}"; do printf ' %s |' "$c"; done
-printf ' no-capture / rublk | capture-only / no-capture | protected / no-capture | dm-log-writes / loop |\n'
-printf '|---|'; for _ in "${configs[@]}"; do printf -- '---|'; done; printf -- '---|---|---|---|\n'
+printf ' no-capture / rublk | rublk -a / rublk | capture-only / no-capture | protected / no-capture | dm-log-writes / loop |\n'
+printf '|---|'; for _ in "${configs[@]}"; do printf -- '---|'; done; printf -- '---|---|---|---|---|\n'
 for job in "${JOBS[@]}"; do
   read -r rw bs qd <<<"$job"
   unit=$([ "$bs" = 4k ] && echo IOPS || echo MiB/s)
   printf '| %s %s QD%s (%s) |' "$rw" "$bs" "$qd" "$unit"
   for c in "${configs[@]}"; do printf ' %s |' "${RESULT["$c/$job"]:--}"; done
   ratio() { awk -v a="${RESULT["$1/$job"]:-0}" -v b="${RESULT["$2/$job"]:-0}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'; }
-  printf ' %s | %s | %s | %s |\n' "$(ratio no-capture rublk)" "$(ratio capture-only no-capture)" "$(ratio protected no-capture)" "$(ratio dm-log-writes loop)"
+  printf ' %s | %s | %s | %s | %s |\n' "$(ratio no-capture rublk)" "$(ratio rublk-a rublk)" "$(ratio capture-only no-capture)" "$(ratio protected no-capture)" "$(ratio dm-log-writes loop)"
 done
 echo
 echo "Best of ${BENCH_ROUNDS:-2} rounds (alternating order). Ring overflowed during the protected runs: $OVERFLOW (under TCG the shipper can fall behind; writes that overflow go to the dirty bitmap, which is cheaper than recording)."

@@ -19,7 +19,8 @@
 //! Overlapping writes are never in flight together: a write waits until no in-flight
 //! write overlaps its range. The kernel may complete two overlapping writes to the
 //! backing in either order, and records are numbered in completion order, so without
-//! this the replica could end with the other write's data than the source.
+//! this the replica could end with the other write's data than the source. With
+//! `--no-capture` there is no record order to keep and writes are not held back.
 //!
 //! The device is created with `UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE`:
 //! when the server dies the device stays (QUIESCED) and [`recover`] takes it back;
@@ -230,6 +231,10 @@ pub fn serve(
         Some(id) => (id, UblkFlags::UBLK_DEV_F_RECOVER_DEV),
         None => (opts.id, UblkFlags::UBLK_DEV_F_ADD_DEV),
     };
+    // The queue thread stays on one CPU, as rublk's does by default: its io_uring and
+    // the ublk driver's task work then run where the queue's data is cached. libublk
+    // does not keep the flag across recovery, so it is set for both.
+    let dev_flags = dev_flags | UblkFlags::UBLK_DEV_F_SINGLE_CPU_AFFINITY;
     // Checked up front: libublk deletes device `id` when an ADD for it fails, which
     // would take down the device that is using the id.
     if recover_id.is_none() && id >= 0 && UblkCtrl::new_simple(id).is_ok() {
@@ -339,7 +344,12 @@ impl QueueState {
     }
 
     /// Waits until no in-flight write overlaps `[start, end)`, then claims the range.
+    /// Without a recorder there is no record order to keep, so nothing is claimed: the
+    /// device then orders overlapping writes no more than a disk does.
     async fn claim(&self, start: u64, end: u64) {
+        if self.recorder.is_none() {
+            return;
+        }
         while self.overlaps(start, end) {
             let listener = self.write_done.listen();
             if self.overlaps(start, end) {
@@ -350,6 +360,9 @@ impl QueueState {
     }
 
     fn unclaim(&self, start: u64, end: u64) {
+        if self.recorder.is_none() {
+            return;
+        }
         let mut in_flight = self.writes_in_flight.borrow_mut();
         if let Some(i) = in_flight.iter().position(|&r| r == (start, end)) {
             in_flight.swap_remove(i);
