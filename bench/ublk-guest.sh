@@ -76,22 +76,42 @@ bench_capture_only() {
   $BIN/blkfilter detach --id 0 >/dev/null; sleep 1; rm -f $w/ring0
 }
 
-bench_protected() {
-  echo "blkfilter with capture + shipper (nice 10, as the unit runs it)" >&2
-  local dev shipper
-  rm -rf $w/ring $w/staging $w/store
+# protected CONFIG [SCHED...]: blkfilter with capture and the shipper, started with the
+# scheduling command SCHED (bench_protected: nice 10, as the unit runs it).
+protected() {
+  local config=$1 dev shipper
+  shift
+  echo "blkfilter with capture + shipper ($config: $*)" >&2
+  rm -rf $w/ring $w/staging $w/store $w/status.json
   [ -f $w/key ] || $BIN/shipper keygen --out $w/key >/dev/null
   dev=$($BIN/blkfilter attach --backing $w/backing --ring $w/ring --ring-mib 1024 --id 0 --log $w/bf.log)
-  RUST_LOG=warn nice -n 10 $BIN/shipper run --volume vol0 --ring $w/ring --staging $w/staging --store $w/store \
+  RUST_LOG=warn "$@" $BIN/shipper run --volume vol0 --ring $w/ring --staging $w/staging --store $w/store \
     --key $w/key --no-initial-sync --status $w/status.json >$w/shipper.log 2>&1 &
   shipper=$!
-  # The store keeps every segment; clear what was shipped between jobs so tmpfs does not fill.
-  clear_store() { sleep 2; rm -f $w/store/vol0/*.seg; }
-  BEFORE_JOB=clear_store run_jobs protected "$dev"
-  if grep -q '"ring_overflow": true' $w/status.json; then OVERFLOW="yes (round $ROUND)"; fi
+  # Each job starts with the previous job's writes shipped, so one job's backlog does not
+  # load the next; then the store is cleared so tmpfs does not fill.
+  drain_and_clear_store() {
+    local i
+    for ((i = 0; i < 600; i++)); do
+      if [ -f $w/status.json ] && grep -q '"ring_used_bytes": 0,' $w/status.json &&
+        grep -q '"segments_pending_upload": 0,' $w/status.json; then
+        break
+      fi
+      sleep 0.5
+    done
+    rm -f $w/store/vol0/*.seg
+  }
+  BEFORE_JOB=drain_and_clear_store run_jobs "$config" "$dev"
+  if grep -q '"ring_overflow": true' $w/status.json; then OVERFLOW="yes ($config, round $ROUND)"; fi
   kill $shipper; wait $shipper 2>/dev/null || true
   $BIN/blkfilter detach --id 0 >/dev/null; sleep 1
 }
+
+bench_protected() { protected protected nice -n 10; }
+
+# The shipper at SCHED_IDLE runs only on a CPU nothing else wants: how much of the gap
+# between protected and capture-only is the shipper's CPU time on a 2-vCPU guest.
+bench_protected_idle() { protected protected-idle chrt --idle 0; }
 
 bench_rublk() {
   [ -n "$RUBLK" ] && [ -x "$RUBLK" ] || return 0
@@ -114,7 +134,7 @@ bench_rublk_async() {
 }
 
 OVERFLOW=no
-order=(bench_loop_and_dm_log_writes bench_no_capture bench_capture_only bench_protected bench_rublk bench_rublk_async)
+order=(bench_loop_and_dm_log_writes bench_no_capture bench_capture_only bench_protected bench_protected_idle bench_rublk bench_rublk_async)
 for ROUND in $(seq "${BENCH_ROUNDS:-2}"); do
   for b in "${order[@]}"; do $b; done
   # The next round runs in the opposite order, so drift within the boot evens out.
@@ -123,17 +143,17 @@ for ROUND in $(seq "${BENCH_ROUNDS:-2}"); do
   done
 done
 
-configs=(loop no-capture capture-only protected dm-log-writes rublk rublk-a)
+configs=(loop no-capture capture-only protected protected-idle dm-log-writes rublk rublk-a)
 printf '| job |'; for c in "${configs[@]}"; do printf ' %s |' "$c"; done
-printf ' no-capture / rublk | rublk -a / rublk | capture-only / no-capture | protected / no-capture | dm-log-writes / loop |\n'
-printf '|---|'; for _ in "${configs[@]}"; do printf -- '---|'; done; printf -- '---|---|---|---|---|\n'
+printf ' no-capture / rublk | rublk -a / rublk | capture-only / no-capture | protected / no-capture | protected-idle / no-capture | dm-log-writes / loop |\n'
+printf '|---|'; for _ in "${configs[@]}"; do printf -- '---|'; done; printf -- '---|---|---|---|---|---|\n'
 for job in "${JOBS[@]}"; do
   read -r rw bs qd <<<"$job"
   unit=$([ "$bs" = 4k ] && echo IOPS || echo MiB/s)
   printf '| %s %s QD%s (%s) |' "$rw" "$bs" "$qd" "$unit"
   for c in "${configs[@]}"; do printf ' %s |' "${RESULT["$c/$job"]:--}"; done
   ratio() { awk -v a="${RESULT["$1/$job"]:-0}" -v b="${RESULT["$2/$job"]:-0}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'; }
-  printf ' %s | %s | %s | %s | %s |\n' "$(ratio no-capture rublk)" "$(ratio rublk-a rublk)" "$(ratio capture-only no-capture)" "$(ratio protected no-capture)" "$(ratio dm-log-writes loop)"
+  printf ' %s | %s | %s | %s | %s | %s |\n' "$(ratio no-capture rublk)" "$(ratio rublk-a rublk)" "$(ratio capture-only no-capture)" "$(ratio protected no-capture)" "$(ratio protected-idle no-capture)" "$(ratio dm-log-writes loop)"
 done
 echo
 echo "Best of ${BENCH_ROUNDS:-2} rounds (alternating order). Ring overflowed during the protected runs: $OVERFLOW (under TCG the shipper can fall behind; writes that overflow go to the dirty bitmap, which is cheaper than recording)."

@@ -7,6 +7,7 @@ pub mod activity_log;
 pub mod capture;
 pub mod daemon;
 pub mod digest_pass;
+mod queue;
 pub mod ring;
 pub mod server;
 pub mod workload;

@@ -214,7 +214,7 @@ fio_job() {
   return $rc
 }
 
-# wait_resynced DIR: until the shipper's status shows no overflow and no resync (60 s).
+# wait_resynced DIR: until the shipper's status shows no overflow and no resync (300 s).
 wait_resynced() {
   # Bounded by the clock, not by rounds: under TCG each round's processes cost more
   # than its sleep.
