@@ -43,8 +43,9 @@ run       Boot the guest (running setup first if needed) and run CMD there in th
 
 info      Print the cached kernel and paths.
 
-Exit status of `run`: CMD's status; 124 if the guest timed out; 125 if the harness or
-the guest failed before CMD reported a status (kernel panic, init failure, bad usage).
+Exit status of `run`: CMD's status; 124 if the guest timed out; 137 if qemu was killed
+from outside (kill -9) first; 125 if the harness or the guest failed before CMD
+reported a status (kernel panic, init failure, bad usage).
 
 If the host kernel itself has /dev/ublk-control (or inside the guest, UBLK_DR_IN_VM=1),
 `run` runs CMD natively; set UBLK_DR_FORCE_VM=1 to boot the guest anyway.
@@ -591,7 +592,10 @@ cmd_run() {
             sed 's/^/qemu: /' "$ctl/qemu.err" >&2
         fi
         [ -s "$ctl/error" ] && sed 's/^/guest: /' "$ctl/error" >&2
-        if [ "$qst" = 124 ] || [ "$qst" = 137 ]; then
+        if [ "$qst" = 137 ] && awk -v t0="$t0" -v t1="$t1" -v t="$timeout" 'BEGIN { exit !(t1 - t0 < t) }'; then
+            msg "error: qemu was killed (SIGKILL) before the guest reported CMD's exit status"
+            status=137
+        elif [ "$qst" = 124 ] || [ "$qst" = 137 ]; then
             msg "error: the guest timed out after ${timeout}s (--timeout) and was killed"
             status=124
         else

@@ -276,12 +276,31 @@ impl ActivityLog {
     /// in staging). Returns how many cooled. No sync: see the module docs. Call it only
     /// while no resync is pending: a region waiting in the ring's dirty bitmap has no
     /// record yet.
-    pub fn evict(&mut self, released_seq: u64) -> Result<u64, ActivityLogError> {
+    ///
+    /// `in_flight` are the byte ranges `[start, end)` of writes made hot by
+    /// [`ActivityLog::ensure`] whose records are not noted yet: a write may be on the
+    /// backing already while its extent's last *noted* seq is released, so the extents
+    /// they touch stay hot.
+    pub fn evict(
+        &mut self,
+        released_seq: u64,
+        in_flight: &[(u64, u64)],
+    ) -> Result<u64, ActivityLogError> {
+        let mut busy = vec![false; self.last_seq.len()];
+        for &(start, end) in in_flight.iter().filter(|(s, e)| s < e) {
+            for e in self.extents_of(start, end - start) {
+                busy[e as usize] = true;
+            }
+        }
         let mut cooled = 0;
         let mut pages = Vec::new();
         for e in 0..self.last_seq.len() as u64 {
             let e_us = e as usize;
-            if self.is_hot(e) && !self.pinned[e_us] && self.last_seq[e_us] <= released_seq {
+            if self.is_hot(e)
+                && !self.pinned[e_us]
+                && !busy[e_us]
+                && self.last_seq[e_us] <= released_seq
+            {
                 self.bits[(e / 64) as usize] &= !(1 << (e % 64));
                 cooled += 1;
                 let page = e / 64 * 8 / PAGE;
@@ -372,11 +391,11 @@ mod tests {
         assert_eq!(rec.extents, vec![(4 << 20, 8 << 20), (96 << 20, 4 << 20)]);
         assert!(rec.seq_floor > 12, "seqs are reserved ahead");
         // Recovered extents stay hot until the resync that re-records them ended.
-        assert_eq!(log.evict(1000).unwrap(), 0);
+        assert_eq!(log.evict(1000, &[]).unwrap(), 0);
         log.note(4 << 20, 1, 20); // extent 1 written again in this run
         log.unpin(14); // the resync ended with seq 14
         assert_eq!(
-            log.evict(15).unwrap(),
+            log.evict(15, &[]).unwrap(),
             2,
             "extents 2 and 24 cool, 1 waits for 20"
         );
@@ -384,6 +403,30 @@ mod tests {
         drop(log);
         let (_, rec) = ActivityLog::open(&path, size, DEFAULT_EXTENT_BYTES).unwrap();
         assert_eq!(rec.extents, vec![(4 << 20, 4 << 20)]);
+    }
+
+    #[test]
+    fn extents_with_a_write_in_flight_stay_hot() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) =
+            ActivityLog::open(&dir.path().join("al"), 64 << 20, DEFAULT_EXTENT_BYTES).unwrap();
+        log.reserve_seq(1).unwrap();
+        // Extent 3 took a write recorded as seq 5; a second write to it (and one
+        // straddling extents 6 and 7) is on its way to the backing, not yet recorded.
+        log.ensure(12 << 20, 4096).unwrap();
+        log.note(12 << 20, 4096, 5);
+        log.ensure((13 << 20) + 8192, 4096).unwrap();
+        log.ensure((28 << 20) - 512, 1024).unwrap();
+        let in_flight = [
+            ((13 << 20) + 8192, (13 << 20) + 12288),
+            ((28 << 20) - 512, (28 << 20) + 512),
+        ];
+        assert_eq!(log.evict(5, &in_flight).unwrap(), 0);
+        assert_eq!(log.hot_count(), (3, 16));
+        // Once recorded and released they cool.
+        log.note((13 << 20) + 8192, 4096, 6);
+        log.note((28 << 20) - 512, 1024, 7);
+        assert_eq!(log.evict(7, &[]).unwrap(), 3);
     }
 
     #[test]

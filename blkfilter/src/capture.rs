@@ -187,7 +187,8 @@ impl Capture {
                     path: self.path.clone(),
                     source,
                 })?;
-            self.recorder.activity_log_evict(released);
+            // Between requests nothing is in flight.
+            self.recorder.activity_log_evict(released, &[]);
         }
         self.recorder.digest_poll();
         let fd = self.backing.as_raw_fd();
@@ -445,11 +446,12 @@ impl Recorder {
         log.would_cool(released).then_some(released)
     }
 
-    /// Cools the extents whose records up to `released_seq` are staged; call after the
+    /// Cools the extents whose records up to `released_seq` are staged, except those
+    /// touched by `in_flight` writes (made hot, not yet recorded); call after the
     /// backing was flushed.
-    pub fn activity_log_evict(&mut self, released_seq: u64) {
+    pub fn activity_log_evict(&mut self, released_seq: u64, in_flight: &[(u64, u64)]) {
         if let Some(log) = &mut self.activity_log {
-            if let Err(e) = log.evict(released_seq) {
+            if let Err(e) = log.evict(released_seq, in_flight) {
                 log::warn!("{e}");
             }
         }

@@ -32,7 +32,9 @@
 //!   `parked` and starts when the claim goes. Without a recorder nothing is claimed.
 //! * **Activity log.** A claimed request makes its range hot in the activity log
 //!   before its backing operation (I1 across unclean stops); if that fails the request
-//!   fails with EIO and nothing is written.
+//!   fails with EIO and nothing is written. Cooling spares the extents of claimed
+//!   ranges: a write in flight is not recorded yet, so its extent's last recorded seq
+//!   may be staged already while its data is reaching the backing.
 //! * **Housekeeping** (with a recorder) runs on a timer every [`HOUSEKEEPING_TICK`],
 //!   one step at a time, between requests: MARK requests, cooling activity-log
 //!   extents after an fsync of the backing, digest comparison of blocks in doubt, and
@@ -552,7 +554,9 @@ impl QueueServer {
             Step::Idle => log::error!("housekeeping: a completion with nothing in flight"),
             Step::Evict { released } => {
                 if res == 0 {
-                    capture.recorder.activity_log_evict(released);
+                    // Claimed ranges include every write made hot and not yet
+                    // recorded, some begun after the fsync: their extents stay hot.
+                    capture.recorder.activity_log_evict(released, &self.claims);
                 }
                 capture.recorder.digest_poll();
                 self.next_digest_block(q);
