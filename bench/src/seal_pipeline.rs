@@ -2,10 +2,11 @@
 //! beside the speed of each stage alone on the same data, measured in the same run.
 //!
 //! Streams: 4 KiB writes at random offsets and 1 MiB sequential writes, with
-//! half-compressible data. For each it prints MB/s (of record bytes) for lz4 alone,
-//! AES-256-GCM alone (RustCrypto `aes-gcm` and `ring`), `seal` on one core (lz4 + GCM,
-//! the single-core stage limit), and the whole pipeline with N sealer threads, and the
-//! pipeline's ratio to N × the single-core limit. Staging and store live on tmpfs
+//! half-compressible data, and 4 KiB random writes of incompressible data (as fio
+//! writes by default; `seal` skips lz4 for them). For each it prints MB/s (of record
+//! bytes) for lz4 alone, AES-256-GCM alone (RustCrypto `aes-gcm` and `ring`), `seal` on
+//! one core (lz4 + GCM, the single-core stage limit), and the whole pipeline with N
+//! sealer threads, and the pipeline's ratio to N × the single-core limit. Staging and store live on tmpfs
 //! (/dev/shm) so the disk is not what is measured; uploads go to a store that drops
 //! them (the path measured is ring → seal → staging).
 //!
@@ -58,14 +59,19 @@ impl Stream {
     }
 }
 
-fn make_stream(name: &'static str, total: u64, io: usize, random: bool) -> Stream {
+fn make_stream(name: &'static str, total: u64, io: usize, random: bool, noise: bool) -> Stream {
     let mut rng = Rng::new(7);
     let device = 64u64 << 30;
     let mut writes = Vec::new();
     let mut offset = 0u64;
     while (writes.len() * io) < total as usize {
         let mut data = vec![0u8; io];
-        rng.fill_half_compressible(&mut data);
+        if noise {
+            data.chunks_mut(8)
+                .for_each(|c| c.copy_from_slice(&rng.next_u64().to_le_bytes()[..c.len()]));
+        } else {
+            rng.fill_half_compressible(&mut data);
+        }
         let at = if random {
             rng.below(device / io as u64) * io as u64
         } else {
@@ -171,7 +177,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let mib: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(512);
     if std::env::var_os("PIPELINE_ONLY").is_some() {
-        let stream = make_stream("4 KiB random", mib << 20, 4096, true);
+        let stream = make_stream("4 KiB random", mib << 20, 4096, true, false);
         println!(
             "pipeline only, 1 sealer: {:.0} MB/s",
             pipeline_speed(&stream, 1)
@@ -179,8 +185,9 @@ fn main() {
         return;
     }
     let streams = [
-        make_stream("4 KiB random", mib << 20, 4096, true),
-        make_stream("1 MiB sequential", mib << 20, 1 << 20, false),
+        make_stream("4 KiB random", mib << 20, 4096, true, false),
+        make_stream("1 MiB sequential", mib << 20, 1 << 20, false, false),
+        make_stream("4 KiB random, incompressible", mib << 20, 4096, true, true),
     ];
     let key = Key::from_bytes([3; 32]);
     let rc = Aes256Gcm::new(&[3u8; 32].into());

@@ -1,7 +1,8 @@
 //! Sealing and opening segments.
 //!
 //! Sealing is split in two so that the expensive part runs on worker threads:
-//! [`seal`] compresses (lz4 block, or stored when that is not smaller) and encrypts
+//! [`seal`] compresses (lz4 block, or stored when that is not smaller or probes of a
+//! large body say lz4 would not shrink it) and encrypts
 //! (AES-256-GCM, associated data = header bytes `0..136`) one segment's records;
 //! [`SealedSegment::link`] then, in index order, writes the previous segment's digest
 //! into the header and yields the file bytes and this segment's digest.
@@ -99,18 +100,24 @@ pub fn seal(plain: &PlainSegment, params: &SealParams, key: &Key) -> Result<Seal
             ),
         });
     }
-    let max_compressed = lz4_flex::block::get_maximum_output_size(plain.body.len());
-    let mut bytes = vec![0u8; HEADER_LEN + max_compressed];
-    let compressed = lz4_flex::block::compress_into(&plain.body, &mut bytes[HEADER_LEN..])
-        .expect("output sized by get_maximum_output_size");
-    let codec = if compressed < plain.body.len() {
-        bytes.truncate(HEADER_LEN + compressed);
-        CODEC_LZ4
-    } else {
-        bytes.truncate(HEADER_LEN);
+    let mut bytes = Vec::new();
+    let mut codec = CODEC_STORED;
+    if worth_compressing(&plain.body) {
+        let max_compressed = lz4_flex::block::get_maximum_output_size(plain.body.len());
+        bytes.resize(HEADER_LEN + max_compressed, 0);
+        let compressed = lz4_flex::block::compress_into(&plain.body, &mut bytes[HEADER_LEN..])
+            .expect("output sized by get_maximum_output_size");
+        if compressed < plain.body.len() {
+            bytes.truncate(HEADER_LEN + compressed);
+            codec = CODEC_LZ4;
+        }
+    }
+    if codec == CODEC_STORED {
+        bytes.clear();
+        bytes.reserve_exact(HEADER_LEN + plain.body.len() + TAG_LEN);
+        bytes.resize(HEADER_LEN, 0);
         bytes.extend_from_slice(&plain.body);
-        CODEC_STORED
-    };
+    }
     let header = SegmentHeader {
         flags: plain.flags,
         volume: params.volume.clone(),
@@ -139,6 +146,33 @@ pub fn seal(plain: &PlainSegment, params: &SealParams, key: &Key) -> Result<Seal
         })?;
     bytes.extend_from_slice(tag.as_ref());
     Ok(SealedSegment { header, bytes })
+}
+
+/// Bodies up to this size are always given to lz4 whole.
+const SAMPLE_ABOVE: usize = 256 << 10;
+/// Bytes in each of [`SAMPLES`] probes spread over a larger body.
+const SAMPLE_BYTES: usize = 16 << 10;
+const SAMPLES: usize = 4;
+
+/// Whether lz4 is likely to shrink `body`: a large body is compressed whole only when
+/// probes spread over it shrink by at least 3%. Data that is already compressed or
+/// encrypted (media, archives, encrypted filesystems, fio's random buffers) then costs
+/// no lz4 pass, which is most of a seal's CPU on hardware with AES-NI
+/// (bench/RESULTS.md, seal-pipeline). A wrong guess only costs bytes, never data.
+fn worth_compressing(body: &[u8]) -> bool {
+    if body.len() <= SAMPLE_ABOVE {
+        return true;
+    }
+    let stride = (body.len() - SAMPLE_BYTES) / (SAMPLES - 1);
+    let mut scratch = vec![0u8; lz4_flex::block::get_maximum_output_size(SAMPLE_BYTES)];
+    let compressed: usize = (0..SAMPLES)
+        .map(|i| {
+            let probe = &body[i * stride..i * stride + SAMPLE_BYTES];
+            lz4_flex::block::compress_into(probe, &mut scratch)
+                .expect("output sized by get_maximum_output_size")
+        })
+        .sum();
+    compressed * 100 <= SAMPLES * SAMPLE_BYTES * 97
 }
 
 impl SealedSegment {
@@ -432,5 +466,37 @@ impl ChainCursor {
         let info = read_info(&bytes, name)?;
         self.check(&info.header, name)?;
         open(bytes, name, key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bytes that lz4 cannot shrink (xorshift output).
+    fn noise(len: usize, mut state: u64) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn probes_skip_lz4_only_for_large_incompressible_bodies() {
+        assert!(
+            worth_compressing(&noise(SAMPLE_ABOVE, 1)),
+            "small: lz4 decides"
+        );
+        assert!(!worth_compressing(&noise(8 << 20, 2)));
+        // Half noise, half zeros in 4 KiB stripes, like a volume of mixed data.
+        let mixed: Vec<u8> = noise(4 << 20, 3)
+            .chunks(4096)
+            .flat_map(|c| c.iter().copied().chain(std::iter::repeat_n(0, 4096)))
+            .collect();
+        assert!(worth_compressing(&mixed));
     }
 }

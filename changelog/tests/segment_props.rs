@@ -319,3 +319,41 @@ fn independent_aes_gcm_and_lz4_read_the_format() {
     let decompressed = lz4_flex::block::decompress(&body, plain.body.len()).unwrap();
     assert_eq!(decompressed, plain.body);
 }
+
+/// A large segment of incompressible writes is stored, not compressed (the probes
+/// skip lz4), and opens to the same records; one of compressible writes is lz4.
+#[test]
+fn large_segments_are_stored_or_compressed_by_their_data() {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut noise = |len: usize| -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    };
+    for (data, codec) in [
+        (noise(4 << 20), changelog::header::CODEC_STORED),
+        (vec![0x5a; 4 << 20], changelog::header::CODEC_LZ4),
+    ] {
+        let records: Vec<Rec> = data
+            .chunks(64 << 10)
+            .enumerate()
+            .map(|(i, chunk)| Rec {
+                op: Op::Write,
+                offset: i as u64 * (64 << 10),
+                len: chunk.len() as u32,
+                data: chunk.to_vec(),
+            })
+            .collect();
+        let plain = plain(&records, 1);
+        let linked = seal(&plain, &params(0), &key()).unwrap().link([0; 32]);
+        assert_eq!(linked.header.codec, codec);
+        let opened = open(linked.bytes, "s", &key()).unwrap();
+        let back: Vec<u8> = opened.records().flat_map(|r| r.data.to_vec()).collect();
+        assert_eq!(back, data);
+    }
+}
