@@ -16,6 +16,7 @@
 //! resync_block_kib = 64                  # digest block: a power of two, 4..=1024 KiB
 //! backlog_resync_percent = 50            # staged backlog above this % of the disk is
 //!                                        # dropped for a whole-disk resync (0 = never)
+//! cpu_priority = "yield"                 # or "normal": see shipper::priority
 //!
 //! [[volume]]
 //! id = "vol0"
@@ -24,6 +25,7 @@
 
 use crate::error::{Result, ShipperError};
 use crate::pipeline::ShipperConfig;
+use crate::priority::CpuPriority;
 use changelog::{Key, VolumeId};
 use serde::Deserialize;
 use std::collections::HashSet;
@@ -56,6 +58,8 @@ pub struct ConfigFile {
     pub resync_block_kib: u32,
     #[serde(default = "default_backlog_percent")]
     pub backlog_resync_percent: u32,
+    #[serde(default = "default_cpu_priority")]
+    pub cpu_priority: CpuPriority,
     #[serde(rename = "volume")]
     pub volumes: Vec<VolumeEntry>,
 }
@@ -90,6 +94,9 @@ fn default_true() -> bool {
 }
 fn default_block_kib() -> u32 {
     changelog::digests::DEFAULT_BLOCK_BYTES / 1024
+}
+fn default_cpu_priority() -> CpuPriority {
+    CpuPriority::Yield
 }
 fn default_backlog_percent() -> u32 {
     crate::backlog::DEFAULT_PERCENT
@@ -186,6 +193,7 @@ impl ConfigFile {
                 c.resync_block_bytes =
                     resync_block_bytes(self.resync_block_kib).expect("checked on load");
                 c.backlog_resync_percent = self.backlog_resync_percent;
+                c.cpu_priority = self.cpu_priority;
                 c
             })
             .collect())
@@ -222,6 +230,12 @@ ring = "/r1"
         assert_eq!(c.retry_unit_ms, 5);
         assert_eq!(c.max_segment_age_ms, 1000);
         assert_eq!(c.backlog_resync_percent, 50);
+        assert_eq!(c.cpu_priority, CpuPriority::Yield);
+        let normal = GOOD.replace("retry_unit_ms = 5", "cpu_priority = \"normal\"");
+        assert_eq!(
+            ConfigFile::parse(&normal).unwrap().cpu_priority,
+            CpuPriority::Normal
+        );
         assert_eq!(
             c.status_path(&c.volumes[1].id),
             PathBuf::from("/run/ublk-dr/vol1.status.json")
@@ -255,6 +269,10 @@ ring = "/r1"
             (
                 GOOD.replace("retry_unit_ms = 5", "resync_block_kib = 48"),
                 "resync_block_kib must be",
+            ),
+            (
+                GOOD.replace("retry_unit_ms = 5", "cpu_priority = \"fast\""),
+                "unknown variant `fast`, expected `yield` or `normal`",
             ),
             (
                 GOOD.replace("retry_unit_ms = 5", "backlog_resync_percent = 101"),

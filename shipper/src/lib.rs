@@ -6,6 +6,7 @@
 //! * [`backlog`]: dropping a staged backlog over its limit, and the resync that follows.
 //! * [`mark`]: operator MARKs and app-consistent points (freeze, hooks).
 //! * [`resync`]: initial replication and the digest exchange of a resync.
+//! * [`priority`]: pipeline threads in the background while shipping keeps up.
 //! * [`retry`]: the retry schedule for recoverable errors.
 //! * [`status`]: health, RPO and the status file.
 //! * [`config`]: the TOML configuration file.
@@ -15,6 +16,7 @@ pub mod config;
 pub mod error;
 pub mod mark;
 pub mod pipeline;
+pub mod priority;
 pub mod resync;
 pub mod retry;
 pub mod status;

@@ -4,6 +4,7 @@ use anyhow::{Context, Result};
 use changelog::{Key, LocalDirStore, VolumeId};
 use clap::{Parser, Subcommand};
 use shipper::config::ConfigFile;
+use shipper::priority::CpuPriority;
 use shipper::{Control, ShipperConfig, Status};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -153,6 +154,12 @@ struct RunArgs {
     /// the disk, drop it and resync the whole disk by digest (0 = never, at most 100).
     #[arg(long, default_value_t = shipper::backlog::DEFAULT_PERCENT)]
     backlog_resync_percent: u32,
+    /// How the shipping threads are scheduled: `yield` runs them in the background
+    /// (SCHED_IDLE, only on CPU the application leaves idle) until the ring is half full
+    /// or the RPO reaches half of --rpo-threshold-ms, then at normal priority until it
+    /// caught up; `normal` always at normal priority.
+    #[arg(long, value_enum, default_value_t = CpuPriority::Yield)]
+    cpu_priority: CpuPriority,
     /// Ship everything already in the ring, then exit.
     #[arg(long)]
     drain: bool,
@@ -309,6 +316,7 @@ fn ship(args: RunArgs) -> Result<()> {
             config.sealers = args.sealers;
             config.retry_unit = Duration::from_millis(args.retry_unit_ms);
             config.rpo_threshold = Duration::from_millis(args.rpo_threshold_ms);
+            config.cpu_priority = args.cpu_priority;
             config.status_path = args.status.clone();
             config.initial_sync = !args.no_initial_sync;
             config.resync_block_bytes = shipper::config::resync_block_bytes(args.resync_block_kib)

@@ -21,6 +21,7 @@
 use crate::backlog;
 use crate::chain_state;
 use crate::error::{Result, ShipperError};
+use crate::priority::{CpuPriority, Priority, ThreadPriority};
 use crate::retry::RetrySchedule;
 use crate::status::Status;
 use blkfilter::ring::Consumer;
@@ -66,12 +67,15 @@ pub struct ShipperConfig {
     /// When the staged backlog (segments staged but not uploaded) exceeds this percent
     /// of the disk, drop it and resync the whole disk by digest (0 = never).
     pub backlog_resync_percent: u32,
+    /// How the pipeline threads are scheduled ([`crate::priority`]).
+    pub cpu_priority: CpuPriority,
 }
 
 impl ShipperConfig {
     /// A config with the defaults: 1 s segments of at most 8 MiB, two sealers, the
     /// retry unit a minute, RPO threshold 30 s, initial sync on, 64 KiB resync blocks,
-    /// the staged backlog dropped above 50% of the disk.
+    /// the staged backlog dropped above 50% of the disk, normal CPU priority (the
+    /// `shipper` command yields by default).
     pub fn new(volume: VolumeId, ring_path: PathBuf, staging_dir: PathBuf, key: Key) -> Self {
         ShipperConfig {
             volume,
@@ -87,6 +91,7 @@ impl ShipperConfig {
             initial_sync: true,
             resync_block_bytes: changelog::digests::DEFAULT_BLOCK_BYTES,
             backlog_resync_percent: backlog::DEFAULT_PERCENT,
+            cpu_priority: CpuPriority::Normal,
         }
     }
 
@@ -303,11 +308,13 @@ pub fn run(
     let (sealed_tx, sealed_rx) = bounded::<Result<Sealed>>(sealers * 2);
     let (staged_tx, staged_rx) = unbounded::<Staged>();
 
+    let priority = Priority::new(config.cpu_priority);
+    let priority = &priority;
     let finished = AtomicBool::new(false);
     let result: Result<(ChainCursor, u64)> = std::thread::scope(|scope| {
         let reader = spawn_named(scope, "ship-reader", || {
             let r = read_ring(
-                config, &dir, &ring, &cursor, &chain, &board, &control, job_tx, spare_rx,
+                config, &dir, &ring, &cursor, &chain, &board, &control, job_tx, spare_rx, priority,
             );
             stop_on_err(&r, &control);
             r
@@ -315,12 +322,14 @@ pub fn run(
         for _ in 0..sealers {
             let (jobs, out, spare) = (job_rx.clone(), sealed_tx.clone(), spare_tx.clone());
             spawn_named(scope, "ship-sealer", move || {
-                seal_jobs(config, &jobs, &out, &spare)
+                seal_jobs(config, &jobs, &out, &spare, priority)
             });
         }
         drop((job_rx, sealed_tx, spare_tx));
         let stager = spawn_named(scope, "ship-stager", || {
-            let r = stage(config, &dir, &ring, &chain, &board, sealed_rx, staged_tx);
+            let r = stage(
+                config, &dir, &ring, &chain, &board, sealed_rx, staged_tx, priority,
+            );
             stop_on_err(&r, &control);
             r
         });
@@ -334,6 +343,7 @@ pub fn run(
                 &chain,
                 &board,
                 &control,
+                priority,
             );
             stop_on_err(&r, &control);
             r
@@ -345,11 +355,11 @@ pub fn run(
             r
         });
         let mut last_publish = Instant::now();
-        publish(config, &board, &ring);
+        publish(config, &board, &ring, priority);
         while !(reader.is_finished() && stager.is_finished() && uploader.is_finished()) {
             std::thread::sleep(Duration::from_millis(5));
             if last_publish.elapsed() >= STATUS_INTERVAL {
-                publish(config, &board, &ring);
+                publish(config, &board, &ring, priority);
                 last_publish = Instant::now();
             }
         }
@@ -369,7 +379,7 @@ pub fn run(
         let what = e.to_string();
         board.update(|s| s.critical = Some(what));
     }
-    publish(config, &board, &ring);
+    publish(config, &board, &ring, priority);
     let (cursor, segments_uploaded) = result?;
     Ok(RunSummary {
         segments_uploaded,
@@ -396,9 +406,19 @@ fn stop_on_err<T>(r: &Result<T>, control: &Control) {
     }
 }
 
-fn publish(config: &ShipperConfig, board: &Board, ring: &Consumer) {
+/// Takes a status snapshot: moves the threads' CPU priority by it, and writes it to
+/// the status file if there is one.
+fn publish(config: &ShipperConfig, board: &Board, ring: &Consumer, priority: &Priority) {
+    let mut status = board.snapshot(ring);
+    priority.update(
+        status.ring_used_bytes,
+        status.ring_capacity_bytes,
+        status.rpo_ms,
+        config.rpo_threshold.as_millis() as u64,
+    );
+    status.background = priority.background();
     if let Some(path) = &config.status_path {
-        if let Err(e) = board.snapshot(ring).write(path) {
+        if let Err(e) = status.write(path) {
             log::warn!("{e}");
         }
     }
@@ -416,7 +436,9 @@ fn read_ring(
     control: &Control,
     jobs: Sender<SealJob>,
     spare_bodies: Receiver<Vec<u8>>,
+    priority: &Priority,
 ) -> Result<()> {
+    let mut thread_priority = ThreadPriority::new(priority);
     let mut pos = ring.released();
     let mut next_index = cursor.next_index;
     let mut epoch = cursor.epoch.expect("recover() fixes the epoch");
@@ -474,6 +496,7 @@ fn read_ring(
         if control.stopping() {
             return Ok(());
         }
+        thread_priority.follow();
         if backlog_limit.is_some_and(|limit| board.staged_bytes.load(Ordering::Relaxed) > limit) {
             match drop_backlog(config, dir, ring, chain, board, control, next_index)? {
                 DropOutcome::Stopping => return Ok(()),
@@ -644,8 +667,11 @@ fn seal_jobs(
     jobs: &Receiver<SealJob>,
     out: &Sender<Result<Sealed>>,
     spare_bodies: &Sender<Vec<u8>>,
+    priority: &Priority,
 ) {
+    let mut thread_priority = ThreadPriority::new(priority);
     for mut job in jobs {
+        thread_priority.follow();
         let params = SealParams {
             volume: config.volume.clone(),
             epoch: job.epoch,
@@ -669,6 +695,7 @@ fn seal_jobs(
 }
 
 /// The stager: put sealed segments in order, link, write durably, release the ring.
+#[allow(clippy::too_many_arguments)]
 fn stage(
     config: &ShipperConfig,
     dir: &Path,
@@ -677,10 +704,13 @@ fn stage(
     board: &Board,
     sealed: Receiver<Result<Sealed>>,
     staged: Sender<Staged>,
+    priority: &Priority,
 ) -> Result<ChainCursor> {
+    let mut thread_priority = ThreadPriority::new(priority);
     let mut uring = Uring::new(8).map_err(|e| ShipperError::io("io_uring setup", e))?;
     let mut waiting: BTreeMap<u64, Sealed> = BTreeMap::new();
     for item in sealed {
+        thread_priority.follow();
         let item = item?;
         waiting.insert(item.job_index, item);
         loop {
@@ -749,7 +779,9 @@ fn upload(
     chain: &Chain,
     board: &Board,
     control: &Control,
+    priority: &Priority,
 ) -> Result<u64> {
+    let mut thread_priority = ThreadPriority::new(priority);
     let schedule = RetrySchedule {
         unit: config.retry_unit,
     };
@@ -766,6 +798,7 @@ fn upload(
         mut bytes,
     } in backlog.chain(staged)
     {
+        thread_priority.follow();
         let path = dir.join(segment_file_name(index));
         let mut attempt = 0u32;
         loop {

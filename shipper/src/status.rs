@@ -70,6 +70,10 @@ pub struct Status {
     pub backlog_resync: bool,
     pub rpo_ms: u64,
     pub rpo_threshold_ms: u64,
+    /// The shipping threads run in the background (SCHED_IDLE, `cpu_priority = yield`
+    /// while shipping keeps up).
+    #[serde(default)]
+    pub background: bool,
     pub records_captured: u64,
     pub bytes_plain: u64,
     pub bytes_sealed: u64,
