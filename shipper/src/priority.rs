@@ -11,8 +11,10 @@
 //!   saturated CPU delays shipping by at most about half the RPO threshold and never
 //!   overflows the ring on its own, while an idle CPU ships at full speed anyway
 //!   (`SCHED_IDLE` threads run whenever a CPU has nothing else to do).
+//! * *Normal* is the policy the thread had when it started following (SCHED_OTHER
+//!   at the process's nice value, or whatever `chrt` gave the process).
 //! * Leaving `SCHED_IDLE` needs `CAP_SYS_NICE` (the root service has it) or a
-//!   permissive `RLIMIT_NICE`. [`Priority::new`] checks that on the calling thread
+//!   permissive `RLIMIT_NICE`. [`Priority::new`] checks that on a throwaway thread
 //!   first and otherwise runs at normal priority all along: a thread stuck in
 //!   `SCHED_IDLE` could starve while the ring fills.
 //! * Only threads that call [`ThreadPriority::follow`] change policy; io_uring's
@@ -59,11 +61,17 @@ pub struct Priority {
 }
 
 impl Priority {
-    /// With [`CpuPriority::Yield`], checks that this thread may switch to `SCHED_IDLE`
-    /// and back; if not, logs why and stays normal.
+    /// With [`CpuPriority::Yield`], checks that a thread may switch to `SCHED_IDLE`
+    /// and back (on a thread of its own, so the caller's policy stays as it is); if
+    /// not, logs why and stays normal.
     pub fn new(mode: CpuPriority) -> Priority {
+        let probe = || {
+            let normal = ThreadPolicy::current()?;
+            ThreadPolicy::background().apply()?;
+            normal.apply()
+        };
         let yielding = mode == CpuPriority::Yield
-            && match set_thread_policy(true).and_then(|()| set_thread_policy(false)) {
+            && match std::thread::scope(|s| s.spawn(probe).join().expect("probe thread")) {
                 Ok(()) => true,
                 Err(e) => {
                     log::info!(
@@ -106,15 +114,25 @@ impl Priority {
 /// One pipeline thread's side: applies [`Priority`] to the calling thread.
 pub struct ThreadPriority<'a> {
     shared: &'a Priority,
-    /// What this thread has now (threads start normal).
+    /// The thread's policy when it started following: what normal means for it.
+    normal: Option<ThreadPolicy>,
+    /// Whether the thread is in the background now.
     background: bool,
 }
 
 impl<'a> ThreadPriority<'a> {
     /// Call on the thread it is for, then [`ThreadPriority::follow`] in its loop.
     pub fn new(shared: &'a Priority) -> ThreadPriority<'a> {
+        let normal = match ThreadPolicy::current() {
+            Ok(policy) => Some(policy),
+            Err(e) => {
+                log::warn!("reading this thread's CPU policy: {e}; it stays as it is");
+                None
+            }
+        };
         let mut this = ThreadPriority {
             shared,
+            normal,
             background: false,
         };
         this.follow();
@@ -125,10 +143,15 @@ impl<'a> ThreadPriority<'a> {
     /// when it did not (one atomic load).
     pub fn follow(&mut self) {
         let want = self.shared.background();
-        if want == self.background {
+        let Some(normal) = self.normal.filter(|_| want != self.background) else {
             return;
-        }
-        match set_thread_policy(want) {
+        };
+        let policy = if want {
+            ThreadPolicy::background()
+        } else {
+            normal
+        };
+        match policy.apply() {
             Ok(()) => self.background = want,
             // Checked possible by Priority::new; a failure here leaves the thread as
             // it was and is retried at the next call.
@@ -137,21 +160,51 @@ impl<'a> ThreadPriority<'a> {
     }
 }
 
-/// `SCHED_IDLE` (background) or `SCHED_OTHER` for the calling thread.
-fn set_thread_policy(background: bool) -> std::io::Result<()> {
-    let policy = if background {
-        libc::SCHED_IDLE
-    } else {
-        libc::SCHED_OTHER
-    };
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: pid 0 names the calling thread; `param` is a valid sched_param that
-    // lives across the call, which only reads it.
-    let rc = unsafe { libc::sched_setscheduler(0, policy, &param) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
+/// A thread's scheduling policy and its parameter.
+#[derive(Clone, Copy)]
+struct ThreadPolicy {
+    policy: libc::c_int,
+    priority: libc::c_int,
+}
+
+impl ThreadPolicy {
+    fn background() -> ThreadPolicy {
+        ThreadPolicy {
+            policy: libc::SCHED_IDLE,
+            priority: 0,
+        }
+    }
+
+    /// The calling thread's.
+    fn current() -> std::io::Result<ThreadPolicy> {
+        // SAFETY: pid 0 names the calling thread; no pointers involved.
+        let policy = unsafe { libc::sched_getscheduler(0) };
+        if policy < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: `param` is a valid, writable sched_param for the call's duration.
+        if unsafe { libc::sched_getparam(0, &mut param) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(ThreadPolicy {
+            policy,
+            priority: param.sched_priority,
+        })
+    }
+
+    /// Gives it to the calling thread.
+    fn apply(self) -> std::io::Result<()> {
+        let param = libc::sched_param {
+            sched_priority: self.priority,
+        };
+        // SAFETY: pid 0 names the calling thread; `param` is a valid sched_param that
+        // lives across the call, which only reads it.
+        if unsafe { libc::sched_setscheduler(0, self.policy, &param) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
     }
 }
 
@@ -196,6 +249,24 @@ mod tests {
                 shared.update(100, 1000, 0, 30_000);
                 thread.follow();
                 assert_eq!(policy(), libc::SCHED_IDLE);
+            });
+        });
+        // A thread that started elsewhere (chrt --batch, say) goes back there, and the
+        // probe in Priority::new leaves its caller's policy alone.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let batch = ThreadPolicy {
+                    policy: libc::SCHED_BATCH,
+                    priority: 0,
+                };
+                batch.apply().unwrap();
+                let shared = Priority::new(CpuPriority::Yield);
+                assert_eq!(policy(), libc::SCHED_BATCH);
+                let mut thread = ThreadPriority::new(&shared);
+                assert_eq!(policy(), libc::SCHED_IDLE);
+                shared.update(600, 1000, 0, 30_000);
+                thread.follow();
+                assert_eq!(policy(), libc::SCHED_BATCH);
             });
         });
         let normal = Priority::new(CpuPriority::Normal);
