@@ -549,6 +549,14 @@ fn print_status(s: &Status) {
         "captured         {} records, {} bytes -> {} sealed",
         s.records_captured, s.bytes_plain, s.bytes_sealed
     );
+    println!(
+        "CPU              {}",
+        if s.background {
+            "background (SCHED_IDLE: keeping up)"
+        } else {
+            "normal priority"
+        }
+    );
     if let Some(e) = &s.last_error {
         println!("last error       {e}");
     }
