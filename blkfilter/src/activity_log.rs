@@ -286,27 +286,14 @@ impl ActivityLog {
         released_seq: u64,
         in_flight: &[(u64, u64)],
     ) -> Result<u64, ActivityLogError> {
-        let mut busy = vec![false; self.last_seq.len()];
-        for &(start, end) in in_flight.iter().filter(|(s, e)| s < e) {
-            for e in self.extents_of(start, end - start) {
-                busy[e as usize] = true;
-            }
-        }
         let mut cooled = 0;
         let mut pages = Vec::new();
-        for e in 0..self.last_seq.len() as u64 {
-            let e_us = e as usize;
-            if self.is_hot(e)
-                && !self.pinned[e_us]
-                && !busy[e_us]
-                && self.last_seq[e_us] <= released_seq
-            {
-                self.bits[(e / 64) as usize] &= !(1 << (e % 64));
-                cooled += 1;
-                let page = e / 64 * 8 / PAGE;
-                if pages.last() != Some(&page) {
-                    pages.push(page);
-                }
+        for e in self.coolable(released_seq, in_flight) {
+            self.bits[(e / 64) as usize] &= !(1 << (e % 64));
+            cooled += 1;
+            let page = e / 64 * 8 / PAGE;
+            if pages.last() != Some(&page) {
+                pages.push(page);
             }
         }
         for page in pages {
@@ -315,10 +302,28 @@ impl ActivityLog {
         Ok(cooled)
     }
 
-    /// Whether [`ActivityLog::evict`] with `released_seq` would cool anything.
-    pub fn would_cool(&self, released_seq: u64) -> bool {
+    /// Whether [`ActivityLog::evict`] with the same arguments would cool anything.
+    pub fn would_cool(&self, released_seq: u64, in_flight: &[(u64, u64)]) -> bool {
+        !self.coolable(released_seq, in_flight).is_empty()
+    }
+
+    /// The extents [`ActivityLog::evict`] cools, in order.
+    fn coolable(&self, released_seq: u64, in_flight: &[(u64, u64)]) -> Vec<u64> {
+        let mut busy = vec![false; self.last_seq.len()];
+        for &(start, end) in in_flight.iter().filter(|(s, e)| s < e) {
+            for e in self.extents_of(start, end - start) {
+                busy[e as usize] = true;
+            }
+        }
         (0..self.last_seq.len())
-            .any(|e| self.is_hot(e as u64) && !self.pinned[e] && self.last_seq[e] <= released_seq)
+            .filter(|&e| {
+                self.is_hot(e as u64)
+                    && !self.pinned[e]
+                    && !busy[e]
+                    && self.last_seq[e] <= released_seq
+            })
+            .map(|e| e as u64)
+            .collect()
     }
 
     /// Hot extents now, and all extents.
@@ -421,6 +426,11 @@ mod tests {
             ((13 << 20) + 8192, (13 << 20) + 12288),
             ((28 << 20) - 512, (28 << 20) + 512),
         ];
+        assert!(
+            !log.would_cool(5, &in_flight),
+            "no flush for nothing to cool"
+        );
+        assert!(log.would_cool(5, &[]));
         assert_eq!(log.evict(5, &in_flight).unwrap(), 0);
         assert_eq!(log.hot_count(), (3, 16));
         // Once recorded and released they cool.

@@ -179,7 +179,8 @@ impl Capture {
             self.resync()?;
         }
         self.recorder.serve_mark_requests();
-        if let Some(released) = self.recorder.activity_log_evictable() {
+        // Between requests nothing is in flight.
+        if let Some(released) = self.recorder.activity_log_evictable(&[]) {
             let fd = self.backing.as_raw_fd();
             self.uring
                 .fsync(fd, true)
@@ -187,7 +188,6 @@ impl Capture {
                     path: self.path.clone(),
                     source,
                 })?;
-            // Between requests nothing is in flight.
             self.recorder.activity_log_evict(released, &[]);
         }
         self.recorder.digest_poll();
@@ -431,8 +431,11 @@ impl Recorder {
     /// The caller flushes the backing, then calls [`Recorder::activity_log_evict`] with
     /// it (see [`crate::activity_log`] for why the flush comes first).
     /// Scans the log only when `released_seq` moved since the last scan: `Capture`
-    /// calls this before every request.
-    pub fn activity_log_evictable(&mut self) -> Option<u64> {
+    /// calls this before every request. Extents touched by `in_flight` writes do not
+    /// count (they cannot cool yet: see [`Recorder::activity_log_evict`]), so they cost
+    /// no flush; they can cool only once their records are released, which moves
+    /// `released_seq` and brings a new scan.
+    pub fn activity_log_evictable(&mut self, in_flight: &[(u64, u64)]) -> Option<u64> {
         let log = self.activity_log.as_ref()?;
         let released = self.ring.released_seq();
         if released == self.activity_log_scanned_at {
@@ -443,7 +446,7 @@ impl Recorder {
             return None; // scan again once the resync is over
         }
         self.activity_log_scanned_at = released;
-        log.would_cool(released).then_some(released)
+        log.would_cool(released, in_flight).then_some(released)
     }
 
     /// Cools the extents whose records up to `released_seq` are staged, except those
