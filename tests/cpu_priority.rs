@@ -28,11 +28,6 @@ fn policies(name: &str) -> Vec<u32> {
     out
 }
 
-fn status(fixture: &Fixture) -> Option<shipper::Status> {
-    let text = std::fs::read_to_string(fixture.path("status.json")).ok()?;
-    serde_json::from_str(&text).ok()
-}
-
 /// Polls `f` for up to 30 s.
 fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -64,57 +59,82 @@ fn yield_runs_in_the_background_unless_behind_and_normal_never_does() {
     normal();
 }
 
+/// A pipeline shipping a `size`-byte volume in this process, and its source.
+struct Shipping {
+    fixture: Fixture,
+    capture: blkfilter::capture::Capture,
+    model: Model,
+    control: std::sync::Arc<shipper::Control>,
+    shipper: std::thread::JoinHandle<shipper::Result<shipper::RunSummary>>,
+}
+
+impl Shipping {
+    fn start(size: u64, cpu_priority: CpuPriority, rpo_threshold: Duration) -> Shipping {
+        let fixture = Fixture::new(size);
+        let capture = fixture.capture(2 * size);
+        let mut config = fixture.shipper_config();
+        config.cpu_priority = cpu_priority;
+        config.sealers = 2;
+        config.rpo_threshold = rpo_threshold;
+        let (control, shipper) = fixture.spawn_shipper(config);
+        Shipping {
+            fixture,
+            capture,
+            model: Model::new(size),
+            control,
+            shipper,
+        }
+    }
+
+    fn write(&mut self, ops: impl IntoIterator<Item = blkfilter::workload::WorkOp>) {
+        drive(&mut self.capture, &mut self.model, ops);
+    }
+
+    fn status(&self) -> Option<shipper::Status> {
+        let text = std::fs::read_to_string(self.fixture.path("status.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Drains, then checks the replica at every point: yielding loses no write.
+    fn finish(self) {
+        self.control.drain();
+        self.shipper.join().unwrap().expect("shipper run");
+        apply_and_check_every_point(&self.fixture, &self.model, "replica");
+    }
+}
+
 fn yielding() {
     let size = 16 << 20;
-    let fixture = Fixture::new(size);
-    let mut capture = fixture.capture(32 << 20);
-    let mut model = Model::new(size);
-    let mut config = fixture.shipper_config();
-    config.cpu_priority = CpuPriority::Yield;
-    config.sealers = 2;
     // Behind as soon as anything waits 5 ms: streaming writes keep it behind.
-    config.rpo_threshold = Duration::from_millis(10);
-    let (control, shipper) = fixture.spawn_shipper(config);
-
+    let mut run = Shipping::start(size, CpuPriority::Yield, Duration::from_millis(10));
     eventually("every pipeline thread in SCHED_IDLE while idle", || {
-        pipeline_threads(SCHED_IDLE) && status(&fixture).is_some_and(|s| s.background)
+        pipeline_threads(SCHED_IDLE) && run.status().is_some_and(|s| s.background)
     });
     let mut writes = Workload::new(7, size);
     eventually("normal priority while writes stream in", || {
-        for _ in 0..20 {
-            drive(&mut capture, &mut model, writes.next());
-        }
-        pipeline_threads(SCHED_OTHER) && status(&fixture).is_some_and(|s| !s.background)
+        run.write(writes.by_ref().take(20));
+        pipeline_threads(SCHED_OTHER) && run.status().is_some_and(|s| !s.background)
     });
     // Blocked stages switch when their next item wakes them; the reader polls.
     eventually("back in the background once caught up", || {
-        status(&fixture).is_some_and(|s| s.background) && policies("ship-reader") == [SCHED_IDLE]
+        run.status().is_some_and(|s| s.background) && policies("ship-reader") == [SCHED_IDLE]
     });
-    control.drain();
-    shipper.join().unwrap().expect("shipper run");
-    apply_and_check_every_point(&fixture, &model, "replica");
+    run.finish();
 }
 
 fn normal() {
     let size = 4 << 20;
-    let fixture = Fixture::new(size);
-    let mut capture = fixture.capture(8 << 20);
-    let mut model = Model::new(size);
-    let mut config = fixture.shipper_config();
-    config.cpu_priority = CpuPriority::Normal;
-    config.sealers = 2;
-    let (control, shipper) = fixture.spawn_shipper(config);
-    eventually("the pipeline running", || status(&fixture).is_some());
+    let mut run = Shipping::start(size, CpuPriority::Normal, Duration::from_secs(30));
+    eventually("the pipeline running", || run.status().is_some());
+    let mut writes = Workload::new(3, size);
     for _ in 0..10 {
-        drive(&mut capture, &mut model, Workload::new(3, size).take(20));
+        run.write(writes.by_ref().take(20));
         std::thread::sleep(Duration::from_millis(30));
         assert!(
             pipeline_threads(SCHED_OTHER),
             "a pipeline thread left SCHED_OTHER"
         );
-        assert!(!status(&fixture).unwrap().background);
+        assert!(!run.status().unwrap().background);
     }
-    control.drain();
-    shipper.join().unwrap().expect("shipper run");
-    apply_and_check_every_point(&fixture, &model, "replica");
+    run.finish();
 }

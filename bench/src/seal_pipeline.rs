@@ -6,9 +6,9 @@
 //! writes by default; `seal` skips lz4 for them). For each it prints MB/s (of record
 //! bytes) for lz4 alone, AES-256-GCM alone (RustCrypto `aes-gcm` and `ring`), `seal` on
 //! one core (lz4 + GCM, the single-core stage limit), and the whole pipeline with N
-//! sealer threads, and the pipeline's ratio to N × the single-core limit. Staging and store live on tmpfs
-//! (/dev/shm) so the disk is not what is measured; uploads go to a store that drops
-//! them (the path measured is ring → seal → staging).
+//! sealer threads, and the pipeline's ratio to N × the single-core limit. Staging and
+//! store live on tmpfs (/dev/shm) so the disk is not what is measured; uploads go to a
+//! store that drops them (the path measured is ring → seal → staging).
 //!
 //! Usage: seal-pipeline [MiB per stream, default 512]
 
