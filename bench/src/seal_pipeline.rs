@@ -176,8 +176,10 @@ fn main() {
         .init();
     let args: Vec<String> = std::env::args().collect();
     let mib: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(512);
-    if std::env::var_os("PIPELINE_ONLY").is_some() {
-        let stream = make_stream("4 KiB random", mib << 20, 4096, true, false);
+    if let Some(which) = std::env::var_os("PIPELINE_ONLY") {
+        // PIPELINE_ONLY=incompressible profiles the incompressible stream instead.
+        let noise = which == "incompressible";
+        let stream = make_stream("4 KiB random", mib << 20, 4096, true, noise);
         println!(
             "pipeline only, 1 sealer: {:.0} MB/s",
             pipeline_speed(&stream, 1)
