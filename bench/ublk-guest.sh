@@ -21,7 +21,7 @@ truncate -s $SIZE $w/backing
 dd if=/dev/urandom of=$w/backing bs=1M count=1024 status=none conv=notrunc
 
 JOBS=("randwrite 4k 32" "randread 4k 32" "write 1M 8")
-declare -A RESULT
+declare -A RESULT BACKLOG
 
 # run_jobs CONFIG DEV: each job, result in IOPS (4k) or MiB/s (1M).
 run_jobs() {
@@ -40,6 +40,7 @@ run_jobs() {
     echo "  round $ROUND: $config $rw $bs QD$qd: $value" >&2
     # Best of the rounds: TCG noise only ever slows a run down.
     if [ "$value" -gt "${RESULT["$config/$job"]:-0}" ]; then RESULT["$config/$job"]=$value; fi
+    [ -n "${AFTER_JOB:-}" ] && $AFTER_JOB "$config/$job" "$value"
   done
 }
 
@@ -92,16 +93,32 @@ protected() {
   # load the next; then the store is cleared so tmpfs does not fill.
   drain_and_clear_store() {
     local i
-    for ((i = 0; i < 600; i++)); do
+    for ((i = 0; i < 1500; i++)); do
       if [ -f $w/status.json ] && grep -q '"ring_used_bytes": 0,' $w/status.json &&
         grep -q '"segments_pending_upload": 0,' $w/status.json; then
         break
       fi
-      sleep 0.5
+      sleep 0.2
     done
     rm -f $w/store/vol0/*.seg
   }
-  BEFORE_JOB=drain_and_clear_store run_jobs "$config" "$dev"
+  # What the shipper left behind when fio stopped, and how long it took to catch up:
+  # the figure fio saw, spread over the job plus that catch-up ("sustained"), is what
+  # the volume could take if the shipper had to keep up all the time.
+  measure_backlog() {
+    local key=$1 value=$2 used start drain sustained
+    used=$(sed -nE 's/.*"ring_used_bytes": ([0-9]+),.*/\1/p' $w/status.json 2>/dev/null | head -1)
+    start=$(date +%s.%N)
+    drain_and_clear_store
+    drain=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+    sustained=$(awk -v v="$value" -v t="$RUNTIME" -v d="$drain" 'BEGIN { printf "%d", v * t / (t + d) }')
+    echo "    ring backlog when fio stopped: $((${used:-0} >> 20)) MiB, caught up in $drain s: sustained $sustained" >&2
+    if [ "$sustained" -gt "${RESULT["$config-sustained/${key#*/}"]:-0}" ]; then
+      RESULT["$config-sustained/${key#*/}"]=$sustained
+    fi
+    if [ "$((${used:-0} >> 20))" -gt "${BACKLOG[$config]:-0}" ]; then BACKLOG[$config]=$((${used:-0} >> 20)); fi
+  }
+  BEFORE_JOB=drain_and_clear_store AFTER_JOB=measure_backlog run_jobs "$config" "$dev"
   if grep -q '"ring_overflow": true' $w/status.json; then OVERFLOW="yes ($config, round $ROUND)"; fi
   kill $shipper; wait $shipper 2>/dev/null || true
   $BIN/blkfilter detach --id 0 >/dev/null; sleep 1
@@ -144,17 +161,18 @@ for ROUND in $(seq "${BENCH_ROUNDS:-2}"); do
   done
 done
 
-configs=(loop no-capture capture-only protected protected-normal dm-log-writes rublk rublk-a)
+configs=(loop no-capture capture-only protected protected-sustained protected-normal protected-normal-sustained dm-log-writes rublk rublk-a)
 printf '| job |'; for c in "${configs[@]}"; do printf ' %s |' "$c"; done
-printf ' no-capture / rublk | rublk -a / rublk | capture-only / no-capture | protected / no-capture | protected-normal / no-capture | dm-log-writes / loop |\n'
-printf '|---|'; for _ in "${configs[@]}"; do printf -- '---|'; done; printf -- '---|---|---|---|---|---|\n'
+printf ' no-capture / rublk | rublk -a / rublk | capture-only / no-capture | protected / no-capture | protected sustained / no-capture | protected-normal / no-capture | dm-log-writes / loop |\n'
+printf '|---|'; for _ in "${configs[@]}"; do printf -- '---|'; done; printf -- '---|---|---|---|---|---|---|\n'
 for job in "${JOBS[@]}"; do
   read -r rw bs qd <<<"$job"
   unit=$([ "$bs" = 4k ] && echo IOPS || echo MiB/s)
   printf '| %s %s QD%s (%s) |' "$rw" "$bs" "$qd" "$unit"
   for c in "${configs[@]}"; do printf ' %s |' "${RESULT["$c/$job"]:--}"; done
   ratio() { awk -v a="${RESULT["$1/$job"]:-0}" -v b="${RESULT["$2/$job"]:-0}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'; }
-  printf ' %s | %s | %s | %s | %s | %s |\n' "$(ratio no-capture rublk)" "$(ratio rublk-a rublk)" "$(ratio capture-only no-capture)" "$(ratio protected no-capture)" "$(ratio protected-normal no-capture)" "$(ratio dm-log-writes loop)"
+  printf ' %s | %s | %s | %s | %s | %s | %s |\n' "$(ratio no-capture rublk)" "$(ratio rublk-a rublk)" "$(ratio capture-only no-capture)" "$(ratio protected no-capture)" "$(ratio protected-sustained no-capture)" "$(ratio protected-normal no-capture)" "$(ratio dm-log-writes loop)"
 done
 echo
+echo "Sustained: the protected figure times ${RUNTIME} s / (${RUNTIME} s + the time the shipper then took to empty the ring and upload). Largest ring backlog when fio stopped: protected ${BACKLOG[protected]:-0} MiB, protected-normal ${BACKLOG[protected-normal]:-0} MiB (ring 1024 MiB)."
 echo "Best of ${BENCH_ROUNDS:-2} rounds (alternating order). Ring overflowed during the protected runs: $OVERFLOW (under TCG the shipper can fall behind; writes that overflow go to the dirty bitmap, which is cheaper than recording)."
