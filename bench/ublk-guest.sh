@@ -40,7 +40,7 @@ run_jobs() {
     echo "  round $ROUND: $config $rw $bs QD$qd: $value" >&2
     # Best of the rounds: TCG noise only ever slows a run down.
     if [ "$value" -gt "${RESULT["$config/$job"]:-0}" ]; then RESULT["$config/$job"]=$value; fi
-    [ -n "${AFTER_JOB:-}" ] && $AFTER_JOB "$config/$job" "$value"
+    if [ -n "${AFTER_JOB:-}" ]; then $AFTER_JOB "$config/$job" "$value"; fi
   done
 }
 
