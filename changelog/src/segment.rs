@@ -503,7 +503,10 @@ mod tests {
             }
             body
         };
-        assert!(!worth_compressing(&with_zero_runs(300)), "7 %: not worth it");
+        assert!(
+            !worth_compressing(&with_zero_runs(300)),
+            "7 %: not worth it"
+        );
         assert!(worth_compressing(&with_zero_runs(800)), "20 %: worth it");
     }
 }

@@ -7,7 +7,7 @@
 //! and refuses different bytes under an existing name.
 
 use crate::error::{Error, Result};
-use crate::uring::{write_file_atomic, Uring};
+use crate::uring::{sync_dir, write_file_atomic, Uring};
 use crate::volume::VolumeId;
 use std::path::{Path, PathBuf};
 
@@ -29,6 +29,14 @@ pub trait TargetStore: Send + Sync {
     /// Stores segment `index` of `volume` durably. Idempotent for identical bytes;
     /// [`Error::Conflict`] for different bytes under the same index.
     fn put(&self, volume: &VolumeId, index: u64, bytes: &[u8]) -> Result<()>;
+    /// [`TargetStore::put`] for a segment whose `bytes` are also in `staged`, a complete
+    /// and durable file that is never written again (the caller removes it after
+    /// success). A store on the same file system may take the file itself instead of
+    /// writing a copy; by default the bytes are put.
+    fn put_staged(&self, volume: &VolumeId, index: u64, bytes: &[u8], staged: &Path) -> Result<()> {
+        let _ = staged;
+        self.put(volume, index, bytes)
+    }
     /// Reads segment `index`; `None` when absent.
     fn get(&self, volume: &VolumeId, index: u64) -> Result<Option<Vec<u8>>>;
     /// The indexes present for `volume`, ascending.
@@ -98,6 +106,23 @@ impl TargetStore for LocalDirStore {
         let mut uring = Uring::new(4).map_err(|e| Error::io("setting up io_uring", e))?;
         write_file_atomic(&mut uring, &dir, &segment_file_name(index), bytes)
             .map_err(|e| Error::io(format!("writing {}", path.display()), e))
+    }
+
+    /// Hard-links the staged file into the store when both share a file system: the
+    /// segment is not written a second time (on the embedded default, staging and store
+    /// often share a disk). Anything else, or a name already taken (checked as `put`
+    /// does), goes through `put`.
+    fn put_staged(&self, volume: &VolumeId, index: u64, bytes: &[u8], staged: &Path) -> Result<()> {
+        let dir = self.volume_dir(volume);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("creating store directory {}", dir.display()), e))?;
+        let path = self.segment_path(volume, index);
+        if std::fs::hard_link(staged, &path).is_err() {
+            // Another file system (EXDEV), no hard links there, or the name exists.
+            return self.put(volume, index, bytes);
+        }
+        let mut uring = Uring::new(2).map_err(|e| Error::io("setting up io_uring", e))?;
+        sync_dir(&mut uring, &dir).map_err(|e| Error::io(format!("syncing {}", dir.display()), e))
     }
 
     fn get(&self, volume: &VolumeId, index: u64) -> Result<Option<Vec<u8>>> {
@@ -203,6 +228,52 @@ pub fn list_segment_dir(dir: &Path) -> Result<Vec<u64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_staged_segment_is_linked_not_copied_and_stays_idempotent() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalDirStore::new(dir.path().join("store"));
+        let vol = VolumeId::new("v").unwrap();
+        let staged = dir.path().join("staged.seg");
+        std::fs::write(&staged, b"sealed").unwrap();
+        store.put_staged(&vol, 7, b"sealed", &staged).unwrap();
+        let stored = store.segment_path(&vol, 7);
+        assert_eq!(
+            std::fs::metadata(&stored).unwrap().ino(),
+            std::fs::metadata(&staged).unwrap().ino(),
+            "same file system: the staged file itself is in the store"
+        );
+        // A re-upload after a crash (staged file not yet removed) is a no-op; different
+        // bytes under the same index are refused, linked or not.
+        store.put_staged(&vol, 7, b"sealed", &staged).unwrap();
+        let other = dir.path().join("other.seg");
+        std::fs::write(&other, b"forged").unwrap();
+        assert!(matches!(
+            store.put_staged(&vol, 7, b"forged", &other),
+            Err(Error::Conflict { .. })
+        ));
+        std::fs::remove_file(&staged).unwrap();
+        assert_eq!(store.get(&vol, 7).unwrap().unwrap(), b"sealed");
+    }
+
+    #[test]
+    fn a_staged_segment_on_another_file_system_is_copied() {
+        use std::os::unix::fs::MetadataExt;
+        let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+        let disk = tempfile::tempdir_in("/var/tmp").unwrap();
+        let staged = shm.path().join("staged.seg");
+        std::fs::write(&staged, b"sealed").unwrap();
+        let store = LocalDirStore::new(disk.path());
+        let vol = VolumeId::new("v").unwrap();
+        store.put_staged(&vol, 1, b"sealed", &staged).unwrap();
+        let stored = std::fs::metadata(store.segment_path(&vol, 1)).unwrap();
+        if stored.dev() != std::fs::metadata(&staged).unwrap().dev() {
+            assert_eq!(stored.nlink(), 1, "written as a copy");
+        }
+        std::fs::remove_file(&staged).unwrap();
+        assert_eq!(store.get(&vol, 1).unwrap().unwrap(), b"sealed");
+    }
 
     #[test]
     fn put_get_list_conflict() {

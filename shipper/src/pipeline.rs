@@ -819,7 +819,7 @@ fn upload(
                 })?,
             };
             let info = changelog::read_info(&data, &path.display().to_string())?;
-            match store.put(&config.volume, index, &data) {
+            match store.put_staged(&config.volume, index, &data, &path) {
                 Ok(()) => {
                     std::fs::remove_file(&path).map_err(|e| {
                         ShipperError::io(format!("removing uploaded {}", path.display()), e)
