@@ -10,6 +10,10 @@
 //! store live on tmpfs (/dev/shm) so the disk is not what is measured; uploads go to a
 //! store that drops them (the path measured is ring → seal → staging).
 //!
+//! With `STORE_AB=DIR` it measures instead the whole path into a local-directory store
+//! under DIR, the uploader hard-linking staged segments into the store against copying
+//! them (`TargetStore::put_staged` against `put`).
+//!
 //! Usage: seal-pipeline [MiB per stream, default 512]
 
 use aes_gcm::aead::AeadInPlace;
@@ -132,19 +136,86 @@ impl TargetStore for Discard {
 
 fn pipeline_speed(stream: &Stream, sealers: usize) -> f64 {
     let dir = tempfile::tempdir_in("/dev/shm").expect("tmpfs dir");
-    let ring_path = dir.path().join("ring");
+    pipeline_speed_into(stream, sealers, dir.path(), Arc::new(Discard))
+}
+
+/// A local-directory store that only has `put`: the uploader writes every segment
+/// again instead of linking the staged file (the default `put_staged`).
+struct CopyingDirStore(changelog::LocalDirStore);
+
+impl TargetStore for CopyingDirStore {
+    fn put(&self, v: &VolumeId, i: u64, b: &[u8]) -> changelog::Result<()> {
+        self.0.put(v, i, b)
+    }
+    fn get(&self, v: &VolumeId, i: u64) -> changelog::Result<Option<Vec<u8>>> {
+        self.0.get(v, i)
+    }
+    fn list(&self, v: &VolumeId) -> changelog::Result<Vec<u64>> {
+        self.0.list(v)
+    }
+    fn put_blob(&self, v: &VolumeId, n: &str, b: &[u8]) -> changelog::Result<()> {
+        self.0.put_blob(v, n, b)
+    }
+    fn get_blob(&self, v: &VolumeId, n: &str) -> changelog::Result<Option<Vec<u8>>> {
+        self.0.get_blob(v, n)
+    }
+    fn delete_blob(&self, v: &VolumeId, n: &str) -> changelog::Result<()> {
+        self.0.delete_blob(v, n)
+    }
+    fn list_blobs(&self, v: &VolumeId) -> changelog::Result<Vec<String>> {
+        self.0.list_blobs(v)
+    }
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+}
+
+/// `STORE_AB=DIR`: the whole path, ring → seal → staging → a local-directory store, with
+/// staging and store both under DIR (one file system), the store linking staged files
+/// against copying them; rounds alternate and the best of each counts.
+fn store_ab(dir: &str, mib: u64) {
+    let stream = make_stream("4 KiB random", mib << 20, 4096, true, false);
+    let (mut linked, mut copied) = (0f64, 0f64);
+    for _ in 0..3 {
+        for link in [true, false] {
+            let base = tempfile::tempdir_in(dir).expect("bench dir");
+            let store = changelog::LocalDirStore::new(base.path().join("store"));
+            let store: Arc<dyn TargetStore> = if link {
+                Arc::new(store)
+            } else {
+                Arc::new(CopyingDirStore(store))
+            };
+            let speed = pipeline_speed_into(&stream, 2, base.path(), store);
+            let best = if link { &mut linked } else { &mut copied };
+            *best = best.max(speed);
+        }
+    }
+    println!("| ring -> seal -> staging -> local-directory store, 4 KiB random, {mib} MiB, staging and store in {dir} | MB/s |");
+    println!("|---|---|");
+    println!("| staged segment copied into the store (put) | {copied:.0} |");
+    println!("| staged segment hard-linked into the store (put_staged) | {linked:.0} |");
+    println!("| ratio linked / copied | {:.2} |", linked / copied);
+}
+
+fn pipeline_speed_into(
+    stream: &Stream,
+    sealers: usize,
+    dir: &std::path::Path,
+    store: Arc<dyn TargetStore>,
+) -> f64 {
+    let ring_dir = tempfile::tempdir_in("/dev/shm").expect("tmpfs dir");
+    let ring_path = ring_dir.path().join("ring");
     let mut producer =
         Producer::create(&ring_path, &RingGeometry::new(256 << 20, 64 << 30)).expect("ring");
     let key = Key::from_bytes([3; 32]);
     let mut config = shipper::ShipperConfig::new(
         VolumeId::new("bench").unwrap(),
         ring_path,
-        dir.path().join("staging"),
+        dir.join("staging"),
         key,
     );
     config.sealers = sealers;
     config.max_segment_bytes = SEGMENT_BYTES;
-    let store = Arc::new(Discard);
     let control = Arc::new(shipper::Control::default());
     let started = Instant::now();
     let runner = {
@@ -176,6 +247,10 @@ fn main() {
         .init();
     let args: Vec<String> = std::env::args().collect();
     let mib: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(512);
+    if let Ok(dir) = std::env::var("STORE_AB") {
+        store_ab(&dir, mib);
+        return;
+    }
     if let Some(which) = std::env::var_os("PIPELINE_ONLY") {
         // PIPELINE_ONLY=incompressible profiles the incompressible stream instead.
         let noise = which == "incompressible";
