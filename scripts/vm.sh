@@ -22,7 +22,8 @@ setup     Install missing host packages (qemu-system-x86 busybox-static cpio xz-
           the newest linux-image-6.12+-amd64-unsigned package that apt offers, extract it
           into the cache and build the initramfs.
           Does nothing slow when everything is cached. Needs root the first time.
-          --update   also run apt-get update and switch to a newer kernel if there is one.
+          --update   also run apt-get update and switch to a newer kernel if there is one
+                     (and try again for a newer qemu if an earlier setup kept the old).
 
 run       Boot the guest (running setup first if needed) and run CMD there in the
           caller's working directory, with the caller's PATH (plus the sbin dirs) and
@@ -164,7 +165,11 @@ ensure_fast_qemu() {
         touch "$CACHE/$QEMU_KEEP_MARKER"
         return 0
     fi
-    need_root "installing qemu from bookworm-backports"
+    if [ "$(id -u)" != 0 ]; then
+        msg "keeping qemu $(qemu_version): 'sudo scripts/vm.sh setup --update' installs a faster one"
+        touch "$CACHE/$QEMU_KEEP_MARKER"
+        return 0
+    fi
     if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
         msg "adding bookworm-backports to apt's sources (/etc/apt/sources.list.d/ublk-dr-backports.list)"
         echo 'deb http://deb.debian.org/debian bookworm-backports main' \
@@ -346,6 +351,7 @@ cmd_setup() {
     fi
     exec 9>>"$CACHE/.lock"
     flock 9
+    [ "$update" = 1 ] && rm -f "$CACHE/$QEMU_KEEP_MARKER"
     ensure_fast_qemu
     # leftovers of an interrupted setup
     rm -rf "$CACHE"/dl.* "$CACHE"/initramfs.*

@@ -33,8 +33,13 @@ pub trait TargetStore: Send + Sync {
     /// and durable file that is never written again (the caller removes it after
     /// success). A store on the same file system may take the file itself instead of
     /// writing a copy; by default the bytes are put.
-    fn put_staged(&self, volume: &VolumeId, index: u64, bytes: &[u8], staged: &Path) -> Result<()> {
-        let _ = staged;
+    fn put_staged(
+        &self,
+        volume: &VolumeId,
+        index: u64,
+        bytes: &[u8],
+        _staged: &Path,
+    ) -> Result<()> {
         self.put(volume, index, bytes)
     }
     /// Reads segment `index`; `None` when absent.
