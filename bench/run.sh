@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
+. bench/lib.sh
 ensure_rust
 name=${1:?usage: bench/run.sh BENCH [ARGS...]}; shift
 # The digest-resync bench compares against rsync.
@@ -12,12 +13,6 @@ cargo build --release -p bench --bin "$name" --quiet
 out=$(target/release/"$name" "$@")
 echo "$out"
 {
-  echo
-  echo "## $name $*"
-  echo
-  echo "- date: $(date -u +%Y-%m-%dT%H:%MZ)"
-  echo "- machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem:/{print $2}') GiB, kernel $(uname -r)"
-  echo "- commit: $(git rev-parse --short HEAD)$(git diff --quiet || echo '-dirty')"
-  echo
+  results_section "$name $*"
   echo "$out"
 } >> bench/RESULTS.md

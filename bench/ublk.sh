@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
+. bench/lib.sh
 ensure_rust
 ensure_debs libclang-dev fio dmsetup
 cargo build --release --bins --quiet
@@ -17,13 +18,7 @@ fi
 out=$(mktemp)
 scripts/vm.sh run --mem 8192 --env BENCH_ROUNDS --env BENCH_RUNTIME -- bench/ublk-guest.sh "$rublk" | tee "$out"
 {
-  echo
-  echo "## ublk: fio on loop, blkfilter, dm-log-writes, rublk"
-  echo
-  echo "- date: $(date -u +%Y-%m-%dT%H:%MZ)"
-  echo "- machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem:/{print $2}') GiB; $( [ -e /dev/ublk-control ] && echo "native kernel $(uname -r)" || echo "VM: $(qemu-system-x86_64 --version | sed -nE '1s/^QEMU emulator version ([^ ]+).*/qemu \1/p') TCG -cpu ${UBLK_DR_VM_CPU:-max,-erms,-fsrm}, 2 vCPUs, 8 GiB, Debian 6.12 kernel" ); backing on tmpfs"
-  echo "- commit: $(git rev-parse --short HEAD)$(git diff --quiet || echo '-dirty')"
-  echo
+  results_section "ublk: fio on loop, blkfilter, dm-log-writes, rublk" "backing on tmpfs"
   grep -E '^\||^Best of|^Sustained' "$out"
 } >> bench/RESULTS.md
 rm -f "$out"
