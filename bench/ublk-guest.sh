@@ -3,8 +3,10 @@
 # a kernel loop device, blkfilter --no-capture, blkfilter with capture and the shipper,
 # dm-log-writes over a loop device, and rublk's loop target (its default callback path
 # and its async path, -a); all backed by a file on tmpfs. Each configuration runs
-# BENCH_ROUNDS times (default 2, alternating order) and the best figure counts. Prints a
-# markdown table and the ratios.
+# BENCH_ROUNDS times (default 2, alternating order) and the best figure counts. The
+# shipper runs as the unit runs it (nice 10, cpu_priority yield) and, to compare, at
+# normal priority; for both, the backlog fio left and a "sustained" figure that counts
+# the shipper's catch-up are printed too. Prints a markdown table and the ratios.
 # Usage: ublk-guest.sh RUBLK_BINARY
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -89,8 +91,8 @@ protected() {
   RUST_LOG=warn "$@" $BIN/shipper run --volume vol0 --ring $w/ring --staging $w/staging --store $w/store \
     --key $w/key --no-initial-sync --status $w/status.json ${SHIP_ARGS:-} >$w/shipper.log 2>&1 &
   shipper=$!
-  # Each job starts with the previous job's writes shipped, so one job's backlog does not
-  # load the next; then the store is cleared so tmpfs does not fill.
+  # After each job its writes are shipped before the next starts, so one job's backlog
+  # does not load the next; then the store is cleared so tmpfs does not fill.
   drain_and_clear_store() {
     local i
     for ((i = 0; i < 1500; i++)); do
@@ -118,7 +120,7 @@ protected() {
     fi
     if [ "$((${used:-0} >> 20))" -gt "${BACKLOG[$config]:-0}" ]; then BACKLOG[$config]=$((${used:-0} >> 20)); fi
   }
-  BEFORE_JOB=drain_and_clear_store AFTER_JOB=measure_backlog run_jobs "$config" "$dev"
+  AFTER_JOB=measure_backlog run_jobs "$config" "$dev"
   if grep -q '"ring_overflow": true' $w/status.json; then OVERFLOW="yes ($config, round $ROUND)"; fi
   kill $shipper; wait $shipper 2>/dev/null || true
   $BIN/blkfilter detach --id 0 >/dev/null; sleep 1
