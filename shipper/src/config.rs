@@ -96,7 +96,7 @@ fn default_block_kib() -> u32 {
     changelog::digests::DEFAULT_BLOCK_BYTES / 1024
 }
 fn default_cpu_priority() -> CpuPriority {
-    CpuPriority::Yield
+    CpuPriority::SERVICE_DEFAULT
 }
 fn default_backlog_percent() -> u32 {
     crate::backlog::DEFAULT_PERCENT

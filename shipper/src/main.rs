@@ -158,7 +158,7 @@ struct RunArgs {
     /// (SCHED_IDLE, only on CPU the application leaves idle) until the ring is half full
     /// or the RPO reaches half of --rpo-threshold-ms, then at normal priority until it
     /// caught up; `normal` always at normal priority.
-    #[arg(long, value_enum, default_value_t = CpuPriority::Yield)]
+    #[arg(long, value_enum, default_value_t = CpuPriority::SERVICE_DEFAULT)]
     cpu_priority: CpuPriority,
     /// Ship everything already in the ring, then exit.
     #[arg(long)]

@@ -32,6 +32,12 @@ pub enum CpuPriority {
     Normal,
 }
 
+impl CpuPriority {
+    /// The default of the `shipper` command and of the config file. (A library
+    /// [`crate::ShipperConfig`] starts at `Normal`: its caller decides.)
+    pub const SERVICE_DEFAULT: CpuPriority = CpuPriority::Yield;
+}
+
 /// Whether shipping should run in the background after seeing `ring_used` of
 /// `ring_capacity` bytes and an RPO of `rpo_ms`, given whether it does now (the
 /// hysteresis keeps it from flapping at a boundary).
