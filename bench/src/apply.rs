@@ -117,11 +117,20 @@ fn mbps(bytes: u64, secs: f64) -> f64 {
 }
 
 fn main() {
-    let mib: usize = std::env::args()
-        .nth(1)
-        .map_or(512, |a| a.parse().expect("MiB"));
-    let dir = tempfile::tempdir_in("/dev/shm").expect("tmpfs dir");
+    let args: Vec<String> = std::env::args().skip(1).collect();
     let key = Key::from_bytes([5; 32]);
+    if args.first().map(String::as_str) == Some("--prepare-views") {
+        // For bench/failover.sh: the same replicas, for `ublk-target failover --test`
+        // to bring up on real ublk.
+        let dir = Path::new(args.get(1).expect("--prepare-views DIR"));
+        for gib in VIEW_GIB {
+            let replica = prepare_view_replica(&dir.join(format!("g{gib}")), gib, &key);
+            println!("{}", replica.display());
+        }
+        return;
+    }
+    let mib: usize = args.first().map_or(512, |a| a.parse().expect("MiB"));
+    let dir = tempfile::tempdir_in("/dev/shm").expect("tmpfs dir");
     let volume = VolumeId::new("bench").unwrap();
     let device = 1u64 << 30;
 
@@ -228,60 +237,73 @@ fn main() {
     // 2. Test-failover bring-up for 1 and 8 GiB replicas with 20 retained points.
     println!("| test-failover bring-up, 20 retained points | view open + first 1 MiB read, s |");
     println!("|---|---|");
-    for gib in [1u64, 8] {
-        let sub = dir.path().join(format!("g{gib}"));
-        std::fs::create_dir_all(&sub).unwrap();
-        let store = LocalDirStore::new(sub.join("store"));
-        let stream = writes(gib, 20 * 64, 4096, gib << 30);
-        let volume = VolumeId::new("bringup").unwrap();
-        // 20 segments of 64 writes each.
-        let mut prev = [0u8; 32];
-        for (chunk_no, chunk) in stream.chunks(64).enumerate() {
-            let index = chunk_no as u64;
-            let mut plain = PlainSegment {
-                flags: flags::CRASH_POINT,
-                ..Default::default()
-            };
-            for (i, (offset, data)) in chunk.iter().enumerate() {
-                plain.push(&RecordRef {
-                    seq: (chunk_no * 64 + i) as u64 + 1,
-                    op: Op::Write,
-                    flags: 0,
-                    offset: *offset,
-                    len: data.len() as u32,
-                    data,
-                });
-            }
-            let params = SealParams {
-                volume: volume.clone(),
-                epoch: 7,
-                index,
-                created_unix_ms: changelog::unix_ms_now(),
-            };
-            let linked = seal(&plain, &params, &key).unwrap().link(prev);
-            store.put(&volume, index, &linked.bytes).unwrap();
-            prev = linked.digest;
-        }
-        let replica = sub.join("replica.img");
-        sparse(&replica, gib << 30);
-        let mut applier = Applier::open(
-            Arc::new(store),
-            volume,
-            key.clone(),
-            &replica,
-            &sub.join("replica.img.state"),
-            &ApplyOptions::default(),
-        )
-        .unwrap();
-        applier.apply_available().unwrap();
-        drop(applier);
+    for gib in VIEW_GIB {
+        let replica = prepare_view_replica(&dir.path().join(format!("g{gib}")), gib, &key);
         let paths = ReplicaPaths::new(replica);
         let t = Instant::now();
         let mut view = PointView::open(&paths, 0).unwrap();
         let mut buf = vec![0u8; 1 << 20];
         view.read_at(&mut buf, 0).unwrap();
         let secs = t.elapsed().as_secs_f64();
-        println!("| {gib} GiB replica, point 0 of 0..=19 | {secs:.3} |");
+        println!(
+            "| {gib} GiB replica, point 0 of 0..={} | {secs:.3} |",
+            VIEW_POINTS - 1
+        );
         view.close().unwrap();
     }
+}
+
+/// Replica sizes of the bring-up measurement.
+const VIEW_GIB: [u64; 2] = [1, 8];
+/// Recovery points (segments of 64 random 4 KiB writes) each bring-up replica keeps.
+const VIEW_POINTS: usize = 20;
+
+/// Makes `sub/replica.img` (sparse, `gib` GiB) with [`VIEW_POINTS`] applied and
+/// retained points 0..VIEW_POINTS, its state and undo journal beside it where
+/// [`ReplicaPaths::new`] (and so `ublk-target failover`) looks for them.
+fn prepare_view_replica(sub: &Path, gib: u64, key: &Key) -> std::path::PathBuf {
+    std::fs::create_dir_all(sub).unwrap();
+    let store = LocalDirStore::new(sub.join("store"));
+    let stream = writes(gib, VIEW_POINTS * 64, 4096, gib << 30);
+    let volume = VolumeId::new("bringup").unwrap();
+    let mut prev = [0u8; 32];
+    for (chunk_no, chunk) in stream.chunks(64).enumerate() {
+        let mut plain = PlainSegment {
+            flags: flags::CRASH_POINT,
+            ..Default::default()
+        };
+        for (i, (offset, data)) in chunk.iter().enumerate() {
+            plain.push(&RecordRef {
+                seq: (chunk_no * 64 + i) as u64 + 1,
+                op: Op::Write,
+                flags: 0,
+                offset: *offset,
+                len: data.len() as u32,
+                data,
+            });
+        }
+        let params = SealParams {
+            volume: volume.clone(),
+            epoch: 7,
+            index: chunk_no as u64,
+            created_unix_ms: changelog::unix_ms_now(),
+        };
+        let linked = seal(&plain, &params, key).unwrap().link(prev);
+        store.put(&volume, chunk_no as u64, &linked.bytes).unwrap();
+        prev = linked.digest;
+    }
+    let replica = sub.join("replica.img");
+    sparse(&replica, gib << 30);
+    let paths = ReplicaPaths::new(replica.clone());
+    let mut applier = Applier::open(
+        Arc::new(store),
+        volume,
+        key.clone(),
+        &replica,
+        &paths.state,
+        &ApplyOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(applier.apply_available().unwrap(), VIEW_POINTS);
+    replica
 }

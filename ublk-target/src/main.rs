@@ -298,7 +298,10 @@ fn attach_protected(
 }
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("info,libublk=warn"),
+    )
+    .init();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("ublk-target: error: {e:#}");
         std::process::exit(1);
