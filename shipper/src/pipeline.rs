@@ -336,7 +336,7 @@ pub fn run(
         let stager = spawn_named(scope, "ship-stager", || {
             let _alive = alive;
             let r = stage(
-                config, &dir, &ring, &chain, &board, sealed_rx, staged_tx, priority,
+                config, &dir, &ring, &chain, &board, &control, sealed_rx, staged_tx, priority,
             );
             stop_on_err(&r, &control);
             r
@@ -709,6 +709,7 @@ fn stage(
     ring: &Consumer,
     chain: &Chain,
     board: &Board,
+    control: &Control,
     sealed: Receiver<Result<Sealed>>,
     staged: Sender<Staged>,
     priority: &Priority,
@@ -728,14 +729,24 @@ fn stage(
             };
             let linked = next.segment.link(cursor.prev_digest);
             let name = segment_file_name(linked.header.index);
-            write_file_atomic(&mut uring, dir, &name, &linked.bytes).map_err(|e| {
-                ShipperError::io(format!("staging {}", dir.join(&name).display()), e)
+            let staged_ok = retry_while_staging_full(config, dir, board, control, || {
+                write_file_atomic(&mut uring, dir, &name, &linked.bytes).map_err(|e| {
+                    ShipperError::io(format!("staging {}", dir.join(&name).display()), e)
+                })
             })?;
+            if !staged_ok {
+                break; // stopping: the segment stays in the ring for the next run
+            }
             ring.release(next.ring_end);
             // For blkfilter's activity log: everything up to here is durable.
             ring.set_released_seq(linked.header.last_seq);
             cursor.advance(&linked.header, linked.digest);
-            chain_state::save(&mut uring, dir, &cursor)?;
+            let saved = retry_while_staging_full(config, dir, board, control, || {
+                chain_state::save(&mut uring, dir, &cursor)
+            })?;
+            if !saved {
+                break; // the next run finds the segment staged and recovers the position
+            }
             let len = linked.bytes.len() as u64;
             board.staged_bytes.fetch_add(len, Ordering::Relaxed);
             board.update(|s| {
@@ -773,6 +784,66 @@ fn stage(
         }
     }
     Ok(chain.cursor.lock().expect("cursor lock").clone())
+}
+
+/// Runs `op` (a write into staging) until it succeeds. While staging's file system is
+/// full (ENOSPC, EDQUOT) it waits, with a Warning in the status saying what to do,
+/// until the uploader has freed some staged bytes or the retry schedule's next delay
+/// has passed, and tries again; the ring keeps what is not staged (and overflows into
+/// its dirty bitmap if this lasts), so nothing is lost. Any other error is returned.
+/// False if the pipeline is stopping.
+fn retry_while_staging_full(
+    config: &ShipperConfig,
+    dir: &Path,
+    board: &Board,
+    control: &Control,
+    mut op: impl FnMut() -> Result<()>,
+) -> Result<bool> {
+    let schedule = RetrySchedule {
+        unit: config.retry_unit,
+    };
+    let mut attempt = 0;
+    loop {
+        let err = match op() {
+            Ok(()) => {
+                if attempt > 0 {
+                    log::info!("volume {}: staging has room again", config.volume);
+                    board.update(|s| s.staging_full = None);
+                }
+                return Ok(true);
+            }
+            Err(e) if is_no_space(&e) => e,
+            Err(e) => return Err(e),
+        };
+        attempt += 1;
+        let staged = board.staged_bytes.load(Ordering::Relaxed);
+        let message = format!(
+            "{err}; staging holds {} segment(s), {} MiB, not yet uploaded; free space on \
+             the file system of {} or give staging a larger one",
+            board.pending_since.lock().expect("pending lock").len(),
+            staged >> 20,
+            dir.display()
+        );
+        if attempt == 1 {
+            log::warn!("volume {}: {message}", config.volume);
+        }
+        board.update(|s| s.staging_full = Some(message));
+        let until = Instant::now() + schedule.delay(attempt);
+        while board.staged_bytes.load(Ordering::Relaxed) >= staged && Instant::now() < until {
+            if control.stopping() {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if control.stopping() {
+            return Ok(false);
+        }
+    }
+}
+
+fn is_no_space(e: &ShipperError) -> bool {
+    matches!(e, ShipperError::Io { source, .. }
+        if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)))
 }
 
 /// The uploader: staged segments → store, in order, with retries.

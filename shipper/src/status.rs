@@ -77,6 +77,10 @@ pub struct Status {
     pub records_captured: u64,
     pub bytes_plain: u64,
     pub bytes_sealed: u64,
+    /// Staging's file system is full: what happened and what to do. The stager waits
+    /// for uploads to free space; the ring keeps the rest.
+    #[serde(default)]
+    pub staging_full: Option<String>,
     /// The upload retry in progress (0 = none) and the error that caused it.
     pub retry_attempt: u32,
     pub last_error: Option<String>,
@@ -91,6 +95,7 @@ impl Status {
             || self.backlog_resync
             || self.resync.is_some()
             || self.retry_attempt > 0
+            || self.staging_full.is_some()
             || self.rpo_ms > self.rpo_threshold_ms
         {
             Health::Warning
@@ -131,6 +136,13 @@ impl Status {
                 d.segments,
                 d.bytes >> 20
             )
+        } else if let Some(what) = &self.staging_full {
+            let overflow = if self.ring_overflow {
+                "; the ring overflowed meanwhile (changed regions are in the dirty bitmap)"
+            } else {
+                ""
+            };
+            format!("waiting for staging space: {what}{overflow}")
         } else if let Some(r) = &self.resync {
             let why = if r.restricted {
                 "of the regions an overflow or unclean stop left in doubt"
@@ -393,6 +405,12 @@ mod tests {
         assert_eq!(s.health(), Health::Warning);
         assert!(s.state().contains("degraded"));
         s.ring_overflow = false;
+        s.staging_full = Some("staging is full".into());
+        assert_eq!(s.health(), Health::Warning);
+        assert!(s
+            .state()
+            .starts_with("waiting for staging space: staging is full"));
+        s.staging_full = None;
         s.backlog_dropped = Some(BacklogDrop {
             segments: 12,
             bytes: 3 << 20,
