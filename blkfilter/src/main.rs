@@ -144,7 +144,7 @@ fn main() {
     )
     .init();
     if let Err(e) = run(Cli::parse()) {
-        eprintln!("blkfilter: error: {e:#}");
+        eprintln!("blkfilter: error: {}", changelog::error::one_line(&*e));
         std::process::exit(1);
     }
 }

@@ -10,6 +10,24 @@ use std::path::PathBuf;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// An error and its causes on one line, as the commands print them. The I/O variants
+/// of this workspace's errors put their cause into their own message (so a status file
+/// or a log line holding just the message is complete), so a cause whose text the line
+/// already holds is not repeated, as anyhow's `{:#}` would.
+pub fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{context}: {source}")]
@@ -88,5 +106,30 @@ impl Error {
     /// an error that needs an operator (corrupt, foreign or forged input, wrong key).
     pub fn is_recoverable(&self) -> bool {
         matches!(self, Error::Io { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("applying: {0}")]
+    struct Outer(#[source] Error);
+
+    #[test]
+    fn one_line_names_each_cause_once() {
+        let io = Error::io("writing x", io::Error::from_raw_os_error(libc::ENOSPC));
+        let line = one_line(&Outer(io));
+        assert_eq!(
+            line,
+            "applying: writing x: No space left on device (os error 28)"
+        );
+        let wrapped = anyhow::Error::new(Error::io("reading y", io::ErrorKind::NotFound.into()))
+            .context("opening the store");
+        assert_eq!(
+            one_line(&*wrapped),
+            "opening the store: reading y: entity not found"
+        );
     }
 }

@@ -168,7 +168,7 @@ struct RunArgs {
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     if let Err(e) = run(Cli::parse()) {
-        eprintln!("shipper: error: {e:#}");
+        eprintln!("shipper: error: {}", changelog::error::one_line(&*e));
         // 3 = Critical: retrying cannot help, an operator must act (see the systemd unit).
         let critical = matches!(
             e.downcast_ref(),
