@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use ublk_target::config::{TargetConfig, VolumeConfig};
-use ublk_target::{Applier, ApplyOptions, ReplicaPaths, Retention};
+use ublk_target::{Applier, ApplyOptions, ReplicaPaths, Retention, TargetError};
 
 /// Recovery side of ublk-dr: verify change-log segments and apply them to replica disks.
 #[derive(Parser)]
@@ -303,7 +303,7 @@ fn main() {
     )
     .init();
     if let Err(e) = run(Cli::parse()) {
-        eprintln!("ublk-target: error: {e:#}");
+        eprintln!("ublk-target: error: {}", changelog::error::one_line(&*e));
         std::process::exit(1);
     }
 }
@@ -379,7 +379,11 @@ fn run(cli: Cli) -> Result<()> {
                     .filter_map(|(job, handle)| match handle.join().expect("apply thread") {
                         Ok(()) => None,
                         Err(e) => {
-                            eprintln!("ublk-target: volume {}: error: {e:#}", job.volume);
+                            eprintln!(
+                                "ublk-target: volume {}: error: {}",
+                                job.volume,
+                                changelog::error::one_line(&*e)
+                            );
                             Some(job.volume.to_string())
                         }
                     })
@@ -568,6 +572,38 @@ fn apply_with_progress(applier: &mut Applier, store: &LocalDirStore) -> Result<u
     Ok(applied?)
 }
 
+/// How long `apply --follow` waits after a recoverable error before trying again
+/// (at least its poll interval).
+const RETRY_WAIT: Duration = Duration::from_secs(5);
+
+/// Whether trying again later may succeed: I/O trouble, not bad input.
+fn is_recoverable(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<TargetError>()
+        .is_some_and(TargetError::is_recoverable)
+        || e.downcast_ref::<changelog::Error>()
+            .is_some_and(changelog::Error::is_recoverable)
+}
+
+/// The error on one line, with what to do when a file system is full.
+fn with_hint(e: &anyhow::Error) -> String {
+    let line = changelog::error::one_line(&**e);
+    let full = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+            .is_some_and(|code| code == libc::ENOSPC || code == libc::EDQUOT)
+    });
+    if full {
+        format!(
+            "{line}. A file system is full: free space on the one named (the replica's, or \
+             its undo journal's: keeping fewer recovery points with --keep-points or \
+             --keep-age frees journals). Nothing is lost: the replica's state still names \
+             its last applied recovery point, and applying resumes from there"
+        )
+    } else {
+        line
+    }
+}
+
 /// One volume for `apply`: from the command line or a config file.
 struct ApplyJob {
     store: PathBuf,
@@ -584,6 +620,10 @@ impl ApplyJob {
     /// Applies what the store holds, answers digest requests; with `follow`, keeps
     /// doing so every `follow` interval. `progress`: a bar over the first catch-up (for
     /// one volume at a time only: bars of several threads would overwrite each other).
+    /// With `follow`, a recoverable error (disk full, store I/O) is logged and retried
+    /// after [`RETRY_WAIT`] with a freshly opened applier, as after a restart (the undo
+    /// journal makes a half-applied segment safe to apply again); without, it ends the
+    /// run. Either way a full file system gets a hint on what to do.
     fn run(&self, follow: Option<Duration>, progress: bool) -> Result<()> {
         if !self.store.is_dir() {
             anyhow::bail!(
@@ -591,59 +631,94 @@ impl ApplyJob {
                 self.store.display()
             );
         }
-        let replica = &self.replica;
-        let state = self
-            .state
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(format!("{}.state", replica.display())));
-        let mut applier = Applier::open(
-            Arc::new(LocalDirStore::new(&self.store)),
-            self.volume.clone(),
-            self.key.clone(),
-            replica,
-            &state,
-            &ApplyOptions {
-                journal_dir: self.journal.clone(),
-                retention: self.retention,
-            },
-        )?;
         let store = LocalDirStore::new(&self.store);
+        let mut progress = progress;
+        let mut applier = None;
+        let mut failing = false;
+        loop {
+            let result = self.apply_once(&mut applier, &store, std::mem::take(&mut progress));
+            match (result, follow) {
+                (Ok(()), None) => {
+                    let cursor = applier.as_ref().expect("applied").cursor();
+                    println!(
+                        "replica {} at segment {} (every record with seq < {})",
+                        self.replica.display(),
+                        cursor.next_index,
+                        cursor.next_seq
+                    );
+                    return Ok(());
+                }
+                (Ok(()), Some(poll)) => {
+                    if std::mem::take(&mut failing) {
+                        log::info!("volume {}: applying again", self.volume);
+                    }
+                    std::thread::sleep(poll);
+                }
+                (Err(e), Some(poll)) if is_recoverable(&e) => {
+                    log::warn!(
+                        "volume {}: {}; retrying in {} s",
+                        self.volume,
+                        with_hint(&e),
+                        RETRY_WAIT.max(poll).as_secs()
+                    );
+                    failing = true;
+                    applier = None;
+                    std::thread::sleep(RETRY_WAIT.max(poll));
+                }
+                (Err(e), _) => return Err(anyhow::anyhow!(with_hint(&e))),
+            }
+        }
+    }
+
+    /// One pass: opens the applier if there is none, applies what is available and
+    /// answers digest requests.
+    fn apply_once(
+        &self,
+        applier: &mut Option<Applier>,
+        store: &LocalDirStore,
+        progress: bool,
+    ) -> Result<()> {
+        let replica = &self.replica;
+        if applier.is_none() {
+            let state = self
+                .state
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(format!("{}.state", replica.display())));
+            *applier = Some(Applier::open(
+                Arc::new(store.clone()),
+                self.volume.clone(),
+                self.key.clone(),
+                replica,
+                &state,
+                &ApplyOptions {
+                    journal_dir: self.journal.clone(),
+                    retention: self.retention,
+                },
+            )?);
+        }
+        let applier = applier.as_mut().expect("opened above");
+        // The bar is for the catch-up at start; later polls skip its store listing.
+        let applied = if progress {
+            apply_with_progress(applier, store)?
+        } else {
+            applier.apply_available()?
+        };
         let mode = if self.full_download {
             ublk_target::digests::AnswerMode::FullDownload
         } else {
             ublk_target::digests::AnswerMode::Compare
         };
-        let mut progress = progress;
-        loop {
-            // The bar is for the catch-up at start; later polls skip its store listing.
-            let applied = if std::mem::take(&mut progress) {
-                apply_with_progress(&mut applier, &store)?
-            } else {
-                applier.apply_available()?
-            };
-            let (volume, next_seq) = (&applier.cursor().volume, applier.cursor().next_seq);
-            ublk_target::digests::answer_requests(
-                &store, volume, &self.key, replica, next_seq, mode,
-            )?;
-            if applied > 0 {
-                let c = applier.cursor();
-                log::info!(
-                    "volume {}: applied {applied} segment(s); replica now at segment {} (seq < {})",
-                    c.volume,
-                    c.next_index,
-                    c.next_seq
-                );
-            }
-            let Some(poll) = follow else {
-                println!(
-                    "replica {} at segment {} (every record with seq < {})",
-                    replica.display(),
-                    applier.cursor().next_index,
-                    applier.cursor().next_seq
-                );
-                return Ok(());
-            };
-            std::thread::sleep(poll);
+        let (volume, next_seq) = (&applier.cursor().volume, applier.cursor().next_seq);
+        ublk_target::digests::answer_requests(store, volume, &self.key, replica, next_seq, mode)?;
+        if applied > 0 {
+            let c = applier.cursor();
+            log::info!(
+                "volume {}: applied {applied} segment(s); replica now at segment {} (seq < {})",
+                c.volume,
+                c.next_index,
+                c.next_seq
+            );
         }
+        Ok(())
     }
 }
