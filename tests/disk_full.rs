@@ -7,7 +7,10 @@
 //! * The undo journal's file system fills up while applying: `ublk-target apply` stops
 //!   with an error that says what is full and what to do, exits non-zero, and leaves the
 //!   replica at a recovery point; once there is room, apply goes on and converges.
+//! * The source's backing fills up: a write that fails half-done is not recorded, but
+//!   its range is resynced, so the replica gets what the backing holds.
 
+use blkfilter::capture::Request;
 use blkfilter::workload::Workload;
 use e2e::*;
 use std::path::{Path, PathBuf};
@@ -232,4 +235,57 @@ fn a_full_journal_file_system_stops_apply_with_a_clear_error_at_a_point() {
     follower.kill().unwrap();
     follower.wait().unwrap();
     assert!(std::fs::read(fixture.path("replica")).unwrap() == model.final_image());
+}
+
+#[test]
+fn a_write_that_fails_on_a_full_backing_is_resynced_not_lost() {
+    if !is_root() {
+        eprintln!("skipped: needs root to mount a small tmpfs for the backing");
+        return;
+    }
+    // The source's backing: an 8 MiB sparse file on a 1 MiB tmpfs.
+    let size = 8 << 20;
+    let fixture = Fixture::new(size);
+    let small = SmallFs::mount(&fixture.path("small-backing"), "1m");
+    let backing = small.0.join("backing");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    std::fs::remove_file(fixture.path("backing")).unwrap();
+    std::os::unix::fs::symlink(&backing, fixture.path("backing")).unwrap();
+    let mut capture = fixture.capture(16 << 20);
+
+    let first = vec![0x11; 512 << 10];
+    capture
+        .handle(Request::Write {
+            offset: 0,
+            data: &first,
+        })
+        .expect("the first write fits");
+    // Half of this one fits: a short write, then ENOSPC. The request fails, but the
+    // backing has changed.
+    let second = vec![0x22; 1 << 20];
+    let err = capture
+        .handle(Request::Write {
+            offset: 2 << 20,
+            data: &second,
+        })
+        .expect_err("the disk is full");
+    assert!(err.to_string().contains("No space left on device"), "{err}");
+    let on_disk = std::fs::read(&backing).unwrap();
+    assert!(
+        on_disk[2 << 20..3 << 20].contains(&0x22),
+        "the failed write changed nothing, so this test shows nothing"
+    );
+    // The resync pass (on the next tick) sends what the backing holds there.
+    capture.tick().unwrap();
+    drop(capture);
+    fixture.ship_drained();
+    let mut applier = fixture.applier("replica", &fixture.key).unwrap();
+    applier.apply_available().unwrap();
+    assert!(
+        std::fs::read(fixture.path("replica")).unwrap() == on_disk,
+        "the replica misses what the failed write left on the source"
+    );
 }

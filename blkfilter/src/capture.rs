@@ -12,6 +12,10 @@
 //! | WRITE_ZEROES | fallocate(PUNCH_HOLE): reads return zeroes, on every file system | WRITE_ZEROES range |
 //! | MARK | none | MARK + label |
 //!
+//! A data-changing request whose backing I/O fails is not recorded, but its range is
+//! marked in the ring's dirty bitmap: a failed write may have changed part of it (a short
+//! write before ENOSPC), and the resync below sends what the backing then holds.
+//!
 //! When the ring has no room, the request's range is marked in the ring's dirty bitmap
 //! instead and the ring flags overflow (I7): the request still succeeds, so the volume
 //! never stalls on replication. Once the ring has room again, a *resync pass* re-records
@@ -258,13 +262,18 @@ impl Capture {
                 self.check_range(offset, data.len() as u64)?;
                 self.recorder
                     .activity_log_ensure(offset, data.len() as u64)?;
-                self.uring.write_all_at(fd, data, offset).map_err(err)?;
-                let op = if matches!(request, Request::Fua { .. }) {
-                    self.uring.fsync(fd, true).map_err(err)?;
-                    Op::Fua
-                } else {
-                    Op::Write
-                };
+                let fua = matches!(request, Request::Fua { .. });
+                let done = self.uring.write_all_at(fd, data, offset).and_then(|()| {
+                    if fua {
+                        self.uring.fsync(fd, true)
+                    } else {
+                        Ok(())
+                    }
+                });
+                if let Err(source) = done {
+                    return Err(self.failed(offset, data.len() as u64, source));
+                }
+                let op = if fua { Op::Fua } else { Op::Write };
                 Ok(self.recorder.record(op, offset, data.len() as u64, data, 0))
             }
             Request::Flush => {
@@ -280,9 +289,12 @@ impl Capture {
                 };
                 // Both read back as zeroes; a hole does that on every file system.
                 let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-                self.uring
+                if let Err(source) = self
+                    .uring
                     .run_batch(fd, [IoOp::Fallocate { offset, len, mode }])
-                    .map_err(err)?;
+                {
+                    return Err(self.failed(offset, len, source));
+                }
                 Ok(self.recorder.record(op, offset, len, &[], 0))
             }
             Request::Mark {
@@ -304,6 +316,17 @@ impl Capture {
                     recorded => Ok(recorded),
                 }
             }
+        }
+    }
+
+    /// A data-changing request failed on the backing. It may have changed part of its
+    /// range (a short write before ENOSPC, a write whose FUA sync failed), so the range
+    /// is marked dirty: the resync sends whatever the backing now holds there.
+    fn failed(&self, offset: u64, len: u64, source: io::Error) -> CaptureError {
+        self.recorder.mark_dirty(offset, len);
+        CaptureError::Backing {
+            path: self.path.clone(),
+            source,
         }
     }
 

@@ -329,8 +329,8 @@ impl QueueServer {
             op.backing = Backing::Punch;
             op.tries = 0;
         } else {
-            if op.succeeded(res) {
-                if let (Some(record), Some(capture)) = (op.record, self.capture.as_mut()) {
+            if let (Some(record), Some(capture)) = (op.record, self.capture.as_mut()) {
+                if op.succeeded(res) {
                     let data: &[u8] = match op.backing {
                         Backing::Write { .. } => {
                             &self.bufs[usize::from(tag)].as_slice()[..op.len as usize]
@@ -338,6 +338,16 @@ impl QueueServer {
                         _ => &[],
                     };
                     capture.recorder.record(record, op.offset, op.len, data, 0);
+                } else if op.changes_data() {
+                    // It may have changed part of the range (a short write before
+                    // ENOSPC): resync sends what the backing holds there (capture.rs).
+                    log::warn!(
+                        "backing {:?} of {}+{} failed ({res}); the range is resynced",
+                        op.backing,
+                        op.offset,
+                        op.len
+                    );
+                    capture.recorder.mark_dirty(op.offset, op.len);
                 }
             }
             return self.finish(q, tag, res);
