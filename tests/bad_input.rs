@@ -169,6 +169,20 @@ fn cli_reports_bad_input_and_exits_nonzero() {
         !out.status.success() && stderr.contains("16 bytes"),
         "{stderr}"
     );
+
+    // A mistyped replica path is refused, not created (an empty file would take the
+    // segments and serve a volume of the wrong size), also by the service (--follow).
+    let missing = fixture.path("no-such-replica");
+    let out = apply_command(&fixture, "no-such-replica")
+        .arg("--follow")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("does not exist: create it the size"),
+        "{stderr}"
+    );
+    assert!(!missing.exists());
 }
 
 #[test]

@@ -620,10 +620,11 @@ impl ApplyJob {
     /// Applies what the store holds, answers digest requests; with `follow`, keeps
     /// doing so every `follow` interval. `progress`: a bar over the first catch-up (for
     /// one volume at a time only: bars of several threads would overwrite each other).
-    /// With `follow`, a recoverable error (disk full, store I/O) is logged and retried
-    /// after [`RETRY_WAIT`] with a freshly opened applier, as after a restart (the undo
-    /// journal makes a half-applied segment safe to apply again); without, it ends the
-    /// run. Either way a full file system gets a hint on what to do.
+    /// With `follow`, a recoverable error (disk full, store I/O) once the applier has
+    /// opened is logged and retried after [`RETRY_WAIT`] with a freshly opened applier, as after
+    /// a restart (the undo journal makes a half-applied segment safe to apply again);
+    /// otherwise it ends the run. Either way a full file system gets a hint on what to
+    /// do.
     fn run(&self, follow: Option<Duration>, progress: bool) -> Result<()> {
         if !self.store.is_dir() {
             anyhow::bail!(
@@ -631,12 +632,22 @@ impl ApplyJob {
                 self.store.display()
             );
         }
+        if !self.replica.exists() {
+            anyhow::bail!(
+                "replica {} does not exist: create it the size of the protected volume \
+                 (`truncate -s SIZE {}` for an image file) or name the disk it is",
+                self.replica.display(),
+                self.replica.display()
+            );
+        }
         let store = LocalDirStore::new(&self.store);
         let mut progress = progress;
         let mut applier = None;
         let mut failing = false;
+        let mut opened_once = false;
         loop {
             let result = self.apply_once(&mut applier, &store, std::mem::take(&mut progress));
+            opened_once |= applier.is_some();
             match (result, follow) {
                 (Ok(()), None) => {
                     let cursor = applier.as_ref().expect("applied").cursor();
@@ -654,7 +665,9 @@ impl ApplyJob {
                     }
                     std::thread::sleep(poll);
                 }
-                (Err(e), Some(poll)) if is_recoverable(&e) => {
+                // Failing to open the applier the first time is a setup problem (a
+                // missing replica, a wrong path): reported, not retried.
+                (Err(e), Some(poll)) if opened_once && is_recoverable(&e) => {
                     log::warn!(
                         "volume {}: {}; retrying in {} s",
                         self.volume,
