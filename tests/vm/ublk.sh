@@ -304,9 +304,14 @@ full_backing_is_resynced() {
   mount -t tmpfs -o size=32000k tmpfs $w/mnt
   ln -s $w/mnt/backing $w/backing
   protect $w 128M
-  # 64 MiB into 31.25: fio sees errors (continue_on_error), blkfilter stays up.
+  # 64 MiB into 31.25: fio sees errors (continue_on_error), blkfilter stays up. The
+  # kernel logs each failed write; that stays off the console.
+  local level
+  level=$(cut -f1 /proc/sys/kernel/printk)
+  dmesg -n 1
   fio --name=fill --filename="$DEV" --ioengine=io_uring --direct=1 --rw=write --bs=1M \
     --iodepth=8 --size=64M --continue_on_error=all >/tmp/fio-fill.out 2>&1 || true
+  dmesg -n "$level"
   grep -q "the range is resynced" $w/blkfilter.log
   echo "backing writes that failed: $(grep -c 'the range is resynced' $w/blkfilter.log)"
   [ "$(device_state 0)" = LIVE ]
