@@ -16,6 +16,8 @@
 //!
 //! Files live on tmpfs (/dev/shm) so the disk is not what is measured.
 //! Usage: apply [MiB of 64 KiB writes, default 512]
+//!        apply --prepare-views DIR   (only makes the bring-up replicas under DIR, for
+//!                                     bench/failover.sh to bring up on real ublk)
 
 use blkfilter::workload::Rng;
 use changelog::uring::{IoOp, Uring};

@@ -729,6 +729,8 @@ fn stage(
             };
             let linked = next.segment.link(cursor.prev_digest);
             let name = segment_file_name(linked.header.index);
+            // On a full staging this waits with the cursor held: a backlog drop waits
+            // too, and so does the reader, leaving the records in the ring.
             let staged_ok = retry_while_staging_full(config, dir, board, control, || {
                 write_file_atomic(&mut uring, dir, &name, &linked.bytes).map_err(|e| {
                     ShipperError::io(format!("staging {}", dir.join(&name).display()), e)

@@ -621,10 +621,10 @@ impl ApplyJob {
     /// doing so every `follow` interval. `progress`: a bar over the first catch-up (for
     /// one volume at a time only: bars of several threads would overwrite each other).
     /// With `follow`, a recoverable error (disk full, store I/O) once the applier has
-    /// opened is logged and retried after [`RETRY_WAIT`] with a freshly opened applier, as after
-    /// a restart (the undo journal makes a half-applied segment safe to apply again);
-    /// otherwise it ends the run. Either way a full file system gets a hint on what to
-    /// do.
+    /// opened is logged and retried after [`RETRY_WAIT`] with a freshly opened applier,
+    /// as after a restart (the undo journal makes a half-applied segment safe to apply
+    /// again); otherwise it ends the run. Either way a full file system gets a hint on
+    /// what to do.
     fn run(&self, follow: Option<Duration>, progress: bool) -> Result<()> {
         if !self.store.is_dir() {
             anyhow::bail!(
