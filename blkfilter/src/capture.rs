@@ -271,7 +271,7 @@ impl Capture {
                     }
                 });
                 if let Err(source) = done {
-                    return Err(self.failed(offset, data.len() as u64, source));
+                    return Err(self.failed(offset, data.len() as u64, true, source));
                 }
                 let op = if fua { Op::Fua } else { Op::Write };
                 Ok(self.recorder.record(op, offset, data.len() as u64, data, 0))
@@ -293,7 +293,7 @@ impl Capture {
                     .uring
                     .run_batch(fd, [IoOp::Fallocate { offset, len, mode }])
                 {
-                    return Err(self.failed(offset, len, source));
+                    return Err(self.failed(offset, len, false, source));
                 }
                 Ok(self.recorder.record(op, offset, len, &[], 0))
             }
@@ -319,11 +319,13 @@ impl Capture {
         }
     }
 
-    /// A data-changing request failed on the backing. It may have changed part of its
-    /// range (a short write before ENOSPC, a write whose FUA sync failed), so the range
-    /// is marked dirty: the resync sends whatever the backing now holds there.
-    fn failed(&self, offset: u64, len: u64, source: io::Error) -> CaptureError {
-        self.recorder.mark_dirty(offset, len);
+    /// A data-changing request failed on the backing. When it may have changed part of
+    /// its range ([`failure_may_change_data`]) the range is marked dirty: the resync
+    /// sends whatever the backing now holds there.
+    fn failed(&self, offset: u64, len: u64, is_write: bool, source: io::Error) -> CaptureError {
+        if failure_may_change_data(is_write, source.raw_os_error().unwrap_or(0)) {
+            self.recorder.mark_dirty(offset, len);
+        }
         CaptureError::Backing {
             path: self.path.clone(),
             source,
@@ -340,6 +342,15 @@ impl Capture {
             }),
         }
     }
+}
+
+/// Whether a failed data-changing backing operation may have changed part of its
+/// range: a write always may (a short write, then ENOSPC; or its FUA sync failed); a
+/// hole punch or zero-range that the backing does not support (EOPNOTSUPP) or refuses
+/// (EINVAL) did nothing. Such a range is marked dirty rather than trusted unchanged, so
+/// the replica gets what the backing holds; an unsupported discard costs no resync.
+pub(crate) fn failure_may_change_data(is_write: bool, errno: i32) -> bool {
+    is_write || !matches!(errno, libc::EOPNOTSUPP | libc::EINVAL)
 }
 
 /// The half of capture that follows a completed request: take the next seq and record
@@ -788,3 +799,18 @@ pub fn device_size(file: &File) -> io::Result<u64> {
 
 /// `_IOR(0x12, 114, size_t)`.
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+#[cfg(test)]
+mod tests {
+    use super::failure_may_change_data;
+
+    #[test]
+    fn failed_writes_are_always_suspect_unsupported_punches_never() {
+        assert!(failure_may_change_data(true, libc::ENOSPC));
+        assert!(failure_may_change_data(true, libc::EOPNOTSUPP));
+        assert!(failure_may_change_data(false, libc::EIO));
+        assert!(failure_may_change_data(false, libc::ENOSPC));
+        assert!(!failure_may_change_data(false, libc::EOPNOTSUPP));
+        assert!(!failure_may_change_data(false, libc::EINVAL));
+    }
+}

@@ -338,7 +338,12 @@ impl QueueServer {
                         _ => &[],
                     };
                     capture.recorder.record(record, op.offset, op.len, data, 0);
-                } else if op.changes_data() {
+                } else if op.changes_data()
+                    && crate::capture::failure_may_change_data(
+                        matches!(op.backing, Backing::Write { .. }),
+                        -res,
+                    )
+                {
                     // It may have changed part of the range (a short write before
                     // ENOSPC): resync sends what the backing holds there (capture.rs).
                     log::warn!(
