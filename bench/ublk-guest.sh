@@ -2,11 +2,16 @@
 # Runs inside one VM boot (or natively on a kernel with ublk): the same fio jobs against
 # a kernel loop device, blkfilter --no-capture, blkfilter with capture and the shipper,
 # dm-log-writes over a loop device, and rublk's loop target (its default callback path
-# and its async path, -a); all backed by a file on tmpfs. Each configuration runs
-# BENCH_ROUNDS times (default 2, alternating order) and the best figure counts. The
-# shipper runs as the unit runs it (nice 10, cpu_priority yield) and, to compare, at
-# normal priority; for both, the backlog fio left and a "sustained" figure that counts
-# the shipper's catch-up are printed too. Prints a markdown table and the ratios.
+# and its async path, -a); all backed by a file on tmpfs. The shipper runs as the unit
+# runs it (nice 10, cpu_priority yield) and, to compare, at normal priority; for both,
+# the backlog fio left and a "sustained" figure that counts the shipper's catch-up are
+# printed too. Prints a markdown table and the ratios.
+#
+# Order: BENCH_ROUNDS rounds (default 3); in each, job by job, every configuration runs
+# that job back to back (in the opposite order in the next round). The guest's speed
+# under TCG drifts 2-3x within one boot, so a ratio is taken between the two runs of
+# one round, which are minutes apart at most, and the table shows the median of those
+# per-round ratios; the value columns show each configuration's best run.
 # Usage: ublk-guest.sh RUBLK_BINARY
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,12 +28,14 @@ truncate -s $SIZE $w/backing
 dd if=/dev/urandom of=$w/backing bs=1M count=1024 status=none conv=notrunc
 
 JOBS=("randwrite 4k 32" "randread 4k 32" "write 1M 8")
-declare -A RESULT BACKLOG
+ROUNDS=${BENCH_ROUNDS:-3}
+# RESULT[config/job]: the best run; RUN[config/job/round]: each run.
+declare -A RESULT RUN BACKLOG
 
-# run_jobs CONFIG DEV: each job, result in IOPS (4k) or MiB/s (1M).
+# run_jobs CONFIG DEV: the jobs of THIS_ROUND_JOBS, result in IOPS (4k) or MiB/s (1M).
 run_jobs() {
   local config=$1 dev=$2 job rw bs qd out
-  for job in "${JOBS[@]}"; do
+  for job in "${THIS_ROUND_JOBS[@]}"; do
     read -r rw bs qd <<<"$job"
     [ -n "${BEFORE_JOB:-}" ] && $BEFORE_JOB
     out=$(fio --name=b --filename="$dev" --ioengine=io_uring --direct=1 --rw="$rw" --bs="$bs" \
@@ -40,6 +47,7 @@ run_jobs() {
       if (rw ~ /read/) { iops = $8; kib = $7 } else { iops = $49; kib = $48 }
       if (bs == "4k") printf "%d", iops; else printf "%.0f", kib / 1024 }')
     echo "  round $ROUND: $config $rw $bs QD$qd: $value" >&2
+    RUN["$config/$job/$ROUND"]=$value
     # Best of the rounds: TCG noise only ever slows a run down.
     if [ "$value" -gt "${RESULT["$config/$job"]:-0}" ]; then RESULT["$config/$job"]=$value; fi
     if [ -n "${AFTER_JOB:-}" ]; then $AFTER_JOB "$config/$job" "$value"; fi
@@ -115,6 +123,7 @@ protected() {
     drain=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
     sustained=$(awk -v v="$value" -v t="$RUNTIME" -v d="$drain" 'BEGIN { printf "%d", v * t / (t + d) }')
     echo "    ring backlog when fio stopped: $((${used:-0} >> 20)) MiB, caught up in $drain s: sustained $sustained" >&2
+    RUN["$config-sustained/${key#*/}/$ROUND"]=$sustained
     if [ "$sustained" -gt "${RESULT["$config-sustained/${key#*/}"]:-0}" ]; then
       RESULT["$config-sustained/${key#*/}"]=$sustained
     fi
@@ -155,13 +164,27 @@ bench_rublk_async() {
 
 OVERFLOW=no
 order=(bench_loop_and_dm_log_writes bench_no_capture bench_capture_only bench_protected bench_protected_normal bench_rublk bench_rublk_async)
-for ROUND in $(seq "${BENCH_ROUNDS:-2}"); do
-  for b in "${order[@]}"; do $b; done
+for ROUND in $(seq "$ROUNDS"); do
+  for job in "${JOBS[@]}"; do
+    THIS_ROUND_JOBS=("$job")
+    for b in "${order[@]}"; do $b; done
+  done
   # The next round runs in the opposite order, so drift within the boot evens out.
   for ((i = 0, j = ${#order[@]} - 1; i < j; i++, j--)); do
     t=${order[i]}; order[i]=${order[j]}; order[j]=$t
   done
 done
+
+# ratio A B: the median over the rounds of A's run / B's run in the same round.
+ratio() {
+  local r a b
+  for r in $(seq "$ROUNDS"); do
+    a=${RUN["$1/$job/$r"]:-} b=${RUN["$2/$job/$r"]:-}
+    if [ -n "$a" ] && [ -n "$b" ] && [ "$b" -gt 0 ]; then awk -v a="$a" -v b="$b" 'BEGIN { print a / b }'; fi
+  done | sort -g | awk '{ v[NR] = $1 } END {
+    if (NR == 0) { printf "-"; exit }
+    printf "%.2f", NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
 
 configs=(loop no-capture capture-only protected protected-sustained protected-normal protected-normal-sustained dm-log-writes rublk rublk-a)
 printf '| job |'; for c in "${configs[@]}"; do printf ' %s |' "$c"; done
@@ -172,9 +195,10 @@ for job in "${JOBS[@]}"; do
   unit=$([ "$bs" = 4k ] && echo IOPS || echo MiB/s)
   printf '| %s %s QD%s (%s) |' "$rw" "$bs" "$qd" "$unit"
   for c in "${configs[@]}"; do printf ' %s |' "${RESULT["$c/$job"]:--}"; done
-  ratio() { awk -v a="${RESULT["$1/$job"]:-0}" -v b="${RESULT["$2/$job"]:-0}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'; }
   printf ' %s | %s | %s | %s | %s | %s | %s |\n' "$(ratio no-capture rublk)" "$(ratio rublk-a rublk)" "$(ratio capture-only no-capture)" "$(ratio protected no-capture)" "$(ratio protected-sustained no-capture)" "$(ratio protected-normal no-capture)" "$(ratio dm-log-writes loop)"
 done
 echo
 echo "Sustained: the protected figure times ${RUNTIME} s / (${RUNTIME} s + the time the shipper then took to empty the ring and upload). Largest ring backlog when fio stopped: protected ${BACKLOG[protected]:-0} MiB, protected-normal ${BACKLOG[protected-normal]:-0} MiB (ring 1024 MiB)."
-echo "Best of ${BENCH_ROUNDS:-2} rounds (alternating order). Ring overflowed during the protected runs: $OVERFLOW (under TCG the shipper can fall behind; writes that overflow go to the dirty bitmap, which is cheaper than recording)."
+drift=$(for r in $(seq "$ROUNDS"); do printf '%s ' "${RUN["loop/randwrite 4k 32/$r"]:--}"; done)
+echo "Values: the best of $ROUNDS rounds; ratios: the median of the per-round ratios (runs of one job in one round are back to back). The drift they correct for, loop randwrite 4k by round: ${drift% }."
+echo "Ring overflowed during the protected runs: $OVERFLOW (under TCG the shipper can fall behind; writes that overflow go to the dirty bitmap, which is cheaper than recording)."

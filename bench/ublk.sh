@@ -19,6 +19,6 @@ out=$(mktemp)
 scripts/vm.sh run --mem 8192 --env BENCH_ROUNDS --env BENCH_RUNTIME -- bench/ublk-guest.sh "$rublk" | tee "$out"
 {
   results_section "ublk: fio on loop, blkfilter, dm-log-writes, rublk" "backing on tmpfs"
-  grep -E '^\||^Best of|^Sustained' "$out"
+  grep -E '^\||^Values:|^Sustained|^Ring overflowed' "$out"
 } >> bench/RESULTS.md
 rm -f "$out"
