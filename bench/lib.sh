@@ -19,6 +19,7 @@ results_section() {
   echo
   echo "- date: $(date -u +%Y-%m-%dT%H:%MZ)"
   echo "- machine: $machine"
-  echo "- commit: $(git rev-parse --short HEAD)$(git diff --quiet || echo '-dirty')"
+  # RESULTS.md itself is being appended to (this output goes there): not "dirty".
+  echo "- commit: $(git rev-parse --short HEAD)$(git diff --quiet -- . ':!bench/RESULTS.md' || echo '-dirty')"
   echo
 }
