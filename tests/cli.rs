@@ -193,16 +193,16 @@ fn config_file_ships_every_volume() {
     )
     .unwrap();
     let target_cfg = target_cfg.to_str().unwrap();
+    for vol in ["vol0", "vol1"] {
+        std::fs::File::create(d.join(format!("{vol}.replica")))
+            .unwrap()
+            .set_len(size)
+            .unwrap();
+    }
     let (ok, text) = run("ublk-target", &["apply", "--config", target_cfg]);
     assert!(ok, "{text}");
     for (vol, kept) in [("vol0", 3), ("vol1", 2)] {
         let replica = d.join(format!("{vol}.replica"));
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&replica)
-            .unwrap()
-            .set_len(size)
-            .unwrap();
         let source = std::fs::read(d.join(format!("{vol}.img"))).unwrap();
         assert!(
             std::fs::read(&replica).unwrap() == source,
