@@ -319,13 +319,10 @@ impl Capture {
         }
     }
 
-    /// A data-changing request failed on the backing. When it may have changed part of
-    /// its range ([`failure_may_change_data`]) the range is marked dirty: the resync
-    /// sends whatever the backing now holds there.
+    /// A data-changing request failed on the backing: [`Recorder::backing_failed`].
     fn failed(&self, offset: u64, len: u64, is_write: bool, source: io::Error) -> CaptureError {
-        if failure_may_change_data(is_write, source.raw_os_error().unwrap_or(0)) {
-            self.recorder.mark_dirty(offset, len);
-        }
+        let errno = source.raw_os_error().unwrap_or(0);
+        self.recorder.backing_failed(offset, len, is_write, errno);
         CaptureError::Backing {
             path: self.path.clone(),
             source,
@@ -349,7 +346,7 @@ impl Capture {
 /// hole punch or zero-range that the backing does not support (EOPNOTSUPP) or refuses
 /// (EINVAL) did nothing. Such a range is marked dirty rather than trusted unchanged, so
 /// the replica gets what the backing holds; an unsupported discard costs no resync.
-pub(crate) fn failure_may_change_data(is_write: bool, errno: i32) -> bool {
+fn failure_may_change_data(is_write: bool, errno: i32) -> bool {
     is_write || !matches!(errno, libc::EOPNOTSUPP | libc::EINVAL)
 }
 
@@ -539,6 +536,19 @@ impl Recorder {
     /// Marks a region dirty again (e.g. its resync read failed): the next pass takes it.
     pub fn mark_dirty(&self, offset: u64, len: u64) {
         self.ring.mark_dirty(offset, len);
+    }
+
+    /// A data-changing request (a write when `is_write`, else a hole punch or
+    /// zero-range) failed on the backing with `errno` and is not recorded. When it may
+    /// have changed part of its range ([`failure_may_change_data`]) the range is marked
+    /// dirty, so the resync sends whatever the backing now holds there. Returns whether
+    /// it was marked.
+    pub fn backing_failed(&self, offset: u64, len: u64, is_write: bool, errno: i32) -> bool {
+        let suspect = failure_may_change_data(is_write, errno);
+        if suspect {
+            self.mark_dirty(offset, len);
+        }
+        suspect
     }
 
     /// Whether writes were lost to the bitmap and wait for a resync pass.

@@ -338,21 +338,20 @@ impl QueueServer {
                         _ => &[],
                     };
                     capture.recorder.record(record, op.offset, op.len, data, 0);
-                } else if op.changes_data()
-                    && crate::capture::failure_may_change_data(
-                        matches!(op.backing, Backing::Write { .. }),
-                        -res,
-                    )
-                {
-                    // It may have changed part of the range (a short write before
-                    // ENOSPC): resync sends what the backing holds there (capture.rs).
-                    log::warn!(
-                        "backing {:?} of {}+{} failed ({res}); the range is resynced",
-                        op.backing,
-                        op.offset,
-                        op.len
-                    );
-                    capture.recorder.mark_dirty(op.offset, op.len);
+                } else if op.changes_data() {
+                    // Not recorded; it may still have changed part of its range.
+                    let is_write = matches!(op.backing, Backing::Write { .. });
+                    if capture
+                        .recorder
+                        .backing_failed(op.offset, op.len, is_write, -res)
+                    {
+                        log::warn!(
+                            "backing {:?} of {}+{} failed ({res}); the range is resynced",
+                            op.backing,
+                            op.offset,
+                            op.len
+                        );
+                    }
                 }
             }
             return self.finish(q, tag, res);
