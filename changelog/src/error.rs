@@ -28,6 +28,16 @@ pub fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
     line
 }
 
+/// Whether `e` or one of its causes is a file system out of space (ENOSPC) or quota
+/// (EDQUOT): something an operator fixes by freeing space, after which retrying works.
+pub fn is_disk_full(e: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(e), |c| c.source()).any(|c| {
+        c.downcast_ref::<io::Error>()
+            .and_then(io::Error::raw_os_error)
+            .is_some_and(|code| code == libc::ENOSPC || code == libc::EDQUOT)
+    })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{context}: {source}")]
@@ -120,13 +130,16 @@ mod tests {
     #[test]
     fn one_line_names_each_cause_once() {
         let io = Error::io("writing x", io::Error::from_raw_os_error(libc::ENOSPC));
-        let line = one_line(&Outer(io));
+        let outer = Outer(io);
+        assert!(is_disk_full(&outer));
+        let line = one_line(&outer);
         assert_eq!(
             line,
             "applying: writing x: No space left on device (os error 28)"
         );
         let wrapped = anyhow::Error::new(Error::io("reading y", io::ErrorKind::NotFound.into()))
             .context("opening the store");
+        assert!(!is_disk_full(&*wrapped));
         assert_eq!(
             one_line(&*wrapped),
             "opening the store: reading y: entity not found"

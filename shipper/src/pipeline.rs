@@ -814,7 +814,7 @@ fn retry_while_staging_full(
                 }
                 return Ok(true);
             }
-            Err(e) if is_no_space(&e) => e,
+            Err(e) if changelog::error::is_disk_full(&e) => e,
             Err(e) => return Err(e),
         };
         attempt += 1;
@@ -830,22 +830,11 @@ fn retry_while_staging_full(
             log::warn!("volume {}: {message}", config.volume);
         }
         board.update(|s| s.staging_full = Some(message));
-        let until = Instant::now() + schedule.delay(attempt);
-        while board.staged_bytes.load(Ordering::Relaxed) >= staged && Instant::now() < until {
-            if control.stopping() {
-                return Ok(false);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if control.stopping() {
+        let uploaded = || board.staged_bytes.load(Ordering::Relaxed) < staged;
+        if !wait_unless_stopped(schedule.delay(attempt), control, uploaded) {
             return Ok(false);
         }
     }
-}
-
-fn is_no_space(e: &ShipperError) -> bool {
-    matches!(e, ShipperError::Io { source, .. }
-        if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)))
 }
 
 /// The uploader: staged segments → store, in order, with retries.
@@ -972,8 +961,14 @@ fn upload(
 
 /// Sleeps `total` in short steps; false if the pipeline is stopping.
 fn sleep_unless_stopped(total: Duration, control: &Control) -> bool {
+    wait_unless_stopped(total, control, || false)
+}
+
+/// Sleeps `total` in short steps, or less once `done` holds; false if the pipeline is
+/// stopping.
+fn wait_unless_stopped(total: Duration, control: &Control, done: impl Fn() -> bool) -> bool {
     let until = Instant::now() + total;
-    while Instant::now() < until {
+    while Instant::now() < until && !done() {
         if control.stopping() {
             return false;
         }

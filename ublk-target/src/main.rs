@@ -587,12 +587,7 @@ fn is_recoverable(e: &anyhow::Error) -> bool {
 /// The error on one line, with what to do when a file system is full.
 fn with_hint(e: &anyhow::Error) -> String {
     let line = changelog::error::one_line(&**e);
-    let full = e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>()
-            .and_then(std::io::Error::raw_os_error)
-            .is_some_and(|code| code == libc::ENOSPC || code == libc::EDQUOT)
-    });
-    if full {
+    if changelog::error::is_disk_full(&**e) {
         format!(
             "{line}. A file system is full: free space on the one named (the replica's, or \
              its undo journal's: keeping fewer recovery points with --keep-points or \
