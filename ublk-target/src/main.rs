@@ -688,10 +688,9 @@ impl ApplyJob {
     ) -> Result<()> {
         let replica = &self.replica;
         if applier.is_none() {
-            let state = self
-                .state
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(format!("{}.state", replica.display())));
+            let state = ReplicaPaths::new(replica)
+                .with_state(self.state.clone())
+                .state;
             *applier = Some(Applier::open(
                 Arc::new(store.clone()),
                 self.volume.clone(),
