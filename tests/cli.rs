@@ -152,10 +152,7 @@ fn config_file_ships_every_volume() {
     let size = 4u64 << 20;
     for (i, vol) in ["vol0", "vol1"].iter().enumerate() {
         let backing = d.join(format!("{vol}.img"));
-        std::fs::File::create(&backing)
-            .unwrap()
-            .set_len(size)
-            .unwrap();
+        e2e::sparse_file(&backing, size);
         let ring = Producer::create(
             &d.join(format!("{vol}.ring")),
             &RingGeometry::new(16 << 20, size),
@@ -194,10 +191,7 @@ fn config_file_ships_every_volume() {
     .unwrap();
     let target_cfg = target_cfg.to_str().unwrap();
     for vol in ["vol0", "vol1"] {
-        std::fs::File::create(d.join(format!("{vol}.replica")))
-            .unwrap()
-            .set_len(size)
-            .unwrap();
+        e2e::sparse_file(&d.join(format!("{vol}.replica")), size);
     }
     let (ok, text) = run("ublk-target", &["apply", "--config", target_cfg]);
     assert!(ok, "{text}");

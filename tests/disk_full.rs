@@ -44,9 +44,35 @@ impl SmallFs {
     }
 }
 
-fn is_root() -> bool {
+/// Whether the test must be skipped: mounting needs root. Says so when it must.
+fn skip_unless_root(mount_for: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    let root = unsafe { libc::geteuid() == 0 };
+    if !root {
+        eprintln!("skipped: needs root to mount a small tmpfs for {mount_for}");
+    }
+    !root
+}
+
+/// Polls `done` every 50 ms while `child` runs, for at most `limit` since `started`;
+/// panics (with `log()`) if the child exits or time runs out.
+fn wait_while_running(
+    child: &mut std::process::Child,
+    started: Instant,
+    limit: Duration,
+    what: &str,
+    log: impl Fn() -> String,
+    done: impl Fn() -> bool,
+) {
+    while !done() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "apply --follow exited: {}",
+            log()
+        );
+        assert!(started.elapsed() < limit, "{what}: {}", log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 impl Drop for SmallFs {
@@ -57,8 +83,7 @@ impl Drop for SmallFs {
 
 #[test]
 fn a_full_staging_file_system_waits_with_a_warning_and_loses_nothing() {
-    if !is_root() {
-        eprintln!("skipped: needs root to mount a small tmpfs for staging");
+    if skip_unless_root("staging") {
         return;
     }
     let size = 8 << 20;
@@ -145,17 +170,13 @@ fn a_full_staging_file_system_waits_with_a_warning_and_loses_nothing() {
 
 #[test]
 fn a_full_journal_file_system_stops_apply_with_a_clear_error_at_a_point() {
-    if !is_root() {
-        eprintln!("skipped: needs root to mount a small tmpfs for the undo journal");
+    if skip_unless_root("the undo journal") {
         return;
     }
     let size = 8 << 20;
     let (fixture, model) = Fixture::shipped(size, 5, 300);
     let segments = fixture.store_segments().len();
-    std::fs::File::create(fixture.path("replica"))
-        .unwrap()
-        .set_len(size)
-        .unwrap();
+    sparse_file(&fixture.path("replica"), size);
     let journal = SmallFs::mount(&fixture.path("small-journal"), "1m");
     let apply = || {
         let mut cmd = apply_command(&fixture, "replica");
@@ -206,32 +227,23 @@ fn a_full_journal_file_system_stops_apply_with_a_clear_error_at_a_point() {
         .unwrap();
     let log_text = || std::fs::read_to_string(&log).unwrap();
     let started = Instant::now();
-    while !log_text().contains("retrying in") {
-        assert!(
-            follower.try_wait().unwrap().is_none(),
-            "apply --follow exited on a full disk: {}",
-            log_text()
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "no retry warning"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_while_running(
+        &mut follower,
+        started,
+        Duration::from_secs(30),
+        "no retry warning",
+        log_text,
+        || log_text().contains("retrying in"),
+    );
     journal.resize("64m");
-    while (state().cursor.next_index as usize) < segments || !log_text().contains("applying again")
-    {
-        assert!(
-            follower.try_wait().unwrap().is_none(),
-            "apply --follow exited: {}",
-            log_text()
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "never caught up"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_while_running(
+        &mut follower,
+        started,
+        Duration::from_secs(60),
+        "never caught up",
+        log_text,
+        || state().cursor.next_index as usize >= segments && log_text().contains("applying again"),
+    );
     follower.kill().unwrap();
     follower.wait().unwrap();
     assert!(std::fs::read(fixture.path("replica")).unwrap() == model.final_image());
@@ -239,8 +251,7 @@ fn a_full_journal_file_system_stops_apply_with_a_clear_error_at_a_point() {
 
 #[test]
 fn a_write_that_fails_on_a_full_backing_is_resynced_not_lost() {
-    if !is_root() {
-        eprintln!("skipped: needs root to mount a small tmpfs for the backing");
+    if skip_unless_root("the backing") {
         return;
     }
     // The source's backing: an 8 MiB sparse file on a 1 MiB tmpfs.
@@ -248,10 +259,7 @@ fn a_write_that_fails_on_a_full_backing_is_resynced_not_lost() {
     let fixture = Fixture::new(size);
     let small = SmallFs::mount(&fixture.path("small-backing"), "1m");
     let backing = small.0.join("backing");
-    std::fs::File::create(&backing)
-        .unwrap()
-        .set_len(size)
-        .unwrap();
+    sparse_file(&backing, size);
     std::fs::remove_file(fixture.path("backing")).unwrap();
     std::os::unix::fs::symlink(&backing, fixture.path("backing")).unwrap();
     let mut capture = fixture.capture(16 << 20);

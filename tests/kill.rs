@@ -112,10 +112,7 @@ fn applier_killed_while_applying_converges() {
     let size = 8 << 20;
     let (fixture, model) = Fixture::shipped(size, 7, 400);
     let total = fixture.store_segments().len();
-    std::fs::File::create(fixture.path("replica"))
-        .unwrap()
-        .set_len(size)
-        .unwrap();
+    sparse_file(&fixture.path("replica"), size);
 
     let mut rng = Rng::new(99);
     for _ in 0..8 {

@@ -107,10 +107,7 @@ impl Fixture {
     pub fn new(size: u64) -> Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
         let key = Key::generate_file(&dir.path().join("key")).expect("keygen");
-        std::fs::File::create(dir.path().join("backing"))
-            .unwrap()
-            .set_len(size)
-            .unwrap();
+        sparse_file(&dir.path().join("backing"), size);
         Fixture {
             dir,
             volume: VolumeId::new("vol0").unwrap(),
@@ -365,6 +362,12 @@ pub fn store_seqs(fixture: &Fixture) -> Vec<u64> {
         seqs.extend(segment.records().map(|r| r.seq));
     }
     seqs
+}
+
+/// Creates (or truncates) `path` as a sparse file of `size` bytes: a source backing or
+/// a replica of a `size`-byte volume.
+pub fn sparse_file(path: &Path, size: u64) {
+    std::fs::File::create(path).unwrap().set_len(size).unwrap();
 }
 
 /// Path of a workspace binary built next to the test executable
