@@ -8,11 +8,11 @@
 # Prints a markdown table. BENCH_ROUNDS bring-ups of each (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 BIN=target/release
 ROUNDS=${BENCH_ROUNDS:-3}
 w=/tmp/failover-bench
-rm -rf $w; mkdir -p $w
-mountpoint -q $w || mount -t tmpfs -o size=2G tmpfs $w
+bench_tmpfs $w 2G
 $BIN/apply --prepare-views $w >/dev/null
 
 now() { date +%s.%N; }

@@ -23,3 +23,19 @@ results_section() {
   echo "- commit: $(git rev-parse --short HEAD)$(git diff --quiet -- . ':!bench/RESULTS.md' || echo '-dirty')"
   echo
 }
+
+# Guest side (bench/*-guest.sh):
+
+# bench_tmpfs DIR SIZE: DIR, empty, on a tmpfs of its own of SIZE (larger than the
+# default half of RAM where the bench needs it), so the disk is not what is measured.
+bench_tmpfs() {
+  rm -rf "$1"; mkdir -p "$1"
+  mountpoint -q "$1" || mount -t tmpfs -o size="$2" tmpfs "$1"
+}
+
+# random_backing FILE: a 1 GiB backing file filled with random data, so reads hit real
+# data and writes overwrite allocated pages.
+random_backing() {
+  truncate -s 1G "$1"
+  dd if=/dev/urandom of="$1" bs=1M count=1024 status=none conv=notrunc
+}

@@ -9,13 +9,12 @@
 # Usage: ship-drain-guest.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 BIN=target/release
 RUNTIME=${BENCH_RUNTIME:-6}
 w=/tmp/ship-drain
-rm -rf $w; mkdir -p $w
-mountpoint -q $w || mount -t tmpfs -o size=6G tmpfs $w
-truncate -s 1G $w/backing
-dd if=/dev/urandom of=$w/backing bs=1M count=1024 status=none conv=notrunc
+bench_tmpfs $w 6G
+random_backing $w/backing
 $BIN/shipper keygen --out $w/key >/dev/null
 hz=$(getconf CLK_TCK)
 for round in $(seq "${BENCH_ROUNDS:-2}"); do

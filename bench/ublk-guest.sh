@@ -15,17 +15,15 @@
 # Usage: ublk-guest.sh RUBLK_BINARY
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 BIN=target/release
 RUBLK=${1:-}
 RUNTIME=${BENCH_RUNTIME:-6}
-SIZE=1G
+SIZE=1G   # what random_backing makes
 w=/tmp/ublk-bench
-rm -rf $w; mkdir -p $w
-# Its own tmpfs, larger than the default half of RAM: logs and stores grow with writes.
-mountpoint -q $w || mount -t tmpfs -o size=7G tmpfs $w
-truncate -s $SIZE $w/backing
-# Fill the backing so reads hit real data.
-dd if=/dev/urandom of=$w/backing bs=1M count=1024 status=none conv=notrunc
+# Larger than the default half of RAM: logs and stores grow with writes.
+bench_tmpfs $w 7G
+random_backing $w/backing
 
 JOBS=("randwrite 4k 32" "randread 4k 32" "write 1M 8")
 ROUNDS=${BENCH_ROUNDS:-3}
