@@ -7,7 +7,6 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 . bench/lib.sh
 ensure_rust
-ensure_debs libclang-dev
 cargo build --release --bins --quiet
 out=$(mktemp)
 scripts/vm.sh run --mem 8192 --env BENCH_ROUNDS -- bench/failover-guest.sh | tee "$out"

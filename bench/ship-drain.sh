@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 . bench/lib.sh
 ensure_rust
-ensure_debs libclang-dev fio
+ensure_debs fio
 cargo build --release --bins --quiet
 out=$(mktemp)
 scripts/vm.sh run --mem 8192 --env BENCH_ROUNDS --env BENCH_RUNTIME -- bench/ship-drain-guest.sh | tee "$out"

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 . bench/lib.sh
 ensure_rust
-ensure_debs libclang-dev fio dmsetup
+ensure_debs fio dmsetup
 cargo build --release --bins --quiet
 rublk=$PWD/.cache/rublk/bin/rublk
 if [ ! -x "$rublk" ]; then

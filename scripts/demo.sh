@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 ensure_rust
-ensure_debs libclang-dev fio
+ensure_debs fio
 step "building (release)"
 cargo build --release --bins --quiet
 

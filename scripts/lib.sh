@@ -18,7 +18,8 @@ ensure_debs() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-# Rust toolchain (cargo) and a C compiler for crates that build C.
+# Rust toolchain (cargo), a C compiler for crates that build C, and libclang for
+# bindgen (libublk's bindings): everything a build of the workspace needs.
 ensure_rust() {
   if ! command -v cargo >/dev/null 2>&1; then
     [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
@@ -27,4 +28,19 @@ ensure_rust() {
     ensure_debs cargo rustc
   fi
   command -v cc >/dev/null 2>&1 || ensure_debs gcc libc6-dev
+  ensure_debs libclang-dev
+}
+
+# Azurite (Microsoft's Azure Storage emulator) and the Azure SDK for JavaScript, which
+# the object-storage tests use to create containers; from the npm registry, cached.
+# Exports UBLK_DR_AZURITE_DIR, where the tests find them.
+ensure_azurite() {
+  local dir=${UBLK_DR_AZURITE_DIR:-/var/cache/ublk-dr/azurite}
+  if [ ! -x "$dir/node_modules/.bin/azurite-blob" ] || [ ! -d "$dir/node_modules/@azure/storage-blob" ]; then
+    command -v npm >/dev/null 2>&1 || ensure_debs nodejs npm
+    step "installing azurite and @azure/storage-blob (npm) into $dir"
+    mkdir -p "$dir"
+    (cd "$dir" && npm install --silent --no-audit --no-fund azurite@3 @azure/storage-blob@12 >/dev/null)
+  fi
+  export UBLK_DR_AZURITE_DIR=$dir
 }

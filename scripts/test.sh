@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Sets up and runs every test: format and lint checks; unit, property and end-to-end
-# tests on the host; the loom model checks of the ring; a fuzz run of the segment
-# reader; and the end-to-end tests on real ublk devices (natively where the kernel has
-# ublk, otherwise in a VM booted by scripts/vm.sh). Installs what is missing.
+# tests on the host (the object-storage ones against azurite); the loom model checks
+# of the ring; a fuzz run of the segment reader; and the end-to-end tests on real ublk
+# devices (natively where the kernel has ublk, otherwise in a VM booted by
+# scripts/vm.sh). Installs what is missing.
 # Set UBLK_DR_SKIP_VM=1 to leave out the ublk tests (e.g. while iterating).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 ensure_rust
-# bindgen (for libublk) needs libclang; fio drives the ublk tests.
-ensure_debs libclang-dev fio e2fsprogs
+# fio and e2fsprogs drive the ublk tests.
+ensure_debs fio e2fsprogs
+# The object-storage tests run against azurite, a real Blob Storage emulator.
+ensure_azurite
 export CARGO_TERM_COLOR=never RUST_BACKTRACE=1
 
 step "cargo fmt --check"

@@ -28,7 +28,9 @@ pub use record::{Op, RecordRef};
 pub use segment::{
     open, read_info, seal, ChainCursor, LinkedSegment, OpenedSegment, PlainSegment, SealParams,
 };
-pub use store::{LocalDirStore, TargetStore};
+pub use store::{
+    parse_segment_file_name, segment_file_name, valid_blob_name, LocalDirStore, TargetStore,
+};
 pub use volume::VolumeId;
 
 /// Milliseconds since the Unix epoch, the time unit of headers and status files.

@@ -5,7 +5,8 @@
 //! ```toml
 //! key = "/etc/ublk-dr/key"               # required: the 32-byte key (shipper keygen)
 //! staging = "/var/lib/ublk-dr/staging"   # required: local staging directory
-//! store = "/srv/dr-store"                # required: target store (a directory)
+//! store = "/srv/dr-store"                # required: target store: a directory, or
+//!                                        # az://CONTAINER/PREFIX or s3://BUCKET/PREFIX
 //! status_dir = "/run/ublk-dr"            # status files: <status_dir>/<volume>.status.json
 //! max_segment_age_ms = 1000
 //! max_segment_bytes = 8388608
@@ -27,6 +28,7 @@ use crate::error::{Result, ShipperError};
 use crate::pipeline::ShipperConfig;
 use crate::priority::CpuPriority;
 use changelog::{Key, VolumeId};
+use objstore::StoreLocation;
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -39,7 +41,7 @@ pub const DEFAULT_CONFIG: &str = "/etc/ublk-dr/shipper.toml";
 pub struct ConfigFile {
     pub key: PathBuf,
     pub staging: PathBuf,
-    pub store: PathBuf,
+    pub store: StoreLocation,
     #[serde(default = "default_status_dir")]
     pub status_dir: PathBuf,
     #[serde(default = "default_age")]

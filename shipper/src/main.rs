@@ -1,8 +1,9 @@
 //! `shipper`: the root service that replicates protected volumes.
 
 use anyhow::{Context, Result};
-use changelog::{Key, LocalDirStore, VolumeId};
+use changelog::{Key, VolumeId};
 use clap::{Parser, Subcommand};
+use objstore::StoreLocation;
 use shipper::config::ConfigFile;
 use shipper::priority::CpuPriority;
 use shipper::{Control, ShipperConfig, Status};
@@ -119,9 +120,10 @@ struct RunArgs {
     /// Local staging directory (segments wait here until uploaded).
     #[arg(long, required_unless_present = "config")]
     staging: Option<PathBuf>,
-    /// Target store directory.
+    /// Target store: a directory, or az://CONTAINER/PREFIX (Azure Blob) or
+    /// s3://BUCKET/PREFIX, with credentials from the environment (see README).
     #[arg(long, required_unless_present = "config")]
-    store: Option<PathBuf>,
+    store: Option<StoreLocation>,
     /// Key file (see `shipper keygen`).
     #[arg(long, required_unless_present = "config")]
     key: Option<PathBuf>,
@@ -334,8 +336,10 @@ fn ship(args: RunArgs) -> Result<()> {
             "volume {only} is not in the config file"
         );
     }
-    std::fs::create_dir_all(&store)
-        .with_context(|| format!("creating store directory {}", store.display()))?;
+    if let Some(dir) = store.dir() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating store directory {}", dir.display()))?;
+    }
     for dir in configs
         .iter()
         .filter_map(|c| c.status_path.as_ref()?.parent())
@@ -348,7 +352,7 @@ fn ship(args: RunArgs) -> Result<()> {
         control.drain();
     }
     stop_on_signal(control.clone())?;
-    let store = Arc::new(LocalDirStore::new(store));
+    let store = objstore::open(&store)?;
     // One pipeline per volume; a volume that fails (e.g. goes Critical) does not stop
     // the others, and the exit status reports it.
     let results: Vec<_> = std::thread::scope(|scope| {

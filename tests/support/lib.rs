@@ -2,6 +2,8 @@
 //! protected-volume fixture on the host (backing file + ring + capture), and helpers to
 //! run the shipper and the applier.
 
+pub mod azurite;
+
 use blkfilter::capture::{Capture, Captured};
 use blkfilter::ring::{Producer, RingGeometry};
 use blkfilter::workload::WorkOp;

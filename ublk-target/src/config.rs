@@ -7,6 +7,7 @@
 use crate::error::{Result, TargetError};
 use crate::points::{parse_age, Retention};
 use changelog::VolumeId;
+use objstore::StoreLocation;
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -15,7 +16,8 @@ use std::time::Duration;
 pub const EXAMPLE: &str = r#"Config file (--config), TOML; unknown keys are errors:
 
   key = "/etc/ublk-dr/key"      # required: the same key file as the shipper's
-  store = "/srv/dr-store"       # required: the shipper's target store (a directory)
+  store = "/srv/dr-store"       # required: the shipper's target store (a directory,
+                                #   or az://CONTAINER/PREFIX or s3://BUCKET/PREFIX)
   poll_ms = 200                 # how often --follow looks for new segments
   keep_points = 1000            # retention for every volume (optional):
   keep_age = "15d"              #   at most this many points, none older than this
@@ -33,7 +35,7 @@ pub const EXAMPLE: &str = r#"Config file (--config), TOML; unknown keys are erro
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
     pub key: PathBuf,
-    pub store: PathBuf,
+    pub store: StoreLocation,
     #[serde(default = "default_poll_ms")]
     pub poll_ms: u64,
     pub keep_points: Option<usize>,

@@ -1,8 +1,9 @@
 //! `ublk-target`: the recovery-side command line.
 
 use anyhow::{Context, Result};
-use changelog::{Key, LocalDirStore, TargetStore, VolumeId};
+use changelog::{Key, TargetStore, VolumeId};
 use clap::{Args, Parser, Subcommand};
+use objstore::StoreLocation;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,13 +36,15 @@ enum Command {
             conflicts_with_all = ["store", "key", "replica", "state", "journal", "keep_points", "keep_age"]
         )]
         config: Option<PathBuf>,
-        /// Target store directory (the shipper's --store).
+        /// Target store, the shipper's --store: a directory, or
+        /// az://CONTAINER/PREFIX or s3://BUCKET/PREFIX (credentials from the
+        /// environment, see README).
         #[arg(long, required_unless_present = "config")]
-        store: Option<PathBuf>,
+        store: Option<StoreLocation>,
         /// Volume id (with --config: only this volume of the file).
         #[arg(long, required_unless_present = "config")]
         volume: Option<VolumeId>,
-        /// Replica image file or block device (a file is created if missing).
+        /// Replica image file or block device, the size of the volume (must exist).
         #[arg(long, required_unless_present = "config")]
         replica: Option<PathBuf>,
         /// Key file, the same as the shipper's.
@@ -551,7 +554,7 @@ fn progress_bar(len: u64, figures: &str) -> indicatif::ProgressBar {
 /// Applies every segment available now, with a progress bar over the segments the
 /// store holds beyond the replica's position when there is more than one (a catch-up,
 /// e.g. failback's final delta or a new replica).
-fn apply_with_progress(applier: &mut Applier, store: &LocalDirStore) -> Result<usize> {
+fn apply_with_progress(applier: &mut Applier, store: &dyn TargetStore) -> Result<usize> {
     let next = applier.cursor().next_index;
     let pending = store
         .list(&applier.cursor().volume)?
@@ -601,7 +604,7 @@ fn with_hint(e: &anyhow::Error) -> String {
 
 /// One volume for `apply`: from the command line or a config file.
 struct ApplyJob {
-    store: PathBuf,
+    store: StoreLocation,
     volume: VolumeId,
     replica: PathBuf,
     key: Key,
@@ -621,10 +624,10 @@ impl ApplyJob {
     /// again); otherwise it ends the run. Either way a full file system gets a hint on
     /// what to do.
     fn run(&self, follow: Option<Duration>, progress: bool) -> Result<()> {
-        if !self.store.is_dir() {
+        if let Some(dir) = self.store.dir().filter(|dir| !dir.is_dir()) {
             anyhow::bail!(
                 "store directory {} does not exist (use the shipper's --store path)",
-                self.store.display()
+                dir.display()
             );
         }
         if !self.replica.exists() {
@@ -635,7 +638,7 @@ impl ApplyJob {
                 self.replica.display()
             );
         }
-        let store = LocalDirStore::new(&self.store);
+        let store = objstore::open(&self.store)?;
         let mut progress = progress;
         let mut applier = None;
         let mut failing = false;
@@ -683,7 +686,7 @@ impl ApplyJob {
     fn apply_once(
         &self,
         applier: &mut Option<Applier>,
-        store: &LocalDirStore,
+        store: &Arc<dyn TargetStore>,
         progress: bool,
     ) -> Result<()> {
         let replica = &self.replica;
@@ -692,7 +695,7 @@ impl ApplyJob {
                 .with_state(self.state.clone())
                 .state;
             *applier = Some(Applier::open(
-                Arc::new(store.clone()),
+                store.clone(),
                 self.volume.clone(),
                 self.key.clone(),
                 replica,
@@ -706,7 +709,7 @@ impl ApplyJob {
         let applier = applier.as_mut().expect("opened above");
         // The bar is for the catch-up at start; later polls skip its store listing.
         let applied = if progress {
-            apply_with_progress(applier, store)?
+            apply_with_progress(applier, &**store)?
         } else {
             applier.apply_available()?
         };
@@ -716,7 +719,9 @@ impl ApplyJob {
             ublk_target::digests::AnswerMode::Compare
         };
         let (volume, next_seq) = (&applier.cursor().volume, applier.cursor().next_seq);
-        ublk_target::digests::answer_requests(store, volume, &self.key, replica, next_seq, mode)?;
+        ublk_target::digests::answer_requests(
+            &**store, volume, &self.key, replica, next_seq, mode,
+        )?;
         if applied > 0 {
             let c = applier.cursor();
             log::info!(

@@ -1,0 +1,47 @@
+//! Target stores by location: [`open`] turns a [`StoreLocation`] (a directory path or an
+//! `az://` / `s3://` URL) into the [`TargetStore`] the shipper uploads to and
+//! ublk-target applies from.
+//!
+//! The local directory is the embedded default ([`changelog::LocalDirStore`]); object
+//! storage goes through the `object_store` crate ([`ObjectTargetStore`]). Both keep the
+//! same layout (`PREFIX/<volume>/<index:016x>.seg` and `PREFIX/<volume>/<blob>`) and
+//! the same contract ([`TargetStore`]): puts are idempotent for identical bytes and
+//! refuse different bytes under an existing name, and every error of the store is an
+//! I/O error that the callers retry (segments are authenticated end to end, so the
+//! store is not trusted with anything but keeping bytes).
+
+mod location;
+mod object;
+
+pub use location::{Service, StoreLocation};
+pub use object::ObjectTargetStore;
+
+use changelog::{LocalDirStore, TargetStore};
+use std::sync::Arc;
+
+/// What can go wrong setting a store up (its operations return [`changelog::Error`]).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("store {location}: {source}; {hint}")]
+    Setup {
+        location: String,
+        #[source]
+        source: object_store::Error,
+        hint: &'static str,
+    },
+    #[error("store {location}: starting the I/O runtime: {source}")]
+    Runtime {
+        location: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Opens the store at `location`. Nothing is contacted yet: an unreachable service
+/// shows as I/O errors of the first operations, which callers retry.
+pub fn open(location: &StoreLocation) -> Result<Arc<dyn TargetStore>, Error> {
+    match location {
+        StoreLocation::Dir(dir) => Ok(Arc::new(LocalDirStore::new(dir))),
+        StoreLocation::Object { .. } => Ok(Arc::new(ObjectTargetStore::open(location)?)),
+    }
+}

@@ -1,0 +1,173 @@
+//! Where a target store is, as users write it: a directory path (the embedded default)
+//! or an object-storage URL.
+//!
+//! | written as | store |
+//! |---|---|
+//! | `/srv/dr-store`, `store`, `file:///srv/dr-store` | a local or mounted directory ([`changelog::LocalDirStore`]) |
+//! | `az://CONTAINER[/PREFIX]`, `azure://…` | Azure Blob Storage |
+//! | `s3://BUCKET[/PREFIX]` | S3 or an S3-compatible store |
+//!
+//! Anything else with a `://` is refused rather than taken for a directory name, so a
+//! typo in a scheme cannot ship a volume into `./http:/…`.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// The object-storage services a URL can name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Service {
+    Azure,
+    S3,
+}
+
+/// A parsed store location.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub enum StoreLocation {
+    Dir(PathBuf),
+    Object {
+        service: Service,
+        /// The container (Azure) or bucket (S3).
+        bucket: String,
+        /// The path inside it under which volumes live, without slashes at either
+        /// end; empty for the top level.
+        prefix: String,
+    },
+}
+
+impl StoreLocation {
+    /// The directory, for a local store.
+    pub fn dir(&self) -> Option<&std::path::Path> {
+        match self {
+            StoreLocation::Dir(dir) => Some(dir),
+            StoreLocation::Object { .. } => None,
+        }
+    }
+}
+
+impl FromStr for StoreLocation {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<StoreLocation, String> {
+        let Some((scheme, rest)) = s.split_once("://") else {
+            if s.is_empty() {
+                return Err("the store location is empty".into());
+            }
+            return Ok(StoreLocation::Dir(s.into()));
+        };
+        let service = match scheme {
+            "file" if rest.starts_with('/') => return Ok(StoreLocation::Dir(rest.into())),
+            "file" => return Err(format!("{s:?}: a file:// location needs an absolute path")),
+            "az" | "azure" => Service::Azure,
+            "s3" => Service::S3,
+            _ => {
+                return Err(format!(
+                    "{s:?}: unsupported store scheme {scheme:?}; use a directory path, \
+                     az://CONTAINER/PREFIX (Azure Blob) or s3://BUCKET/PREFIX"
+                ))
+            }
+        };
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(format!(
+                "{s:?}: no {} name after {scheme}://",
+                match service {
+                    Service::Azure => "container",
+                    Service::S3 => "bucket",
+                }
+            ));
+        }
+        let prefix = prefix.trim_matches('/');
+        if prefix.split('/').any(|part| part == "." || part == "..") {
+            return Err(format!("{s:?}: the path in the store may not hold . or .."));
+        }
+        Ok(StoreLocation::Object {
+            service,
+            bucket: bucket.into(),
+            prefix: prefix.into(),
+        })
+    }
+}
+
+impl TryFrom<String> for StoreLocation {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<StoreLocation, String> {
+        s.parse()
+    }
+}
+
+impl fmt::Display for StoreLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreLocation::Dir(dir) => write!(f, "{}", dir.display()),
+            StoreLocation::Object {
+                service,
+                bucket,
+                prefix,
+            } => {
+                let scheme = match service {
+                    Service::Azure => "az",
+                    Service::S3 => "s3",
+                };
+                write!(f, "{scheme}://{bucket}")?;
+                if !prefix.is_empty() {
+                    write!(f, "/{prefix}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(service: Service, bucket: &str, prefix: &str) -> StoreLocation {
+        StoreLocation::Object {
+            service,
+            bucket: bucket.into(),
+            prefix: prefix.into(),
+        }
+    }
+
+    #[test]
+    fn paths_urls_and_mistakes() {
+        let parse = |s: &str| s.parse::<StoreLocation>();
+        assert_eq!(parse("/srv/dr"), Ok(StoreLocation::Dir("/srv/dr".into())));
+        assert_eq!(parse("store"), Ok(StoreLocation::Dir("store".into())));
+        assert_eq!(
+            parse("file:///srv/dr"),
+            Ok(StoreLocation::Dir("/srv/dr".into()))
+        );
+        assert_eq!(parse("az://dr"), Ok(object(Service::Azure, "dr", "")));
+        assert_eq!(
+            parse("azure://dr/site-a/"),
+            Ok(object(Service::Azure, "dr", "site-a"))
+        );
+        assert_eq!(
+            parse("s3://bucket/a/b"),
+            Ok(object(Service::S3, "bucket", "a/b"))
+        );
+        for (bad, says) in [
+            ("", "empty"),
+            ("http://host/x", "unsupported store scheme \"http\""),
+            ("az://", "no container name"),
+            ("s3:///x", "no bucket name"),
+            ("file://relative", "absolute path"),
+            ("s3://b/../x", ". or .."),
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert!(err.contains(says), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for s in ["/srv/dr", "az://dr", "az://dr/site-a", "s3://b/a/b"] {
+            assert_eq!(s.parse::<StoreLocation>().unwrap().to_string(), s);
+        }
+    }
+}
