@@ -44,3 +44,16 @@ ensure_azurite() {
   fi
   export UBLK_DR_AZURITE_DIR=$dir
 }
+
+# moto's S3 server and boto3 (to create buckets) in a Python virtual environment, for
+# the object-storage tests; from PyPI, cached. Exports UBLK_DR_MOTO_DIR.
+ensure_moto() {
+  local dir=${UBLK_DR_MOTO_DIR:-/var/cache/ublk-dr/moto}
+  if [ ! -x "$dir/bin/moto_server" ]; then
+    python3 -m venv --help >/dev/null 2>&1 || ensure_debs python3-venv
+    step "installing moto[server] (PyPI) into $dir"
+    python3 -m venv "$dir"
+    "$dir/bin/pip" install --quiet "moto[server]>=5.1,<6"
+  fi
+  export UBLK_DR_MOTO_DIR=$dir
+}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up and runs every test: format and lint checks; unit, property and end-to-end
-# tests on the host (the object-storage ones against azurite); the loom model checks
+# tests on the host (the object-storage ones against azurite and moto); the loom model checks
 # of the ring; a fuzz run of the segment reader; and the end-to-end tests on real ublk
 # devices (natively where the kernel has ublk, otherwise in a VM booted by
 # scripts/vm.sh). Installs what is missing.
@@ -12,8 +12,9 @@ cd "$(dirname "$0")/.."
 ensure_rust
 # fio and e2fsprogs drive the ublk tests.
 ensure_debs fio e2fsprogs
-# The object-storage tests run against azurite, a real Blob Storage emulator.
+# The object-storage tests run against real emulators: azurite (Azure Blob) and moto (S3).
 ensure_azurite
+ensure_moto
 export CARGO_TERM_COLOR=never RUST_BACKTRACE=1
 
 step "cargo fmt --check"

@@ -1,18 +1,18 @@
-//! The target store on object storage: Azure Blob, through Microsoft's azurite
-//! emulator (a real server speaking the Blob REST API; see `support/azurite.rs`).
+//! The target store on object storage: Azure Blob through Microsoft's azurite emulator
+//! and S3 through moto's server (real servers speaking the services' REST APIs; see
+//! `support/emulator.rs`).
 //!
-//! * The store contract holds on azurite exactly as on a local directory.
-//! * The shipper and ublk-target replicate through it from the command line, the
-//!   initial digest resync's request and answer objects included.
-//! * An outage (the emulator killed while the shipper uploads, then started again over
-//!   the same data) is a Warning that names the store, and nothing is lost.
+//! * The store contract holds on both exactly as on a local directory.
+//! * The shipper and ublk-target replicate through both from the command line.
+//! * An outage (azurite killed while the shipper uploads, then started again over the
+//!   same data) is a Warning that names the store, and nothing is lost.
 //! * Bad store locations and missing credentials are clear errors.
 
 use blkfilter::capture::Capture;
 use blkfilter::ring::{Producer, RingGeometry};
 use blkfilter::workload::Workload;
 use changelog::{LocalDirStore, TargetStore, VolumeId};
-use e2e::azurite::Azurite;
+use e2e::emulator::{Emulator, Service};
 use e2e::{bin, sparse_file};
 use objstore::StoreLocation;
 use std::path::{Path, PathBuf};
@@ -99,7 +99,8 @@ impl Drop for Running {
     }
 }
 
-/// The same sequence of calls on a directory and on azurite gives the same answers.
+/// The same sequence of calls on a directory and on an object store gives the same
+/// answers.
 fn exercise_contract(store: &dyn TargetStore) -> Vec<String> {
     let mut seen = Vec::new();
     let vol = VolumeId::new("vol0").unwrap();
@@ -144,18 +145,24 @@ fn exercise_contract(store: &dyn TargetStore) -> Vec<String> {
     seen
 }
 
+/// One test for both services: the stores are opened in this process, which has one
+/// environment.
 #[test]
-fn the_store_contract_holds_on_azurite_as_on_a_directory() {
-    let Some(azurite) = Azurite::start() else {
-        return;
-    };
-    azurite.export_env();
-    azurite.create_container("contract");
+fn the_store_contract_holds_on_object_storage_as_on_a_directory() {
     let dir = tempfile::tempdir().unwrap();
     let on_dir = exercise_contract(&LocalDirStore::new(dir.path()));
-    let location: StoreLocation = "az://contract/site-a/dr".parse().unwrap();
-    let on_azurite = exercise_contract(&*objstore::open(&location).unwrap());
-    assert_eq!(on_azurite, on_dir);
+    for service in [Service::Azure, Service::S3] {
+        let Some(emulator) = Emulator::start(service) else {
+            continue;
+        };
+        emulator.export_env();
+        emulator.create_bucket("contract");
+        let location: StoreLocation = format!("{}://contract/site-a/dr", service.scheme())
+            .parse()
+            .unwrap();
+        let on_service = exercise_contract(&*objstore::open(&location).unwrap());
+        assert_eq!(on_service, on_dir, "{service:?}");
+    }
     // Not vacuous: the answers are the expected ones.
     for expected in [
         "list: [0, 1]",
@@ -174,27 +181,26 @@ fn the_store_contract_holds_on_azurite_as_on_a_directory() {
     }
 }
 
-/// The change log through azurite: the shipper with --drain, ublk-target apply --follow
+/// The change log through object storage: the shipper with --drain, ublk-target apply --follow
 /// polling the store beside it. (No initial sync: its resync pass needs a running
 /// producer; the digest exchange's objects are in the contract test.)
-#[test]
-fn shipper_and_apply_replicate_through_azurite() {
-    let Some(azurite) = Azurite::start() else {
+fn replicate_through(service: Service) {
+    let Some(emulator) = Emulator::start(service) else {
         return;
     };
-    azurite.create_container("dr-store");
+    emulator.create_bucket("dr-store");
     let volume = Volume::new(7, 200);
-    let store = "az://dr-store/site-a";
+    let store = &format!("{}://dr-store/site-a", service.scheme());
     let follower = Running(
         volume
             .apply(store, &["--follow", "--poll-ms", "50"])
-            .envs(azurite.env())
+            .envs(emulator.env())
             .spawn()
             .unwrap(),
     );
     let shipped = volume
         .shipper(store, &["--no-initial-sync"])
-        .envs(azurite.env())
+        .envs(emulator.env())
         .output()
         .unwrap();
     assert!(shipped.status.success(), "{}", text(&shipped));
@@ -218,18 +224,28 @@ fn shipper_and_apply_replicate_through_azurite() {
 }
 
 #[test]
+fn shipper_and_apply_replicate_through_azurite() {
+    replicate_through(Service::Azure);
+}
+
+#[test]
+fn shipper_and_apply_replicate_through_s3() {
+    replicate_through(Service::S3);
+}
+
+#[test]
 fn an_outage_of_the_object_store_is_a_warning_and_loses_nothing() {
-    let Some(mut azurite) = Azurite::start() else {
+    let Some(mut emulator) = Emulator::start(Service::Azure) else {
         return;
     };
-    azurite.create_container("dr-store");
+    emulator.create_bucket("dr-store");
     let volume = Volume::new(8, 300);
-    azurite.stop();
+    emulator.stop();
     let store = "az://dr-store/site-b";
     let mut shipper = Running(
         volume
             .shipper(store, &["--no-initial-sync", "--retry-unit-ms", "50"])
-            .envs(azurite.env())
+            .envs(emulator.env())
             .spawn()
             .unwrap(),
     );
@@ -252,10 +268,10 @@ fn an_outage_of_the_object_store_is_a_warning_and_loses_nothing() {
         "{error} / {}",
         warned.state()
     );
-    azurite.resume();
+    emulator.resume();
     // kill -9 can cost the emulator the container it had not saved yet (its metadata
     // is flushed every few seconds); a real service keeps it.
-    azurite.create_container("dr-store");
+    emulator.create_bucket("dr-store");
     let mut exited = None;
     wait_until(
         "the shipper drains once the store is back",
@@ -268,7 +284,7 @@ fn an_outage_of_the_object_store_is_a_warning_and_loses_nothing() {
     assert!(exited.unwrap().success());
     let applied = volume
         .apply(store, &[])
-        .envs(azurite.env())
+        .envs(emulator.env())
         .output()
         .unwrap();
     assert!(applied.status.success(), "{}", text(&applied));

@@ -24,10 +24,10 @@ use crate::Error;
 use changelog::{
     parse_segment_file_name, segment_file_name, valid_blob_name, TargetStore, VolumeId,
 };
-use object_store::aws::{AmazonS3Builder, S3ConditionalPut};
-use object_store::azure::MicrosoftAzureBuilder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, S3ConditionalPut};
+use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
 use object_store::path::Path;
-use object_store::{BackoffConfig, ClientOptions, ObjectStore, PutMode, PutPayload, RetryConfig};
+use object_store::{BackoffConfig, ClientConfigKey, ObjectStore, PutMode, PutPayload, RetryConfig};
 use std::future::Future;
 use std::time::Duration;
 
@@ -70,26 +70,36 @@ impl ObjectTargetStore {
             max_retries: RETRIES,
             retry_timeout: RETRY_TIMEOUT,
         };
-        let client = ClientOptions::new()
-            .with_timeout(REQUEST_TIMEOUT)
-            .with_connect_timeout(CONNECT_TIMEOUT);
+        // Set key by key: a whole ClientOptions would replace what the environment
+        // configured (AWS_ALLOW_HTTP, proxies).
+        let timeouts = [
+            (ClientConfigKey::Timeout, REQUEST_TIMEOUT),
+            (ClientConfigKey::ConnectTimeout, CONNECT_TIMEOUT),
+        ]
+        .map(|(key, value)| (key, format!("{}s", value.as_secs())));
         let (built, hint): (object_store::Result<Box<dyn ObjectStore>>, _) = match service {
             Service::Azure => (
-                MicrosoftAzureBuilder::from_env()
+                timeouts
+                    .iter()
+                    .fold(MicrosoftAzureBuilder::from_env(), |b, (key, value)| {
+                        b.with_config(AzureConfigKey::Client(*key), value)
+                    })
                     .with_container_name(bucket)
                     .with_retry(retry)
-                    .with_client_options(client)
                     .build()
                     .map(|s| Box::new(s) as _),
                 "set AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY (or \
                  AZURE_STORAGE_USE_EMULATOR=true for azurite)",
             ),
             Service::S3 => (
-                AmazonS3Builder::from_env()
+                timeouts
+                    .iter()
+                    .fold(AmazonS3Builder::from_env(), |b, (key, value)| {
+                        b.with_config(AmazonS3ConfigKey::Client(*key), value)
+                    })
                     .with_bucket_name(bucket)
                     .with_conditional_put(S3ConditionalPut::ETagMatch)
                     .with_retry(retry)
-                    .with_client_options(client)
                     .build()
                     .map(|s| Box::new(s) as _),
                 "set AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_REGION (and \

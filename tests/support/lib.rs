@@ -2,7 +2,7 @@
 //! protected-volume fixture on the host (backing file + ring + capture), and helpers to
 //! run the shipper and the applier.
 
-pub mod azurite;
+pub mod emulator;
 
 use blkfilter::capture::{Capture, Captured};
 use blkfilter::ring::{Producer, RingGeometry};
