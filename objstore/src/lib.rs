@@ -1,10 +1,12 @@
-//! Target stores by location: [`open`] turns a [`StoreLocation`] (a directory path or an
-//! `az://` / `s3://` URL) into the [`TargetStore`] the shipper uploads to and
-//! ublk-target applies from.
+//! Target stores by location: [`open`] turns a [`StoreLocation`] (a directory path, an
+//! `az://` / `s3://` URL or a receiver's `tcp://HOST:PORT`) into the [`TargetStore`] the
+//! shipper uploads to and ublk-target applies from.
 //!
 //! The local directory is the embedded default ([`changelog::LocalDirStore`]); object
-//! storage goes through the `object_store` crate ([`ObjectTargetStore`]). Both keep the
-//! same layout (`PREFIX/<volume>/<index:016x>.seg` and `PREFIX/<volume>/<blob>`) and
+//! storage goes through the `object_store` crate ([`ObjectTargetStore`]); a network
+//! receiver ([`Receiver`], `ublk-target receive`) keeps a directory store at the
+//! recovery site for shippers elsewhere ([`ReceiverStore`], protocol in [`wire`]). All
+//! keep the same layout (`PREFIX/<volume>/<index:016x>.seg` and `PREFIX/<volume>/<blob>`) and
 //! the same contract ([`TargetStore`]): puts are idempotent for identical bytes and
 //! refuse different bytes under an existing name, and every error of the store is an
 //! I/O error that the callers retry (segments are authenticated end to end, so the
@@ -12,9 +14,14 @@
 
 mod location;
 mod object;
+mod receiver;
+mod remote;
+pub mod wire;
 
 pub use location::{Service, StoreLocation};
 pub use object::ObjectTargetStore;
+pub use receiver::Receiver;
+pub use remote::{ReceiverStore, TOKEN_ENV};
 
 use changelog::{LocalDirStore, TargetStore};
 use std::sync::Arc;
@@ -43,5 +50,6 @@ pub fn open(location: &StoreLocation) -> Result<Arc<dyn TargetStore>, Error> {
     match location {
         StoreLocation::Dir(dir) => Ok(Arc::new(LocalDirStore::new(dir))),
         StoreLocation::Object { .. } => Ok(Arc::new(ObjectTargetStore::open(location)?)),
+        StoreLocation::Receiver(addr) => Ok(Arc::new(ReceiverStore::new(addr))),
     }
 }

@@ -6,6 +6,7 @@
 //! | `/srv/dr-store`, `store`, `file:///srv/dr-store` | a local or mounted directory ([`changelog::LocalDirStore`]) |
 //! | `az://CONTAINER[/PREFIX]`, `azure://…` | Azure Blob Storage |
 //! | `s3://BUCKET[/PREFIX]` | S3 or an S3-compatible store |
+//! | `tcp://HOST:PORT` | a network receiver (`ublk-target receive`) |
 //!
 //! Anything else with a `://` is refused rather than taken for a directory name, so a
 //! typo in a scheme cannot ship a volume into `./http:/…`.
@@ -34,6 +35,9 @@ pub enum StoreLocation {
         /// end; empty for the top level.
         prefix: String,
     },
+    /// A network receiver at `HOST:PORT` (where volumes go is the receiver's choice,
+    /// so there is no path).
+    Receiver(String),
 }
 
 impl StoreLocation {
@@ -41,7 +45,7 @@ impl StoreLocation {
     pub fn dir(&self) -> Option<&std::path::Path> {
         match self {
             StoreLocation::Dir(dir) => Some(dir),
-            StoreLocation::Object { .. } => None,
+            StoreLocation::Object { .. } | StoreLocation::Receiver(_) => None,
         }
     }
 }
@@ -61,10 +65,12 @@ impl FromStr for StoreLocation {
             "file" => return Err(format!("{s:?}: a file:// location needs an absolute path")),
             "az" | "azure" => Service::Azure,
             "s3" => Service::S3,
+            "tcp" => return parse_receiver(s, rest),
             _ => {
                 return Err(format!(
                     "{s:?}: unsupported store scheme {scheme:?}; use a directory path, \
-                     az://CONTAINER/PREFIX (Azure Blob) or s3://BUCKET/PREFIX"
+                     az://CONTAINER/PREFIX (Azure Blob), s3://BUCKET/PREFIX or \
+                     tcp://HOST:PORT (a receiver)"
                 ))
             }
         };
@@ -87,6 +93,28 @@ impl FromStr for StoreLocation {
             bucket: bucket.into(),
             prefix: prefix.into(),
         })
+    }
+}
+
+/// `HOST:PORT`, an optional trailing slash, nothing more.
+fn parse_receiver(s: &str, rest: &str) -> Result<StoreLocation, String> {
+    let addr = rest.strip_suffix('/').unwrap_or(rest);
+    if addr.contains('/') {
+        return Err(format!(
+            "{s:?}: a receiver is tcp://HOST:PORT without a path (the receiver's --store \
+             decides where volumes go)"
+        ));
+    }
+    let port = addr
+        .rsplit_once(':')
+        .map(|(host, port)| (host, port.parse::<u16>()));
+    match port {
+        Some((host, Ok(port))) if !host.is_empty() && port != 0 => {
+            Ok(StoreLocation::Receiver(addr.into()))
+        }
+        _ => Err(format!(
+            "{s:?}: a receiver is tcp://HOST:PORT, with a port number"
+        )),
     }
 }
 
@@ -117,6 +145,7 @@ impl fmt::Display for StoreLocation {
                 }
                 Ok(())
             }
+            StoreLocation::Receiver(addr) => write!(f, "tcp://{addr}"),
         }
     }
 }
@@ -151,6 +180,14 @@ mod tests {
             parse("s3://bucket/a/b"),
             Ok(object(Service::S3, "bucket", "a/b"))
         );
+        assert_eq!(
+            parse("tcp://dr-site:7087/"),
+            Ok(StoreLocation::Receiver("dr-site:7087".into()))
+        );
+        assert_eq!(
+            parse("tcp://[::1]:7087"),
+            Ok(StoreLocation::Receiver("[::1]:7087".into()))
+        );
         for (bad, says) in [
             ("", "empty"),
             ("http://host/x", "unsupported store scheme \"http\""),
@@ -158,6 +195,10 @@ mod tests {
             ("s3:///x", "no bucket name"),
             ("file://relative", "absolute path"),
             ("s3://b/../x", ". or .."),
+            ("tcp://dr-site", "with a port number"),
+            ("tcp://dr-site:0", "with a port number"),
+            ("tcp://:7087", "with a port number"),
+            ("tcp://dr-site:7087/site-a", "without a path"),
         ] {
             let err = parse(bad).unwrap_err();
             assert!(err.contains(says), "{bad:?}: {err}");
@@ -166,7 +207,13 @@ mod tests {
 
     #[test]
     fn display_round_trips() {
-        for s in ["/srv/dr", "az://dr", "az://dr/site-a", "s3://b/a/b"] {
+        for s in [
+            "/srv/dr",
+            "az://dr",
+            "az://dr/site-a",
+            "s3://b/a/b",
+            "tcp://h:1",
+        ] {
             assert_eq!(s.parse::<StoreLocation>().unwrap().to_string(), s);
         }
     }

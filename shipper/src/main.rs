@@ -120,8 +120,9 @@ struct RunArgs {
     /// Local staging directory (segments wait here until uploaded).
     #[arg(long, required_unless_present = "config")]
     staging: Option<PathBuf>,
-    /// Target store: a directory, or az://CONTAINER/PREFIX (Azure Blob) or
-    /// s3://BUCKET/PREFIX, with credentials from the environment (see README).
+    /// Target store: a directory; az://CONTAINER/PREFIX (Azure Blob) or
+    /// s3://BUCKET/PREFIX, with credentials from the environment (see README); or
+    /// tcp://HOST:PORT, a receiver (`ublk-target receive`) at the recovery site.
     #[arg(long, required_unless_present = "config")]
     store: Option<StoreLocation>,
     /// Key file (see `shipper keygen`).

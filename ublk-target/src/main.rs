@@ -36,9 +36,9 @@ enum Command {
             conflicts_with_all = ["store", "key", "replica", "state", "journal", "keep_points", "keep_age"]
         )]
         config: Option<PathBuf>,
-        /// Target store, the shipper's --store: a directory, or
-        /// az://CONTAINER/PREFIX or s3://BUCKET/PREFIX (credentials from the
-        /// environment, see README).
+        /// Target store, the shipper's --store: a directory, az://CONTAINER/PREFIX,
+        /// s3://BUCKET/PREFIX (credentials from the environment, see README) or a
+        /// receiver's tcp://HOST:PORT.
         #[arg(long, required_unless_present = "config")]
         store: Option<StoreLocation>,
         /// Volume id (with --config: only this volume of the file).
@@ -162,6 +162,26 @@ enum Command {
         /// Output image file (created or overwritten).
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Receive segments from shippers over the network into a store directory: the
+    /// recovery site's end of a tcp://HOST:PORT store.
+    ///
+    /// Shippers on other hosts use `--store tcp://THIS-HOST:PORT`; `ublk-target apply
+    /// --store DIR` applies from the directory here. Each upload is answered after it is
+    /// durable in DIR. Segments are encrypted and authenticated end to end, so the
+    /// network sees only ciphertext; the token keeps strangers from writing here (it
+    /// travels in clear: use a private network or a tunnel).
+    Receive {
+        /// Address to listen on, HOST:PORT (0.0.0.0:7087 for every interface).
+        #[arg(long)]
+        listen: String,
+        /// Store directory (must exist); volumes' segments go to DIR/VOLUME/.
+        #[arg(long)]
+        store: PathBuf,
+        /// File holding the token clients must present (their UBLK_DR_RECEIVER_TOKEN).
+        /// Without it, any client that reaches the port may write.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
     },
     /// Print a segment's header, and with --key verify it and list its records.
     Inspect {
@@ -527,6 +547,34 @@ fn run(cli: Cli) -> Result<()> {
                  back toward the original disk to fail back",
                 paths.replica.display()
             );
+            Ok(())
+        }
+        Command::Receive {
+            listen,
+            store,
+            token_file,
+        } => {
+            let token = match &token_file {
+                Some(file) => std::fs::read_to_string(file)
+                    .with_context(|| format!("reading the token file {}", file.display()))?
+                    .trim()
+                    .to_string(),
+                None => String::new(),
+            };
+            if token_file.is_some() && token.is_empty() {
+                anyhow::bail!("the token file is empty: put the token in it");
+            }
+            if token.is_empty() {
+                log::warn!("no --token-file: any client that reaches {listen} may write");
+            }
+            let receiver = objstore::Receiver::bind(&listen, &store, token)
+                .with_context(|| format!("listening on {listen} for store {}", store.display()))?;
+            log::info!(
+                "receiving on {} into {}",
+                receiver.local_addr()?,
+                store.display()
+            );
+            receiver.serve().context("accepting connections")?;
             Ok(())
         }
         Command::Inspect { segment, key } => {

@@ -1,0 +1,301 @@
+//! The network receiver: the recovery site's end of a `tcp://` store. Shippers on
+//! many protected hosts upload into one directory store here, which `ublk-target
+//! apply --store DIR` applies from (the process-server role of the design).
+//!
+//! Contract:
+//!
+//! * Every call is carried out on a [`LocalDirStore`] over `root` and answered only
+//!   after it returned, so a put that was answered `Done` is durable and a conflicting
+//!   put is refused exactly as on the directory itself.
+//! * A connection must open with a [`Hello`] of this protocol version carrying the
+//!   token (when one is set); anything else is refused and closed before any store
+//!   call. Names are checked by the store (volume ids, blob names), so a client cannot
+//!   reach outside `root`.
+//! * A client that misbehaves (a frame over the limits, an undecodable message, a
+//!   dropped connection) loses its connection and nothing else: what was stored stays,
+//!   a half-received segment was never handed to the store.
+//! * At most [`MAX_CONNECTIONS`] are served at once; more are refused with a reason.
+
+use crate::wire::{self, Hello, Request, Response, Welcome};
+use changelog::{LocalDirStore, TargetStore, VolumeId};
+use std::io::{self, BufReader, BufWriter};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const MAX_CONNECTIONS: usize = 256;
+/// A connection with no call for this long is closed (clients reconnect on their
+/// next call), so peers that vanished without a FIN do not hold threads forever.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+
+pub struct Receiver {
+    listener: TcpListener,
+    root: PathBuf,
+    token: String,
+}
+
+impl Receiver {
+    /// Listens on `addr` for clients of the store directory `root`, which must exist.
+    /// An empty `token` lets any client that reaches the port in.
+    pub fn bind(addr: &str, root: &Path, token: String) -> io::Result<Receiver> {
+        if !root.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "store directory {} does not exist (create it first)",
+                    root.display()
+                ),
+            ));
+        }
+        Ok(Receiver {
+            listener: TcpListener::bind(addr)?,
+            root: root.to_path_buf(),
+            token,
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves clients until accepting fails; each connection on its own thread.
+    pub fn serve(self) -> io::Result<()> {
+        let shared = Arc::new(Shared {
+            store: LocalDirStore::new(&self.root),
+            root: self.root.display().to_string(),
+            token: self.token,
+            active: AtomicUsize::new(0),
+        });
+        loop {
+            let (stream, peer) = match self.listener.accept() {
+                Ok(accepted) => accepted,
+                // The client gave up between SYN and accept, or descriptors ran out
+                // for a moment: not a reason to stop serving the others.
+                Err(e) if is_transient(&e) => {
+                    log::warn!("receiver: accepting a connection failed: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let shared = shared.clone();
+            let slot = Slot::take(&shared);
+            std::thread::spawn(move || {
+                match serve_connection(&shared, stream, slot.is_some()) {
+                    Ok(()) => log::debug!("receiver: {peer} closed its connection"),
+                    Err(e) => log::warn!("receiver: connection from {peer} ended: {e}"),
+                }
+                drop(slot);
+            });
+        }
+    }
+}
+
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+    ) || matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+struct Shared {
+    store: LocalDirStore,
+    root: String,
+    token: String,
+    active: AtomicUsize,
+}
+
+/// One of the [`MAX_CONNECTIONS`] places, given back on drop.
+struct Slot(Arc<Shared>);
+
+impl Slot {
+    fn take(shared: &Arc<Shared>) -> Option<Slot> {
+        let before = shared.active.fetch_add(1, Ordering::AcqRel);
+        let slot = Slot(shared.clone());
+        (before < MAX_CONNECTIONS).then_some(slot)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn serve_connection(shared: &Shared, stream: TcpStream, has_slot: bool) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(IDLE_TIMEOUT))?;
+    let peer = stream.peer_addr()?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = BufWriter::new(stream);
+    let Some((hello, _)) = wire::read_frame::<Hello>(&mut reader)? else {
+        return Ok(());
+    };
+    if let Some(reason) = refusal(shared, &hello, has_slot) {
+        log::warn!("receiver: refused {peer}: {reason}");
+        return wire::write_frame(&mut writer, &Welcome::Refused { reason }, &[]);
+    }
+    let welcome = Welcome::Accepted {
+        store: shared.root.clone(),
+    };
+    wire::write_frame(&mut writer, &welcome, &[])?;
+    log::info!("receiver: {peer} connected");
+    while let Some((request, body)) = wire::read_frame::<Request>(&mut reader)? {
+        let (response, found) = handle(&shared.store, request, &body);
+        wire::write_frame(&mut writer, &response, found.as_deref().unwrap_or(&[]))?;
+    }
+    Ok(())
+}
+
+fn refusal(shared: &Shared, hello: &Hello, has_slot: bool) -> Option<String> {
+    if hello.magic != wire::MAGIC {
+        Some("not a ublk-dr client".into())
+    } else if hello.version != wire::VERSION {
+        Some(format!(
+            "the client speaks protocol version {}, this receiver {}: run the same ublk-dr \
+             version on both sides",
+            hello.version,
+            wire::VERSION
+        ))
+    } else if !tokens_match(&hello.token, &shared.token) {
+        Some(format!(
+            "wrong or missing token: set {} on the client to the receiver's token",
+            crate::remote::TOKEN_ENV
+        ))
+    } else if !has_slot {
+        Some(format!(
+            "busy: {MAX_CONNECTIONS} connections are open; try again later"
+        ))
+    } else {
+        None
+    }
+}
+
+/// Compares without stopping at the first difference, so the time taken does not tell
+/// how much of a guess was right.
+fn tokens_match(given: &str, expected: &str) -> bool {
+    given.len() == expected.len()
+        && given
+            .bytes()
+            .zip(expected.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+/// Carries out one call; the bytes of a found object go in the response's body.
+fn handle(store: &LocalDirStore, request: Request, body: &[u8]) -> (Response, Option<Vec<u8>>) {
+    let volume_of = |name: &str| {
+        VolumeId::new(name).map_err(|e| Response::Invalid {
+            message: e.to_string(),
+        })
+    };
+    let answer = |result: changelog::Result<Response>| match result {
+        Ok(response) => response,
+        Err(changelog::Error::Conflict { segment, store }) => Response::Conflict { segment, store },
+        Err(changelog::Error::Io { context, source })
+            if source.kind() == io::ErrorKind::InvalidInput =>
+        {
+            Response::Invalid {
+                message: format!("{context}: {source}"),
+            }
+        }
+        Err(e) => Response::Failed {
+            message: e.to_string(),
+        },
+    };
+    let object = |got: changelog::Result<Option<Vec<u8>>>| match got {
+        Ok(Some(bytes)) => (Response::Found, Some(bytes)),
+        Ok(None) => (Response::Absent, None),
+        Err(e) => (answer(Err(e)), None),
+    };
+    let result = match request {
+        Request::Put { volume, index } => volume_of(&volume).map(|v| {
+            (
+                answer(store.put(&v, index, body).map(|()| Response::Done)),
+                None,
+            )
+        }),
+        Request::Get { volume, index } => volume_of(&volume).map(|v| object(store.get(&v, index))),
+        Request::List { volume } => {
+            volume_of(&volume).map(|v| (answer(store.list(&v).map(Response::Indexes)), None))
+        }
+        Request::PutBlob { volume, name } => volume_of(&volume).map(|v| {
+            (
+                answer(store.put_blob(&v, &name, body).map(|()| Response::Done)),
+                None,
+            )
+        }),
+        Request::GetBlob { volume, name } => {
+            volume_of(&volume).map(|v| object(store.get_blob(&v, &name)))
+        }
+        Request::DeleteBlob { volume, name } => volume_of(&volume).map(|v| {
+            (
+                answer(store.delete_blob(&v, &name).map(|()| Response::Done)),
+                None,
+            )
+        }),
+        Request::ListBlobs { volume } => {
+            volume_of(&volume).map(|v| (answer(store.list_blobs(&v).map(Response::Names)), None))
+        }
+    };
+    result.unwrap_or_else(|invalid| (invalid, None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(tokens_match("", ""));
+        assert!(tokens_match("s3cret", "s3cret"));
+        assert!(!tokens_match("s3cret", "s3cre"));
+        assert!(!tokens_match("s3creT", "s3cret"));
+        assert!(!tokens_match("", "s3cret"));
+    }
+
+    #[test]
+    fn names_are_checked_before_the_store_sees_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalDirStore::new(dir.path());
+        let put = |volume: &str| Request::Put {
+            volume: volume.into(),
+            index: 0,
+        };
+        for volume in ["../escape", "", "a/b"] {
+            let (response, _) = handle(&store, put(volume), b"x");
+            assert!(
+                matches!(response, Response::Invalid { .. }),
+                "{volume}: {response:?}"
+            );
+        }
+        let blob = Request::PutBlob {
+            volume: "vol0".into(),
+            name: "../../etc/passwd".into(),
+        };
+        assert!(matches!(
+            handle(&store, blob, b"x").0,
+            Response::Invalid { .. }
+        ));
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "nothing written"
+        );
+        assert!(matches!(
+            handle(&store, put("vol0"), b"x").0,
+            Response::Done
+        ));
+        assert!(matches!(
+            handle(&store, put("vol0"), b"y").0,
+            Response::Conflict { .. }
+        ));
+    }
+}

@@ -1,0 +1,258 @@
+//! A [`TargetStore`] at a network receiver (`tcp://HOST:PORT`): the client end of the
+//! protocol in [`crate::wire`], served by [`crate::Receiver`] (`ublk-target receive`).
+//!
+//! Contract, as for the other stores:
+//!
+//! * `put` is idempotent for identical bytes and refuses different ones (the receiver
+//!   puts into its local directory store, which compares).
+//! * A put that returned is durable: the receiver answers after its store's write,
+//!   fsync, rename and directory fsync.
+//! * Every failure (no route, refused, dropped, timed out, the receiver's disk full)
+//!   is a [`changelog::Error::Io`], which the shipper retries on its schedule and
+//!   `ublk-target apply --follow` every few seconds; a conflict is
+//!   [`changelog::Error::Conflict`].
+//!
+//! One connection is kept and shared by the calls (one at a time). A call on a
+//! connection kept from before is tried once more on a fresh one when it fails: the
+//! receiver may have closed an idle connection, and every call is safe to repeat
+//! (puts are idempotent, blob puts replace, deleting an absent blob is fine).
+//!
+//! The token (`UBLK_DR_RECEIVER_TOKEN` in the environment) must match the receiver's.
+
+use crate::wire::{self, Hello, Request, Response, Welcome};
+use changelog::{TargetStore, VolumeId};
+use std::io::{self, BufReader, BufWriter};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// The environment variable that holds the token a receiver asks for.
+pub const TOKEN_ENV: &str = "UBLK_DR_RECEIVER_TOKEN";
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A whole call, an 8 MiB segment included, on a slow link.
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub struct ReceiverStore {
+    /// `HOST:PORT`.
+    addr: String,
+    token: String,
+    connection: Mutex<Option<Connection>>,
+}
+
+struct Connection {
+    reader: BufReader<TcpStream>,
+    writer: BufWriter<TcpStream>,
+}
+
+impl ReceiverStore {
+    /// A store at the receiver at `addr` (`HOST:PORT`). Nothing is contacted yet.
+    pub fn new(addr: &str) -> ReceiverStore {
+        ReceiverStore {
+            addr: addr.to_string(),
+            token: std::env::var(TOKEN_ENV).unwrap_or_default(),
+            connection: Mutex::new(None),
+        }
+    }
+
+    fn connect(&self) -> io::Result<Connection> {
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolves to no address");
+        for addr in self.addr.to_socket_addrs()? {
+            match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+                Ok(stream) => return self.greet(stream),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    fn greet(&self, stream: TcpStream) -> io::Result<Connection> {
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(CALL_TIMEOUT))?;
+        stream.set_write_timeout(Some(CALL_TIMEOUT))?;
+        let mut connection = Connection {
+            reader: BufReader::new(stream.try_clone()?),
+            writer: BufWriter::new(stream),
+        };
+        let hello = Hello {
+            magic: wire::MAGIC,
+            version: wire::VERSION,
+            token: self.token.clone(),
+        };
+        wire::write_frame(&mut connection.writer, &hello, &[])?;
+        match wire::read_frame(&mut connection.reader) {
+            Ok(Some((Welcome::Accepted { .. }, _))) => Ok(connection),
+            Ok(Some((Welcome::Refused { reason }, _))) => Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("the receiver refused the connection: {reason}"),
+            )),
+            Ok(None) => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the peer closed the connection at once: is it a ublk-dr receiver?",
+            )),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("not a ublk-dr receiver ({e})"),
+            )),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One call: the request, then its response.
+    fn call(
+        &self,
+        doing: &str,
+        request: Request,
+        body: &[u8],
+    ) -> changelog::Result<(Response, Vec<u8>)> {
+        let mut connection = self.connection.lock().unwrap_or_else(|p| p.into_inner());
+        let mut kept = connection.is_some();
+        loop {
+            let outcome = match connection.as_mut() {
+                Some(c) => exchange(c, &request, body),
+                None => self.connect().and_then(|mut c| {
+                    let answer = exchange(&mut c, &request, body);
+                    *connection = Some(c);
+                    answer
+                }),
+            };
+            match outcome {
+                Ok(answer) => return Ok(answer),
+                Err(e) => {
+                    *connection = None;
+                    if !std::mem::take(&mut kept) {
+                        return Err(changelog::Error::io(
+                            format!("{doing} at receiver {}", self.describe()),
+                            e,
+                        ));
+                    }
+                    log::debug!(
+                        "receiver {}: kept connection failed ({e}); reconnecting",
+                        self.addr
+                    );
+                }
+            }
+        }
+    }
+
+    /// A response the call did not expect: the peer speaks another dialect.
+    fn unexpected(&self, doing: &str, response: Response) -> changelog::Error {
+        let e = match response {
+            Response::Failed { message } => {
+                io::Error::other(format!("the receiver's store failed: {message}"))
+            }
+            Response::Invalid { message } => io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("the receiver refused the request: {message}"),
+            ),
+            other => io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unexpected answer {other:?}: run the same ublk-dr version on both sides"),
+            ),
+        };
+        changelog::Error::io(format!("{doing} at receiver {}", self.describe()), e)
+    }
+
+    fn done(&self, doing: &str, request: Request, body: &[u8]) -> changelog::Result<()> {
+        match self.call(doing, request, body)? {
+            (Response::Done, _) => Ok(()),
+            (other, _) => Err(self.unexpected(doing, other)),
+        }
+    }
+
+    fn object(&self, doing: &str, request: Request) -> changelog::Result<Option<Vec<u8>>> {
+        match self.call(doing, request, &[])? {
+            (Response::Found, body) => Ok(Some(body)),
+            (Response::Absent, _) => Ok(None),
+            (other, _) => Err(self.unexpected(doing, other)),
+        }
+    }
+}
+
+fn exchange(c: &mut Connection, request: &Request, body: &[u8]) -> io::Result<(Response, Vec<u8>)> {
+    wire::write_frame(&mut c.writer, request, body)?;
+    wire::read_frame(&mut c.reader)?.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "the receiver closed the connection",
+        )
+    })
+}
+
+impl TargetStore for ReceiverStore {
+    fn put(&self, volume: &VolumeId, index: u64, bytes: &[u8]) -> changelog::Result<()> {
+        let doing = &format!("uploading segment {index:016x} of {volume}");
+        let request = Request::Put {
+            volume: volume.to_string(),
+            index,
+        };
+        match self.call(doing, request, bytes)? {
+            (Response::Done, _) => Ok(()),
+            (Response::Conflict { segment, .. }, _) => Err(changelog::Error::Conflict {
+                segment,
+                store: format!("{}/{volume}", self.describe()),
+            }),
+            (other, _) => Err(self.unexpected(doing, other)),
+        }
+    }
+
+    fn get(&self, volume: &VolumeId, index: u64) -> changelog::Result<Option<Vec<u8>>> {
+        let request = Request::Get {
+            volume: volume.to_string(),
+            index,
+        };
+        self.object(
+            &format!("reading segment {index:016x} of {volume}"),
+            request,
+        )
+    }
+
+    fn list(&self, volume: &VolumeId) -> changelog::Result<Vec<u64>> {
+        let doing = &format!("listing segments of {volume}");
+        let request = Request::List {
+            volume: volume.to_string(),
+        };
+        match self.call(doing, request, &[])? {
+            (Response::Indexes(indexes), _) => Ok(indexes),
+            (other, _) => Err(self.unexpected(doing, other)),
+        }
+    }
+
+    fn put_blob(&self, volume: &VolumeId, name: &str, bytes: &[u8]) -> changelog::Result<()> {
+        let request = Request::PutBlob {
+            volume: volume.to_string(),
+            name: name.to_string(),
+        };
+        self.done(&format!("uploading {volume}/{name}"), request, bytes)
+    }
+
+    fn get_blob(&self, volume: &VolumeId, name: &str) -> changelog::Result<Option<Vec<u8>>> {
+        let request = Request::GetBlob {
+            volume: volume.to_string(),
+            name: name.to_string(),
+        };
+        self.object(&format!("reading {volume}/{name}"), request)
+    }
+
+    fn delete_blob(&self, volume: &VolumeId, name: &str) -> changelog::Result<()> {
+        let request = Request::DeleteBlob {
+            volume: volume.to_string(),
+            name: name.to_string(),
+        };
+        self.done(&format!("deleting {volume}/{name}"), request, &[])
+    }
+
+    fn list_blobs(&self, volume: &VolumeId) -> changelog::Result<Vec<String>> {
+        let doing = &format!("listing objects of {volume}");
+        let request = Request::ListBlobs {
+            volume: volume.to_string(),
+        };
+        match self.call(doing, request, &[])? {
+            (Response::Names(names), _) => Ok(names),
+            (other, _) => Err(self.unexpected(doing, other)),
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("tcp://{}", self.addr)
+    }
+}
