@@ -10,10 +10,16 @@
 # Runs on the host (needs scripts/vm.sh); prints "power-cut: ok" at the end.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-d=${UBLK_DR_POWERCUT_DIR:-/var/tmp/ublk-dr-powercut}
+# The guest sees the host's root read-only except for one shared directory, and not
+# /tmp or /run at all: from a checkout under those (a CI clone in /tmp, say) the
+# checkout itself is shared, with the "disk" inside it.
+case "$PWD" in
+  /tmp/* | /run/*) d=${UBLK_DR_POWERCUT_DIR:-$PWD/target/ublk-dr-powercut} share=$PWD ;;
+  *) d=${UBLK_DR_POWERCUT_DIR:-/var/tmp/ublk-dr-powercut} share=$d ;;
+esac
 rm -rf "$d"
 mkdir -p "$d"
-VM=(scripts/vm.sh run --mem 4096 --timeout 900 --share "$d" --)
+VM=(scripts/vm.sh run --mem 4096 --timeout 900 --share "$share" --)
 export UBLK_DR_FORCE_VM=1
 
 echo "--- boot 1: protect, ship, write; power cut in the middle"
