@@ -36,6 +36,10 @@ pub const MAX_HEAD: u32 = 64 << 10;
 /// its header and tag.
 pub const MAX_BODY: u64 = changelog::segment::MAX_PLAIN_LEN + (1 << 20);
 
+/// The most allocated for a body before its bytes arrive: a segment of the shipper's
+/// default size and then some.
+const PREALLOCATE_MAX: u64 = 16 << 20;
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Hello {
     pub magic: [u8; 8],
@@ -138,7 +142,9 @@ pub fn read_frame<T: for<'de> Deserialize<'de>>(
     let head = codec()
         .deserialize(&head)
         .map_err(|e| invalid(format!("undecodable message: {e}")))?;
-    let mut body = Vec::new();
+    // Room for a whole segment of the usual size up front (no regrowing and copying
+    // as it arrives); a larger claim grows only with the bytes that really come.
+    let mut body = Vec::with_capacity(body_len.min(PREALLOCATE_MAX) as usize);
     from.take(body_len).read_to_end(&mut body)?;
     if body.len() as u64 != body_len {
         return Err(io::ErrorKind::UnexpectedEof.into());

@@ -1,0 +1,81 @@
+//! Target-store benchmark: what the network receiver costs an upload. In one run, on
+//! the same segments, alternating rounds:
+//!
+//! 1. `LocalDirStore::put` into a directory (the baseline: what the receiver itself
+//!    does with each upload: io_uring write, fsync, rename, directory fsync);
+//! 2. `ReceiverStore::put` to a receiver on loopback (`objstore::Receiver`, as
+//!    `ublk-target receive` runs it) storing into a directory on the same file system.
+//!
+//! The ratio is the protocol's cost (framing, two socket copies, the round trip) on top
+//! of the store's own. Both sides share this machine's cores, as a receiver shares its
+//! host with the appliers. Segments are random bytes (the stores do not parse them).
+//!
+//! Usage: store-put [MiB, default 512] [DIR, default /var/tmp]
+
+use changelog::{LocalDirStore, TargetStore, VolumeId};
+use std::path::Path;
+use std::time::Instant;
+
+const SEGMENT_BYTES: usize = 8 << 20;
+const ROUNDS: usize = 3;
+
+fn random_segments(total: usize) -> Vec<Vec<u8>> {
+    let mut rng = blkfilter::workload::Rng::new(0x5eed);
+    (0..total.div_ceil(SEGMENT_BYTES))
+        .map(|_| {
+            let mut segment = vec![0u8; SEGMENT_BYTES];
+            for chunk in segment.chunks_mut(8) {
+                chunk.copy_from_slice(&rng.next_u64().to_le_bytes()[..chunk.len()]);
+            }
+            segment
+        })
+        .collect()
+}
+
+/// Puts every segment; returns MB/s.
+fn put_all(store: &dyn TargetStore, segments: &[Vec<u8>]) -> f64 {
+    let volume = VolumeId::new("vol0").unwrap();
+    let started = Instant::now();
+    for (index, segment) in segments.iter().enumerate() {
+        store.put(&volume, index as u64, segment).expect("put");
+    }
+    let bytes: usize = segments.iter().map(Vec::len).sum();
+    bytes as f64 / started.elapsed().as_secs_f64() / 1e6
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let mib: usize = args.next().map_or(512, |a| a.parse().expect("MiB"));
+    let dir = args.next().unwrap_or_else(|| "/var/tmp".into());
+    let segments = random_segments(mib << 20);
+
+    let received = tempfile::tempdir_in(&dir).expect("receiver directory");
+    let receiver =
+        objstore::Receiver::bind("127.0.0.1:0", received.path(), String::new()).expect("bind");
+    let addr = receiver.local_addr().expect("address").to_string();
+    std::thread::spawn(move || receiver.serve());
+    let remote = objstore::ReceiverStore::new(&addr);
+
+    let (mut direct, mut through) = (0f64, 0f64);
+    for _ in 0..ROUNDS {
+        let local = tempfile::tempdir_in(&dir).expect("store directory");
+        direct = direct.max(put_all(&LocalDirStore::new(local.path()), &segments));
+        drop(local);
+        through = through.max(put_all(&remote, &segments));
+        empty(&received.path().join("vol0"));
+    }
+    println!(
+        "| put {mib} MiB in 8 MiB segments, store in {dir} | MB/s |\n|---|---|\n\
+         | LocalDirStore::put (baseline) | {direct:.0} |\n\
+         | ReceiverStore::put over loopback to a receiver's LocalDirStore | {through:.0} |\n\
+         | ratio receiver / direct | {:.2} |",
+        through / direct
+    );
+    println!("\nBest of {ROUNDS} alternating rounds; one connection, one upload at a time.");
+}
+
+fn empty(dir: &Path) {
+    for entry in std::fs::read_dir(dir).expect("read store") {
+        std::fs::remove_file(entry.expect("entry").path()).expect("remove");
+    }
+}
