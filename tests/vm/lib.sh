@@ -206,9 +206,11 @@ same_image() {
 fio_job() {
   local name=$1 dev=$2
   shift 2
-  fio --name="$name" --filename="$dev" --ioengine=io_uring --direct=1 \
+  # From /tmp: fio leaves its verify state (local-NAME-0-verify.state) in the working
+  # directory, which would otherwise be the checkout.
+  (cd /tmp && fio --name="$name" --filename="$dev" --ioengine=io_uring --direct=1 \
     --verify=crc32c --do_verify=1 --verify_fatal=1 --group_reporting \
-    --output-format=terse --terse-version=3 "$@" >"/tmp/fio-$name.out" 2>&1
+    --output-format=terse --terse-version=3 "$@") >"/tmp/fio-$name.out" 2>&1
   local rc=$?
   [ $rc -eq 0 ] || tail -20 "/tmp/fio-$name.out" >&2
   return $rc
