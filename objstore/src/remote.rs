@@ -134,7 +134,8 @@ impl ReceiverStore {
         }
     }
 
-    /// A response the call did not expect: the peer speaks another dialect.
+    /// Any answer but the call's own, as an I/O error the caller retries: the
+    /// receiver's store failed, it refused the request, or it speaks another version.
     fn unexpected(&self, doing: &str, response: Response) -> changelog::Error {
         let e = match response {
             Response::Failed { message } => {
