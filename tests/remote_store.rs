@@ -486,7 +486,7 @@ fn a_misbehaving_client_costs_the_receiver_nothing() {
         };
         wire::write_frame(&mut stream, &hello, &[]).unwrap();
         let welcome: Option<(wire::Welcome, Vec<u8>)> = wire::read_frame(&mut stream).unwrap();
-        assert!(matches!(welcome, Some((wire::Welcome::Accepted { .. }, _))));
+        assert!(matches!(welcome, Some((wire::Welcome::Accepted, _))));
         stream
     };
     // Garbage instead of a hello; lengths over the limits after one.
@@ -557,7 +557,9 @@ fn an_outage_of_the_object_store_is_a_warning_and_loses_nothing() {
         .output()
         .unwrap();
     assert!(applied.status.success(), "{}", text(&applied));
-    assert!(volume.replica_equals_source());
+    // Failed once in about ten runs (2026-12-02), apply having succeeded: its output
+    // says how far the replica got.
+    assert!(volume.replica_equals_source(), "{}", text(&applied));
 }
 
 #[test]

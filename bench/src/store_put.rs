@@ -52,7 +52,7 @@ fn main() {
     let received = tempfile::tempdir_in(&dir).expect("receiver directory");
     let receiver =
         objstore::Receiver::bind("127.0.0.1:0", received.path(), String::new()).expect("bind");
-    let addr = receiver.local_addr().expect("address").to_string();
+    let addr = receiver.local_addr().to_string();
     std::thread::spawn(move || receiver.serve());
     let remote = objstore::ReceiverStore::new(&addr);
 

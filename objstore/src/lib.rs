@@ -36,6 +36,14 @@ pub enum Error {
         source: object_store::Error,
         hint: &'static str,
     },
+    #[error("store directory {} does not exist: create it first", .0.display())]
+    NoStoreDir(std::path::PathBuf),
+    #[error("receiver on {addr}: {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("store {location}: starting the I/O runtime: {source}")]
     Runtime {
         location: String,

@@ -17,6 +17,7 @@
 //! * At most [`MAX_CONNECTIONS`] are served at once; more are refused with a reason.
 
 use crate::wire::{self, Hello, Request, Response, Welcome};
+use crate::Error;
 use changelog::{LocalDirStore, TargetStore, VolumeId};
 use std::io::{self, BufReader, BufWriter};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -32,6 +33,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 pub struct Receiver {
     listener: TcpListener,
+    /// Where `listener` is bound (the port the system chose for port 0).
+    local_addr: SocketAddr,
     root: PathBuf,
     token: String,
 }
@@ -39,32 +42,31 @@ pub struct Receiver {
 impl Receiver {
     /// Listens on `addr` for clients of the store directory `root`, which must exist.
     /// An empty `token` lets any client that reaches the port in.
-    pub fn bind(addr: &str, root: &Path, token: String) -> io::Result<Receiver> {
+    pub fn bind(addr: &str, root: &Path, token: String) -> Result<Receiver, Error> {
         if !root.is_dir() {
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!(
-                    "store directory {} does not exist (create it first)",
-                    root.display()
-                ),
-            ));
+            return Err(Error::NoStoreDir(root.to_path_buf()));
         }
+        let listening = |source| Error::Listen {
+            addr: addr.to_string(),
+            source,
+        };
+        let listener = TcpListener::bind(addr).map_err(listening)?;
         Ok(Receiver {
-            listener: TcpListener::bind(addr)?,
+            local_addr: listener.local_addr().map_err(listening)?,
+            listener,
             root: root.to_path_buf(),
             token,
         })
     }
 
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
     }
 
     /// Serves clients until accepting fails; each connection on its own thread.
-    pub fn serve(self) -> io::Result<()> {
+    pub fn serve(self) -> Result<(), Error> {
         let shared = Arc::new(Shared {
             store: LocalDirStore::new(&self.root),
-            root: self.root.display().to_string(),
             token: self.token,
             active: AtomicUsize::new(0),
         });
@@ -78,7 +80,12 @@ impl Receiver {
                     std::thread::sleep(Duration::from_millis(100));
                     continue;
                 }
-                Err(e) => return Err(e),
+                Err(source) => {
+                    return Err(Error::Listen {
+                        addr: self.local_addr.to_string(),
+                        source,
+                    })
+                }
             };
             let shared = shared.clone();
             let slot = Slot::take(&shared);
@@ -107,7 +114,6 @@ fn is_transient(e: &io::Error) -> bool {
 
 struct Shared {
     store: LocalDirStore,
-    root: String,
     token: String,
     active: AtomicUsize,
 }
@@ -142,10 +148,7 @@ fn serve_connection(shared: &Shared, stream: TcpStream, has_slot: bool) -> io::R
         log::warn!("receiver: refused {peer}: {reason}");
         return wire::write_frame(&mut writer, &Welcome::Refused { reason }, &[]);
     }
-    let welcome = Welcome::Accepted {
-        store: shared.root.clone(),
-    };
-    wire::write_frame(&mut writer, &welcome, &[])?;
+    wire::write_frame(&mut writer, &Welcome::Accepted, &[])?;
     log::info!("receiver: {peer} connected");
     while let Some((request, body)) = wire::read_frame::<Request>(&mut reader)? {
         let (response, found) = handle(&shared.store, request, &body);
@@ -191,61 +194,51 @@ fn tokens_match(given: &str, expected: &str) -> bool {
 
 /// Carries out one call; the bytes of a found object go in the response's body.
 fn handle(store: &LocalDirStore, request: Request, body: &[u8]) -> (Response, Option<Vec<u8>>) {
-    let volume_of = |name: &str| {
-        VolumeId::new(name).map_err(|e| Response::Invalid {
-            message: e.to_string(),
-        })
+    let volume = match VolumeId::new(request.volume()) {
+        Ok(volume) => volume,
+        Err(e) => {
+            let message = e.to_string();
+            return (Response::Invalid { message }, None);
+        }
     };
-    let answer = |result: changelog::Result<Response>| match result {
-        Ok(response) => response,
-        Err(changelog::Error::Conflict { segment, store }) => Response::Conflict { segment, store },
-        Err(changelog::Error::Io { context, source })
+    let done = |()| (Response::Done, None);
+    let result = match request {
+        Request::Put { index, .. } => store.put(&volume, index, body).map(done),
+        Request::Get { index, .. } => store.get(&volume, index).map(found),
+        Request::List { .. } => store.list(&volume).map(|i| (Response::Indexes(i), None)),
+        Request::PutBlob { name, .. } => store.put_blob(&volume, &name, body).map(done),
+        Request::GetBlob { name, .. } => store.get_blob(&volume, &name).map(found),
+        Request::DeleteBlob { name, .. } => store.delete_blob(&volume, &name).map(done),
+        Request::ListBlobs { .. } => store
+            .list_blobs(&volume)
+            .map(|n| (Response::Names(n), None)),
+    };
+    result.unwrap_or_else(|e| (failure(e), None))
+}
+
+fn found(object: Option<Vec<u8>>) -> (Response, Option<Vec<u8>>) {
+    match object {
+        Some(bytes) => (Response::Found, Some(bytes)),
+        None => (Response::Absent, None),
+    }
+}
+
+/// A store error as the client should see it: a conflict, a request that can never
+/// succeed (a bad blob name), or a failure worth retrying.
+fn failure(e: changelog::Error) -> Response {
+    match e {
+        changelog::Error::Conflict { segment, store } => Response::Conflict { segment, store },
+        changelog::Error::Io { context, source }
             if source.kind() == io::ErrorKind::InvalidInput =>
         {
             Response::Invalid {
                 message: format!("{context}: {source}"),
             }
         }
-        Err(e) => Response::Failed {
+        e => Response::Failed {
             message: e.to_string(),
         },
-    };
-    let object = |got: changelog::Result<Option<Vec<u8>>>| match got {
-        Ok(Some(bytes)) => (Response::Found, Some(bytes)),
-        Ok(None) => (Response::Absent, None),
-        Err(e) => (answer(Err(e)), None),
-    };
-    let result = match request {
-        Request::Put { volume, index } => volume_of(&volume).map(|v| {
-            (
-                answer(store.put(&v, index, body).map(|()| Response::Done)),
-                None,
-            )
-        }),
-        Request::Get { volume, index } => volume_of(&volume).map(|v| object(store.get(&v, index))),
-        Request::List { volume } => {
-            volume_of(&volume).map(|v| (answer(store.list(&v).map(Response::Indexes)), None))
-        }
-        Request::PutBlob { volume, name } => volume_of(&volume).map(|v| {
-            (
-                answer(store.put_blob(&v, &name, body).map(|()| Response::Done)),
-                None,
-            )
-        }),
-        Request::GetBlob { volume, name } => {
-            volume_of(&volume).map(|v| object(store.get_blob(&v, &name)))
-        }
-        Request::DeleteBlob { volume, name } => volume_of(&volume).map(|v| {
-            (
-                answer(store.delete_blob(&v, &name).map(|()| Response::Done)),
-                None,
-            )
-        }),
-        Request::ListBlobs { volume } => {
-            volume_of(&volume).map(|v| (answer(store.list_blobs(&v).map(Response::Names)), None))
-        }
-    };
-    result.unwrap_or_else(|invalid| (invalid, None))
+    }
 }
 
 #[cfg(test)]

@@ -80,7 +80,7 @@ impl ReceiverStore {
         };
         wire::write_frame(&mut connection.writer, &hello, &[])?;
         match wire::read_frame(&mut connection.reader) {
-            Ok(Some((Welcome::Accepted { .. }, _))) => Ok(connection),
+            Ok(Some((Welcome::Accepted, _))) => Ok(connection),
             Ok(Some((Welcome::Refused { reason }, _))) => Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 format!("the receiver refused the connection: {reason}"),
@@ -98,19 +98,14 @@ impl ReceiverStore {
     }
 
     /// One call: the request, then its response.
-    fn call(
-        &self,
-        doing: &str,
-        request: Request,
-        body: &[u8],
-    ) -> changelog::Result<(Response, Vec<u8>)> {
+    fn call(&self, request: &Request, body: &[u8]) -> changelog::Result<(Response, Vec<u8>)> {
         let mut connection = self.connection.lock().unwrap_or_else(|p| p.into_inner());
         let mut kept = connection.is_some();
         loop {
             let outcome = match connection.as_mut() {
-                Some(c) => exchange(c, &request, body),
+                Some(c) => exchange(c, request, body),
                 None => self.connect().and_then(|mut c| {
-                    let answer = exchange(&mut c, &request, body);
+                    let answer = exchange(&mut c, request, body);
                     *connection = Some(c);
                     answer
                 }),
@@ -120,10 +115,7 @@ impl ReceiverStore {
                 Err(e) => {
                     *connection = None;
                     if !std::mem::take(&mut kept) {
-                        return Err(changelog::Error::io(
-                            format!("{doing} at receiver {}", self.describe()),
-                            e,
-                        ));
+                        return Err(self.failed(request, e));
                     }
                     log::debug!(
                         "receiver {}: kept connection failed ({e}); reconnecting",
@@ -134,9 +126,13 @@ impl ReceiverStore {
         }
     }
 
+    fn failed(&self, request: &Request, e: io::Error) -> changelog::Error {
+        changelog::Error::io(format!("{request} at receiver {}", self.describe()), e)
+    }
+
     /// Any answer but the call's own, as an I/O error the caller retries: the
     /// receiver's store failed, it refused the request, or it speaks another version.
-    fn unexpected(&self, doing: &str, response: Response) -> changelog::Error {
+    fn unexpected(&self, request: &Request, response: Response) -> changelog::Error {
         let e = match response {
             Response::Failed { message } => {
                 io::Error::other(format!("the receiver's store failed: {message}"))
@@ -150,21 +146,21 @@ impl ReceiverStore {
                 format!("unexpected answer {other:?}: run the same ublk-dr version on both sides"),
             ),
         };
-        changelog::Error::io(format!("{doing} at receiver {}", self.describe()), e)
+        self.failed(request, e)
     }
 
-    fn done(&self, doing: &str, request: Request, body: &[u8]) -> changelog::Result<()> {
-        match self.call(doing, request, body)? {
+    fn done(&self, request: Request, body: &[u8]) -> changelog::Result<()> {
+        match self.call(&request, body)? {
             (Response::Done, _) => Ok(()),
-            (other, _) => Err(self.unexpected(doing, other)),
+            (other, _) => Err(self.unexpected(&request, other)),
         }
     }
 
-    fn object(&self, doing: &str, request: Request) -> changelog::Result<Option<Vec<u8>>> {
-        match self.call(doing, request, &[])? {
+    fn object(&self, request: Request) -> changelog::Result<Option<Vec<u8>>> {
+        match self.call(&request, &[])? {
             (Response::Found, body) => Ok(Some(body)),
             (Response::Absent, _) => Ok(None),
-            (other, _) => Err(self.unexpected(doing, other)),
+            (other, _) => Err(self.unexpected(&request, other)),
         }
     }
 }
@@ -181,40 +177,34 @@ fn exchange(c: &mut Connection, request: &Request, body: &[u8]) -> io::Result<(R
 
 impl TargetStore for ReceiverStore {
     fn put(&self, volume: &VolumeId, index: u64, bytes: &[u8]) -> changelog::Result<()> {
-        let doing = &format!("uploading segment {index:016x} of {volume}");
         let request = Request::Put {
             volume: volume.to_string(),
             index,
         };
-        match self.call(doing, request, bytes)? {
+        match self.call(&request, bytes)? {
             (Response::Done, _) => Ok(()),
             (Response::Conflict { segment, .. }, _) => Err(changelog::Error::Conflict {
                 segment,
                 store: format!("{}/{volume}", self.describe()),
             }),
-            (other, _) => Err(self.unexpected(doing, other)),
+            (other, _) => Err(self.unexpected(&request, other)),
         }
     }
 
     fn get(&self, volume: &VolumeId, index: u64) -> changelog::Result<Option<Vec<u8>>> {
-        let request = Request::Get {
+        self.object(Request::Get {
             volume: volume.to_string(),
             index,
-        };
-        self.object(
-            &format!("reading segment {index:016x} of {volume}"),
-            request,
-        )
+        })
     }
 
     fn list(&self, volume: &VolumeId) -> changelog::Result<Vec<u64>> {
-        let doing = &format!("listing segments of {volume}");
         let request = Request::List {
             volume: volume.to_string(),
         };
-        match self.call(doing, request, &[])? {
+        match self.call(&request, &[])? {
             (Response::Indexes(indexes), _) => Ok(indexes),
-            (other, _) => Err(self.unexpected(doing, other)),
+            (other, _) => Err(self.unexpected(&request, other)),
         }
     }
 
@@ -223,15 +213,14 @@ impl TargetStore for ReceiverStore {
             volume: volume.to_string(),
             name: name.to_string(),
         };
-        self.done(&format!("uploading {volume}/{name}"), request, bytes)
+        self.done(request, bytes)
     }
 
     fn get_blob(&self, volume: &VolumeId, name: &str) -> changelog::Result<Option<Vec<u8>>> {
-        let request = Request::GetBlob {
+        self.object(Request::GetBlob {
             volume: volume.to_string(),
             name: name.to_string(),
-        };
-        self.object(&format!("reading {volume}/{name}"), request)
+        })
     }
 
     fn delete_blob(&self, volume: &VolumeId, name: &str) -> changelog::Result<()> {
@@ -239,17 +228,16 @@ impl TargetStore for ReceiverStore {
             volume: volume.to_string(),
             name: name.to_string(),
         };
-        self.done(&format!("deleting {volume}/{name}"), request, &[])
+        self.done(request, &[])
     }
 
     fn list_blobs(&self, volume: &VolumeId) -> changelog::Result<Vec<String>> {
-        let doing = &format!("listing objects of {volume}");
         let request = Request::ListBlobs {
             volume: volume.to_string(),
         };
-        match self.call(doing, request, &[])? {
+        match self.call(&request, &[])? {
             (Response::Names(names), _) => Ok(names),
-            (other, _) => Err(self.unexpected(doing, other)),
+            (other, _) => Err(self.unexpected(&request, other)),
         }
     }
 

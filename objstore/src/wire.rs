@@ -23,6 +23,7 @@
 //! not a secret from someone who can read the traffic.
 
 use serde::{Deserialize, Serialize};
+use std::fmt;
 use std::io::{self, Read, Write};
 
 /// First bytes of every [`Hello`]: something that is not a ublk-dr client is turned
@@ -50,13 +51,8 @@ pub struct Hello {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Welcome {
-    /// Go ahead; `store` describes the receiver's store, for messages.
-    Accepted {
-        store: String,
-    },
-    Refused {
-        reason: String,
-    },
+    Accepted,
+    Refused { reason: String },
 }
 
 /// One store call. Segment and blob bytes travel in the frame's body.
@@ -69,6 +65,38 @@ pub enum Request {
     GetBlob { volume: String, name: String },
     DeleteBlob { volume: String, name: String },
     ListBlobs { volume: String },
+}
+
+impl Request {
+    /// The volume the call is about (every call is about one).
+    pub fn volume(&self) -> &str {
+        match self {
+            Request::Put { volume, .. }
+            | Request::Get { volume, .. }
+            | Request::List { volume }
+            | Request::PutBlob { volume, .. }
+            | Request::GetBlob { volume, .. }
+            | Request::DeleteBlob { volume, .. }
+            | Request::ListBlobs { volume } => volume,
+        }
+    }
+}
+
+/// What the call does, for messages: "uploading segment 0000000000000007 of vol0".
+impl fmt::Display for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Request::Put { volume, index } => {
+                write!(f, "uploading segment {index:016x} of {volume}")
+            }
+            Request::Get { volume, index } => write!(f, "reading segment {index:016x} of {volume}"),
+            Request::List { volume } => write!(f, "listing segments of {volume}"),
+            Request::PutBlob { volume, name } => write!(f, "uploading {volume}/{name}"),
+            Request::GetBlob { volume, name } => write!(f, "reading {volume}/{name}"),
+            Request::DeleteBlob { volume, name } => write!(f, "deleting {volume}/{name}"),
+            Request::ListBlobs { volume } => write!(f, "listing objects of {volume}"),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -99,15 +127,14 @@ fn codec() -> impl bincode::Options {
     bincode::DefaultOptions::new().with_limit(u64::from(MAX_HEAD))
 }
 
-/// Writes one frame.
+/// Writes one frame and flushes. `to` should be buffered: the lengths and the head
+/// are small writes of their own.
 pub fn write_frame<T: Serialize>(to: &mut impl Write, head: &T, body: &[u8]) -> io::Result<()> {
     use bincode::Options;
     let head = codec().serialize(head).map_err(io::Error::other)?;
-    let mut prefix = Vec::with_capacity(12 + head.len());
-    prefix.extend_from_slice(&(head.len() as u32).to_le_bytes());
-    prefix.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    prefix.extend_from_slice(&head);
-    to.write_all(&prefix)?;
+    to.write_all(&(head.len() as u32).to_le_bytes())?;
+    to.write_all(&(body.len() as u64).to_le_bytes())?;
+    to.write_all(&head)?;
     to.write_all(body)?;
     to.flush()
 }

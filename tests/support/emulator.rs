@@ -113,20 +113,14 @@ impl Emulator {
             boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1',\
               aws_access_key_id='test', aws_secret_access_key='test')\
               .create_bucket(Bucket=sys.argv[2])";
-        let out = Command::new(self.install.join("bin/python3"))
-            .args([
-                "-c",
-                script,
-                &format!("http://127.0.0.1:{}", self.port),
-                name,
-            ])
-            .output()
-            .expect("run python3");
-        assert!(
-            out.status.success(),
-            "creating bucket {name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut python = Command::new(self.install.join("bin/python3"));
+        python.args([
+            "-c",
+            script,
+            &format!("http://127.0.0.1:{}", self.port),
+            name,
+        ]);
+        succeeds(python, &format!("creating bucket {name}"));
     }
 
     fn create_container(&self, name: &str) {
@@ -139,16 +133,10 @@ impl Emulator {
             BlobServiceClient.fromConnectionString(process.argv[1])\
               .getContainerClient(process.argv[2]).createIfNotExists()\
               .catch((e) => { console.error(e.message); process.exit(1); });";
-        let out = Command::new("node")
-            .env("NODE_PATH", self.install.join("node_modules"))
-            .args(["-e", script, &connection, name])
-            .output()
-            .expect("run node");
-        assert!(
-            out.status.success(),
-            "creating container {name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut node = Command::new("node");
+        node.env("NODE_PATH", self.install.join("node_modules"))
+            .args(["-e", script, &connection, name]);
+        succeeds(node, &format!("creating container {name}"));
     }
 
     /// Stops the emulator (kill -9: connections drop mid-request); its data stays.
@@ -202,4 +190,16 @@ impl Drop for Emulator {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Runs `command` to its end and checks it succeeded, showing its stderr if not.
+fn succeeds(mut command: Command, what: &str) {
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: running {command:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

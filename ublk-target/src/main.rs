@@ -567,15 +567,13 @@ fn run(cli: Cli) -> Result<()> {
             if token.is_empty() {
                 log::warn!("no --token-file: any client that reaches {listen} may write");
             }
-            let receiver = objstore::Receiver::bind(&listen, &store, token)
-                .with_context(|| format!("listening on {listen} for store {}", store.display()))?;
+            let receiver = objstore::Receiver::bind(&listen, &store, token)?;
             log::info!(
                 "receiving on {} into {}",
-                receiver.local_addr()?,
+                receiver.local_addr(),
                 store.display()
             );
-            receiver.serve().context("accepting connections")?;
-            Ok(())
+            Ok(receiver.serve()?)
         }
         Command::Inspect { segment, key } => {
             let key = key.map(|k| Key::load(&k)).transpose()?;
