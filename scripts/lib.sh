@@ -57,3 +57,21 @@ ensure_moto() {
   fi
   export UBLK_DR_MOTO_DIR=$dir
 }
+
+# A directory on XFS with reflink, for the tests of undo journals that share the
+# replica's blocks: a sparse image on a loop device, made and mounted once per boot
+# (it needs root). Exports UBLK_DR_REFLINK_DIR, which names an existing one instead.
+ensure_reflink_dir() {
+  local mnt=${UBLK_DR_REFLINK_DIR:-/run/ublk-dr/reflink} img=/var/tmp/ublk-dr-reflink.xfs
+  if [ -z "${UBLK_DR_REFLINK_DIR:-}" ] && ! mountpoint -q "$mnt"; then
+    [ "$(id -u)" -eq 0 ] || die "the reflink tests mount an XFS image on a loop device: run as root, or set UBLK_DR_REFLINK_DIR to a directory on XFS or btrfs"
+    command -v mkfs.xfs >/dev/null 2>&1 || ensure_debs xfsprogs
+    step "making an XFS image with reflink on a loop device at $mnt"
+    mkdir -p "$mnt"
+    rm -f "$img"
+    truncate -s 2G "$img"
+    mkfs.xfs -q -m reflink=1 "$img"
+    mount -o loop "$img" "$mnt" || die "cannot loop-mount $img on $mnt (no loop devices here?)"
+  fi
+  export UBLK_DR_REFLINK_DIR=$mnt
+}

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up and runs every test: format and lint checks; unit, property and end-to-end
-# tests on the host (the object-storage ones against azurite and moto); the loom model checks
+# tests on the host (the object-storage ones against azurite and moto, the recovery
+# points a second time on XFS with reflink); the loom model checks
 # of the ring; a fuzz run of the segment reader; and the end-to-end tests on real ublk
 # devices (natively where the kernel has ublk, otherwise in a VM booted by
 # scripts/vm.sh). Installs what is missing.
@@ -28,6 +29,10 @@ cargo build --workspace --bins --quiet
 
 step "unit, property and end-to-end tests"
 cargo test --workspace
+
+step "recovery points again on XFS, where undo journals share the replica's blocks (reflink)"
+ensure_reflink_dir
+TMPDIR=$UBLK_DR_REFLINK_DIR cargo test -p e2e --test points
 
 step "loom: the ring's position protocol under every interleaving"
 cargo test -p blkfilter --features loom --test loom --release

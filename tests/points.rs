@@ -370,11 +370,11 @@ fn applier_keeps_at_most_n_points() {
             "replica",
             &fixture.key,
             &ApplyOptions {
-                journal_dir: None,
                 retention: Retention {
                     keep_points: Some(4),
                     keep_age: None,
                 },
+                ..ApplyOptions::default()
             },
         )
         .unwrap();
@@ -587,7 +587,17 @@ fn rollback_to_the_latest_point_only_stops_applying() {
 #[test]
 fn damaged_undo_files_are_refused() {
     let (fixture, model) = Fixture::shipped(SIZE, 61, 250);
-    let total = apply_all(&fixture, "replica") as u64;
+    // Copied before-images, which carry the checksum this test damages (shared ones,
+    // on XFS, have none).
+    let options = ApplyOptions {
+        copy_undo: true,
+        ..ApplyOptions::default()
+    };
+    let mut applier = fixture
+        .applier_with("replica", &fixture.key, &options)
+        .unwrap();
+    let total = applier.apply_available().unwrap() as u64;
+    drop(applier);
     let paths = fixture.replica_paths("replica");
     let k = total / 2;
     let replica_sha = file_sha256(&paths.replica);
@@ -693,6 +703,79 @@ fn reapply_after_a_crash_keeps_the_first_undo_file() {
     }
     assert!(checked >= 3);
     assert!(std::fs::read(&paths.replica).unwrap() == model.final_image());
+}
+
+/// Whether `dir`'s filesystem can share blocks between files (XFS, btrfs), found
+/// independently of the code under test: one block cloned with FICLONE.
+fn can_share_blocks(dir: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let src = dir.join("probe-src");
+    std::fs::write(&src, vec![7u8; 64 << 10]).unwrap();
+    let src = std::fs::File::open(src).unwrap();
+    let dest = std::fs::File::create(dir.join("probe-dest")).unwrap();
+    // SAFETY: FICLONE takes the source descriptor as its argument; both files are open.
+    unsafe { libc::ioctl(dest.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) == 0 }
+}
+
+/// The format version of undo journal `index` and the length of its before-images.
+fn undo_version(paths: &ReplicaPaths, index: u64) -> (u16, u64) {
+    let bytes = std::fs::read(undo_path(paths, index)).unwrap();
+    let data_len = u64::from_le_bytes(bytes[200..208].try_into().unwrap());
+    (u16::from_le_bytes([bytes[8], bytes[9]]), data_len)
+}
+
+/// Where the fixture's filesystem can share blocks (scripts/test.sh runs this file a
+/// second time with TMPDIR on XFS), every journal with data shares the replica's
+/// former blocks (version 2); elsewhere, or with `copy_undo`, they are copied
+/// (version 1). The model checks of this file hold for both.
+#[test]
+fn undo_files_share_blocks_where_the_filesystem_can() {
+    let (fixture, model) = Fixture::shipped(SIZE, 91, 200);
+    let sharing = can_share_blocks(fixture.dir.path());
+    eprintln!(
+        "{}: sharing blocks is {}possible here",
+        fixture.dir.path().display(),
+        if sharing { "" } else { "im" }
+    );
+    for (name, copy_undo) in [("shared", false), ("copied", true)] {
+        let options = ApplyOptions {
+            copy_undo,
+            ..ApplyOptions::default()
+        };
+        let mut applier = fixture.applier_with(name, &fixture.key, &options).unwrap();
+        let total = applier.apply_available().unwrap() as u64;
+        let expect = if sharing && !copy_undo {
+            ublk_target::UndoMethod::Share { block: 4096 }
+        } else {
+            ublk_target::UndoMethod::Copy
+        };
+        assert_eq!(applier.undo_method(), expect, "{name}");
+        drop(applier);
+        let paths = fixture.replica_paths(name);
+        let mut shared = 0;
+        for index in 0..total {
+            let (version, data_len) = undo_version(&paths, index);
+            // A segment that changes nothing has nothing to share: always version 1.
+            let want = if expect == ublk_target::UndoMethod::Copy || data_len == 0 {
+                1
+            } else {
+                2
+            };
+            assert_eq!(version, want, "{name}: undo {index} ({data_len} bytes)");
+            shared += usize::from(version == 2);
+        }
+        assert!(
+            !sharing || copy_undo || shared * 2 > total as usize,
+            "{shared}"
+        );
+        assert!(std::fs::read(&paths.replica).unwrap() == model.final_image());
+        let first = catalog(&paths).unwrap().points[0];
+        let mut view = PointView::open(&paths, first.index).unwrap();
+        assert!(
+            read_view(&mut view) == model_at(&model, first.last_seq),
+            "{name}"
+        );
+    }
 }
 
 /// Only one writer per replica: a second applier (or a rollback) is refused while

@@ -14,8 +14,11 @@
 //!    (`PointView::open`, what `failover --test` does before the ublk device exists)
 //!    plus its first 1 MiB read, for 1 GiB and 8 GiB replicas. Goal: under 2 s.
 //!
-//! Files live on tmpfs (/dev/shm) so the disk is not what is measured.
-//! Usage: apply [MiB of 64 KiB writes, default 512]
+//! Files live on tmpfs (/dev/shm) by default so the disk is not what is measured; on a
+//! filesystem that shares blocks (XFS, btrfs; bench/run.sh apply-reflink makes an XFS
+//! image on tmpfs) the undo journal clones before-images instead of copying them, and
+//! the Applier with copied before-images (`--copy-undo`) is measured beside it.
+//! Usage: apply [MiB of 64 KiB writes, default 512] [DIR, default /dev/shm]
 //!        apply --prepare-views DIR   (only makes the bring-up replicas under DIR, for
 //!                                     bench/failover.sh to bring up on real ublk)
 
@@ -30,7 +33,7 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
-use ublk_target::{Applier, ApplyOptions, PointView, ReplicaPaths};
+use ublk_target::{Applier, ApplyOptions, PointView, ReplicaPaths, UndoMethod};
 
 const SEGMENT_BYTES: usize = 8 << 20;
 
@@ -132,7 +135,8 @@ fn main() {
         return;
     }
     let mib: usize = args.first().map_or(512, |a| a.parse().expect("MiB"));
-    let dir = tempfile::tempdir_in("/dev/shm").expect("tmpfs dir");
+    let root = args.get(1).map_or("/dev/shm", String::as_str);
+    let dir = tempfile::tempdir_in(root).expect("bench dir");
     let volume = VolumeId::new("bench").unwrap();
     let device = 1u64 << 30;
 
@@ -178,27 +182,33 @@ fn main() {
     }
     let open_secs = t.elapsed().as_secs_f64();
 
-    let replica = dir.path().join("replica.img");
-    sparse(&replica, device);
-    let mut applier = Applier::open(
-        Arc::new(store.clone()),
-        volume.clone(),
-        key.clone(),
-        &replica,
-        &dir.path().join("replica.state"),
-        &ApplyOptions::default(),
-    )
-    .unwrap();
-    let cpu0 = cpu_secs();
-    let t = Instant::now();
-    let applied = applier.apply_available().unwrap();
-    let apply_secs = t.elapsed().as_secs_f64();
-    let apply_cpu = cpu_secs() - cpu0;
-    assert_eq!(applied, segments.len());
-    let times = *applier.times();
-    drop(applier);
+    let run = |name: &str, copy_undo: bool| {
+        let replica = dir.path().join(format!("{name}.img"));
+        sparse(&replica, device);
+        let mut applier = Applier::open(
+            Arc::new(store.clone()),
+            volume.clone(),
+            key.clone(),
+            &replica,
+            &dir.path().join(format!("{name}.state")),
+            &ApplyOptions {
+                copy_undo,
+                ..ApplyOptions::default()
+            },
+        )
+        .unwrap();
+        let cpu0 = cpu_secs();
+        let t = Instant::now();
+        let applied = applier.apply_available().unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        let cpu = cpu_secs() - cpu0;
+        assert_eq!(applied, segments.len());
+        (secs, cpu, *applier.times(), applier.undo_method())
+    };
+    let (apply_secs, apply_cpu, times, method) = run("replica", false);
+    let copied = (method != UndoMethod::Copy).then(|| run("copied", true));
     println!(
-        "| apply, {mib} MiB of 64 KiB writes in {} segments, 1 GiB replica | MB/s |",
+        "| apply, {mib} MiB of 64 KiB writes in {} segments, 1 GiB replica, in {root} | MB/s |",
         segments.len()
     );
     println!("|---|---|");
@@ -210,10 +220,20 @@ fn main() {
         "| open segments alone (chain + AES-GCM + lz4) | {:.0} |",
         mbps(bytes, open_secs)
     );
+    let undo = match method {
+        UndoMethod::Share { .. } => "before-images sharing the replica's blocks",
+        UndoMethod::Copy => "before-images copied",
+    };
     println!(
-        "| Applier (open + undo journal + writes + fdatasync) | {:.0} |",
+        "| Applier (open + undo journal, {undo} + writes + fdatasync) | {:.0} |",
         mbps(bytes, apply_secs)
     );
+    if let Some((secs, _, _, _)) = copied {
+        println!(
+            "| Applier with before-images copied (--copy-undo) | {:.0} |",
+            mbps(bytes, secs)
+        );
+    }
     println!(
         "| ratio apply / raw (goal >= 0.9) | {:.2} |",
         raw_secs / apply_secs

@@ -48,7 +48,7 @@
 //! journal's guarantees.
 
 use crate::error::{Result, TargetError};
-use crate::journal::{Journal, JournalLock};
+use crate::journal::{Journal, JournalLock, ReplicaFile, UndoMethod};
 use crate::points::{prune_locked, PruneReport, Retention};
 use crate::rollback::{rollback_locked, RollbackReport};
 use crate::state::{ApplyState, PointFacts, ReplicaPaths};
@@ -112,6 +112,9 @@ pub struct ApplyOptions {
     pub journal_dir: Option<PathBuf>,
     /// Pruning after each applied segment (none by default: every journal is kept).
     pub retention: Retention,
+    /// Copy before-images (with a checksum) even where the filesystem could share the
+    /// replica's blocks with the journal (see [`crate::journal`]).
+    pub copy_undo: bool,
 }
 
 pub struct Applier {
@@ -126,6 +129,7 @@ pub struct Applier {
     times: ApplyTimes,
     /// Scratch space for undo files, kept from one segment to the next.
     undo_buf: Vec<u8>,
+    undo_method: UndoMethod,
     _lock: JournalLock,
 }
 
@@ -159,6 +163,7 @@ impl Applier {
         let state = ApplyState::load(state_path, Some(&volume))?
             .unwrap_or_else(|| ApplyState::start(volume));
         let uring = Uring::new(APPLY_DEPTH).map_err(|e| TargetError::io("io_uring setup", e))?;
+        let undo_method = UndoMethod::for_replica(&replica, options.copy_undo);
         Ok(Applier {
             store,
             key,
@@ -170,6 +175,7 @@ impl Applier {
             uring,
             times: ApplyTimes::default(),
             undo_buf: Vec::new(),
+            undo_method,
             _lock: lock,
         })
     }
@@ -187,6 +193,12 @@ impl Applier {
     /// Where the time went so far.
     pub fn times(&self) -> &ApplyTimes {
         &self.times
+    }
+
+    /// How before-images are being kept: [`UndoMethod::Share`] until the filesystem
+    /// refuses to share blocks.
+    pub fn undo_method(&self) -> UndoMethod {
+        self.undo_method
     }
 
     /// The replica's paths (replica, state, journal).
@@ -254,9 +266,12 @@ impl Applier {
             &mut self.uring,
             &segment,
             &self.state,
-            &self.replica,
-            &self.paths.replica,
+            &ReplicaFile {
+                file: &self.replica,
+                path: &self.paths.replica,
+            },
             &mut self.undo_buf,
+            &mut self.undo_method,
         )?;
         self.times.undo_read += saved.read;
         self.times.undo_save += saved.save;

@@ -30,6 +30,8 @@ pub const EXAMPLE: &str = r#"Config file (--config), TOML; unknown keys are erro
   # journal = "/srv/replicas/vol0.img.journal"   (the default)
   # keep_points = 100, keep_age = "2h"            (override the shared retention)
   # full_download = false                        (failback's "full download")
+  # copy_undo = false                            (copy before-images even on XFS or
+  #                                                btrfs, where blocks can be shared)
 "#;
 
 #[derive(Debug, Deserialize)]
@@ -56,6 +58,8 @@ pub struct VolumeConfig {
     pub keep_age: Option<String>,
     #[serde(default)]
     pub full_download: bool,
+    #[serde(default)]
+    pub copy_undo: bool,
 }
 
 fn default_poll_ms() -> u64 {

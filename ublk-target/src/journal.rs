@@ -15,12 +15,26 @@
 //!   digest); anything else is refused.
 //! * A damaged file is refused with an error, never used.
 //!
-//! File format, version 1, little-endian:
+//! **Two ways to keep before-images.** Where the journal and the replica share a
+//! filesystem that can share blocks between files (XFS, btrfs: [`crate::reflink`]),
+//! the replica blocks a segment is about to overwrite are cloned into the undo file
+//! (version 2): a metadata update instead of reading and writing every byte, and the
+//! replica's next writes to those blocks go to new ones (copy-on-write). Elsewhere, or
+//! for a segment whose ranges do not fit (a replica shorter than the ranges, or not a
+//! whole number of blocks), they are read and written into the file with a SHA-256 of
+//! them (version 1). A version-2 file carries no checksum of its data: those are the
+//! replica's own former blocks, and hashing them would mean reading them, the very
+//! cost cloning saves; their integrity is the filesystem's, as the replica's is. Its
+//! extents are the changed ranges widened to whole filesystem blocks: the widening
+//! adds only bytes segment `k` does not change, whose before-image equals their
+//! after-image, so showing or restoring them changes nothing.
+//!
+//! File format, little-endian:
 //!
 //! | offset | size | field |
 //! |---:|---:|---|
 //! | 0 | 8 | magic `UBLKDRUN` |
-//! | 8 | 2 | version (1) |
+//! | 8 | 2 | version: 1 (copied before-images) or 2 (shared blocks) |
 //! | 10 | 2 | header length (256) |
 //! | 12 | 4 | segment flags ([`changelog::flags`]) |
 //! | 16 | 32 | volume id, ASCII, zero-padded |
@@ -40,20 +54,22 @@
 //! | 192 | 8 | extent count `n` |
 //! | 200 | 8 | data length `D` (the sum of the extent lengths) |
 //! | 208 | 8 | the epoch before `k` when bit 2 is set (`k` starts a new epoch, [`changelog::flags::NEW_EPOCH`]), else 0 |
-//! | 216 | 8 | reserved, 0 |
-//! | 224 | 32 | SHA-256 of the data area |
+//! | 216 | 8 | version 1: 0; version 2: data start `S`, a multiple of the filesystem block, at least `288 + 16n` |
+//! | 224 | 32 | version 1: SHA-256 of the data area; version 2: 0 |
 //! | 256 | 16·n | extents: replica offset (8), length (8); sorted, disjoint, non-empty |
 //! | 256+16n | 32 | SHA-256 of everything before it (header and extent table) |
-//! | 288+16n | D | before-images, in extent order |
+//! | 288+16n | D | version 1: before-images, in extent order |
+//! | S | D | version 2: before-images, in extent order (zeroes before `S`) |
 //!
 //! Bytes 120..192 (and 208..216 when `k` changed the epoch) are the applier state
 //! before segment `k`, so a rollback that undoes `k` can record exactly where the
 //! replica then is, and the catalog can describe point `k - 1` after `undo_{k-1}` was
 //! pruned. Opening checks the header and the extent table (cheap);
-//! [`UndoFile::verify_data`] streams the data area against its checksum, which views
-//! and rollback do before using a file.
+//! [`UndoFile::verify_data`] streams a version-1 data area against its checksum,
+//! which views and rollback do before using a file.
 
 use crate::error::{Result, TargetError};
+use crate::reflink;
 use crate::state::{ApplyState, PointFacts};
 use changelog::uring::{sync_dir, AtomicFile, Uring};
 use changelog::{ChainCursor, Digest32, OpenedSegment, VolumeId};
@@ -65,7 +81,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub const UNDO_MAGIC: [u8; 8] = *b"UBLKDRUN";
-pub const UNDO_VERSION: u16 = 1;
+/// The format with copied, checksummed before-images.
+pub const UNDO_VERSION_COPIED: u16 = 1;
+/// The format whose before-images share the replica's former blocks.
+pub const UNDO_VERSION_SHARED: u16 = 2;
 pub const UNDO_HEADER_LEN: usize = 256;
 const EXTENT_LEN: usize = 16;
 const META_SUM_LEN: usize = 32;
@@ -103,7 +122,17 @@ pub struct UndoHeader {
     /// The segment before it (point `index - 1`), when the applier knew it.
     pub prev: Option<PointFacts>,
     pub data_len: u64,
-    pub data_sha: Digest32,
+    pub data: DataArea,
+}
+
+/// How an undo file holds its before-images.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataArea {
+    /// Version 1: copied right after the extent table, with their SHA-256.
+    Copied { sha: Digest32 },
+    /// Version 2: sharing the replica's former blocks (reflink), from file offset
+    /// `start` on; no checksum.
+    Shared { start: u64 },
 }
 
 impl UndoHeader {
@@ -134,7 +163,11 @@ impl UndoHeader {
             h[at..at + 8].copy_from_slice(&v.to_le_bytes())
         };
         h[0..8].copy_from_slice(&UNDO_MAGIC);
-        h[8..10].copy_from_slice(&UNDO_VERSION.to_le_bytes());
+        let version = match self.data {
+            DataArea::Copied { .. } => UNDO_VERSION_COPIED,
+            DataArea::Shared { .. } => UNDO_VERSION_SHARED,
+        };
+        h[8..10].copy_from_slice(&version.to_le_bytes());
         h[10..12].copy_from_slice(&(UNDO_HEADER_LEN as u16).to_le_bytes());
         h[12..16].copy_from_slice(&self.segment.flags.to_le_bytes());
         let volume = self.cursor_before.volume.as_str().as_bytes();
@@ -166,7 +199,10 @@ impl UndoHeader {
         h[160..164].copy_from_slice(&before.to_le_bytes());
         put(&mut h, 192, extents.len() as u64);
         put(&mut h, 200, self.data_len);
-        h[224..256].copy_from_slice(&self.data_sha);
+        match self.data {
+            DataArea::Copied { sha } => h[224..256].copy_from_slice(&sha),
+            DataArea::Shared { start } => put(&mut h, 216, start),
+        }
         h
     }
 
@@ -178,9 +214,10 @@ impl UndoHeader {
         let u32_at = |at: usize| u32::from_le_bytes(h[at..at + 4].try_into().expect("4"));
         let u64_at = |at: usize| u64::from_le_bytes(h[at..at + 8].try_into().expect("8"));
         let version = u16::from_le_bytes([h[8], h[9]]);
-        if version != UNDO_VERSION {
+        if version != UNDO_VERSION_COPIED && version != UNDO_VERSION_SHARED {
             return Err(format!(
-                "format version {version}, this build reads version {UNDO_VERSION}"
+                "format version {version}, this build reads versions \
+                 {UNDO_VERSION_COPIED} and {UNDO_VERSION_SHARED}"
             ));
         }
         if usize::from(u16::from_le_bytes([h[10], h[11]])) != UNDO_HEADER_LEN {
@@ -197,7 +234,8 @@ impl UndoHeader {
         let before = u32_at(160);
         let other_epoch = before & BEFORE_EPOCH_OTHER != 0;
         if before & !(BEFORE_EPOCH_FIXED | BEFORE_HAS_PREV | BEFORE_EPOCH_OTHER) != 0
-            || h[216..224] != [0; 8]
+            || (version == UNDO_VERSION_COPIED && h[216..224] != [0; 8])
+            || (version == UNDO_VERSION_SHARED && h[224..256] != [0; 32])
             || (!other_epoch && h[208..216] != [0; 8])
         {
             return Err("reserved bits are not zero".into());
@@ -239,7 +277,13 @@ impl UndoHeader {
             },
             prev,
             data_len: u64_at(200),
-            data_sha: h[224..256].try_into().expect("32"),
+            data: if version == UNDO_VERSION_COPIED {
+                DataArea::Copied {
+                    sha: h[224..256].try_into().expect("32"),
+                }
+            } else {
+                DataArea::Shared { start: u64_at(216) }
+            },
         };
         Ok((header, u64_at(192)))
     }
@@ -285,7 +329,17 @@ impl UndoFile {
             .checked_mul(EXTENT_LEN as u64)
             .filter(|&t| t <= file_len)
             .ok_or_else(|| damaged(format!("extent count {count} exceeds the file")))?;
-        let data_start = UNDO_HEADER_LEN as u64 + table_len + META_SUM_LEN as u64;
+        let table_end = UNDO_HEADER_LEN as u64 + table_len + META_SUM_LEN as u64;
+        let data_start = match header.data {
+            DataArea::Copied { .. } => table_end,
+            DataArea::Shared { start } if start >= table_end => start,
+            DataArea::Shared { start } => {
+                return Err(damaged(format!(
+                    "data start {start} lies inside the {table_end} bytes of header and \
+                     extent table"
+                )))
+            }
+        };
         if data_start.checked_add(header.data_len) != Some(file_len) {
             return Err(damaged(format!(
                 "file is {file_len} bytes, header declares {} extents and {} data bytes \
@@ -342,8 +396,12 @@ impl UndoFile {
         &self.path
     }
 
-    /// Reads the whole data area and compares it with its checksum.
+    /// Reads the whole data area and compares it with its checksum (version 1; a
+    /// version-2 file has none: see the module documentation).
     pub fn verify_data(&self) -> Result<()> {
+        let DataArea::Copied { sha: expected } = self.header.data else {
+            return Ok(());
+        };
         let mut sha = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         let start = self.data_at.first().copied().unwrap_or(0);
@@ -356,7 +414,7 @@ impl UndoFile {
             sha.update(&buf[..n]);
             done += n as u64;
         }
-        if <[u8; 32]>::from(sha.finalize()) != self.header.data_sha {
+        if <[u8; 32]>::from(sha.finalize()) != expected {
             return Err(TargetError::Journal {
                 path: self.path.clone(),
                 what: "before-image data checksum mismatch".into(),
@@ -428,6 +486,94 @@ pub fn parse_undo_file_name(name: &str) -> Option<u64> {
         return None;
     }
     u64::from_str_radix(hex, 16).ok()
+}
+
+/// The replica file as the journal reads it, with its path for messages.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ReplicaFile<'a> {
+    pub file: &'a File,
+    pub path: &'a Path,
+}
+
+/// How [`Journal::save_undo`] keeps before-images.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UndoMethod {
+    /// Share the replica's blocks ([`crate::reflink`]), `block` being the filesystem
+    /// block; falls back to copying where the filesystem refuses.
+    Share { block: u64 },
+    /// Copy them, with a checksum.
+    Copy,
+}
+
+impl UndoMethod {
+    /// Sharing, on `replica`'s filesystem block, unless `copy` asks otherwise or the
+    /// block size is unusable.
+    pub fn for_replica(replica: &File, copy: bool) -> UndoMethod {
+        match reflink::block_size(replica) {
+            Ok(block) if !copy && block.is_power_of_two() && block >= 512 => {
+                UndoMethod::Share { block }
+            }
+            _ => UndoMethod::Copy,
+        }
+    }
+}
+
+/// Which side of [`Journal::save_copied`] failed: reading the replica or writing the
+/// journal.
+enum SaveError {
+    Read(std::io::Error),
+    Write(std::io::Error),
+}
+
+/// The header of undo file `segment.header.index` before the applier's `state`.
+fn undo_header(
+    segment: &OpenedSegment,
+    state: &ApplyState,
+    data_len: u64,
+    data: DataArea,
+) -> UndoHeader {
+    debug_assert_eq!(state.cursor.next_index, segment.header.index);
+    UndoHeader {
+        segment: PointFacts::from_header(&segment.header),
+        epoch: segment.header.epoch,
+        digest: segment.digest,
+        cursor_before: state.cursor.clone(),
+        prev: state.last,
+        data_len,
+        data,
+    }
+}
+
+/// Fills `meta` (header, extent table, their checksum: `288 + 16n` bytes, the rest
+/// zeroed) for `header` and `extents`.
+fn write_meta(header: &UndoHeader, extents: &[Extent], meta: &mut [u8]) {
+    let table_end = UNDO_HEADER_LEN + extents.len() * EXTENT_LEN;
+    meta[..UNDO_HEADER_LEN].copy_from_slice(&header.encode(extents));
+    for (e, at) in extents.iter().zip((UNDO_HEADER_LEN..).step_by(EXTENT_LEN)) {
+        meta[at..at + 8].copy_from_slice(&e.offset.to_le_bytes());
+        meta[at + 8..at + 16].copy_from_slice(&e.len.to_le_bytes());
+    }
+    let sum = Sha256::digest(&meta[..table_end]);
+    meta[table_end..table_end + META_SUM_LEN].copy_from_slice(&sum);
+    meta[table_end + META_SUM_LEN..].fill(0);
+}
+
+/// `extents` (sorted, disjoint) widened to whole `block`s, merging those that then
+/// touch.
+fn widen_to_blocks(extents: &[Extent], block: u64) -> Vec<Extent> {
+    let mut widened: Vec<Extent> = Vec::with_capacity(extents.len());
+    for e in extents {
+        let start = e.offset / block * block;
+        let end = e.end().div_ceil(block) * block;
+        match widened.last_mut() {
+            Some(last) if start <= last.end() => last.len = end.max(last.end()) - last.offset,
+            _ => widened.push(Extent {
+                offset: start,
+                len: end - start,
+            }),
+        }
+    }
+    widened
 }
 
 /// What [`Journal::save_undo`] did.
@@ -550,58 +696,146 @@ impl Journal {
     /// Saves the before-images of everything `segment` changes, unless its undo file
     /// already exists (then it is checked to belong to this segment and kept). `state`
     /// is the applier state before the segment; `buf` is scratch space kept by the
-    /// caller from one call to the next. Returns whether a file was written, and the
-    /// time taken. Must run after the segment was authenticated and before any replica
-    /// write.
-    ///
-    /// The before-images are read in one batch ([`Uring::read_batch_or_zero`]); the
-    /// data area is written while a second thread hashes it, then the header and
-    /// extent table, which carry the hashes; then fsync, rename, directory fsync.
+    /// caller from one call to the next; `method` says whether to try sharing blocks,
+    /// and is turned to [`UndoMethod::Copy`] for good when the filesystem refuses.
+    /// Returns whether a file was written, and the time taken. Must run after the
+    /// segment was authenticated and before any replica write.
     pub(crate) fn save_undo(
         &self,
         uring: &mut Uring,
         segment: &OpenedSegment,
         state: &ApplyState,
-        replica: &File,
-        replica_path: &Path,
+        replica: &ReplicaFile,
         buf: &mut Vec<u8>,
+        method: &mut UndoMethod,
     ) -> Result<UndoSaved> {
         let index = segment.header.index;
         let path = self.path_of(index);
         if path.exists() {
-            // Only an interrupted apply of this segment leaves its journal behind; the
-            // replica may hold some of its writes, so the journal cannot be made again.
-            let existing = self.open(index).map_err(|e| match e {
-                TargetError::Journal { path, what } => TargetError::Journal {
-                    path,
-                    what: format!(
-                        "{what}; it was saved by an interrupted apply of this segment, so \
-                         applying cannot go on safely: restore the file, or delete it only \
-                         if the replica is known to hold no write of segment {index}"
-                    ),
-                },
-                other => other,
-            })?;
-            if existing.header.digest != segment.digest {
-                return Err(TargetError::Journal {
-                    path,
-                    what: "it belongs to a different segment with the same index \
-                           (another history); move it away only if the replica never \
-                           received that segment"
-                        .into(),
-                });
-            }
-            log::info!(
-                "{}: kept the undo journal saved before an interrupted apply",
-                segment.header.describe()
-            );
+            self.check_kept(segment)?;
             return Ok(UndoSaved::default());
         }
         let started = Instant::now();
         let extents = changed_ranges(segment);
+        let saving = |e| TargetError::io(format!("saving undo journal {}", path.display()), e);
+        if let UndoMethod::Share { block } = *method {
+            match self.save_shared(uring, segment, state, replica, &extents, block) {
+                Ok(true) => {
+                    return Ok(UndoSaved {
+                        saved: true,
+                        read: Duration::ZERO,
+                        save: started.elapsed(),
+                    })
+                }
+                // This segment's ranges do not fit whole blocks of the replica.
+                Ok(false) => {}
+                Err(e) if reflink::is_unsupported(&e) => {
+                    log::info!(
+                        "undo journal {}: the filesystem cannot share blocks with replica \
+                         {} ({e}); before-images are copied",
+                        self.dir.display(),
+                        replica.path.display()
+                    );
+                    *method = UndoMethod::Copy;
+                }
+                Err(e) => return Err(saving(e)),
+            }
+        }
+        self.save_copied(uring, segment, state, replica, &extents, buf)
+            .map_err(|e| match e {
+                SaveError::Read(e) => {
+                    TargetError::io(format!("reading replica {}", replica.path.display()), e)
+                }
+                SaveError::Write(e) => saving(e),
+            })
+    }
+
+    /// Checks that the undo file an interrupted apply left behind belongs to `segment`.
+    fn check_kept(&self, segment: &OpenedSegment) -> Result<()> {
+        let index = segment.header.index;
+        // Only an interrupted apply of this segment leaves its journal behind; the
+        // replica may hold some of its writes, so the journal cannot be made again.
+        let existing = self.open(index).map_err(|e| match e {
+            TargetError::Journal { path, what } => TargetError::Journal {
+                path,
+                what: format!(
+                    "{what}; it was saved by an interrupted apply of this segment, so \
+                     applying cannot go on safely: restore the file, or delete it only \
+                     if the replica is known to hold no write of segment {index}"
+                ),
+            },
+            other => other,
+        })?;
+        if existing.header.digest != segment.digest {
+            return Err(TargetError::Journal {
+                path: self.path_of(index),
+                what: "it belongs to a different segment with the same index \
+                       (another history); move it away only if the replica never \
+                       received that segment"
+                    .into(),
+            });
+        }
+        log::info!(
+            "{}: kept the undo journal saved before an interrupted apply",
+            segment.header.describe()
+        );
+        Ok(())
+    }
+
+    /// Version 2: clones the replica blocks under `extents` (widened to whole blocks)
+    /// into the file, then writes header and extent table; then fsync, rename,
+    /// directory fsync. `Ok(false)` (nothing written) when the ranges are empty or reach
+    /// past the replica's last whole block: sharing cannot hold those.
+    fn save_shared(
+        &self,
+        uring: &mut Uring,
+        segment: &OpenedSegment,
+        state: &ApplyState,
+        replica: &ReplicaFile,
+        extents: &[Extent],
+        block: u64,
+    ) -> std::io::Result<bool> {
+        let replica_len = replica.file.metadata()?.len();
+        if extents.last().is_none_or(|last| last.end() > replica_len) {
+            return Ok(false);
+        }
+        let blocks = widen_to_blocks(extents, block);
+        match blocks.last() {
+            Some(last) if last.end() <= replica_len / block * block => {}
+            _ => return Ok(false),
+        }
+        let table_end = (UNDO_HEADER_LEN + blocks.len() * EXTENT_LEN + META_SUM_LEN) as u64;
+        let start = table_end.div_ceil(block) * block;
+        let file = AtomicFile::create(&self.dir, &undo_file_name(segment.header.index))?;
+        let mut at = start;
+        for e in &blocks {
+            reflink::clone_range(replica.file, e.offset, e.len, file.fd(), at)?;
+            at += e.len;
+        }
+        let header = undo_header(segment, state, at - start, DataArea::Shared { start });
+        let mut meta = vec![0u8; table_end as usize];
+        write_meta(&header, &blocks, &mut meta);
+        uring.write_all_at(file.fd(), &meta, 0)?;
+        file.commit(uring)?;
+        Ok(true)
+    }
+
+    /// Version 1: reads the before-images in one batch
+    /// ([`Uring::read_batch_or_zero`]), writes them while a second thread hashes them,
+    /// then the header and extent table, which carry the hash; then fsync, rename,
+    /// directory fsync.
+    fn save_copied(
+        &self,
+        uring: &mut Uring,
+        segment: &OpenedSegment,
+        state: &ApplyState,
+        replica: &ReplicaFile,
+        extents: &[Extent],
+        buf: &mut Vec<u8>,
+    ) -> std::result::Result<UndoSaved, SaveError> {
+        let started = Instant::now();
         let data_len: u64 = extents.iter().map(|e| e.len).sum();
-        let table_len = extents.len() * EXTENT_LEN;
-        let data_start = UNDO_HEADER_LEN + table_len + META_SUM_LEN;
+        let data_start = UNDO_HEADER_LEN + extents.len() * EXTENT_LEN + META_SUM_LEN;
         let total = data_start + data_len as usize;
         // The buffer is kept from segment to segment (every byte of it is written below
         // before it is used): no fresh zeroed buffer per segment.
@@ -611,23 +845,21 @@ impl Journal {
         let (meta, data) = buf[..total].split_at_mut(data_start);
         let mut rest = &mut data[..];
         let mut reads = Vec::with_capacity(extents.len());
-        for e in &extents {
+        for e in extents {
             let (this, more) = rest.split_at_mut(e.len as usize);
             reads.push((e.offset, this));
             rest = more;
         }
         uring
-            .read_batch_or_zero(replica.as_raw_fd(), reads)
-            .map_err(|err| {
-                TargetError::io(format!("reading replica {}", replica_path.display()), err)
-            })?;
+            .read_batch_or_zero(replica.file.as_raw_fd(), reads)
+            .map_err(SaveError::Read)?;
         let data = &*data;
         let read = started.elapsed();
-        let saving = |e| TargetError::io(format!("saving undo journal {}", path.display()), e);
-        let file = AtomicFile::create(&self.dir, &undo_file_name(index)).map_err(saving)?;
+        let file = AtomicFile::create(&self.dir, &undo_file_name(segment.header.index))
+            .map_err(SaveError::Write)?;
         // The data area goes to the file while another thread hashes it: both only read
         // the buffer, and the header that carries the hash is written after both.
-        let data_sha: Digest32 = std::thread::scope(|scope| {
+        let sha: Digest32 = std::thread::scope(|scope| {
             let hasher = (data.len() >= PARALLEL_HASH_MIN)
                 .then(|| scope.spawn(|| Sha256::digest(data).into()));
             uring.write_all_at(file.fd(), data, data_start as u64)?;
@@ -636,27 +868,13 @@ impl Journal {
                 None => Sha256::digest(data).into(),
             })
         })
-        .map_err(saving)?;
-        let header = UndoHeader {
-            segment: PointFacts::from_header(&segment.header),
-            epoch: segment.header.epoch,
-            digest: segment.digest,
-            cursor_before: state.cursor.clone(),
-            prev: state.last,
-            data_len,
-            data_sha,
-        };
-        debug_assert_eq!(state.cursor.next_index, index);
-        meta[..UNDO_HEADER_LEN].copy_from_slice(&header.encode(&extents));
-        for (i, e) in extents.iter().enumerate() {
-            let at = UNDO_HEADER_LEN + i * EXTENT_LEN;
-            meta[at..at + 8].copy_from_slice(&e.offset.to_le_bytes());
-            meta[at + 8..at + 16].copy_from_slice(&e.len.to_le_bytes());
-        }
-        let meta_sum = Sha256::digest(&meta[..UNDO_HEADER_LEN + table_len]);
-        meta[UNDO_HEADER_LEN + table_len..].copy_from_slice(&meta_sum);
-        uring.write_all_at(file.fd(), meta, 0).map_err(saving)?;
-        file.commit(uring).map_err(saving)?;
+        .map_err(SaveError::Write)?;
+        let header = undo_header(segment, state, data_len, DataArea::Copied { sha });
+        write_meta(&header, extents, meta);
+        uring
+            .write_all_at(file.fd(), meta, 0)
+            .map_err(SaveError::Write)?;
+        file.commit(uring).map_err(SaveError::Write)?;
         if buf.len() > KEEP_BUFFER_MAX {
             *buf = Vec::new();
         }
@@ -729,13 +947,27 @@ mod tests {
                 flags: 0,
             }),
             data_len: 4096,
-            data_sha: [1; 32],
+            data: DataArea::Copied { sha: [1; 32] },
         };
-        let encoded = header.encode(&[Extent {
+        let one = [Extent {
             offset: 0,
             len: 4096,
-        }]);
+        }];
+        let encoded = header.encode(&one);
         assert_eq!(UndoHeader::decode(&encoded).unwrap(), (header.clone(), 1));
+        let shared = UndoHeader {
+            data: DataArea::Shared { start: 4096 },
+            ..header.clone()
+        };
+        let encoded = shared.encode(&one);
+        assert_eq!(encoded[8..10], 2u16.to_le_bytes());
+        assert_eq!(UndoHeader::decode(&encoded).unwrap(), (shared, 1));
+        let mut bad = encoded;
+        bad[224] = 1;
+        assert!(
+            UndoHeader::decode(&bad).is_err(),
+            "version 2 with a data checksum"
+        );
 
         // A segment that starts a new epoch: the position before it is in the old one.
         let continuation = UndoHeader {
@@ -749,5 +981,19 @@ mod tests {
         let mut bad = encoded;
         bad[208..216].copy_from_slice(&0xbeefu64.to_le_bytes());
         assert!(UndoHeader::decode(&bad).is_err(), "same epoch marked other");
+    }
+
+    #[test]
+    fn widening_covers_whole_blocks_and_merges() {
+        let e = |offset, len| Extent { offset, len };
+        assert_eq!(
+            widen_to_blocks(&[e(512, 512), e(3584, 1024), e(12288, 4096)], 4096),
+            vec![e(0, 8192), e(12288, 4096)]
+        );
+        assert_eq!(
+            widen_to_blocks(&[e(0, 512), e(5000, 100), e(8191, 2)], 4096),
+            vec![e(0, 12288)]
+        );
+        assert!(widen_to_blocks(&[], 4096).is_empty());
     }
 }

@@ -3,7 +3,8 @@
 //! * [`config`]: the config file (`ublk-target apply --config`).
 //! * [`apply`]: verify and apply segments to a replica image, crash-safe and
 //!   idempotent (I5, I6), saving an undo journal per segment first.
-//! * [`journal`]: the undo journal format and its contract.
+//! * [`journal`]: the undo journal format and its contract; `reflink` shares the
+//!   replica's blocks with it where the filesystem can.
 //! * [`points`]: the recovery-point catalog, the views registry and retention.
 //! * [`view`]: the replica at any retained point, with a throw-away write overlay.
 //! * [`rollback`]: make the replica equal a point for real (failover).
@@ -17,12 +18,14 @@ pub mod digests;
 pub mod error;
 pub mod journal;
 pub mod points;
+mod reflink;
 pub mod rollback;
 pub mod state;
 pub mod view;
 
 pub use apply::{Applied, Applier, ApplyOptions, ApplyTimes};
 pub use error::{Result, TargetError};
+pub use journal::UndoMethod;
 pub use points::{catalog, prune, Catalog, PruneReport, RecoveryPoint, Retention};
 pub use rollback::{commit, rollback_steps, rollback_to, RollbackReport};
 pub use state::{ApplyState, PointFacts, ReplicaPaths};

@@ -70,6 +70,11 @@ enum Command {
         /// differ: failback's "full download", or a replica that cannot be trusted.
         #[arg(long)]
         full_download: bool,
+        /// Copy before-images into the undo journal, with a checksum, even where the
+        /// filesystem (XFS, btrfs) could share the replica's blocks with it instead:
+        /// slower, but a damaged journal is then detected.
+        #[arg(long)]
+        copy_undo: bool,
     },
     /// List a replica's recovery points: the latest applied one and every older one
     /// whose undo journals are retained.
@@ -345,6 +350,7 @@ fn run(cli: Cli) -> Result<()> {
             follow,
             poll_ms,
             full_download,
+            copy_undo,
         } => {
             let (jobs, poll) = match config {
                 Some(path) => {
@@ -367,6 +373,7 @@ fn run(cli: Cli) -> Result<()> {
                             journal: v.journal.clone(),
                             retention: config.retention(v).expect("checked on load"),
                             full_download: v.full_download || full_download,
+                            copy_undo: v.copy_undo || copy_undo,
                         })
                         .collect();
                     (jobs, poll_ms.map_or(config.poll(), Duration::from_millis))
@@ -381,6 +388,7 @@ fn run(cli: Cli) -> Result<()> {
                         journal,
                         retention: retention.retention(),
                         full_download,
+                        copy_undo,
                     };
                     (vec![job], Duration::from_millis(poll_ms.unwrap_or(200)))
                 }
@@ -658,6 +666,7 @@ struct ApplyJob {
     journal: Option<PathBuf>,
     retention: Retention,
     full_download: bool,
+    copy_undo: bool,
 }
 
 impl ApplyJob {
@@ -749,6 +758,7 @@ impl ApplyJob {
                 &ApplyOptions {
                     journal_dir: self.journal.clone(),
                     retention: self.retention,
+                    copy_undo: self.copy_undo,
                 },
             )?);
         }
