@@ -80,7 +80,7 @@ EOF
 SCRIPT_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
 INIT_TEMPLATE=$SCRIPT_DIR/vm/init.sh
 CACHE=${UBLK_DR_VM_CACHE:-/var/cache/ublk-dr/vm}
-HOST_PKGS=(qemu-system-x86 busybox-static cpio xz-utils fio e2fsprogs dmsetup kmod)
+HOST_PKGS=(qemu-system-x86 busybox-static cpio xz-utils fio e2fsprogs xfsprogs dmsetup kmod)
 # Modules loaded by the guest's init; their dependencies are added automatically
 # (netfs, 9pnet, crc16, mbcache, jbd2, ...). Anything else: `modprobe NAME` in the guest.
 BOOT_MODULES=(9pnet_virtio 9p overlay ublk_drv loop dm-mod dm-log-writes ext4)

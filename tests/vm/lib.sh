@@ -11,6 +11,28 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 # shipper in the background. Sets DEV and SHIPPER_PID. The ring (RING_MIB, default 256)
 # should hold everything a test writes: under TCG the shipper can fall behind fio, and
 # writes lost to an overflow reach the replica only through a resync.
+# on_xfs DIR SIZE: DIR becomes a fresh XFS (reflink on) on a loop device over a sparse
+# image beside it, so replicas and undo journals made in it share blocks. run_test
+# unmounts it.
+on_xfs() {
+  modprobe xfs 2>/dev/null || true
+  mkdir -p "$1"
+  truncate -s "$2" "$1.xfs"
+  mkfs.xfs -q -f -m reflink=1 "$1.xfs"
+  mount -o loop "$1.xfs" "$1"
+}
+
+# shared_journals DIR: how many of DIR's undo journals share the replica's blocks
+# (format version 2), of how many.
+shared_journals() {
+  local f v2=0 all=0
+  for f in "$1"/*.undo; do
+    all=$((all + 1))
+    [ "$(od -An -tu2 -j8 -N2 "$f" | tr -d ' ')" = 2 ] && v2=$((v2 + 1))
+  done
+  echo "$v2 $all"
+}
+
 protect() {
   local dir=$1 size=$2 id=${3:-0}
   mkdir -p "$dir"
