@@ -254,6 +254,54 @@ fn a_resync_pass_cut_short_by_a_crash_loses_nothing() {
     assert!(std::fs::read(fixture.path("replica")).unwrap() == model.final_image());
 }
 
+/// `shipper run --drain` promises that the store holds every write. With writes
+/// waiting in the dirty bitmap for a resync it ships what the ring holds, then exits 1
+/// saying why (a planned failover must not count on it); once the resync pass has
+/// re-recorded them, a drain succeeds and the replica equals the source.
+#[test]
+fn a_drain_with_writes_awaiting_a_resync_fails_naming_why() {
+    let size = 4 << 20;
+    let fixture = Fixture::new(size);
+    let mut capture = fixture.capture(1 << 20);
+    let mut model = Model::new(size);
+    let mut workload = Workload::new(45, size).with_max_io(64 << 10);
+    fill_until_writes_are_lost(&mut capture, &mut model, &mut workload);
+    let drain = || {
+        let out = std::process::Command::new(bin("shipper"))
+            .args(["run", "--volume", "vol0", "--no-initial-sync", "--drain"])
+            .arg("--ring")
+            .arg(fixture.path("ring"))
+            .arg("--staging")
+            .arg(fixture.path("staging"))
+            .arg("--store")
+            .arg(fixture.path("store"))
+            .arg("--key")
+            .arg(fixture.path("key"))
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status, text)
+    };
+    let (status, text) = drain();
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("drained, but the ring overflowed") && text.contains("fail over"),
+        "{text}"
+    );
+    assert!(
+        !fixture.store_segments().is_empty(),
+        "what the ring held was shipped"
+    );
+    // The next request runs the resync pass; then the drain is complete.
+    record(&mut capture, &mut model, WorkOp::Flush);
+    assert!(!capture.needs_resync());
+    let (status, text) = drain();
+    assert!(status.success(), "{text}");
+    assert!(apply_and_check_crash_points(&fixture, &model, "replica").last_is_point);
+    assert!(std::fs::read(fixture.path("replica")).unwrap() == model.final_image());
+}
+
 /// Runs `op` through `capture` and records it in `model`, lost to the bitmap or not.
 fn record(capture: &mut blkfilter::capture::Capture, model: &mut Model, op: WorkOp) {
     match capture.handle(op.as_request()).unwrap() {

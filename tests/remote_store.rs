@@ -62,6 +62,10 @@ impl Volume {
             .args(["--staging", &self.arg("staging"), "--store", store])
             .args(["--key", &self.arg("key"), "--status", &self.arg("status")])
             .args(["--max-segment-age-ms", "20", "--drain"])
+            // A 4 MiB disk: the backlog staged during an outage here could pass half of
+            // it and be dropped for a resync, which no producer would serve (seen:
+            // the drain then failed); tests/backlog.rs covers drops.
+            .args(["--backlog-resync-percent", "0"])
             .args(extra);
         command
     }
@@ -557,8 +561,6 @@ fn an_outage_of_the_object_store_is_a_warning_and_loses_nothing() {
         .output()
         .unwrap();
     assert!(applied.status.success(), "{}", text(&applied));
-    // Failed once in about ten runs (2026-12-02), apply having succeeded: its output
-    // says how far the replica got.
     assert!(volume.replica_equals_source(), "{}", text(&applied));
 }
 

@@ -22,6 +22,16 @@ pub enum ShipperError {
     Config { path: PathBuf, what: String },
     #[error("volume {volume} is Critical: {what}")]
     Critical { volume: String, what: String },
+    /// `--drain` shipped all the ring held, but writes that left the ring another way
+    /// (a dropped backlog, an overflow) still wait for a digest resync.
+    #[error(
+        "volume {volume}: drained, but {why}: the store does not hold every write yet, so \
+         the replica would not equal the source (do not fail over expecting no loss). \
+         Attach the volume with blkfilter and run the shipper, with the recovery side \
+         applying (ublk-target apply --follow), until `shipper status` shows the resync \
+         done; then drain again"
+    )]
+    DrainIncomplete { volume: String, why: String },
 }
 
 impl ShipperError {

@@ -163,7 +163,9 @@ struct RunArgs {
     /// caught up; `normal` always at normal priority.
     #[arg(long, value_enum, default_value_t = CpuPriority::SERVICE_DEFAULT)]
     cpu_priority: CpuPriority,
-    /// Ship everything already in the ring, then exit.
+    /// Ship everything already in the ring, then exit: 0 once the store holds every
+    /// write, 1 (naming why) if some still wait for a digest resync (after a ring
+    /// overflow, or a backlog dropped while the store was unreachable).
     #[arg(long)]
     drain: bool,
 }
@@ -371,6 +373,14 @@ fn ship(args: RunArgs) -> Result<()> {
     });
     let mut first_error = None;
     for (volume, result) in results {
+        // A drain promises the store holds every write: say so when it cannot.
+        let result = result.and_then(|summary| match summary.resync_pending {
+            Some(why) if args.drain => Err(shipper::ShipperError::DrainIncomplete {
+                volume: volume.to_string(),
+                why: why.into(),
+            }),
+            _ => Ok(summary),
+        });
         match result {
             Ok(summary) => log::info!(
                 "volume {volume} stopped: {} segment(s) uploaded; next segment {}, next seq {}",

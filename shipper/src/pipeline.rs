@@ -133,6 +133,9 @@ pub struct RunSummary {
     pub segments_uploaded: u64,
     /// The chain position after the last staged segment.
     pub cursor: ChainCursor,
+    /// Why some writes were not in the stream when the run ended but wait for a digest
+    /// resync (a drain did not bring the store up to the source), if so.
+    pub resync_pending: Option<&'static str>,
 }
 
 struct SealJob {
@@ -391,7 +394,26 @@ pub fn run(
     Ok(RunSummary {
         segments_uploaded,
         cursor,
+        resync_pending: resync_pending(&chain, &ring),
     })
+}
+
+/// Why writes are still waiting for a digest resync rather than in the stream (I7):
+/// a backlog dropped while the store was unreachable, an overflow whose regions are
+/// not resynced yet, or a resync under way. `None`: the stream holds every write.
+fn resync_pending(chain: &Chain, ring: &Consumer) -> Option<&'static str> {
+    if chain.owed.load(Ordering::Acquire) {
+        Some(
+            "a whole-disk digest resync is still owed for the staged backlog dropped while \
+             the store was unreachable",
+        )
+    } else if ring.overflowed() {
+        Some("the ring overflowed and the regions written meanwhile are not resynced yet")
+    } else if ring.resync_progress().pending() {
+        Some("a digest resync is still under way")
+    } else {
+        None
+    }
 }
 
 /// Threads get names so that `top -H`, perf and panics say which stage is which.
