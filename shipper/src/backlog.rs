@@ -34,7 +34,9 @@
 //! old numbering is in flight. Then it takes the stager's cursor lock (nothing is being
 //! staged) and the upload lock, which the uploader holds around every upload attempt
 //! (nothing is being uploaded, and whatever is in staging is exactly what the store
-//! does not have). Under both it bumps the drop generation: every staged segment
+//! does not have). If what is staged then no longer exceeds the limit (the store came
+//! back while the reader waited), it drops nothing: a whole-disk resync would be
+//! wasted. Otherwise, under both locks, it bumps the drop generation: every staged segment
 //! handed to the uploader carries the generation it was staged under, and the uploader
 //! skips the older ones (their files are gone) instead of uploading them.
 //!
@@ -121,20 +123,29 @@ pub(crate) struct Dropped {
     pub record: BacklogDrop,
 }
 
-/// Steps 1 to 5 of a drop (see the module docs). The caller holds the stager's cursor
-/// (`cursor`, the position after the newest staged segment) and the upload lock.
-/// `None` when nothing is staged.
+/// What [`drop_staged`] did.
+pub(crate) enum DropResult {
+    /// Nothing: what is staged now (`bytes`) is within `limit` — the uploader caught
+    /// up between the check that called for the drop and the locks (the store came
+    /// back), and a whole-disk resync would be wasted.
+    WithinLimit {
+        bytes: u64,
+    },
+    Dropped(Dropped),
+}
+
+/// Steps 1 to 5 of a drop (see the module docs), if the staged segments still exceed
+/// `limit` bytes. The caller holds the stager's cursor (`cursor`, the position after
+/// the newest staged segment) and the upload lock.
 pub(crate) fn drop_staged(
     config: &ShipperConfig,
     dir: &Path,
     ring: &Consumer,
     cursor: &ChainCursor,
+    limit: u64,
     oldest_lost_unix_ms: u64,
-) -> Result<Option<Dropped>> {
+) -> Result<DropResult> {
     let staged = list_segment_dir(dir)?;
-    let Some(&first) = staged.first() else {
-        return Ok(None);
-    };
     let mut bytes = 0u64;
     for &index in &staged {
         let path = dir.join(segment_file_name(index));
@@ -142,6 +153,10 @@ pub(crate) fn drop_staged(
             .map_err(io_err(format!("reading {}", path.display())))?
             .len();
     }
+    let first = match staged.first() {
+        Some(&first) if bytes > limit => first,
+        _ => return Ok(DropResult::WithinLimit { bytes }),
+    };
     let path = dir.join(segment_file_name(first));
     let head = std::fs::read(&path).map_err(io_err(format!("reading {}", path.display())))?;
     let info = changelog::read_info(&head, &path.display().to_string())?;
@@ -184,7 +199,7 @@ pub(crate) fn drop_staged(
         config.backlog_resync_percent,
         staged.last().expect("not empty"),
     );
-    Ok(Some(Dropped {
+    Ok(DropResult::Dropped(Dropped {
         continuation,
         record,
     }))
@@ -346,6 +361,45 @@ mod tests {
         assert_eq!(limit_bytes(100, u64::MAX), Some(u64::MAX));
         assert!(check_percent(100).is_ok());
         assert!(check_percent(101).unwrap_err().contains("0 (never"));
+    }
+
+    /// The uploader can bring staging back within the limit between the check that
+    /// calls for a drop and the locks the drop takes (the store came back): then
+    /// nothing is dropped and no resync is asked for. Beyond the limit, it drops.
+    #[test]
+    fn a_backlog_back_within_the_limit_is_not_dropped() {
+        use blkfilter::ring::{Consumer, Producer, RingGeometry};
+        let dir = tempfile::tempdir().unwrap();
+        let staging = dir.path().join("staging");
+        std::fs::create_dir(&staging).unwrap();
+        let key = Key::from_bytes([1; 32]);
+        let after = stage(&staging, &key, 4);
+        let ring_path = dir.path().join("ring");
+        let _producer = Producer::create(&ring_path, &RingGeometry::new(1 << 20, 4 << 20)).unwrap();
+        let ring = Consumer::open(&ring_path).unwrap();
+        let config = ShipperConfig::new(volume(), ring_path, dir.path().into(), key);
+        let staged: u64 = (0..4)
+            .map(|i| {
+                std::fs::metadata(staging.join(segment_file_name(i)))
+                    .unwrap()
+                    .len()
+            })
+            .sum();
+        match drop_staged(&config, &staging, &ring, &after[3], staged, 1).unwrap() {
+            DropResult::WithinLimit { bytes } => assert_eq!(bytes, staged),
+            DropResult::Dropped(_) => panic!("dropped a backlog within the limit"),
+        }
+        assert_eq!(list_segment_dir(&staging).unwrap(), vec![0, 1, 2, 3]);
+        assert!(!staging.join(OWED_FILE).exists());
+        assert!(!ring.resync_progress().pending());
+
+        match drop_staged(&config, &staging, &ring, &after[3], staged - 1, 1).unwrap() {
+            DropResult::Dropped(dropped) => assert_eq!(dropped.record.bytes, staged),
+            DropResult::WithinLimit { .. } => panic!("kept a backlog over the limit"),
+        }
+        assert!(list_segment_dir(&staging).unwrap().is_empty());
+        assert!(staging.join(OWED_FILE).exists());
+        assert!(ring.resync_progress().pending());
     }
 
     /// A crash after the rewind file was saved, with some or all of the dropped

@@ -526,10 +526,11 @@ fn read_ring(
             return Ok(());
         }
         thread_priority.follow();
-        if backlog_limit.is_some_and(|limit| board.staged_bytes.load(Ordering::Relaxed) > limit) {
-            match drop_backlog(config, dir, ring, chain, board, control, next_index)? {
+        let staged = board.staged_bytes.load(Ordering::Relaxed);
+        if let Some(limit) = backlog_limit.filter(|&limit| staged > limit) {
+            match drop_backlog(config, dir, ring, chain, board, control, next_index, limit)? {
                 DropOutcome::Stopping => return Ok(()),
-                DropOutcome::NothingStaged => {}
+                DropOutcome::WithinLimit => {}
                 DropOutcome::Dropped(continuation) => {
                     next_index = continuation.next_index;
                     epoch = continuation.epoch.expect("a drop sets the epoch");
@@ -608,14 +609,16 @@ fn read_ring(
 
 enum DropOutcome {
     Stopping,
-    /// The uploader emptied staging meanwhile.
-    NothingStaged,
+    /// The uploader brought staging back within the limit meanwhile.
+    WithinLimit,
     /// Dropped; the chain continues at this position (a new epoch).
     Dropped(ChainCursor),
 }
 
-/// Drops the staged backlog ([`crate::backlog`]). `next_index` is the index the
-/// reader would give its next segment: every segment before it was cut.
+/// Drops the staged backlog ([`crate::backlog`]) if it still exceeds `limit` bytes
+/// once nothing is being staged or uploaded. `next_index` is the index the reader
+/// would give its next segment: every segment before it was cut.
+#[allow(clippy::too_many_arguments)]
 fn drop_backlog(
     config: &ShipperConfig,
     dir: &Path,
@@ -624,6 +627,7 @@ fn drop_backlog(
     board: &Board,
     control: &Control,
     next_index: u64,
+    limit: u64,
 ) -> Result<DropOutcome> {
     // Wait until every segment cut is staged: no sealed segment of the old numbering
     // is in flight, the sealers and the stager are idle.
@@ -652,10 +656,13 @@ fn drop_backlog(
     .flatten()
     .min()
     .unwrap_or_else(unix_ms_now);
-    let Some(dropped) = backlog::drop_staged(config, dir, ring, &cursor, oldest_lost)? else {
-        // The uploader emptied staging meanwhile (the count follows it, under the lock).
-        board.staged_bytes.store(0, Ordering::Relaxed);
-        return Ok(DropOutcome::NothingStaged);
+    let dropped = match backlog::drop_staged(config, dir, ring, &cursor, limit, oldest_lost)? {
+        backlog::DropResult::Dropped(dropped) => dropped,
+        backlog::DropResult::WithinLimit { bytes } => {
+            // The uploader caught up meanwhile (the count follows it, under the lock).
+            board.staged_bytes.store(bytes, Ordering::Relaxed);
+            return Ok(DropOutcome::WithinLimit);
+        }
     };
     let from = dropped.continuation.next_index;
     board
