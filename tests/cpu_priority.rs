@@ -12,7 +12,13 @@ use std::time::{Duration, Instant};
 const SCHED_OTHER: u32 = 0;
 const SCHED_IDLE: u32 = 5;
 
-/// The scheduling policies of this process's threads named `name`.
+/// `PF_IO_WORKER` (include/linux/sched.h): an io_uring worker the kernel started.
+const PF_IO_WORKER: u64 = 0x10;
+
+/// The scheduling policies of this process's threads named `name`. io_uring workers
+/// are left out: one the kernel is starting for a pipeline thread carries that
+/// thread's name (and policy) until it names itself `iou-wrk-N` (six "pipeline
+/// threads" were seen here once).
 fn policies(name: &str) -> Vec<u32> {
     let mut out = Vec::new();
     for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
@@ -20,9 +26,10 @@ fn policies(name: &str) -> Vec<u32> {
             continue; // the thread ended
         };
         let (head, tail) = stat.rsplit_once(") ").unwrap();
-        if head.ends_with(&format!("({name}")) {
-            // Fields after the name start at 3; policy is field 41.
-            out.push(tail.split(' ').nth(41 - 3).unwrap().parse().unwrap());
+        // Fields after the name start at 3; flags is field 9, policy field 41.
+        let field = |n: usize| tail.split(' ').nth(n - 3).unwrap().parse::<u64>().unwrap();
+        if head.ends_with(&format!("({name}")) && field(9) & PF_IO_WORKER == 0 {
+            out.push(field(41) as u32);
         }
     }
     out
@@ -37,10 +44,8 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// The policies of the reader, both sealers, the stager and the uploader: five threads,
-/// fewer while they start (a thread carries its name only once it runs), more while
-/// the kernel starts an io_uring worker for one of them (it has its creator's name,
-/// and policy, until it names itself `iou-wrk-N`: six threads were seen here).
+/// The policies of the reader, both sealers, the stager and the uploader: five threads
+/// (fewer while they start: a thread carries its name only once it runs).
 fn pipeline_policies() -> Vec<u32> {
     ["ship-reader", "ship-sealer", "ship-stager", "ship-uploader"]
         .iter()
@@ -51,7 +56,7 @@ fn pipeline_policies() -> Vec<u32> {
 /// Whether all pipeline threads run and have `policy`.
 fn pipeline_threads(policy: u32) -> bool {
     let threads = pipeline_policies();
-    threads.len() >= 5 && threads.iter().all(|&p| p == policy)
+    threads.len() == 5 && threads.iter().all(|&p| p == policy)
 }
 
 /// One test: the checks read every thread of this process by name, so no two
@@ -134,7 +139,7 @@ fn normal() {
     let size = 4 << 20;
     let mut run = Shipping::start(size, CpuPriority::Normal, Duration::from_secs(30));
     eventually("the pipeline running", || {
-        run.status().is_some() && pipeline_policies().len() >= 5
+        run.status().is_some() && pipeline_policies().len() == 5
     });
     let mut writes = Workload::new(3, size);
     for _ in 0..10 {

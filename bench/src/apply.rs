@@ -15,7 +15,7 @@
 //!    plus its first 1 MiB read, for 1 GiB and 8 GiB replicas. Goal: under 2 s.
 //!
 //! Files live on tmpfs (/dev/shm) by default so the disk is not what is measured; on a
-//! filesystem that shares blocks (XFS, btrfs; bench/run.sh apply-reflink makes an XFS
+//! filesystem that shares blocks (XFS, btrfs; bench/apply-reflink.sh makes an XFS
 //! image on tmpfs) the undo journal clones before-images instead of copying them, and
 //! the Applier with copied before-images (`--copy-undo`) is measured beside it.
 //! Usage: apply [MiB of 64 KiB writes, default 512] [DIR, default /dev/shm]

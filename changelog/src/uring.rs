@@ -384,6 +384,11 @@ impl AtomicFile {
         self.file.as_raw_fd()
     }
 
+    /// The temporary file's length so far.
+    pub fn written_len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
     /// fsync, rename to `dir/name`, fsync the directory.
     pub fn commit(self, uring: &mut Uring) -> io::Result<()> {
         uring.fsync(self.file.as_raw_fd(), false)?;

@@ -409,8 +409,8 @@ fn resync_pending(chain: &Chain, ring: &Consumer) -> Option<&'static str> {
         )
     } else if ring.overflowed() {
         Some("the ring overflowed and the regions written meanwhile are not resynced yet")
-    } else if ring.resync_progress().pending() {
-        Some("a digest resync is still under way")
+    } else if ring.resyncing() || ring.resync_progress().pending() {
+        Some("a resync is still under way (or was cut short)")
     } else {
         None
     }
@@ -561,6 +561,9 @@ fn read_ring(
                     // The producer lowers RESYNC right after this record, and lowered
                     // DIGEST_ACTIVE before it (ring::resync).
                     consistent = !ring.overflowed() && !ring.resync_progress().pending();
+                    if consistent {
+                        await_resync_lowered(ring);
+                    }
                 } else if lost() {
                     consistent = false;
                 }
@@ -687,6 +690,17 @@ fn drop_backlog(
 /// Whether the unread part of the ring holds a resync-done MARK: then the records
 /// before it are resync data, and the stream is not consistent until it is read, even
 /// though the ring's flags are already down (a shipper restarted mid-resync).
+/// Waits briefly for the producer to lower RESYNC after the resync-done MARK just read,
+/// so that the segment the MARK ends is cut as the crash point it is (the cut checks
+/// RESYNC too). A producer that died in between leaves RESYNC up: then, after 100 ms,
+/// the segment is cut without the crash point, which is safe.
+fn await_resync_lowered(ring: &Consumer) {
+    let deadline = Instant::now() + Duration::from_millis(100);
+    while ring.resyncing() && !ring.overflowed() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
 fn unread_resync_done(ring: &Consumer, mut pos: u64, next_seq: u64) -> Result<bool> {
     while let Some((record, next)) = ring.peek(pos)? {
         if record.seq >= next_seq && record.op == Op::Mark && record.flags & MARK_RESYNC_DONE != 0 {

@@ -7,10 +7,6 @@ BIN=${BIN:-target/release}
 log() { printf '\n--- %s\n' "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
-# protect DIR SIZE [ID]: backing file, key, ring, /dev/ublkbID with capture, and a
-# shipper in the background. Sets DEV and SHIPPER_PID. The ring (RING_MIB, default 256)
-# should hold everything a test writes: under TCG the shipper can fall behind fio, and
-# writes lost to an overflow reach the replica only through a resync.
 # on_xfs DIR SIZE: DIR becomes a fresh XFS (reflink on) on a loop device over a sparse
 # image beside it, so replicas and undo journals made in it share blocks. run_test
 # unmounts it.
@@ -33,6 +29,10 @@ shared_journals() {
   echo "$v2 $all"
 }
 
+# protect DIR SIZE [ID]: backing file, key, ring, /dev/ublkbID with capture, and a
+# shipper in the background. Sets DEV and SHIPPER_PID. The ring (RING_MIB, default 256)
+# should hold everything a test writes: under TCG the shipper can fall behind fio, and
+# writes lost to an overflow reach the replica only through a resync.
 protect() {
   local dir=$1 size=$2 id=${3:-0}
   mkdir -p "$dir"

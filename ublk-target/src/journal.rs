@@ -13,16 +13,17 @@
 //!   and before the applied position moved), it is kept: reading again could capture
 //!   bytes segment `k` already wrote. It must be the journal of the same segment (same
 //!   digest); anything else is refused.
-//! * A damaged file is refused with an error, never used.
+//! * A damaged file is refused with an error, never used (for version 2, damage to the
+//!   header and extent table; its data has no checksum, see below).
 //!
 //! **Two ways to keep before-images.** Where the journal and the replica share a
 //! filesystem that can share blocks between files (XFS, btrfs: [`crate::reflink`]),
 //! the replica blocks a segment is about to overwrite are cloned into the undo file
 //! (version 2): a metadata update instead of reading and writing every byte, and the
 //! replica's next writes to those blocks go to new ones (copy-on-write). Elsewhere, or
-//! for a segment whose ranges do not fit (a replica shorter than the ranges, or not a
-//! whole number of blocks), they are read and written into the file with a SHA-256 of
-//! them (version 1). A version-2 file carries no checksum of its data: those are the
+//! for a segment that changes nothing or whose ranges, widened to whole blocks, reach
+//! past the replica's last whole block, they are read and written into the file with a
+//! SHA-256 of them (version 1). A version-2 file carries no checksum of its data: those are the
 //! replica's own former blocks, and hashing them would mean reading them, the very
 //! cost cloning saves; their integrity is the filesystem's, as the replica's is. Its
 //! extents are the changed ranges widened to whole filesystem blocks: the widening
@@ -54,7 +55,7 @@
 //! | 192 | 8 | extent count `n` |
 //! | 200 | 8 | data length `D` (the sum of the extent lengths) |
 //! | 208 | 8 | the epoch before `k` when bit 2 is set (`k` starts a new epoch, [`changelog::flags::NEW_EPOCH`]), else 0 |
-//! | 216 | 8 | version 1: 0; version 2: data start `S`, a multiple of the filesystem block, at least `288 + 16n` |
+//! | 216 | 8 | version 1: 0; version 2: data start `S`, at least `288 + 16n` (written as a multiple of the filesystem block; not checked on reading) |
 //! | 224 | 32 | version 1: SHA-256 of the data area; version 2: 0 |
 //! | 256 | 16·n | extents: replica offset (8), length (8); sorted, disjoint, non-empty |
 //! | 256+16n | 32 | SHA-256 of everything before it (header and extent table) |
@@ -506,13 +507,11 @@ pub enum UndoMethod {
 }
 
 impl UndoMethod {
-    /// Sharing, on `replica`'s filesystem block, unless `copy` asks otherwise or the
-    /// block size is unusable.
+    /// Sharing, on `replica`'s filesystem block, when the replica is a file on XFS or
+    /// btrfs ([`reflink::shareable_block`]) and `copy` does not ask otherwise.
     pub fn for_replica(replica: &File, copy: bool) -> UndoMethod {
-        match reflink::block_size(replica) {
-            Ok(block) if !copy && block.is_power_of_two() && block >= 512 => {
-                UndoMethod::Share { block }
-            }
+        match reflink::shareable_block(replica) {
+            Some(block) if !copy => UndoMethod::Share { block },
             _ => UndoMethod::Copy,
         }
     }
@@ -730,9 +729,10 @@ impl Journal {
                 // This segment's ranges do not fit whole blocks of the replica.
                 Ok(false) => {}
                 Err(e) if reflink::is_unsupported(&e) => {
-                    log::info!(
-                        "undo journal {}: the filesystem cannot share blocks with replica \
-                         {} ({e}); before-images are copied",
+                    log::warn!(
+                        "undo journal {}: cannot share blocks with replica {} ({e}: the \
+                         journal is on another filesystem, or this one refuses); \
+                         before-images are copied, which is slower",
                         self.dir.display(),
                         replica.path.display()
                     );
@@ -811,6 +811,14 @@ impl Journal {
         for e in &blocks {
             reflink::clone_range(replica.file, e.offset, e.len, file.fd(), at)?;
             at += e.len;
+        }
+        // A clone that reports success must have covered everything (checked here, not
+        // first when a view or rollback opens the file).
+        let cloned = file.written_len()?;
+        if cloned != at {
+            return Err(std::io::Error::other(format!(
+                "cloning before-images made the file {cloned} bytes, not {at}"
+            )));
         }
         let header = undo_header(segment, state, at - start, DataArea::Shared { start });
         let mut meta = vec![0u8; table_end as usize];
