@@ -4,36 +4,24 @@
 
 use blkfilter::workload::{Rng, Workload};
 use e2e::*;
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::Duration;
 
 fn spawn_shipper(fixture: &Fixture, drain: bool) -> Child {
-    let mut cmd = Command::new(bin("shipper"));
-    cmd.arg("run")
-        .args([
-            "--volume",
-            "vol0",
-            "--max-segment-age-ms",
-            "10",
-            "--max-segment-bytes",
-            "131072",
-            "--retry-unit-ms",
-            "2",
-            "--no-initial-sync",
-            // An 8 MiB disk: a burst staged while the store lags must not drop the
-            // backlog here (every record must reach the store).
-            "--backlog-resync-percent",
-            "0",
-        ])
-        .arg("--ring")
-        .arg(fixture.path("ring"))
-        .arg("--staging")
-        .arg(fixture.path("staging"))
-        .arg("--store")
-        .arg(fixture.path("store"))
-        .arg("--key")
-        .arg(fixture.path("key"))
-        .env("RUST_LOG", "warn");
+    let mut cmd = shipper_command(fixture);
+    cmd.args([
+        "--max-segment-age-ms",
+        "10",
+        "--max-segment-bytes",
+        "131072",
+        "--retry-unit-ms",
+        "2",
+        "--no-initial-sync",
+        // An 8 MiB disk: a burst staged while the store lags must not drop the
+        // backlog here (every record must reach the store).
+        "--backlog-resync-percent",
+        "0",
+    ]);
     if drain {
         cmd.arg("--drain");
     }

@@ -267,17 +267,8 @@ fn a_drain_with_writes_awaiting_a_resync_fails_naming_why() {
     let mut workload = Workload::new(45, size).with_max_io(64 << 10);
     fill_until_writes_are_lost(&mut capture, &mut model, &mut workload);
     let drain = || {
-        let out = std::process::Command::new(bin("shipper"))
-            .args(["run", "--volume", "vol0", "--no-initial-sync", "--drain"])
-            .arg("--ring")
-            .arg(fixture.path("ring"))
-            .arg("--staging")
-            .arg(fixture.path("staging"))
-            .arg("--store")
-            .arg(fixture.path("store"))
-            .arg("--key")
-            .arg(fixture.path("key"))
-            .env("RUST_LOG", "warn")
+        let out = shipper_command(&fixture)
+            .args(["--no-initial-sync", "--drain"])
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stderr).into_owned();

@@ -341,6 +341,23 @@ pub fn apply_and_check_every_point(fixture: &Fixture, model: &Model, replica: &s
     seen.crash_points
 }
 
+/// `shipper run` for the fixture's volume, ring, staging, store and key (logging warnings
+/// only); callers add the rest.
+pub fn shipper_command(fixture: &Fixture) -> std::process::Command {
+    let mut cmd = std::process::Command::new(bin("shipper"));
+    cmd.args(["run", "--volume", "vol0"])
+        .arg("--ring")
+        .arg(fixture.path("ring"))
+        .arg("--staging")
+        .arg(fixture.path("staging"))
+        .arg("--store")
+        .arg(fixture.path("store"))
+        .arg("--key")
+        .arg(fixture.path("key"))
+        .env("RUST_LOG", "warn");
+    cmd
+}
+
 /// `ublk-target apply` for the fixture's volume, store, replica `replica` and key.
 pub fn apply_command(fixture: &Fixture, replica: &str) -> std::process::Command {
     let mut cmd = std::process::Command::new(bin("ublk-target"));

@@ -517,13 +517,6 @@ impl UndoMethod {
     }
 }
 
-/// Which side of [`Journal::save_copied`] failed: reading the replica or writing the
-/// journal.
-enum SaveError {
-    Read(std::io::Error),
-    Write(std::io::Error),
-}
-
 /// The header of undo file `segment.header.index` before the applier's `state`.
 fn undo_header(
     segment: &OpenedSegment,
@@ -543,8 +536,8 @@ fn undo_header(
     }
 }
 
-/// Fills `meta` (header, extent table, their checksum: `288 + 16n` bytes, the rest
-/// zeroed) for `header` and `extents`.
+/// Fills `meta` (header, extent table, their checksum: `288 + 16n` bytes) for
+/// `header` and `extents`.
 fn write_meta(header: &UndoHeader, extents: &[Extent], meta: &mut [u8]) {
     let table_end = UNDO_HEADER_LEN + extents.len() * EXTENT_LEN;
     meta[..UNDO_HEADER_LEN].copy_from_slice(&header.encode(extents));
@@ -553,8 +546,7 @@ fn write_meta(header: &UndoHeader, extents: &[Extent], meta: &mut [u8]) {
         meta[at + 8..at + 16].copy_from_slice(&e.len.to_le_bytes());
     }
     let sum = Sha256::digest(&meta[..table_end]);
-    meta[table_end..table_end + META_SUM_LEN].copy_from_slice(&sum);
-    meta[table_end + META_SUM_LEN..].fill(0);
+    meta[table_end..].copy_from_slice(&sum);
 }
 
 /// `extents` (sorted, disjoint) widened to whole `block`s, merging those that then
@@ -716,7 +708,6 @@ impl Journal {
         }
         let started = Instant::now();
         let extents = changed_ranges(segment);
-        let saving = |e| TargetError::io(format!("saving undo journal {}", path.display()), e);
         if let UndoMethod::Share { block } = *method {
             match self.save_shared(uring, segment, state, replica, &extents, block) {
                 Ok(true) => {
@@ -738,16 +729,18 @@ impl Journal {
                     );
                     *method = UndoMethod::Copy;
                 }
-                Err(e) => return Err(saving(e)),
+                Err(e) => return Err(self.saving(index, e)),
             }
         }
         self.save_copied(uring, segment, state, replica, &extents, buf)
-            .map_err(|e| match e {
-                SaveError::Read(e) => {
-                    TargetError::io(format!("reading replica {}", replica.path.display()), e)
-                }
-                SaveError::Write(e) => saving(e),
-            })
+    }
+
+    /// The error of writing undo file `index`.
+    fn saving(&self, index: u64, e: std::io::Error) -> TargetError {
+        TargetError::io(
+            format!("saving undo journal {}", self.path_of(index).display()),
+            e,
+        )
     }
 
     /// Checks that the undo file an interrupted apply left behind belongs to `segment`.
@@ -840,7 +833,8 @@ impl Journal {
         replica: &ReplicaFile,
         extents: &[Extent],
         buf: &mut Vec<u8>,
-    ) -> std::result::Result<UndoSaved, SaveError> {
+    ) -> Result<UndoSaved> {
+        let saving = |e| self.saving(segment.header.index, e);
         let started = Instant::now();
         let data_len: u64 = extents.iter().map(|e| e.len).sum();
         let data_start = UNDO_HEADER_LEN + extents.len() * EXTENT_LEN + META_SUM_LEN;
@@ -860,11 +854,13 @@ impl Journal {
         }
         uring
             .read_batch_or_zero(replica.file.as_raw_fd(), reads)
-            .map_err(SaveError::Read)?;
+            .map_err(|e| {
+                TargetError::io(format!("reading replica {}", replica.path.display()), e)
+            })?;
         let data = &*data;
         let read = started.elapsed();
-        let file = AtomicFile::create(&self.dir, &undo_file_name(segment.header.index))
-            .map_err(SaveError::Write)?;
+        let file =
+            AtomicFile::create(&self.dir, &undo_file_name(segment.header.index)).map_err(saving)?;
         // The data area goes to the file while another thread hashes it: both only read
         // the buffer, and the header that carries the hash is written after both.
         let sha: Digest32 = std::thread::scope(|scope| {
@@ -876,13 +872,11 @@ impl Journal {
                 None => Sha256::digest(data).into(),
             })
         })
-        .map_err(SaveError::Write)?;
+        .map_err(saving)?;
         let header = undo_header(segment, state, data_len, DataArea::Copied { sha });
         write_meta(&header, extents, meta);
-        uring
-            .write_all_at(file.fd(), meta, 0)
-            .map_err(SaveError::Write)?;
-        file.commit(uring).map_err(SaveError::Write)?;
+        uring.write_all_at(file.fd(), meta, 0).map_err(saving)?;
+        file.commit(uring).map_err(saving)?;
         if buf.len() > KEEP_BUFFER_MAX {
             *buf = Vec::new();
         }
