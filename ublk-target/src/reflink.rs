@@ -44,7 +44,7 @@ pub(crate) fn shareable_block(file: &File) -> Option<u64> {
 }
 
 /// Makes `len` bytes of `dest` at `dest_offset` share the blocks of `src` at
-/// `src_offset`. Offsets and `len` must be multiples of [`block_size`]; `dest` must be
+/// `src_offset`. Offsets and `len` must be multiples of [`shareable_block`]; `dest` must be
 /// open for writing on the same filesystem.
 pub(crate) fn clone_range(
     src: &File,
