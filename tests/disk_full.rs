@@ -195,6 +195,13 @@ fn a_full_journal_file_system_stops_apply_with_a_clear_error_at_a_point() {
             && stderr.contains("A file system is full: free space"),
         "{stderr}"
     );
+    // The undo file that did not fit is gone, not left half-written holding space.
+    let leftovers: Vec<_> = std::fs::read_dir(journal.0.join("j"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "left in the journal: {leftovers:?}");
     // The replica is at the recovery point the state file names, not in between.
     let paths = fixture.replica_paths("replica");
     let state = || {

@@ -359,13 +359,16 @@ pub fn write_file_atomic(
 
 /// A file written piecewise under a temporary name (`dir/.name.tmp`, created empty)
 /// and put in place by [`AtomicFile::commit`] complete and durable, as
-/// [`write_file_atomic`] does in one call. Dropped without a commit, the temporary file
-/// stays behind; the next create of the same name truncates it.
+/// [`write_file_atomic`] does in one call. Dropped before its rename (a write or sync
+/// failed, say on a full disk), it removes the temporary file, so a failure leaves no
+/// partial file holding space; one left by a crash is truncated by the next create of
+/// the same name.
 pub struct AtomicFile {
     file: File,
     dir: PathBuf,
     tmp: PathBuf,
     name: String,
+    renamed: bool,
 }
 
 impl AtomicFile {
@@ -376,6 +379,7 @@ impl AtomicFile {
             dir: dir.into(),
             tmp,
             name: name.into(),
+            renamed: false,
         })
     }
 
@@ -390,11 +394,20 @@ impl AtomicFile {
     }
 
     /// fsync, rename to `dir/name`, fsync the directory.
-    pub fn commit(self, uring: &mut Uring) -> io::Result<()> {
+    pub fn commit(mut self, uring: &mut Uring) -> io::Result<()> {
         uring.fsync(self.file.as_raw_fd(), false)?;
-        drop(self.file);
         std::fs::rename(&self.tmp, self.dir.join(&self.name))?;
+        self.renamed = true;
         sync_dir(uring, &self.dir)
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if !self.renamed {
+            // Best effort: the error being returned matters more than this one.
+            let _ = std::fs::remove_file(&self.tmp);
+        }
     }
 }
 
@@ -507,5 +520,16 @@ mod tests {
         write_file_atomic(&mut uring, dir.path(), "a.seg", b"hello").unwrap();
         assert_eq!(std::fs::read(dir.path().join("a.seg")).unwrap(), b"hello");
         assert!(!dir.path().join(".a.seg.tmp").exists());
+    }
+
+    #[test]
+    fn an_atomic_file_dropped_before_commit_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut uring = Uring::new(2).unwrap();
+        let file = AtomicFile::create(dir.path(), "b.undo").unwrap();
+        uring.write_all_at(file.fd(), b"half", 0).unwrap();
+        assert!(dir.path().join(".b.undo.tmp").exists());
+        drop(file);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }
