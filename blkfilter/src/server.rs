@@ -113,6 +113,16 @@ pub struct DeviceInfo {
     pub target: Option<TargetInfo>,
 }
 
+/// The control of existing ublk device `id`; `None` when there is none. sysfs is asked
+/// first: libublk, asked to open an id that does not exist, prints "device reload json
+/// failed" on stderr, which would end up in front of users on every attach.
+pub fn open_device(id: i32) -> Option<UblkCtrl> {
+    if id < 0 || !Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() {
+        return None;
+    }
+    UblkCtrl::new_simple(id).ok()
+}
+
 fn check_ublk() -> Result<(), ServerError> {
     if Path::new("/dev/ublk-control").exists() {
         Ok(())
@@ -216,7 +226,7 @@ pub fn serve(
     let dev_flags = dev_flags | UblkFlags::UBLK_DEV_F_SINGLE_CPU_AFFINITY;
     // Checked up front: libublk deletes device `id` when an ADD for it fails, which
     // would take down the device that is using the id.
-    if recover_id.is_none() && id >= 0 && UblkCtrl::new_simple(id).is_ok() {
+    if recover_id.is_none() && open_device(id).is_some() {
         return Err(ServerError::IdInUse(id));
     }
     let ctrl = UblkCtrlBuilder::default()
@@ -307,7 +317,7 @@ pub fn device_params(size: u64, max_io: u32, fua: bool) -> libublk::sys::ublk_pa
 /// Deletes a blkfilter device (the server exits when its queue goes down).
 pub fn detach(id: i32) -> Result<(), ServerError> {
     check_ublk()?;
-    let ctrl = UblkCtrl::new_simple(id).map_err(|_| ServerError::NoDevice(id))?;
+    let ctrl = open_device(id).ok_or(ServerError::NoDevice(id))?;
     let target = ctrl.get_target_type_from_json().unwrap_or_default();
     if !target.is_empty() && target != TARGET_NAME {
         return Err(ServerError::NotOurs { id, target });
@@ -327,7 +337,7 @@ pub fn quiesced_with_backing(id: i32, backing: &Path) -> bool {
     if id < 0 || check_ublk().is_err() {
         return false;
     }
-    let Ok(ctrl) = UblkCtrl::new_simple(id) else {
+    let Some(ctrl) = open_device(id) else {
         return false;
     };
     let same = |a: &Path, b: &Path| {
@@ -343,7 +353,7 @@ pub fn quiesced_with_backing(id: i32, backing: &Path) -> bool {
 /// Checks that device `id` is a quiesced blkfilter device and returns how to serve it.
 pub fn recovery_plan(id: i32) -> Result<AttachOptions, ServerError> {
     check_ublk()?;
-    let ctrl = UblkCtrl::new_simple(id).map_err(|_| ServerError::NoDevice(id))?;
+    let ctrl = open_device(id).ok_or(ServerError::NoDevice(id))?;
     let info = ctrl.dev_info();
     if info.flags & libublk::sys::UBLK_F_USER_RECOVERY as u64 == 0 {
         return Err(ServerError::NotRecoverable {
@@ -393,7 +403,7 @@ pub fn list() -> Result<Vec<DeviceInfo>, ServerError> {
     let found = Rc::new(RefCell::new(Vec::new()));
     let sink = found.clone();
     UblkCtrl::for_each_dev_id(move |dev_id| {
-        let Ok(ctrl) = UblkCtrl::new_simple(dev_id as i32) else {
+        let Some(ctrl) = open_device(dev_id as i32) else {
             return;
         };
         let info = ctrl.dev_info();

@@ -287,7 +287,13 @@ bad_command_lines() {
   echo "$out" | grep -q "missing" || { echo "$out"; return 1; }
   out=$("$BIN/blkfilter" attach --backing $w/backing --ring /proc/no/such/ring 2>&1) && return 1
   echo "$out" | grep -qi "ring" || { echo "$out"; return 1; }
-  "$BIN/blkfilter" attach --backing $w/backing --ring $w/ring --id 3 >/dev/null
+  # A good attach says nothing on stderr, nor its daemon in its log, about the id
+  # (libublk, asked to open an id that does not exist yet, prints "device reload json
+  # failed").
+  "$BIN/blkfilter" attach --backing $w/backing --ring $w/ring --id 3 --log $w/attach.log \
+    2>$w/attach.err >/dev/null
+  [ ! -s $w/attach.err ] || { cat $w/attach.err; return 1; }
+  if grep -q json $w/attach.log; then cat $w/attach.log; return 1; fi
   out=$("$BIN/blkfilter" attach --backing $w/backing --ring $w/ring2 --id 3 2>&1) && return 1
   echo "$out" | grep -q "already in use" || { echo "$out"; return 1; }
   out=$("$BIN/blkfilter" recover --id 3 2>&1) && return 1
@@ -299,6 +305,7 @@ bad_command_lines() {
   "$BIN/blkfilter" detach --id 3 >/dev/null
   out=$("$BIN/blkfilter" detach --id 3 2>&1) && return 1
   echo "$out" | grep -q "does not exist" || { echo "$out"; return 1; }
+  if echo "$out" | grep -q "json"; then echo "$out"; return 1; fi
 }
 
 # The source's disk fills up under fio (backing on a 31.25 MiB tmpfs, so one write is cut short): the writes that

@@ -78,7 +78,7 @@ pub fn serve<B: Backend + Send + 'static>(
         ));
     }
     // libublk deletes device `id` when an ADD for it fails: check first.
-    if id >= 0 && UblkCtrl::new_simple(id).is_ok() {
+    if blkfilter::server::open_device(id).is_some() {
         return Err(TargetError::Device(format!(
             "ublk device id {id} is already in use; pick another --id"
         )));
@@ -205,7 +205,7 @@ fn handle<B: Backend>(queue: &UblkQueue<'_>, backend: &mut B, tag: u16, buf: &Io
 
 /// The view a device serves, if it is a view device.
 pub fn view_info(id: i32) -> Option<ViewInfo> {
-    let ctrl = UblkCtrl::new_simple(id).ok()?;
+    let ctrl = blkfilter::server::open_device(id)?;
     let data = ctrl.get_target_data_from_json()?;
     serde_json::from_value(data.get(VIEW_TARGET)?.clone()).ok()
 }
@@ -213,7 +213,7 @@ pub fn view_info(id: i32) -> Option<ViewInfo> {
 /// Deletes view device `id`; its server then exits and drops the scratch overlay.
 /// Refuses devices that are not views (a protected volume must not go this way).
 pub fn delete(id: i32) -> Result<ViewInfo> {
-    let ctrl = UblkCtrl::new_simple(id).map_err(|_| {
+    let ctrl = blkfilter::server::open_device(id).ok_or_else(|| {
         TargetError::Device(format!(
             "ublk device {id} does not exist (already cleaned up?)"
         ))
