@@ -12,7 +12,10 @@ results_section() {
   elif [ -e /dev/ublk-control ]; then
     machine+="; native kernel $(uname -r); $where"
   else
-    machine+="; VM: $(qemu-system-x86_64 --version | sed -nE '1s/^QEMU emulator version ([^ ]+).*/qemu \1/p') TCG -cpu ${UBLK_DR_VM_CPU:-max,-erms,-fsrm}, 2 vCPUs, 8 GiB, Debian 6.12 kernel; $where"
+    local tcg="TCG -cpu ${UBLK_DR_VM_CPU:-max,-erms,-fsrm}"
+    # Under -icount the guest's clock counts instructions: figures measure CPU work.
+    [ -n "${UBLK_DR_VM_ICOUNT:-}" ] && tcg+=" -icount shift=$UBLK_DR_VM_ICOUNT,sleep=off (guest time = instructions executed)"
+    machine+="; VM: $(qemu-system-x86_64 --version | sed -nE '1s/^QEMU emulator version ([^ ]+).*/qemu \1/p') $tcg, 2 vCPUs, 8 GiB, Debian 6.12 kernel; $where"
   fi
   echo
   echo "## $title"

@@ -55,6 +55,9 @@ If the host kernel itself has /dev/ublk-control (or inside the guest, UBLK_DR_IN
 Environment:
   UBLK_DR_VM_CACHE       cache directory (default /var/cache/ublk-dr/vm)
   UBLK_DR_VM_KVM=1       use KVM (-accel kvm -cpu host) instead of TCG
+  UBLK_DR_VM_ICOUNT=N    TCG with -icount shift=N,sleep=off: guest time counts
+                         instructions (2^N ns each), so timings in the guest do not
+                         move with the host's load; vCPUs take turns on one host thread
   UBLK_DR_VM_CPU         TCG CPU model (default max,-erms,-fsrm: TCG runs `rep movsb`
                          a byte at a time, so the guest is told not to rely on it)
   UBLK_DR_VM_QEMU_BACKPORTS=0  keep Debian bookworm's qemu 7.2; by default setup
@@ -592,6 +595,12 @@ cmd_run() {
     if [ "${UBLK_DR_VM_KVM:-}" = 1 ]; then
         [ -w /dev/kvm ] || die "UBLK_DR_VM_KVM=1 but /dev/kvm is not usable"
         accel=(-accel kvm -cpu host)
+    elif [ -n "${UBLK_DR_VM_ICOUNT:-}" ]; then
+        # Deterministic guest time: the clock advances by instructions executed, not
+        # by host time, so a busy or noisy host does not change what the guest
+        # measures. Needs single-threaded TCG (the vCPUs take turns on one host thread).
+        accel=(-accel tcg,thread=single -cpu "${UBLK_DR_VM_CPU:-max,-erms,-fsrm}"
+            -icount "shift=$UBLK_DR_VM_ICOUNT,sleep=off")
     fi
     local quiet=quiet
     [ "${UBLK_DR_VM_DEBUG:-}" = 1 ] && quiet=ublk_dr_debug=1
