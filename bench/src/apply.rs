@@ -3,8 +3,9 @@
 //! 1. Apply throughput (`Applier`: authenticate, decompress, save the undo journal,
 //!    write with io_uring, fdatasync per segment) beside raw io_uring writes of the same
 //!    records to the same kind of replica file, also synced per segment. Goal >= 0.9x.
-//!    The two alternate for five rounds, each on a fresh file: the ratio printed is
-//!    the median of the rounds' ratios, the MB/s each side's best round.
+//!    The two alternate for five rounds, each on a fresh file, after an untimed round
+//!    of each: the ratio printed is the median of the rounds' ratios, the MB/s each
+//!    side's best round.
 //!    Opening the segments alone (AES-GCM + lz4) is printed too, and the Applier's own
 //!    time per phase ([`ublk_target::ApplyTimes`]) and its process CPU time per
 //!    segment, to show where the time goes. The Applier runs on two threads (opening
@@ -225,6 +226,10 @@ fn main() {
     };
     let mut raw_secs = Vec::new();
     let mut applied = Vec::new();
+    // One untimed round of each first: the first runs on a new file system (or a new
+    // machine's memory) are up to 4x slower than the rest, whichever side goes first.
+    raw_round(ROUNDS);
+    apply_round("warm-up", false);
     settle(dir.path());
     for round in 0..ROUNDS {
         raw_secs.push(raw_round(round));
