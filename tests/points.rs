@@ -775,6 +775,25 @@ fn undo_files_share_blocks_where_the_filesystem_can() {
     }
 }
 
+/// `ublk-target apply` says how undo journals keep before-images, as sharing or
+/// copying decides what applying costs (this file runs on ext4 or tmpfs and on XFS).
+#[test]
+fn apply_says_whether_undo_journals_share_or_copy() {
+    let (fixture, model) = Fixture::shipped(4 << 20, 93, 40);
+    let sharing = can_share_blocks(fixture.dir.path());
+    sparse_file(&fixture.path("replica"), fixture.size);
+    let out = apply_command(&fixture, "replica").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let says = if sharing {
+        "undo journals share the replica's blocks"
+    } else {
+        "undo journals copy before-images"
+    };
+    assert!(stderr.contains(says), "wanted {says:?}: {stderr}");
+    assert!(std::fs::read(fixture.path("replica")).unwrap() == model.final_image());
+}
+
 /// Only one writer per replica: a second applier (or a rollback) is refused while
 /// one runs.
 #[test]

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use ublk_target::config::{TargetConfig, VolumeConfig};
-use ublk_target::{Applier, ApplyOptions, ReplicaPaths, Retention, TargetError};
+use ublk_target::{Applier, ApplyOptions, ReplicaPaths, Retention, TargetError, UndoMethod};
 
 /// Recovery side of ublk-dr: verify change-log segments and apply them to replica disks.
 #[derive(Parser)]
@@ -700,6 +700,9 @@ impl ApplyJob {
         let mut opened_once = false;
         loop {
             let result = self.apply_once(&mut applier, &store, std::mem::take(&mut progress));
+            if let (false, Some(opened)) = (opened_once, &applier) {
+                self.log_undo_method(opened.undo_method());
+            }
             opened_once |= applier.is_some();
             match (result, follow) {
                 (Ok(()), None) => {
@@ -733,6 +736,25 @@ impl ApplyJob {
                 }
                 (Err(e), _) => return Err(anyhow::anyhow!(with_hint(&e))),
             }
+        }
+    }
+
+    /// Says once how undo journals keep before-images, as it decides what applying
+    /// costs: copying writes every changed block twice.
+    fn log_undo_method(&self, method: UndoMethod) {
+        match method {
+            UndoMethod::Share { .. } => log::info!(
+                "volume {}: undo journals share the replica's blocks (reflink)",
+                self.volume
+            ),
+            UndoMethod::Copy if self.copy_undo => {}
+            UndoMethod::Copy => log::info!(
+                "volume {}: undo journals copy before-images, as replica {} is not a \
+                 regular file on XFS or btrfs: every changed block is written twice \
+                 (journal, then replica); on XFS (reflink) or btrfs they share blocks",
+                self.volume,
+                self.replica.display()
+            ),
         }
     }
 
