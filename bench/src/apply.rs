@@ -162,8 +162,8 @@ fn main() {
 
     // Raw writes and the Applier alternate, ROUNDS times, each on a fresh sparse file
     // removed afterwards (and the file system settled, see `settle`): this machine's
-    // speed moves between runs more than the two differ, so the ratio is taken per round (the median is printed) and each side's
-    // best round is shown.
+    // speed moves between runs more than the two differ, so the ratio is taken per
+    // round (the median is printed) and each side's best round is shown.
     let raw_round = |round: usize| {
         let path = dir.path().join(format!("raw{round}.img"));
         sparse(&path, device);
@@ -230,7 +230,6 @@ fn main() {
     // machine's memory) are up to 4x slower than the rest, whichever side goes first.
     raw_round(ROUNDS);
     apply_round("warm-up", false);
-    settle(dir.path());
     for round in 0..ROUNDS {
         raw_secs.push(raw_round(round));
         applied.push(apply_round(&format!("replica{round}"), false));
