@@ -12,6 +12,12 @@
 # under TCG drifts 2-3x within one boot, so a ratio is taken between the two runs of
 # one round, which are minutes apart at most, and the table shows the median of those
 # per-round ratios; the value columns show each configuration's best run.
+#
+# Placement: fio runs on CPU 0 and every ublk server (blkfilter, rublk) on CPU 1.
+# libublk otherwise pins a server's queue thread to a CPU it picks at random on each
+# attach, so two servers doing the same work per request could land differently
+# (same CPU as fio or the other one) and differ by that alone. The shipper is not
+# pinned.
 # Usage: ublk-guest.sh RUBLK_BINARY
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +33,15 @@ random_backing $w/backing
 
 JOBS=("randwrite 4k 32" "randread 4k 32" "write 1M 8")
 ROUNDS=${BENCH_ROUNDS:-3}
+FIO_CPU=0 SERVER_CPU=1
+if [ "$(nproc)" -lt 2 ]; then SERVER_CPU=0; fi
+
+# pin_server NAME: every thread of the ublk server process(es) NAME onto SERVER_CPU.
+pin_server() {
+  local pids pid
+  pids=$(pgrep -x "$1") || { echo "no $1 process to pin" >&2; return 1; }
+  for pid in $pids; do taskset -a -p -c $SERVER_CPU "$pid" >/dev/null; done
+}
 # RESULT[config/job]: the best run; RUN[config/job/round]: each run.
 declare -A RESULT RUN BACKLOG
 
@@ -36,7 +51,7 @@ run_jobs() {
   for job in "${THIS_ROUND_JOBS[@]}"; do
     read -r rw bs qd <<<"$job"
     [ -n "${BEFORE_JOB:-}" ] && $BEFORE_JOB
-    out=$(fio --name=b --filename="$dev" --ioengine=io_uring --direct=1 --rw="$rw" --bs="$bs" \
+    out=$(fio --name=b --filename="$dev" --cpus_allowed=$FIO_CPU --ioengine=io_uring --direct=1 --rw="$rw" --bs="$bs" \
       --iodepth="$qd" --runtime="$RUNTIME" --time_based --size=$SIZE --output-format=terse \
       --terse-version=3 2>/dev/null)
     # terse v3: field 8 read IOPS, field 7 read KiB/s, 49 write IOPS, 48 write KiB/s
@@ -57,12 +72,12 @@ bench_loop_and_dm_log_writes() {
   local loopdev logdev
   loopdev=$(losetup -f --show --direct-io=on $w/backing)
   run_jobs loop "$loopdev"
-  truncate -s 3G $w/log
+  truncate -s 4G $w/log
   logdev=$(losetup -f --show $w/log)
   dmsetup create bench-lw --table "0 $(blockdev --getsz "$loopdev") log-writes $loopdev $logdev"
   # The log keeps every write; empty it between jobs so tmpfs does not fill.
   reset_log() {
-    dmsetup remove bench-lw; fallocate -p -o 0 -l 3G $w/log 2>/dev/null || true
+    dmsetup remove bench-lw; fallocate -p -o 0 -l 4G $w/log 2>/dev/null || true
     dmsetup create bench-lw --table "0 $(blockdev --getsz "$loopdev") log-writes $loopdev $logdev"
   }
   BEFORE_JOB=reset_log run_jobs dm-log-writes /dev/mapper/bench-lw
@@ -73,6 +88,7 @@ bench_no_capture() {
   echo "blkfilter --no-capture" >&2
   local dev
   dev=$($BIN/blkfilter attach --backing $w/backing --no-capture --id 0 --log $w/bf.log)
+  pin_server blkfilter
   run_jobs no-capture "$dev"
   $BIN/blkfilter detach --id 0 >/dev/null; sleep 1
 }
@@ -81,6 +97,7 @@ bench_capture_only() {
   echo "blkfilter with capture, shipper not running (capture cost alone)" >&2
   local dev
   dev=$($BIN/blkfilter attach --backing $w/backing --ring $w/ring0 --ring-mib 2048 --id 0 --log $w/bf.log)
+  pin_server blkfilter
   run_jobs capture-only "$dev"
   $BIN/blkfilter detach --id 0 >/dev/null; sleep 1; rm -f $w/ring0
 }
@@ -94,6 +111,7 @@ protected() {
   rm -rf $w/ring $w/staging $w/store $w/status.json
   [ -f $w/key ] || $BIN/shipper keygen --out $w/key >/dev/null
   dev=$($BIN/blkfilter attach --backing $w/backing --ring $w/ring --ring-mib 1024 --id 0 --log $w/bf.log)
+  pin_server blkfilter
   RUST_LOG=warn "$@" $BIN/shipper run --volume vol0 --ring $w/ring --staging $w/staging --store $w/store \
     --key $w/key --no-initial-sync --status $w/status.json ${SHIP_ARGS:-} >$w/shipper.log 2>&1 &
   shipper=$!
@@ -145,6 +163,7 @@ bench_rublk() {
   echo "rublk loop" >&2
   "$RUBLK" add loop -n 1 -f $w/backing >/dev/null
   sleep 1
+  pin_server "$(basename "$RUBLK")"
   run_jobs rublk /dev/ublkb1
   "$RUBLK" del -n 1 >/dev/null 2>&1 || true
 }
@@ -156,6 +175,7 @@ bench_rublk_async() {
   echo "rublk loop -a (async/await)" >&2
   "$RUBLK" add loop -a -n 2 -f $w/backing >/dev/null
   sleep 1
+  pin_server "$(basename "$RUBLK")"
   run_jobs rublk-a /dev/ublkb2
   "$RUBLK" del -n 2 >/dev/null 2>&1 || true
 }
