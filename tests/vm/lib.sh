@@ -204,7 +204,9 @@ finish() {
   stop_shipper
   RUST_LOG=warn "$BIN/shipper" run --volume vol0 --ring "$dir/ring" --staging "$dir/staging" \
     --store "$dir/store" --key "$dir/key" --drain >>"$dir/shipper.log" 2>&1 ||
-    die "draining shipper failed: $(tail -5 "$dir/shipper.log")"
+    die "draining shipper failed: $(tail -5 "$dir/shipper.log")
+ring and resync state: $(cat "$dir/status.json" 2>/dev/null)
+blkfilter log: $(tail -20 "$dir/blkfilter.log")"
   stop_follower
   truncate -s "$(stat -L -c %s "$dir/backing")" "$dir/replica"
   "$BIN/ublk-target" apply --store "$dir/store" --volume vol0 --replica "$dir/replica" \
