@@ -206,7 +206,8 @@ finish() {
   # shippers were all killed before staging a segment would begin a new protection's
   # initial digest resync, which no drain can finish (it then exits 1, as it should).
   RUST_LOG=warn "$BIN/shipper" run --volume vol0 --ring "$dir/ring" --staging "$dir/staging" \
-    --store "$dir/store" --key "$dir/key" --no-initial-sync --drain >>"$dir/shipper.log" 2>&1 ||
+    --store "$dir/store" --key "$dir/key" --no-initial-sync --status "$dir/status.json" --drain \
+    >>"$dir/shipper.log" 2>&1 ||
     die "draining shipper failed: $(tail -5 "$dir/shipper.log")
 ring and resync state: $(cat "$dir/status.json" 2>/dev/null)
 blkfilter log: $(tail -20 "$dir/blkfilter.log")"
