@@ -268,3 +268,35 @@ fn forged_digest_answer_stops_the_volume() {
     let progress = RingControl::open(&fixture.path("ring")).unwrap().progress();
     assert!(progress.active && !progress.digests_ready && progress.done_bytes == 0);
 }
+
+/// The first `shipper run --drain` of a new protection (without `--no-initial-sync`)
+/// asks for the initial replication, which needs the recovery side's digests and so
+/// cannot finish within the drain: it ships what the ring holds, then exits 1 naming
+/// the initial replication and the flag, rather than a puzzling "a resync is under way".
+#[test]
+fn a_first_drain_names_the_initial_replication_it_cannot_finish() {
+    let size = 4 << 20;
+    let fixture = Fixture::new(size);
+    let mut capture = fixture.capture(1 << 20);
+    let mut model = Model::new(size);
+    drive(&mut capture, &mut model, Workload::new(7, size).take(20));
+    let drain = || {
+        let out = shipper_command(&fixture).arg("--drain").output().unwrap();
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (status, text) = drain();
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("initial replication") && text.contains("--no-initial-sync"),
+        "{text}"
+    );
+    assert!(!fixture.store_segments().is_empty(), "the ring was shipped");
+    // Once segments are staged the protection is no longer new: the next drain still
+    // fails (the resync has not run) and says so in general terms.
+    let (status, text) = drain();
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(text.contains("a resync is still under way"), "{text}");
+}

@@ -165,7 +165,8 @@ struct RunArgs {
     cpu_priority: CpuPriority,
     /// Ship everything already in the ring, then exit: 0 once the store holds every
     /// write, 1 (naming why) if some still wait for a digest resync (after a ring
-    /// overflow, or a backlog dropped while the store was unreachable).
+    /// overflow, a backlog dropped while the store was unreachable, or on a new
+    /// protection without --no-initial-sync, its initial replication).
     #[arg(long)]
     drain: bool,
 }

@@ -260,7 +260,10 @@ pub fn run(
             config.volume
         );
         ring.request_digest_resync(config.resync_block_bytes);
-    } else if config.initial_sync && cursor.next_index == 0 && no_resync_pending {
+    }
+    // No segment staged yet: a resync pending now is this protection's initial one.
+    let new_protection = config.initial_sync && cursor.next_index == 0;
+    if owed.is_none() && new_protection && no_resync_pending {
         log::info!(
             "volume {}: new protection epoch: initial replication by digest resync",
             config.volume
@@ -394,14 +397,15 @@ pub fn run(
     Ok(RunSummary {
         segments_uploaded,
         cursor,
-        resync_pending: resync_pending(&chain, &ring),
+        resync_pending: resync_pending(&chain, &ring, new_protection),
     })
 }
 
 /// Why writes are still waiting for a digest resync rather than in the stream (I7):
 /// a backlog dropped while the store was unreachable, an overflow whose regions are
-/// not resynced yet, or a resync under way. `None`: the stream holds every write.
-fn resync_pending(chain: &Chain, ring: &Consumer) -> Option<&'static str> {
+/// not resynced yet, or a resync under way (on a `new_protection`, the initial
+/// replication this run asked for). `None`: the stream holds every write.
+fn resync_pending(chain: &Chain, ring: &Consumer, new_protection: bool) -> Option<&'static str> {
     if chain.owed.load(Ordering::Acquire) {
         Some(
             "a whole-disk digest resync is still owed for the staged backlog dropped while \
@@ -409,6 +413,14 @@ fn resync_pending(chain: &Chain, ring: &Consumer) -> Option<&'static str> {
         )
     } else if ring.overflowed() {
         Some("the ring overflowed and the regions written meanwhile are not resynced yet")
+    } else if new_protection && (ring.resyncing() || ring.resync_progress().pending()) {
+        // Typically a first `--drain` without `--no-initial-sync`: the resync it asked
+        // for needs the recovery side's digests, so it cannot finish within the drain.
+        Some(
+            "this new protection's initial replication (a digest resync of the whole volume \
+             against the replica) has not run yet (pass --no-initial-sync only when the \
+             replica is known to equal the source, or both are blank)",
+        )
     } else if ring.resyncing() || ring.resync_progress().pending() {
         Some("a resync is still under way (or was cut short)")
     } else {
