@@ -4,7 +4,7 @@
 # protected volume for BENCH_RUNTIME s (default 6) with no shipper running, so the ring
 # fills; then the shipper (normal priority, staging and store on the ring's tmpfs) is
 # started alone and timed until the ring is empty and every segment uploaded. Prints
-# MB/s and each shipper thread's CPU ticks per MB shipped (from /proc/PID/task/*/stat,
+# MB/s and each shipper thread's CPU ticks and page faults (minor + major) per MB shipped (from /proc/PID/task/*/stat,
 # which unlike perf's samples is accurate under TCG). BENCH_ROUNDS rounds (default 2).
 # Usage: ship-drain-guest.sh
 set -euo pipefail
@@ -37,13 +37,13 @@ for round in $(seq "${BENCH_ROUNDS:-2}"); do
   echo "round $round: $((bytes >> 20)) MiB of fio's 4k writes shipped in $secs s:" \
     "$(awk -v b="$bytes" -v s="$secs" 'BEGIN { printf "%.0f", b / s / 1e6 }') MB/s," \
     "sealed to $(awk -v a="$sealed" -v b="$bytes" 'BEGIN { printf "%.3f", a / b }') of the plain size"
-  echo "| thread | threads | CPU ticks per MB shipped (user + sys; $hz per s) |"
-  echo "|---|---|---|"
+  echo "| thread | threads | CPU ticks per MB shipped (user + sys; $hz per s) | page faults per MB |"
+  echo "|---|---|---|---|"
   for t in /proc/$shipper/task/*; do cat "$t/stat"; done |
     awk -v mb="$((bytes / 1000000))" '{
       name = $2; gsub(/[()]/, "", name); sub(/-[0-9]+$/, "", name)
-      n[name]++; ticks[name] += $14 + $15 }
-      END { for (k in n) if (ticks[k] > 0) printf "| %s | %d | %.2f |\n", k, n[k], ticks[k] / mb }' | sort
+      n[name]++; ticks[name] += $14 + $15; faults[name] += $10 + $12 }
+      END { for (k in n) if (ticks[k] > 0) printf "| %s | %d | %.2f | %.1f |\n", k, n[k], ticks[k] / mb, faults[k] / mb }' | sort
   kill $shipper; wait $shipper 2>/dev/null || true
   $BIN/blkfilter detach --id 0 >/dev/null; sleep 1
 done

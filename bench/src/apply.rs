@@ -51,10 +51,7 @@ fn make_store(
     writes: &[(u64, Vec<u8>)],
 ) -> Vec<Vec<(u64, Vec<u8>)>> {
     let mut segments = Vec::new();
-    let mut plain = PlainSegment {
-        flags: flags::CRASH_POINT,
-        ..Default::default()
-    };
+    let mut plain = crash_point_segment();
     let mut current = Vec::new();
     let mut prev = [0u8; 32];
     let mut index = 0u64;
@@ -69,10 +66,7 @@ fn make_store(
         store.put(volume, index, &linked.bytes).expect("put");
         prev = linked.digest;
         index += 1;
-        *plain = PlainSegment {
-            flags: flags::CRASH_POINT,
-            ..Default::default()
-        };
+        *plain = crash_point_segment();
         segments.push(std::mem::take(current));
     };
     for (i, (offset, data)) in writes.iter().enumerate() {
@@ -85,7 +79,7 @@ fn make_store(
             data,
         });
         current.push((*offset, data.clone()));
-        if plain.body.len() >= SEGMENT_BYTES {
+        if plain.body().len() >= SEGMENT_BYTES {
             flush(&mut plain, &mut current);
         }
     }
@@ -355,10 +349,7 @@ fn prepare_view_replica(sub: &Path, gib: u64, key: &Key) -> std::path::PathBuf {
     let volume = VolumeId::new("bringup").unwrap();
     let mut prev = [0u8; 32];
     for (chunk_no, chunk) in stream.chunks(64).enumerate() {
-        let mut plain = PlainSegment {
-            flags: flags::CRASH_POINT,
-            ..Default::default()
-        };
+        let mut plain = crash_point_segment();
         for (i, (offset, data)) in chunk.iter().enumerate() {
             plain.push(&RecordRef {
                 seq: (chunk_no * 64 + i) as u64 + 1,
@@ -393,4 +384,11 @@ fn prepare_view_replica(sub: &Path, gib: u64, key: &Key) -> std::path::PathBuf {
     .unwrap();
     assert_eq!(applier.apply_available().unwrap(), VIEW_POINTS);
     replica
+}
+
+/// An empty segment that is a crash point, as the shipper cuts them.
+fn crash_point_segment() -> PlainSegment {
+    let mut plain = PlainSegment::default();
+    plain.flags = flags::CRASH_POINT;
+    plain
 }

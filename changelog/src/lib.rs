@@ -26,7 +26,8 @@ pub use header::{flags, Digest32, SegmentHeader};
 pub use key::Key;
 pub use record::{Op, RecordRef};
 pub use segment::{
-    open, read_info, seal, ChainCursor, LinkedSegment, OpenedSegment, PlainSegment, SealParams,
+    open, read_info, seal, seal_owned, ChainCursor, LinkedSegment, OpenedSegment, PlainSegment,
+    SealParams,
 };
 pub use store::{
     parse_segment_file_name, segment_file_name, valid_blob_name, LocalDirStore, TargetStore,

@@ -3,7 +3,9 @@
 //! Sealing is split in two so that the expensive part runs on worker threads:
 //! [`seal`] compresses (lz4 block, or stored when that is not smaller or probes of a
 //! large body say lz4 would not shrink it) and encrypts
-//! (AES-256-GCM, associated data = header bytes `0..136`) one segment's records;
+//! (AES-256-GCM, associated data = header bytes `0..136`) one segment's records
+//! ([`seal_owned`] does the same without copying a stored body: a [`PlainSegment`]
+//! keeps room for the header in front of its records);
 //! [`SealedSegment::link`] then, in index order, writes the previous segment's digest
 //! into the header and yields the file bytes and this segment's digest.
 //!
@@ -25,7 +27,10 @@ pub const MAX_PLAIN_LEN: u64 = 1 << 30;
 /// Records collected for one segment, encoded but not yet compressed or encrypted.
 #[derive(Clone, Debug, Default)]
 pub struct PlainSegment {
-    pub body: Vec<u8>,
+    /// Room for the header ([`HEADER_LEN`] bytes, once a record is pushed), then the
+    /// encoded records: [`seal_owned`] encrypts a body it stores uncompressed in place,
+    /// and this buffer becomes the segment file without a copy.
+    buf: Vec<u8>,
     pub first_seq: u64,
     pub last_seq: u64,
     pub record_count: u32,
@@ -34,8 +39,39 @@ pub struct PlainSegment {
 }
 
 impl PlainSegment {
+    /// An empty segment that collects its records in `buf` (cleared first), reusing its
+    /// allocation: a fresh 8 MiB buffer costs a page fault and a zeroed page per 4 KiB.
+    pub fn with_buffer(mut buf: Vec<u8>) -> Self {
+        buf.clear();
+        PlainSegment {
+            buf,
+            ..Default::default()
+        }
+    }
+
+    /// A segment whose body is `body` as given, well formed or not (for tests, fuzzing
+    /// of what sealing accepts and opening refuses, and benchmarks), with room for the
+    /// tag, so [`seal_owned`] can store it without moving it.
+    pub fn from_raw_body(body: &[u8], first_seq: u64, last_seq: u64, record_count: u32) -> Self {
+        let mut buf = Vec::with_capacity(HEADER_LEN + body.len() + TAG_LEN);
+        buf.resize(HEADER_LEN, 0);
+        buf.extend_from_slice(body);
+        PlainSegment {
+            buf,
+            first_seq,
+            last_seq,
+            record_count,
+            flags: 0,
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.record_count == 0
+    }
+
+    /// The encoded records.
+    pub fn body(&self) -> &[u8] {
+        self.buf.get(HEADER_LEN..).unwrap_or_default()
     }
 
     /// Appends a record. Sequence numbers must strictly increase.
@@ -47,9 +83,22 @@ impl PlainSegment {
         if self.is_empty() {
             self.first_seq = record.seq;
         }
+        if self.buf.len() < HEADER_LEN {
+            self.buf.resize(HEADER_LEN, 0);
+        }
         self.last_seq = record.seq;
         self.record_count += 1;
-        record.encode_into(&mut self.body);
+        record.encode_into(&mut self.buf);
+    }
+
+    /// Makes room for `additional` more bytes of records, as [`Vec::reserve`].
+    pub fn reserve(&mut self, additional: usize) {
+        self.buf.reserve(additional);
+    }
+
+    /// The buffer, for reuse by [`PlainSegment::with_buffer`].
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.buf
     }
 }
 
@@ -79,6 +128,40 @@ pub struct LinkedSegment {
 
 /// Compresses and encrypts `plain`. Safe to call from many threads at once.
 pub fn seal(plain: &PlainSegment, params: &SealParams, key: &Key) -> Result<SealedSegment> {
+    check_sealable(plain, params)?;
+    let body = plain.body();
+    let mut bytes = Vec::new();
+    if let Some(sealed) = compress(plain, params, key, &mut bytes)? {
+        return Ok(sealed);
+    }
+    bytes.clear();
+    bytes.reserve_exact(HEADER_LEN + body.len() + TAG_LEN);
+    bytes.resize(HEADER_LEN, 0);
+    bytes.extend_from_slice(body);
+    encrypt(plain, body.len(), params, key, bytes, CODEC_STORED)
+}
+
+/// [`seal`] without copying: a body stored uncompressed is encrypted where it lies, in
+/// `plain`'s buffer, which becomes the segment; `scratch` (any contents) receives the
+/// compressed body otherwise. Returns the segment and the buffer it did not use, for
+/// reuse. The output is byte for byte what [`seal`] gives.
+pub fn seal_owned(
+    mut plain: PlainSegment,
+    params: &SealParams,
+    key: &Key,
+    mut scratch: Vec<u8>,
+) -> Result<(SealedSegment, Vec<u8>)> {
+    check_sealable(&plain, params)?;
+    if let Some(sealed) = compress(&plain, params, key, &mut scratch)? {
+        return Ok((sealed, plain.buf));
+    }
+    let plain_len = plain.body().len();
+    let bytes = std::mem::take(&mut plain.buf);
+    let sealed = encrypt(&plain, plain_len, params, key, bytes, CODEC_STORED)?;
+    Ok((sealed, scratch))
+}
+
+fn check_sealable(plain: &PlainSegment, params: &SealParams) -> Result<()> {
     if plain.is_empty() {
         return Err(Error::TooLarge {
             what: "a segment needs at least one record".into(),
@@ -92,32 +175,61 @@ pub fn seal(plain: &PlainSegment, params: &SealParams, key: &Key) -> Result<Seal
             ),
         });
     }
-    if plain.body.len() as u64 > MAX_PLAIN_LEN {
+    let len = plain.body().len();
+    if len as u64 > MAX_PLAIN_LEN {
         return Err(Error::TooLarge {
-            what: format!(
-                "{} bytes of records exceed {MAX_PLAIN_LEN}",
-                plain.body.len()
-            ),
+            what: format!("{len} bytes of records exceed {MAX_PLAIN_LEN}"),
         });
     }
-    let mut bytes = Vec::new();
-    let mut codec = CODEC_STORED;
-    if worth_compressing(&plain.body) {
-        let max_compressed = lz4_flex::block::get_maximum_output_size(plain.body.len());
-        bytes.resize(HEADER_LEN + max_compressed, 0);
-        let compressed = lz4_flex::block::compress_into(&plain.body, &mut bytes[HEADER_LEN..])
-            .expect("output sized by get_maximum_output_size");
-        if compressed < plain.body.len() {
-            bytes.truncate(HEADER_LEN + compressed);
-            codec = CODEC_LZ4;
-        }
+    Ok(())
+}
+
+/// The segment sealed with lz4 in `out` (header room, then the compressed body), if
+/// probes say lz4 is worth trying and it does shrink the body; else `None`.
+fn compress(
+    plain: &PlainSegment,
+    params: &SealParams,
+    key: &Key,
+    out: &mut Vec<u8>,
+) -> Result<Option<SealedSegment>> {
+    let body = plain.body();
+    if !worth_compressing(body) {
+        return Ok(None);
     }
-    if codec == CODEC_STORED {
-        bytes.clear();
-        bytes.reserve_exact(HEADER_LEN + plain.body.len() + TAG_LEN);
-        bytes.resize(HEADER_LEN, 0);
-        bytes.extend_from_slice(&plain.body);
+    // Not cleared first: lz4 overwrites what it uses, and a reused buffer then costs
+    // no zero-fill.
+    out.resize(
+        HEADER_LEN + lz4_flex::block::get_maximum_output_size(body.len()),
+        0,
+    );
+    let compressed = lz4_flex::block::compress_into(body, &mut out[HEADER_LEN..])
+        .expect("output sized by get_maximum_output_size");
+    if compressed >= body.len() {
+        return Ok(None);
     }
+    out.truncate(HEADER_LEN + compressed);
+    encrypt(
+        plain,
+        body.len(),
+        params,
+        key,
+        std::mem::take(out),
+        CODEC_LZ4,
+    )
+    .map(Some)
+}
+
+/// Encrypts `bytes` (header room, then the `plain_len` bytes of records as `codec` left
+/// them) in place, appends the tag, and writes the header without the previous digest
+/// ([`SealedSegment::link`]). Only `plain`'s header fields are read.
+fn encrypt(
+    plain: &PlainSegment,
+    plain_len: usize,
+    params: &SealParams,
+    key: &Key,
+    mut bytes: Vec<u8>,
+    codec: u8,
+) -> Result<SealedSegment> {
     let header = SegmentHeader {
         flags: plain.flags,
         volume: params.volume.clone(),
@@ -130,7 +242,7 @@ pub fn seal(plain: &PlainSegment, params: &SealParams, key: &Key) -> Result<Seal
         codec,
         cipher: CIPHER_AES256GCM,
         key_id: key.id(),
-        plain_len: plain.body.len() as u64,
+        plain_len: plain_len as u64,
         body_len: (bytes.len() - HEADER_LEN) as u64,
         prev_digest: [0; 32],
     };

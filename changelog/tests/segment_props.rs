@@ -1,7 +1,7 @@
 //! Property tests of the segment format: round trips, and every single-bit flip or
 //! truncation of a sealed file is refused.
 
-use changelog::segment::{open, seal, ChainCursor, PlainSegment, SealParams};
+use changelog::segment::{open, seal, seal_owned, ChainCursor, PlainSegment, SealParams};
 use changelog::{flags, Error, Key, Op, RecordRef, VolumeId};
 use proptest::prelude::*;
 
@@ -48,11 +48,10 @@ fn rec_strategy() -> impl Strategy<Value = Rec> {
     )
 }
 
+/// The records in a segment whose buffer has room to spare, as the shipper's have.
 fn plain(records: &[Rec], first_seq: u64) -> PlainSegment {
-    let mut plain = PlainSegment {
-        flags: flags::CRASH_POINT,
-        ..Default::default()
-    };
+    let mut plain = PlainSegment::with_buffer(Vec::with_capacity(128 << 10));
+    plain.flags = flags::CRASH_POINT;
     for (i, r) in records.iter().enumerate() {
         plain.push(&RecordRef {
             seq: first_seq + i as u64 * 3,
@@ -95,6 +94,29 @@ proptest! {
             prop_assert_eq!(g.seq, first_seq + i as u64 * 3);
             prop_assert_eq!((g.op, g.offset, g.len), (r.op, r.offset, r.len));
             prop_assert_eq!(g.data, &r.data[..]);
+        }
+    }
+
+    /// Sealing in place gives the very bytes the copying seal gives, stored (random
+    /// data: lz4 does not shrink it) or compressed, whatever the scratch buffer held.
+    #[test]
+    fn seal_owned_matches_seal(records in prop::collection::vec(rec_strategy(), 1..20), noise in prop::collection::vec(any::<u8>(), 0..3000), junk in prop::collection::vec(any::<u8>(), 0..5000)) {
+        let mut records = records;
+        let len = noise.len() as u32;
+        records.push(Rec { op: Op::Write, offset: 4096, len, data: noise });
+        let plain = plain(&records, 5);
+        let expected = seal(&plain, &params(2), &key()).unwrap().link([9; 32]);
+        let buffer_at = plain.body().as_ptr();
+        let (sealed, _) = seal_owned(plain.clone(), &params(2), &key(), junk).unwrap();
+        let linked = sealed.link([9; 32]);
+        prop_assert!(linked.bytes == expected.bytes);
+        prop_assert_eq!(linked.digest, expected.digest);
+        // The clone above has a buffer of its own; sealing `plain` itself in place
+        // must not move its records when it stores them.
+        let (sealed, _) = seal_owned(plain, &params(2), &key(), Vec::new()).unwrap();
+        if sealed.header().codec == changelog::header::CODEC_STORED {
+            let linked = sealed.link([9; 32]);
+            prop_assert_eq!(linked.bytes[changelog::header::HEADER_LEN..].as_ptr(), buffer_at);
         }
     }
 
@@ -272,7 +294,7 @@ proptest! {
     /// arbitrary plaintext bodies that pass authentication are refused cleanly.
     #[test]
     fn arbitrary_authentic_bodies_never_panic(body in prop::collection::vec(any::<u8>(), 0..600), first_seq in any::<u64>(), count in 1u32..50) {
-        let plain = PlainSegment { body, first_seq, last_seq: first_seq.saturating_add(u64::from(count)), record_count: count, flags: 0 };
+        let plain = PlainSegment::from_raw_body(&body, first_seq, first_seq.saturating_add(u64::from(count)), count);
         if let Ok(sealed) = seal(&plain, &params(0), &key()) {
             let _ = open(sealed.link([0; 32]).bytes, "t", &key());
         }
@@ -316,8 +338,8 @@ fn independent_aes_gcm_and_lz4_read_the_format() {
         )
         .expect("RustCrypto AES-GCM opens the segment");
     assert_eq!(linked.header.codec, changelog::header::CODEC_LZ4);
-    let decompressed = lz4_flex::block::decompress(&body, plain.body.len()).unwrap();
-    assert_eq!(decompressed, plain.body);
+    let decompressed = lz4_flex::block::decompress(&body, plain.body().len()).unwrap();
+    assert_eq!(decompressed, plain.body());
 }
 
 /// A large segment of incompressible writes is stored, not compressed (the probes
@@ -343,6 +365,11 @@ fn large_segments_are_stored_or_compressed_by_their_data() {
         let plain = plain(&records, 1);
         let linked = seal(&plain, &params(0), &key()).unwrap().link([0; 32]);
         assert_eq!(linked.header.codec, codec);
+        let (owned, _) = seal_owned(plain, &params(0), &key(), vec![7; 100]).unwrap();
+        assert!(
+            owned.link([0; 32]).bytes == linked.bytes,
+            "seal_owned differs"
+        );
         let opened = open(linked.bytes, "s", &key()).unwrap();
         let back: Vec<u8> = opened.records().flat_map(|r| r.data.to_vec()).collect();
         assert_eq!(back, data);

@@ -14,6 +14,11 @@
 //! * The uploader puts staged segments into the store in order, retrying recoverable
 //!   errors on the [`RetrySchedule`], and removes each from staging once stored.
 //!   A non-recoverable error makes the volume Critical and stops the run.
+//! * Segment buffers go round: the reader fills one, a sealer encrypts it in place
+//!   when it stores the body uncompressed (else compresses into a spare one and hands
+//!   the plain one back), and the uploader returns it after the upload. A fresh 8 MiB
+//!   buffer costs a page fault and a zeroed page per 4 KiB, and copying the body
+//!   costs a sealer as much as AES-GCM does on hardware with VAES.
 //! * When the staged backlog (staged, not uploaded) exceeds `backlog_resync_percent`
 //!   of the disk, the reader drops it and the chain continues in a new epoch, with a
 //!   whole-disk digest resync ([`crate::backlog`]).
@@ -26,7 +31,7 @@ use crate::retry::RetrySchedule;
 use crate::status::Status;
 use blkfilter::ring::Consumer;
 use changelog::record::{MARK_APP_CONSISTENT, MARK_RESYNC_DONE};
-use changelog::segment::{seal, SealParams, SealedSegment};
+use changelog::segment::{seal_owned, SealParams, SealedSegment};
 use changelog::store::{list_segment_dir, segment_file_name};
 use changelog::uring::{sync_dir, write_file_atomic, Uring};
 use changelog::{flags, unix_ms_now, ChainCursor, Key, Op, PlainSegment, TargetStore, VolumeId};
@@ -40,8 +45,9 @@ use std::time::{Duration, Instant};
 /// Longest sleep of the reader while a segment is open and the ring is empty.
 const READER_NAP: Duration = Duration::from_millis(2);
 
-/// Plain segment bodies kept for reuse (each up to `max_segment_bytes` + 1 MiB).
-const SPARE_BODIES: usize = 2;
+/// Segment buffers kept for reuse (each up to `max_segment_bytes` + 1 MiB), besides
+/// one per sealer.
+const SPARE_BUFFERS: usize = 2;
 
 /// How often the status file is rewritten.
 const STATUS_INTERVAL: Duration = Duration::from_millis(200);
@@ -308,9 +314,8 @@ pub fn run(
     };
     let sealers = config.sealers.max(1);
     let (job_tx, job_rx) = bounded::<SealJob>(sealers * 2);
-    // Sealed bodies go back to the reader for the next segments: a fresh 8 MiB body
-    // costs a page fault and a zeroed page per 4 KiB (expensive in a VM).
-    let (spare_tx, spare_rx) = bounded::<Vec<u8>>(SPARE_BODIES);
+    // Buffers go round (see the module docs); a full pool drops the extra ones.
+    let (spare_tx, spare_rx) = bounded::<Vec<u8>>(SPARE_BUFFERS + sealers);
     let (sealed_tx, sealed_rx) = bounded::<Result<Sealed>>(sealers * 2);
     let (staged_tx, staged_rx) = unbounded::<Staged>();
 
@@ -326,23 +331,25 @@ pub fn run(
         let reader = spawn_named(scope, "ship-reader", || {
             let _alive = alive;
             let r = read_ring(
-                config, &dir, &ring, &cursor, &chain, &board, &control, job_tx, spare_rx, priority,
+                config, &dir, &ring, &cursor, &chain, &board, &control, job_tx, &spare_rx, priority,
             );
             stop_on_err(&r, &control);
             r
         });
         for _ in 0..sealers {
-            let (jobs, out, spare) = (job_rx.clone(), sealed_tx.clone(), spare_tx.clone());
+            let (jobs, out) = (job_rx.clone(), sealed_tx.clone());
+            let spare = (spare_tx.clone(), spare_rx.clone());
             spawn_named(scope, "ship-sealer", move || {
                 seal_jobs(config, &jobs, &out, &spare, priority)
             });
         }
-        drop((job_rx, sealed_tx, spare_tx));
+        drop((job_rx, sealed_tx));
         let alive = alive_tx.clone();
         let stager = spawn_named(scope, "ship-stager", || {
             let _alive = alive;
             let r = stage(
-                config, &dir, &ring, &chain, &board, &control, sealed_rx, staged_tx, priority,
+                config, &dir, &ring, &chain, &board, &control, sealed_rx, staged_tx, &spare_tx,
+                priority,
             );
             stop_on_err(&r, &control);
             r
@@ -358,6 +365,7 @@ pub fn run(
                 &chain,
                 &board,
                 &control,
+                &spare_tx,
                 priority,
             );
             stop_on_err(&r, &control);
@@ -476,7 +484,7 @@ fn read_ring(
     board: &Board,
     control: &Control,
     jobs: Sender<SealJob>,
-    spare_bodies: Receiver<Vec<u8>>,
+    spare_buffers: &Receiver<Vec<u8>>,
     priority: &Priority,
 ) -> Result<()> {
     let mut thread_priority = ThreadPriority::new(priority);
@@ -488,14 +496,15 @@ fn read_ring(
     let mut announce_epoch = backlog::must_announce(dir, next_index);
     let backlog_limit =
         backlog::limit_bytes(config.backlog_resync_percent, ring.geometry().device_bytes);
-    // Room for a full segment plus a typical record crossing the limit, so bodies
+    // Room for a full segment plus a typical record crossing the limit, so buffers
     // rarely reallocate (each reallocation copies the whole body).
-    let new_plain = || PlainSegment {
-        flags: flags::CRASH_POINT,
-        body: spare_bodies
-            .try_recv()
-            .unwrap_or_else(|_| Vec::with_capacity(config.max_segment_bytes + (1 << 20))),
-        ..Default::default()
+    let new_plain = || {
+        let mut buf = spare_buffers.try_recv().unwrap_or_default();
+        buf.clear();
+        buf.reserve(config.max_segment_bytes + (1 << 20));
+        let mut plain = PlainSegment::with_buffer(buf);
+        plain.flags = flags::CRASH_POINT;
+        plain
     };
     let mut plain = new_plain();
     let mut opened_at = Instant::now();
@@ -583,7 +592,7 @@ fn read_ring(
                     s.records_captured += 1;
                     s.bytes_plain += record.encoded_len() as u64;
                 });
-                let full = plain.body.len() >= config.max_segment_bytes;
+                let full = plain.body().len() >= config.max_segment_bytes;
                 let aged = opened_at.elapsed() >= config.max_segment_age;
                 (full || record.op == Op::Mark || aged, false)
             }
@@ -728,11 +737,11 @@ fn seal_jobs(
     config: &ShipperConfig,
     jobs: &Receiver<SealJob>,
     out: &Sender<Result<Sealed>>,
-    spare_bodies: &Sender<Vec<u8>>,
+    (spare_tx, spare_rx): &(Sender<Vec<u8>>, Receiver<Vec<u8>>),
     priority: &Priority,
 ) {
     let mut thread_priority = ThreadPriority::new(priority);
-    for mut job in jobs {
+    for job in jobs {
         thread_priority.follow();
         let params = SealParams {
             volume: config.volume.clone(),
@@ -740,16 +749,21 @@ fn seal_jobs(
             index: job.index,
             created_unix_ms: job.created_unix_ms,
         };
-        let sealed = seal(&job.plain, &params, &config.key)
+        let plain_len = job.plain.body().len();
+        // Receives the compressed body when lz4 is tried; the buffer left over is the
+        // plain one when lz4 was kept, else this one.
+        let scratch = spare_rx.try_recv().unwrap_or_default();
+        let sealed = seal_owned(job.plain, &params, &config.key, scratch)
             .map_err(ShipperError::from)
-            .map(|segment| Sealed {
-                job_index: job.index,
-                ring_end: job.ring_end,
-                plain_len: job.plain.body.len(),
-                segment,
+            .map(|(segment, left_over)| {
+                let _ = spare_tx.try_send(left_over); // dropped when enough wait
+                Sealed {
+                    job_index: job.index,
+                    ring_end: job.ring_end,
+                    plain_len,
+                    segment,
+                }
             });
-        job.plain.body.clear();
-        let _ = spare_bodies.try_send(job.plain.body); // dropped when enough wait
         if out.send(sealed).is_err() {
             return;
         }
@@ -767,6 +781,7 @@ fn stage(
     control: &Control,
     sealed: Receiver<Result<Sealed>>,
     staged: Sender<Staged>,
+    spare_buffers: &Sender<Vec<u8>>,
     priority: &Priority,
 ) -> Result<ChainCursor> {
     let mut thread_priority = ThreadPriority::new(priority);
@@ -832,7 +847,12 @@ fn stage(
             }
             // Hand the bytes over while the uploader keeps up; past that, it reads
             // them back from staging, so a store outage cannot fill memory.
-            let bytes = (staged.len() < UPLOAD_QUEUE_IN_MEMORY).then_some(linked.bytes);
+            let bytes = if staged.len() < UPLOAD_QUEUE_IN_MEMORY {
+                Some(linked.bytes)
+            } else {
+                let _ = spare_buffers.try_send(linked.bytes);
+                None
+            };
             let _ = staged.send(Staged {
                 index: linked.header.index,
                 generation: chain.generation.load(Ordering::Acquire),
@@ -903,6 +923,7 @@ fn upload(
     chain: &Chain,
     board: &Board,
     control: &Control,
+    spare_buffers: &Sender<Vec<u8>>,
     priority: &Priority,
 ) -> Result<u64> {
     let mut thread_priority = ThreadPriority::new(priority);
@@ -972,6 +993,7 @@ fn upload(
                         s.newest_uploaded_seq_end = Some(info.header.end_seq());
                         s.segments_pending_upload = s.segments_pending_upload.saturating_sub(1);
                     });
+                    let _ = spare_buffers.try_send(data);
                     break;
                 }
                 Err(e) if e.is_recoverable() => {

@@ -14,13 +14,8 @@ fuzz_target!(|data: &[u8]| {
     if data.len() >= 12 {
         let first_seq = u64::from_le_bytes(data[..8].try_into().unwrap());
         let count = u32::from_le_bytes(data[8..12].try_into().unwrap()).max(1);
-        let plain = PlainSegment {
-            body: data[12..].to_vec(),
-            first_seq,
-            last_seq: first_seq.saturating_add(u64::from(count)),
-            record_count: count,
-            flags: 0,
-        };
+        let last_seq = first_seq.saturating_add(u64::from(count));
+        let plain = PlainSegment::from_raw_body(&data[12..], first_seq, last_seq, count);
         let params = SealParams { volume, epoch: 1, index: 0, created_unix_ms: 0 };
         if let Ok(sealed) = seal(&plain, &params, &key) {
             let _ = open(sealed.link([0; 32]).bytes, "fuzz", &key);
