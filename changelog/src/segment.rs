@@ -363,18 +363,26 @@ pub fn read_info(bytes: &[u8], name: &str) -> Result<SegmentInfo> {
 pub struct OpenedSegment {
     pub header: SegmentHeader,
     pub digest: Digest32,
+    /// The plain body from `body_at` on: the decrypted file (a stored body is left where
+    /// it was decrypted, after the header, rather than moved down) or the decompressed
+    /// body.
     body: Vec<u8>,
+    body_at: usize,
 }
 
 impl OpenedSegment {
     /// The records, in seq order. Validated by [`open`], so decoding cannot fail.
     pub fn records(&self) -> impl Iterator<Item = RecordRef<'_>> {
-        RecordDecoder::new(&self.body).map(|r| r.expect("validated when opened"))
+        RecordDecoder::new(self.body()).map(|r| r.expect("validated when opened"))
     }
 
     /// The plain (decompressed) body size.
     pub fn plain_len(&self) -> usize {
-        self.body.len()
+        self.body().len()
+    }
+
+    fn body(&self) -> &[u8] {
+        &self.body[self.body_at..]
     }
 }
 
@@ -404,10 +412,10 @@ pub fn open(mut bytes: Vec<u8>, name: &str, key: &Key) -> Result<OpenedSegment> 
             segment: name.into(),
         })?;
     let stored = &bytes[HEADER_LEN..tag_at];
-    let body = if header.codec == CODEC_LZ4 {
+    let (body, body_at) = if header.codec == CODEC_LZ4 {
         let mut body = vec![0u8; header.plain_len as usize];
         match lz4_flex::block::decompress_into(stored, &mut body) {
-            Ok(n) if n as u64 == header.plain_len => body,
+            Ok(n) if n as u64 == header.plain_len => (body, 0),
             Ok(n) => {
                 return Err(Error::corrupt(
                     name,
@@ -426,14 +434,14 @@ pub fn open(mut bytes: Vec<u8>, name: &str, key: &Key) -> Result<OpenedSegment> 
         }
     } else {
         bytes.truncate(tag_at);
-        bytes.drain(..HEADER_LEN);
-        bytes
+        (bytes, HEADER_LEN)
     };
-    validate_records(&header, &body, name)?;
+    validate_records(&header, &body[body_at..], name)?;
     Ok(OpenedSegment {
         header,
         digest,
         body,
+        body_at,
     })
 }
 
