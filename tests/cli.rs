@@ -210,7 +210,23 @@ fn config_file_ships_every_volume() {
         assert!(ok, "{json}");
         let points = json.matches("\"index\":").count();
         assert_eq!(points, kept, "{vol}: {json}");
+        // The same catalog by the volume's name in the config file.
+        let (ok, by_name) = run(
+            "ublk-target",
+            &["points", vol, "--config", target_cfg, "--json"],
+        );
+        assert!(ok && by_name == json, "{vol}: {by_name}");
     }
+    let (ok, text) = run("ublk-target", &["points", "vol9", "--config", target_cfg]);
+    assert!(
+        !ok && text.contains("vol9") && text.contains("vol0, vol1"),
+        "{text}"
+    );
+    let (ok, text) = run("ublk-target", &["export", "--point", "0", "--out", "x"]);
+    assert!(
+        !ok && text.contains("VOLUME") && text.contains("--replica"),
+        "{text}"
+    );
     // One volume of the file; an unknown one is named with the ones there are.
     let (ok, text) = run(
         "ublk-target",

@@ -119,15 +119,8 @@ enum Command {
     /// protected from its first write and ready to replicate back (failback). Stop
     /// `apply` first. Then `ublk-target commit`.
     Failover {
-        /// Replica image file or block device.
-        #[arg(long, required_unless_present = "cleanup")]
-        replica: Option<PathBuf>,
-        /// The applied position [default: REPLICA.state].
-        #[arg(long)]
-        state: Option<PathBuf>,
-        /// Undo journal directory [default: REPLICA.journal].
-        #[arg(long)]
-        journal: Option<PathBuf>,
+        #[command(flatten)]
+        replica: ReplicaArgs,
         /// The recovery point (see `ublk-target points`) [default: the latest].
         #[arg(long)]
         point: Option<u64>,
@@ -135,7 +128,7 @@ enum Command {
         #[arg(long, conflicts_with_all = ["ring", "cleanup"])]
         test: bool,
         /// End a test failover: delete view device --id and its overlay.
-        #[arg(long, requires = "id", conflicts_with_all = ["replica", "point"])]
+        #[arg(long, requires = "id", conflicts_with_all = ["volume", "replica", "point"])]
         cleanup: bool,
         /// Capture ring of the recovered volume (real failover).
         #[arg(long, required_unless_present_any = ["test", "cleanup"])]
@@ -197,25 +190,49 @@ enum Command {
     },
 }
 
-/// Which replica, with its state and journal.
+/// Which replica, with its state and journal: a volume of the config file, or paths.
 #[derive(Args)]
 struct ReplicaArgs {
-    /// Replica image file or block device.
+    /// The volume, by its id in the config file (which names its replica, state and
+    /// journal); or give --replica instead.
+    #[arg(value_name = "VOLUME", conflicts_with = "replica")]
+    volume: Option<VolumeId>,
+    /// The recovery side's config file, for VOLUME (the one `apply --config` reads).
+    #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// Replica image file or block device (instead of VOLUME).
     #[arg(long)]
-    replica: PathBuf,
-    /// The applied position [default: REPLICA.state].
+    replica: Option<PathBuf>,
+    /// The applied position [default: the config's, or REPLICA.state].
     #[arg(long)]
     state: Option<PathBuf>,
-    /// Undo journal directory [default: REPLICA.journal].
+    /// Undo journal directory [default: the config's, or REPLICA.journal].
     #[arg(long)]
     journal: Option<PathBuf>,
 }
 
+/// Where `ublk-target` looks for VOLUME's replica without --config (the systemd unit's).
+const DEFAULT_CONFIG: &str = "/etc/ublk-dr/target.toml";
+
 impl ReplicaArgs {
-    fn paths(self) -> ReplicaPaths {
-        ReplicaPaths::new(self.replica)
-            .with_state(self.state)
-            .with_journal(self.journal)
+    fn paths(self) -> Result<ReplicaPaths> {
+        let (replica, state, journal) = match (self.volume, self.replica) {
+            (_, Some(replica)) => (replica, None, None),
+            (Some(volume), None) => {
+                let config = TargetConfig::load(&self.config)?;
+                let v = config
+                    .volume(&volume)
+                    .map_err(|what| anyhow::anyhow!("config {}: {what}", self.config.display()))?;
+                (v.replica.clone(), v.state.clone(), v.journal.clone())
+            }
+            (None, None) => anyhow::bail!(
+                "which replica? name its VOLUME (from the config file, --config, default \
+                 {DEFAULT_CONFIG}) or give --replica"
+            ),
+        };
+        Ok(ReplicaPaths::new(replica)
+            .with_state(self.state.or(state))
+            .with_journal(self.journal.or(journal)))
     }
 }
 
@@ -432,7 +449,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Points { replica, json } => {
-            let paths = replica.paths();
+            let paths = replica.paths()?;
             require_applied(&paths)?;
             let catalog = ublk_target::catalog(&paths)?;
             if json {
@@ -447,7 +464,7 @@ fn run(cli: Cli) -> Result<()> {
             if retention.is_unlimited() {
                 anyhow::bail!("give --keep-points and/or --keep-age");
             }
-            let paths = replica.paths();
+            let paths = replica.paths()?;
             require_applied(&paths)?;
             let report = ublk_target::prune(&paths, &retention, changelog::unix_ms_now())?;
             match (report.removed.first(), report.removed.last()) {
@@ -467,7 +484,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Rollback { replica, point } => {
-            let paths = replica.paths();
+            let paths = replica.paths()?;
             require_applied(&paths)?;
             let report = ublk_target::rollback_to(&paths, point)?;
             println!(
@@ -483,7 +500,7 @@ fn run(cli: Cli) -> Result<()> {
             point,
             out,
         } => {
-            let paths = replica.paths();
+            let paths = replica.paths()?;
             require_applied(&paths)?;
             let mut view = ublk_target::PointView::open(&paths, point)?;
             let bar = progress_bar(
@@ -502,8 +519,6 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Failover {
             replica,
-            state,
-            journal,
             point,
             test,
             cleanup,
@@ -522,9 +537,7 @@ fn run(cli: Cli) -> Result<()> {
                 );
                 return Ok(());
             }
-            let paths = ReplicaPaths::new(replica.expect("clap: replica unless cleanup"))
-                .with_state(state)
-                .with_journal(journal);
+            let paths = replica.paths()?;
             require_applied(&paths)?;
             let catalog = ublk_target::catalog(&paths)?;
             let point = match point {
@@ -547,7 +560,7 @@ fn run(cli: Cli) -> Result<()> {
             attach_protected(&paths.replica, &ring, id)
         }
         Command::Commit { replica } => {
-            let paths = replica.paths();
+            let paths = replica.paths()?;
             require_applied(&paths)?;
             let point = ublk_target::commit(&paths)?;
             println!(
