@@ -17,11 +17,30 @@ fn mark_is_recorded_after_earlier_writes_and_flags_its_segment() {
     let last_write = *model.seqs().last().unwrap();
 
     // `shipper mark` waits for the producer; the producer serves it on its next tick.
-    let ring = fixture.path("ring");
+    // The volume is named as in the shipper's config file, which gives its ring.
+    let config = fixture.path("shipper.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "key = \"{}\"\nstaging = \"{}\"\nstore = \"{}\"\n[[volume]]\nid = \"vol0\"\nring = \"{}\"\n",
+            fixture.path("key").display(),
+            fixture.path("staging").display(),
+            fixture.path("store").display(),
+            fixture.path("ring").display()
+        ),
+    )
+    .unwrap();
     let marker = std::thread::spawn(move || {
         Command::new(bin("shipper"))
-            .args(["mark", "--app-consistent", "--pre", "true", "--ring"])
-            .arg(ring)
+            .args([
+                "mark",
+                "vol0",
+                "--app-consistent",
+                "--pre",
+                "true",
+                "--config",
+            ])
+            .arg(config)
             .output()
             .unwrap()
     });
@@ -77,6 +96,13 @@ fn failing_pre_hook_or_missing_quiesce_records_nothing() {
     assert!(!ok && err.contains("pre hook"), "{err}");
     let (ok, err) = run(&["--freeze", "/nonexistent/mnt"]);
     assert!(!ok && err.contains("/nonexistent/mnt"), "{err}");
+    // Neither a volume nor a ring.
+    let out = Command::new(bin("shipper")).arg("mark").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("VOLUME") && err.contains("--ring"),
+        "{err}"
+    );
     // No request reached the ring.
     let control = RingControl::open(&ring).unwrap();
     assert_eq!(control.request_mark(false), 1, "the first request ever");

@@ -92,17 +92,18 @@ enum Command {
     },
 }
 
-/// Which volume's ring: --ring, or --config with --volume.
+/// Which volume's ring: VOLUME of the config file, or --ring.
 #[derive(clap::Args)]
 struct RingArgs {
-    /// The volume's capture ring.
-    #[arg(long, required_unless_present = "config")]
-    ring: Option<PathBuf>,
-    /// Take the ring of --volume from this config file.
-    #[arg(long, requires = "volume", conflicts_with = "ring")]
-    config: Option<PathBuf>,
-    #[arg(long)]
+    /// The volume, by its id in the config file (which names its ring); or give --ring.
+    #[arg(value_name = "VOLUME", conflicts_with = "ring")]
     volume: Option<VolumeId>,
+    /// The config file, for VOLUME.
+    #[arg(long, value_name = "FILE", default_value = shipper::config::DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// The volume's capture ring (instead of VOLUME).
+    #[arg(long)]
+    ring: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -407,16 +408,24 @@ impl RingArgs {
         if let Some(ring) = self.ring {
             return Ok(ring);
         }
-        let config = self
-            .config
-            .context("give --ring, or --config with --volume")?;
-        let file = ConfigFile::load(&config)?;
-        let volume = self.volume.context("--config needs --volume")?;
+        let volume = self.volume.with_context(|| {
+            format!(
+                "which volume? name it (VOLUME, from the config file, --config, default {}) \
+                 or give --ring",
+                shipper::config::DEFAULT_CONFIG
+            )
+        })?;
+        let file = ConfigFile::load(&self.config)?;
         file.volumes
             .iter()
             .find(|v| v.id == volume)
             .map(|v| v.ring.clone())
-            .with_context(|| format!("volume {volume} is not in the config file"))
+            .with_context(|| {
+                format!(
+                    "volume {volume} is not in the config file {}",
+                    self.config.display()
+                )
+            })
     }
 }
 
