@@ -24,7 +24,10 @@ fn every_command_has_help() {
         ),
         (
             "ublk-target",
-            &["apply", "points", "prune", "rollback", "export", "inspect"][..],
+            &[
+                "apply", "points", "prune", "rollback", "failover", "commit", "export", "status",
+                "receive", "inspect",
+            ][..],
         ),
     ] {
         let (ok, text) = run(name, &["--help"]);
@@ -193,8 +196,45 @@ fn config_file_ships_every_volume() {
     for vol in ["vol0", "vol1"] {
         e2e::sparse_file(&d.join(format!("{vol}.replica")), size);
     }
+    // Before any apply: every segment in the store waits.
+    let waiting = |vol: &str| {
+        std::fs::read_dir(d.join("store").join(vol))
+            .unwrap()
+            .count()
+    };
+    let (ok, text) = run("ublk-target", &["status", "--config", target_cfg]);
+    assert!(ok, "{text}");
+    for vol in ["vol0", "vol1"] {
+        let row = text.lines().find(|l| l.starts_with(vol)).expect(&text);
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cells[4], waiting(vol).to_string(), "{text}");
+        assert!(row.contains("nothing applied yet"), "{text}");
+    }
     let (ok, text) = run("ublk-target", &["apply", "--config", target_cfg]);
     assert!(ok, "{text}");
+    // After: each volume's newest point, its retained points, nothing waiting.
+    let (ok, text) = run("ublk-target", &["status", "--config", target_cfg]);
+    assert!(ok, "{text}");
+    for (vol, kept) in [("vol0", 3), ("vol1", 2)] {
+        let row = text.lines().find(|l| l.starts_with(vol)).expect(&text);
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(
+            cells[1],
+            (waiting(vol) - 1).to_string(),
+            "newest point: {text}"
+        );
+        assert_eq!(cells[3], kept.to_string(), "retained points: {text}");
+        assert_eq!(cells[6], "0", "waiting: {text}");
+        assert!(row.ends_with("up to date"), "{text}");
+    }
+    let (ok, json) = run(
+        "ublk-target",
+        &["status", "vol1", "--config", target_cfg, "--json"],
+    );
+    assert!(
+        ok && json.contains("\"volume\": \"vol1\"") && !json.contains("vol0"),
+        "{json}"
+    );
     for (vol, kept) in [("vol0", 3), ("vol1", 2)] {
         let replica = d.join(format!("{vol}.replica"));
         let source = std::fs::read(d.join(format!("{vol}.img"))).unwrap();

@@ -34,6 +34,18 @@ pub use store::{
 };
 pub use volume::VolumeId;
 
+/// A duration for a table cell (an RPO, an age): `0.4s`, `12.0s`, `4m05s`, `3h07m`.
+pub fn short_duration(ms: u64) -> String {
+    let secs = ms / 1000;
+    if secs < 60 {
+        format!("{:.1}s", ms as f64 / 1e3)
+    } else if secs < 3600 {
+        format!("{}m{:02}s", secs / 60, secs % 60)
+    } else {
+        format!("{}h{:02}m", secs / 3600, secs % 3600 / 60)
+    }
+}
+
 /// Milliseconds since the Unix epoch, the time unit of headers and status files.
 pub fn unix_ms_now() -> u64 {
     std::time::SystemTime::now()

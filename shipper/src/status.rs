@@ -202,18 +202,6 @@ impl Status {
 /// A status file not updated for longer than this belongs to a shipper that stopped.
 const STALE_MS: u64 = 10_000;
 
-/// An RPO for a table cell: `0.4s`, `12.0s`, `4m05s`, `3h07m`.
-fn short_duration(ms: u64) -> String {
-    let secs = ms / 1000;
-    if secs < 60 {
-        format!("{:.1}s", ms as f64 / 1e3)
-    } else if secs < 3600 {
-        format!("{}m{:02}s", secs / 60, secs % 60)
-    } else {
-        format!("{}h{:02}m", secs / 3600, secs % 3600 / 60)
-    }
-}
-
 /// `text` cut to at most `max` characters, ending with `…` when cut.
 fn truncate(text: &str, max: usize) -> String {
     if text.chars().count() <= max {
@@ -256,7 +244,7 @@ pub fn table(
                 let state = if age > STALE_MS && s.critical.is_none() {
                     format!(
                         "not updated for {} (shipper stopped?); was: {}",
-                        short_duration(age),
+                        changelog::short_duration(age),
                         s.state()
                     )
                 } else {
@@ -265,7 +253,7 @@ pub fn table(
                 [
                     s.volume.clone(),
                     format!("{:?}", s.health()),
-                    short_duration(s.rpo_ms),
+                    changelog::short_duration(s.rpo_ms),
                     ring,
                     s.segments_pending_upload.to_string(),
                     resync,

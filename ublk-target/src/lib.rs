@@ -11,6 +11,7 @@
 //! * [`state`]: the replica's paths and the persisted applier state.
 //! * [`digests`]: answer digest-resync requests with the replica's block digests.
 //! * [`device`]: serve a view of the replica as a ublk device.
+//! * [`status`]: each volume's newest point, its age (the RPO here) and what waits.
 pub mod apply;
 pub mod config;
 pub mod device;
@@ -21,6 +22,7 @@ pub mod points;
 mod reflink;
 pub mod rollback;
 pub mod state;
+pub mod status;
 pub mod view;
 
 pub use apply::{Applied, Applier, ApplyOptions, ApplyTimes};

@@ -181,6 +181,21 @@ enum Command {
         #[arg(long)]
         token_file: Option<PathBuf>,
     },
+    /// Show each volume of the config file at this site: its newest recovery point,
+    /// the point's age (the RPO: at most what a failover now would lose, as far as this
+    /// site knows), the retained points, the segments waiting in the store, and whether
+    /// it was failed over.
+    Status {
+        /// Only this volume of the config file.
+        #[arg(value_name = "VOLUME")]
+        volume: Option<VolumeId>,
+        /// The recovery side's config file (the one `apply --config` reads).
+        #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a segment's header, and with --key verify it and list its records.
     Inspect {
         /// A segment file (`<volume>/<index>.seg` in a store or staging directory).
@@ -595,6 +610,48 @@ fn run(cli: Cli) -> Result<()> {
                 store.display()
             );
             Ok(receiver.serve()?)
+        }
+        Command::Status {
+            volume,
+            config: path,
+            json,
+        } => {
+            let config = TargetConfig::load(&path)?;
+            let picked: Vec<&VolumeConfig> = match &volume {
+                Some(id) => vec![config
+                    .volume(id)
+                    .map_err(|what| anyhow::anyhow!("config {}: {what}", path.display()))?],
+                None => config.volumes.iter().collect(),
+            };
+            let store = objstore::open(&config.store);
+            let mut rows = Vec::new();
+            for v in picked {
+                let paths = ReplicaPaths::new(&v.replica)
+                    .with_state(v.state.clone())
+                    .with_journal(v.journal.clone());
+                let catalog =
+                    ublk_target::catalog(&paths).with_context(|| format!("volume {}", v.id))?;
+                let indexes = match &store {
+                    Ok(store) => store.list(&v.id).map_err(|e| e.to_string()),
+                    Err(e) => Err(changelog::error::one_line(e)),
+                };
+                let committed = ublk_target::rollback::committed_marker(&paths).exists();
+                rows.push(ublk_target::status::VolumeStatus::new(
+                    v.id.to_string(),
+                    &catalog,
+                    indexes,
+                    committed,
+                ));
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!(
+                    "{}",
+                    ublk_target::status::table(&rows, changelog::unix_ms_now())
+                );
+            }
+            Ok(())
         }
         Command::Inspect { segment, key } => {
             let key = key.map(|k| Key::load(&k)).transpose()?;

@@ -1,0 +1,103 @@
+//! `ublk-target status`: the recovery site's view of each replicated volume, one row
+//! per volume of the config file.
+//!
+//! The RPO shown here is what a failover now would lose at most, as far as this site
+//! knows: the age of the newest recovery point applied to the replica (its creation
+//! time on the source's clock). WAITING counts the segments the store holds beyond
+//! it, not applied yet (a stopped `apply`, or one that falls behind, shows here first).
+
+use crate::points::Catalog;
+use std::fmt::Write;
+
+/// One volume's row.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct VolumeStatus {
+    pub volume: String,
+    /// The newest recovery point and its creation time (ms since the Unix epoch).
+    pub latest_point: Option<u64>,
+    pub latest_created_unix_ms: Option<u64>,
+    /// Retained points, and when the oldest was created.
+    pub points: usize,
+    pub oldest_created_unix_ms: Option<u64>,
+    /// Segments in the store after the latest applied one; `Err`: the store could not
+    /// be listed, and why.
+    pub waiting: Result<usize, String>,
+    /// Failed over to this point (the replica is no longer applied to).
+    pub rolled_back_to: Option<u64>,
+    /// The failover was committed (`ublk-target commit`).
+    pub committed: bool,
+    /// Undo journals that could not be read.
+    pub damaged_journals: usize,
+}
+
+impl VolumeStatus {
+    /// The row for `volume` from its catalog and the indexes its store holds.
+    pub fn new(
+        volume: String,
+        catalog: &Catalog,
+        store_indexes: Result<Vec<u64>, String>,
+        committed: bool,
+    ) -> VolumeStatus {
+        let latest = catalog.points.last();
+        let after = catalog.latest_applied.map_or(0, |l| l + 1);
+        VolumeStatus {
+            volume,
+            latest_point: latest.map(|p| p.index),
+            latest_created_unix_ms: latest.map(|p| p.created_unix_ms),
+            points: catalog.points.len(),
+            oldest_created_unix_ms: catalog.points.first().map(|p| p.created_unix_ms),
+            waiting: store_indexes.map(|ix| ix.iter().filter(|&&i| i >= after).count()),
+            rolled_back_to: catalog.rolled_back_to,
+            committed,
+            damaged_journals: catalog.damaged.len(),
+        }
+    }
+
+    /// What an operator should know first, in a few words.
+    pub fn state(&self) -> String {
+        let mut state = match (self.rolled_back_to, self.committed) {
+            (Some(p), true) => format!("failed over to point {p}, committed"),
+            (Some(p), false) => format!("failed over to point {p} (not committed)"),
+            (None, _) if self.latest_point.is_none() => "nothing applied yet".into(),
+            (None, _) => match &self.waiting {
+                Ok(0) => "up to date".into(),
+                Ok(n) => format!("{n} segment(s) to apply"),
+                Err(e) => format!("store: {e}"),
+            },
+        };
+        if self.damaged_journals > 0 {
+            let _ = write!(state, "; {} damaged undo journal(s)", self.damaged_journals);
+        }
+        state
+    }
+}
+
+/// The rows as a table: VOLUME, POINT (the newest), RPO (its age), POINTS (retained,
+/// back to the oldest's age), WAITING, STATE.
+pub fn table(rows: &[VolumeStatus], now_unix_ms: u64) -> String {
+    let age = |ms: Option<u64>| {
+        ms.map_or("-".into(), |t| {
+            changelog::short_duration(now_unix_ms.saturating_sub(t))
+        })
+    };
+    let mut out = format!(
+        "{:<16} {:>8} {:>8} {:>16} {:>8}  STATE\n",
+        "VOLUME", "POINT", "RPO", "POINTS", "WAITING"
+    );
+    for row in rows {
+        let point = row.latest_point.map_or("-".into(), |p| p.to_string());
+        let points = match row.points {
+            0 => "0".to_string(),
+            n => format!("{n} ({} back)", age(row.oldest_created_unix_ms)),
+        };
+        let waiting = row.waiting.as_ref().map_or("?".into(), |n| n.to_string());
+        let _ = writeln!(
+            out,
+            "{:<16} {point:>8} {:>8} {points:>16} {waiting:>8}  {}",
+            row.volume,
+            age(row.latest_created_unix_ms),
+            row.state()
+        );
+    }
+    out
+}
