@@ -95,11 +95,6 @@ impl PlainSegment {
     pub fn reserve(&mut self, additional: usize) {
         self.buf.reserve(additional);
     }
-
-    /// The buffer, for reuse by [`PlainSegment::with_buffer`].
-    pub fn into_buffer(self) -> Vec<u8> {
-        self.buf
-    }
 }
 
 /// Where a segment goes: everything its header says besides the records.
