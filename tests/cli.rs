@@ -281,6 +281,17 @@ fn config_file_ships_every_volume() {
         !ok && text.contains("vol9") && text.contains("vol0, vol1"),
         "{text}"
     );
+    // A volume whose state cannot be read gets a row saying why, the others theirs.
+    std::fs::write(d.join("vol1.replica.state"), b"garbage").unwrap();
+    let (ok, text) = run("ublk-target", &["status", "--config", target_cfg]);
+    assert!(!ok, "{text}");
+    let row = |vol: &str| {
+        text.lines()
+            .find(|l| l.starts_with(vol))
+            .unwrap_or_default()
+    };
+    assert!(row("vol0").ends_with("up to date"), "{text}");
+    assert!(row("vol1").contains("error:"), "{text}");
 }
 
 /// `shipper status` after [`config_file_ships_every_volume`] shipped vol0 and vol1: a

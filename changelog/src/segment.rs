@@ -151,7 +151,9 @@ pub fn seal_owned(
         return Ok((sealed, plain.buf));
     }
     let plain_len = plain.body().len();
-    let bytes = std::mem::take(&mut plain.buf);
+    let mut bytes = std::mem::take(&mut plain.buf);
+    // Room for the header even if no record was pushed (a count set by hand), as `seal`.
+    bytes.resize(bytes.len().max(HEADER_LEN), 0);
     let sealed = encrypt(&plain, plain_len, params, key, bytes, CODEC_STORED)?;
     Ok((sealed, scratch))
 }

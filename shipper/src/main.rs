@@ -104,6 +104,9 @@ struct RingArgs {
     /// The volume's capture ring (instead of VOLUME).
     #[arg(long)]
     ring: Option<PathBuf>,
+    /// VOLUME as a flag (`--config F --volume V`, the older form).
+    #[arg(long = "volume", hide = true, conflicts_with_all = ["volume", "ring"])]
+    volume_flag: Option<VolumeId>,
 }
 
 #[derive(clap::Args)]
@@ -403,12 +406,12 @@ fn ship(args: RunArgs) -> Result<()> {
 }
 
 impl RingArgs {
-    /// The ring named by --ring, or by --config and --volume.
+    /// The ring named by --ring, or VOLUME's in --config.
     fn path(self) -> Result<PathBuf> {
         if let Some(ring) = self.ring {
             return Ok(ring);
         }
-        let volume = self.volume.with_context(|| {
+        let volume = self.volume.or(self.volume_flag).with_context(|| {
             format!(
                 "which volume? name it (VOLUME, from the config file, --config, default {}) \
                  or give --ring",

@@ -426,8 +426,9 @@ fn resync_pending(chain: &Chain, ring: &Consumer, new_protection: bool) -> Optio
         // for needs the recovery side's digests, so it cannot finish within the drain.
         Some(
             "this new protection's initial replication (a digest resync of the whole volume \
-             against the replica) has not run yet (pass --no-initial-sync only when the \
-             replica is known to equal the source, or both are blank)",
+             against the replica) is not finished (a protection whose replica is known to \
+             equal the source, or both blank, is started with --no-initial-sync, or \
+             initial_sync = false in the config file; this one has asked for it)",
         )
     } else if ring.resyncing() || ring.resync_progress().pending() {
         Some("a resync is still under way (or was cut short)")

@@ -629,8 +629,17 @@ fn run(cli: Cli) -> Result<()> {
                 let paths = ReplicaPaths::new(&v.replica)
                     .with_state(v.state.clone())
                     .with_journal(v.journal.clone());
-                let catalog =
-                    ublk_target::catalog(&paths).with_context(|| format!("volume {}", v.id))?;
+                let catalog = match ublk_target::catalog(&paths) {
+                    Ok(catalog) => catalog,
+                    Err(e) => {
+                        let why = changelog::error::one_line(&e);
+                        rows.push(ublk_target::status::VolumeStatus::unreadable(
+                            v.id.to_string(),
+                            why,
+                        ));
+                        continue;
+                    }
+                };
                 let indexes = match &store {
                     Ok(store) => store.list(&v.id).map_err(|e| e.to_string()),
                     Err(e) => Err(changelog::error::one_line(e)),
@@ -651,6 +660,11 @@ fn run(cli: Cli) -> Result<()> {
                     ublk_target::status::table(&rows, changelog::unix_ms_now())
                 );
             }
+            let unreadable = rows.iter().filter(|r| r.error.is_some()).count();
+            anyhow::ensure!(
+                unreadable == 0,
+                "{unreadable} volume(s) could not be read (see STATE)"
+            );
             Ok(())
         }
         Command::Inspect { segment, key } => {

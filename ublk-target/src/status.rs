@@ -10,18 +10,24 @@ use crate::points::Catalog;
 use std::fmt::Write;
 
 /// One volume's row.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct VolumeStatus {
     pub volume: String,
+    /// Why the replica's state or journal could not be read (the rest is then empty).
+    pub error: Option<String>,
+    /// The last applied segment (a recovery point or not: none is exposed while a
+    /// resync, such as the initial replication, is being applied).
+    pub latest_applied: Option<u64>,
     /// The newest recovery point and its creation time (ms since the Unix epoch).
     pub latest_point: Option<u64>,
     pub latest_created_unix_ms: Option<u64>,
     /// Retained points, and when the oldest was created.
     pub points: usize,
     pub oldest_created_unix_ms: Option<u64>,
-    /// Segments in the store after the latest applied one; `Err`: the store could not
-    /// be listed, and why.
-    pub waiting: Result<usize, String>,
+    /// Segments in the store after the latest applied one; `None`: the store could not
+    /// be listed (see `store_error`).
+    pub waiting: Option<usize>,
+    pub store_error: Option<String>,
     /// Failed over to this point (the replica is no longer applied to).
     pub rolled_back_to: Option<u64>,
     /// The failover was committed (`ublk-target commit`).
@@ -40,31 +46,55 @@ impl VolumeStatus {
     ) -> VolumeStatus {
         let latest = catalog.points.last();
         let after = catalog.latest_applied.map_or(0, |l| l + 1);
+        let (waiting, store_error) = match store_indexes {
+            Ok(ix) => (Some(ix.iter().filter(|&&i| i >= after).count()), None),
+            Err(e) => (None, Some(e)),
+        };
         VolumeStatus {
             volume,
+            error: None,
+            latest_applied: catalog.latest_applied,
             latest_point: latest.map(|p| p.index),
             latest_created_unix_ms: latest.map(|p| p.created_unix_ms),
             points: catalog.points.len(),
             oldest_created_unix_ms: catalog.points.first().map(|p| p.created_unix_ms),
-            waiting: store_indexes.map(|ix| ix.iter().filter(|&&i| i >= after).count()),
+            waiting,
+            store_error,
             rolled_back_to: catalog.rolled_back_to,
             committed,
             damaged_journals: catalog.damaged.len(),
         }
     }
 
+    /// The row of a volume whose replica state or journal could not be read.
+    pub fn unreadable(volume: String, why: String) -> VolumeStatus {
+        VolumeStatus {
+            volume,
+            error: Some(why),
+            ..Default::default()
+        }
+    }
+
     /// What an operator should know first, in a few words.
     pub fn state(&self) -> String {
+        if let Some(e) = &self.error {
+            return format!("error: {e}");
+        }
         let mut state = match (self.rolled_back_to, self.committed) {
             (Some(p), true) => format!("failed over to point {p}, committed"),
             (Some(p), false) => format!("failed over to point {p} (not committed)"),
-            (None, _) if self.latest_point.is_none() => "nothing applied yet".into(),
-            (None, _) => match &self.waiting {
-                Ok(0) => "up to date".into(),
-                Ok(n) => format!("{n} segment(s) to apply"),
-                Err(e) => format!("store: {e}"),
+            (None, _) => match (&self.waiting, &self.store_error) {
+                (_, Some(e)) => format!("store: {e}"),
+                (Some(0), _) if self.latest_applied.is_some() => "up to date".into(),
+                (Some(n), _) => format!("{n} segment(s) to apply"),
+                (None, None) => "?".into(),
             },
         };
+        if self.latest_applied.is_none() {
+            state.push_str("; nothing applied yet");
+        } else if self.latest_point.is_none() {
+            state.push_str("; no recovery point yet (a resync is being applied)");
+        }
         if self.damaged_journals > 0 {
             let _ = write!(state, "; {} damaged undo journal(s)", self.damaged_journals);
         }
@@ -90,7 +120,7 @@ pub fn table(rows: &[VolumeStatus], now_unix_ms: u64) -> String {
             0 => "0".to_string(),
             n => format!("{n} ({} back)", age(row.oldest_created_unix_ms)),
         };
-        let waiting = row.waiting.as_ref().map_or("?".into(), |n| n.to_string());
+        let waiting = row.waiting.map_or("?".into(), |n| n.to_string());
         let _ = writeln!(
             out,
             "{:<16} {point:>8} {:>8} {points:>16} {waiting:>8}  {}",
