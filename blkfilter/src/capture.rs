@@ -31,7 +31,7 @@ use crate::digest_pass::{usable_block_bytes, DigestPass, MAX_BLOCK_BYTES};
 use crate::ring::resync::write_digest_blocks;
 use crate::ring::{digests_path, Producer, RingError};
 use changelog::digests::DigestAnswer;
-use changelog::record::{MARK_APP_CONSISTENT, MARK_RESYNC_BEGIN, MARK_RESYNC_DONE};
+use changelog::record::{MARK_APP_CONSISTENT, MARK_GROUP_CUT, MARK_RESYNC_BEGIN, MARK_RESYNC_DONE};
 use changelog::uring::{IoOp, Uring};
 use changelog::{Op, RecordRef};
 use std::fs::{File, OpenOptions};
@@ -183,6 +183,7 @@ impl Capture {
             self.resync()?;
         }
         self.recorder.serve_mark_requests();
+        self.recorder.serve_group_cuts();
         // Between requests nothing is in flight.
         if let Some(released) = self.recorder.activity_log_evictable(&[]) {
             let fd = self.backing.as_raw_fd();
@@ -750,17 +751,65 @@ impl Recorder {
                 pass.touch(offset, len);
             }
         }
-        if let Some(log) = &mut self.activity_log {
-            // Seqs stay below the persisted reservation, so a new ring after a crash
-            // can start above every seq handed out (see activity_log).
-            if let Err(e) = log.reserve_seq(self.ring.next_seq_peek()) {
-                log::error!("{e}");
-            }
-        }
-        let seq = self.ring.next_seq();
+        let seq = self.take_seq();
         if let (Some(log), true) = (&mut self.activity_log, op.modifies_data()) {
             log.note(offset, len, seq);
         }
+        self.push(seq, op, offset, len, data, flags)
+    }
+
+    /// Takes the seq for a record. In a consistency group, first records the MARK of
+    /// every group cut below it that this ring has not recorded yet (each with a seq of
+    /// its own, which is why this loops): see [`crate::ring::group`].
+    fn take_seq(&mut self) -> u64 {
+        loop {
+            let taken = self.ring.take_seq();
+            if let Some(log) = &mut self.activity_log {
+                // Seqs stay below the persisted reservation, so a new ring after a
+                // crash can start above every seq handed out (see activity_log). In
+                // a group other volumes take seqs too, so this checks the seq taken.
+                if let Err(e) = log.reserve_seq(taken.seq + 1) {
+                    log::error!("{e}");
+                }
+            }
+            let Some(cut) = taken.group_cut else {
+                return taken.seq;
+            };
+            let label = changelog::record::group_cut_label(cut);
+            let label = label.as_bytes();
+            let outcome = self.push(
+                taken.seq,
+                Op::Mark,
+                0,
+                label.len() as u64,
+                label,
+                MARK_GROUP_CUT,
+            );
+            self.ring.group_cut_recorded(cut);
+            log::debug!("group cut {cut}: {outcome:?}");
+        }
+    }
+
+    /// Records the group cuts made since this ring's last request (an idle volume's
+    /// share of a cut; a busy one records them with its next request).
+    pub fn serve_group_cuts(&mut self) {
+        if self.ring.group_cut_pending() {
+            // The seq taken here is left unused: a gap, as after a killed producer.
+            self.take_seq();
+        }
+    }
+
+    /// Pushes one record with a seq already taken; on a full ring marks its range
+    /// dirty instead.
+    fn push(
+        &mut self,
+        seq: u64,
+        op: Op,
+        offset: u64,
+        len: u64,
+        data: &[u8],
+        flags: u8,
+    ) -> Captured {
         let record = RecordRef {
             seq,
             op,

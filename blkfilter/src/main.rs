@@ -108,6 +108,12 @@ struct AttachArgs {
     /// regions whole. 0: send them whole at once.
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     resync_compare_wait: u64,
+    /// Put the volume in a consistency group: its writes take their sequence numbers
+    /// from this shared clock file (created if missing, e.g.
+    /// /dev/shm/ublk-dr/GROUP.clock), so `shipper group-cut` gives every volume
+    /// attached with the same clock a recovery point at one common instant.
+    #[arg(long, value_name = "PATH", conflicts_with = "no_capture")]
+    group_clock: Option<PathBuf>,
     #[command(flatten)]
     daemon: DaemonArgs,
 }
@@ -169,6 +175,7 @@ fn run(cli: Cli) -> Result<()> {
                 activity_log,
                 resync_compare_wait: (args.resync_compare_wait > 0)
                     .then(|| std::time::Duration::from_secs(args.resync_compare_wait)),
+                group_clock: args.group_clock,
             };
             // Attaching the same backing to a device whose server died takes it back
             // (what a restarted systemd unit wants) instead of failing on the id.
@@ -202,10 +209,15 @@ fn run(cli: Cli) -> Result<()> {
             );
             for d in server::list()? {
                 let (backing, ring) = d.target.map_or(("?".into(), "?".into()), |t| {
+                    let ring = t
+                        .ring
+                        .map_or("(no capture)".into(), |r| r.display().to_string());
+                    let group = t
+                        .group_clock
+                        .map(|c| format!(" (group clock {})", c.display()));
                     (
                         t.backing.display().to_string(),
-                        t.ring
-                            .map_or("(no capture)".into(), |r| r.display().to_string()),
+                        ring + &group.unwrap_or_default(),
                     )
                 });
                 println!(

@@ -436,6 +436,7 @@ impl QueueServer {
         }
         let recorder = &mut capture.recorder;
         recorder.serve_mark_requests();
+        recorder.serve_group_cuts();
         if let Some(released) = recorder.activity_log_evictable(&self.claims) {
             // The backing first: see activity_log on volatile caches.
             capture.step = Step::Evict { released };

@@ -12,7 +12,7 @@
 
 use crate::activity_log::{ActivityLog, DEFAULT_EXTENT_BYTES};
 use crate::capture::{device_size, Recorder};
-use crate::ring::{Producer, RingGeometry};
+use crate::ring::{GroupClock, Producer, RingGeometry};
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::UblkDev;
 use libublk::{UblkError, UblkFlags};
@@ -87,6 +87,8 @@ pub struct AttachOptions {
     /// Resync regions in doubt by digest comparison, waiting this long for the
     /// replica's digests (see [`Recorder::set_resync_compare`]).
     pub resync_compare_wait: Option<std::time::Duration>,
+    /// The consistency group's clock (created if missing), when the volume is in one.
+    pub group_clock: Option<PathBuf>,
 }
 
 /// Saved in the device's json so `recover` and `list` know what the device serves.
@@ -101,6 +103,8 @@ pub struct TargetInfo {
     pub activity_log: Option<PathBuf>,
     #[serde(default)]
     pub resync_compare_wait_ms: Option<u64>,
+    #[serde(default)]
+    pub group_clock: Option<PathBuf>,
 }
 
 /// One device as `list` shows it.
@@ -186,11 +190,23 @@ pub fn serve(
                     source,
                 })?;
             }
-            let producer = Producer::create(path, &RingGeometry::new(opts.ring_bytes, size))
+            let mut producer = Producer::create(path, &RingGeometry::new(opts.ring_bytes, size))
                 .map_err(|source| ServerError::Ring {
                     path: path.clone(),
                     source,
                 })?;
+            match &opts.group_clock {
+                Some(clock_path) => {
+                    let clock = GroupClock::open_or_create(clock_path).map_err(|source| {
+                        ServerError::Ring {
+                            path: clock_path.clone(),
+                            source,
+                        }
+                    })?;
+                    producer.join_group(clock);
+                }
+                None => producer.leave_group(),
+            }
             let mut recorder = match &opts.activity_log {
                 Some(al) => {
                     let (log, recovered) = ActivityLog::open(al, size, DEFAULT_EXTENT_BYTES)
@@ -212,6 +228,7 @@ pub fn serve(
         direct,
         activity_log: opts.activity_log.clone(),
         resync_compare_wait_ms: opts.resync_compare_wait.map(|w| w.as_millis() as u64),
+        group_clock: opts.group_clock.clone(),
     };
 
     let recovery =
@@ -385,6 +402,7 @@ pub fn recovery_plan(id: i32) -> Result<AttachOptions, ServerError> {
         resync_compare_wait: target
             .resync_compare_wait_ms
             .map(std::time::Duration::from_millis),
+        group_clock: target.group_clock,
     })
 }
 

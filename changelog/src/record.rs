@@ -16,7 +16,8 @@
 //! * `MARK`: a named point (payload = label bytes); `flags & MARK_APP_CONSISTENT` tells
 //!   an application-consistent point, `flags & MARK_RESYNC_BEGIN` the start of a digest
 //!   resync, `flags & MARK_RESYNC_DONE` the end of a resync
-//!   pass (every region lost to a ring overflow is re-recorded before it). `offset` = 0.
+//!   pass (every region lost to a ring overflow is re-recorded before it),
+//!   `flags & MARK_GROUP_CUT` a consistency-group cut (payload `group-cut N`). `offset` = 0.
 
 /// Size of the fixed part of an encoded record.
 pub const RECORD_HEADER_LEN: usize = 24;
@@ -31,6 +32,25 @@ pub const MARK_RESYNC_DONE: u8 = 2;
 /// `flags` bit of a MARK record: a digest resync begins here; the recovery side's block
 /// digests must describe a replica holding every record up to this one.
 pub const MARK_RESYNC_BEGIN: u8 = 4;
+
+/// `flags` bit of a MARK record: a consistency-group cut. Its payload is
+/// [`group_cut_label`]: every record of the group with a lower seq than the cut's lies
+/// before it on each volume, every higher one after (see blkfilter's `ring::group`).
+pub const MARK_GROUP_CUT: u8 = 8;
+
+/// The payload of the MARK of group cut `cut`.
+pub fn group_cut_label(cut: u64) -> String {
+    format!("group-cut {cut}")
+}
+
+/// The cut number of a group-cut MARK's payload; `None` if it is not one.
+pub fn parse_group_cut_label(payload: &[u8]) -> Option<u64> {
+    std::str::from_utf8(payload)
+        .ok()?
+        .strip_prefix("group-cut ")?
+        .parse()
+        .ok()
+}
 
 /// The kind of a record. The discriminants are the on-disk (and in-ring) codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -23,6 +23,10 @@
 //! [[volume]]
 //! id = "vol0"
 //! ring = "/dev/shm/ublk-dr/vol0.ring"
+//!
+//! [[group]]                              # optional: a consistency group whose volumes
+//! clock = "/dev/shm/ublk-dr/db.clock"    # were attached with this --group-clock;
+//! cut_every_ms = 5000                    # cut it this often (see group_cuts)
 //! ```
 
 use crate::error::{Result, ShipperError};
@@ -65,6 +69,21 @@ pub struct ConfigFile {
     pub cpu_priority: CpuPriority,
     #[serde(rename = "volume")]
     pub volumes: Vec<VolumeEntry>,
+    #[serde(rename = "group", default)]
+    pub groups: Vec<GroupEntry>,
+}
+
+/// A consistency group to cut on a schedule.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupEntry {
+    pub clock: PathBuf,
+    #[serde(default = "default_cut_every")]
+    pub cut_every_ms: u64,
+}
+
+fn default_cut_every() -> u64 {
+    crate::group_cuts::DEFAULT_CUT_EVERY.as_millis() as u64
 }
 
 #[derive(Debug, Deserialize)]
@@ -162,6 +181,9 @@ impl ConfigFile {
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be greater than 0"));
         }
+        if self.groups.iter().any(|g| g.cut_every_ms == 0) {
+            return Err("cut_every_ms of a [[group]] must be greater than 0".into());
+        }
         resync_block_bytes(self.resync_block_kib)?;
         crate::backlog::check_percent(self.backlog_resync_percent)?;
         if self.max_segment_bytes > changelog::segment::MAX_PLAIN_LEN as usize / 2 {
@@ -200,6 +222,17 @@ impl ConfigFile {
                 c
             })
             .collect())
+    }
+
+    /// The groups to cut, and how often.
+    pub fn group_cuts(&self) -> Vec<crate::group_cuts::GroupCutSchedule> {
+        self.groups
+            .iter()
+            .map(|g| crate::group_cuts::GroupCutSchedule {
+                clock: g.clock.clone(),
+                every: Duration::from_millis(g.cut_every_ms),
+            })
+            .collect()
     }
 
     pub fn status_path(&self, volume: &VolumeId) -> PathBuf {
@@ -243,6 +276,17 @@ ring = "/r1"
             c.status_path(&c.volumes[1].id),
             PathBuf::from("/run/ublk-dr/vol1.status.json")
         );
+        assert!(c.group_cuts().is_empty());
+        let grouped = format!(
+            "{GOOD}[[group]]\nclock = \"/g\"\n[[group]]\nclock = \"/h\"\ncut_every_ms = 250\n"
+        );
+        let cuts = ConfigFile::parse(&grouped).unwrap().group_cuts();
+        assert_eq!(
+            cuts.iter()
+                .map(|g| (g.clock.to_str().unwrap(), g.every.as_millis()))
+                .collect::<Vec<_>>(),
+            [("/g", 5000), ("/h", 250)]
+        );
     }
 
     #[test]
@@ -285,6 +329,11 @@ ring = "/r1"
                 GOOD.replace("retry_unit_ms = 5", "backlog_resync_percent = -1"),
                 "backlog_resync_percent",
             ),
+            (
+                format!("{GOOD}[[group]]\nclock = \"/g\"\ncut_every_ms = 0\n"),
+                "cut_every_ms of a [[group]] must be",
+            ),
+            (format!("{GOOD}[[group]]\nclok = \"/g\"\n"), "clok"),
         ];
         for (text, expect) in cases {
             let err = ConfigFile::parse(&text).expect_err(&text);

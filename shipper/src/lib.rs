@@ -14,6 +14,7 @@ pub mod backlog;
 pub mod chain_state;
 pub mod config;
 pub mod error;
+pub mod group_cuts;
 pub mod mark;
 pub mod pipeline;
 pub mod priority;

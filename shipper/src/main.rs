@@ -8,6 +8,7 @@ use shipper::config::ConfigFile;
 use shipper::priority::CpuPriority;
 use shipper::{Control, ShipperConfig, Status};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,6 +56,15 @@ enum Command {
     ///
     /// With --app-consistent, the point is flagged application-consistent: run --pre,
     /// freeze each --freeze mount point (FIFREEZE), record the MARK, thaw, run --post.
+    /// Cut a consistency group now: every volume attached with this group clock
+    /// (`blkfilter attach --group-clock`) records a MARK at the same instant of the
+    /// group's sequence clock, and the recovery side gets one recovery point per volume
+    /// with this cut's number (`ublk-target group-points`). Busy volumes record it with
+    /// their next write, idle ones within 200 ms. `shipper run` cuts on a schedule.
+    GroupCut {
+        /// The group clock file (e.g. /dev/shm/ublk-dr/db.clock).
+        clock: PathBuf,
+    },
     Mark {
         #[command(flatten)]
         ring: RingArgs,
@@ -173,6 +183,15 @@ struct RunArgs {
     /// protection without --no-initial-sync, its initial replication).
     #[arg(long)]
     drain: bool,
+    /// Cut this consistency group's clock (the volumes' `blkfilter attach
+    /// --group-clock`) every --group-cut-every-ms, so they share recovery points.
+    /// With --config, its [[group]] tables say this instead.
+    #[arg(long, value_name = "PATH", conflicts_with = "config")]
+    group_clock: Option<PathBuf>,
+    /// Time between two group cuts, in ms.
+    #[arg(long, default_value_t = shipper::group_cuts::DEFAULT_CUT_EVERY.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    group_cut_every_ms: u64,
 }
 
 fn main() {
@@ -200,6 +219,16 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Run(args) => ship(args),
+        Command::GroupCut { clock } => {
+            let cut = shipper::group_cuts::cut_now(&clock)?;
+            println!(
+                "group cut {} at seq {} of clock {}",
+                cut.number,
+                cut.seq,
+                clock.display()
+            );
+            Ok(())
+        }
         Command::Mark {
             ring,
             app_consistent,
@@ -306,9 +335,11 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn ship(args: RunArgs) -> Result<()> {
+    let mut group_cuts = Vec::new();
     let (mut configs, store) = match &args.config {
         Some(path) => {
             let file = ConfigFile::load(path)?;
+            group_cuts = file.group_cuts();
             (file.pipelines()?, file.store.clone())
         }
         None => {
@@ -334,6 +365,12 @@ fn ship(args: RunArgs) -> Result<()> {
             config.backlog_resync_percent =
                 shipper::backlog::check_percent(args.backlog_resync_percent)
                     .map_err(|e| anyhow::anyhow!("--backlog-resync-percent: {e}"))?;
+            if let Some(clock) = &args.group_clock {
+                group_cuts.push(shipper::group_cuts::GroupCutSchedule {
+                    clock: clock.clone(),
+                    every: Duration::from_millis(args.group_cut_every_ms),
+                });
+            }
             (vec![config], args.store.clone().expect(missing))
         }
     };
@@ -363,7 +400,12 @@ fn ship(args: RunArgs) -> Result<()> {
     let store = objstore::open(&store)?;
     // One pipeline per volume; a volume that fails (e.g. goes Critical) does not stop
     // the others, and the exit status reports it.
+    let pipelines_done = AtomicBool::new(false);
     let results: Vec<_> = std::thread::scope(|scope| {
+        for schedule in &group_cuts {
+            let done = &pipelines_done;
+            scope.spawn(move || shipper::group_cuts::run(schedule, done));
+        }
         let handles: Vec<_> = configs
             .iter()
             .map(|config| {
@@ -371,10 +413,12 @@ fn ship(args: RunArgs) -> Result<()> {
                 scope.spawn(move || (config.volume.clone(), shipper::run(config, store, control)))
             })
             .collect();
-        handles
+        let results = handles
             .into_iter()
             .map(|h| h.join().expect("volume thread panicked"))
-            .collect()
+            .collect();
+        pipelines_done.store(true, Ordering::Release);
+        results
     });
     let mut first_error = None;
     for (volume, result) in results {

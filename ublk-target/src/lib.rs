@@ -17,6 +17,7 @@ pub mod config;
 pub mod device;
 pub mod digests;
 pub mod error;
+pub mod group_cuts;
 pub mod journal;
 pub mod points;
 mod reflink;

@@ -85,6 +85,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the consistency-group cuts every one of the given volumes has a recovery
+    /// point at (volumes attached with one `blkfilter --group-clock`): failing each
+    /// volume over to its point of one cut (`failover VOLUME --group-cut N`) gives the
+    /// whole group as it was at one instant, as after a power cut of all of them.
+    GroupPoints {
+        /// The group's volumes, by id in the config file.
+        #[arg(value_name = "VOLUME", required_unless_present = "replica")]
+        volumes: Vec<VolumeId>,
+        /// The recovery side's config file, for the VOLUMEs.
+        #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// A replica (with REPLICA.state and REPLICA.journal) instead of a VOLUME;
+        /// repeatable.
+        #[arg(long)]
+        replica: Vec<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Drop the oldest undo journals so that at most --keep-points points remain and
     /// none is older than --keep-age (the latest point and points held by open views
     /// are always kept). Not while `apply` runs on the replica: give it the same
@@ -124,6 +143,10 @@ enum Command {
         /// The recovery point (see `ublk-target points`) [default: the latest].
         #[arg(long)]
         point: Option<u64>,
+        /// The volume's recovery point at this consistency-group cut (see
+        /// `ublk-target group-points`), instead of --point.
+        #[arg(long, value_name = "N", conflicts_with_all = ["point", "cleanup"])]
+        group_cut: Option<u32>,
         /// Test failover: a disposable view, nothing changes.
         #[arg(long, conflicts_with_all = ["ring", "cleanup"])]
         test: bool,
@@ -474,6 +497,50 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::GroupPoints {
+            volumes,
+            config,
+            replica,
+            json,
+        } => {
+            let mut members = Vec::new();
+            if !volumes.is_empty() {
+                let file = TargetConfig::load(&config)?;
+                for id in &volumes {
+                    let v = file
+                        .volume(id)
+                        .map_err(|what| anyhow::anyhow!("config {}: {what}", config.display()))?;
+                    let paths = ReplicaPaths::new(&v.replica)
+                        .with_state(v.state.clone())
+                        .with_journal(v.journal.clone());
+                    members.push((id.to_string(), paths));
+                }
+            }
+            for r in replica {
+                members.push((r.display().to_string(), ReplicaPaths::new(r)));
+            }
+            let mut catalogs = Vec::new();
+            for (name, paths) in members {
+                require_applied(&paths)?;
+                let catalog = ublk_target::catalog(&paths)
+                    .with_context(|| format!("reading the recovery points of {name}"))?;
+                catalogs.push((name, catalog));
+            }
+            let points = ublk_target::group_cuts::common_points(&catalogs);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&points)?);
+            } else {
+                let names: Vec<String> = catalogs.iter().map(|(n, _)| n.clone()).collect();
+                print!("{}", ublk_target::group_cuts::table(&names, &points));
+                if points.is_empty() {
+                    println!(
+                        "no group cut has a recovery point on every volume yet (are they \
+                         attached with one --group-clock, and does `shipper run` cut it?)"
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Prune { replica, retention } => {
             let retention = retention.retention();
             if retention.is_unlimited() {
@@ -535,6 +602,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Failover {
             replica,
             point,
+            group_cut,
             test,
             cleanup,
             ring,
@@ -555,13 +623,29 @@ fn run(cli: Cli) -> Result<()> {
             let paths = replica.paths()?;
             require_applied(&paths)?;
             let catalog = ublk_target::catalog(&paths)?;
-            let point = match point {
-                Some(p) => p,
-                None => catalog
-                    .latest_point()
-                    .map(|p| p.index)
-                    .context("the replica has no recovery point yet")?,
-            };
+            let point =
+                match (point, group_cut) {
+                    (Some(p), _) => p,
+                    (None, Some(cut)) => {
+                        catalog.find_cut(cut).map(|p| p.index).with_context(|| {
+                            let cuts: Vec<String> = catalog
+                                .points
+                                .iter()
+                                .filter_map(|p| p.group_cut.map(|c| c.to_string()))
+                                .collect();
+                            format!(
+                        "{} has no recovery point at group cut {cut} (cuts with a point: {}); \
+                         see `ublk-target group-points`",
+                        paths.replica.display(),
+                        if cuts.is_empty() { "none".into() } else { cuts.join(", ") }
+                    )
+                        })?
+                    }
+                    (None, None) => catalog
+                        .latest_point()
+                        .map(|p| p.index)
+                        .context("the replica has no recovery point yet")?,
+                };
             if test {
                 return test_failover(&paths, point, id.unwrap_or(-1), foreground, &log);
             }

@@ -43,6 +43,8 @@ pub struct RecoveryPoint {
     pub app_consistent: bool,
     /// The replica is at this point: serving it needs no journal.
     pub latest: bool,
+    /// The consistency-group cut the point is at, if any (see [`crate::group_cuts`]).
+    pub group_cut: Option<u32>,
 }
 
 impl RecoveryPoint {
@@ -55,6 +57,7 @@ impl RecoveryPoint {
             crash_consistent: facts.is_crash_point(),
             app_consistent: facts.is_app_consistent(),
             latest,
+            group_cut: None,
         }
     }
 }
@@ -94,6 +97,11 @@ pub struct Catalog {
 impl Catalog {
     pub fn find(&self, point: u64) -> Option<&RecoveryPoint> {
         self.points.iter().find(|p| p.index == point)
+    }
+
+    /// The point at group cut `cut`.
+    pub fn find_cut(&self, cut: u32) -> Option<&RecoveryPoint> {
+        self.points.iter().find(|p| p.group_cut == Some(cut))
     }
 
     pub fn latest_point(&self) -> Option<&RecoveryPoint> {
@@ -146,6 +154,9 @@ impl Catalog {
             let mut kind = String::from("crash");
             if p.app_consistent {
                 kind.push_str(", app");
+            }
+            if let Some(cut) = p.group_cut {
+                kind.push_str(&format!(", group cut {cut}"));
             }
             if p.latest {
                 kind.push_str(" (latest, on the replica)");
@@ -256,6 +267,10 @@ pub fn catalog(paths: &ReplicaPaths) -> Result<Catalog> {
     }
     catalog.journals.reverse();
     points.reverse();
+    let cuts = crate::group_cuts::load(&paths.journal)?;
+    for p in &mut points {
+        p.group_cut = cuts.get(&p.index).copied();
+    }
     catalog.points = points;
     catalog.unused_journals = present
         .into_iter()

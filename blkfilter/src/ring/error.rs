@@ -21,6 +21,12 @@ pub enum RingError {
     BadMagic { path: PathBuf, why: String },
 
     #[error(
+        "{path} is not a ublk-dr group clock ({why}); check the path, or delete the file \
+         (with every volume of the group detached) and let blkfilter create it again"
+    )]
+    NotAGroupClock { path: PathBuf, why: String },
+
+    #[error(
         "ring {path} has format version {found}, this build reads version {supported}; \
          run matching versions of blkfilter and the shipper"
     )]

@@ -43,6 +43,8 @@ pub const OFF_MARK_DONE: usize = 392;
 pub const OFF_MARK_SEQ: usize = 400;
 pub const OFF_MARK_APP: usize = 408;
 pub const OFF_RELEASED_SEQ: usize = 416;
+pub const OFF_GROUP_CUTS_SEEN: usize = 424;
+pub const OFF_GROUP_ID: usize = 432;
 
 /// `flags` bit: records were lost to the dirty bitmap since it was last taken.
 pub const FLAG_OVERFLOW: u64 = 1;

@@ -51,6 +51,8 @@
 //!   408    8    mark_app       requester   1 if the asked MARK is app-consistent
 //!   416    8    released_seq   consumer    every record up to this seq is durable in
 //!                                          staging (for the activity log)
+//!   424    8    group_cuts     producer    group cuts recorded in this ring (see `group`)
+//!   432    8    group_id       producer    id of the group clock it takes seqs from, 0: none
 //! bitmap   = bitmap_words x u64; bit b of word w set = chunk 64*w+b holds lost writes
 //! data     = capacity bytes: a circular sequence of slots
 //! slot     = record | wrap
@@ -113,6 +115,7 @@ mod bitmap;
 mod consumer;
 mod error;
 mod futex;
+pub mod group;
 mod layout;
 pub mod mark;
 mod producer;
@@ -124,9 +127,10 @@ mod tests;
 
 pub use consumer::Consumer;
 pub use error::{Full, RingError};
+pub use group::{Cut, GroupClock};
 pub use layout::{DEFAULT_CHUNK_BYTES, MIN_CAPACITY_BYTES, SLOT_HEADER_BYTES};
 pub use mark::MarkRequest;
-pub use producer::Producer;
+pub use producer::{Producer, TakenSeq};
 pub use resync::{digest_blocks_path, digests_path, ResyncProgress, RingControl};
 
 use std::fmt;

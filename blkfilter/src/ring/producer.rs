@@ -1,6 +1,8 @@
+use super::group::{self, GroupClock};
 use super::layout::{
     FLAG_DIGESTS_READY, FLAG_DIGEST_ACTIVE, FLAG_DIGEST_REQUEST, FLAG_OVERFLOW, FLAG_RESYNC,
 };
+use super::layout::{OFF_GROUP_CUTS_SEEN, OFF_GROUP_ID};
 use super::mark::{self, MarkRequest};
 use super::proto::{ProducerCore, RingMem};
 use super::resync::{self, ResyncProgress};
@@ -16,6 +18,18 @@ use std::sync::atomic::{fence, AtomicU64};
 pub struct Producer {
     shm: Shm,
     core: ProducerCore,
+    /// The consistency group's clock, when the volume is in one.
+    group: Option<GroupClock>,
+}
+
+/// A seq from [`Producer::take_seq`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TakenSeq {
+    pub seq: u64,
+    /// A group cut below `seq` that this ring has no MARK of yet: record its MARK with
+    /// `seq`, call [`Producer::group_cut_recorded`], and take another seq for the
+    /// request (see [`group`]).
+    pub group_cut: Option<u64>,
 }
 
 impl Producer {
@@ -29,7 +43,37 @@ impl Producer {
     pub fn create(path: &Path, geo: &RingGeometry) -> Result<Producer, RingError> {
         let shm = Shm::create(path, geo)?;
         let core = ProducerCore::resume(&shm);
-        Ok(Producer { shm, core })
+        Ok(Producer {
+            shm,
+            core,
+            group: None,
+        })
+    }
+
+    /// Takes seqs from the consistency group's `clock` from now on. A ring that was in
+    /// this clock's group before (a restarted server) carries on with the cuts it
+    /// recorded; one that joins anew records the cuts made from now on. Either way the
+    /// clock is raised above every seq this ring handed out, so its seqs keep growing.
+    pub fn join_group(&mut self, clock: GroupClock) {
+        let id = self.shm.header_u64(OFF_GROUP_ID).swap(clock.id(), Relaxed);
+        let seen = self.shm.header_u64(OFF_GROUP_CUTS_SEEN);
+        if id != clock.id() {
+            seen.store(clock.cuts(), Relaxed);
+        }
+        clock.raise(self.shm.next_seq().load(Relaxed));
+        self.group = Some(clock);
+    }
+
+    /// Takes seqs from the ring's own counter, out of any group it was in: a later
+    /// [`Producer::join_group`] counts it as new there.
+    pub fn leave_group(&mut self) {
+        self.shm.header_u64(OFF_GROUP_ID).store(0, Relaxed);
+        self.group = None;
+    }
+
+    /// The group clock this ring takes its seqs from.
+    pub fn group(&self) -> Option<&GroupClock> {
+        self.group.as_ref()
     }
 
     /// Copies `rec` into the ring and publishes it, waking the consumer if it sleeps.
@@ -134,6 +178,9 @@ impl Producer {
     /// Makes the next seq at least `floor` (seqs continue across a lost ring).
     pub fn raise_next_seq(&mut self, floor: u64) {
         self.shm.next_seq().fetch_max(floor, Relaxed);
+        if let Some(clock) = &self.group {
+            clock.raise(floor);
+        }
     }
 
     /// MARKs operators asked for and the producer has not recorded yet.
@@ -150,8 +197,49 @@ impl Producer {
         resync::progress(&self.shm)
     }
 
-    /// Takes the next sequence number. The counter lives in the ring header, so a
-    /// restarted producer continues where the dead one stopped.
+    /// Takes the next sequence number: from the group clock in a consistency group,
+    /// else from the ring's own counter. The ring's counter follows the group's, so a
+    /// producer restarted outside the group continues above every seq it handed out.
+    pub fn take_seq(&mut self) -> TakenSeq {
+        let Some(clock) = &self.group else {
+            return TakenSeq {
+                seq: self.next_seq(),
+                group_cut: None,
+            };
+        };
+        let (seq, cuts_mod) = clock.take();
+        self.shm.next_seq().store(seq + 1, Relaxed);
+        TakenSeq {
+            seq,
+            group_cut: self.unrecorded_cut(cuts_mod),
+        }
+    }
+
+    /// The oldest group cut this ring has not recorded, given the clock's cut count
+    /// mod 2^16 seen with a seq.
+    fn unrecorded_cut(&self, cuts_mod: u16) -> Option<u64> {
+        let seen = self.shm.header_u64(OFF_GROUP_CUTS_SEEN).load(Relaxed);
+        (group::whole_cuts(seen, cuts_mod) > seen).then_some(seen + 1)
+    }
+
+    /// Whether the group clock has a cut this ring has not recorded (for an idle
+    /// producer's housekeeping; recording it needs a seq from [`Producer::take_seq`]).
+    pub fn group_cut_pending(&self) -> bool {
+        self.group
+            .as_ref()
+            .is_some_and(|clock| self.unrecorded_cut(clock.peek().1).is_some())
+    }
+
+    /// The MARK of group cut `cut` is in the ring (or, on a full ring, its loss is
+    /// flagged as an overflow).
+    pub fn group_cut_recorded(&mut self, cut: u64) {
+        self.shm
+            .header_u64(OFF_GROUP_CUTS_SEEN)
+            .fetch_max(cut, Relaxed);
+    }
+
+    /// Takes the next sequence number from the ring's own counter. The counter lives in
+    /// the ring header, so a restarted producer continues where the dead one stopped.
     pub fn next_seq(&mut self) -> u64 {
         let counter: &AtomicU64 = self.shm.next_seq();
         // Relaxed: only the producer touches it; the value outlives the process in the
@@ -161,9 +249,13 @@ impl Producer {
         seq
     }
 
-    /// The seq [`Producer::next_seq`] would hand out next, without taking it.
+    /// The seq [`Producer::take_seq`] would hand out next, without taking it (in a
+    /// group, another volume may take it first).
     pub fn next_seq_peek(&self) -> u64 {
-        self.shm.next_seq().load(Relaxed)
+        match &self.group {
+            Some(clock) => clock.peek().0,
+            None => self.shm.next_seq().load(Relaxed),
+        }
     }
 
     /// The producer position: bytes ever published.

@@ -1,0 +1,152 @@
+//! Consistency groups at the ring level: producers of several volumes share one clock
+//! while cuts are made concurrently, and every ring must hold each cut's MARK exactly
+//! where the cut's seq falls (the contract of `blkfilter::ring::group`).
+
+use blkfilter::capture::Recorder;
+use blkfilter::ring::{Consumer, Cut, GroupClock, Producer, RingGeometry};
+use changelog::record::{parse_group_cut_label, MARK_GROUP_CUT};
+use changelog::Op;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+const DEVICE: u64 = 1 << 20;
+const WRITES: u64 = 20_000;
+
+/// What one ring holds, in ring order: (seq, group cut number if the record is a
+/// group-cut MARK).
+fn read_ring(path: &Path) -> Vec<(u64, Option<u64>)> {
+    let consumer = Consumer::open(path).unwrap();
+    let mut pos = consumer.released();
+    let mut out = Vec::new();
+    while let Some((rec, next)) = consumer.peek(pos).unwrap() {
+        let cut = (rec.op == Op::Mark && rec.flags & MARK_GROUP_CUT != 0)
+            .then(|| parse_group_cut_label(rec.data).expect("a group-cut label"));
+        out.push((rec.seq, cut));
+        pos = next;
+    }
+    out
+}
+
+fn producer(dir: &Path, name: &str, clock: &Path) -> Producer {
+    let mut ring = Producer::create(&dir.join(name), &RingGeometry::new(16 << 20, DEVICE)).unwrap();
+    ring.join_group(GroupClock::open_or_create(clock).unwrap());
+    ring
+}
+
+#[test]
+fn every_ring_holds_each_cut_exactly_at_its_seq() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock_path = dir.path().join("g.clock");
+    let names = ["a.ring", "b.ring", "c.ring"];
+    // Every volume joins before the first cut, so each owes every cut.
+    let recorders: Vec<Recorder> = names
+        .iter()
+        .map(|name| Recorder::new(producer(dir.path(), name, &clock_path)))
+        .collect();
+    let done = Arc::new(AtomicBool::new(false));
+    let cuts = Arc::new(Mutex::new(Vec::<Cut>::new()));
+    let coordinator = {
+        let (done, cuts) = (done.clone(), cuts.clone());
+        let clock = GroupClock::open_or_create(&clock_path).unwrap();
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                cuts.lock().unwrap().push(clock.cut().unwrap());
+                std::thread::yield_now();
+            }
+        })
+    };
+    let writers: Vec<_> = recorders
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut recorder)| {
+            std::thread::spawn(move || {
+                // The third volume stays idle but for its housekeeping tick.
+                let writes = if i == 2 { 0 } else { WRITES };
+                for n in 0..writes {
+                    let data = [n as u8; 512];
+                    recorder.record(Op::Write, (n % 2048) * 512, 512, &data, 0);
+                }
+                recorder
+            })
+        })
+        .collect();
+    let mut recorders: Vec<Recorder> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    done.store(true, Ordering::Relaxed);
+    coordinator.join().unwrap();
+    // The idle producers' tick records the cuts made after their last request.
+    for recorder in &mut recorders {
+        recorder.serve_group_cuts();
+    }
+    let cuts = cuts.lock().unwrap().clone();
+    assert!(
+        cuts.len() > 10,
+        "the coordinator made only {} cuts",
+        cuts.len()
+    );
+    for name in names {
+        let ring = read_ring(&dir.path().join(name));
+        let seqs: Vec<u64> = ring.iter().map(|r| r.0).collect();
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "{name}: seqs not increasing"
+        );
+        let marks: Vec<(usize, u64)> = ring
+            .iter()
+            .enumerate()
+            .filter_map(|(at, r)| r.1.map(|cut| (at, cut)))
+            .collect();
+        let numbers: Vec<u64> = marks.iter().map(|m| m.1).collect();
+        let expected: Vec<u64> = cuts.iter().map(|c| c.number).collect();
+        assert!(
+            numbers == expected,
+            "{name}: {} MARKs for {} cuts, first difference at {:?}",
+            numbers.len(),
+            expected.len(),
+            numbers.iter().zip(&expected).position(|(a, b)| a != b)
+        );
+        for (&(at, number), cut) in marks.iter().zip(&cuts) {
+            assert_eq!(number, cut.number);
+            let before = ring[..at].iter().filter(|r| r.1.is_none());
+            let after = ring[at + 1..].iter().filter(|r| r.1.is_none());
+            assert!(
+                before.clone().all(|r| r.0 < cut.seq) && after.clone().all(|r| r.0 > cut.seq),
+                "{name}: cut {number} (seq {}) is not between the records below and above it",
+                cut.seq
+            );
+        }
+    }
+}
+
+#[test]
+fn a_restarted_producer_keeps_the_cuts_it_owes_and_a_new_member_starts_now() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock_path = dir.path().join("g.clock");
+    let clock = GroupClock::open_or_create(&clock_path).unwrap();
+    let mut a = Recorder::new(producer(dir.path(), "a.ring", &clock_path));
+    a.record(Op::Flush, 0, 0, &[], 0);
+    let first = clock.cut().unwrap();
+    drop(a);
+    // Cut while a's server is down: the restarted one records it first.
+    let second = clock.cut().unwrap();
+    let mut a = Recorder::new(producer(dir.path(), "a.ring", &clock_path));
+    a.record(Op::Flush, 0, 0, &[], 0);
+    let ring = read_ring(&dir.path().join("a.ring"));
+    let cuts: Vec<u64> = ring.iter().filter_map(|r| r.1).collect();
+    assert_eq!(cuts, [first.number, second.number]);
+    // A volume joining now owes no earlier cut.
+    let mut b = Recorder::new(producer(dir.path(), "b.ring", &clock_path));
+    b.record(Op::Flush, 0, 0, &[], 0);
+    let ring = read_ring(&dir.path().join("b.ring"));
+    assert!(ring.iter().all(|r| r.1.is_none()), "{ring:?}");
+    // Seqs of a ring that left the group and joins again keep growing.
+    let before = ring.last().unwrap().0;
+    drop(b);
+    let mut alone = Producer::create(
+        &dir.path().join("b.ring"),
+        &RingGeometry::new(16 << 20, DEVICE),
+    )
+    .unwrap();
+    alone.leave_group();
+    assert!(alone.take_seq().seq > before);
+}
