@@ -11,7 +11,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 const DEVICE: u64 = 1 << 20;
-const WRITES: u64 = 20_000;
+/// Cuts made while the volumes write.
+const CUTS: usize = 300;
+/// Records per volume at most, so the ring never fills (a full ring loses MARKs).
+const MAX_RECORDS: u64 = 200_000;
 
 /// What one ring holds, in ring order: (seq, group cut number if the record is a
 /// group-cut MARK).
@@ -50,30 +53,31 @@ fn every_ring_holds_each_cut_exactly_at_its_seq() {
         let (done, cuts) = (done.clone(), cuts.clone());
         let clock = GroupClock::open_or_create(&clock_path).unwrap();
         std::thread::spawn(move || {
-            while !done.load(Ordering::Relaxed) {
+            for _ in 0..CUTS {
                 cuts.lock().unwrap().push(clock.cut().unwrap());
-                std::thread::yield_now();
+                std::thread::sleep(std::time::Duration::from_micros(50));
             }
+            done.store(true, Ordering::Release);
         })
     };
     let writers: Vec<_> = recorders
         .into_iter()
         .enumerate()
         .map(|(i, mut recorder)| {
+            let done = done.clone();
             std::thread::spawn(move || {
                 // The third volume stays idle but for its housekeeping tick.
-                let writes = if i == 2 { 0 } else { WRITES };
-                for n in 0..writes {
-                    let data = [n as u8; 512];
-                    recorder.record(Op::Write, (n % 2048) * 512, 512, &data, 0);
+                let mut n = 0u64;
+                while i != 2 && !done.load(Ordering::Acquire) && n < MAX_RECORDS {
+                    recorder.record(Op::Write, (n % 2048) * 512, 8, &n.to_le_bytes(), 0);
+                    n += 1;
                 }
                 recorder
             })
         })
         .collect();
-    let mut recorders: Vec<Recorder> = writers.into_iter().map(|w| w.join().unwrap()).collect();
-    done.store(true, Ordering::Relaxed);
     coordinator.join().unwrap();
+    let mut recorders: Vec<Recorder> = writers.into_iter().map(|w| w.join().unwrap()).collect();
     // The idle producers' tick records the cuts made after their last request.
     for recorder in &mut recorders {
         recorder.serve_group_cuts();

@@ -1,0 +1,180 @@
+//! Consistency groups end to end: two volumes attached with one group clock, an
+//! application whose every write to volume B depends on the write to volume A it just
+//! finished, cuts made while it runs; after shipping and applying both, the recovery
+//! points of each cut, one per volume, must together be the group's state at the cut
+//! (every record of the group below the cut's seq, on both volumes) — so B never holds
+//! a write whose A write is missing.
+
+use blkfilter::capture::{Capture, Captured};
+use blkfilter::ring::{Cut, GroupClock, Producer, RingGeometry};
+use blkfilter::workload::WorkOp;
+use e2e::*;
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+const SIZE: u64 = 1 << 20;
+const BLOCK: u64 = 4096;
+const WRITES: u64 = 3000;
+
+fn grouped_capture(fixture: &Fixture, clock: &std::path::Path) -> Capture {
+    let mut producer =
+        Producer::create(&fixture.path("ring"), &RingGeometry::new(64 << 20, SIZE)).unwrap();
+    producer.join_group(GroupClock::open_or_create(clock).unwrap());
+    Capture::open(&fixture.path("backing"), producer, false).unwrap()
+}
+
+/// Write number `n`: block `n % blocks`, filled with `n`.
+fn write(n: u64) -> WorkOp {
+    let data = n.to_le_bytes().repeat((BLOCK / 8) as usize);
+    WorkOp::Write {
+        offset: n % (SIZE / BLOCK) * BLOCK,
+        data,
+    }
+}
+
+fn record(capture: &mut Capture, model: &mut Model, op: WorkOp) {
+    match capture.handle(op.as_request()).unwrap() {
+        Captured::Recorded(seq) => model.record(seq, op),
+        Captured::MarkedDirty(_) => panic!("the ring is sized not to overflow"),
+    }
+}
+
+/// The image of replica `name` at `point`.
+fn point_image(fixture: &Fixture, name: &str, point: u64) -> Vec<u8> {
+    let mut view = ublk_target::PointView::open(&fixture.replica_paths(name), point).unwrap();
+    let mut image = vec![0u8; SIZE as usize];
+    view.read_at(&mut image, 0).unwrap();
+    view.close().unwrap();
+    image
+}
+
+/// The image of `model` with every record below `seq`.
+fn model_image(model: &Model, seq: u64) -> Vec<u8> {
+    let mut replay = model.replayer();
+    replay.advance_to(seq);
+    replay.image
+}
+
+/// The newest write number an image holds (0 for none).
+fn newest_write(image: &[u8]) -> u64 {
+    image
+        .chunks(BLOCK as usize)
+        .map(|b| u64::from_le_bytes(b[..8].try_into().unwrap()))
+        .max()
+        .unwrap()
+}
+
+#[test]
+fn each_cut_is_one_crash_state_of_both_volumes() {
+    let (a, b) = (Fixture::new(SIZE), Fixture::new(SIZE));
+    let clock_path = a.path("group.clock");
+    let (mut capture_a, mut capture_b) = (
+        grouped_capture(&a, &clock_path),
+        grouped_capture(&b, &clock_path),
+    );
+    let done = Arc::new(AtomicBool::new(false));
+    let cutter = {
+        let (done, clock) = (done.clone(), GroupClock::open(&clock_path).unwrap());
+        std::thread::spawn(move || {
+            let mut cuts = Vec::<Cut>::new();
+            while !done.load(Ordering::Relaxed) {
+                cuts.push(clock.cut().unwrap());
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            cuts
+        })
+    };
+    let (mut model_a, mut model_b) = (Model::new(SIZE), Model::new(SIZE));
+    for n in 1..=WRITES {
+        // B's write is issued only after A's is acknowledged: it depends on it.
+        record(&mut capture_a, &mut model_a, write(n));
+        record(&mut capture_b, &mut model_b, write(n));
+    }
+    done.store(true, Ordering::Relaxed);
+    let cuts: BTreeMap<u32, u64> = cutter
+        .join()
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.number as u32, c.seq))
+        .collect();
+    // The housekeeping tick records the cuts made after each volume's last write.
+    capture_a.tick().unwrap();
+    capture_b.tick().unwrap();
+    for f in [&a, &b] {
+        f.ship_drained();
+        f.applier("replica", &f.key)
+            .unwrap()
+            .apply_available()
+            .unwrap();
+    }
+
+    let catalogs = vec![
+        (
+            "a".to_string(),
+            ublk_target::catalog(&a.replica_paths("replica")).unwrap(),
+        ),
+        (
+            "b".to_string(),
+            ublk_target::catalog(&b.replica_paths("replica")).unwrap(),
+        ),
+    ];
+    let common = ublk_target::group_cuts::common_points(&catalogs);
+    assert!(
+        common.len() >= 5 && common.len() == cuts.len(),
+        "{} group points for {} cuts",
+        common.len(),
+        cuts.len()
+    );
+    let mut mid_workload = 0;
+    for g in &common {
+        let seq = cuts[&g.cut];
+        let (point_a, point_b) = (g.points[0].1.index, g.points[1].1.index);
+        let image_a = point_image(&a, "replica", point_a);
+        let image_b = point_image(&b, "replica", point_b);
+        assert!(
+            image_a == model_image(&model_a, seq) && image_b == model_image(&model_b, seq),
+            "cut {}: a point {point_a} / b point {point_b} differ from the volumes' records below seq {seq}",
+            g.cut
+        );
+        // What the application sees: B's newest write never runs ahead of A's.
+        let (newest_a, newest_b) = (newest_write(&image_a), newest_write(&image_b));
+        assert!(
+            newest_b == newest_a || newest_b + 1 == newest_a,
+            "cut {}: B holds write {newest_b}, A only {newest_a}",
+            g.cut
+        );
+        if newest_a > 0 && newest_a < WRITES {
+            mid_workload += 1;
+        }
+    }
+    assert!(
+        mid_workload >= 3,
+        "only {mid_workload} cuts fell inside the workload"
+    );
+
+    // The CLI lists the same cuts, and a cut with no point is refused by name.
+    let out = Command::new(bin("ublk-target"))
+        .arg("group-points")
+        .arg("--replica")
+        .arg(a.path("replica"))
+        .arg("--replica")
+        .arg(b.path("replica"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(text.lines().count(), 1 + common.len(), "{text}");
+    let out = Command::new(bin("ublk-target"))
+        .args(["failover", "--test", "--group-cut", "999999", "--replica"])
+        .arg(a.path("replica"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("no recovery point at group cut 999999"),
+        "{err}"
+    );
+}
