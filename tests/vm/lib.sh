@@ -38,8 +38,9 @@ protect() {
   mkdir -p "$dir"
   truncate -s "$size" "$dir/backing"
   [ -f "$dir/key" ] || "$BIN/shipper" keygen --out "$dir/key" >/dev/null
+  # shellcheck disable=SC2086
   DEV=$("$BIN/blkfilter" attach --backing "$dir/backing" --ring "$dir/ring" --id "$id" \
-        --ring-mib "${RING_MIB:-256}" --log "$dir/blkfilter.log") || die "attach failed: $(tail -5 "$dir/blkfilter.log")"
+        --ring-mib "${RING_MIB:-256}" --log "$dir/blkfilter.log" ${ATTACH_OPTS:-}) || die "attach failed: $(tail -5 "$dir/blkfilter.log")"
   start_shipper "$dir"
 }
 
@@ -50,7 +51,7 @@ start_shipper() {
   # shellcheck disable=SC2086
   RUST_LOG=${RUST_LOG:-warn} "$BIN/shipper" run --volume vol0 --ring "$dir/ring" \
     --staging "$dir/staging" --store "$dir/store" --key "$dir/key" ${SYNC_OPT---no-initial-sync} \
-    --status "$dir/status.json" --max-segment-age-ms 200 --retry-unit-ms 10 \
+    --status "$dir/status.json" --max-segment-age-ms 200 --retry-unit-ms 10 ${SHIPPER_OPTS:-} \
     >>"$dir/shipper.log" 2>&1 &
   SHIPPER_PID=$!
 }

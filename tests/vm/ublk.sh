@@ -334,10 +334,45 @@ full_backing_is_resynced() {
   same_image $w
 }
 
+# Two devices in one consistency group: cuts made while fio writes to both reach the
+# recovery side as points of both volumes; the last cut, made once fio is done, brings
+# each volume up equal to its source.
+consistency_group_on_two_devices() {
+  local w=/tmp/t-group a b dev out cut shipper_a
+  a=$w/a b=$w/b
+  mkdir -p $w
+  ATTACH_OPTS="--group-clock $w/db.clock" protect $a 64M 0
+  shipper_a=$SHIPPER_PID
+  # One of the group's shippers cuts every 300 ms.
+  ATTACH_OPTS="--group-clock $w/db.clock" \
+    SHIPPER_OPTS="--group-clock $w/db.clock --group-cut-every-ms 300" protect $b 64M 1
+  "$BIN/blkfilter" list | grep -q "(group clock $w/db.clock)"
+  fio_job ga /dev/ublkb0 --rw=randwrite --bs=4k --iodepth=16 --size=64M --io_size=16M &
+  fio_job gb /dev/ublkb1 --rw=randwrite --bs=4k --iodepth=16 --size=64M --io_size=16M
+  wait $!
+  out=$("$BIN/shipper" group-cut $w/db.clock)
+  cut=$(echo "$out" | sed -n 's/^group cut \([0-9]*\) .*/\1/p')
+  [ -n "$cut" ] || { echo "$out"; return 1; }
+  sleep 0.5   # idle volumes record the cut from their 200 ms tick
+  SHIPPER_PID=$shipper_a finish $a 0
+  finish $b 1
+  out=$("$BIN/ublk-target" group-points --replica $a/replica --replica $b/replica)
+  echo "$out" | tail -3
+  [ "$(echo "$out" | awk 'NR > 1' | wc -l)" -ge 3 ]
+  echo "$out" | awk -v cut="$cut" 'NR > 1 && $1 == cut { found = 1 } END { exit !found }'
+  for v in a b; do
+    dev=$("$BIN/ublk-target" failover --test --replica $w/$v/replica --group-cut "$cut" --id 10 --log $w/view.log)
+    cmp "$dev" $w/$v/backing
+    "$BIN/ublk-target" failover --cleanup --id 10 >/dev/null
+  done
+  echo "group cut $cut: both volumes come up equal to their sources"
+}
+
 tests=("$@")
 [ ${#tests[@]} -gt 0 ] || tests=(fio_randwrite_and_seqwrite ext4_files kill9_blkfilter_mid_fio reattach_takes_back_a_dead_servers_device
   kill9_shipper_under_load overflow_then_resync_converges initial_replication_of_used_ext4_under_fio
-  full_backing_is_resynced points_and_test_failover failover_failback_round_trip bad_command_lines)
+  full_backing_is_resynced points_and_test_failover failover_failback_round_trip bad_command_lines
+  consistency_group_on_two_devices)
 for t in "${tests[@]}"; do run_test "$t"; done
 echo
 echo "ublk: $PASSED passed, $FAILED failed"
