@@ -177,4 +177,17 @@ fn each_cut_is_one_crash_state_of_both_volumes() {
         err.contains("no recovery point at group cut 999999"),
         "{err}"
     );
+    // A mistyped clock is named, not created.
+    let missing = a.path("no-such.clock");
+    let out = Command::new(bin("shipper"))
+        .arg("group-cut")
+        .arg(&missing)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("does not exist"),
+        "{err}"
+    );
+    assert!(!missing.exists());
 }

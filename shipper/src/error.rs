@@ -20,6 +20,11 @@ pub enum ShipperError {
     State { path: PathBuf, what: String },
     #[error("config {path}: {what}")]
     Config { path: PathBuf, what: String },
+    #[error(
+        "group clock {0} does not exist: attach the group's volumes with `blkfilter attach \
+         --group-clock {0}` first (the first of them creates it)"
+    )]
+    NoGroupClock(PathBuf),
     #[error("volume {volume} is Critical: {what}")]
     Critical { volume: String, what: String },
     /// `--drain` shipped all the ring held, but writes that left the ring another way

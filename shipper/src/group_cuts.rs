@@ -10,9 +10,9 @@
 //! often only adds segments. A cut is taken whether or not the volumes are busy: an
 //! idle volume records it from its housekeeping tick (every 200 ms).
 
-use crate::error::Result;
+use crate::error::{Result, ShipperError};
 use blkfilter::ring::{Cut, GroupClock};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -26,10 +26,12 @@ pub struct GroupCutSchedule {
     pub every: Duration,
 }
 
-/// Makes one cut through the clock at `clock` (created if missing, so a cut can be
-/// asked for before the volumes attach).
-pub fn cut_now(clock: &std::path::Path) -> Result<Cut> {
-    Ok(GroupClock::open_or_create(clock)?.cut()?)
+/// Makes one cut through the clock at `clock`, which the group's first volume created.
+pub fn cut_now(clock: &Path) -> Result<Cut> {
+    if !clock.exists() {
+        return Err(ShipperError::NoGroupClock(clock.into()));
+    }
+    Ok(GroupClock::open(clock)?.cut()?)
 }
 
 /// Cuts the group's clock every `schedule.every` until `done` is set. A clock that
