@@ -45,6 +45,7 @@
 //! rings' activity logs reserved ([`super::Producer::raise_next_seq`]).
 
 use super::layout::FIRST_SEQ;
+use super::shm::io_err;
 use super::RingError;
 use memmap2::{MmapOptions, MmapRaw};
 use std::fs::{File, OpenOptions};
@@ -95,14 +96,6 @@ pub struct Cut {
     /// Every record of the group with a lower seq is before the cut's MARK on its
     /// volume, every record with a higher one after it.
     pub seq: u64,
-}
-
-fn io_err<'a>(path: &'a Path, action: &'static str) -> impl FnOnce(io::Error) -> RingError + 'a {
-    move |source| RingError::Io {
-        path: path.to_owned(),
-        action,
-        source,
-    }
 }
 
 impl GroupClock {

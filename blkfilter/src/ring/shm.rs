@@ -41,7 +41,10 @@ pub struct Shm {
     _file: File,
 }
 
-fn io_err<'a>(path: &'a Path, action: &'static str) -> impl FnOnce(io::Error) -> RingError + 'a {
+pub(super) fn io_err<'a>(
+    path: &'a Path,
+    action: &'static str,
+) -> impl FnOnce(io::Error) -> RingError + 'a {
     move |source| RingError::Io {
         path: path.to_owned(),
         action,
