@@ -17,6 +17,8 @@ use std::sync::Arc;
 const SIZE: u64 = 1 << 20;
 const BLOCK: u64 = 4096;
 const WRITES: u64 = 3000;
+/// The workload cuts the group itself every this many writes.
+const CUT_EVERY: u64 = 200;
 
 fn grouped_capture(fixture: &Fixture, clock: &std::path::Path) -> Capture {
     let mut producer =
@@ -74,9 +76,13 @@ fn each_cut_is_one_crash_state_of_both_volumes() {
         grouped_capture(&a, &clock_path),
         grouped_capture(&b, &clock_path),
     );
+    // Cuts race with the writes from a thread of their own; the workload also cuts
+    // every CUT_EVERY writes, so some always fall inside it however threads are
+    // scheduled, half of them between a write to A and the write to B after it.
     let done = Arc::new(AtomicBool::new(false));
+    let clock = Arc::new(GroupClock::open(&clock_path).unwrap());
     let cutter = {
-        let (done, clock) = (done.clone(), GroupClock::open(&clock_path).unwrap());
+        let (done, clock) = (done.clone(), clock.clone());
         std::thread::spawn(move || {
             let mut cuts = Vec::<Cut>::new();
             while !done.load(Ordering::Relaxed) {
@@ -87,18 +93,21 @@ fn each_cut_is_one_crash_state_of_both_volumes() {
         })
     };
     let (mut model_a, mut model_b) = (Model::new(SIZE), Model::new(SIZE));
+    let mut cuts = Vec::new();
     for n in 1..=WRITES {
         // B's write is issued only after A's is acknowledged: it depends on it.
         record(&mut capture_a, &mut model_a, write(n));
+        if n % CUT_EVERY == 0 {
+            cuts.push(clock.cut().unwrap());
+        }
         record(&mut capture_b, &mut model_b, write(n));
+        if n % CUT_EVERY == CUT_EVERY / 2 {
+            cuts.push(clock.cut().unwrap());
+        }
     }
     done.store(true, Ordering::Relaxed);
-    let cuts: BTreeMap<u32, u64> = cutter
-        .join()
-        .unwrap()
-        .into_iter()
-        .map(|c| (c.number as u32, c.seq))
-        .collect();
+    cuts.extend(cutter.join().unwrap());
+    let cuts: BTreeMap<u64, u64> = cuts.into_iter().map(|c| (c.number, c.seq)).collect();
     // The housekeeping tick records the cuts made after each volume's last write.
     capture_a.tick().unwrap();
     capture_b.tick().unwrap();
@@ -121,32 +130,29 @@ fn each_cut_is_one_crash_state_of_both_volumes() {
         ),
     ];
     let common = ublk_target::group_cuts::common_points(&catalogs);
-    assert!(
-        common.len() >= 5 && common.len() == cuts.len(),
-        "{} group points for {} cuts",
-        common.len(),
-        cuts.len()
-    );
+    let covered: u64 = common.iter().map(|g| g.last - g.first + 1).sum();
+    assert_eq!(covered, cuts.len() as u64, "every cut is a group point");
     let mut mid_workload = 0;
     for g in &common {
-        let seq = cuts[&g.cut];
-        let (point_a, point_b) = (g.points[0].1.index, g.points[1].1.index);
-        let image_a = point_image(&a, "replica", point_a);
-        let image_b = point_image(&b, "replica", point_b);
-        assert!(
-            image_a == model_image(&model_a, seq) && image_b == model_image(&model_b, seq),
-            "cut {}: a point {point_a} / b point {point_b} differ from the volumes' records below seq {seq}",
-            g.cut
-        );
-        // What the application sees: B's newest write never runs ahead of A's.
-        let (newest_a, newest_b) = (newest_write(&image_a), newest_write(&image_b));
-        assert!(
-            newest_b == newest_a || newest_b + 1 == newest_a,
-            "cut {}: B holds write {newest_b}, A only {newest_a}",
-            g.cut
-        );
-        if newest_a > 0 && newest_a < WRITES {
-            mid_workload += 1;
+        for cut in g.first..=g.last {
+            let seq = cuts[&cut];
+            let (point_a, point_b) = (g.points[0].1.index, g.points[1].1.index);
+            let image_a = point_image(&a, "replica", point_a);
+            let image_b = point_image(&b, "replica", point_b);
+            assert!(
+                image_a == model_image(&model_a, seq) && image_b == model_image(&model_b, seq),
+                "cut {cut}: a point {point_a} / b point {point_b} differ from the volumes' \
+                 records below seq {seq}"
+            );
+            // What the application sees: B's newest write never runs ahead of A's.
+            let (newest_a, newest_b) = (newest_write(&image_a), newest_write(&image_b));
+            assert!(
+                newest_b == newest_a || newest_b + 1 == newest_a,
+                "cut {cut}: B holds write {newest_b}, A only {newest_a}"
+            );
+            if newest_a > 0 && newest_a < WRITES {
+                mid_workload += 1;
+            }
         }
     }
     assert!(
@@ -166,6 +172,7 @@ fn each_cut_is_one_crash_state_of_both_volumes() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert_eq!(text.lines().count(), 1 + common.len(), "{text}");
+    assert!(text.contains(&format!("{:016x}", clock.id())), "{text}");
     let out = Command::new(bin("ublk-target"))
         .args(["failover", "--test", "--group-cut", "999999", "--replica"])
         .arg(a.path("replica"))

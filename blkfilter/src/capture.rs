@@ -426,7 +426,7 @@ impl Recorder {
             }
         } else {
             // Every record before the restart is in the ring (or already staged).
-            log.unpin(ring.next_seq_peek().saturating_sub(1));
+            log.unpin(ring.own_next_seq().saturating_sub(1));
             if resync_interrupted(&ring) {
                 // Extents stay hot while a resync is pending, so the hot ones cover
                 // whatever the dead pass took from the bitmap.
@@ -772,10 +772,10 @@ impl Recorder {
                     log::error!("{e}");
                 }
             }
-            let Some(cut) = taken.group_cut else {
+            let Some(cuts) = taken.group_cut else {
                 return taken.seq;
             };
-            let label = changelog::record::group_cut_label(cut);
+            let label = cuts.encode();
             let label = label.as_bytes();
             let outcome = self.push(
                 taken.seq,
@@ -785,8 +785,8 @@ impl Recorder {
                 label,
                 MARK_GROUP_CUT,
             );
-            self.ring.group_cut_recorded(cut);
-            log::debug!("group cut {cut}: {outcome:?}");
+            self.ring.group_cut_recorded(cuts.last);
+            log::debug!("group cuts {}..={}: {outcome:?}", cuts.first, cuts.last);
         }
     }
 

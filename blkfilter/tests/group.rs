@@ -4,8 +4,8 @@
 
 use blkfilter::capture::Recorder;
 use blkfilter::ring::{Consumer, Cut, GroupClock, Producer, RingGeometry};
-use changelog::record::{parse_group_cut_label, MARK_GROUP_CUT};
-use changelog::Op;
+use changelog::record::MARK_GROUP_CUT;
+use changelog::{GroupCutLabel, Op};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,15 +16,15 @@ const CUTS: usize = 300;
 /// Records per volume at most, so the ring never fills (a full ring loses MARKs).
 const MAX_RECORDS: u64 = 200_000;
 
-/// What one ring holds, in ring order: (seq, group cut number if the record is a
-/// group-cut MARK).
-fn read_ring(path: &Path) -> Vec<(u64, Option<u64>)> {
+/// What one ring holds, in ring order: (seq, the cuts if the record is a group-cut
+/// MARK).
+fn read_ring(path: &Path) -> Vec<(u64, Option<GroupCutLabel>)> {
     let consumer = Consumer::open(path).unwrap();
     let mut pos = consumer.released();
     let mut out = Vec::new();
     while let Some((rec, next)) = consumer.peek(pos).unwrap() {
         let cut = (rec.op == Op::Mark && rec.flags & MARK_GROUP_CUT != 0)
-            .then(|| parse_group_cut_label(rec.data).expect("a group-cut label"));
+            .then(|| GroupCutLabel::parse(rec.data).expect("a group-cut label"));
         out.push((rec.seq, cut));
         pos = next;
     }
@@ -95,30 +95,38 @@ fn every_ring_holds_each_cut_exactly_at_its_seq() {
             seqs.windows(2).all(|w| w[0] < w[1]),
             "{name}: seqs not increasing"
         );
-        let marks: Vec<(usize, u64)> = ring
+        // Every cut, in order, in exactly one MARK; each MARK between the records
+        // below and above the seq of every cut it stands for.
+        let mut next_cut = 1;
+        for (at, label) in ring
             .iter()
             .enumerate()
-            .filter_map(|(at, r)| r.1.map(|cut| (at, cut)))
-            .collect();
-        let numbers: Vec<u64> = marks.iter().map(|m| m.1).collect();
-        let expected: Vec<u64> = cuts.iter().map(|c| c.number).collect();
-        assert!(
-            numbers == expected,
-            "{name}: {} MARKs for {} cuts, first difference at {:?}",
-            numbers.len(),
-            expected.len(),
-            numbers.iter().zip(&expected).position(|(a, b)| a != b)
-        );
-        for (&(at, number), cut) in marks.iter().zip(&cuts) {
-            assert_eq!(number, cut.number);
-            let before = ring[..at].iter().filter(|r| r.1.is_none());
-            let after = ring[at + 1..].iter().filter(|r| r.1.is_none());
-            assert!(
-                before.clone().all(|r| r.0 < cut.seq) && after.clone().all(|r| r.0 > cut.seq),
-                "{name}: cut {number} (seq {}) is not between the records below and above it",
-                cut.seq
-            );
+            .filter_map(|(at, r)| Some((at, r.1?)))
+        {
+            assert_eq!(label.first, next_cut, "{name}: cuts skipped or repeated");
+            next_cut = label.last + 1;
+            let records = |range: &[(u64, Option<GroupCutLabel>)]| {
+                range
+                    .iter()
+                    .filter(|r| r.1.is_none())
+                    .map(|r| r.0)
+                    .collect::<Vec<_>>()
+            };
+            let (before, after) = (records(&ring[..at]), records(&ring[at + 1..]));
+            for cut in &cuts[label.first as usize - 1..label.last as usize] {
+                assert!(
+                    before.iter().all(|&s| s < cut.seq) && after.iter().all(|&s| s > cut.seq),
+                    "{name}: cut {} (seq {}) is not between the records below and above it",
+                    cut.number,
+                    cut.seq
+                );
+            }
         }
+        assert_eq!(
+            next_cut,
+            cuts.len() as u64 + 1,
+            "{name}: cuts missing at the end"
+        );
     }
 }
 
@@ -136,8 +144,26 @@ fn a_restarted_producer_keeps_the_cuts_it_owes_and_a_new_member_starts_now() {
     let mut a = Recorder::new(producer(dir.path(), "a.ring", &clock_path));
     a.record(Op::Flush, 0, 0, &[], 0);
     let ring = read_ring(&dir.path().join("a.ring"));
-    let cuts: Vec<u64> = ring.iter().filter_map(|r| r.1).collect();
-    assert_eq!(cuts, [first.number, second.number]);
+    let cuts: Vec<(u64, u64)> = ring
+        .iter()
+        .filter_map(|r| r.1.map(|l| (l.first, l.last)))
+        .collect();
+    // Cut 1 came after a's last request, cut 2 while it was down: one MARK for both.
+    assert_eq!(cuts, [(first.number, second.number)]);
+    // Down through more cuts than the clock's word counts (2^16): one MARK, all of them.
+    drop(a);
+    for _ in 0..70_000 {
+        clock.cut().unwrap();
+    }
+    let mut a = Recorder::new(producer(dir.path(), "a.ring", &clock_path));
+    a.record(Op::Flush, 0, 0, &[], 0);
+    let last = read_ring(&dir.path().join("a.ring"))
+        .iter()
+        .filter_map(|r| r.1)
+        .next_back()
+        .unwrap();
+    assert_eq!((last.first, last.last), (3, 70_002));
+    assert_eq!(last.clock, clock.id());
     // A volume joining now owes no earlier cut.
     let mut b = Recorder::new(producer(dir.path(), "b.ring", &clock_path));
     b.record(Op::Flush, 0, 0, &[], 0);

@@ -19,7 +19,7 @@
 //! | 93 | 1 | cipher: 1 = AES-256-GCM |
 //! | 94 | 2 | reserved, 0 |
 //! | 96 | 12 | nonce = epoch (8, LE) ‖ index (4, LE) |
-//! | 108 | 4 | group cut: with [`flags::GROUP_MARK`], the number of the consistency-group cut the segment ends at (≥ 1); else 0 |
+//! | 108 | 4 | reserved, 0 |
 //! | 112 | 8 | key id (see [`crate::Key::id`]) |
 //! | 120 | 8 | plain length: the record bytes before compression |
 //! | 128 | 8 | body length: the stored (compressed, encrypted) bytes; the 16-byte tag follows |
@@ -62,9 +62,10 @@ pub mod flags {
     pub const CRASH_POINT: u32 = 4;
     /// The segment ends with an application-consistent MARK.
     pub const APP_CONSISTENT: u32 = 8;
-    /// The segment ends at a consistency-group cut (its number is the header's
-    /// `group_cut`): every volume of the group has a segment ending at the same cut,
-    /// and together their states are one the group could have had after a power cut.
+    /// The segment ends with a consistency-group cut's MARK (its label,
+    /// [`crate::record::GroupCutLabel`], names the cuts): every volume of the group has
+    /// a segment ending at the same cut, and together their states are one the group
+    /// could have had after a power cut.
     pub const GROUP_MARK: u32 = 16;
     /// The segment continues its volume's chain under a new protection epoch: its
     /// epoch differs from its predecessor's, whose digest it links to as usual. The
@@ -94,8 +95,6 @@ pub struct SegmentHeader {
     pub plain_len: u64,
     pub body_len: u64,
     pub prev_digest: Digest32,
-    /// The consistency-group cut this segment ends at (with [`flags::GROUP_MARK`]), else 0.
-    pub group_cut: u32,
 }
 
 /// The AES-GCM nonce of segment `index` in `epoch`. Unique under one key as long as
@@ -133,7 +132,6 @@ impl SegmentHeader {
         h[92] = self.codec;
         h[93] = self.cipher;
         h[96..108].copy_from_slice(&self.nonce());
-        h[108..112].copy_from_slice(&self.group_cut.to_le_bytes());
         h[112..120].copy_from_slice(&self.key_id);
         h[120..128].copy_from_slice(&self.plain_len.to_le_bytes());
         h[128..136].copy_from_slice(&self.body_len.to_le_bytes());
@@ -199,7 +197,6 @@ impl SegmentHeader {
             prev_digest: h[PREV_DIGEST_AT..PREV_DIGEST_AT + 32]
                 .try_into()
                 .expect("32"),
-            group_cut: u32_at(108),
         };
         let problem = if header.flags & !flags::ALL != 0 {
             Some(format!("unknown flags {:#x}", header.flags & !flags::ALL))
@@ -207,13 +204,8 @@ impl SegmentHeader {
             Some(format!("unknown codec {}", header.codec))
         } else if header.cipher != CIPHER_AES256GCM {
             Some(format!("unknown cipher {}", header.cipher))
-        } else if h[94..96] != [0, 0] || h[168..184] != [0; 16] {
+        } else if h[94..96] != [0, 0] || h[108..112] != [0; 4] || h[168..184] != [0; 16] {
             Some("reserved bytes are not zero".into())
-        } else if (header.flags & flags::GROUP_MARK != 0) != (header.group_cut != 0) {
-            Some(format!(
-                "group cut {} does not match the group-mark flag",
-                header.group_cut
-            ))
         } else if h[96..108] != header.nonce() {
             Some("nonce does not match epoch and index".into())
         } else if header.record_count == 0 || header.first_seq > header.last_seq {

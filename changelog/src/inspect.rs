@@ -49,9 +49,6 @@ pub fn inspect(bytes: Vec<u8>, name: &str, key: Option<&Key>) -> Result<String> 
     );
     let _ = writeln!(out, "created      {} ms since epoch", h.created_unix_ms);
     let _ = writeln!(out, "flags        {}", flag_names(h.flags));
-    if h.group_cut != 0 {
-        let _ = writeln!(out, "group cut    {}", h.group_cut);
-    }
     let _ = writeln!(
         out,
         "body         {} bytes {codec}, {} plain, AES-256-GCM key id {}",

@@ -24,7 +24,7 @@ pub mod volume;
 pub use error::{Error, Result};
 pub use header::{flags, Digest32, SegmentHeader};
 pub use key::Key;
-pub use record::{Op, RecordRef};
+pub use record::{GroupCutLabel, Op, RecordRef};
 pub use segment::{
     open, read_info, seal, seal_owned, ChainCursor, LinkedSegment, OpenedSegment, PlainSegment,
     SealParams,

@@ -33,23 +33,46 @@ pub const MARK_RESYNC_DONE: u8 = 2;
 /// digests must describe a replica holding every record up to this one.
 pub const MARK_RESYNC_BEGIN: u8 = 4;
 
-/// `flags` bit of a MARK record: a consistency-group cut. Its payload is
-/// [`group_cut_label`]: every record of the group with a lower seq than the cut's lies
+/// `flags` bit of a MARK record: a consistency-group cut. Its payload is a
+/// [`GroupCutLabel`]: every record of the group with a lower seq than the cut's lies
 /// before it on each volume, every higher one after (see blkfilter's `ring::group`).
 pub const MARK_GROUP_CUT: u8 = 8;
 
-/// The payload of the MARK of group cut `cut`.
-pub fn group_cut_label(cut: u64) -> String {
-    format!("group-cut {cut}")
+/// What a group-cut MARK stands for: cuts `first..=last` of group clock `clock` (one
+/// MARK covers several cuts when a volume had no request between them; they all fall
+/// at the same place in its stream). Encoded as the text
+/// `group-cut <clock:016x> <first> <last>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct GroupCutLabel {
+    /// The clock's random id: cut numbers start at 1 again with a new clock (after a
+    /// reboot), so a cut is known by both.
+    pub clock: u64,
+    pub first: u64,
+    pub last: u64,
 }
 
-/// The cut number of a group-cut MARK's payload; `None` if it is not one.
-pub fn parse_group_cut_label(payload: &[u8]) -> Option<u64> {
-    std::str::from_utf8(payload)
-        .ok()?
-        .strip_prefix("group-cut ")?
-        .parse()
-        .ok()
+impl GroupCutLabel {
+    pub fn encode(&self) -> String {
+        format!("group-cut {:016x} {} {}", self.clock, self.first, self.last)
+    }
+
+    /// `None` if `payload` is not a well-formed label.
+    pub fn parse(payload: &[u8]) -> Option<GroupCutLabel> {
+        let text = std::str::from_utf8(payload)
+            .ok()?
+            .strip_prefix("group-cut ")?;
+        let mut fields = text.split(' ');
+        let label = GroupCutLabel {
+            clock: u64::from_str_radix(fields.next()?, 16).ok()?,
+            first: fields.next()?.parse().ok()?,
+            last: fields.next()?.parse().ok()?,
+        };
+        (fields.next().is_none() && 0 < label.first && label.first <= label.last).then_some(label)
+    }
+
+    pub fn contains(&self, cut: u64) -> bool {
+        (self.first..=self.last).contains(&cut)
+    }
 }
 
 /// The kind of a record. The discriminants are the on-disk (and in-ring) codes.
@@ -209,6 +232,26 @@ impl<'a> Iterator for RecordDecoder<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn group_cut_labels_round_trip_and_garbage_is_refused() {
+        let label = GroupCutLabel {
+            clock: 0xfeed,
+            first: 3,
+            last: 5,
+        };
+        assert_eq!(label.encode(), "group-cut 000000000000feed 3 5");
+        assert_eq!(GroupCutLabel::parse(label.encode().as_bytes()), Some(label));
+        for bad in [
+            "group-cut feed 5 3",
+            "group-cut feed 0 1",
+            "group-cut feed 1",
+            "operator-mark",
+            "group-cut feed 1 2 3",
+        ] {
+            assert_eq!(GroupCutLabel::parse(bad.as_bytes()), None, "{bad}");
+        }
+    }
 
     #[test]
     fn encode_decode_each_op() {

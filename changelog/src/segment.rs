@@ -36,8 +36,6 @@ pub struct PlainSegment {
     pub record_count: u32,
     /// Header flags ([`flags`]) to seal with.
     pub flags: u32,
-    /// The consistency-group cut the segment ends at; set with [`flags::GROUP_MARK`].
-    pub group_cut: u32,
 }
 
 impl PlainSegment {
@@ -64,7 +62,6 @@ impl PlainSegment {
             last_seq,
             record_count,
             flags: 0,
-            group_cut: 0,
         }
     }
 
@@ -245,7 +242,6 @@ fn encrypt(
         plain_len: plain_len as u64,
         body_len: (bytes.len() - HEADER_LEN) as u64,
         prev_digest: [0; 32],
-        group_cut: plain.group_cut,
     };
     let encoded = header.encode();
     let tag = cipher(key)

@@ -24,9 +24,10 @@
 //! id = "vol0"
 //! ring = "/dev/shm/ublk-dr/vol0.ring"
 //!
-//! [[group]]                              # optional: a consistency group whose volumes
-//! clock = "/dev/shm/ublk-dr/db.clock"    # were attached with this --group-clock;
-//! cut_every_ms = 5000                    # cut it this often (see group_cuts)
+//! [[group]]                              # optional: a consistency group, its volumes
+//! clock = "/dev/shm/ublk-dr/db.clock"    # attached with this --group-clock; cut this
+//! volumes = ["vol0", "vol1"]             # often (see group_cuts) by the shipper that
+//! cut_every_ms = 5000                    # ships the first of them
 //! ```
 
 use crate::error::{Result, ShipperError};
@@ -78,6 +79,9 @@ pub struct ConfigFile {
 #[serde(deny_unknown_fields)]
 pub struct GroupEntry {
     pub clock: PathBuf,
+    /// The group's volumes (ids of `[[volume]]` tables). The shipper that ships the
+    /// first one cuts the group, so one-shipper-per-volume services cut it once.
+    pub volumes: Vec<VolumeId>,
     #[serde(default = "default_cut_every")]
     pub cut_every_ms: u64,
 }
@@ -181,8 +185,23 @@ impl ConfigFile {
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be greater than 0"));
         }
-        if self.groups.iter().any(|g| g.cut_every_ms == 0) {
-            return Err("cut_every_ms of a [[group]] must be greater than 0".into());
+        for g in &self.groups {
+            let clock = g.clock.display();
+            if g.cut_every_ms == 0 {
+                return Err(format!(
+                    "[[group]] {clock}: cut_every_ms must be greater than 0"
+                ));
+            }
+            if g.volumes.len() < 2 {
+                return Err(format!(
+                    "[[group]] {clock}: a consistency group needs at least two volumes"
+                ));
+            }
+            if let Some(v) = g.volumes.iter().find(|v| !seen.contains(v)) {
+                return Err(format!(
+                    "[[group]] {clock}: volume {v} has no [[volume]] table"
+                ));
+            }
         }
         resync_block_bytes(self.resync_block_kib)?;
         crate::backlog::check_percent(self.backlog_resync_percent)?;
@@ -224,10 +243,12 @@ impl ConfigFile {
             .collect())
     }
 
-    /// The groups to cut, and how often.
-    pub fn group_cuts(&self) -> Vec<crate::group_cuts::GroupCutSchedule> {
+    /// The groups to cut, and how often: all of them, or with `only` (a shipper of one
+    /// volume) those whose first volume it is.
+    pub fn group_cuts(&self, only: Option<&VolumeId>) -> Vec<crate::group_cuts::GroupCutSchedule> {
         self.groups
             .iter()
+            .filter(|g| only.is_none_or(|v| g.volumes.first() == Some(v)))
             .map(|g| crate::group_cuts::GroupCutSchedule {
                 clock: g.clock.clone(),
                 every: Duration::from_millis(g.cut_every_ms),
@@ -276,17 +297,24 @@ ring = "/r1"
             c.status_path(&c.volumes[1].id),
             PathBuf::from("/run/ublk-dr/vol1.status.json")
         );
-        assert!(c.group_cuts().is_empty());
+        assert!(c.group_cuts(None).is_empty());
         let grouped = format!(
-            "{GOOD}[[group]]\nclock = \"/g\"\n[[group]]\nclock = \"/h\"\ncut_every_ms = 250\n"
+            "{GOOD}[[group]]\nclock = \"/g\"\nvolumes = [\"vol0\", \"vol1\"]\n\
+             [[group]]\nclock = \"/h\"\nvolumes = [\"vol1\", \"vol0\"]\ncut_every_ms = 250\n"
         );
-        let cuts = ConfigFile::parse(&grouped).unwrap().group_cuts();
+        let grouped = ConfigFile::parse(&grouped).unwrap();
+        let cuts = grouped.group_cuts(None);
         assert_eq!(
             cuts.iter()
                 .map(|g| (g.clock.to_str().unwrap(), g.every.as_millis()))
                 .collect::<Vec<_>>(),
             [("/g", 5000), ("/h", 250)]
         );
+        // A shipper of one volume cuts the groups that volume comes first in.
+        let vol1 = VolumeId::new("vol1").unwrap();
+        let mine = grouped.group_cuts(Some(&vol1));
+        assert_eq!(mine.len(), 1);
+        assert_eq!(mine[0].clock, PathBuf::from("/h"));
     }
 
     #[test]
@@ -330,10 +358,18 @@ ring = "/r1"
                 "backlog_resync_percent",
             ),
             (
-                format!("{GOOD}[[group]]\nclock = \"/g\"\ncut_every_ms = 0\n"),
-                "cut_every_ms of a [[group]] must be",
+                format!("{GOOD}[[group]]\nclock = \"/g\"\nvolumes = [\"vol0\", \"vol1\"]\ncut_every_ms = 0\n"),
+                "cut_every_ms must be greater",
             ),
             (format!("{GOOD}[[group]]\nclok = \"/g\"\n"), "clok"),
+            (
+                format!("{GOOD}[[group]]\nclock = \"/g\"\nvolumes = [\"vol0\"]\n"),
+                "needs at least two volumes",
+            ),
+            (
+                format!("{GOOD}[[group]]\nclock = \"/g\"\nvolumes = [\"vol0\", \"vol9\"]\n"),
+                "volume vol9 has no [[volume]] table",
+            ),
         ];
         for (text, expect) in cases {
             let err = ConfigFile::parse(&text).expect_err(&text);

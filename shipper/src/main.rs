@@ -52,19 +52,20 @@ enum Command {
         #[arg(long)]
         watch: bool,
     },
-    /// Record a MARK in a volume's change stream: a recovery point to fail over to.
-    ///
-    /// With --app-consistent, the point is flagged application-consistent: run --pre,
-    /// freeze each --freeze mount point (FIFREEZE), record the MARK, thaw, run --post.
     /// Cut a consistency group now: every volume attached with this group clock
     /// (`blkfilter attach --group-clock`) records a MARK at the same instant of the
     /// group's sequence clock, and the recovery side gets one recovery point per volume
     /// with this cut's number (`ublk-target group-points`). Busy volumes record it with
-    /// their next write, idle ones within 200 ms. `shipper run` cuts on a schedule.
+    /// their next write, idle ones at their next housekeeping tick (200 ms), one whose
+    /// blkfilter is down once it is back. `shipper run` cuts on a schedule.
     GroupCut {
         /// The group clock file (e.g. /dev/shm/ublk-dr/db.clock).
         clock: PathBuf,
     },
+    /// Record a MARK in a volume's change stream: a recovery point to fail over to.
+    ///
+    /// With --app-consistent, the point is flagged application-consistent: run --pre,
+    /// freeze each --freeze mount point (FIFREEZE), record the MARK, thaw, run --post.
     Mark {
         #[command(flatten)]
         ring: RingArgs,
@@ -189,7 +190,7 @@ struct RunArgs {
     #[arg(long, value_name = "PATH", conflicts_with = "config")]
     group_clock: Option<PathBuf>,
     /// Time between two group cuts, in ms.
-    #[arg(long, default_value_t = shipper::group_cuts::DEFAULT_CUT_EVERY.as_millis() as u64,
+    #[arg(long, requires = "group_clock", default_value_t = shipper::group_cuts::DEFAULT_CUT_EVERY.as_millis() as u64,
           value_parser = clap::value_parser!(u64).range(1..))]
     group_cut_every_ms: u64,
 }
@@ -339,7 +340,7 @@ fn ship(args: RunArgs) -> Result<()> {
     let (mut configs, store) = match &args.config {
         Some(path) => {
             let file = ConfigFile::load(path)?;
-            group_cuts = file.group_cuts();
+            group_cuts = file.group_cuts(args.volume.as_ref());
             (file.pipelines()?, file.store.clone())
         }
         None => {

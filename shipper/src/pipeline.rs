@@ -30,12 +30,11 @@ use crate::priority::{CpuPriority, Priority, ThreadPriority};
 use crate::retry::RetrySchedule;
 use crate::status::Status;
 use blkfilter::ring::Consumer;
-use changelog::record::{
-    parse_group_cut_label, MARK_APP_CONSISTENT, MARK_GROUP_CUT, MARK_RESYNC_DONE,
-};
+use changelog::record::{MARK_APP_CONSISTENT, MARK_GROUP_CUT, MARK_RESYNC_DONE};
 use changelog::segment::{seal_owned, SealParams, SealedSegment};
 use changelog::store::{list_segment_dir, segment_file_name};
 use changelog::uring::{sync_dir, write_file_atomic, Uring};
+use changelog::GroupCutLabel;
 use changelog::{flags, unix_ms_now, ChainCursor, Key, Op, PlainSegment, TargetStore, VolumeId};
 use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 use std::collections::BTreeMap;
@@ -582,16 +581,14 @@ fn read_ring(
                 }
                 if record.op == Op::Mark && record.flags & MARK_GROUP_CUT != 0 {
                     // The MARK ends this segment: its end is the group's cut.
-                    match parse_group_cut_label(record.data).and_then(|n| u32::try_from(n).ok()) {
-                        Some(cut) if cut > 0 => {
-                            plain.flags |= flags::GROUP_MARK;
-                            plain.group_cut = cut;
-                        }
-                        _ => log::warn!(
+                    if GroupCutLabel::parse(record.data).is_some() {
+                        plain.flags |= flags::GROUP_MARK;
+                    } else {
+                        log::warn!(
                             "seq {}: a group-cut MARK with an unusable label {:?}",
                             record.seq,
                             String::from_utf8_lossy(record.data)
-                        ),
+                        );
                     }
                 }
                 plain.push(&record);

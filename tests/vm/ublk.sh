@@ -353,13 +353,15 @@ consistency_group_on_two_devices() {
   out=$("$BIN/shipper" group-cut $w/db.clock)
   cut=$(echo "$out" | sed -n 's/^group cut \([0-9]*\) .*/\1/p')
   [ -n "$cut" ] || { echo "$out"; return 1; }
-  sleep 0.5   # idle volumes record the cut from their 200 ms tick
+  sleep 2     # idle volumes record the cut from their 200 ms housekeeping tick
   SHIPPER_PID=$shipper_a finish $a 0
   finish $b 1
   out=$("$BIN/ublk-target" group-points --replica $a/replica --replica $b/replica)
   echo "$out" | tail -3
-  [ "$(echo "$out" | awk 'NR > 1' | wc -l)" -ge 3 ]
-  echo "$out" | awk -v cut="$cut" 'NR > 1 && $1 == cut { found = 1 } END { exit !found }'
+  # Rows are cuts, or runs of cuts with the same points ("7..=9"); fio's run gave several.
+  [ "$(echo "$out" | awk 'NR > 1' | wc -l)" -ge 2 ]
+  echo "$out" | awk -v cut="$cut" 'NR > 1 { n = split($1, r, /\.\.=/); if (cut >= r[1] && cut <= r[n]) found = 1 }
+                                   END { exit !found }'
   for v in a b; do
     dev=$("$BIN/ublk-target" failover --test --replica $w/$v/replica --group-cut "$cut" --id 10 --log $w/view.log)
     cmp "$dev" $w/$v/backing

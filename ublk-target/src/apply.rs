@@ -277,8 +277,8 @@ impl Applier {
         self.times.undo_save += saved.save;
         let bytes_written = self.write_records(&segment)?;
         let t = Instant::now();
-        if segment.header.flags & changelog::flags::GROUP_MARK != 0 {
-            crate::group_cuts::record(&self.paths.journal, index, segment.header.group_cut)?;
+        if let Some(cuts) = crate::group_cuts::segment_cuts(&segment) {
+            crate::group_cuts::record(&self.paths.journal, index, &cuts)?;
         }
         self.state.cursor.advance(&segment.header, segment.digest);
         self.state.last = Some(PointFacts::from_header(&segment.header));

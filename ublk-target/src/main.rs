@@ -90,7 +90,7 @@ enum Command {
     /// volume over to its point of one cut (`failover VOLUME --group-cut N`) gives the
     /// whole group as it was at one instant, as after a power cut of all of them.
     GroupPoints {
-        /// The group's volumes, by id in the config file.
+        /// The group's volumes, by id in the config file (at least two, with --replica).
         #[arg(value_name = "VOLUME", required_unless_present = "replica")]
         volumes: Vec<VolumeId>,
         /// The recovery side's config file, for the VOLUMEs.
@@ -146,7 +146,7 @@ enum Command {
         /// The volume's recovery point at this consistency-group cut (see
         /// `ublk-target group-points`), instead of --point.
         #[arg(long, value_name = "N", conflicts_with_all = ["point", "cleanup"])]
-        group_cut: Option<u32>,
+        group_cut: Option<u64>,
         /// Test failover: a disposable view, nothing changes.
         #[arg(long, conflicts_with_all = ["ring", "cleanup"])]
         test: bool,
@@ -247,6 +247,34 @@ struct ReplicaArgs {
     /// Undo journal directory [default: the config's, or REPLICA.journal].
     #[arg(long)]
     journal: Option<PathBuf>,
+}
+
+/// The point of `catalog` at group cut `cut`, refusing a cut that has none or is
+/// ambiguous (the same number under two clocks: numbers start again with a new clock).
+fn point_at_group_cut(
+    catalog: &ublk_target::Catalog,
+    cut: u64,
+    replica: &std::path::Path,
+) -> Result<u64> {
+    match ublk_target::group_cuts::points_at(catalog, cut, None)[..] {
+        [(_, point)] => Ok(point),
+        [] => anyhow::bail!(
+            "{} has no recovery point at group cut {cut}; see `ublk-target group-points` for \
+             the cuts every volume of the group has",
+            replica.display()
+        ),
+        ref several => anyhow::bail!(
+            "group cut {cut} exists under {} group clocks here (cut numbers start again with \
+             a new clock, e.g. after a reboot): points {}; see `ublk-target group-points` \
+             and give --point",
+            several.len(),
+            several
+                .iter()
+                .map(|(clock, p)| format!("{p} (clock {clock:016x})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
 }
 
 /// Where `ublk-target` looks for VOLUME's replica without --config (the systemd unit's).
@@ -519,6 +547,11 @@ fn run(cli: Cli) -> Result<()> {
             for r in replica {
                 members.push((r.display().to_string(), ReplicaPaths::new(r)));
             }
+            anyhow::ensure!(
+                members.len() >= 2,
+                "a consistency group has at least two volumes: name them all \
+                 (`ublk-target points` lists one volume's points and cuts)"
+            );
             let mut catalogs = Vec::new();
             for (name, paths) in members {
                 require_applied(&paths)?;
@@ -623,29 +656,14 @@ fn run(cli: Cli) -> Result<()> {
             let paths = replica.paths()?;
             require_applied(&paths)?;
             let catalog = ublk_target::catalog(&paths)?;
-            let point =
-                match (point, group_cut) {
-                    (Some(p), _) => p,
-                    (None, Some(cut)) => {
-                        catalog.find_cut(cut).map(|p| p.index).with_context(|| {
-                            let cuts: Vec<String> = catalog
-                                .points
-                                .iter()
-                                .filter_map(|p| p.group_cut.map(|c| c.to_string()))
-                                .collect();
-                            format!(
-                        "{} has no recovery point at group cut {cut} (cuts with a point: {}); \
-                         see `ublk-target group-points`",
-                        paths.replica.display(),
-                        if cuts.is_empty() { "none".into() } else { cuts.join(", ") }
-                    )
-                        })?
-                    }
-                    (None, None) => catalog
-                        .latest_point()
-                        .map(|p| p.index)
-                        .context("the replica has no recovery point yet")?,
-                };
+            let point = match (point, group_cut) {
+                (Some(p), _) => p,
+                (None, Some(cut)) => point_at_group_cut(&catalog, cut, &paths.replica)?,
+                (None, None) => catalog
+                    .latest_point()
+                    .map(|p| p.index)
+                    .context("the replica has no recovery point yet")?,
+            };
             if test {
                 return test_failover(&paths, point, id.unwrap_or(-1), foreground, &log);
             }

@@ -43,8 +43,8 @@ pub struct RecoveryPoint {
     pub app_consistent: bool,
     /// The replica is at this point: serving it needs no journal.
     pub latest: bool,
-    /// The consistency-group cut the point is at, if any (see [`crate::group_cuts`]).
-    pub group_cut: Option<u32>,
+    /// The consistency-group cuts the point is at, if any (see [`crate::group_cuts`]).
+    pub group_cuts: Option<changelog::GroupCutLabel>,
 }
 
 impl RecoveryPoint {
@@ -57,7 +57,7 @@ impl RecoveryPoint {
             crash_consistent: facts.is_crash_point(),
             app_consistent: facts.is_app_consistent(),
             latest,
-            group_cut: None,
+            group_cuts: None,
         }
     }
 }
@@ -97,11 +97,6 @@ pub struct Catalog {
 impl Catalog {
     pub fn find(&self, point: u64) -> Option<&RecoveryPoint> {
         self.points.iter().find(|p| p.index == point)
-    }
-
-    /// The point at group cut `cut`.
-    pub fn find_cut(&self, cut: u32) -> Option<&RecoveryPoint> {
-        self.points.iter().find(|p| p.group_cut == Some(cut))
     }
 
     pub fn latest_point(&self) -> Option<&RecoveryPoint> {
@@ -155,8 +150,11 @@ impl Catalog {
             if p.app_consistent {
                 kind.push_str(", app");
             }
-            if let Some(cut) = p.group_cut {
-                kind.push_str(&format!(", group cut {cut}"));
+            if let Some(c) = &p.group_cuts {
+                kind.push_str(&match c.first == c.last {
+                    true => format!(", group cut {}", c.first),
+                    false => format!(", group cuts {}..={}", c.first, c.last),
+                });
             }
             if p.latest {
                 kind.push_str(" (latest, on the replica)");
@@ -269,7 +267,7 @@ pub fn catalog(paths: &ReplicaPaths) -> Result<Catalog> {
     points.reverse();
     let cuts = crate::group_cuts::load(&paths.journal)?;
     for p in &mut points {
-        p.group_cut = cuts.get(&p.index).copied();
+        p.group_cuts = cuts.get(&p.index).copied();
     }
     catalog.points = points;
     catalog.unused_journals = present
@@ -489,6 +487,7 @@ pub(crate) fn prune_locked(
     }
     if !removed.is_empty() {
         journal.sync(uring)?;
+        crate::group_cuts::retain(&paths.journal, |index| index >= limit)?;
         log::info!(
             "pruned undo journals {}..={} (points older than {limit} dropped)",
             removed[0],

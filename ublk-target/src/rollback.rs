@@ -200,6 +200,7 @@ pub(crate) fn rollback_locked(
         report.removed_older += 1;
     }
     journal.sync(uring)?;
+    crate::group_cuts::retain(&paths.journal, |index| index <= point)?;
     report.done = true;
     Ok((state, report))
 }

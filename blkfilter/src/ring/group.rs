@@ -24,21 +24,25 @@
 //! # Protocol
 //!
 //! * A producer takes a seq with one `fetch_add(1)` on `word`; the high bits of the
-//!   value it gets say how many cuts came before its seq.
+//!   value it gets say how many cuts came before its seq (mod 2^16; the whole count is
+//!   `cuts`, read just before, brought up to date with those bits: [`whole_cuts`]).
 //! * A cut is one `fetch_add(1 + 2^48)`: it takes S and counts the cut in the same
 //!   atomic step. So for each seq a producer takes, it knows exactly which cuts lie
 //!   below it, with no flag to wait for and nothing a dead coordinator can leave
-//!   half-done.
-//! * A producer that sees a cut it has not recorded records that cut's MARK *before*
-//!   the record it took the seq for (the MARK gets that seq; the record takes a new one).
-//!   Its earlier records all had seqs below S (they saw fewer cuts), so in every ring the
-//!   MARK of cut N separates the records below S_N from those above it. An idle producer
-//!   records pending cuts from its housekeeping tick.
-//! * Cut numbers are kept whole (`u64`) per ring in the ring header (`group_cuts_seen`)
-//!   and reconstructed from the 16 bits of `word` as long as a producer falls fewer than
-//!   65536 cuts behind (it records them at least every tick). Coordinators serialize
-//!   on an exclusive `flock` of the file, so `cuts` is exact.
+//!   half-done (the next one numbers its cut from `word`, not from `cuts`).
+//! * A producer that sees cuts it has not recorded records one MARK for them
+//!   ([`changelog::GroupCutLabel`]: clock id, first and last cut) *before* the record
+//!   it took the seq for (the MARK gets that seq; the record takes a new one). Its
+//!   earlier records all had seqs below those cuts' (they saw fewer cuts), so in every
+//!   ring the MARK of cut N separates the records below S_N from those above it. An
+//!   idle producer records pending cuts from its housekeeping tick; one that was down
+//!   records every cut it missed in one MARK when it is back.
+//! * The ring header keeps the last cut the ring recorded (`group_cuts`) and the id of
+//!   the clock it joined (`group_id`), so a restarted producer carries on.
+//!   Coordinators serialize on an exclusive `flock` of the file.
 //! * Seqs are 48 bits in a group (2.8 · 10^14: nine years at a million writes a second).
+//! * Cut numbers start at 1 with each new clock (a clock is lost with /dev/shm at a
+//!   reboot), so the recovery side knows a cut by clock id and number.
 //!
 //! The clock lives in shared memory like the rings, so it serves the volumes of one
 //! host. A power cut loses it with the rings; a new clock starts above every seq the
@@ -185,26 +189,28 @@ impl GroupClock {
         self.u64_at(OFF_ID).load(Relaxed)
     }
 
-    /// Takes a seq: the seq and the cut count mod 2^16 it saw ([`split`]).
-    pub fn take(&self) -> (u64, u16) {
-        let (seq, cuts) = split(self.word().fetch_add(1, SeqCst));
+    /// Takes a seq: returns it and the number of cuts made before it.
+    pub fn take(&self) -> (u64, u64) {
+        let published = self.u64_at(OFF_CUTS).load(Acquire);
+        let (seq, cuts_mod) = split(self.word().fetch_add(1, SeqCst));
         assert!(
             seq < SEQ_MASK,
             "group clock {} ran out of seqs",
             self.path.display()
         );
-        (seq, cuts)
+        (seq, whole_cuts(published, cuts_mod))
     }
 
-    /// The next seq and the cut count mod 2^16, without taking anything.
-    pub fn peek(&self) -> (u64, u16) {
-        split(self.word().load(Acquire))
-    }
-
-    /// The whole number of cuts made so far (a cut in progress may be counted or not).
-    pub fn cuts(&self) -> u64 {
+    /// The next seq and the number of cuts made so far, without taking anything.
+    pub fn peek(&self) -> (u64, u64) {
         let published = self.u64_at(OFF_CUTS).load(Acquire);
-        whole_cuts(published, self.peek().1)
+        let (seq, cuts_mod) = split(self.word().load(SeqCst));
+        (seq, whole_cuts(published, cuts_mod))
+    }
+
+    /// The number of cuts made so far.
+    pub fn cuts(&self) -> u64 {
+        self.peek().1
     }
 
     /// Makes the next seq at least `floor`.
@@ -220,8 +226,11 @@ impl GroupClock {
     /// docs). Returns at once; producers record it on their next request or tick.
     pub fn cut(&self) -> Result<Cut, RingError> {
         let _lock = Flock::exclusive(&self.file).map_err(io_err(&self.path, "lock"))?;
-        let (seq, _) = split(self.word().fetch_add(CUT_STEP, SeqCst));
-        let number = self.u64_at(OFF_CUTS).load(Relaxed) + 1;
+        let published = self.u64_at(OFF_CUTS).load(Relaxed);
+        let (seq, cuts_mod) = split(self.word().fetch_add(CUT_STEP, SeqCst));
+        // From `word`, not `cuts + 1`: a coordinator killed before storing `cuts` left
+        // it behind by its cut.
+        let number = whole_cuts(published, cuts_mod.wrapping_add(1));
         self.u64_at(OFF_CUT_SEQ).store(seq, Relaxed);
         self.u64_at(OFF_CUTS).store(number, Release);
         Ok(Cut { number, seq })
@@ -306,6 +315,15 @@ mod tests {
         assert_eq!(clock.take(), (100, 1), "raising keeps the cut count");
         clock.raise(10);
         assert_eq!(clock.peek(), (101, 1), "never lowers");
+        // Past the 16 bits the word keeps, the count stays whole.
+        for _ in 0..70_000 {
+            clock.cut().unwrap();
+        }
+        assert_eq!(clock.take().1, 70_001);
+        // A coordinator that died between its add and storing the count: the next
+        // one numbers its cut from the word.
+        clock.word().fetch_add(CUT_STEP, SeqCst);
+        assert_eq!(clock.cut().unwrap().number, 70_003);
     }
 
     #[test]

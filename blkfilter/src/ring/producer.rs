@@ -1,4 +1,4 @@
-use super::group::{self, GroupClock};
+use super::group::GroupClock;
 use super::layout::{
     FLAG_DIGESTS_READY, FLAG_DIGEST_ACTIVE, FLAG_DIGEST_REQUEST, FLAG_OVERFLOW, FLAG_RESYNC,
 };
@@ -8,7 +8,7 @@ use super::proto::{ProducerCore, RingMem};
 use super::resync::{self, ResyncProgress};
 use super::shm::Shm;
 use super::{futex, Full, RingError, RingGeometry};
-use changelog::RecordRef;
+use changelog::{GroupCutLabel, RecordRef};
 use std::path::Path;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release, SeqCst};
 use std::sync::atomic::{fence, AtomicU64};
@@ -26,10 +26,10 @@ pub struct Producer {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TakenSeq {
     pub seq: u64,
-    /// A group cut below `seq` that this ring has no MARK of yet: record its MARK with
-    /// `seq`, call [`Producer::group_cut_recorded`], and take another seq for the
-    /// request (see [`group`]).
-    pub group_cut: Option<u64>,
+    /// Group cuts below `seq` that this ring has no MARK of yet: record their MARK
+    /// with `seq`, call [`Producer::group_cut_recorded`], and take another seq for the
+    /// request (see [`super::group`]).
+    pub group_cut: Option<GroupCutLabel>,
 }
 
 impl Producer {
@@ -67,7 +67,13 @@ impl Producer {
     /// Takes seqs from the ring's own counter, out of any group it was in: a later
     /// [`Producer::join_group`] counts it as new there.
     pub fn leave_group(&mut self) {
-        self.shm.header_u64(OFF_GROUP_ID).store(0, Relaxed);
+        if self.shm.header_u64(OFF_GROUP_ID).swap(0, Relaxed) != 0 {
+            log::warn!(
+                "ring {} was in a consistency group and is attached without its group \
+                 clock: it leaves the group (its volume has no share in later group cuts)",
+                self.shm.path().display()
+            );
+        }
         self.group = None;
     }
 
@@ -207,19 +213,21 @@ impl Producer {
                 group_cut: None,
             };
         };
-        let (seq, cuts_mod) = clock.take();
+        let (seq, cuts) = clock.take();
         self.shm.next_seq().store(seq + 1, Relaxed);
+        let recorded = self.group_cuts_recorded();
         TakenSeq {
             seq,
-            group_cut: self.unrecorded_cut(cuts_mod),
+            group_cut: (cuts > recorded).then(|| GroupCutLabel {
+                clock: clock.id(),
+                first: recorded + 1,
+                last: cuts,
+            }),
         }
     }
 
-    /// The oldest group cut this ring has not recorded, given the clock's cut count
-    /// mod 2^16 seen with a seq.
-    fn unrecorded_cut(&self, cuts_mod: u16) -> Option<u64> {
-        let seen = self.shm.header_u64(OFF_GROUP_CUTS_SEEN).load(Relaxed);
-        (group::whole_cuts(seen, cuts_mod) > seen).then_some(seen + 1)
+    fn group_cuts_recorded(&self) -> u64 {
+        self.shm.header_u64(OFF_GROUP_CUTS_SEEN).load(Relaxed)
     }
 
     /// Whether the group clock has a cut this ring has not recorded (for an idle
@@ -227,15 +235,15 @@ impl Producer {
     pub fn group_cut_pending(&self) -> bool {
         self.group
             .as_ref()
-            .is_some_and(|clock| self.unrecorded_cut(clock.peek().1).is_some())
+            .is_some_and(|clock| clock.cuts() > self.group_cuts_recorded())
     }
 
-    /// The MARK of group cut `cut` is in the ring (or, on a full ring, its loss is
-    /// flagged as an overflow).
-    pub fn group_cut_recorded(&mut self, cut: u64) {
+    /// The MARK of group cuts up to `last` is in the ring (or, on a full ring, its loss
+    /// is flagged as an overflow).
+    pub fn group_cut_recorded(&mut self, last: u64) {
         self.shm
             .header_u64(OFF_GROUP_CUTS_SEEN)
-            .fetch_max(cut, Relaxed);
+            .fetch_max(last, Relaxed);
     }
 
     /// Takes the next sequence number from the ring's own counter. The counter lives in
@@ -247,6 +255,12 @@ impl Producer {
         let seq = counter.load(Relaxed);
         counter.store(seq + 1, Relaxed);
         seq
+    }
+
+    /// The next seq of the ring's own counter: in a group, one above the last seq
+    /// this ring took.
+    pub fn own_next_seq(&self) -> u64 {
+        self.shm.next_seq().load(Relaxed)
     }
 
     /// The seq [`Producer::take_seq`] would hand out next, without taking it (in a
