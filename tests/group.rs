@@ -184,6 +184,17 @@ fn each_cut_is_one_crash_state_of_both_volumes() {
         err.contains("no recovery point at group cut 999999"),
         "{err}"
     );
+    let out = Command::new(bin("ublk-target"))
+        .arg("group-points")
+        .arg("--replica")
+        .arg(a.path("replica"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("at least two volumes"),
+        "{err}"
+    );
     // A mistyped clock is named, not created.
     let missing = a.path("no-such.clock");
     let out = Command::new(bin("shipper"))

@@ -21,8 +21,9 @@ pub enum ShipperError {
     #[error("config {path}: {what}")]
     Config { path: PathBuf, what: String },
     #[error(
-        "group clock {0} does not exist: attach the group's volumes with `blkfilter attach \
-         --group-clock {0}` first (the first of them creates it)"
+        "group clock {0} does not exist: the group's volumes create it when attached with \
+         `blkfilter attach --group-clock {0}` (if they are attached, the file was deleted: \
+         detach and attach them again)"
     )]
     NoGroupClock(PathBuf),
     #[error("volume {volume} is Critical: {what}")]
