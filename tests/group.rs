@@ -209,3 +209,75 @@ fn each_cut_is_one_crash_state_of_both_volumes() {
     );
     assert!(!missing.exists());
 }
+
+#[test]
+fn an_app_consistent_cut_waits_for_every_volume_and_is_flagged_on_each() {
+    let (a, b) = (Fixture::new(SIZE), Fixture::new(SIZE));
+    let clock_path = a.path("group.clock");
+    let mut captures = [
+        grouped_capture(&a, &clock_path),
+        grouped_capture(&b, &clock_path),
+    ];
+    let (mut model_a, mut model_b) = (Model::new(SIZE), Model::new(SIZE));
+    record(&mut captures[0], &mut model_a, write(1));
+    record(&mut captures[1], &mut model_b, write(1));
+    // `shipper group-cut` returns once both producers recorded the cut; their
+    // housekeeping tick does that here, as the ublk server's timer does.
+    let cutter = {
+        let (clock, ring_a, ring_b) = (clock_path.clone(), a.path("ring"), b.path("ring"));
+        std::thread::spawn(move || {
+            Command::new(bin("shipper"))
+                .arg("group-cut")
+                .arg(clock)
+                .args(["--app-consistent", "--pre", "true", "--ring"])
+                .arg(ring_a)
+                .arg("--ring")
+                .arg(ring_b)
+                .output()
+                .unwrap()
+        })
+    };
+    while !cutter.is_finished() {
+        for capture in &mut captures {
+            capture.tick().unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let out = cutter.join().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("app-consistent group cut 1 "), "{text}");
+    record(&mut captures[0], &mut model_a, write(2));
+    for f in [&a, &b] {
+        f.ship_drained();
+        f.applier("replica", &f.key)
+            .unwrap()
+            .apply_available()
+            .unwrap();
+        let catalog = ublk_target::catalog(&f.replica_paths("replica")).unwrap();
+        let point = catalog
+            .points
+            .iter()
+            .find(|p| p.group_cuts.is_some_and(|c| c.contains(1)))
+            .expect("a point at cut 1");
+        assert!(point.app_consistent, "{point:?}");
+    }
+
+    // A ring outside the group is refused by name, and nothing is cut.
+    let other = Fixture::new(SIZE);
+    let _alone = other.capture(16 << 20);
+    let out = Command::new(bin("shipper"))
+        .arg("group-cut")
+        .arg(&clock_path)
+        .arg("--ring")
+        .arg(other.path("ring"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("is not in the consistency group"),
+        "{err}"
+    );
+    assert_eq!(GroupClock::open(&clock_path).unwrap().cuts(), 1);
+}

@@ -777,14 +777,12 @@ impl Recorder {
             };
             let label = cuts.encode();
             let label = label.as_bytes();
-            let outcome = self.push(
-                taken.seq,
-                Op::Mark,
-                0,
-                label.len() as u64,
-                label,
-                MARK_GROUP_CUT,
-            );
+            let flags = if self.ring.group_cut_app_consistent(&cuts) {
+                MARK_GROUP_CUT | MARK_APP_CONSISTENT
+            } else {
+                MARK_GROUP_CUT
+            };
+            let outcome = self.push(taken.seq, Op::Mark, 0, label.len() as u64, label, flags);
             self.ring.group_cut_recorded(cuts.last);
             log::debug!("group cuts {}..={}: {outcome:?}", cuts.first, cuts.last);
         }

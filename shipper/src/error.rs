@@ -26,6 +26,11 @@ pub enum ShipperError {
          detach and attach them again)"
     )]
     NoGroupClock(PathBuf),
+    #[error(
+        "ring {ring} is not in the consistency group of clock {clock}: attach its volume \
+         with `blkfilter attach --group-clock {clock}`"
+    )]
+    NotInGroup { ring: PathBuf, clock: PathBuf },
     #[error("volume {volume} is Critical: {what}")]
     Critical { volume: String, what: String },
     /// `--drain` shipped all the ring held, but writes that left the ring another way

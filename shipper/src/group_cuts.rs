@@ -11,6 +11,8 @@
 //! idle volume records it from its housekeeping tick (every 200 ms).
 
 use crate::error::{Result, ShipperError};
+use crate::mark::{around_frozen, wait_for, MarkOptions};
+use blkfilter::ring::RingControl;
 use blkfilter::ring::{Cut, GroupClock};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,10 +30,53 @@ pub struct GroupCutSchedule {
 
 /// Makes one cut through the clock at `clock`, which the group's first volume created.
 pub fn cut_now(clock: &Path) -> Result<Cut> {
+    Ok(open(clock)?.cut()?)
+}
+
+fn open(clock: &Path) -> Result<GroupClock> {
     if !clock.exists() {
         return Err(ShipperError::NoGroupClock(clock.into()));
     }
-    Ok(GroupClock::open(clock)?.cut()?)
+    Ok(GroupClock::open(clock)?)
+}
+
+/// Makes one cut inside the hooks and freezes of `options` and waits until the volume
+/// of every ring in `rings` recorded it, so file systems are thawed only then. With
+/// `options.app_consistent` (file systems frozen, or a pre hook that quiesces the
+/// application) the volumes flag the cut application-consistent.
+pub fn cut_waiting(clock: &Path, rings: &[PathBuf], options: &MarkOptions) -> Result<Cut> {
+    let group = open(clock)?;
+    let controls = rings
+        .iter()
+        .map(|ring| {
+            let control = RingControl::open(ring)?;
+            if control.group_cuts_recorded().1 != group.id() {
+                return Err(ShipperError::NotInGroup {
+                    ring: ring.clone(),
+                    clock: clock.into(),
+                });
+            }
+            Ok(control)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    around_frozen(options, || {
+        let cut = if options.app_consistent {
+            group.cut_app_consistent()?
+        } else {
+            group.cut()?
+        };
+        for (ring, control) in rings.iter().zip(&controls) {
+            let what = format!(
+                "waiting for blkfilter to record group cut {} in {} (is the volume attached?)",
+                cut.number,
+                ring.display()
+            );
+            wait_for(options.timeout, &what, || {
+                (control.group_cuts_recorded().0 >= cut.number).then_some(())
+            })?;
+        }
+        Ok(cut)
+    })
 }
 
 /// Cuts the group's clock every `schedule.every` until `done` is set. A clock that

@@ -58,9 +58,30 @@ enum Command {
     /// with this cut's number (`ublk-target group-points`). Busy volumes record it with
     /// their next write, idle ones at their next housekeeping tick (200 ms), one whose
     /// blkfilter is down once it is back. `shipper run` cuts on a schedule.
+    ///
+    /// With --ring (the group's rings), waits until every one of them recorded the cut.
+    /// With --app-consistent, the cut is flagged application-consistent on every
+    /// volume: run --pre, freeze each --freeze mount point (FIFREEZE), cut, wait for
+    /// every --ring, thaw, run --post.
     GroupCut {
         /// The group clock file (e.g. /dev/shm/ublk-dr/db.clock).
         clock: PathBuf,
+        /// A ring of the group's volumes to wait for (repeatable; needed with
+        /// --app-consistent: every volume's).
+        #[arg(long, value_name = "RING")]
+        ring: Vec<PathBuf>,
+        /// Flag the cut application-consistent (needs --freeze or --pre, and --ring).
+        #[arg(long, requires = "ring")]
+        app_consistent: bool,
+        /// Freeze this mounted file system around the cut (repeatable).
+        #[arg(long, value_name = "MOUNTPOINT")]
+        freeze: Vec<PathBuf>,
+        /// Shell command run before freezing.
+        #[arg(long, value_name = "CMD")]
+        pre: Option<String>,
+        /// Shell command run after thawing.
+        #[arg(long, value_name = "CMD")]
+        post: Option<String>,
     },
     /// Record a MARK in a volume's change stream: a recovery point to fail over to.
     ///
@@ -220,13 +241,41 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Run(args) => ship(args),
-        Command::GroupCut { clock } => {
-            let cut = shipper::group_cuts::cut_now(&clock)?;
+        Command::GroupCut {
+            clock,
+            ring,
+            app_consistent,
+            freeze,
+            pre,
+            post,
+        } => {
+            anyhow::ensure!(
+                !app_consistent || !freeze.is_empty() || pre.is_some(),
+                "an app-consistent cut needs --freeze MOUNTPOINT or a --pre hook that quiesces the application"
+            );
+            let options = shipper::mark::MarkOptions {
+                app_consistent,
+                freeze,
+                pre,
+                post,
+                timeout: Duration::from_secs(10),
+            };
+            let cut = shipper::group_cuts::cut_waiting(&clock, &ring, &options)?;
             println!(
-                "group cut {} at seq {} of clock {}",
+                "{} group cut {} at seq {} of clock {}{}",
+                if app_consistent {
+                    "app-consistent"
+                } else {
+                    "made"
+                },
                 cut.number,
                 cut.seq,
-                clock.display()
+                clock.display(),
+                if ring.is_empty() {
+                    String::new()
+                } else {
+                    format!(", recorded by {} volume(s)", ring.len())
+                }
             );
             Ok(())
         }

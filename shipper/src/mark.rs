@@ -87,38 +87,60 @@ fn hook(which: &str, cmd: &str) -> Result<()> {
     }
 }
 
-/// Takes a MARK on the volume whose ring is `ring`; returns its seq.
-pub fn mark(ring: &Path, options: &MarkOptions) -> Result<u64> {
-    let control = RingControl::open(ring)?;
+/// Runs `action` inside the hooks and freezes of `options`: pre hook, freeze every
+/// mount point, `action`, thaw (on every path), post hook.
+pub fn around_frozen<T>(options: &MarkOptions, action: impl FnOnce() -> Result<T>) -> Result<T> {
     if let Some(pre) = &options.pre {
         hook("pre", pre)?;
     }
-    let seq = {
+    let done = {
         let _frozen = options
             .freeze
             .iter()
             .map(|p| Frozen::freeze(p))
             .collect::<Result<Vec<_>>>()?;
-        let number = control.request_mark(options.app_consistent);
-        let deadline = Instant::now() + options.timeout;
-        loop {
-            if let Some(seq) = control.mark_recorded(number) {
-                break seq;
-            }
-            if Instant::now() >= deadline {
-                return Err(ShipperError::io(
-                    format!(
-                        "waiting for blkfilter to record the MARK in {} (is the volume attached?)",
-                        ring.display()
-                    ),
-                    std::io::Error::from(std::io::ErrorKind::TimedOut),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        action()?
     };
     if let Some(post) = &options.post {
         hook("post", post)?;
     }
-    Ok(seq)
+    Ok(done)
+}
+
+/// Polls `done` every 10 ms until it gives a value or `timeout` passes; `what` names
+/// what was awaited in the error.
+pub fn wait_for<T>(
+    timeout: Duration,
+    what: &str,
+    mut done: impl FnMut() -> Option<T>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = done() {
+            return Ok(value);
+        }
+        if Instant::now() >= deadline {
+            return Err(ShipperError::io(
+                what.to_string(),
+                std::io::Error::from(std::io::ErrorKind::TimedOut),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Takes a MARK on the volume whose ring is `ring`; returns its seq.
+pub fn mark(ring: &Path, options: &MarkOptions) -> Result<u64> {
+    let control = RingControl::open(ring)?;
+    around_frozen(options, || {
+        let number = control.request_mark(options.app_consistent);
+        wait_for(
+            options.timeout,
+            &format!(
+                "waiting for blkfilter to record the MARK in {} (is the volume attached?)",
+                ring.display()
+            ),
+            || control.mark_recorded(number),
+        )
+    })
 }

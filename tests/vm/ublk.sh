@@ -334,9 +334,9 @@ full_backing_is_resynced() {
   same_image $w
 }
 
-# Two devices in one consistency group: cuts made while fio writes to both reach the
-# recovery side as points of both volumes; the last cut, made once fio is done, brings
-# each volume up equal to its source.
+# Two devices in one consistency group: cuts made while fio writes to both (and one
+# server is killed and recovered) reach the recovery side as points of both volumes;
+# the last cut, made once fio is done, brings each volume up equal to its source.
 consistency_group_on_two_devices() {
   local w=/tmp/t-group a b dev out cut shipper_a
   a=$w/a b=$w/b
@@ -348,12 +348,23 @@ consistency_group_on_two_devices() {
     SHIPPER_OPTS="--group-clock $w/db.clock --group-cut-every-ms 300" protect $b 64M 1
   "$BIN/blkfilter" list | grep -q "(group clock $w/db.clock)"
   fio_job ga /dev/ublkb0 --rw=randwrite --bs=4k --iodepth=16 --size=64M --io_size=16M &
-  fio_job gb /dev/ublkb1 --rw=randwrite --bs=4k --iodepth=16 --size=64M --io_size=16M
-  wait $!
-  out=$("$BIN/shipper" group-cut $w/db.clock)
-  cut=$(echo "$out" | sed -n 's/^group cut \([0-9]*\) .*/\1/p')
+  local fio_a=$!
+  fio_job gb /dev/ublkb1 --rw=randwrite --bs=4k --iodepth=16 --size=64M --io_size=16M &
+  local fio_b=$!
+  # a's server dies under fio and is recovered: it keeps its place in the group.
+  sleep 1
+  kill -9 "$(blkfilter_pid 0)"
+  wait_state 0 QUIESCED
+  "$BIN/blkfilter" recover --id 0 --log $a/blkfilter.log
+  wait_state 0 LIVE
+  "$BIN/blkfilter" list | awk '$1 == 0' | grep -q "(group clock $w/db.clock)"
+  wait $fio_a
+  wait $fio_b
+  # fio is done (the pre hook stands for quiescing an application): an app-consistent
+  # cut, returning once both volumes recorded it.
+  out=$("$BIN/shipper" group-cut $w/db.clock --ring $a/ring --ring $b/ring --app-consistent --pre true)
+  cut=$(echo "$out" | sed -n 's/.*group cut \([0-9]*\) .*/\1/p')
   [ -n "$cut" ] || { echo "$out"; return 1; }
-  sleep 2     # idle volumes record the cut from their 200 ms housekeeping tick
   SHIPPER_PID=$shipper_a finish $a 0
   finish $b 1
   out=$("$BIN/ublk-target" group-points --replica $a/replica --replica $b/replica)
@@ -363,6 +374,7 @@ consistency_group_on_two_devices() {
   echo "$out" | awk -v cut="$cut" 'NR > 1 { n = split($1, r, /\.\.=/); if (cut >= r[1] && cut <= r[n]) found = 1 }
                                    END { exit !found }'
   for v in a b; do
+    "$BIN/ublk-target" points --replica $w/$v/replica | grep -q "crash, app, group cut $cut\b"
     dev=$("$BIN/ublk-target" failover --test --replica $w/$v/replica --group-cut "$cut" --id 10 --log $w/view.log)
     cmp "$dev" $w/$v/backing
     "$BIN/ublk-target" failover --cleanup --id 10 >/dev/null

@@ -19,6 +19,7 @@
 //! 64     8    word      seq:48 (low bits) | cuts mod 2^16 (high bits), own cache line
 //! 128    8    cuts      cuts ever made (the full count, stored after the cut)
 //! 136    8    cut_seq   S of the newest cut
+//! 144    8    app_cut   the newest cut made with the group's file systems frozen
 //! ```
 //!
 //! # Protocol
@@ -67,6 +68,7 @@ const OFF_ID: usize = 16;
 const OFF_WORD: usize = 64;
 const OFF_CUTS: usize = 128;
 const OFF_CUT_SEQ: usize = 136;
+const OFF_APP_CUT: usize = 144;
 
 /// Bits of `word` that hold the seq.
 pub const SEQ_BITS: u32 = 48;
@@ -225,7 +227,22 @@ impl GroupClock {
     /// Makes a cut: every producer of the group records its MARK at S (see the module
     /// docs). Returns at once; producers record it on their next request or tick.
     pub fn cut(&self) -> Result<Cut, RingError> {
+        self.cut_flagged(false)
+    }
+
+    /// [`GroupClock::cut`] for a caller that froze every file system of the group
+    /// first: the volumes flag their MARK application-consistent.
+    pub fn cut_app_consistent(&self) -> Result<Cut, RingError> {
+        self.cut_flagged(true)
+    }
+
+    fn cut_flagged(&self, app_consistent: bool) -> Result<Cut, RingError> {
         let _lock = Flock::exclusive(&self.file).map_err(io_err(&self.path, "lock"))?;
+        if app_consistent {
+            // Before the cut exists, so no producer records it unflagged. (Under the
+            // lock, the next cut's number is the count now plus one.)
+            self.u64_at(OFF_APP_CUT).store(self.cuts() + 1, Release);
+        }
         let published = self.u64_at(OFF_CUTS).load(Relaxed);
         let (seq, cuts_mod) = split(self.word().fetch_add(CUT_STEP, SeqCst));
         // From `word`, not `cuts + 1`: a coordinator killed before storing `cuts` left
@@ -234,6 +251,11 @@ impl GroupClock {
         self.u64_at(OFF_CUT_SEQ).store(seq, Relaxed);
         self.u64_at(OFF_CUTS).store(number, Release);
         Ok(Cut { number, seq })
+    }
+
+    /// The newest application-consistent cut, if any.
+    pub fn last_app_consistent_cut(&self) -> Option<u64> {
+        Some(self.u64_at(OFF_APP_CUT).load(Acquire)).filter(|&cut| cut > 0)
     }
 
     /// The newest cut, if any.

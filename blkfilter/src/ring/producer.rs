@@ -241,9 +241,18 @@ impl Producer {
     /// The MARK of group cuts up to `last` is in the ring (or, on a full ring, its loss
     /// is flagged as an overflow).
     pub fn group_cut_recorded(&mut self, last: u64) {
+        // Release: a requester that sees it (RingControl) sees the MARK in the ring.
         self.shm
             .header_u64(OFF_GROUP_CUTS_SEEN)
-            .fetch_max(last, Relaxed);
+            .fetch_max(last, Release);
+    }
+
+    /// Whether one of `cuts` was made application-consistent (file systems frozen).
+    pub fn group_cut_app_consistent(&self, cuts: &GroupCutLabel) -> bool {
+        self.group
+            .as_ref()
+            .and_then(|clock| clock.last_app_consistent_cut())
+            .is_some_and(|cut| cuts.contains(cut))
     }
 
     /// Takes the next sequence number from the ring's own counter. The counter lives in

@@ -222,6 +222,16 @@ impl RingControl {
         super::mark::recorded(&self.shm, number)
     }
 
+    /// The last consistency-group cut whose MARK the producer recorded (0: none), and
+    /// the id of the group clock the ring takes its seqs from (0: none).
+    pub fn group_cuts_recorded(&self) -> (u64, u64) {
+        let at = |offset| self.shm.header_u64(offset).load(Acquire);
+        (
+            at(super::layout::OFF_GROUP_CUTS_SEEN),
+            at(super::layout::OFF_GROUP_ID),
+        )
+    }
+
     pub fn device_bytes(&self) -> u64 {
         self.shm.geometry().device_bytes
     }
