@@ -144,6 +144,16 @@ struct DaemonArgs {
     log: PathBuf,
 }
 
+/// Prints `table` in one write. A reader that stopped early (`blkfilter list | grep -q
+/// ...`, `| head`) is not an error, as for other Unix tools.
+fn print_table(table: &str) -> Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(table.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
 fn main() {
     env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or("info,libublk=warn"),
@@ -203,8 +213,8 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::List => {
-            println!(
-                "{:<4} {:<9} {:>12} {:>8}  BACKING -> RING",
+            let mut table = format!(
+                "{:<4} {:<9} {:>12} {:>8}  BACKING -> RING\n",
                 "ID", "STATE", "SIZE", "PID"
             );
             for d in server::list()? {
@@ -220,12 +230,12 @@ fn run(cli: Cli) -> Result<()> {
                         ring + &group.unwrap_or_default(),
                     )
                 });
-                println!(
-                    "{:<4} {:<9} {:>12} {:>8}  {backing} -> {ring}",
+                table += &format!(
+                    "{:<4} {:<9} {:>12} {:>8}  {backing} -> {ring}\n",
                     d.id, d.state, d.size_bytes, d.pid
                 );
             }
-            Ok(())
+            print_table(&table)
         }
         Command::Exercise {
             backing,

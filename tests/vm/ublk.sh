@@ -346,7 +346,7 @@ consistency_group_on_two_devices() {
   # One of the group's shippers cuts every 300 ms.
   ATTACH_OPTS="--group-clock $w/db.clock" \
     SHIPPER_OPTS="--group-clock $w/db.clock --group-cut-every-ms 300" protect $b 64M 1
-  "$BIN/blkfilter" list | grep -q "(group clock $w/db.clock)"
+  "$BIN/blkfilter" list | grep "(group clock $w/db.clock)" >/dev/null
   fio_job ga /dev/ublkb0 --rw=randwrite --bs=4k --iodepth=16 --size=64M --io_size=16M &
   local fio_a=$!
   fio_job gb /dev/ublkb1 --rw=randwrite --bs=4k --iodepth=16 --size=64M --io_size=16M &
@@ -357,7 +357,7 @@ consistency_group_on_two_devices() {
   wait_state 0 QUIESCED
   "$BIN/blkfilter" recover --id 0 --log $a/blkfilter.log
   wait_state 0 LIVE
-  "$BIN/blkfilter" list | awk '$1 == 0' | grep -q "(group clock $w/db.clock)"
+  "$BIN/blkfilter" list | awk '$1 == 0' | grep "(group clock $w/db.clock)" >/dev/null
   wait $fio_a
   wait $fio_b
   # fio is done (the pre hook stands for quiescing an application): an app-consistent
@@ -371,10 +371,17 @@ consistency_group_on_two_devices() {
   echo "$out" | tail -3
   # Rows are cuts, or runs of cuts with the same points ("7..=9"); fio's run gave several.
   [ "$(echo "$out" | awk 'NR > 1' | wc -l)" -ge 2 ]
-  echo "$out" | awk -v cut="$cut" 'NR > 1 { n = split($1, r, /\.\.=/); if (cut >= r[1] && cut <= r[n]) found = 1 }
+  echo "$out" | awk -v cut="$cut" 'NR > 1 { n = split($1, r, /\.\.=/); if (cut + 0 >= r[1] + 0 && cut + 0 <= r[n] + 0) found = 1 }
                                    END { exit !found }'
   for v in a b; do
-    "$BIN/ublk-target" points --replica $w/$v/replica | grep -q "crash, app, group cut $cut\b"
+    # The app-consistent point holds the cut (alone, or with a scheduled one made just
+    # after it: "group cuts 8..=9").
+    "$BIN/ublk-target" points --replica $w/$v/replica | awk -v cut="$cut" '
+      /crash, app, group cut/ && match($0, /cuts? [0-9]+(\.\.=[0-9]+)?/) {
+        m = substr($0, RSTART, RLENGTH); sub(/^cuts? /, "", m); n = split(m, r, /\.\.=/)
+        if (cut + 0 >= r[1] + 0 && cut + 0 <= r[n] + 0) found = 1
+      }
+      END { exit !found }'
     dev=$("$BIN/ublk-target" failover --test --replica $w/$v/replica --group-cut "$cut" --id 10 --log $w/view.log)
     cmp "$dev" $w/$v/backing
     "$BIN/ublk-target" failover --cleanup --id 10 >/dev/null
