@@ -758,9 +758,10 @@ impl Recorder {
         self.push(seq, op, offset, len, data, flags)
     }
 
-    /// Takes the seq for a record. In a consistency group, first records the MARK of
-    /// every group cut below it that this ring has not recorded yet (each with a seq of
-    /// its own, which is why this loops): see [`crate::ring::group`].
+    /// Takes the seq for a record. In a consistency group, first records one MARK for
+    /// the group cuts below it that this ring has not recorded yet, with that seq, and
+    /// takes another (which may show a newer cut: hence the loop); see
+    /// [`crate::ring::group`].
     fn take_seq(&mut self) -> u64 {
         loop {
             let taken = self.ring.take_seq();

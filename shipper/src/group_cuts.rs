@@ -2,9 +2,10 @@
 //!
 //! Volumes attached with one group clock (`blkfilter attach --group-clock`) take their
 //! seqs from it; a cut makes every one of them record a MARK at the same instant of
-//! that clock, and the shipper ends a segment there flagged `GROUP_MARK` with the cut's
-//! number. On the recovery side the points with one cut number, one per volume,
-//! together form a crash state of the whole group (`ublk-target group-points`).
+//! that clock, and the shipper ends a segment there flagged `GROUP_MARK` (the MARK's
+//! label names the clock and the cut). On the recovery side the points of one cut, one
+//! per volume, together form a crash state of the whole group (`ublk-target
+//! group-points`).
 //!
 //! A cut costs one atomic add on the clock and a MARK per volume; making them more
 //! often only adds segments. A cut is taken whether or not the volumes are busy: an

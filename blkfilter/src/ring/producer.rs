@@ -77,11 +77,6 @@ impl Producer {
         self.group = None;
     }
 
-    /// The group clock this ring takes its seqs from.
-    pub fn group(&self) -> Option<&GroupClock> {
-        self.group.as_ref()
-    }
-
     /// Copies `rec` into the ring and publishes it, waking the consumer if it sleeps.
     /// On [`Full`] nothing is written: mark the record's region with
     /// [`Producer::mark_dirty`] instead.
