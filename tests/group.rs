@@ -264,6 +264,20 @@ fn an_app_consistent_cut_waits_for_every_volume_and_is_flagged_on_each() {
         assert!(point.app_consistent, "{point:?}");
     }
 
+    // Pruning drops the cut lines of the points it drops.
+    let paths = a.replica_paths("replica");
+    let retention = ublk_target::Retention {
+        keep_points: Some(1),
+        keep_age: None,
+    };
+    ublk_target::prune(&paths, &retention, changelog::unix_ms_now()).unwrap();
+    let left = ublk_target::group_cuts::load(&paths.journal).unwrap();
+    let points = ublk_target::catalog(&paths).unwrap().points;
+    assert!(
+        left.keys().all(|i| points.iter().any(|p| p.index == *i)) && points.len() == 1,
+        "cut lines {left:?} for points {points:?}"
+    );
+
     // A ring outside the group is refused by name, and nothing is cut.
     let other = Fixture::new(SIZE);
     let _alone = other.capture(16 << 20);
