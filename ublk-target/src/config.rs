@@ -62,6 +62,16 @@ pub struct VolumeConfig {
     pub copy_undo: bool,
 }
 
+impl VolumeConfig {
+    /// The volume's replica, state and journal: the paths given, else the defaults
+    /// beside the replica.
+    pub fn paths(&self) -> crate::state::ReplicaPaths {
+        crate::state::ReplicaPaths::new(&self.replica)
+            .with_state(self.state.clone())
+            .with_journal(self.journal.clone())
+    }
+}
+
 fn default_poll_ms() -> u64 {
     200
 }

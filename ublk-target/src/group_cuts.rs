@@ -23,7 +23,7 @@ use crate::points::{format_utc_ms, Catalog, RecoveryPoint};
 use changelog::record::MARK_GROUP_CUT;
 use changelog::segment::OpenedSegment;
 use changelog::{GroupCutLabel, Op};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -196,17 +196,18 @@ pub fn common_points(catalogs: &[(String, Catalog)]) -> Vec<GroupPoint> {
     rows
 }
 
-/// The clocks whose cut `cut` `catalog` has a point at, with the point.
-pub fn points_at(catalog: &Catalog, cut: u64, clock: Option<u64>) -> Vec<(u64, u64)> {
-    let clocks: BTreeSet<(u64, u64)> = catalog
+/// The points of `catalog` at cut number `cut`, with their clock: more than one when
+/// the number exists under several clocks (numbers restart with a new clock).
+pub fn points_at(catalog: &Catalog, cut: u64) -> Vec<(u64, u64)> {
+    catalog
         .points
         .iter()
         .filter_map(|p| {
-            let c = p.group_cuts.as_ref()?;
-            (c.contains(cut) && clock.is_none_or(|k| k == c.clock)).then_some((c.clock, p.index))
+            p.group_cuts
+                .filter(|c| c.contains(cut))
+                .map(|c| (c.clock, p.index))
         })
-        .collect();
-    clocks.into_iter().collect()
+        .collect()
 }
 
 /// A table of [`common_points`].

@@ -256,7 +256,7 @@ fn point_at_group_cut(
     cut: u64,
     replica: &std::path::Path,
 ) -> Result<u64> {
-    match ublk_target::group_cuts::points_at(catalog, cut, None)[..] {
+    match ublk_target::group_cuts::points_at(catalog, cut)[..] {
         [(_, point)] => Ok(point),
         [] => anyhow::bail!(
             "{} has no recovery point at group cut {cut}; see `ublk-target group-points` for \
@@ -282,23 +282,22 @@ const DEFAULT_CONFIG: &str = "/etc/ublk-dr/target.toml";
 
 impl ReplicaArgs {
     fn paths(self) -> Result<ReplicaPaths> {
-        let (replica, state, journal) = match (self.volume, self.replica) {
-            (_, Some(replica)) => (replica, None, None),
+        let paths = match (self.volume, self.replica) {
+            (_, Some(replica)) => ReplicaPaths::new(replica),
             (Some(volume), None) => {
                 let config = TargetConfig::load(&self.config)?;
                 let v = config
                     .volume(&volume)
                     .map_err(|what| anyhow::anyhow!("config {}: {what}", self.config.display()))?;
-                (v.replica.clone(), v.state.clone(), v.journal.clone())
+                v.paths()
             }
             (None, None) => anyhow::bail!(
                 "which replica? name its VOLUME (from the config file, --config, default \
                  {DEFAULT_CONFIG}) or give --replica"
             ),
         };
-        Ok(ReplicaPaths::new(replica)
-            .with_state(self.state.or(state))
-            .with_journal(self.journal.or(journal)))
+        // --state and --journal override the config's (or the defaults).
+        Ok(paths.with_state(self.state).with_journal(self.journal))
     }
 }
 
@@ -538,10 +537,7 @@ fn run(cli: Cli) -> Result<()> {
                     let v = file
                         .volume(id)
                         .map_err(|what| anyhow::anyhow!("config {}: {what}", config.display()))?;
-                    let paths = ReplicaPaths::new(&v.replica)
-                        .with_state(v.state.clone())
-                        .with_journal(v.journal.clone());
-                    members.push((id.to_string(), paths));
+                    members.push((id.to_string(), v.paths()));
                 }
             }
             for r in replica {
@@ -728,9 +724,7 @@ fn run(cli: Cli) -> Result<()> {
             let store = objstore::open(&config.store);
             let mut rows = Vec::new();
             for v in picked {
-                let paths = ReplicaPaths::new(&v.replica)
-                    .with_state(v.state.clone())
-                    .with_journal(v.journal.clone());
+                let paths = v.paths();
                 let catalog = match ublk_target::catalog(&paths) {
                     Ok(catalog) => catalog,
                     Err(e) => {
