@@ -70,18 +70,8 @@ enum Command {
         /// --app-consistent: every volume's).
         #[arg(long, value_name = "RING")]
         ring: Vec<PathBuf>,
-        /// Flag the cut application-consistent (needs --freeze or --pre, and --ring).
-        #[arg(long, requires = "ring")]
-        app_consistent: bool,
-        /// Freeze this mounted file system around the cut (repeatable).
-        #[arg(long, value_name = "MOUNTPOINT")]
-        freeze: Vec<PathBuf>,
-        /// Shell command run before freezing.
-        #[arg(long, value_name = "CMD")]
-        pre: Option<String>,
-        /// Shell command run after thawing.
-        #[arg(long, value_name = "CMD")]
-        post: Option<String>,
+        #[command(flatten)]
+        quiesce: QuiesceArgs,
     },
     /// Record a MARK in a volume's change stream: a recovery point to fail over to.
     ///
@@ -90,18 +80,8 @@ enum Command {
     Mark {
         #[command(flatten)]
         ring: RingArgs,
-        /// Flag the point application-consistent (needs --freeze or --pre).
-        #[arg(long)]
-        app_consistent: bool,
-        /// Freeze this mounted file system around the MARK (repeatable).
-        #[arg(long, value_name = "MOUNTPOINT")]
-        freeze: Vec<PathBuf>,
-        /// Shell command run before freezing (e.g. put a database in backup mode).
-        #[arg(long, value_name = "CMD")]
-        pre: Option<String>,
-        /// Shell command run after thawing.
-        #[arg(long, value_name = "CMD")]
-        post: Option<String>,
+        #[command(flatten)]
+        quiesce: QuiesceArgs,
     },
     /// Show running shippers' health, RPO and progress.
     ///
@@ -122,6 +102,42 @@ enum Command {
         #[arg(long, conflicts_with = "json")]
         table: bool,
     },
+}
+
+/// What `mark` and `group-cut` do around the point: hooks, frozen file systems.
+#[derive(clap::Args)]
+struct QuiesceArgs {
+    /// Flag the point application-consistent (needs --freeze or --pre; for group-cut
+    /// also --ring).
+    #[arg(long)]
+    app_consistent: bool,
+    /// Freeze this mounted file system around the point (repeatable).
+    #[arg(long, value_name = "MOUNTPOINT")]
+    freeze: Vec<PathBuf>,
+    /// Shell command run before freezing (e.g. put a database in backup mode).
+    #[arg(long, value_name = "CMD")]
+    pre: Option<String>,
+    /// Shell command run after thawing.
+    #[arg(long, value_name = "CMD")]
+    post: Option<String>,
+}
+
+impl QuiesceArgs {
+    /// The options, refusing an app-consistent point with nothing to quiesce the
+    /// application (`what`: "point" or "cut").
+    fn options(self, what: &str) -> Result<shipper::mark::MarkOptions> {
+        anyhow::ensure!(
+            !self.app_consistent || !self.freeze.is_empty() || self.pre.is_some(),
+            "an app-consistent {what} needs --freeze MOUNTPOINT or a --pre hook that quiesces the application"
+        );
+        Ok(shipper::mark::MarkOptions {
+            app_consistent: self.app_consistent,
+            freeze: self.freeze,
+            pre: self.pre,
+            post: self.post,
+            timeout: Duration::from_secs(10),
+        })
+    }
 }
 
 /// Which volume's ring: VOLUME of the config file, or --ring.
@@ -244,22 +260,15 @@ fn run(cli: Cli) -> Result<()> {
         Command::GroupCut {
             clock,
             ring,
-            app_consistent,
-            freeze,
-            pre,
-            post,
+            quiesce,
         } => {
             anyhow::ensure!(
-                !app_consistent || !freeze.is_empty() || pre.is_some(),
-                "an app-consistent cut needs --freeze MOUNTPOINT or a --pre hook that quiesces the application"
+                !quiesce.app_consistent || !ring.is_empty(),
+                "an app-consistent cut needs --ring for every volume of the group, so file \
+                 systems are thawed only once every volume recorded it"
             );
-            let options = shipper::mark::MarkOptions {
-                app_consistent,
-                freeze,
-                pre,
-                post,
-                timeout: Duration::from_secs(10),
-            };
+            let options = quiesce.options("cut")?;
+            let app_consistent = options.app_consistent;
             let cut = shipper::group_cuts::cut_waiting(&clock, &ring, &options)?;
             println!(
                 "{} group cut {} at seq {} of clock {}{}",
@@ -279,25 +288,10 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Mark {
-            ring,
-            app_consistent,
-            freeze,
-            pre,
-            post,
-        } => {
+        Command::Mark { ring, quiesce } => {
             let ring = ring.path()?;
-            anyhow::ensure!(
-                !app_consistent || !freeze.is_empty() || pre.is_some(),
-                "an app-consistent point needs --freeze MOUNTPOINT or a --pre hook that quiesces the application"
-            );
-            let options = shipper::mark::MarkOptions {
-                app_consistent,
-                freeze,
-                pre,
-                post,
-                timeout: Duration::from_secs(10),
-            };
+            let options = quiesce.options("point")?;
+            let app_consistent = options.app_consistent;
             let seq = shipper::mark::mark(&ring, &options)?;
             println!(
                 "recorded {} MARK with seq {seq}",
