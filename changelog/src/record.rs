@@ -17,7 +17,8 @@
 //!   an application-consistent point, `flags & MARK_RESYNC_BEGIN` the start of a digest
 //!   resync, `flags & MARK_RESYNC_DONE` the end of a resync
 //!   pass (every region lost to a ring overflow is re-recorded before it),
-//!   `flags & MARK_GROUP_CUT` a consistency-group cut (payload `group-cut N`). `offset` = 0.
+//!   `flags & MARK_GROUP_CUT` a consistency-group cut (payload [`GroupCutLabel`]).
+//!   `offset` = 0.
 
 /// Size of the fixed part of an encoded record.
 pub const RECORD_HEADER_LEN: usize = 24;

@@ -71,13 +71,13 @@ const OFF_CUT_SEQ: usize = 136;
 const OFF_APP_CUT: usize = 144;
 
 /// Bits of `word` that hold the seq.
-pub const SEQ_BITS: u32 = 48;
+const SEQ_BITS: u32 = 48;
 const SEQ_MASK: u64 = (1 << SEQ_BITS) - 1;
 /// What one cut adds to `word`: a seq (S) and one cut.
 const CUT_STEP: u64 = (1 << SEQ_BITS) + 1;
 
 /// The seq and the cut count (mod 2^16) in a value of `word`.
-pub fn split(word: u64) -> (u64, u16) {
+fn split(word: u64) -> (u64, u16) {
     (word & SEQ_MASK, (word >> SEQ_BITS) as u16)
 }
 
@@ -180,10 +180,6 @@ impl GroupClock {
             map,
             file,
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Which clock this is (rings remember the clock they joined).
