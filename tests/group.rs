@@ -43,6 +43,14 @@ fn record(capture: &mut Capture, model: &mut Model, op: WorkOp) {
     }
 }
 
+/// Runs `command`, which must fail with `expect` in its error output.
+fn refused(command: &mut Command, expect: &str) {
+    let out = command.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{command:?} succeeded");
+    assert!(err.contains(expect), "{expect:?} not in {err}");
+}
+
 /// The image of replica `name` at `point`.
 fn point_image(fixture: &Fixture, name: &str, point: u64) -> Vec<u8> {
     let mut view = ublk_target::PointView::open(&fixture.replica_paths(name), point).unwrap();
@@ -173,39 +181,24 @@ fn each_cut_is_one_crash_state_of_both_volumes() {
     assert!(out.status.success(), "{text}");
     assert_eq!(text.lines().count(), 1 + common.len(), "{text}");
     assert!(text.contains(&format!("{:016x}", clock.id())), "{text}");
-    let out = Command::new(bin("ublk-target"))
-        .args(["failover", "--test", "--group-cut", "999999", "--replica"])
-        .arg(a.path("replica"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("no recovery point at group cut 999999"),
-        "{err}"
+    refused(
+        Command::new(bin("ublk-target"))
+            .args(["failover", "--test", "--group-cut", "999999", "--replica"])
+            .arg(a.path("replica")),
+        "no recovery point at group cut 999999",
     );
-    let out = Command::new(bin("ublk-target"))
-        .arg("group-points")
-        .arg("--replica")
-        .arg(a.path("replica"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("at least two volumes"),
-        "{err}"
+    refused(
+        Command::new(bin("ublk-target"))
+            .arg("group-points")
+            .arg("--replica")
+            .arg(a.path("replica")),
+        "at least two volumes",
     );
     // A mistyped clock is named, not created.
     let missing = a.path("no-such.clock");
-    let out = Command::new(bin("shipper"))
-        .arg("group-cut")
-        .arg(&missing)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("does not exist"),
-        "{err}"
+    refused(
+        Command::new(bin("shipper")).arg("group-cut").arg(&missing),
+        "does not exist",
     );
     assert!(!missing.exists());
 }
@@ -281,17 +274,13 @@ fn an_app_consistent_cut_waits_for_every_volume_and_is_flagged_on_each() {
     // A ring outside the group is refused by name, and nothing is cut.
     let other = Fixture::new(SIZE);
     let _alone = other.capture(16 << 20);
-    let out = Command::new(bin("shipper"))
-        .arg("group-cut")
-        .arg(&clock_path)
-        .arg("--ring")
-        .arg(other.path("ring"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("is not in the consistency group"),
-        "{err}"
+    refused(
+        Command::new(bin("shipper"))
+            .arg("group-cut")
+            .arg(&clock_path)
+            .arg("--ring")
+            .arg(other.path("ring")),
+        "is not in the consistency group",
     );
     assert_eq!(GroupClock::open(&clock_path).unwrap().cuts(), 1);
 }

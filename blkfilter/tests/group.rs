@@ -180,3 +180,33 @@ fn a_restarted_producer_keeps_the_cuts_it_owes_and_a_new_member_starts_now() {
     alone.leave_group();
     assert!(alone.take_seq().seq > before);
 }
+
+#[test]
+fn a_cut_that_finds_the_ring_full_is_flagged_as_an_overflow_not_retried() {
+    use blkfilter::capture::Captured;
+    use blkfilter::ring::RingControl;
+    let dir = tempfile::tempdir().unwrap();
+    let clock_path = dir.path().join("g.clock");
+    let ring_path = dir.path().join("a.ring");
+    let mut ring = Producer::create(&ring_path, &RingGeometry::new(4096, DEVICE)).unwrap();
+    ring.join_group(GroupClock::open_or_create(&clock_path).unwrap());
+    let mut recorder = Recorder::new(ring);
+    // Fill the ring: writes stop fitting, then even FLUSHes (the smallest record).
+    while let Captured::Recorded(_) = recorder.record(Op::Write, 0, 512, &[1; 512], 0) {}
+    while let Captured::Recorded(_) = recorder.record(Op::Flush, 0, 0, &[], 0) {}
+    let cut = GroupClock::open(&clock_path).unwrap().cut().unwrap();
+    recorder.serve_group_cuts();
+    // No MARK could be written: the volume has no point at the cut (I7: overflow, so
+    // no crash point until the resync), and the producer does not owe it any more.
+    assert!(Consumer::open(&ring_path).unwrap().overflowed());
+    assert!(read_ring(&ring_path).iter().all(|r| r.1.is_none()));
+    assert_eq!(
+        RingControl::open(&ring_path)
+            .unwrap()
+            .group_cuts_recorded()
+            .0,
+        cut.number
+    );
+    recorder.serve_group_cuts();
+    assert!(read_ring(&ring_path).iter().all(|r| r.1.is_none()));
+}
