@@ -43,6 +43,13 @@ fn record(capture: &mut Capture, model: &mut Model, op: WorkOp) {
     }
 }
 
+/// Ships everything in `fixture`'s ring and applies it to its replica "replica".
+fn ship_and_apply(fixture: &Fixture) {
+    fixture.ship_drained();
+    let mut applier = fixture.applier("replica", &fixture.key).unwrap();
+    applier.apply_available().unwrap();
+}
+
 /// Runs `command`, which must fail with `expect` in its error output.
 fn refused(command: &mut Command, expect: &str) {
     let out = command.output().unwrap();
@@ -120,11 +127,7 @@ fn each_cut_is_one_crash_state_of_both_volumes() {
     capture_a.tick().unwrap();
     capture_b.tick().unwrap();
     for f in [&a, &b] {
-        f.ship_drained();
-        f.applier("replica", &f.key)
-            .unwrap()
-            .apply_available()
-            .unwrap();
+        ship_and_apply(f);
     }
 
     let catalogs = vec![
@@ -243,11 +246,7 @@ fn an_app_consistent_cut_waits_for_every_volume_and_is_flagged_on_each() {
     assert!(text.contains("app-consistent group cut 1 "), "{text}");
     record(&mut captures[0], &mut model_a, write(2));
     for f in [&a, &b] {
-        f.ship_drained();
-        f.applier("replica", &f.key)
-            .unwrap()
-            .apply_available()
-            .unwrap();
+        ship_and_apply(f);
         let catalog = ublk_target::catalog(&f.replica_paths("replica")).unwrap();
         let point = catalog
             .points
