@@ -283,3 +283,134 @@ fn an_app_consistent_cut_waits_for_every_volume_and_is_flagged_on_each() {
     );
     assert_eq!(GroupClock::open(&clock_path).unwrap().cuts(), 1);
 }
+
+/// `ublk-target plan` with a config naming both volumes.
+fn plan_command(config: &std::path::Path, args: &[&str]) -> Command {
+    let mut command = Command::new(bin("ublk-target"));
+    command.arg("plan").args(args).arg("--config").arg(config);
+    command
+}
+
+fn stdout_of(command: &mut Command) -> String {
+    let out = command.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{command:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+#[test]
+fn a_plan_chooses_one_cut_for_all_its_volumes_and_changes_nothing_when_one_cannot_fail_over() {
+    let (a, b) = (Fixture::new(SIZE), Fixture::new(SIZE));
+    let clock_path = a.path("group.clock");
+    let (mut capture_a, mut capture_b) = (
+        grouped_capture(&a, &clock_path),
+        grouped_capture(&b, &clock_path),
+    );
+    let clock = GroupClock::open(&clock_path).unwrap();
+    let (mut model_a, mut model_b) = (Model::new(SIZE), Model::new(SIZE));
+    for n in 1..=6 {
+        record(&mut capture_a, &mut model_a, write(n));
+        record(&mut capture_b, &mut model_b, write(n));
+        if n % 2 == 0 {
+            clock.cut().unwrap();
+        }
+    }
+    // Written after the last cut: each volume's latest point is past every cut.
+    record(&mut capture_a, &mut model_a, write(7));
+    record(&mut capture_b, &mut model_b, write(7));
+    for (capture, f) in [(&mut capture_a, &a), (&mut capture_b, &b)] {
+        capture.tick().unwrap();
+        ship_and_apply(f);
+    }
+    let config = a.path("target.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "key = \"/etc/ublk-dr/key\"\nstore = \"{}\"\n\
+             [[volume]]\nid = \"a\"\nreplica = \"{}\"\n\
+             [[volume]]\nid = \"b\"\nreplica = \"{}\"\n\
+             [[plan]]\nname = \"pair\"\n\
+             [[plan.step]]\nvolumes = [\"a\"]\npost = \"true\"\n\
+             [[plan.step]]\nvolumes = [\"b\"]\n",
+            a.path("store").display(),
+            a.path("replica").display(),
+            b.path("replica").display()
+        ),
+    )
+    .unwrap();
+    let catalogs = || [&a, &b].map(|f| ublk_target::catalog(&f.replica_paths("replica")).unwrap());
+    let before = catalogs();
+    let named: Vec<(String, ublk_target::Catalog)> = ["a", "b"]
+        .map(String::from)
+        .into_iter()
+        .zip(before.clone())
+        .collect();
+    let common = ublk_target::group_cuts::common_points(&named);
+    let last = common.last().expect("cuts on both volumes");
+    assert_eq!(last.last, 3);
+
+    // The default choice is the latest cut both volumes have: cut 3, not each one's
+    // latest point.
+    let shown = stdout_of(&mut plan_command(&config, &["show", "pair"]));
+    assert!(shown.contains("at group cut 3 (clock"), "{shown}");
+    for (name, p) in &last.points {
+        assert!(
+            shown.contains(&format!("    {name}: point {} (", p.index)),
+            "{name} {p:?}: {shown}"
+        );
+    }
+    let latest = stdout_of(&mut plan_command(
+        &config,
+        &["show", "pair", "--point", "latest"],
+    ));
+    for (name, catalog) in named.iter() {
+        let p = catalog.latest_point().unwrap();
+        assert!(
+            latest.contains(&format!("    {name}: point {} (", p.index)),
+            "{latest}"
+        );
+        assert!(last.points.iter().all(|(_, q)| q.index != p.index));
+    }
+
+    // Refusals, each before anything changed.
+    refused(
+        &mut plan_command(&config, &["failover", "pair", "--point", "cut:99"]),
+        "group cut 99 has no recovery point on every one of a, b",
+    );
+    refused(
+        &mut plan_command(&config, &["failover", "pair", "--test", "--from-step", "3"]),
+        "plan pair has steps 1..=2",
+    );
+    refused(
+        &mut plan_command(&config, &["commit", "pair"]),
+        "a, b not failed over; nothing committed",
+    );
+    refused(
+        &mut plan_command(&config, &["show", "shop"]),
+        "plan shop is not in it (it has pair)",
+    );
+    // b cannot be rolled back while a view of it is open: a, in the step before it, is
+    // not rolled back either.
+    let view =
+        ublk_target::PointView::open(&b.replica_paths("replica"), last.points[1].1.index).unwrap();
+    refused(
+        &mut plan_command(&config, &["failover", "pair"]),
+        "volume b cannot fail over",
+    );
+    view.close().unwrap();
+    if !std::path::Path::new("/dev/ublk-control").exists() {
+        refused(
+            &mut plan_command(&config, &["failover", "pair"]),
+            "/dev/ublk-control is missing",
+        );
+    }
+    let after = catalogs();
+    for (was, is) in before.iter().zip(&after) {
+        assert_eq!(is.rolled_back_to, None);
+        assert_eq!(was.points, is.points);
+    }
+}

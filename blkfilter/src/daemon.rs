@@ -15,7 +15,7 @@ use std::path::Path;
 pub type Ready = Box<dyn FnOnce(u32) + Send + Sync>;
 
 /// Runs `serve` in the foreground, or forks it into the background (logging to `log`)
-/// and returns once it reports the device live or fails.
+/// and prints the device's path once it is live.
 ///
 /// Call it before the process starts any thread: the child of `fork` continues with
 /// arbitrary code.
@@ -31,6 +31,18 @@ pub fn run_server<E: Display>(
         });
         return serve(ready).map_err(|e| anyhow::anyhow!("{e}"));
     }
+    let id = spawn_server(log, serve)?;
+    println!("/dev/ublkb{id}");
+    Ok(())
+}
+
+/// Forks `serve` into the background (logging to `log`) and returns the device's id
+/// once it is live, or the server's error. Same rule as [`run_server`]: no thread may
+/// have been started yet.
+pub fn spawn_server<E: Display>(
+    log: &Path,
+    serve: impl FnOnce(Ready) -> Result<(), E>,
+) -> Result<u32> {
     let (read_end, write_end) = nix::unistd::pipe().context("creating a pipe")?;
     // SAFETY: the caller guarantees this process is still single-threaded, so the child
     // may run arbitrary code after fork.
@@ -42,10 +54,10 @@ pub fn run_server<E: Display>(
                 .read_to_string(&mut report)
                 .context("reading the server's report")?;
             match report.strip_prefix("ok ") {
-                Some(id) => {
-                    println!("/dev/ublkb{}", id.trim());
-                    Ok(())
-                }
+                Some(id) => id
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("the server reported {report:?}")),
                 None if report.is_empty() => anyhow::bail!(
                     "the server exited before the device was live; see {}",
                     log.display()

@@ -5,6 +5,7 @@
 //! The format, as `ublk-target apply --help` shows it: [`EXAMPLE`].
 
 use crate::error::{Result, TargetError};
+use crate::plan::PlanConfig;
 use crate::points::{parse_age, Retention};
 use changelog::VolumeId;
 use objstore::StoreLocation;
@@ -32,6 +33,16 @@ pub const EXAMPLE: &str = r#"Config file (--config), TOML; unknown keys are erro
   # full_download = false                        (failback's "full download")
   # copy_undo = false                            (copy before-images even on XFS or
   #                                                btrfs, where blocks can be shared)
+  # failover_ring = "/dev/shm/ublk-dr/vol0.failover.ring"
+  #                       (the default: capture of the volume once failed over by a plan)
+
+  [[plan]]                      # a recovery plan (optional): `ublk-target plan`
+  name = "shop"
+  # point = "latest-cut"        (the default; or latest, latest-app, latest-app-cut)
+  [[plan.step]]                 # steps come up in order, each between its hooks
+  volumes = ["vol0"]
+  # pre = "logger failing over"  (sh -c; stops the plan unless it exits 0)
+  # post = "mount $UBLK_DR_DEVICE_VOL0 /srv/db"
 "#;
 
 #[derive(Debug, Deserialize)]
@@ -45,6 +56,8 @@ pub struct TargetConfig {
     pub keep_age: Option<String>,
     #[serde(rename = "volume")]
     pub volumes: Vec<VolumeConfig>,
+    #[serde(default, rename = "plan")]
+    pub plans: Vec<PlanConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -60,6 +73,8 @@ pub struct VolumeConfig {
     pub full_download: bool,
     #[serde(default)]
     pub copy_undo: bool,
+    /// Where the volume, failed over by a plan, captures its writes.
+    pub failover_ring: Option<PathBuf>,
 }
 
 impl VolumeConfig {
@@ -69,6 +84,14 @@ impl VolumeConfig {
         crate::state::ReplicaPaths::new(&self.replica)
             .with_state(self.state.clone())
             .with_journal(self.journal.clone())
+    }
+
+    /// The capture ring of the volume once a plan failed it over: `failover_ring`, or
+    /// `/dev/shm/ublk-dr/ID.failover.ring`.
+    pub fn failover_ring(&self) -> PathBuf {
+        self.failover_ring
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("/dev/shm/ublk-dr/{}.failover.ring", self.id)))
     }
 }
 
@@ -111,6 +134,18 @@ impl TargetConfig {
         if config.poll_ms == 0 {
             return Err("poll_ms must be greater than 0".into());
         }
+        let mut plans = HashSet::new();
+        for plan in &config.plans {
+            plan.check()?;
+            if !plans.insert(&plan.name) {
+                return Err(format!("plan {} appears twice", plan.name));
+            }
+            for v in plan.volumes() {
+                config
+                    .volume(v)
+                    .map_err(|what| format!("plan {}: {what}", plan.name))?;
+            }
+        }
         Ok(config)
     }
 
@@ -119,6 +154,18 @@ impl TargetConfig {
         self.volumes.iter().find(|v| &v.id == id).ok_or_else(|| {
             let ids: Vec<&str> = self.volumes.iter().map(|v| v.id.as_str()).collect();
             format!("volume {id} is not in it (it has {})", ids.join(", "))
+        })
+    }
+
+    /// The plan `name`, or an error listing the ones there are.
+    pub fn plan(&self, name: &str) -> std::result::Result<&PlanConfig, String> {
+        self.plans.iter().find(|p| p.name == name).ok_or_else(|| {
+            let names: Vec<&str> = self.plans.iter().map(|p| p.name.as_str()).collect();
+            if names.is_empty() {
+                format!("it has no plans: add a [[plan]] table for {name} (see `ublk-target plan --help`)")
+            } else {
+                format!("plan {name} is not in it (it has {})", names.join(", "))
+            }
         })
     }
 
@@ -195,6 +242,57 @@ full_download = true
             config.retention(&config.volumes[0]).unwrap().keep_points,
             Some(1000)
         );
+    }
+
+    #[test]
+    fn plans_name_existing_volumes_once() {
+        let plan = "[[plan]]\nname = \"shop\"\n[[plan.step]]\nvolumes = [\"a\"]\npost = \"true\"\n\
+                    [[plan.step]]\nvolumes = [\"b\"]\n";
+        let config = TargetConfig::parse(&format!("{GOOD}{plan}")).unwrap();
+        let shop = config.plan("shop").unwrap();
+        assert_eq!(shop.point, crate::plan::PointChoice::LatestCut);
+        let order: Vec<&str> = shop.volumes().map(|v| v.as_str()).collect();
+        assert_eq!(order, ["a", "b"]);
+        assert_eq!(shop.steps[0].post.as_deref(), Some("true"));
+        assert!(config.plan("web").unwrap_err().contains("it has shop"));
+        assert!(TargetConfig::parse(GOOD)
+            .unwrap()
+            .plan("shop")
+            .unwrap_err()
+            .contains("no plans"));
+        let a = config.volume(&VolumeId::new("a").unwrap()).unwrap();
+        assert_eq!(
+            a.failover_ring(),
+            Path::new("/dev/shm/ublk-dr/a.failover.ring")
+        );
+        for (bad, expected) in [
+            (
+                plan.replace("[\"b\"]", "[\"c\"]"),
+                "plan shop: volume c is not in it",
+            ),
+            (plan.replace("[\"b\"]", "[\"a\"]"), "volume a appears twice"),
+            (
+                plan.replace("[\"b\"]", "[]"),
+                "plan shop step 2: no volumes",
+            ),
+            (format!("{plan}{plan}"), "plan shop appears twice"),
+            (
+                plan.replace("name = \"shop\"", "name = \"my shop\""),
+                "without spaces",
+            ),
+            (
+                plan.replace("name = \"shop\"", "name = \"shop\"\npoint = \"newest\""),
+                "latest-app-cut",
+            ),
+            (plan.replace("post", "after"), "after"),
+            (
+                "[[plan]]\nname = \"x\"\nstep = []\n".into(),
+                "no [[plan.step]]",
+            ),
+        ] {
+            let err = TargetConfig::parse(&format!("{GOOD}{bad}")).unwrap_err();
+            assert!(err.contains(expected), "{expected:?} not in {err:?}");
+        }
     }
 
     #[test]

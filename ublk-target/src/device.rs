@@ -210,6 +210,24 @@ pub fn view_info(id: i32) -> Option<ViewInfo> {
     serde_json::from_value(data.get(VIEW_TARGET)?.clone()).ok()
 }
 
+/// Every view device present, with what it shows.
+pub fn views() -> Result<Vec<(u32, ViewInfo)>> {
+    if !std::path::Path::new("/dev/ublk-control").exists() {
+        return Err(TargetError::Device(
+            "/dev/ublk-control is missing: load the ublk_drv module (modprobe ublk_drv)".into(),
+        ));
+    }
+    let found = Rc::new(RefCell::new(Vec::new()));
+    let sink = found.clone();
+    UblkCtrl::for_each_dev_id(move |id| {
+        if let Some(info) = view_info(id as i32) {
+            sink.borrow_mut().push((id, info));
+        }
+    });
+    let views = found.borrow().clone();
+    Ok(views)
+}
+
 /// Deletes view device `id`; its server then exits and drops the scratch overlay.
 /// Refuses devices that are not views (a protected volume must not go this way).
 pub fn delete(id: i32) -> Result<ViewInfo> {

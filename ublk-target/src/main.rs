@@ -10,6 +10,8 @@ use std::time::Duration;
 use ublk_target::config::{TargetConfig, VolumeConfig};
 use ublk_target::{Applier, ApplyOptions, ReplicaPaths, Retention, TargetError, UndoMethod};
 
+mod plan_cli;
+
 /// Recovery side of ublk-dr: verify change-log segments and apply them to replica disks.
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
@@ -219,6 +221,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Recovery plans: the volumes of a `[[plan]]` in the config file failed over
+    /// together, step by step with hooks, at one choice of point (by default the latest
+    /// consistency-group cut every volume has).
+    #[command(subcommand)]
+    Plan(plan_cli::PlanCommand),
     /// Print a segment's header, and with --key verify it and list its records.
     Inspect {
         /// A segment file (`<volume>/<index>.seg` in a store or staging directory).
@@ -347,20 +354,19 @@ fn require_applied(paths: &ReplicaPaths) -> Result<()> {
     Ok(())
 }
 
-/// Serves the replica at `point` through a throw-away overlay as a ublk device.
-fn test_failover(
+/// The server of a test view: the replica at `point` through a throw-away overlay as
+/// ublk device `id` (-1: the kernel picks), for `run_server` or `spawn_server`.
+fn view_server(
     paths: &ReplicaPaths,
     point: u64,
     id: i32,
-    foreground: bool,
-    log: &std::path::Path,
-) -> Result<()> {
+) -> impl FnOnce(blkfilter::daemon::Ready) -> ublk_target::Result<()> {
     // The view is opened in the server (after the fork), so its registration, which
     // keeps its journals from pruning, names the process that lives as long as it. A
     // bad point is still an error of this command: the server reports it back.
     let started = std::time::Instant::now();
     let paths = paths.clone();
-    blkfilter::daemon::run_server(foreground, log, move |ready| {
+    move |ready| {
         let view = ublk_target::PointView::open(&paths, point)?;
         let info = ublk_target::device::ViewInfo {
             replica: paths.replica.clone(),
@@ -374,16 +380,16 @@ fn test_failover(
             );
             ready(id)
         })
-    })
+    }
 }
 
 /// Serves the rolled-back replica as a protected volume: `blkfilter attach` with
-/// capture into `ring`.
+/// capture into `ring`. Returns the device's id.
 fn attach_protected(
     replica: &std::path::Path,
     ring: &std::path::Path,
     id: Option<i32>,
-) -> Result<()> {
+) -> Result<u32> {
     let exe = std::env::current_exe().context("locating this program")?;
     let blkfilter = exe.with_file_name("blkfilter");
     let mut cmd = std::process::Command::new(&blkfilter);
@@ -395,16 +401,24 @@ fn attach_protected(
     if let Some(id) = id {
         cmd.args(["--id", &id.to_string()]);
     }
-    let status = cmd
-        .status()
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
         .with_context(|| format!("running {}", blkfilter.display()))?;
+    let status = out.status;
     anyhow::ensure!(
         status.success(),
         "blkfilter attach failed ({status}); the replica is rolled back, attach it by hand: blkfilter attach --backing {} --ring {}",
         replica.display(),
         ring.display()
     );
-    Ok(())
+    // blkfilter prints the device it attached: "/dev/ublkbN".
+    let printed = String::from_utf8_lossy(&out.stdout);
+    printed
+        .trim()
+        .strip_prefix("/dev/ublkb")
+        .and_then(|id| id.parse().ok())
+        .with_context(|| format!("blkfilter attach printed {printed:?}, not /dev/ublkbN"))
 }
 
 fn main() {
@@ -661,7 +675,8 @@ fn run(cli: Cli) -> Result<()> {
                     .context("the replica has no recovery point yet")?,
             };
             if test {
-                return test_failover(&paths, point, id.unwrap_or(-1), foreground, &log);
+                let server = view_server(&paths, point, id.unwrap_or(-1));
+                return blkfilter::daemon::run_server(foreground, &log, server);
             }
             let report = ublk_target::rollback_to(&paths, point)?;
             eprintln!(
@@ -670,7 +685,9 @@ fn run(cli: Cli) -> Result<()> {
                 report.undone.len()
             );
             let ring = ring.expect("clap: ring unless test or cleanup");
-            attach_protected(&paths.replica, &ring, id)
+            let id = attach_protected(&paths.replica, &ring, id)?;
+            println!("/dev/ublkb{id}");
+            Ok(())
         }
         Command::Commit { replica } => {
             let paths = replica.paths()?;
@@ -763,6 +780,7 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Plan(command) => plan_cli::run(command),
         Command::Inspect { segment, key } => {
             let key = key.map(|k| Key::load(&k)).transpose()?;
             let bytes = std::fs::read(&segment)

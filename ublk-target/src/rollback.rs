@@ -85,6 +85,62 @@ pub(crate) fn rollback_locked(
     point: u64,
     max_steps: Option<usize>,
 ) -> Result<(ApplyState, RollbackReport)> {
+    let undo = verify(paths, journal, &state, point)?;
+
+    // 2. From now on nothing is applied to this replica.
+    if state.rolled_back_to.is_none() {
+        state.rolled_back_to = Some(point);
+        state.save(uring, &paths.state)?;
+        log::warn!(
+            "replica {}: rolling back to point {point} for failover",
+            paths.replica.display()
+        );
+    }
+
+    // 3. Undo the newest segment first.
+    let mut report = RollbackReport {
+        point,
+        ..RollbackReport::default()
+    };
+    for file in undo.iter().rev() {
+        if max_steps.is_some_and(|max| report.undone.len() >= max) {
+            return Ok((state, report));
+        }
+        restore(file, replica, paths)?;
+        replica.sync_data().map_err(|e| {
+            TargetError::io(format!("syncing replica {}", paths.replica.display()), e)
+        })?;
+        state = ApplyState {
+            rolled_back_to: Some(point),
+            ..file.header.state_before()
+        };
+        state.save(uring, &paths.state)?;
+        journal.remove(file.index())?;
+        journal.sync(uring)?;
+        report.undone.push(file.index());
+        log::info!("undid segment {}", file.index());
+    }
+
+    // 4. Older points described the replica as a replica; it is a primary now.
+    for k in journal.list()? {
+        journal.remove(k)?;
+        report.removed_older += 1;
+    }
+    journal.sync(uring)?;
+    crate::group_cuts::retain(&paths.journal, |index| index <= point)?;
+    report.done = true;
+    Ok((state, report))
+}
+
+/// Step 1: every refusal a rollback of the replica (in `state`, journal locked) to
+/// `point` can meet before it writes anything. Returns the journals to undo, oldest
+/// first.
+fn verify(
+    paths: &ReplicaPaths,
+    journal: &Journal,
+    state: &ApplyState,
+    point: u64,
+) -> Result<Vec<UndoFile>> {
     let refuse = |what: String| TargetError::Rollback { point, what };
     if let Some(q) = state.rolled_back_to.filter(|&q| q != point) {
         return Err(refuse(format!(
@@ -159,50 +215,26 @@ pub(crate) fn rollback_locked(
         }
         None => return Err(unavailable("nothing describes its segment".into())),
     }
+    Ok(undo)
+}
 
-    // 2. From now on nothing is applied to this replica.
-    if state.rolled_back_to.is_none() {
-        state.rolled_back_to = Some(point);
-        state.save(uring, &paths.state)?;
-        log::warn!(
-            "replica {}: rolling back to point {point} for failover",
-            paths.replica.display()
-        );
-    }
-
-    // 3. Undo the newest segment first.
-    let mut report = RollbackReport {
-        point,
-        ..RollbackReport::default()
+/// Checks, without writing anything, that [`rollback_to`] of the replica to `point`
+/// would start now: the journal is free (no `apply` running), no point view is open,
+/// and every undo journal it needs is intact. For commands that roll back several
+/// replicas, so that one refusal stops them before any replica changed.
+pub fn preflight(paths: &ReplicaPaths, point: u64) -> Result<()> {
+    let journal = Journal::new(&paths.journal);
+    let _lock = journal.lock()?;
+    let Some(state) = ApplyState::load(&paths.state, None)? else {
+        return Err(TargetError::Rollback {
+            point,
+            what: format!(
+                "nothing has been applied ({} is missing)",
+                paths.state.display()
+            ),
+        });
     };
-    for file in undo.iter().rev() {
-        if max_steps.is_some_and(|max| report.undone.len() >= max) {
-            return Ok((state, report));
-        }
-        restore(file, replica, paths)?;
-        replica.sync_data().map_err(|e| {
-            TargetError::io(format!("syncing replica {}", paths.replica.display()), e)
-        })?;
-        state = ApplyState {
-            rolled_back_to: Some(point),
-            ..file.header.state_before()
-        };
-        state.save(uring, &paths.state)?;
-        journal.remove(file.index())?;
-        journal.sync(uring)?;
-        report.undone.push(file.index());
-        log::info!("undid segment {}", file.index());
-    }
-
-    // 4. Older points described the replica as a replica; it is a primary now.
-    for k in journal.list()? {
-        journal.remove(k)?;
-        report.removed_older += 1;
-    }
-    journal.sync(uring)?;
-    crate::group_cuts::retain(&paths.journal, |index| index <= point)?;
-    report.done = true;
-    Ok((state, report))
+    verify(paths, &journal, &state, point).map(drop)
 }
 
 /// Writes a journal's before-images to the replica.

@@ -1,0 +1,407 @@
+//! `ublk-target plan`: the binary's recovery-plan commands (see the library's
+//! `ublk_target::plan` for what a plan is).
+
+use crate::{attach_protected, require_applied, view_server, DEFAULT_CONFIG};
+use anyhow::{Context, Result};
+use changelog::VolumeId;
+use clap::Subcommand;
+use std::path::{Path, PathBuf};
+use ublk_target::config::{TargetConfig, VolumeConfig};
+use ublk_target::plan::{self, PlanConfig, PointChoice};
+use ublk_target::Catalog;
+
+#[derive(Subcommand)]
+pub enum PlanCommand {
+    /// List the plans, or show one: its steps, volumes, hooks and the point each volume
+    /// would fail over to now. Changes nothing.
+    Show {
+        /// The plan (all of them without it).
+        name: Option<String>,
+        #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The point choice to show [default: the plan's point, else latest-cut]:
+        /// latest, latest-app, latest-cut, latest-app-cut or cut:N.
+        #[arg(long, value_name = "CHOICE")]
+        point: Option<PointChoice>,
+    },
+    /// Fail every volume of the plan over, step by step: the step's pre hook, its
+    /// volumes brought up, its post hook.
+    ///
+    /// Every volume's point is chosen first; if one has none, nothing is done. --test
+    /// brings each volume up as a test-failover view (nothing changes; end it with `plan
+    /// cleanup`). Without --test (stop `apply` first): each replica is rolled back to
+    /// its point and served with capture into its failover_ring, ready to replicate
+    /// back; then `plan commit`. A failing step stops the plan; fix the cause and
+    /// continue with --from-step.
+    Failover {
+        name: String,
+        #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The point choice [default: the plan's point, else latest-cut]: latest,
+        /// latest-app, latest-cut (the latest consistency-group cut every volume has a
+        /// point at), latest-app-cut or cut:N.
+        #[arg(long, value_name = "CHOICE")]
+        point: Option<PointChoice>,
+        /// Test failover: disposable views, nothing changes.
+        #[arg(long)]
+        test: bool,
+        /// Start at this step (from 1), after the earlier ones are up.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        from_step: usize,
+        /// Where the test views' servers log.
+        #[arg(long, default_value = "/run/ublk-dr/ublk-target.log")]
+        log: PathBuf,
+    },
+    /// End the plan's test failover: delete the test views of its volumes (their writes
+    /// are gone).
+    Cleanup {
+        name: String,
+        #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// After `plan failover`: commit every volume of the plan (see `ublk-target
+    /// commit`). Refused, with nothing committed, unless every volume was failed over.
+    Commit {
+        name: String,
+        #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+}
+
+/// A plan with its config.
+struct Loaded {
+    config: TargetConfig,
+    path: PathBuf,
+}
+
+impl Loaded {
+    fn load(path: &Path) -> Result<Loaded> {
+        Ok(Loaded {
+            config: TargetConfig::load(path)?,
+            path: path.into(),
+        })
+    }
+
+    fn plan(&self, name: &str) -> Result<&PlanConfig> {
+        self.config
+            .plan(name)
+            .map_err(|what| anyhow::anyhow!("config {}: {what}", self.path.display()))
+    }
+
+    fn volume(&self, id: &VolumeId) -> &VolumeConfig {
+        self.config.volume(id).expect("plans name config volumes")
+    }
+
+    /// Every volume of `plan` with its catalog, refusing a replica never applied to.
+    fn catalogs(&self, plan: &PlanConfig) -> Result<Vec<(String, Catalog)>> {
+        plan.volumes()
+            .map(|id| {
+                let paths = self.volume(id).paths();
+                require_applied(&paths).with_context(|| format!("volume {id}"))?;
+                let catalog = ublk_target::catalog(&paths)
+                    .with_context(|| format!("reading the recovery points of {id}"))?;
+                Ok((id.to_string(), catalog))
+            })
+            .collect()
+    }
+
+    /// Chooses the point of every volume of `plan` (in [`PlanConfig::volumes`] order).
+    fn choose(&self, plan: &PlanConfig, point: Option<PointChoice>) -> Result<plan::Chosen> {
+        let choice = point.unwrap_or(plan.point);
+        plan::choose(choice, &self.catalogs(plan)?).map_err(|why| {
+            anyhow::anyhow!("plan {}: no point for `--point {choice}`: {why}", plan.name)
+        })
+    }
+}
+
+pub fn run(command: PlanCommand) -> Result<()> {
+    match command {
+        PlanCommand::Show {
+            name,
+            config,
+            point,
+        } => {
+            let loaded = Loaded::load(&config)?;
+            let plans: Vec<&PlanConfig> = match &name {
+                Some(name) => vec![loaded.plan(name)?],
+                None => loaded.config.plans.iter().collect(),
+            };
+            if plans.is_empty() {
+                println!(
+                    "{} has no [[plan]] tables (see `ublk-target apply --help` for the format)",
+                    config.display()
+                );
+            }
+            for plan in plans {
+                show(&loaded, plan, point)?;
+            }
+            Ok(())
+        }
+        PlanCommand::Failover {
+            name,
+            config,
+            point,
+            test,
+            from_step,
+            log,
+        } => {
+            let loaded = Loaded::load(&config)?;
+            let plan = loaded.plan(&name)?;
+            failover(&loaded, plan, point, test, from_step, &log)
+        }
+        PlanCommand::Cleanup { name, config } => {
+            let loaded = Loaded::load(&config)?;
+            let plan = loaded.plan(&name)?;
+            let replicas: Vec<PathBuf> = plan
+                .volumes()
+                .map(|id| loaded.volume(id).replica.clone())
+                .collect();
+            let views: Vec<(u32, ublk_target::device::ViewInfo)> = ublk_target::device::views()?
+                .into_iter()
+                .filter(|(_, info)| replicas.iter().any(|r| same_file(r, &info.replica)))
+                .collect();
+            anyhow::ensure!(
+                !views.is_empty(),
+                "plan {name} has no test failover up (no test view of its replicas; \
+                 already cleaned up?)"
+            );
+            for (id, _) in views {
+                let info = ublk_target::device::delete(id as i32)?;
+                println!(
+                    "test failover /dev/ublkb{id} (point {} of {}) removed",
+                    info.point,
+                    info.replica.display()
+                );
+            }
+            Ok(())
+        }
+        PlanCommand::Commit { name, config } => {
+            let loaded = Loaded::load(&config)?;
+            let plan = loaded.plan(&name)?;
+            let catalogs = loaded.catalogs(plan)?;
+            let not_failed_over: Vec<&str> = catalogs
+                .iter()
+                .filter(|(_, c)| c.rolled_back_to.is_none())
+                .map(|(n, _)| n.as_str())
+                .collect();
+            anyhow::ensure!(
+                not_failed_over.is_empty(),
+                "plan {name}: {} not failed over; nothing committed (run `ublk-target plan \
+                 failover {name}` first)",
+                not_failed_over.join(", ")
+            );
+            for id in plan.volumes() {
+                let point = ublk_target::commit(&loaded.volume(id).paths())?;
+                println!("volume {id}: failover to point {point} committed");
+            }
+            println!("plan {name} committed: its volumes are the primaries now");
+            Ok(())
+        }
+    }
+}
+
+/// Prints a plan and the points a failover now would take.
+fn show(loaded: &Loaded, plan: &PlanConfig, point: Option<PointChoice>) -> Result<()> {
+    let choice = point.unwrap_or(plan.point);
+    println!("plan {} (point {choice}):", plan.name);
+    let chosen = loaded.choose(plan, point);
+    if let Ok(chosen) = &chosen {
+        println!("  at {}", chosen.what);
+    }
+    let mut points = chosen.as_ref().ok().map(|c| c.points.iter());
+    for (i, step) in plan.steps.iter().enumerate() {
+        println!("  step {}:", i + 1);
+        if let Some(pre) = &step.pre {
+            println!("    pre:  {pre}");
+        }
+        for id in &step.volumes {
+            let at = match points.as_mut().and_then(Iterator::next) {
+                Some(p) => format!(
+                    "point {} ({}{})",
+                    p.index,
+                    ublk_target::points::format_utc_ms(p.created_unix_ms),
+                    if p.app_consistent { ", app" } else { "" }
+                ),
+                None => "-".into(),
+            };
+            println!(
+                "    {id}: {at}, replica {}",
+                loaded.volume(id).replica.display()
+            );
+        }
+        if let Some(post) = &step.post {
+            println!("    post: {post}");
+        }
+    }
+    if let Err(e) = chosen {
+        println!(
+            "  no failover possible now: {}",
+            changelog::error::one_line(&*e)
+        );
+    }
+    Ok(())
+}
+
+/// `plan failover`: see [`PlanCommand::Failover`].
+fn failover(
+    loaded: &Loaded,
+    plan: &PlanConfig,
+    point: Option<PointChoice>,
+    test: bool,
+    from_step: usize,
+    log: &Path,
+) -> Result<()> {
+    let steps = plan.steps.len();
+    anyhow::ensure!(
+        (1..=steps).contains(&from_step),
+        "--from-step {from_step}: plan {} has steps 1..={steps}",
+        plan.name
+    );
+    let chosen = loaded.choose(plan, point)?;
+    // Whatever would stop the plan halfway, checked before anything changes.
+    let first = plan.steps[..from_step - 1]
+        .iter()
+        .map(|s| s.volumes.len())
+        .sum::<usize>();
+    if !test {
+        for (id, p) in plan.volumes().zip(&chosen.points).skip(first) {
+            ublk_target::rollback::preflight(&loaded.volume(id).paths(), p.index).map_err(|e| {
+                anyhow::anyhow!(
+                    "plan {}: volume {id} cannot fail over: {e}; nothing was changed",
+                    plan.name
+                )
+            })?;
+        }
+        let blkfilter = std::env::current_exe()?.with_file_name("blkfilter");
+        anyhow::ensure!(
+            blkfilter.exists(),
+            "{} is missing (it serves the failed-over volumes; install it beside \
+             ublk-target); nothing was changed",
+            blkfilter.display()
+        );
+    }
+    anyhow::ensure!(
+        Path::new("/dev/ublk-control").exists(),
+        "/dev/ublk-control is missing: load the ublk_drv module (modprobe ublk_drv); \
+         nothing was changed"
+    );
+    let kind = if test { "test failover" } else { "failover" };
+    println!("plan {}: {kind} at {}", plan.name, chosen.what);
+    let mut points = plan.volumes().zip(chosen.points.iter().map(|p| p.index));
+    // Volumes of the steps before --from-step are up already: found, not brought up.
+    let mut up: Vec<(VolumeId, u32)> = Vec::new();
+    for (i, step) in plan.steps.iter().enumerate() {
+        let number = i + 1;
+        let step_points: Vec<(&VolumeId, u64)> = points.by_ref().take(step.volumes.len()).collect();
+        if number < from_step {
+            for (id, _) in step_points {
+                match device_of(&loaded.volume(id).replica, test)? {
+                    Some(dev) => up.push((id.clone(), dev)),
+                    None => log::warn!(
+                        "volume {id} of step {number} is not up; its hooks' variables are missing"
+                    ),
+                }
+            }
+            continue;
+        }
+        let stopped = |up: &[(VolumeId, u32)], what: String| {
+            let up_now: Vec<String> = up
+                .iter()
+                .map(|(v, id)| format!("{v} /dev/ublkb{id}"))
+                .collect();
+            let undo = if test {
+                format!(
+                    "; `ublk-target plan cleanup {}` removes what is up",
+                    plan.name
+                )
+            } else {
+                String::new()
+            };
+            anyhow::anyhow!(
+                "plan {} stopped at step {number}: {what}. Up: {}. Fix the cause and continue \
+                 with `--from-step {number}`{undo}",
+                plan.name,
+                if up_now.is_empty() {
+                    "nothing".into()
+                } else {
+                    up_now.join(", ")
+                }
+            )
+        };
+        if let Some(pre) = &step.pre {
+            plan::run_hook(pre, &plan::hook_env(&plan.name, number, test, &up))
+                .map_err(|e| stopped(&up, format!("pre hook {e}")))?;
+        }
+        for (id, point) in step_points {
+            let volume = loaded.volume(id);
+            let dev = bring_up(volume, point, test, log).map_err(|e| {
+                stopped(
+                    &up,
+                    format!("volume {id}: {}", changelog::error::one_line(&*e)),
+                )
+            })?;
+            println!("step {number}: {id} at point {point} is /dev/ublkb{dev}");
+            up.push((id.clone(), dev));
+        }
+        if let Some(post) = &step.post {
+            plan::run_hook(post, &plan::hook_env(&plan.name, number, test, &up))
+                .map_err(|e| stopped(&up, format!("post hook {e}")))?;
+        }
+    }
+    if test {
+        println!(
+            "plan {}: test failover up; end it with `ublk-target plan cleanup {}`",
+            plan.name, plan.name
+        );
+    } else {
+        println!(
+            "plan {}: failed over; `ublk-target plan commit {}` makes it final",
+            plan.name, plan.name
+        );
+    }
+    Ok(())
+}
+
+/// Brings one volume up at `point`: a test view, or rolled back and protected.
+fn bring_up(volume: &VolumeConfig, point: u64, test: bool, log: &Path) -> Result<u32> {
+    let paths = volume.paths();
+    if test {
+        return blkfilter::daemon::spawn_server(log, view_server(&paths, point, -1));
+    }
+    ublk_target::rollback_to(&paths, point)?;
+    let ring = volume.failover_ring();
+    if let Some(dir) = ring.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating {} for the failover ring", dir.display()))?;
+    }
+    attach_protected(&paths.replica, &ring, None)
+}
+
+/// The device serving `replica` now: its test view, or the protected volume over it.
+fn device_of(replica: &Path, test: bool) -> Result<Option<u32>> {
+    if test {
+        let views = ublk_target::device::views()?;
+        return Ok(views
+            .into_iter()
+            .find(|(_, info)| same_file(&info.replica, replica))
+            .map(|(id, _)| id));
+    }
+    let devices = blkfilter::server::list()?;
+    Ok(devices
+        .into_iter()
+        .find(|d| {
+            d.target
+                .as_ref()
+                .is_some_and(|t| same_file(&t.backing, replica))
+        })
+        .map(|d| d.id))
+}
+
+/// Whether two paths name one file (as given, or once resolved).
+fn same_file(a: &Path, b: &Path) -> bool {
+    a == b
+        || matches!(
+            (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+            (Ok(a), Ok(b)) if a == b
+        )
+}
