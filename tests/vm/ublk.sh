@@ -28,6 +28,10 @@ run_test() {
   for id in $("$BIN/blkfilter" list 2>/dev/null | awk 'NR > 1 { print $1 }'); do
     "$BIN/blkfilter" detach --id "$id" >/dev/null 2>&1
   done
+  # Test-failover views (cleanup refuses any other device).
+  for c in /sys/class/ublk-char/ublkc*; do
+    [ -e "$c" ] && "$BIN/ublk-target" failover --cleanup --id "${c##*ublkc}" >/dev/null 2>&1
+  done
   pkill -f "$BIN/shipper run" 2>/dev/null; pkill -f "$BIN/ublk-target apply" 2>/dev/null; sleep 0.2
   # Guest /tmp is RAM: each test's images go when it ends.
   umount /tmp/t-*/mnt 2>/dev/null; umount /tmp/t-* 2>/dev/null; rm -rf /tmp/t-*
@@ -387,6 +391,58 @@ consistency_group_on_two_devices() {
     "$BIN/ublk-target" failover --cleanup --id 10 >/dev/null
   done
   echo "group cut $cut: both volumes come up equal to their sources"
+
+  # A recovery plan over both: a first, then b, with hooks that see the devices.
+  cat >$w/target.toml <<EOF
+key = "$a/key"
+store = "$a/store"
+[[volume]]
+id = "a"
+replica = "$a/replica"
+failover_ring = "$w/a-failover.ring"
+[[volume]]
+id = "b"
+replica = "$b/replica"
+failover_ring = "$w/b-failover.ring"
+[[plan]]
+name = "db"
+[[plan.step]]
+volumes = ["a"]
+post = 'echo "post \$UBLK_DR_STEP \$UBLK_DR_TEST \$UBLK_DR_DEVICES" >> $w/hooks'
+[[plan.step]]
+volumes = ["b"]
+pre = 'test -b "\$UBLK_DR_DEVICE_A" && echo "pre \$UBLK_DR_STEP \$UBLK_DR_DEVICES" >> $w/hooks'
+EOF
+  "$BIN/ublk-target" plan show db --config $w/target.toml
+  out=$("$BIN/ublk-target" plan failover db --test --config $w/target.toml --log $w/view.log)
+  echo "$out"
+  # The latest cut both volumes have came after fio: each view equals its source.
+  echo "$out" | grep "at group cut" >/dev/null
+  local dev_a dev_b
+  dev_a=$(echo "$out" | sed -n 's/^step 1: a at point [0-9]* is //p')
+  dev_b=$(echo "$out" | sed -n 's/^step 2: b at point [0-9]* is //p')
+  cmp "$dev_a" $a/backing
+  cmp "$dev_b" $b/backing
+  printf 'post 1 1 a=%s\npre 2 a=%s\n' "$dev_a" "$dev_a" | diff - $w/hooks
+  "$BIN/ublk-target" plan cleanup db --config $w/target.toml
+  [ ! -e "$dev_a" ] && [ ! -e "$dev_b" ]
+  out=$("$BIN/ublk-target" plan cleanup db --config $w/target.toml 2>&1) && return 1
+  echo "$out" | grep "has no test failover up" >/dev/null
+  # The real thing, at the app-consistent cut: both rolled back and protected again.
+  rm $w/hooks
+  out=$("$BIN/ublk-target" plan failover db --point "cut:$cut" --config $w/target.toml)
+  echo "$out"
+  dev_a=$(echo "$out" | sed -n 's/^step 1: a at point [0-9]* is //p')
+  dev_b=$(echo "$out" | sed -n 's/^step 2: b at point [0-9]* is //p')
+  cmp "$dev_a" $a/backing
+  cmp "$dev_b" $b/backing
+  printf 'post 1 0 a=%s\npre 2 a=%s\n' "$dev_a" "$dev_a" | diff - $w/hooks
+  "$BIN/blkfilter" list | grep "$w/a-failover.ring" >/dev/null
+  "$BIN/ublk-target" plan commit db --config $w/target.toml
+  [ -e $a/replica.committed ] && [ -e $b/replica.committed ]
+  "$BIN/blkfilter" detach --id "${dev_a#/dev/ublkb}" >/dev/null
+  "$BIN/blkfilter" detach --id "${dev_b#/dev/ublkb}" >/dev/null
+  echo "plan db: test failover and failover at group cut $cut, in two steps with hooks"
 }
 
 tests=("$@")

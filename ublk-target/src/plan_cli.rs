@@ -4,7 +4,7 @@
 use crate::{attach_protected, require_applied, view_server, DEFAULT_CONFIG};
 use anyhow::{Context, Result};
 use changelog::VolumeId;
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
 use ublk_target::config::{TargetConfig, VolumeConfig};
 use ublk_target::plan::{self, PlanConfig, PointChoice};
@@ -17,6 +17,7 @@ pub enum PlanCommand {
     Show {
         /// The plan (all of them without it).
         name: Option<String>,
+        /// The recovery side's config file, with the [[plan]] tables.
         #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// The point choice to show [default: the plan's point, else latest-cut]:
@@ -34,9 +35,8 @@ pub enum PlanCommand {
     /// back; then `plan commit`. A failing step stops the plan; fix the cause and
     /// continue with --from-step.
     Failover {
-        name: String,
-        #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+        #[command(flatten)]
+        plan: PlanArgs,
         /// The point choice [default: the plan's point, else latest-cut]: latest,
         /// latest-app, latest-cut (the latest consistency-group cut every volume has a
         /// point at), latest-app-cut or cut:N.
@@ -55,20 +55,29 @@ pub enum PlanCommand {
     /// End the plan's test failover: delete the test views of its volumes (their writes
     /// are gone).
     Cleanup {
-        name: String,
-        #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+        #[command(flatten)]
+        plan: PlanArgs,
     },
     /// After `plan failover`: commit every volume of the plan (see `ublk-target
     /// commit`). Refused, with nothing committed, unless every volume was failed over.
     Commit {
-        name: String,
-        #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+        #[command(flatten)]
+        plan: PlanArgs,
     },
 }
 
-/// A plan with its config.
+/// Which plan, in which config file.
+#[derive(Args)]
+pub struct PlanArgs {
+    /// The plan's name (its [[plan]] table's `name`).
+    name: String,
+    /// The recovery side's config file, with the [[plan]] tables (format: `ublk-target
+    /// apply --help`).
+    #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+}
+
+/// A config file loaded.
 struct Loaded {
     config: TargetConfig,
     path: PathBuf,
@@ -138,8 +147,7 @@ pub fn run(command: PlanCommand) -> Result<()> {
             Ok(())
         }
         PlanCommand::Failover {
-            name,
-            config,
+            plan: PlanArgs { name, config },
             point,
             test,
             from_step,
@@ -149,7 +157,9 @@ pub fn run(command: PlanCommand) -> Result<()> {
             let plan = loaded.plan(&name)?;
             failover(&loaded, plan, point, test, from_step, &log)
         }
-        PlanCommand::Cleanup { name, config } => {
+        PlanCommand::Cleanup {
+            plan: PlanArgs { name, config },
+        } => {
             let loaded = Loaded::load(&config)?;
             let plan = loaded.plan(&name)?;
             let replicas: Vec<PathBuf> = plan
@@ -175,7 +185,9 @@ pub fn run(command: PlanCommand) -> Result<()> {
             }
             Ok(())
         }
-        PlanCommand::Commit { name, config } => {
+        PlanCommand::Commit {
+            plan: PlanArgs { name, config },
+        } => {
             let loaded = Loaded::load(&config)?;
             let plan = loaded.plan(&name)?;
             let catalogs = loaded.catalogs(plan)?;
