@@ -363,6 +363,21 @@ fn a_plan_chooses_one_cut_for_all_its_volumes_and_changes_nothing_when_one_canno
             "{name} {p:?}: {shown}"
         );
     }
+    // `status` shows the plan's point and its age beside the volumes.
+    let status = stdout_of(
+        Command::new(bin("ublk-target"))
+            .arg("status")
+            .arg("--config")
+            .arg(&config),
+    );
+    let row = status
+        .lines()
+        .find(|l| l.starts_with("pair "))
+        .expect(&status);
+    assert!(
+        row.contains("latest-cut") && row.contains("group cut 3 (clock"),
+        "{status}"
+    );
     let latest = stdout_of(&mut plan_command(
         &config,
         &["show", "pair", "--point", "latest"],

@@ -209,7 +209,9 @@ enum Command {
     /// Show each volume of the config file at this site: its newest recovery point,
     /// the point's age (the RPO: at most what a failover now would lose, as far as this
     /// site knows), the retained points, the segments waiting in the store, and whether
-    /// it was failed over.
+    /// it was failed over. Then each recovery plan of the file: the point its failover
+    /// would take now and the age of the oldest of its volumes' points there (with group
+    /// cuts, how long ago the group last had a common point).
     Status {
         /// Only this volume of the config file.
         #[arg(value_name = "VOLUME")]
@@ -740,6 +742,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             let store = objstore::open(&config.store);
             let mut rows = Vec::new();
+            let mut catalogs = std::collections::HashMap::new();
             for v in picked {
                 let paths = v.paths();
                 let catalog = match ublk_target::catalog(&paths) {
@@ -764,14 +767,34 @@ fn run(cli: Cli) -> Result<()> {
                     indexes,
                     committed,
                 ));
+                catalogs.insert(v.id.clone(), catalog);
             }
+            // Each plan, when every volume was shown: the points its failover would
+            // take now, and how old the oldest is.
+            let plans: Vec<ublk_target::status::PlanStatus> = config
+                .plans
+                .iter()
+                .filter(|_| volume.is_none())
+                .map(|plan| {
+                    let named: Option<Vec<(String, ublk_target::Catalog)>> = plan
+                        .volumes()
+                        .map(|id| catalogs.get(id).map(|c| (id.to_string(), c.clone())))
+                        .collect();
+                    let chosen = match named {
+                        Some(named) => ublk_target::plan::choose(plan.point, &named),
+                        None => Err("a volume's replica could not be read (see STATE)".into()),
+                    };
+                    ublk_target::status::PlanStatus::new(plan, chosen)
+                })
+                .collect();
+            let now = changelog::unix_ms_now();
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                print!(
-                    "{}",
-                    ublk_target::status::table(&rows, changelog::unix_ms_now())
-                );
+                print!("{}", ublk_target::status::table(&rows, now));
+                if !plans.is_empty() {
+                    print!("\n{}", ublk_target::status::plans_table(&plans, now));
+                }
             }
             let unreadable = rows.iter().filter(|r| r.error.is_some()).count();
             anyhow::ensure!(

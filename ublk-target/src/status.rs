@@ -131,3 +131,50 @@ pub fn table(rows: &[VolumeStatus], now_unix_ms: u64) -> String {
     }
     out
 }
+
+/// One recovery plan's row: the points its failover would take now (its default point
+/// choice) and the age of the oldest of them, the plan's RPO.
+#[derive(Clone, Debug)]
+pub struct PlanStatus {
+    pub plan: String,
+    pub choice: String,
+    /// What the points are ("group cut 12 (clock …) of …"), or why there are none.
+    pub at: Result<String, String>,
+    /// The oldest chosen point's creation time (ms since the Unix epoch).
+    pub oldest_created_unix_ms: Option<u64>,
+}
+
+impl PlanStatus {
+    pub fn new(
+        plan: &crate::plan::PlanConfig,
+        chosen: Result<crate::plan::Chosen, String>,
+    ) -> PlanStatus {
+        let oldest = chosen
+            .as_ref()
+            .ok()
+            .and_then(|c| c.points.iter().map(|p| p.created_unix_ms).min());
+        PlanStatus {
+            plan: plan.name.clone(),
+            choice: plan.point.to_string(),
+            at: chosen.map(|c| c.what),
+            oldest_created_unix_ms: oldest,
+        }
+    }
+}
+
+/// The plans as a table: PLAN, POINT (its choice), RPO (the oldest chosen point's age:
+/// with group cuts, how long ago the group last had a common point), AT.
+pub fn plans_table(rows: &[PlanStatus], now_unix_ms: u64) -> String {
+    let mut out = format!("{:<16} {:>14} {:>8}  AT\n", "PLAN", "POINT", "RPO");
+    for row in rows {
+        let rpo = row.oldest_created_unix_ms.map_or("-".into(), |t| {
+            changelog::short_duration(now_unix_ms.saturating_sub(t))
+        });
+        let at = match &row.at {
+            Ok(what) => what.clone(),
+            Err(why) => format!("no failover possible: {why}"),
+        };
+        let _ = writeln!(out, "{:<16} {:>14} {rpo:>8}  {at}", row.plan, row.choice);
+    }
+    out
+}
