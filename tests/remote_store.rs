@@ -199,16 +199,27 @@ struct ReceiverProcess {
     port: u16,
     store: PathBuf,
     token: Option<PathBuf>,
+    /// TLS certificate and key files.
+    tls: Option<(PathBuf, PathBuf)>,
     child: Option<Running>,
 }
 
 impl ReceiverProcess {
     fn start(store: &Path, token: Option<&Path>) -> ReceiverProcess {
+        Self::start_with(store, token, None)
+    }
+
+    fn start_with(
+        store: &Path,
+        token: Option<&Path>,
+        tls: Option<(PathBuf, PathBuf)>,
+    ) -> ReceiverProcess {
         std::fs::create_dir_all(store).unwrap();
         let mut receiver = ReceiverProcess {
             port: free_port(),
             store: store.to_path_buf(),
             token: token.map(Path::to_path_buf),
+            tls,
             child: None,
         };
         receiver.resume();
@@ -230,6 +241,13 @@ impl ReceiverProcess {
             .stderr(Stdio::null());
         if let Some(token) = &self.token {
             command.arg("--token-file").arg(token);
+        }
+        if let Some((cert, key)) = &self.tls {
+            command
+                .arg("--tls-cert")
+                .arg(cert)
+                .arg("--tls-key")
+                .arg(key);
         }
         let child = Running(command.spawn().unwrap());
         self.child = Some(child);
@@ -604,4 +622,168 @@ fn bad_store_locations_and_missing_credentials_are_clear_errors() {
     // The failed runs left the replica as it was.
     let replica = std::fs::read(volume.path("replica")).unwrap();
     assert!(replica.iter().all(|&b| b == 0));
+}
+
+/// `openssl` in `dir`: a CA (`NAME-ca.pem`) and a server certificate it signed
+/// (`NAME.pem`, key `NAME.key`) for the names in `san` ("DNS:localhost,IP:127.0.0.1").
+fn certificates(dir: &Path, name: &str, san: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let path = |suffix: &str| dir.join(format!("{name}{suffix}"));
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (scripts/test.sh installs it)");
+        assert!(out.status.success(), "openssl {args:?}: {}", text(&out));
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let (ca, ca_key) = (format!("{name}-ca.pem"), format!("{name}-ca.key"));
+    let (cert, key, csr) = (
+        format!("{name}.pem"),
+        format!("{name}.key"),
+        format!("{name}.csr"),
+    );
+    let ext = format!("{name}.ext");
+    std::fs::write(
+        dir.join(&ext),
+        format!("subjectAltName={san}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"),
+    )
+    .unwrap();
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                &ca_key,
+                "-out",
+                &ca,
+                "-days",
+                "2",
+                "-subj",
+                "/CN=ublk-dr test CA",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req"][..],
+            &ec,
+            &["-keyout", &key, "-out", &csr, "-subj", "/CN=receiver"],
+        ]
+        .concat(),
+    );
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        &ca,
+        "-CAkey",
+        &ca_key,
+        "-CAcreateserial",
+        "-out",
+        &cert,
+        "-days",
+        "2",
+        "-extfile",
+        &ext,
+    ]);
+    (path("-ca.pem"), path(".pem"), path(".key"))
+}
+
+/// A receiver with --tls-cert serves TLS only: a shipper with `tls://` and the CA
+/// replicates through it; a plain client, a client trusting another CA or none, a
+/// certificate without the name connected to, and a TLS client of a plain receiver are
+/// refused with errors that say which, before any store call.
+#[test]
+fn a_tls_receiver_serves_tls_clients_that_trust_its_ca_and_only_them() {
+    let volume = Volume::new(12, 300);
+    let dir = volume.dir.path();
+    let (ca, cert, key) = certificates(dir, "receiver", "DNS:localhost,IP:127.0.0.1");
+    let (other_ca, _, _) = certificates(dir, "stranger", "DNS:localhost");
+    std::fs::write(volume.path("token"), "tls-token").unwrap();
+    let received = volume.path("received");
+    let receiver =
+        ReceiverProcess::start_with(&received, Some(&volume.path("token")), Some((cert, key)));
+    let tls = format!("tls://localhost:{}", receiver.port);
+    let fails_saying = |command: &mut Command, says: &[&str]| {
+        let out = command.output().unwrap();
+        assert!(
+            !out.status.success() && says.iter().all(|s| text(&out).contains(s)),
+            "expected a failure saying {says:?}: {}",
+            text(&out)
+        );
+    };
+    let with = |command: &mut Command, ca: &Path| {
+        let mut command = std::mem::replace(command, Command::new("false"));
+        command
+            .env(objstore::TOKEN_ENV, "tls-token")
+            .env(objstore::tls::CA_ENV, ca);
+        command
+    };
+    fails_saying(
+        &mut with(&mut volume.apply(&receiver.location(), &[]), &ca),
+        &["takes TLS only", "tls://"],
+    );
+    fails_saying(
+        &mut with(&mut volume.apply(&tls, &[]), &other_ca),
+        &["TLS handshake failed", "certificate"],
+    );
+    fails_saying(
+        volume
+            .apply(&tls, &[])
+            .env(objstore::TOKEN_ENV, "tls-token")
+            .env_remove(objstore::tls::CA_ENV),
+        &["UBLK_DR_RECEIVER_CA is not set"],
+    );
+    // The stranger's certificate names only localhost: connecting to 127.0.0.1 with it
+    // as the receiver's is refused by name.
+    let named = ReceiverProcess::start_with(
+        &volume.path("named"),
+        None,
+        Some((dir.join("stranger.pem"), dir.join("stranger.key"))),
+    );
+    fails_saying(
+        &mut with(
+            &mut volume.apply(&format!("tls://127.0.0.1:{}", named.port), &[]),
+            &other_ca,
+        ),
+        &["TLS handshake failed", "127.0.0.1"],
+    );
+    // A TLS client of a plain receiver.
+    let plain = ReceiverProcess::start(&volume.path("plain"), None);
+    fails_saying(
+        &mut with(
+            &mut volume.apply(&format!("tls://localhost:{}", plain.port), &[]),
+            &ca,
+        ),
+        &["TLS handshake failed", "--tls-cert"],
+    );
+    let vol0 = VolumeId::new("vol0").unwrap();
+    assert!(LocalDirStore::new(&received)
+        .list(&vol0)
+        .unwrap()
+        .is_empty());
+
+    // The real thing: ship over TLS, apply from what arrived.
+    let shipped = with(
+        &mut volume.shipper(&tls, &["--no-initial-sync", "--retry-unit-ms", "50"]),
+        &ca,
+    )
+    .output()
+    .unwrap();
+    assert!(shipped.status.success(), "{}", text(&shipped));
+    assert!(LocalDirStore::new(&received).list(&vol0).unwrap().len() > 1);
+    let listed = with(&mut volume.apply(&tls, &[]), &ca).output().unwrap();
+    assert!(listed.status.success(), "{}", text(&listed));
+    assert!(volume.replica_equals_source());
 }

@@ -50,11 +50,11 @@ fn main() {
     let segments = random_segments(mib << 20);
 
     let received = tempfile::tempdir_in(&dir).expect("receiver directory");
-    let receiver =
-        objstore::Receiver::bind("127.0.0.1:0", received.path(), String::new()).expect("bind");
+    let receiver = objstore::Receiver::bind("127.0.0.1:0", received.path(), String::new(), None)
+        .expect("bind");
     let addr = receiver.local_addr().to_string();
     std::thread::spawn(move || receiver.serve());
-    let remote = objstore::ReceiverStore::new(&addr);
+    let remote = objstore::ReceiverStore::new(&addr, None);
 
     let (mut direct, mut through) = (0f64, 0f64);
     for _ in 0..ROUNDS {

@@ -1,5 +1,5 @@
 //! Target stores by location: [`open`] turns a [`StoreLocation`] (a directory path, an
-//! `az://` / `s3://` URL or a receiver's `tcp://HOST:PORT`) into the [`TargetStore`] the
+//! `az://` / `s3://` URL or a receiver's `tcp://HOST:PORT` or `tls://HOST:PORT`) into the [`TargetStore`] the
 //! shipper uploads to and ublk-target applies from.
 //!
 //! The local directory is the embedded default ([`changelog::LocalDirStore`]); object
@@ -16,6 +16,7 @@ mod location;
 mod object;
 mod receiver;
 mod remote;
+pub mod tls;
 pub mod wire;
 
 pub use location::{Service, StoreLocation};
@@ -44,6 +45,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("store {location}: {what}")]
+    Tls { location: String, what: String },
     #[error("store {location}: starting the I/O runtime: {source}")]
     Runtime {
         location: String,
@@ -58,6 +61,15 @@ pub fn open(location: &StoreLocation) -> Result<Arc<dyn TargetStore>, Error> {
     match location {
         StoreLocation::Dir(dir) => Ok(Arc::new(LocalDirStore::new(dir))),
         StoreLocation::Object { .. } => Ok(Arc::new(ObjectTargetStore::open(location)?)),
-        StoreLocation::Receiver(addr) => Ok(Arc::new(ReceiverStore::new(addr))),
+        StoreLocation::Receiver { addr, tls } => {
+            let tls = tls
+                .then(tls::client_config_from_env)
+                .transpose()
+                .map_err(|what| Error::Tls {
+                    location: location.to_string(),
+                    what,
+                })?;
+            Ok(Arc::new(ReceiverStore::new(addr, tls)))
+        }
     }
 }

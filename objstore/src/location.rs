@@ -7,6 +7,7 @@
 //! | `az://CONTAINER[/PREFIX]`, `azure://…` | Azure Blob Storage |
 //! | `s3://BUCKET[/PREFIX]` | S3 or an S3-compatible store |
 //! | `tcp://HOST:PORT` | a network receiver (`ublk-target receive`) |
+//! | `tls://HOST:PORT` | a network receiver over TLS (`ublk-target receive --tls-cert`) |
 //!
 //! Anything else with a `://` is refused rather than taken for a directory name, so a
 //! typo in a scheme cannot ship a volume into `./http:/…`.
@@ -35,9 +36,12 @@ pub enum StoreLocation {
         /// end; empty for the top level.
         prefix: String,
     },
-    /// A network receiver at `HOST:PORT` (where volumes go is the receiver's choice,
-    /// so there is no path).
-    Receiver(String),
+    /// A network receiver at `addr`, `HOST:PORT` (where volumes go is the receiver's
+    /// choice, so there is no path), over TLS or plain TCP.
+    Receiver {
+        addr: String,
+        tls: bool,
+    },
 }
 
 impl StoreLocation {
@@ -45,7 +49,7 @@ impl StoreLocation {
     pub fn dir(&self) -> Option<&std::path::Path> {
         match self {
             StoreLocation::Dir(dir) => Some(dir),
-            StoreLocation::Object { .. } | StoreLocation::Receiver(_) => None,
+            StoreLocation::Object { .. } | StoreLocation::Receiver { .. } => None,
         }
     }
 }
@@ -65,12 +69,13 @@ impl FromStr for StoreLocation {
             "file" => return Err(format!("{s:?}: a file:// location needs an absolute path")),
             "az" | "azure" => Service::Azure,
             "s3" => Service::S3,
-            "tcp" => return parse_receiver(s, rest),
+            "tcp" => return parse_receiver(s, rest, false),
+            "tls" => return parse_receiver(s, rest, true),
             _ => {
                 return Err(format!(
                     "{s:?}: unsupported store scheme {scheme:?}; use a directory path, \
-                     az://CONTAINER/PREFIX (Azure Blob), s3://BUCKET/PREFIX or \
-                     tcp://HOST:PORT (a receiver)"
+                     az://CONTAINER/PREFIX (Azure Blob), s3://BUCKET/PREFIX, \
+                     tcp://HOST:PORT or tls://HOST:PORT (a receiver)"
                 ))
             }
         };
@@ -97,23 +102,25 @@ impl FromStr for StoreLocation {
 }
 
 /// `HOST:PORT`, an optional trailing slash, nothing more.
-fn parse_receiver(s: &str, rest: &str) -> Result<StoreLocation, String> {
+fn parse_receiver(s: &str, rest: &str, tls: bool) -> Result<StoreLocation, String> {
+    let scheme = if tls { "tls" } else { "tcp" };
     let addr = rest.strip_suffix('/').unwrap_or(rest);
     if addr.contains('/') {
         return Err(format!(
-            "{s:?}: a receiver is tcp://HOST:PORT without a path (the receiver's --store \
-             decides where volumes go)"
+            "{s:?}: a receiver is {scheme}://HOST:PORT without a path (the receiver's \
+             --store decides where volumes go)"
         ));
     }
     let port = addr
         .rsplit_once(':')
         .map(|(host, port)| (host, port.parse::<u16>()));
     match port {
-        Some((host, Ok(port))) if !host.is_empty() && port != 0 => {
-            Ok(StoreLocation::Receiver(addr.into()))
-        }
+        Some((host, Ok(port))) if !host.is_empty() && port != 0 => Ok(StoreLocation::Receiver {
+            addr: addr.into(),
+            tls,
+        }),
         _ => Err(format!(
-            "{s:?}: a receiver is tcp://HOST:PORT, with a port number"
+            "{s:?}: a receiver is {scheme}://HOST:PORT, with a port number"
         )),
     }
 }
@@ -145,7 +152,8 @@ impl fmt::Display for StoreLocation {
                 }
                 Ok(())
             }
-            StoreLocation::Receiver(addr) => write!(f, "tcp://{addr}"),
+            StoreLocation::Receiver { addr, tls: false } => write!(f, "tcp://{addr}"),
+            StoreLocation::Receiver { addr, tls: true } => write!(f, "tls://{addr}"),
         }
     }
 }
@@ -180,13 +188,18 @@ mod tests {
             parse("s3://bucket/a/b"),
             Ok(object(Service::S3, "bucket", "a/b"))
         );
+        let receiver = |addr: &str, tls| StoreLocation::Receiver {
+            addr: addr.into(),
+            tls,
+        };
         assert_eq!(
             parse("tcp://dr-site:7087/"),
-            Ok(StoreLocation::Receiver("dr-site:7087".into()))
+            Ok(receiver("dr-site:7087", false))
         );
+        assert_eq!(parse("tcp://[::1]:7087"), Ok(receiver("[::1]:7087", false)));
         assert_eq!(
-            parse("tcp://[::1]:7087"),
-            Ok(StoreLocation::Receiver("[::1]:7087".into()))
+            parse("tls://dr-site:7087"),
+            Ok(receiver("dr-site:7087", true))
         );
         for (bad, says) in [
             ("", "empty"),
@@ -199,6 +212,7 @@ mod tests {
             ("tcp://dr-site:0", "with a port number"),
             ("tcp://:7087", "with a port number"),
             ("tcp://dr-site:7087/site-a", "without a path"),
+            ("tls://dr-site", "tls://HOST:PORT, with a port number"),
         ] {
             let err = parse(bad).unwrap_err();
             assert!(err.contains(says), "{bad:?}: {err}");
@@ -213,6 +227,7 @@ mod tests {
             "az://dr/site-a",
             "s3://b/a/b",
             "tcp://h:1",
+            "tls://h:1",
         ] {
             assert_eq!(s.parse::<StoreLocation>().unwrap().to_string(), s);
         }

@@ -15,11 +15,15 @@
 //!   dropped connection) loses its connection and nothing else: what was stored stays,
 //!   a half-received segment was never handed to the store.
 //! * At most [`MAX_CONNECTIONS`] are served at once; more are refused with a reason.
+//! * With TLS settings ([`crate::tls`]) every connection must be TLS: a plain client's
+//!   Hello is answered, in plain, with a refusal that says to use `tls://`. Without
+//!   them a TLS client is turned away at its first byte (and its handshake fails).
 
+use crate::tls::{starts_tls, Stream, Transport};
 use crate::wire::{self, Hello, Request, Response, Welcome};
 use crate::Error;
 use changelog::{LocalDirStore, TargetStore, VolumeId};
-use std::io::{self, BufReader, BufWriter};
+use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,12 +41,19 @@ pub struct Receiver {
     local_addr: SocketAddr,
     root: PathBuf,
     token: String,
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Receiver {
-    /// Listens on `addr` for clients of the store directory `root`, which must exist.
-    /// An empty `token` lets any client that reaches the port in.
-    pub fn bind(addr: &str, root: &Path, token: String) -> Result<Receiver, Error> {
+    /// Listens on `addr` for clients of the store directory `root`, which must exist;
+    /// over TLS only when `tls` is given. An empty `token` lets any client that
+    /// reaches the port in.
+    pub fn bind(
+        addr: &str,
+        root: &Path,
+        token: String,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Result<Receiver, Error> {
         if !root.is_dir() {
             return Err(Error::NoStoreDir(root.to_path_buf()));
         }
@@ -56,6 +67,7 @@ impl Receiver {
             listener,
             root: root.to_path_buf(),
             token,
+            tls,
         })
     }
 
@@ -68,6 +80,7 @@ impl Receiver {
         let shared = Arc::new(Shared {
             store: LocalDirStore::new(&self.root),
             token: self.token,
+            tls: self.tls,
             active: AtomicUsize::new(0),
         });
         loop {
@@ -115,6 +128,7 @@ fn is_transient(e: &io::Error) -> bool {
 struct Shared {
     store: LocalDirStore,
     token: String,
+    tls: Option<Arc<rustls::ServerConfig>>,
     active: AtomicUsize,
 }
 
@@ -135,26 +149,64 @@ impl Drop for Slot {
     }
 }
 
-fn serve_connection(shared: &Shared, stream: TcpStream, has_slot: bool) -> io::Result<()> {
-    stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(IDLE_TIMEOUT))?;
-    let peer = stream.peer_addr()?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut writer = BufWriter::new(stream);
-    let Some((hello, _)) = wire::read_frame::<Hello>(&mut reader)? else {
+fn serve_connection(shared: &Shared, tcp: TcpStream, has_slot: bool) -> io::Result<()> {
+    tcp.set_nodelay(true)?;
+    tcp.set_read_timeout(Some(IDLE_TIMEOUT))?;
+    let peer = tcp.peer_addr()?;
+    let Some(first) = peek_start(&tcp)? else {
         return Ok(());
     };
-    if let Some(reason) = refusal(shared, &hello, has_slot) {
+    let tls_client = starts_tls(&first);
+    let stream =
+        match (&shared.tls, tls_client) {
+            (Some(config), true) => Stream::server(config.clone(), tcp)?,
+            (None, true) => return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a TLS client, but this receiver has no --tls-cert (the client must use tcp://)",
+            )),
+            (_, false) => Stream::Plain(tcp),
+        };
+    let mut connection = Transport::new(stream);
+    let Some((hello, _)) = wire::read_frame::<Hello>(connection.reader())? else {
+        return Ok(());
+    };
+    let refused = if shared.tls.is_some() && !tls_client {
+        Some(
+            "this receiver takes TLS only: use tls://HOST:PORT, with the receiver's CA \
+             certificate in UBLK_DR_RECEIVER_CA"
+                .to_string(),
+        )
+    } else {
+        refusal(shared, &hello, has_slot)
+    };
+    if let Some(reason) = refused {
         log::warn!("receiver: refused {peer}: {reason}");
-        return wire::write_frame(&mut writer, &Welcome::Refused { reason }, &[]);
+        return connection.send(&Welcome::Refused { reason }, &[]);
     }
-    wire::write_frame(&mut writer, &Welcome::Accepted, &[])?;
+    connection.send(&Welcome::Accepted, &[])?;
     log::info!("receiver: {peer} connected");
-    while let Some((request, body)) = wire::read_frame::<Request>(&mut reader)? {
+    while let Some((request, body)) = wire::read_frame::<Request>(connection.reader())? {
         let (response, found) = handle(&shared.store, request, &body);
-        wire::write_frame(&mut writer, &response, found.as_deref().unwrap_or(&[]))?;
+        connection.send(&response, found.as_deref().unwrap_or(&[]))?;
     }
     Ok(())
+}
+
+/// The connection's first three bytes, left unread; `None` when the peer closed first.
+fn peek_start(tcp: &TcpStream) -> io::Result<Option<[u8; 3]>> {
+    let mut first = [0u8; 3];
+    for _ in 0..100 {
+        match tcp.peek(&mut first)? {
+            0 => return Ok(None),
+            3 => return Ok(Some(first)),
+            // Fewer bytes arrived so far: the rest is on its way.
+            _ => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::TimedOut,
+        "the client sent less than 3 bytes in a second",
+    ))
 }
 
 fn refusal(shared: &Shared, hello: &Hello, has_slot: bool) -> Option<String> {

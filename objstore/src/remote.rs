@@ -1,5 +1,6 @@
-//! A [`TargetStore`] at a network receiver (`tcp://HOST:PORT`): the client end of the
-//! protocol in [`crate::wire`], served by [`crate::Receiver`] (`ublk-target receive`).
+//! A [`TargetStore`] at a network receiver (`tcp://HOST:PORT`, or `tls://HOST:PORT`
+//! over TLS, see [`crate::tls`]): the client end of the protocol in [`crate::wire`],
+//! served by [`crate::Receiver`] (`ublk-target receive`).
 //!
 //! Contract, as for the other stores:
 //!
@@ -19,11 +20,12 @@
 //!
 //! The token (`UBLK_DR_RECEIVER_TOKEN` in the environment) must match the receiver's.
 
+use crate::tls::{Stream, Transport};
 use crate::wire::{self, Hello, Request, Response, Welcome};
 use changelog::{TargetStore, VolumeId};
-use std::io::{self, BufReader, BufWriter};
+use std::io;
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The environment variable that holds the token a receiver asks for.
@@ -35,26 +37,25 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 pub struct ReceiverStore {
     /// `HOST:PORT`.
     addr: String,
+    /// TLS settings for `tls://`; `None` for plain TCP.
+    tls: Option<Arc<rustls::ClientConfig>>,
     token: String,
-    connection: Mutex<Option<Connection>>,
-}
-
-struct Connection {
-    reader: BufReader<TcpStream>,
-    writer: BufWriter<TcpStream>,
+    connection: Mutex<Option<Transport>>,
 }
 
 impl ReceiverStore {
-    /// A store at the receiver at `addr` (`HOST:PORT`). Nothing is contacted yet.
-    pub fn new(addr: &str) -> ReceiverStore {
+    /// A store at the receiver at `addr` (`HOST:PORT`), over TLS with `tls`. Nothing is
+    /// contacted yet.
+    pub fn new(addr: &str, tls: Option<Arc<rustls::ClientConfig>>) -> ReceiverStore {
         ReceiverStore {
             addr: addr.to_string(),
+            tls,
             token: std::env::var(TOKEN_ENV).unwrap_or_default(),
             connection: Mutex::new(None),
         }
     }
 
-    fn connect(&self) -> io::Result<Connection> {
+    fn connect(&self) -> io::Result<Transport> {
         let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolves to no address");
         for addr in self.addr.to_socket_addrs()? {
             match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
@@ -65,21 +66,25 @@ impl ReceiverStore {
         Err(last)
     }
 
-    fn greet(&self, stream: TcpStream) -> io::Result<Connection> {
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(CALL_TIMEOUT))?;
-        stream.set_write_timeout(Some(CALL_TIMEOUT))?;
-        let mut connection = Connection {
-            reader: BufReader::new(stream.try_clone()?),
-            writer: BufWriter::new(stream),
+    fn greet(&self, tcp: TcpStream) -> io::Result<Transport> {
+        tcp.set_nodelay(true)?;
+        tcp.set_read_timeout(Some(CALL_TIMEOUT))?;
+        tcp.set_write_timeout(Some(CALL_TIMEOUT))?;
+        let stream = match &self.tls {
+            Some(config) => {
+                let host = self.addr.rsplit_once(':').map_or(&*self.addr, |(h, _)| h);
+                Stream::client(config.clone(), host, tcp)?
+            }
+            None => Stream::Plain(tcp),
         };
+        let mut connection = Transport::new(stream);
         let hello = Hello {
             magic: wire::MAGIC,
             version: wire::VERSION,
             token: self.token.clone(),
         };
-        wire::write_frame(&mut connection.writer, &hello, &[])?;
-        match wire::read_frame(&mut connection.reader) {
+        connection.send(&hello, &[])?;
+        match wire::read_frame(connection.reader()) {
             Ok(Some((Welcome::Accepted, _))) => Ok(connection),
             Ok(Some((Welcome::Refused { reason }, _))) => Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
@@ -87,7 +92,8 @@ impl ReceiverStore {
             )),
             Ok(None) => Err(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
-                "the peer closed the connection at once: is it a ublk-dr receiver?",
+                "the peer closed the connection at once: is it a ublk-dr receiver (one \
+                 started with --tls-cert takes tls://)?",
             )),
             Err(e) if e.kind() == io::ErrorKind::InvalidData => Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -165,9 +171,9 @@ impl ReceiverStore {
     }
 }
 
-fn exchange(c: &mut Connection, request: &Request, body: &[u8]) -> io::Result<(Response, Vec<u8>)> {
-    wire::write_frame(&mut c.writer, request, body)?;
-    wire::read_frame(&mut c.reader)?.ok_or_else(|| {
+fn exchange(c: &mut Transport, request: &Request, body: &[u8]) -> io::Result<(Response, Vec<u8>)> {
+    c.send(request, body)?;
+    wire::read_frame(c.reader())?.ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::ConnectionAborted,
             "the receiver closed the connection",
@@ -242,6 +248,7 @@ impl TargetStore for ReceiverStore {
     }
 
     fn describe(&self) -> String {
-        format!("tcp://{}", self.addr)
+        let scheme = if self.tls.is_some() { "tls" } else { "tcp" };
+        format!("{scheme}://{}", self.addr)
     }
 }

@@ -7,7 +7,7 @@
 //! staging = "/var/lib/ublk-dr/staging"   # required: local staging directory
 //! store = "/srv/dr-store"                # required: target store: a directory, or
 //!                                        # az://CONTAINER/PREFIX, s3://BUCKET/PREFIX
-//!                                        # or tcp://HOST:PORT (a receiver)
+//!                                        # or tcp:// or tls://HOST:PORT (a receiver)
 //! status_dir = "/run/ublk-dr"            # status files: <status_dir>/<volume>.status.json
 //! max_segment_age_ms = 1000
 //! max_segment_bytes = 8388608

@@ -174,7 +174,8 @@ struct RunArgs {
     staging: Option<PathBuf>,
     /// Target store: a directory; az://CONTAINER/PREFIX (Azure Blob) or
     /// s3://BUCKET/PREFIX, with credentials from the environment (see README); or
-    /// tcp://HOST:PORT, a receiver (`ublk-target receive`) at the recovery site.
+    /// tcp://HOST:PORT, a receiver (`ublk-target receive`) at the recovery site, or
+    /// tls://HOST:PORT for one serving TLS (its CA certificate in UBLK_DR_RECEIVER_CA).
     #[arg(long, required_unless_present = "config")]
     store: Option<StoreLocation>,
     /// Key file (see `shipper keygen`).

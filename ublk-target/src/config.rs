@@ -19,7 +19,7 @@ pub const EXAMPLE: &str = r#"Config file (--config), TOML; unknown keys are erro
   key = "/etc/ublk-dr/key"      # required: the same key file as the shipper's
   store = "/srv/dr-store"       # required: the shipper's target store (a directory,
                                 #   az://CONTAINER/PREFIX, s3://BUCKET/PREFIX
-                                #   or a receiver's tcp://HOST:PORT)
+                                #   or a receiver's tcp:// or tls://HOST:PORT)
   poll_ms = 200                 # how often --follow looks for new segments
   keep_points = 1000            # retention for every volume (optional):
   keep_age = "15d"              #   at most this many points, none older than this

@@ -40,7 +40,7 @@ enum Command {
         config: Option<PathBuf>,
         /// Target store, the shipper's --store: a directory, az://CONTAINER/PREFIX,
         /// s3://BUCKET/PREFIX (credentials from the environment, see README) or a
-        /// receiver's tcp://HOST:PORT.
+        /// receiver's tcp://HOST:PORT or tls://HOST:PORT.
         #[arg(long, required_unless_present = "config")]
         store: Option<StoreLocation>,
         /// Volume id (with --config: only this volume of the file).
@@ -187,13 +187,18 @@ enum Command {
         out: PathBuf,
     },
     /// Receive segments from shippers over the network into a store directory: the
-    /// recovery site's end of a tcp://HOST:PORT store.
+    /// recovery site's end of a tcp://HOST:PORT (or, with --tls-cert, tls://HOST:PORT)
+    /// store.
     ///
     /// Shippers on other hosts use `--store tcp://THIS-HOST:PORT`; `ublk-target apply
     /// --store DIR` applies from the directory here. Each upload is answered after it is
     /// durable in DIR. Segments are encrypted and authenticated end to end, so the
-    /// network sees only ciphertext; the token keeps strangers from writing here (it
-    /// travels in clear: use a private network or a tunnel).
+    /// network sees only ciphertext; the token keeps strangers from writing here.
+    ///
+    /// Over plain TCP the token travels in clear and anything on the path could answer
+    /// for this receiver. With --tls-cert and --tls-key only TLS clients are served
+    /// (`--store tls://THIS-HOST:PORT`, trusting the CA in UBLK_DR_RECEIVER_CA), so the
+    /// token is private and an answered upload comes from here.
     Receive {
         /// Address to listen on, HOST:PORT (0.0.0.0:7087 for every interface).
         #[arg(long)]
@@ -205,6 +210,13 @@ enum Command {
         /// Without it, any client that reaches the port may write.
         #[arg(long)]
         token_file: Option<PathBuf>,
+        /// Serve TLS only, with this certificate chain (PEM; its names must include the
+        /// HOST that clients connect to).
+        #[arg(long, requires = "tls_key", value_name = "PEM")]
+        tls_cert: Option<PathBuf>,
+        /// The certificate's private key (PEM).
+        #[arg(long, requires = "tls_cert", value_name = "PEM")]
+        tls_key: Option<PathBuf>,
     },
     /// Show each volume of the config file at this site: its newest recovery point,
     /// the point's age (the RPO: at most what a failover now would lose, as far as this
@@ -706,7 +718,16 @@ fn run(cli: Cli) -> Result<()> {
             listen,
             store,
             token_file,
+            tls_cert,
+            tls_key,
         } => {
+            let tls = match (&tls_cert, &tls_key) {
+                (Some(cert), Some(key)) => Some(
+                    objstore::tls::server_config(cert, key)
+                        .map_err(|what| anyhow::anyhow!(what))?,
+                ),
+                _ => None,
+            };
             let token = match &token_file {
                 Some(file) => std::fs::read_to_string(file)
                     .with_context(|| format!("reading the token file {}", file.display()))?
@@ -720,9 +741,10 @@ fn run(cli: Cli) -> Result<()> {
             if token.is_empty() {
                 log::warn!("no --token-file: any client that reaches {listen} may write");
             }
-            let receiver = objstore::Receiver::bind(&listen, &store, token)?;
+            let scheme = if tls.is_some() { "tls" } else { "tcp" };
+            let receiver = objstore::Receiver::bind(&listen, &store, token, tls)?;
             log::info!(
-                "receiving on {} into {}",
+                "receiving on {scheme}://{} into {}",
                 receiver.local_addr(),
                 store.display()
             );

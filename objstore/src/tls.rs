@@ -1,0 +1,230 @@
+//! TLS for the receiver protocol: `tls://HOST:PORT` on the client, `ublk-target receive
+//! --tls-cert CERT --tls-key KEY` on the receiver (rustls, its `ring` provider, TLS 1.2
+//! and 1.3).
+//!
+//! Segments are encrypted and authenticated end to end whatever the transport, so TLS
+//! is not what keeps history safe. It keeps two other things: the token, which plain
+//! TCP carries in clear, and the answers. Over plain TCP anything on the path can
+//! answer "stored" for a segment it drops, and the shipper then frees the ring records
+//! behind it; over TLS only the holder of a key whose certificate chains to the CA in
+//! [`CA_ENV`] can, and its name must be the HOST the client connects to.
+//!
+//! [`Stream`] is what the protocol runs over: plain TCP or either end of TLS. A
+//! [`Transport`] is a connection's stream with a read buffer; frames are written
+//! through it ([`Transport::send`]) and read from it ([`Transport::reader`]).
+
+use crate::wire;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
+use serde::Serialize;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::sync::Arc;
+
+/// The environment variable naming the PEM file of the CA certificate(s) a
+/// `tls://` client trusts for the receiver.
+pub const CA_ENV: &str = "UBLK_DR_RECEIVER_CA";
+
+/// Whether a connection's first bytes start a TLS handshake record (type 0x16, version
+/// 3.x): how a receiver tells a TLS client from a plain one before reading anything. A
+/// plain client's first bytes are its Hello's head length, little-endian; one that
+/// began 0x16 0x03 0x01..=0x04 would be over [`wire::MAX_HEAD`].
+pub(crate) fn starts_tls(first: &[u8; 3]) -> bool {
+    matches!(first, [0x16, 0x03, 0x01..=0x04])
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The receiver's TLS settings from its certificate chain and key (PEM files).
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("reading the certificate {}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "{} holds no certificate (PEM \"BEGIN CERTIFICATE\")",
+            cert.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+        format!(
+            "reading the private key {}: {e} (PEM, PKCS#8, RSA or EC)",
+            key.display()
+        )
+    })?;
+    ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map(Arc::new)
+        .map_err(|e| {
+            format!(
+                "certificate {} and key do not make a TLS identity: {e}",
+                cert.display()
+            )
+        })
+}
+
+/// A client's TLS settings: trust the CA certificate(s) in the PEM file [`CA_ENV`]
+/// names.
+pub fn client_config_from_env() -> Result<Arc<ClientConfig>, String> {
+    let Some(ca) = std::env::var_os(CA_ENV) else {
+        return Err(format!(
+            "{CA_ENV} is not set: point it at the PEM file of the CA that signed the \
+             receiver's certificate"
+        ));
+    };
+    client_config(Path::new(&ca))
+}
+
+/// A client's TLS settings trusting the CA certificate(s) in the PEM file `ca`.
+pub fn client_config(ca: &Path) -> Result<Arc<ClientConfig>, String> {
+    let certs = CertificateDer::pem_file_iter(ca)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            format!(
+                "reading the CA certificate {} ({CA_ENV}): {e}",
+                ca.display()
+            )
+        })?;
+    let mut roots = RootCertStore::empty();
+    for cert in certs {
+        roots
+            .add(cert)
+            .map_err(|e| format!("CA certificate in {}: {e}", ca.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!(
+            "{} ({CA_ENV}) holds no certificate (PEM \"BEGIN CERTIFICATE\")",
+            ca.display()
+        ));
+    }
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// A connection's byte stream.
+pub(crate) enum Stream {
+    Plain(TcpStream),
+    Client(Box<rustls::StreamOwned<ClientConnection, TcpStream>>),
+    Server(Box<rustls::StreamOwned<ServerConnection, TcpStream>>),
+}
+
+impl Stream {
+    /// TLS to `host` (the name its certificate must carry) over `tcp`, with the
+    /// handshake done, so certificate trouble is reported as such.
+    pub(crate) fn client(
+        config: Arc<ClientConfig>,
+        host: &str,
+        mut tcp: TcpStream,
+    ) -> io::Result<Stream> {
+        let name = ServerName::try_from(host.trim_start_matches('[').trim_end_matches(']'))
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{host:?}: {e}")))?
+            .to_owned();
+        let mut tls = ClientConnection::new(config, name).map_err(io::Error::other)?;
+        while tls.is_handshaking() {
+            tls.complete_io(&mut tcp).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "TLS handshake failed: {e} ({CA_ENV} must name the CA that signed the \
+                         receiver's certificate, whose names must include {host}; and the \
+                         receiver must run with --tls-cert)"
+                    ),
+                )
+            })?;
+        }
+        Ok(Stream::Client(Box::new(rustls::StreamOwned::new(tls, tcp))))
+    }
+
+    /// The receiver's end of TLS over `tcp`, with the handshake done.
+    pub(crate) fn server(config: Arc<ServerConfig>, mut tcp: TcpStream) -> io::Result<Stream> {
+        let mut tls = ServerConnection::new(config).map_err(io::Error::other)?;
+        while tls.is_handshaking() {
+            tls.complete_io(&mut tcp)
+                .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake failed: {e}")))?;
+        }
+        Ok(Stream::Server(Box::new(rustls::StreamOwned::new(tls, tcp))))
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Client(s) => s.read(buf),
+            Stream::Server(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Client(s) => s.write(buf),
+            Stream::Server(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Client(s) => s.flush(),
+            Stream::Server(s) => s.flush(),
+        }
+    }
+}
+
+/// A connection: its stream with a read buffer.
+pub(crate) struct Transport {
+    reader: BufReader<Stream>,
+}
+
+impl Transport {
+    pub(crate) fn new(stream: Stream) -> Transport {
+        Transport {
+            reader: BufReader::new(stream),
+        }
+    }
+
+    /// Where frames are read from.
+    pub(crate) fn reader(&mut self) -> &mut BufReader<Stream> {
+        &mut self.reader
+    }
+
+    /// Writes one frame (buffered, so a small frame leaves in one packet or record).
+    pub(crate) fn send<T: Serialize>(&mut self, head: &T, body: &[u8]) -> io::Result<()> {
+        let mut writer = BufWriter::new(self.reader.get_mut());
+        wire::write_frame(&mut writer, head, body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_hello_never_looks_like_tls() {
+        // A ClientHello's record header.
+        assert!(starts_tls(&[0x16, 0x03, 0x01]));
+        for token_len in 0..=wire::MAX_HEAD as usize {
+            // A Hello's head: magic, version, token (bincode: length then bytes).
+            let head_len = (8 + 2 + 8 + token_len) as u32;
+            if head_len > wire::MAX_HEAD {
+                break;
+            }
+            let first = head_len.to_le_bytes();
+            assert!(!starts_tls(&[first[0], first[1], first[2]]), "{head_len}");
+        }
+    }
+}
