@@ -299,11 +299,14 @@ fn failover(
     );
     let kind = if test { "test failover" } else { "failover" };
     println!("plan {}: {kind} at {}", plan.name, chosen.what);
+    // A drill's figures: how long each step and the whole plan took (its part of the RTO).
+    let started = std::time::Instant::now();
     let mut points = plan.volumes().zip(chosen.points.iter().map(|p| p.index));
     // Volumes of the steps before --from-step are up already: found, not brought up.
     let mut up: Vec<(VolumeId, u32)> = Vec::new();
     for (i, step) in plan.steps.iter().enumerate() {
         let number = i + 1;
+        let step_started = std::time::Instant::now();
         let step_points: Vec<(&VolumeId, u64)> = points.by_ref().take(step.volumes.len()).collect();
         if number < from_step {
             for (id, _) in step_points {
@@ -359,16 +362,24 @@ fn failover(
             plan::run_hook(post, &plan::hook_env(&plan.name, number, test, &up))
                 .map_err(|e| stopped(&up, format!("post hook {e}")))?;
         }
+        println!(
+            "step {number} done in {:.2} s",
+            step_started.elapsed().as_secs_f64()
+        );
     }
     if test {
         println!(
-            "plan {}: test failover up; end it with `ublk-target plan cleanup {}`",
-            plan.name, plan.name
+            "plan {}: test failover up in {:.2} s; end it with `ublk-target plan cleanup {}`",
+            plan.name,
+            started.elapsed().as_secs_f64(),
+            plan.name
         );
     } else {
         println!(
-            "plan {}: failed over; `ublk-target plan commit {}` makes it final",
-            plan.name, plan.name
+            "plan {}: failed over in {:.2} s; `ublk-target plan commit {}` makes it final",
+            plan.name,
+            started.elapsed().as_secs_f64(),
+            plan.name
         );
     }
     Ok(())
