@@ -768,6 +768,27 @@ fn a_tls_receiver_serves_tls_clients_that_trust_its_ca_and_only_them() {
         ),
         &["TLS handshake failed", "--tls-cert"],
     );
+    // Bad identities for the receiver: not PEM, a key that is not the certificate's.
+    let receive = |cert: &Path, key: &Path| {
+        let mut command = Command::new(bin("ublk-target"));
+        command
+            .args(["receive", "--listen", "127.0.0.1:0", "--store"])
+            .arg(&received)
+            .arg("--tls-cert")
+            .arg(cert)
+            .arg("--tls-key")
+            .arg(key);
+        command
+    };
+    let (cert, key) = (dir.join("receiver.pem"), dir.join("receiver.key"));
+    fails_saying(
+        &mut receive(&volume.path("token"), &key),
+        &["holds no certificate"],
+    );
+    fails_saying(
+        &mut receive(&cert, &dir.join("stranger.key")),
+        &["do not make a TLS identity"],
+    );
     let vol0 = VolumeId::new("vol0").unwrap();
     assert!(LocalDirStore::new(&received)
         .list(&vol0)
