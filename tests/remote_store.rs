@@ -736,7 +736,10 @@ fn a_tls_receiver_serves_tls_clients_that_trust_its_ca_and_only_them() {
     );
     fails_saying(
         &mut with(&mut volume.apply(&tls, &[]), &other_ca),
-        &["TLS handshake failed", "certificate"],
+        &[
+            "TLS handshake failed",
+            "not signed by a CA in UBLK_DR_RECEIVER_CA",
+        ],
     );
     fails_saying(
         volume
@@ -757,7 +760,7 @@ fn a_tls_receiver_serves_tls_clients_that_trust_its_ca_and_only_them() {
             &mut volume.apply(&format!("tls://127.0.0.1:{}", named.port), &[]),
             &other_ca,
         ),
-        &["TLS handshake failed", "127.0.0.1"],
+        &["TLS handshake failed", "does not name 127.0.0.1"],
     );
     // A TLS client of a plain receiver.
     let plain = ReceiverProcess::start(&volume.path("plain"), None);
@@ -766,7 +769,10 @@ fn a_tls_receiver_serves_tls_clients_that_trust_its_ca_and_only_them() {
             &mut volume.apply(&format!("tls://localhost:{}", plain.port), &[]),
             &ca,
         ),
-        &["TLS handshake failed", "--tls-cert"],
+        &[
+            "TLS handshake failed",
+            "is the receiver started with --tls-cert",
+        ],
     );
     // Bad identities for the receiver: not PEM, a key that is not the certificate's.
     let receive = |cert: &Path, key: &Path| {
@@ -789,7 +795,20 @@ fn a_tls_receiver_serves_tls_clients_that_trust_its_ca_and_only_them() {
         &mut receive(&cert, &dir.join("stranger.key")),
         &["do not make a TLS identity"],
     );
+    // Uploads from a client trusting another CA, and from a plain one, store nothing.
     let vol0 = VolumeId::new("vol0").unwrap();
+    let stranger = objstore::ReceiverStore::new(
+        &format!("localhost:{}", receiver.port),
+        Some(objstore::tls::client_config(&other_ca).unwrap()),
+    );
+    let err = stranger.put(&vol0, 0, b"segment").unwrap_err().to_string();
+    assert!(err.contains("not signed by a CA"), "{err}");
+    let plain_client = objstore::ReceiverStore::new(&format!("127.0.0.1:{}", receiver.port), None);
+    let err = plain_client
+        .put(&vol0, 0, b"segment")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("takes TLS only"), "{err}");
     assert!(LocalDirStore::new(&received)
         .list(&vol0)
         .unwrap()

@@ -108,7 +108,9 @@ fn redirect_output(log: &Path) {
         if let Some(null) = &null {
             libc::dup2(null.as_raw_fd(), 0);
         }
-        if let Some(out) = &out {
+        // Without a log, /dev/null: the caller's stdout (maybe a pipe it reads to the
+        // end) must not stay open for as long as the server lives.
+        if let Some(out) = out.as_ref().or(null.as_ref()) {
             libc::dup2(out.as_raw_fd(), 1);
             libc::dup2(out.as_raw_fd(), 2);
         }

@@ -1,4 +1,4 @@
-//! The network receiver: the recovery site's end of a `tcp://` store. Shippers on
+//! The network receiver: the recovery site's end of a `tcp://` or `tls://` store. Shippers on
 //! many protected hosts upload into one directory store here, which `ublk-target
 //! apply --store DIR` applies from (the process-server role of the design).
 //!

@@ -127,20 +127,12 @@ impl Stream {
         host: &str,
         mut tcp: TcpStream,
     ) -> io::Result<Stream> {
-        let name = ServerName::try_from(host.trim_start_matches('[').trim_end_matches(']'))
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{host:?}: {e}")))?
-            .to_owned();
-        let mut tls = ClientConnection::new(config, name).map_err(io::Error::other)?;
+        let mut tls =
+            ClientConnection::new(config, server_name(host)?).map_err(io::Error::other)?;
         while tls.is_handshaking() {
             tls.complete_io(&mut tcp).map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!(
-                        "TLS handshake failed: {e} ({CA_ENV} must name the CA that signed the \
-                         receiver's certificate, whose names must include {host}; and the \
-                         receiver must run with --tls-cert)"
-                    ),
-                )
+                let hint = handshake_hint(&e, host);
+                io::Error::new(e.kind(), format!("TLS handshake failed: {e}{hint}"))
             })?;
         }
         Ok(Stream::Client(Box::new(rustls::StreamOwned::new(tls, tcp))))
@@ -154,6 +146,61 @@ impl Stream {
                 .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake failed: {e}")))?;
         }
         Ok(Stream::Server(Box::new(rustls::StreamOwned::new(tls, tcp))))
+    }
+}
+
+impl Drop for Stream {
+    /// Ends a client's TLS session properly, so the receiver sees a clean close.
+    fn drop(&mut self) {
+        if let Stream::Client(s) = self {
+            s.conn.send_close_notify();
+            // Write it out; never wait for an answer.
+            while s.conn.wants_write() {
+                if s.conn.write_tls(&mut s.sock).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// The name a receiver's certificate must carry, from the HOST of `HOST:PORT` (an
+/// IPv6 address in brackets, a IPv4 address or a DNS name).
+fn server_name(host: &str) -> io::Result<ServerName<'static>> {
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    ServerName::try_from(bare)
+        .map(|name| name.to_owned())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{host:?}: {e}")))
+}
+
+/// What a failed handshake most likely means, for the user.
+fn handshake_hint(e: &io::Error, host: &str) -> String {
+    use rustls::CertificateError as C;
+    let tls = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match tls {
+        Some(rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature)) => format!(
+            " (the receiver's certificate is not signed by a CA in {CA_ENV}: point it at the \
+             CA that signed it)"
+        ),
+        Some(rustls::Error::InvalidCertificate(
+            C::NotValidForName | C::NotValidForNameContext { .. },
+        )) => format!(
+            " (the receiver's certificate does not name {host}: connect by a name it carries, \
+             or give it a certificate whose subjectAltName has {host})"
+        ),
+        Some(rustls::Error::InvalidCertificate(
+            C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. },
+        )) => " (the receiver's certificate is outside its validity period: renew it, or \
+               check both clocks)"
+            .into(),
+        Some(_) => String::new(),
+        // No TLS answer at all: the peer closed, reset, or spoke something else.
+        None => " (is the receiver started with --tls-cert? A plain one takes tcp://)".into(),
     }
 }
 
@@ -217,14 +264,30 @@ mod tests {
     fn a_plain_hello_never_looks_like_tls() {
         // A ClientHello's record header.
         assert!(starts_tls(&[0x16, 0x03, 0x01]));
-        for token_len in 0..=wire::MAX_HEAD as usize {
-            // A Hello's head: magic, version, token (bincode: length then bytes).
-            let head_len = (8 + 2 + 8 + token_len) as u32;
+        for token_len in 1..=wire::MAX_HEAD as usize {
+            // Every head length a Hello could have (its exact encoding aside).
+            let head_len = token_len as u32;
             if head_len > wire::MAX_HEAD {
                 break;
             }
             let first = head_len.to_le_bytes();
             assert!(!starts_tls(&[first[0], first[1], first[2]]), "{head_len}");
         }
+    }
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::*;
+
+    #[test]
+    fn the_server_name_is_the_host_without_brackets() {
+        assert!(matches!(server_name("[::1]"), Ok(ServerName::IpAddress(_))));
+        assert!(matches!(
+            server_name("127.0.0.1"),
+            Ok(ServerName::IpAddress(_))
+        ));
+        assert!(matches!(server_name("dr-site"), Ok(ServerName::DnsName(_))));
+        assert!(server_name("not a name").is_err());
     }
 }

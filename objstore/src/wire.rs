@@ -17,10 +17,10 @@
 //! allocated, and a body is read as it arrives, so a peer that lies about lengths costs
 //! at most what it really sends.
 //!
-//! The transport is plain TCP: segments are encrypted and authenticated end to end, so
-//! the network sees only ciphertext and cannot forge, reorder or splice history (I6).
-//! The optional token in [`Hello`] keeps strangers from writing into the store; it is
-//! not a secret from someone who can read the traffic.
+//! The transport is TCP, or TLS ([`crate::tls`]). Segments are encrypted and
+//! authenticated end to end either way, so the network cannot forge, reorder or splice
+//! history (I6). The optional token in [`Hello`] keeps strangers from writing into the
+//! store; over plain TCP it is not a secret from someone who can read the traffic.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -150,6 +150,9 @@ pub fn read_frame<T: for<'de> Deserialize<'de>>(
     while got < lengths.len() {
         match from.read(&mut lengths[got..]) {
             Ok(0) if got == 0 => return Ok(None),
+            // TLS without its closing message (a peer that exited without closing the
+            // session) between frames: the same clean end.
+            Err(e) if got == 0 && e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -408,18 +408,24 @@ failover_ring = "$w/b-failover.ring"
 name = "db"
 [[plan.step]]
 volumes = ["a"]
-post = 'echo "post \$UBLK_DR_STEP \$UBLK_DR_TEST \$UBLK_DR_DEVICES" >> $w/hooks'
+post = 'test -e $w/go && echo "post \$UBLK_DR_STEP \$UBLK_DR_TEST \$UBLK_DR_DEVICES" >> $w/hooks'
 [[plan.step]]
 volumes = ["b"]
 pre = 'test -b "\$UBLK_DR_DEVICE_A" && echo "pre \$UBLK_DR_STEP \$UBLK_DR_DEVICES" >> $w/hooks'
 EOF
   "$BIN/ublk-target" plan show db --config $w/target.toml
-  out=$("$BIN/ublk-target" plan failover db --test --config $w/target.toml --log $w/view.log)
+  # Step 1's post hook fails until $w/go exists: the plan stops there with a up, and
+  # --from-step 1 takes a's device as it is and goes on.
+  out=$("$BIN/ublk-target" plan failover db --test --config $w/target.toml --log $w/view.log 2>&1) && return 1
+  echo "$out" | grep "stopped at step 1: post hook" >/dev/null
+  touch $w/go
+  out=$("$BIN/ublk-target" plan failover db --test --from-step 1 --config $w/target.toml --log $w/view.log)
   echo "$out"
+  echo "$out" | grep "step 1: a at point [0-9]* is up already" >/dev/null
   # The latest cut both volumes have came after fio: each view equals its source.
   echo "$out" | grep "at group cut" >/dev/null
   local dev_a dev_b
-  dev_a=$(echo "$out" | sed -n 's/^step 1: a at point [0-9]* is //p')
+  dev_a=$(echo "$out" | sed -n 's/^step 1: a at point [0-9]* is up already as //p')
   dev_b=$(echo "$out" | sed -n 's/^step 2: b at point [0-9]* is //p')
   cmp "$dev_a" $a/backing
   cmp "$dev_b" $b/backing

@@ -275,6 +275,10 @@ full_download = true
                 plan.replace("[\"b\"]", "[]"),
                 "plan shop step 2: no volumes",
             ),
+            (
+                format!("{plan}[[plan]]\nname = \"x\"\n[[plan.step]]\nvolumes = [\"a\", \"A\"]\n"),
+                "would both be $UBLK_DR_DEVICE_A",
+            ),
             (format!("{plan}{plan}"), "plan shop appears twice"),
             (
                 plan.replace("name = \"shop\"", "name = \"my shop\""),

@@ -415,11 +415,17 @@ fn attach_protected(
     if let Some(id) = id {
         cmd.args(["--id", &id.to_string()]);
     }
-    let out = cmd
-        .stderr(std::process::Stdio::inherit())
-        .output()
+    // Only the first line: the daemon blkfilter leaves behind must not be waited for.
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
         .with_context(|| format!("running {}", blkfilter.display()))?;
-    let status = out.status;
+    let mut printed = String::new();
+    if let Some(stdout) = child.stdout.take() {
+        use std::io::BufRead;
+        let _ = std::io::BufReader::new(stdout).read_line(&mut printed);
+    }
+    let status = child.wait().context("waiting for blkfilter attach")?;
     anyhow::ensure!(
         status.success(),
         "blkfilter attach failed ({status}); the replica is rolled back, attach it by hand: blkfilter attach --backing {} --ring {}",
@@ -427,7 +433,6 @@ fn attach_protected(
         ring.display()
     );
     // blkfilter prints the device it attached: "/dev/ublkbN".
-    let printed = String::from_utf8_lossy(&out.stdout);
     printed
         .trim()
         .strip_prefix("/dev/ublkb")

@@ -70,6 +70,8 @@ impl PlanConfig {
             ));
         }
         let mut seen = std::collections::HashSet::new();
+        // Hooks find each device by its variable, which must name one volume.
+        let mut variables = std::collections::HashMap::new();
         for (i, step) in self.steps.iter().enumerate() {
             if step.volumes.is_empty() {
                 return Err(format!("plan {} step {}: no volumes", self.name, i + 1));
@@ -79,6 +81,14 @@ impl PlanConfig {
                     return Err(format!(
                         "plan {}: volume {v} appears twice (a volume is brought up once)",
                         self.name
+                    ));
+                }
+                if let Some(other) = variables.insert(device_var(v), v) {
+                    return Err(format!(
+                        "plan {}: volumes {other} and {v} would both be ${} in the hooks; \
+                         rename one",
+                        self.name,
+                        device_var(v)
                     ));
                 }
             }

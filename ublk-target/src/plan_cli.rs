@@ -166,10 +166,11 @@ pub fn run(command: PlanCommand) -> Result<()> {
                 .volumes()
                 .map(|id| loaded.volume(id).replica.clone())
                 .collect();
-            let views: Vec<(u32, ublk_target::device::ViewInfo)> = ublk_target::device::views()?
-                .into_iter()
-                .filter(|(_, info)| replicas.iter().any(|r| same_file(r, &info.replica)))
-                .collect();
+            let views: Vec<(u32, ublk_target::device::ViewInfo)> =
+                off_thread(ublk_target::device::views)?
+                    .into_iter()
+                    .filter(|(_, info)| replicas.iter().any(|r| same_file(r, &info.replica)))
+                    .collect();
             anyhow::ensure!(
                 !views.is_empty(),
                 "plan {name} has no test failover up (no test view of its replicas; \
@@ -191,15 +192,16 @@ pub fn run(command: PlanCommand) -> Result<()> {
             let loaded = Loaded::load(&config)?;
             let plan = loaded.plan(&name)?;
             let catalogs = loaded.catalogs(plan)?;
+            // What `commit` itself requires: a rollback that finished.
             let not_failed_over: Vec<&str> = catalogs
                 .iter()
-                .filter(|(_, c)| c.rolled_back_to.is_none())
+                .filter(|(_, c)| c.rolled_back_to.is_none() || c.latest_applied != c.rolled_back_to)
                 .map(|(n, _)| n.as_str())
                 .collect();
             anyhow::ensure!(
                 not_failed_over.is_empty(),
-                "plan {name}: {} not failed over; nothing committed (run `ublk-target plan \
-                 failover {name}` first)",
+                "plan {name}: {} not failed over, or the rollback did not finish; nothing \
+                 committed (run `ublk-target plan failover {name}` first, or again)",
                 not_failed_over.join(", ")
             );
             for id in plan.volumes() {
@@ -284,6 +286,17 @@ fn failover(
                 )
             })?;
         }
+        for id in plan.volumes().skip(first) {
+            let ring = loaded.volume(id).failover_ring();
+            if let Some(dir) = ring.parent() {
+                std::fs::create_dir_all(dir).with_context(|| {
+                    format!(
+                        "volume {id}: creating {} for its failover ring; nothing was changed",
+                        dir.display()
+                    )
+                })?;
+            }
+        }
         let blkfilter = std::env::current_exe()?.with_file_name("blkfilter");
         anyhow::ensure!(
             blkfilter.exists(),
@@ -309,8 +322,8 @@ fn failover(
         let step_started = std::time::Instant::now();
         let step_points: Vec<(&VolumeId, u64)> = points.by_ref().take(step.volumes.len()).collect();
         if number < from_step {
-            for (id, _) in step_points {
-                match device_of(&loaded.volume(id).replica, test)? {
+            for (id, point) in step_points {
+                match device_of(&loaded.volume(id).replica, point, test)? {
                     Some(dev) => up.push((id.clone(), dev)),
                     None => log::warn!(
                         "volume {id} of step {number} is not up; its hooks' variables are missing"
@@ -349,6 +362,13 @@ fn failover(
         }
         for (id, point) in step_points {
             let volume = loaded.volume(id);
+            // Up already: a re-run with --from-step after a later part of this step
+            // failed (its post hook, another volume).
+            if let Some(dev) = device_of(&volume.replica, point, test)? {
+                println!("step {number}: {id} at point {point} is up already as /dev/ublkb{dev}");
+                up.push((id.clone(), dev));
+                continue;
+            }
             let dev = bring_up(volume, point, test, log).map_err(|e| {
                 stopped(
                     &up,
@@ -392,24 +412,20 @@ fn bring_up(volume: &VolumeConfig, point: u64, test: bool, log: &Path) -> Result
         return blkfilter::daemon::spawn_server(log, view_server(&paths, point, -1));
     }
     ublk_target::rollback_to(&paths, point)?;
-    let ring = volume.failover_ring();
-    if let Some(dir) = ring.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating {} for the failover ring", dir.display()))?;
-    }
-    attach_protected(&paths.replica, &ring, None)
+    attach_protected(&paths.replica, &volume.failover_ring(), None)
 }
 
-/// The device serving `replica` now: its test view, or the protected volume over it.
-fn device_of(replica: &Path, test: bool) -> Result<Option<u32>> {
+/// The device serving `replica` at `point` now: its test view of that point, or the
+/// protected volume over it (a replica is served so only once failed over).
+fn device_of(replica: &Path, point: u64, test: bool) -> Result<Option<u32>> {
     if test {
-        let views = ublk_target::device::views()?;
+        let views = off_thread(ublk_target::device::views)?;
         return Ok(views
             .into_iter()
-            .find(|(_, info)| same_file(&info.replica, replica))
+            .find(|(_, info)| info.point == point && same_file(&info.replica, replica))
             .map(|(id, _)| id));
     }
-    let devices = blkfilter::server::list()?;
+    let devices = off_thread(blkfilter::server::list)?;
     Ok(devices
         .into_iter()
         .find(|d| {
@@ -418,6 +434,13 @@ fn device_of(replica: &Path, test: bool) -> Result<Option<u32>> {
                 .is_some_and(|t| same_file(&t.backing, replica))
         })
         .map(|d| d.id))
+}
+
+/// Runs `f` on a thread of its own, joined before returning. For calls through
+/// libublk's control: its io_uring lives in a thread-local, and one made on the main
+/// thread would be inherited by every test view server `spawn_server` forks later.
+fn off_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|scope| scope.spawn(f).join().expect("device lookup thread"))
 }
 
 /// Whether two paths name one file (as given, or once resolved).
