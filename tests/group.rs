@@ -402,7 +402,7 @@ fn a_plan_chooses_one_cut_for_all_its_volumes_and_changes_nothing_when_one_canno
     );
     refused(
         &mut plan_command(&config, &["commit", "pair"]),
-        "a, b not failed over; nothing committed",
+        "a, b not failed over, or the rollback did not finish; nothing committed",
     );
     refused(
         &mut plan_command(&config, &["show", "shop"]),
