@@ -39,6 +39,7 @@ pub const EXAMPLE: &str = r#"Config file (--config), TOML; unknown keys are erro
   [[plan]]                      # a recovery plan (optional): `ublk-target plan`
   name = "shop"
   # point = "latest-cut"        (the default; or latest, latest-app, latest-app-cut)
+  # hook_timeout_s = 900        (a hook still running then is killed; the plan stops)
   [[plan.step]]                 # steps come up in order, each between its hooks
   volumes = ["vol0"]
   # pre = "logger failing over"  (sh -c; stops the plan unless it exits 0)

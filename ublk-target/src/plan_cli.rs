@@ -357,7 +357,8 @@ fn failover(
             )
         };
         if let Some(pre) = &step.pre {
-            plan::run_hook(pre, &plan::hook_env(&plan.name, number, test, &up))
+            let env = plan::hook_env(&plan.name, number, test, &up);
+            plan::run_hook(pre, &env, plan.hook_timeout())
                 .map_err(|e| stopped(&up, format!("pre hook {e}")))?;
         }
         for (id, point) in step_points {
@@ -379,7 +380,8 @@ fn failover(
             up.push((id.clone(), dev));
         }
         if let Some(post) = &step.post {
-            plan::run_hook(post, &plan::hook_env(&plan.name, number, test, &up))
+            let env = plan::hook_env(&plan.name, number, test, &up);
+            plan::run_hook(post, &env, plan.hook_timeout())
                 .map_err(|e| stopped(&up, format!("post hook {e}")))?;
         }
         println!(
