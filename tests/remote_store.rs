@@ -199,8 +199,9 @@ struct ReceiverProcess {
     port: u16,
     store: PathBuf,
     token: Option<PathBuf>,
-    /// TLS certificate and key files.
+    /// TLS certificate and key files, and the CA of the clients' certificates.
     tls: Option<(PathBuf, PathBuf)>,
+    client_ca: Option<PathBuf>,
     child: Option<Running>,
 }
 
@@ -220,6 +221,7 @@ impl ReceiverProcess {
             store: store.to_path_buf(),
             token: token.map(Path::to_path_buf),
             tls,
+            client_ca: None,
             child: None,
         };
         receiver.resume();
@@ -248,6 +250,9 @@ impl ReceiverProcess {
                 .arg(cert)
                 .arg("--tls-key")
                 .arg(key);
+        }
+        if let Some(ca) = &self.client_ca {
+            command.arg("--tls-client-ca").arg(ca);
         }
         let child = Running(command.spawn().unwrap());
         self.child = Some(child);
@@ -700,6 +705,116 @@ fn certificates(dir: &Path, name: &str, san: &str) -> (PathBuf, PathBuf, PathBuf
     (path("-ca.pem"), path(".pem"), path(".key"))
 }
 
+/// `openssl` in `dir`: a client certificate `NAME.pem` (key `NAME.key`) signed by the
+/// CA `CA-ca.pem` that [`certificates`] made.
+fn client_certificate(dir: &Path, name: &str, ca: &str) -> (PathBuf, PathBuf) {
+    let (key, csr, cert) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+    );
+    let ext = format!("{name}.ext");
+    std::fs::write(dir.join(&ext), "extendedKeyUsage=clientAuth\n").unwrap();
+    let (ca_cert, ca_key) = (format!("{ca}-ca.pem"), format!("{ca}-ca.key"));
+    let subject = format!("/CN={name}");
+    for args in [
+        vec![
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ]
+        .into_iter()
+        .chain(["-keyout", &key, "-out", &csr, "-subj", &subject])
+        .collect::<Vec<&str>>(),
+        vec![
+            "x509",
+            "-req",
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+            "-CAcreateserial",
+        ]
+        .into_iter()
+        .chain([
+            "-in", &csr, "-out", &cert, "-CA", &ca_cert, "-CAkey", &ca_key,
+        ])
+        .collect(),
+    ] {
+        let out = Command::new("openssl")
+            .args(&args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", text(&out));
+    }
+    (dir.join(cert), dir.join(key))
+}
+
+/// With --tls-client-ca the receiver serves only clients presenting a certificate its
+/// CA signed: a protected host with one stores, one without or with another CA's is
+/// refused with what to set, and stores nothing.
+#[test]
+fn a_receiver_with_a_client_ca_serves_only_clients_it_signed() {
+    let volume = Volume::new(13, 50);
+    let dir = volume.dir.path();
+    let (ca, cert, key) = certificates(dir, "receiver", "DNS:localhost");
+    let (hosts_ca, _, _) = certificates(dir, "hosts", "DNS:unused");
+    let host = client_certificate(dir, "host1", "hosts");
+    let rogue = client_certificate(dir, "rogue", "receiver");
+    let received = volume.path("received");
+    std::fs::create_dir_all(&received).unwrap();
+    let mut receiver = ReceiverProcess {
+        port: free_port(),
+        store: received.clone(),
+        token: None,
+        tls: Some((cert, key)),
+        client_ca: Some(hosts_ca),
+        child: None,
+    };
+    receiver.resume();
+    let addr = format!("localhost:{}", receiver.port);
+    let vol0 = VolumeId::new("vol0").unwrap();
+    let client = |identity: Option<&(PathBuf, PathBuf)>| {
+        let identity = identity.map(|(c, k)| (c.as_path(), k.as_path()));
+        let config = objstore::tls::client_config(&ca, identity).unwrap();
+        objstore::ReceiverStore::new(&addr, Some(config))
+    };
+    for identity in [None, Some(&rogue)] {
+        let err = client(identity)
+            .put(&vol0, 0, b"segment")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("UBLK_DR_RECEIVER_CLIENT_CERT"),
+            "{identity:?}: {err}"
+        );
+    }
+    assert!(LocalDirStore::new(&received)
+        .list(&vol0)
+        .unwrap()
+        .is_empty());
+    let trusted = client(Some(&host));
+    trusted.put(&vol0, 0, b"segment").unwrap();
+    assert_eq!(trusted.list(&vol0).unwrap(), vec![0]);
+    // Half an identity in the environment is named.
+    let out = volume
+        .apply(&format!("tls://{addr}"), &[])
+        .env(objstore::tls::CA_ENV, &ca)
+        .env(objstore::tls::CLIENT_CERT_ENV, &host.0)
+        .env_remove(objstore::tls::CLIENT_KEY_ENV)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() && text(&out).contains("set both"),
+        "{}",
+        text(&out)
+    );
+}
+
 /// A receiver with --tls-cert serves TLS only: a shipper with `tls://` and the CA
 /// replicates through it; a plain client, a client trusting another CA or none, a
 /// certificate without the name connected to, and a TLS client of a plain receiver are
@@ -799,7 +914,7 @@ fn a_tls_receiver_serves_tls_clients_that_trust_its_ca_and_only_them() {
     let vol0 = VolumeId::new("vol0").unwrap();
     let stranger = objstore::ReceiverStore::new(
         &format!("localhost:{}", receiver.port),
-        Some(objstore::tls::client_config(&other_ca).unwrap()),
+        Some(objstore::tls::client_config(&other_ca, None).unwrap()),
     );
     let err = stranger.put(&vol0, 0, b"segment").unwrap_err().to_string();
     assert!(err.contains("not signed by a CA"), "{err}");

@@ -95,11 +95,14 @@ impl ReceiverStore {
                 "the peer closed the connection at once: is it a ublk-dr receiver (one \
                  started with --tls-cert takes tls://)?",
             )),
-            Err(e) if e.kind() == io::ErrorKind::InvalidData => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("not a ublk-dr receiver ({e})"),
-            )),
-            Err(e) => Err(e),
+            Err(e) => Err(match crate::tls::refused_by_alert(&e) {
+                Some(refused) => refused,
+                None if e.kind() == io::ErrorKind::InvalidData => io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("not a ublk-dr receiver ({e})"),
+                ),
+                None => e,
+            }),
         }
     }
 

@@ -9,6 +9,10 @@
 //! behind it; over TLS only the holder of a key whose certificate chains to the CA in
 //! [`CA_ENV`] can, and its name must be the HOST the client connects to.
 //!
+//! With `--tls-client-ca`, the receiver also asks every client for a certificate that
+//! chains to that CA ([`CLIENT_CERT_ENV`], [`CLIENT_KEY_ENV`]): each protected host then
+//! holds a credential of its own instead of sharing one token.
+//!
 //! [`Stream`] is what the protocol runs over: plain TCP or either end of TLS. A
 //! [`Transport`] is a connection's stream with a read buffer; frames are written
 //! through it ([`Transport::send`]) and read from it ([`Transport::reader`]).
@@ -26,6 +30,10 @@ use std::sync::Arc;
 /// The environment variable naming the PEM file of the CA certificate(s) a
 /// `tls://` client trusts for the receiver.
 pub const CA_ENV: &str = "UBLK_DR_RECEIVER_CA";
+/// The client's own certificate (chain) and key, PEM files, for a receiver that asks
+/// for one (`--tls-client-ca`).
+pub const CLIENT_CERT_ENV: &str = "UBLK_DR_RECEIVER_CLIENT_CERT";
+pub const CLIENT_KEY_ENV: &str = "UBLK_DR_RECEIVER_CLIENT_KEY";
 
 /// Whether a connection's first bytes start a TLS handshake record (type 0x16, version
 /// 3.x): how a receiver tells a TLS client from a plain one before reading anything. A
@@ -39,8 +47,95 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The receiver's TLS settings from its certificate chain and key (PEM files).
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
+/// The receiver's TLS settings from its certificate chain and key (PEM files); with
+/// `client_ca`, only clients presenting a certificate that chains to a CA in that PEM
+/// file are served (mutual TLS).
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<Arc<ServerConfig>, String> {
+    let (chain, key) = identity(cert, key)?;
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let builder = match client_ca {
+        Some(ca) => {
+            let roots = Arc::new(roots(ca, "--tls-client-ca")?);
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
+                    .build()
+                    .map_err(|e| format!("client CA {}: {e}", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    builder
+        .with_single_cert(chain, key)
+        .map(Arc::new)
+        .map_err(|e| {
+            format!(
+                "certificate {} and key do not make a TLS identity: {e}",
+                cert.display()
+            )
+        })
+}
+
+/// A client's TLS settings from the environment: trust the CA certificate(s) in the
+/// PEM file [`CA_ENV`] names, and present the certificate and key [`CLIENT_CERT_ENV`]
+/// and [`CLIENT_KEY_ENV`] name, if set (for a receiver with `--tls-client-ca`).
+pub fn client_config_from_env() -> Result<Arc<ClientConfig>, String> {
+    let Some(ca) = std::env::var_os(CA_ENV) else {
+        return Err(format!(
+            "{CA_ENV} is not set: point it at the PEM file of the CA that signed the \
+             receiver's certificate"
+        ));
+    };
+    let cert = std::env::var_os(CLIENT_CERT_ENV);
+    let key = std::env::var_os(CLIENT_KEY_ENV);
+    let identity = match (&cert, &key) {
+        (Some(cert), Some(key)) => Some((Path::new(cert), Path::new(key))),
+        (None, None) => None,
+        _ => {
+            return Err(format!(
+                "set both {CLIENT_CERT_ENV} and {CLIENT_KEY_ENV} (the client's certificate \
+                 and its key), or neither"
+            ))
+        }
+    };
+    client_config(Path::new(&ca), identity)
+}
+
+/// A client's TLS settings trusting the CA certificate(s) in the PEM file `ca`,
+/// presenting `identity` (certificate and key PEM files) when asked.
+pub fn client_config(
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, String> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots(ca, CA_ENV)?);
+    let config = match identity {
+        Some((cert, key)) => {
+            let (chain, key) = self::identity(cert, key)?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| {
+                format!(
+                    "client certificate {} and key do not make a TLS identity: {e}",
+                    cert.display()
+                )
+            })?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}
+
+/// A certificate chain and its private key, from PEM files.
+fn identity(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
     let chain = CertificateDer::pem_file_iter(cert)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
         .map_err(|e| format!("reading the certificate {}: {e}", cert.display()))?;
@@ -56,42 +151,14 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, Strin
             key.display()
         )
     })?;
-    ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map(Arc::new)
-        .map_err(|e| {
-            format!(
-                "certificate {} and key do not make a TLS identity: {e}",
-                cert.display()
-            )
-        })
+    Ok((chain, key))
 }
 
-/// A client's TLS settings: trust the CA certificate(s) in the PEM file [`CA_ENV`]
-/// names.
-pub fn client_config_from_env() -> Result<Arc<ClientConfig>, String> {
-    let Some(ca) = std::env::var_os(CA_ENV) else {
-        return Err(format!(
-            "{CA_ENV} is not set: point it at the PEM file of the CA that signed the \
-             receiver's certificate"
-        ));
-    };
-    client_config(Path::new(&ca))
-}
-
-/// A client's TLS settings trusting the CA certificate(s) in the PEM file `ca`.
-pub fn client_config(ca: &Path) -> Result<Arc<ClientConfig>, String> {
+/// The CA certificates in the PEM file `ca` (given as `what`).
+fn roots(ca: &Path, what: &str) -> Result<RootCertStore, String> {
     let certs = CertificateDer::pem_file_iter(ca)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| {
-            format!(
-                "reading the CA certificate {} ({CA_ENV}): {e}",
-                ca.display()
-            )
-        })?;
+        .map_err(|e| format!("reading the CA certificate {} ({what}): {e}", ca.display()))?;
     let mut roots = RootCertStore::empty();
     for cert in certs {
         roots
@@ -100,16 +167,11 @@ pub fn client_config(ca: &Path) -> Result<Arc<ClientConfig>, String> {
     }
     if roots.is_empty() {
         return Err(format!(
-            "{} ({CA_ENV}) holds no certificate (PEM \"BEGIN CERTIFICATE\")",
+            "{} ({what}) holds no certificate (PEM \"BEGIN CERTIFICATE\")",
             ca.display()
         ));
     }
-    let config = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
+    Ok(roots)
 }
 
 /// A connection's byte stream.
@@ -198,10 +260,31 @@ fn handshake_hint(e: &io::Error, host: &str) -> String {
         )) => " (the receiver's certificate is outside its validity period: renew it, or \
                check both clocks)"
             .into(),
+        Some(rustls::Error::AlertReceived(_)) => refused_client_hint(),
         Some(_) => String::new(),
         // No TLS answer at all: the peer closed, reset, or spoke something else.
         None => " (is the receiver started with --tls-cert? A plain one takes tcp://)".into(),
     }
+}
+
+fn refused_client_hint() -> String {
+    format!(
+        " (the receiver refused this client's certificate, or wants one: set \
+         {CLIENT_CERT_ENV} and {CLIENT_KEY_ENV} to a certificate its --tls-client-ca signed)"
+    )
+}
+
+/// An error that is the receiver refusing this client in the TLS layer after the
+/// handshake (TLS 1.3 checks the client's certificate then), with what to do; `None`
+/// for any other error.
+pub(crate) fn refused_by_alert(e: &io::Error) -> Option<io::Error> {
+    let inner = e.get_ref()?.downcast_ref::<rustls::Error>()?;
+    matches!(inner, rustls::Error::AlertReceived(_)).then(|| {
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("the receiver ended TLS: {inner}{}", refused_client_hint()),
+        )
+    })
 }
 
 impl Read for Stream {

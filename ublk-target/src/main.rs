@@ -217,6 +217,11 @@ enum Command {
         /// The certificate's private key (PEM).
         #[arg(long, requires = "tls_cert", value_name = "PEM")]
         tls_key: Option<PathBuf>,
+        /// Serve only clients with a certificate signed by a CA in this PEM file (their
+        /// UBLK_DR_RECEIVER_CLIENT_CERT and UBLK_DR_RECEIVER_CLIENT_KEY): a credential
+        /// per protected host, checked before the token.
+        #[arg(long, requires = "tls_cert", value_name = "PEM")]
+        tls_client_ca: Option<PathBuf>,
     },
     /// Show each volume of the config file at this site: its newest recovery point,
     /// the point's age (the RPO: at most what a failover now would lose, as far as this
@@ -725,10 +730,11 @@ fn run(cli: Cli) -> Result<()> {
             token_file,
             tls_cert,
             tls_key,
+            tls_client_ca,
         } => {
             let tls = match (&tls_cert, &tls_key) {
                 (Some(cert), Some(key)) => Some(
-                    objstore::tls::server_config(cert, key)
+                    objstore::tls::server_config(cert, key, tls_client_ca.as_deref())
                         .map_err(|what| anyhow::anyhow!(what))?,
                 ),
                 _ => None,
