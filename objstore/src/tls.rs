@@ -227,7 +227,7 @@ impl Drop for Stream {
 }
 
 /// The name a receiver's certificate must carry, from the HOST of `HOST:PORT` (an
-/// IPv6 address in brackets, a IPv4 address or a DNS name).
+/// IPv6 address in brackets, an IPv4 address or a DNS name).
 fn server_name(host: &str) -> io::Result<ServerName<'static>> {
     let bare = host
         .strip_prefix('[')

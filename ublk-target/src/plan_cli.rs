@@ -279,16 +279,14 @@ fn failover(
         .sum::<usize>();
     if !test {
         for (id, p) in plan.volumes().zip(&chosen.points).skip(first) {
-            ublk_target::rollback::preflight(&loaded.volume(id).paths(), p.index).map_err(|e| {
+            let volume = loaded.volume(id);
+            ublk_target::rollback::preflight(&volume.paths(), p.index).map_err(|e| {
                 anyhow::anyhow!(
                     "plan {}: volume {id} cannot fail over: {e}; nothing was changed",
                     plan.name
                 )
             })?;
-        }
-        for id in plan.volumes().skip(first) {
-            let ring = loaded.volume(id).failover_ring();
-            if let Some(dir) = ring.parent() {
+            if let Some(dir) = volume.failover_ring().parent() {
                 std::fs::create_dir_all(dir).with_context(|| {
                     format!(
                         "volume {id}: creating {} for its failover ring; nothing was changed",
