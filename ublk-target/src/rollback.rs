@@ -60,15 +60,7 @@ pub fn rollback_steps(
         .write(true)
         .open(&paths.replica)
         .map_err(|e| TargetError::io(format!("opening replica {}", paths.replica.display()), e))?;
-    let Some(state) = ApplyState::load(&paths.state, None)? else {
-        return Err(TargetError::Rollback {
-            point,
-            what: format!(
-                "nothing has been applied ({} is missing)",
-                paths.state.display()
-            ),
-        });
-    };
+    let state = applied_state(paths, point)?;
     rollback_locked(
         paths, &journal, &mut uring, &replica, state, point, max_steps,
     )
@@ -225,16 +217,19 @@ fn verify(
 pub fn preflight(paths: &ReplicaPaths, point: u64) -> Result<()> {
     let journal = Journal::new(&paths.journal);
     let _lock = journal.lock()?;
-    let Some(state) = ApplyState::load(&paths.state, None)? else {
-        return Err(TargetError::Rollback {
-            point,
-            what: format!(
-                "nothing has been applied ({} is missing)",
-                paths.state.display()
-            ),
-        });
-    };
+    let state = applied_state(paths, point)?;
     verify(paths, &journal, &state, point).map(drop)
+}
+
+/// The replica's applied state, which a rollback to `point` needs.
+fn applied_state(paths: &ReplicaPaths, point: u64) -> Result<ApplyState> {
+    ApplyState::load(&paths.state, None)?.ok_or_else(|| TargetError::Rollback {
+        point,
+        what: format!(
+            "nothing has been applied ({} is missing)",
+            paths.state.display()
+        ),
+    })
 }
 
 /// Writes a journal's before-images to the replica.
