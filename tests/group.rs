@@ -363,6 +363,22 @@ fn a_plan_chooses_one_cut_for_all_its_volumes_and_changes_nothing_when_one_canno
             "{name} {p:?}: {shown}"
         );
     }
+    // The same as JSON, for scripts.
+    let json: serde_json::Value = serde_json::from_str(&stdout_of(&mut plan_command(
+        &config,
+        &["show", "pair", "--json"],
+    )))
+    .unwrap();
+    let indexes: Vec<u64> = json[0]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|step| step["volumes"].as_array().unwrap().iter())
+        .map(|v| v["point"]["index"].as_u64().unwrap())
+        .collect();
+    let expected: Vec<u64> = last.points.iter().map(|(_, p)| p.index).collect();
+    assert_eq!(indexes, expected, "{json}");
+    assert!(json[0]["error"].is_null(), "{json}");
     // `status` shows the plan's point and its age beside the volumes.
     let status = stdout_of(
         Command::new(bin("ublk-target"))

@@ -24,6 +24,9 @@ pub enum PlanCommand {
         /// latest, latest-app, latest-cut, latest-app-cut or cut:N.
         #[arg(long, value_name = "CHOICE")]
         point: Option<PointChoice>,
+        /// Print JSON (a list of plans) instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Fail every volume of the plan over, step by step: the step's pre hook, its
     /// volumes brought up, its post hook.
@@ -129,20 +132,26 @@ pub fn run(command: PlanCommand) -> Result<()> {
             name,
             config,
             point,
+            json,
         } => {
             let loaded = Loaded::load(&config)?;
             let plans: Vec<&PlanConfig> = match &name {
                 Some(name) => vec![loaded.plan(name)?],
                 None => loaded.config.plans.iter().collect(),
             };
-            if plans.is_empty() {
+            let reports: Vec<PlanReport> = plans
+                .into_iter()
+                .map(|plan| PlanReport::new(&loaded, plan, point))
+                .collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reports)?);
+            } else if reports.is_empty() {
                 println!(
                     "{} has no [[plan]] tables (see `ublk-target apply --help` for the format)",
                     config.display()
                 );
-            }
-            for plan in plans {
-                show(&loaded, plan, point)?;
+            } else {
+                reports.iter().for_each(PlanReport::print);
             }
             Ok(())
         }
@@ -214,46 +223,95 @@ pub fn run(command: PlanCommand) -> Result<()> {
     }
 }
 
-/// Prints a plan and the points a failover now would take.
-fn show(loaded: &Loaded, plan: &PlanConfig, point: Option<PointChoice>) -> Result<()> {
-    let choice = point.unwrap_or(plan.point);
-    println!("plan {} (point {choice}):", plan.name);
-    let chosen = loaded.choose(plan, point);
-    if let Ok(chosen) = &chosen {
-        println!("  at {}", chosen.what);
-    }
-    let mut points = chosen.as_ref().ok().map(|c| c.points.iter());
-    for (i, step) in plan.steps.iter().enumerate() {
-        println!("  step {}:", i + 1);
-        if let Some(pre) = &step.pre {
-            println!("    pre:  {pre}");
+/// A plan as `plan show` reports it: its steps and the point each volume would get.
+#[derive(serde::Serialize)]
+struct PlanReport {
+    plan: String,
+    choice: String,
+    /// What the points are, or `None` with `error` saying why there are none.
+    at: Option<String>,
+    error: Option<String>,
+    steps: Vec<StepReport>,
+}
+
+#[derive(serde::Serialize)]
+struct StepReport {
+    pre: Option<String>,
+    post: Option<String>,
+    volumes: Vec<VolumeReport>,
+}
+
+#[derive(serde::Serialize)]
+struct VolumeReport {
+    volume: String,
+    replica: PathBuf,
+    point: Option<ublk_target::RecoveryPoint>,
+}
+
+impl PlanReport {
+    fn new(loaded: &Loaded, plan: &PlanConfig, point: Option<PointChoice>) -> PlanReport {
+        let chosen = loaded.choose(plan, point);
+        let mut points = chosen.as_ref().ok().map(|c| c.points.iter());
+        let steps = plan
+            .steps
+            .iter()
+            .map(|step| StepReport {
+                pre: step.pre.clone(),
+                post: step.post.clone(),
+                volumes: step
+                    .volumes
+                    .iter()
+                    .map(|id| VolumeReport {
+                        volume: id.to_string(),
+                        replica: loaded.volume(id).replica.clone(),
+                        point: points.as_mut().and_then(Iterator::next).copied(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        let (at, error) = match chosen {
+            Ok(chosen) => (Some(chosen.what), None),
+            Err(e) => (None, Some(changelog::error::one_line(&*e))),
+        };
+        PlanReport {
+            plan: plan.name.clone(),
+            choice: point.unwrap_or(plan.point).to_string(),
+            at,
+            error,
+            steps,
         }
-        for id in &step.volumes {
-            let at = match points.as_mut().and_then(Iterator::next) {
-                Some(p) => format!(
-                    "point {} ({}{})",
-                    p.index,
-                    ublk_target::points::format_utc_ms(p.created_unix_ms),
-                    if p.app_consistent { ", app" } else { "" }
-                ),
-                None => "-".into(),
-            };
-            println!(
-                "    {id}: {at}, replica {}",
-                loaded.volume(id).replica.display()
-            );
+    }
+
+    fn print(&self) {
+        println!("plan {} (point {}):", self.plan, self.choice);
+        if let Some(at) = &self.at {
+            println!("  at {at}");
         }
-        if let Some(post) = &step.post {
-            println!("    post: {post}");
+        for (i, step) in self.steps.iter().enumerate() {
+            println!("  step {}:", i + 1);
+            if let Some(pre) = &step.pre {
+                println!("    pre:  {pre}");
+            }
+            for v in &step.volumes {
+                let at = match &v.point {
+                    Some(p) => format!(
+                        "point {} ({}{})",
+                        p.index,
+                        ublk_target::points::format_utc_ms(p.created_unix_ms),
+                        if p.app_consistent { ", app" } else { "" }
+                    ),
+                    None => "-".into(),
+                };
+                println!("    {}: {at}, replica {}", v.volume, v.replica.display());
+            }
+            if let Some(post) = &step.post {
+                println!("    post: {post}");
+            }
+        }
+        if let Some(error) = &self.error {
+            println!("  no failover possible now: {error}");
         }
     }
-    if let Err(e) = chosen {
-        println!(
-            "  no failover possible now: {}",
-            changelog::error::one_line(&*e)
-        );
-    }
-    Ok(())
 }
 
 /// `plan failover`: see [`PlanCommand::Failover`].
