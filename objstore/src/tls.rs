@@ -260,31 +260,52 @@ fn handshake_hint(e: &io::Error, host: &str) -> String {
         )) => " (the receiver's certificate is outside its validity period: renew it, or \
                check both clocks)"
             .into(),
-        Some(rustls::Error::AlertReceived(_)) => refused_client_hint(),
+        Some(rustls::Error::AlertReceived(alert)) => {
+            client_certificate_hint(*alert).unwrap_or_default()
+        }
         Some(_) => String::new(),
         // No TLS answer at all: the peer closed, reset, or spoke something else.
         None => " (is the receiver started with --tls-cert? A plain one takes tcp://)".into(),
     }
 }
 
-fn refused_client_hint() -> String {
-    format!(
-        " (the receiver refused this client's certificate, or wants one: set \
-         {CLIENT_CERT_ENV} and {CLIENT_KEY_ENV} to a certificate its --tls-client-ca signed)"
-    )
+/// What an alert from the receiver about this client's certificate means, or `None`
+/// for an alert about something else.
+fn client_certificate_hint(alert: rustls::AlertDescription) -> Option<String> {
+    use rustls::AlertDescription as A;
+    let what = match alert {
+        A::CertificateRequired => format!(
+            "the receiver wants a client certificate: set {CLIENT_CERT_ENV} and \
+             {CLIENT_KEY_ENV} to one its --tls-client-ca signed"
+        ),
+        A::UnknownCA | A::BadCertificate | A::DecryptError => format!(
+            "the receiver does not accept this client's certificate ({CLIENT_CERT_ENV}): \
+             it must be signed by the CA the receiver's --tls-client-ca names"
+        ),
+        A::CertificateExpired => "this client's certificate is outside its validity period: \
+                                  renew it, or check both clocks"
+            .into(),
+        A::UnsupportedCertificate => "this client's certificate may not be used by a client: \
+                                      it needs extendedKeyUsage=clientAuth"
+            .into(),
+        _ => return None,
+    };
+    Some(format!(" ({what})"))
 }
 
-/// An error that is the receiver refusing this client in the TLS layer after the
-/// handshake (TLS 1.3 checks the client's certificate then), with what to do; `None`
-/// for any other error.
+/// An error that is the receiver refusing this client's certificate in the TLS layer
+/// after the handshake (TLS 1.3 checks it then), with what to do; `None` for any other
+/// error.
 pub(crate) fn refused_by_alert(e: &io::Error) -> Option<io::Error> {
     let inner = e.get_ref()?.downcast_ref::<rustls::Error>()?;
-    matches!(inner, rustls::Error::AlertReceived(_)).then(|| {
-        io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!("the receiver ended TLS: {inner}{}", refused_client_hint()),
-        )
-    })
+    let rustls::Error::AlertReceived(alert) = inner else {
+        return None;
+    };
+    let hint = client_certificate_hint(*alert)?;
+    Some(io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!("the receiver ended TLS: {inner}{hint}"),
+    ))
 }
 
 impl Read for Stream {

@@ -11,7 +11,8 @@
 //! * [`state`]: the replica's paths and the persisted applier state.
 //! * [`digests`]: answer digest-resync requests with the replica's block digests.
 //! * [`device`]: serve a view of the replica as a ublk device.
-//! * [`plan`]: recovery plans, volumes failed over together in steps with hooks.
+//! * [`plan`]: recovery plans, volumes failed over together in steps with hooks
+//!   ([`hook`] runs those).
 //! * [`status`]: each volume's newest point, its age (the RPO here) and what waits.
 pub mod apply;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod device;
 pub mod digests;
 pub mod error;
 pub mod group_cuts;
+pub mod hook;
 pub mod journal;
 pub mod plan;
 pub mod points;

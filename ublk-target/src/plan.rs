@@ -27,7 +27,7 @@ use changelog::VolumeId;
 use serde::Deserialize;
 use std::fmt;
 use std::str::FromStr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// One `[[plan]]` table.
 #[derive(Debug, Deserialize)]
@@ -334,47 +334,6 @@ pub fn hook_env(
     env
 }
 
-/// Runs a hook (`sh -c COMMAND`, stdin closed, output to ours, in a process group of
-/// its own) and fails unless it exits 0 within `timeout`; past it, the whole group is
-/// killed.
-pub fn run_hook(command: &str, env: &[(String, String)], timeout: Duration) -> Result<(), String> {
-    use std::os::unix::process::CommandExt;
-    let mut child = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(command)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(std::process::Stdio::null())
-        .process_group(0)
-        .spawn()
-        .map_err(|e| format!("could not run `sh -c {command}`: {e}"))?;
-    let started = Instant::now();
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if started.elapsed() < timeout => std::thread::sleep(HOOK_POLL),
-            Ok(None) => {
-                // The group's id is the shell's pid (process_group(0)).
-                let group = nix::unistd::Pid::from_raw(-(child.id() as i32));
-                let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
-                let _ = child.wait();
-                return Err(format!(
-                    "`{command}` did not finish within {:.1} s (hook_timeout_s) and was killed",
-                    timeout.as_secs_f64()
-                ));
-            }
-            Err(e) => return Err(format!("waiting for `{command}`: {e}")),
-        }
-    };
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("`{command}` failed ({status})"))
-    }
-}
-
-/// How often a running hook is checked on.
-const HOOK_POLL: Duration = Duration::from_millis(20);
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -502,7 +461,7 @@ mod tests {
         let env = hook_env("shop", 2, true, &up);
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("env");
-        run_hook(
+        crate::hook::run(
             &format!(
                 "echo \"$UBLK_DR_PLAN $UBLK_DR_STEP $UBLK_DR_TEST $UBLK_DR_DEVICE_DB_DATA|$UBLK_DR_DEVICES\" > {}",
                 out.display()
@@ -515,45 +474,10 @@ mod tests {
             std::fs::read_to_string(&out).unwrap(),
             "shop 2 1 /dev/ublkb3|db-data=/dev/ublkb3 web=/dev/ublkb5\n"
         );
-        let err = run_hook("exit 3", &env, Duration::from_secs(10)).unwrap_err();
+        let err = crate::hook::run("exit 3", &env, Duration::from_secs(10)).unwrap_err();
         assert!(
             err.contains("`exit 3` failed") && err.contains('3'),
             "{err}"
         );
-    }
-
-    #[test]
-    fn a_hook_past_its_time_is_killed_with_its_children() {
-        let dir = tempfile::tempdir().unwrap();
-        let pid_file = dir.path().join("pid");
-        let started = Instant::now();
-        let err = run_hook(
-            &format!("sleep 30 & echo $! > {}; wait", pid_file.display()),
-            &[],
-            Duration::from_millis(300),
-        )
-        .unwrap_err();
-        assert!(err.contains("did not finish within 0.3 s"), "{err}");
-        assert!(started.elapsed() < Duration::from_secs(10));
-        // The background sleep went with the shell.
-        let pid: i32 = std::fs::read_to_string(&pid_file)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        // A zombie waiting for its new parent to reap it counts as gone.
-        let alive = || {
-            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-                stat.rsplit(") ")
-                    .next()
-                    .is_some_and(|s| !s.starts_with('Z'))
-            })
-        };
-        let mut tries = 0;
-        while alive() && tries < 100 {
-            std::thread::sleep(Duration::from_millis(20));
-            tries += 1;
-        }
-        assert!(!alive(), "the hook's child {pid} survived");
     }
 }

@@ -337,14 +337,16 @@ fn failover(
         .sum::<usize>();
     if !test {
         for (id, p) in plan.volumes().zip(&chosen.points).skip(first) {
-            let volume = loaded.volume(id);
-            ublk_target::rollback::preflight(&volume.paths(), p.index).map_err(|e| {
+            ublk_target::rollback::preflight(&loaded.volume(id).paths(), p.index).map_err(|e| {
                 anyhow::anyhow!(
                     "plan {}: volume {id} cannot fail over: {e}; nothing was changed",
                     plan.name
                 )
             })?;
-            if let Some(dir) = volume.failover_ring().parent() {
+        }
+        // Only once every volume passed, so "nothing was changed" holds above.
+        for id in plan.volumes().skip(first) {
+            if let Some(dir) = loaded.volume(id).failover_ring().parent() {
                 std::fs::create_dir_all(dir).with_context(|| {
                     format!(
                         "volume {id}: creating {} for its failover ring; nothing was changed",
@@ -414,7 +416,7 @@ fn failover(
         };
         if let Some(pre) = &step.pre {
             let env = plan::hook_env(&plan.name, number, test, &up);
-            plan::run_hook(pre, &env, plan.hook_timeout())
+            ublk_target::hook::run(pre, &env, plan.hook_timeout())
                 .map_err(|e| stopped(&up, format!("pre hook {e}")))?;
         }
         for (id, point) in step_points {
@@ -437,7 +439,7 @@ fn failover(
         }
         if let Some(post) = &step.post {
             let env = plan::hook_env(&plan.name, number, test, &up);
-            plan::run_hook(post, &env, plan.hook_timeout())
+            ublk_target::hook::run(post, &env, plan.hook_timeout())
                 .map_err(|e| stopped(&up, format!("post hook {e}")))?;
         }
         println!(
