@@ -202,6 +202,7 @@ struct ReceiverProcess {
     /// TLS certificate and key files, and the CA of the clients' certificates.
     tls: Option<(PathBuf, PathBuf)>,
     client_ca: Option<PathBuf>,
+    client_crl: Option<PathBuf>,
     child: Option<Running>,
 }
 
@@ -222,6 +223,7 @@ impl ReceiverProcess {
             token: token.map(Path::to_path_buf),
             tls,
             client_ca: None,
+            client_crl: None,
             child: None,
         };
         receiver.resume();
@@ -253,6 +255,9 @@ impl ReceiverProcess {
         }
         if let Some(ca) = &self.client_ca {
             command.arg("--tls-client-ca").arg(ca);
+        }
+        if let Some(crl) = &self.client_crl {
+            command.arg("--tls-client-crl").arg(crl);
         }
         let child = Running(command.spawn().unwrap());
         self.child = Some(child);
@@ -773,8 +778,9 @@ fn a_receiver_with_a_client_ca_serves_only_clients_it_signed() {
         port: free_port(),
         store: received.clone(),
         token: Some(volume.path("token")),
-        tls: Some((cert, key)),
-        client_ca: Some(hosts_ca),
+        tls: Some((cert.clone(), key.clone())),
+        client_ca: Some(hosts_ca.clone()),
+        client_crl: None,
         child: None,
     };
     receiver.resume();
@@ -831,6 +837,62 @@ fn a_receiver_with_a_client_ca_serves_only_clients_it_signed() {
         !out.status.success() && text(&out).contains("set both"),
         "{}",
         text(&out)
+    );
+
+    // Revoking one host: a receiver with the client CA's revocation list refuses it
+    // and still serves the others.
+    let revoked = client_certificate(dir, "host2", "hosts");
+    std::fs::write(dir.join("index.txt"), "").unwrap();
+    std::fs::write(dir.join("crlnumber"), "01\n").unwrap();
+    std::fs::write(
+        dir.join("ca.cnf"),
+        "[ca]\ndefault_ca = hosts\n[hosts]\ndatabase = index.txt\ncrlnumber = crlnumber\n\
+         default_md = sha256\ndefault_crl_days = 2\n",
+    )
+    .unwrap();
+    let ca_args = [
+        "-config",
+        "ca.cnf",
+        "-keyfile",
+        "hosts-ca.key",
+        "-cert",
+        "hosts-ca.pem",
+    ];
+    for args in [
+        &["ca", "-revoke", "host2.pem"][..],
+        &["ca", "-gencrl", "-out", "hosts.crl"],
+    ] {
+        let out = Command::new("openssl")
+            .args(args)
+            .args(ca_args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {}", text(&out));
+    }
+    let mut guarded = ReceiverProcess {
+        port: free_port(),
+        store: volume.path("guarded"),
+        token: None,
+        tls: Some((cert, key)),
+        client_ca: Some(hosts_ca),
+        client_crl: Some(dir.join("hosts.crl")),
+        child: None,
+    };
+    std::fs::create_dir_all(&guarded.store).unwrap();
+    guarded.resume();
+    let guarded_client = |identity: &(PathBuf, PathBuf)| {
+        let config = objstore::tls::client_config(&ca, Some((&identity.0, &identity.1))).unwrap();
+        objstore::ReceiverStore::new(&format!("localhost:{}", guarded.port), Some(config))
+    };
+    let err = guarded_client(&revoked)
+        .list(&vol0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("was revoked"), "{err}");
+    assert_eq!(
+        guarded_client(&host).list(&vol0).unwrap(),
+        Vec::<u64>::new()
     );
 }
 

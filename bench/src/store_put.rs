@@ -53,7 +53,8 @@ fn main() {
 
     let certs = tempfile::tempdir().expect("certificate directory");
     let (cert, key) = self_signed(certs.path());
-    let server_tls = objstore::tls::server_config(&cert, &key, None).expect("TLS identity");
+    let server_tls =
+        objstore::tls::server_config(&cert, &key, Default::default()).expect("TLS identity");
     let client_tls = objstore::tls::client_config(&cert, None).expect("TLS trust");
     // A receiver with its directory, plain and over TLS.
     let receiver = |tls| {

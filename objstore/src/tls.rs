@@ -47,26 +47,43 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The receiver's TLS settings from its certificate chain and key (PEM files); with
-/// `client_ca`, only clients presenting a certificate that chains to a CA in that PEM
-/// file are served (mutual TLS).
+/// Who a receiver serves over TLS: with `ca`, only clients presenting a certificate
+/// that chains to a CA in that PEM file (mutual TLS), and none whose certificate a
+/// revocation list in the PEM file `crl` names.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ClientAuth<'a> {
+    pub ca: Option<&'a Path>,
+    pub crl: Option<&'a Path>,
+}
+
+/// The receiver's TLS settings from its certificate chain and key (PEM files) and
+/// [`ClientAuth`].
 pub fn server_config(
     cert: &Path,
     key: &Path,
-    client_ca: Option<&Path>,
+    clients: ClientAuth,
 ) -> Result<Arc<ServerConfig>, String> {
     let (chain, key) = identity(cert, key)?;
     let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
-    let builder = match client_ca {
+    let builder = match clients.ca {
         Some(ca) => {
             let roots = Arc::new(roots(ca, "--tls-client-ca")?);
-            let verifier =
-                rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
-                    .build()
-                    .map_err(|e| format!("client CA {}: {e}", ca.display()))?;
+            let mut verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider());
+            if let Some(crl) = clients.crl {
+                verifier = verifier
+                    .with_crls(revocation_lists(crl)?)
+                    .only_check_end_entity_revocation();
+            }
+            let verifier = verifier
+                .build()
+                .map_err(|e| format!("client CA {}: {e}", ca.display()))?;
             builder.with_client_cert_verifier(verifier)
+        }
+        None if clients.crl.is_some() => {
+            return Err("a revocation list needs the client CA it is for (--tls-client-ca)".into())
         }
         None => builder.with_no_client_auth(),
     };
@@ -152,6 +169,23 @@ fn identity(
         )
     })?;
     Ok((chain, key))
+}
+
+/// The certificate revocation lists in the PEM file `crl`.
+fn revocation_lists(
+    crl: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateRevocationListDer<'static>>, String> {
+    use rustls::pki_types::CertificateRevocationListDer;
+    let lists = CertificateRevocationListDer::pem_file_iter(crl)
+        .and_then(|lists| lists.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("reading the revocation list {}: {e}", crl.display()))?;
+    if lists.is_empty() {
+        return Err(format!(
+            "{} holds no revocation list (PEM \"BEGIN X509 CRL\")",
+            crl.display()
+        ));
+    }
+    Ok(lists)
 }
 
 /// The CA certificates in the PEM file `ca` (given as `what`).
@@ -282,6 +316,9 @@ fn client_certificate_hint(alert: rustls::AlertDescription) -> Option<String> {
             "the receiver does not accept this client's certificate ({CLIENT_CERT_ENV}): \
              it must be signed by the CA the receiver's --tls-client-ca names"
         ),
+        A::CertificateRevoked => "this client's certificate was revoked (the receiver's \
+                                  --tls-client-crl lists it): issue it a new one"
+            .into(),
         A::CertificateExpired => "this client's certificate is outside its validity period: \
                                   renew it, or check both clocks"
             .into(),

@@ -222,6 +222,10 @@ enum Command {
         /// per protected host, checked before the token.
         #[arg(long, requires = "tls_cert", value_name = "PEM")]
         tls_client_ca: Option<PathBuf>,
+        /// Refuse the client certificates these revocation lists (PEM, from the client
+        /// CA) name. Read at start: restart the receiver after updating it.
+        #[arg(long, requires = "tls_client_ca", value_name = "PEM")]
+        tls_client_crl: Option<PathBuf>,
     },
     /// Show each volume of the config file at this site: its newest recovery point,
     /// the point's age (the RPO: at most what a failover now would lose, as far as this
@@ -731,11 +735,19 @@ fn run(cli: Cli) -> Result<()> {
             tls_cert,
             tls_key,
             tls_client_ca,
+            tls_client_crl,
         } => {
             let tls = match (&tls_cert, &tls_key) {
                 (Some(cert), Some(key)) => Some(
-                    objstore::tls::server_config(cert, key, tls_client_ca.as_deref())
-                        .map_err(|what| anyhow::anyhow!(what))?,
+                    objstore::tls::server_config(
+                        cert,
+                        key,
+                        objstore::tls::ClientAuth {
+                            ca: tls_client_ca.as_deref(),
+                            crl: tls_client_crl.as_deref(),
+                        },
+                    )
+                    .map_err(|what| anyhow::anyhow!(what))?,
                 ),
                 _ => None,
             };
