@@ -170,16 +170,7 @@ fn serve_connection(shared: &Shared, tcp: TcpStream, has_slot: bool) -> io::Resu
     let Some((hello, _)) = wire::read_frame::<Hello>(connection.reader())? else {
         return Ok(());
     };
-    let refused = if shared.tls.is_some() && !tls_client {
-        Some(
-            "this receiver takes TLS only: use tls://HOST:PORT, with the receiver's CA \
-             certificate in UBLK_DR_RECEIVER_CA"
-                .to_string(),
-        )
-    } else {
-        refusal(shared, &hello, has_slot)
-    };
-    if let Some(reason) = refused {
+    if let Some(reason) = refusal(shared, &hello, tls_client, has_slot) {
         log::warn!("receiver: refused {peer}: {reason}");
         return connection.send(&Welcome::Refused { reason }, &[]);
     }
@@ -209,8 +200,15 @@ fn peek_start(tcp: &TcpStream) -> io::Result<Option<[u8; 3]>> {
     ))
 }
 
-fn refusal(shared: &Shared, hello: &Hello, has_slot: bool) -> Option<String> {
-    if hello.magic != wire::MAGIC {
+/// Why `hello`, which came over TLS or not (`over_tls`), is refused, if it is.
+fn refusal(shared: &Shared, hello: &Hello, over_tls: bool, has_slot: bool) -> Option<String> {
+    if shared.tls.is_some() && !over_tls {
+        Some(format!(
+            "this receiver takes TLS only: use tls://HOST:PORT, with the receiver's CA \
+             certificate in {}",
+            crate::tls::CA_ENV
+        ))
+    } else if hello.magic != wire::MAGIC {
         Some("not a ublk-dr client".into())
     } else if hello.version != wire::VERSION {
         Some(format!(

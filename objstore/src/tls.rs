@@ -153,15 +153,7 @@ fn identity(
     cert: &Path,
     key: &Path,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
-    let chain = CertificateDer::pem_file_iter(cert)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("reading the certificate {}: {e}", cert.display()))?;
-    if chain.is_empty() {
-        return Err(format!(
-            "{} holds no certificate (PEM \"BEGIN CERTIFICATE\")",
-            cert.display()
-        ));
-    }
+    let chain = pem_all(cert, "certificate", "BEGIN CERTIFICATE")?;
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
         format!(
             "reading the private key {}: {e} (PEM, PKCS#8, RSA or EC)",
@@ -175,37 +167,34 @@ fn identity(
 fn revocation_lists(
     crl: &Path,
 ) -> Result<Vec<rustls::pki_types::CertificateRevocationListDer<'static>>, String> {
-    use rustls::pki_types::CertificateRevocationListDer;
-    let lists = CertificateRevocationListDer::pem_file_iter(crl)
-        .and_then(|lists| lists.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("reading the revocation list {}: {e}", crl.display()))?;
-    if lists.is_empty() {
-        return Err(format!(
-            "{} holds no revocation list (PEM \"BEGIN X509 CRL\")",
-            crl.display()
-        ));
-    }
-    Ok(lists)
+    pem_all(crl, "revocation list", "BEGIN X509 CRL")
 }
 
 /// The CA certificates in the PEM file `ca` (given as `what`).
 fn roots(ca: &Path, what: &str) -> Result<RootCertStore, String> {
-    let certs = CertificateDer::pem_file_iter(ca)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("reading the CA certificate {} ({what}): {e}", ca.display()))?;
     let mut roots = RootCertStore::empty();
-    for cert in certs {
+    let what = format!("CA certificate ({what})");
+    for cert in pem_all(ca, &what, "BEGIN CERTIFICATE")? {
         roots
             .add(cert)
             .map_err(|e| format!("CA certificate in {}: {e}", ca.display()))?;
     }
-    if roots.is_empty() {
+    Ok(roots)
+}
+
+/// Every object of one kind in the PEM file `path` (`what` it holds, its `marker`), at
+/// least one.
+fn pem_all<T: PemObject>(path: &Path, what: &str, marker: &str) -> Result<Vec<T>, String> {
+    let all = T::pem_file_iter(path)
+        .and_then(|items| items.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("reading the {what} {}: {e}", path.display()))?;
+    if all.is_empty() {
         return Err(format!(
-            "{} ({what}) holds no certificate (PEM \"BEGIN CERTIFICATE\")",
-            ca.display()
+            "{} holds no {what} (PEM \"{marker}\")",
+            path.display()
         ));
     }
-    Ok(roots)
+    Ok(all)
 }
 
 /// A connection's byte stream.
