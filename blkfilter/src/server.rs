@@ -127,7 +127,8 @@ pub fn open_device(id: i32) -> Option<UblkCtrl> {
     UblkCtrl::new_simple(id).ok()
 }
 
-fn check_ublk() -> Result<(), ServerError> {
+/// Whether this kernel has ublk (`/dev/ublk-control`), or an error that says what to do.
+pub fn check_ublk() -> Result<(), ServerError> {
     if Path::new("/dev/ublk-control").exists() {
         Ok(())
     } else {

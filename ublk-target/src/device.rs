@@ -212,11 +212,7 @@ pub fn view_info(id: i32) -> Option<ViewInfo> {
 
 /// Every view device present, with what it shows.
 pub fn views() -> Result<Vec<(u32, ViewInfo)>> {
-    if !std::path::Path::new("/dev/ublk-control").exists() {
-        return Err(TargetError::Device(
-            "/dev/ublk-control is missing: load the ublk_drv module (modprobe ublk_drv)".into(),
-        ));
-    }
+    blkfilter::server::check_ublk().map_err(|e| TargetError::Device(e.to_string()))?;
     let found = Rc::new(RefCell::new(Vec::new()));
     let sink = found.clone();
     UblkCtrl::for_each_dev_id(move |id| {

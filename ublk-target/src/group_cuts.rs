@@ -146,6 +146,14 @@ pub struct GroupPoint {
     pub points: Vec<(String, RecoveryPoint)>,
 }
 
+impl GroupPoint {
+    /// When the newest of its points was made (ms since the Unix epoch): the cut's time
+    /// on the source's clock.
+    pub fn newest_unix_ms(&self) -> Option<u64> {
+        self.points.iter().map(|(_, p)| p.created_unix_ms).max()
+    }
+}
+
 /// The cuts at which every one of `catalogs` (volume name, catalog) has a recovery
 /// point, oldest first.
 pub fn common_points(catalogs: &[(String, Catalog)]) -> Vec<GroupPoint> {
@@ -223,8 +231,7 @@ pub fn table(volumes: &[String], points: &[GroupPoint]) -> String {
         } else {
             format!("{}..={}", g.first, g.last)
         };
-        let created = g.points.iter().map(|(_, p)| p.created_unix_ms).max();
-        let time = created.map_or("-".into(), format_utc_ms);
+        let time = g.newest_unix_ms().map_or("-".into(), format_utc_ms);
         out += &format!("{cuts:>14}  {:016x}  {time:<23}", g.clock);
         for (_, p) in &g.points {
             out += &format!("  {:>12}", p.index);

@@ -814,12 +814,12 @@ fn run(cli: Cli) -> Result<()> {
                 ));
                 catalogs.insert(v.id.clone(), catalog);
             }
-            // Each plan, when every volume was shown: the points its failover would
+            // Each plan, in the table of every volume: the points its failover would
             // take now, and how old the oldest is.
             let plans: Vec<ublk_target::status::PlanStatus> = config
                 .plans
                 .iter()
-                .filter(|_| volume.is_none())
+                .filter(|_| volume.is_none() && !json)
                 .map(|plan| {
                     let named: Option<Vec<(String, ublk_target::Catalog)>> = plan
                         .volumes()

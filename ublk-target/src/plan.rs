@@ -260,14 +260,13 @@ pub fn choose(choice: PointChoice, catalogs: &[(String, Catalog)]) -> Result<Cho
             // The latest: by the time of the points (clocks are random ids), then number.
             (_, found) => *found
                 .iter()
-                .max_by_key(|(c, row)| (newest(&row.points), *c))
+                .max_by_key(|(c, row)| (row.newest_unix_ms(), *c))
                 .expect("not empty"),
         };
-        let (clock, points) = (row.clock, &row.points);
-        let when = format_utc_ms(newest(points));
+        let when = row.newest_unix_ms().map_or("-".into(), format_utc_ms);
         Ok(Chosen {
-            points: points.iter().map(|(_, p)| *p).collect(),
-            what: format!("group cut {number} (clock {clock:016x}) of {when}"),
+            points: row.points.iter().map(|(_, p)| *p).collect(),
+            what: format!("group cut {number} (clock {:016x}) of {when}", row.clock),
         })
     };
     match choice {
@@ -282,14 +281,6 @@ pub fn choose(choice: PointChoice, catalogs: &[(String, Catalog)]) -> Result<Cho
 fn names(catalogs: &[(String, Catalog)]) -> String {
     let names: Vec<&str> = catalogs.iter().map(|(n, _)| n.as_str()).collect();
     names.join(", ")
-}
-
-fn newest(points: &[(String, RecoveryPoint)]) -> u64 {
-    points
-        .iter()
-        .map(|(_, p)| p.created_unix_ms)
-        .max()
-        .unwrap_or(0)
 }
 
 /// The environment variable naming `volume`'s device: `UBLK_DR_DEVICE_DB_DATA` for

@@ -200,13 +200,15 @@ pub fn run(command: PlanCommand) -> Result<()> {
         } => {
             let loaded = Loaded::load(&config)?;
             let plan = loaded.plan(&name)?;
-            let catalogs = loaded.catalogs(plan)?;
-            // What `commit` itself requires: a rollback that finished.
-            let not_failed_over: Vec<&str> = catalogs
-                .iter()
-                .filter(|(_, c)| c.rolled_back_to.is_none() || c.latest_applied != c.rolled_back_to)
-                .map(|(n, _)| n.as_str())
-                .collect();
+            // Every volume passes what `commit` checks before any is committed.
+            let mut not_failed_over = Vec::new();
+            for id in plan.volumes() {
+                let paths = loaded.volume(id).paths();
+                require_applied(&paths).with_context(|| format!("volume {id}"))?;
+                if ublk_target::rollback::committable(&paths).is_err() {
+                    not_failed_over.push(id.as_str());
+                }
+            }
             anyhow::ensure!(
                 not_failed_over.is_empty(),
                 "plan {name}: {} not failed over, or the rollback did not finish; nothing \
@@ -363,11 +365,7 @@ fn failover(
             blkfilter.display()
         );
     }
-    anyhow::ensure!(
-        Path::new("/dev/ublk-control").exists(),
-        "/dev/ublk-control is missing: load the ublk_drv module (modprobe ublk_drv); \
-         nothing was changed"
-    );
+    blkfilter::server::check_ublk().context("nothing was changed")?;
     let kind = if test { "test failover" } else { "failover" };
     println!("plan {}: {kind} at {}", plan.name, chosen.what);
     // A drill's figures: how long each step and the whole plan took (its part of the RTO).

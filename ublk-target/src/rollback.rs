@@ -255,6 +255,20 @@ fn restore(file: &UndoFile, replica: &File, paths: &ReplicaPaths) -> Result<()> 
 /// marker beside it (`REPLICA.committed`) saying so; the state already refuses every
 /// further segment of the old direction. Returns the point it was failed over to.
 pub fn commit(paths: &ReplicaPaths) -> Result<u64> {
+    let point = committable(paths)?;
+    let marker = committed_marker(paths);
+    let text = format!(
+        "failed over to point {point}; committed at {} (unix ms)\n",
+        changelog::unix_ms_now()
+    );
+    std::fs::write(&marker, text)
+        .map_err(|e| TargetError::io(format!("writing {}", marker.display()), e))?;
+    Ok(point)
+}
+
+/// What [`commit`] checks before it writes anything: the replica was failed over and
+/// its rollback finished. Returns the point it was failed over to.
+pub fn committable(paths: &ReplicaPaths) -> Result<u64> {
     let state = ApplyState::load(&paths.state, None)?.ok_or_else(|| TargetError::State {
         path: paths.state.clone(),
         what: "missing".into(),
@@ -272,13 +286,6 @@ pub fn commit(paths: &ReplicaPaths) -> Result<u64> {
                 .into(),
         });
     }
-    let marker = committed_marker(paths);
-    let text = format!(
-        "failed over to point {point}; committed at {} (unix ms)\n",
-        changelog::unix_ms_now()
-    );
-    std::fs::write(&marker, text)
-        .map_err(|e| TargetError::io(format!("writing {}", marker.display()), e))?;
     Ok(point)
 }
 
