@@ -20,6 +20,14 @@
 //!                                        # dropped for a whole-disk resync (0 = never)
 //! cpu_priority = "yield"                 # or "normal": see shipper::priority
 //!
+//! [throttle]                             # optional: one upload limit for every volume
+//! limit = "200Mbit/s"                    # outside the windows (default: unlimited)
+//! [[throttle.window]]                    # the first window holding the local time wins
+//! days = "mon-fri"                       # default: every day
+//! hours = "08:00-18:00"                  # may cross midnight: "22:00-06:00"
+//! limit = "50Mbit/s"                     # see shipper::throttle; SIGHUP re-reads [throttle];
+//!                                        # shared through <status_dir>/throttle.clock
+//!
 //! [[volume]]
 //! id = "vol0"
 //! ring = "/dev/shm/ublk-dr/vol0.ring"
@@ -33,6 +41,7 @@
 use crate::error::{Result, ShipperError};
 use crate::pipeline::ShipperConfig;
 use crate::priority::CpuPriority;
+use crate::throttle::{Policy, ThrottleConfig};
 use changelog::{Key, VolumeId};
 use objstore::StoreLocation;
 use serde::Deserialize;
@@ -68,6 +77,9 @@ pub struct ConfigFile {
     pub backlog_resync_percent: u32,
     #[serde(default = "default_cpu_priority")]
     pub cpu_priority: CpuPriority,
+    /// The upload limit (see [`crate::throttle`]); unlimited when absent.
+    #[serde(default)]
+    pub throttle: ThrottleConfig,
     #[serde(rename = "volume")]
     pub volumes: Vec<VolumeEntry>,
     #[serde(rename = "group", default)]
@@ -205,6 +217,7 @@ impl ConfigFile {
         }
         resync_block_bytes(self.resync_block_kib)?;
         crate::backlog::check_percent(self.backlog_resync_percent)?;
+        self.throttle_policy()?;
         if self.max_segment_bytes > changelog::segment::MAX_PLAIN_LEN as usize / 2 {
             return Err(format!(
                 "max_segment_bytes must be at most {}",
@@ -214,7 +227,19 @@ impl ConfigFile {
         Ok(())
     }
 
-    /// One pipeline config per volume (loads the key once).
+    /// The `[throttle]` table as a policy; the error says what to fix.
+    pub fn throttle_policy(&self) -> std::result::Result<Policy, String> {
+        Policy::from_config(&self.throttle).map_err(|e| format!("[throttle]: {e}"))
+    }
+
+    /// The file through which every shipper process of this config shares the upload
+    /// limit's budget ([`crate::throttle::Throttle::shared`]).
+    pub fn throttle_clock(&self) -> PathBuf {
+        self.status_dir.join("throttle.clock")
+    }
+
+    /// One pipeline config per volume (loads the key once), without an upload limit:
+    /// the caller gives them one shared throttle.
     pub fn pipelines(&self) -> Result<Vec<ShipperConfig>> {
         let key = Key::load(&self.key)?;
         Ok(self
@@ -298,6 +323,26 @@ ring = "/r1"
             PathBuf::from("/run/ublk-dr/vol1.status.json")
         );
         assert!(c.group_cuts(None).is_empty());
+        assert_eq!(c.throttle_policy(), Ok(Policy::unlimited()));
+        let throttled = format!(
+            "{GOOD}[throttle]\nlimit = \"8Mbit/s\"\n[[throttle.window]]\ndays = \"sat,sun\"\n\
+             hours = \"00:00-24:00\"\nlimit = \"unlimited\"\n"
+        );
+        let throttled = ConfigFile::parse(&throttled).unwrap();
+        let weekday = crate::throttle::LocalTime {
+            weekday: 2,
+            minute: 600,
+        };
+        let sunday = crate::throttle::LocalTime {
+            weekday: 6,
+            minute: 600,
+        };
+        let policy = throttled.throttle_policy().unwrap();
+        assert_eq!(
+            policy.limit_at(weekday).0.map(|r| r.bytes_per_s()),
+            Some(1_000_000)
+        );
+        assert_eq!(policy.limit_at(sunday), (None, Some("sat,sun 00:00-24:00")));
         let grouped = format!(
             "{GOOD}[[group]]\nclock = \"/g\"\nvolumes = [\"vol0\", \"vol1\"]\n\
              [[group]]\nclock = \"/h\"\nvolumes = [\"vol1\", \"vol0\"]\ncut_every_ms = 250\n"
@@ -370,6 +415,15 @@ ring = "/r1"
                 format!("{GOOD}[[group]]\nclock = \"/g\"\nvolumes = [\"vol0\", \"vol9\"]\n"),
                 "volume vol9 has no [[volume]] table",
             ),
+            (
+                format!("{GOOD}[throttle]\nlimit = \"100\"\n"),
+                "[throttle]: upload limit \"100\": no unit",
+            ),
+            (
+                format!("{GOOD}[throttle]\n[[throttle.window]]\nhours = \"8-18\"\nlimit = \"1MB/s\"\n"),
+                "[throttle]: window mon-sun 8-18: hours",
+            ),
+            (format!("{GOOD}[throttle]\nlimt = \"1MB/s\"\n"), "limt"),
         ];
         for (text, expect) in cases {
             let err = ConfigFile::parse(&text).expect_err(&text);

@@ -8,6 +8,7 @@
 //! * [`resync`]: initial replication and the digest exchange of a resync.
 //! * [`priority`]: pipeline threads in the background while shipping keeps up.
 //! * [`retry`]: the retry schedule for recoverable errors.
+//! * [`throttle`]: the upload bandwidth limit and its windows of the week.
 //! * [`status`]: health, RPO and the status file.
 //! * [`config`]: the TOML configuration file.
 pub mod backlog;
@@ -21,6 +22,7 @@ pub mod priority;
 pub mod resync;
 pub mod retry;
 pub mod status;
+pub mod throttle;
 
 pub use error::{Result, ShipperError};
 pub use pipeline::{run, Control, RunSummary, ShipperConfig};

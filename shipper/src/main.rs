@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use objstore::StoreLocation;
 use shipper::config::ConfigFile;
 use shipper::priority::CpuPriority;
+use shipper::throttle::{Policy, Throttle};
 use shipper::{Control, ShipperConfig, Status};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -231,6 +232,19 @@ struct RunArgs {
     #[arg(long, requires = "group_clock", default_value_t = shipper::group_cuts::DEFAULT_CUT_EVERY.as_millis() as u64,
           value_parser = clap::value_parser!(u64).range(1..))]
     group_cut_every_ms: u64,
+    /// Limit uploads, for every volume together, to this rate: bytes (50MiB/s, 20MB/s)
+    /// or bits (400Mbit/s, 1Gbps), or `unlimited`. Overrides the config's [throttle]
+    /// table and its windows (e.g. a planned failover's drain at full speed).
+    #[arg(long, value_name = "RATE", value_parser = parse_upload_limit)]
+    upload_limit: Option<UploadLimit>,
+}
+
+/// `--upload-limit`: a rate, or `unlimited` (`None`).
+#[derive(Clone, Copy)]
+struct UploadLimit(Option<shipper::throttle::Rate>);
+
+fn parse_upload_limit(text: &str) -> std::result::Result<UploadLimit, String> {
+    shipper::throttle::parse_limit(text).map(UploadLimit)
 }
 
 fn main() {
@@ -381,10 +395,15 @@ fn run(cli: Cli) -> Result<()> {
 
 fn ship(args: RunArgs) -> Result<()> {
     let mut group_cuts = Vec::new();
+    // The upload limit, and the clock file through which the shippers of one config
+    // file share it.
+    let (mut policy, mut throttle_clock) = (Policy::unlimited(), None);
     let (mut configs, store) = match &args.config {
         Some(path) => {
             let file = ConfigFile::load(path)?;
             group_cuts = file.group_cuts(args.volume.as_ref());
+            policy = file.throttle_policy().map_err(anyhow::Error::msg)?;
+            throttle_clock = Some(file.throttle_clock());
             (file.pipelines()?, file.store.clone())
         }
         None => {
@@ -437,11 +456,29 @@ fn ship(args: RunArgs) -> Result<()> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating status directory {}", dir.display()))?;
     }
+    // The uploads of every volume share one limit; SIGHUP re-reads the config's.
+    if let Some(UploadLimit(limit)) = args.upload_limit {
+        policy = Policy::constant(limit);
+    }
+    let throttle = Arc::new(match &throttle_clock {
+        Some(clock) => Throttle::shared(policy, clock).map_err(anyhow::Error::msg)?,
+        None => Throttle::new(policy),
+    });
+    for config in &mut configs {
+        config.throttle = throttle.clone();
+    }
+    let reload = match (&args.config, args.upload_limit) {
+        (Some(path), None) => Some(Reload {
+            config: path.clone(),
+            throttle,
+        }),
+        _ => None,
+    };
     let control = Arc::new(Control::default());
     if args.drain {
         control.drain();
     }
-    stop_on_signal(control.clone())?;
+    handle_signals(control.clone(), reload)?;
     let store = objstore::open(&store)?;
     // One pipeline per volume; a volume that fails (e.g. goes Critical) does not stop
     // the others, and the exit status reports it.
@@ -593,22 +630,72 @@ fn resync(ring: &std::path::Path, block_bytes: u32, request: bool, wait: bool) -
     Ok(())
 }
 
+/// What SIGHUP re-reads: the [throttle] table of the config file.
+struct Reload {
+    config: PathBuf,
+    throttle: Arc<Throttle>,
+}
+
+impl Reload {
+    /// Takes up the config file's upload limit; a bad file keeps the one in force.
+    fn run(&self) {
+        let policy = ConfigFile::load(&self.config)
+            .map_err(|e| e.to_string())
+            .and_then(|file| file.throttle_policy());
+        match policy {
+            Ok(policy) => {
+                self.throttle.set_policy(policy);
+                let (limit, window) = self.throttle.limit_now();
+                log::info!(
+                    "SIGHUP: upload limit re-read from {}: now {}",
+                    self.config.display(),
+                    describe_limit(limit, window.as_deref())
+                );
+            }
+            Err(e) => log::error!(
+                "SIGHUP: keeping the upload limit in force, the config does not load: {e}"
+            ),
+        }
+    }
+}
+
 /// SIGTERM or SIGINT stops the pipeline cleanly: records not yet staged stay in the
-/// ring for the next run. The signals are blocked before the pipeline's threads start
-/// (they inherit the mask) and taken by one thread with sigwait.
-fn stop_on_signal(control: Arc<Control>) -> Result<()> {
+/// ring for the next run. SIGHUP re-reads the config's upload limit (other settings
+/// need a restart). The signals are blocked before the pipeline's threads start (they
+/// inherit the mask) and taken by one thread with sigwait.
+fn handle_signals(control: Arc<Control>, reload: Option<Reload>) -> Result<()> {
     use nix::sys::signal::{SigSet, Signal};
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGINT);
-    set.thread_block().context("blocking SIGTERM/SIGINT")?;
+    set.add(Signal::SIGHUP);
+    set.thread_block()
+        .context("blocking SIGTERM/SIGINT/SIGHUP")?;
     std::thread::spawn(move || {
-        if let Ok(signal) = set.wait() {
-            log::info!("{signal}: stopping");
-            control.stop();
+        while let Ok(signal) = set.wait() {
+            if signal != Signal::SIGHUP {
+                log::info!("{signal}: stopping");
+                control.stop();
+                return;
+            }
+            match &reload {
+                Some(reload) => reload.run(),
+                None => log::info!(
+                    "SIGHUP: nothing to re-read (the upload limit comes from --upload-limit, or there is no --config)"
+                ),
+            }
         }
     });
     Ok(())
+}
+
+/// "6.25 MB/s (50.0 Mbit/s) in window mon-fri 08:00-18:00", or "unlimited".
+fn describe_limit(limit: Option<shipper::throttle::Rate>, window: Option<&str>) -> String {
+    let rate = limit.map_or("unlimited".to_string(), |r| r.to_string());
+    match window {
+        Some(w) => format!("{rate} in window {w}"),
+        None => rate,
+    }
 }
 
 fn print_status(s: &Status) {
@@ -672,6 +759,22 @@ fn print_status(s: &Status) {
             "background (SCHED_IDLE: keeping up)"
         } else {
             "normal priority"
+        }
+    );
+    println!(
+        "upload limit     {}{}",
+        describe_limit(
+            s.upload_limit_bytes_per_s
+                .and_then(shipper::throttle::Rate::new),
+            s.upload_limit_window.as_deref()
+        ),
+        if s.upload_throttled_ms > 0 {
+            format!(
+                "; uploads waited {:.1} s for it",
+                s.upload_throttled_ms as f64 / 1e3
+            )
+        } else {
+            String::new()
         }
     );
     if let Some(e) = &s.last_error {

@@ -29,6 +29,7 @@ use crate::error::{Result, ShipperError};
 use crate::priority::{CpuPriority, Priority, ThreadPriority};
 use crate::retry::RetrySchedule;
 use crate::status::Status;
+use crate::throttle::{Rate, Throttle};
 use blkfilter::ring::Consumer;
 use changelog::record::{MARK_APP_CONSISTENT, MARK_GROUP_CUT, MARK_RESYNC_DONE};
 use changelog::segment::{seal_owned, SealParams, SealedSegment};
@@ -76,13 +77,16 @@ pub struct ShipperConfig {
     pub backlog_resync_percent: u32,
     /// How the pipeline threads are scheduled ([`crate::priority`]).
     pub cpu_priority: CpuPriority,
+    /// The upload limit, shared with the other volumes of the process
+    /// ([`crate::throttle`]).
+    pub throttle: Arc<Throttle>,
 }
 
 impl ShipperConfig {
     /// A config with the defaults: 1 s segments of at most 8 MiB, two sealers, the
     /// retry unit a minute, RPO threshold 30 s, initial sync on, 64 KiB resync blocks,
     /// the staged backlog dropped above 50% of the disk, normal CPU priority (the
-    /// `shipper` command yields by default).
+    /// `shipper` command yields by default), no upload limit.
     pub fn new(volume: VolumeId, ring_path: PathBuf, staging_dir: PathBuf, key: Key) -> Self {
         ShipperConfig {
             volume,
@@ -99,6 +103,7 @@ impl ShipperConfig {
             resync_block_bytes: changelog::digests::DEFAULT_BLOCK_BYTES,
             backlog_resync_percent: backlog::DEFAULT_PERCENT,
             cpu_priority: CpuPriority::Normal,
+            throttle: Arc::new(Throttle::unlimited()),
         }
     }
 
@@ -185,6 +190,8 @@ struct Board {
     /// When the oldest record of a dropped backlog was read (0 = none): no recovery
     /// point in the store covers it until a crash point after the drop is uploaded.
     lost_since_ms: AtomicU64,
+    /// How long this volume's uploads have waited for the upload limit in all.
+    throttled_ms: AtomicU64,
 }
 
 /// What the stager, the uploader and a backlog drop share.
@@ -232,6 +239,7 @@ impl Board {
         status.ring_resync = ring.resyncing();
         status.staged_backlog_bytes = self.staged_bytes.load(Ordering::Relaxed);
         status.resync = Some(ring.resync_progress()).filter(|p| p.pending());
+        status.upload_throttled_ms = self.throttled_ms.load(Ordering::Relaxed);
         status
     }
 }
@@ -306,6 +314,7 @@ pub fn run(
         open_since_ms: Default::default(),
         staged_bytes: AtomicU64::new(staged_bytes),
         lost_since_ms: AtomicU64::new(owed.as_ref().map_or(0, |d| d.oldest_lost_unix_ms)),
+        throttled_ms: AtomicU64::new(0),
     });
     let chain = Chain {
         cursor: Mutex::new(cursor.clone()),
@@ -468,6 +477,9 @@ fn publish(config: &ShipperConfig, board: &Board, ring: &Consumer, priority: &Pr
         config.rpo_threshold.as_millis() as u64,
     );
     status.background = priority.background();
+    let (limit, window) = config.throttle.limit_now();
+    status.upload_limit_bytes_per_s = limit.map(Rate::bytes_per_s);
+    status.upload_limit_window = window;
     if let Some(path) = &config.status_path {
         if let Err(e) = status.write(path) {
             log::warn!("{e}");
@@ -959,8 +971,22 @@ fn upload(
     {
         thread_priority.follow();
         let path = dir.join(segment_file_name(index));
+        // A dropped segment's file is gone: it is skipped below, whatever it weighs.
+        let len = bytes.as_ref().map_or_else(
+            || std::fs::metadata(&path).map_or(0, |m| m.len()),
+            |b| b.len() as u64,
+        );
         let mut attempt = 0u32;
         loop {
+            // Before the gate: a backlog drop must not wait for the limit.
+            let Some(waited) = config.throttle.admit(len, || control.stopping()) else {
+                return Ok(uploaded);
+            };
+            if !waited.is_zero() {
+                board
+                    .throttled_ms
+                    .fetch_add(waited.as_millis() as u64, Ordering::Relaxed);
+            }
             // Held for the attempt: a backlog drop waits for it, and after a drop the
             // segments staged before it are gone (skipped here).
             let gate = chain.upload.lock().expect("upload lock");

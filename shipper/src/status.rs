@@ -81,6 +81,16 @@ pub struct Status {
     /// for uploads to free space; the ring keeps the rest.
     #[serde(default)]
     pub staging_full: Option<String>,
+    /// The upload limit now (`None`: unlimited) and the `[[throttle.window]]` that set
+    /// it (`None`: the default limit).
+    #[serde(default)]
+    pub upload_limit_bytes_per_s: Option<u64>,
+    #[serde(default)]
+    pub upload_limit_window: Option<String>,
+    /// How long this volume's uploads have waited for the limit since the shipper
+    /// started.
+    #[serde(default)]
+    pub upload_throttled_ms: u64,
     /// The upload retry in progress (0 = none) and the error that caused it.
     pub retry_attempt: u32,
     pub last_error: Option<String>,
