@@ -4,48 +4,10 @@
 //! says Warning with the error meanwhile, capture goes on, and the replica converges.
 
 use blkfilter::workload::Workload;
-use changelog::{LocalDirStore, TargetStore, VolumeId};
+use changelog::LocalDirStore;
 use e2e::*;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// The real local store, noting when each upload was tried and whether it failed.
-struct Recording {
-    inner: LocalDirStore,
-    attempts: Mutex<Vec<(Instant, bool)>>,
-}
-
-impl TargetStore for Recording {
-    fn put(&self, volume: &VolumeId, index: u64, bytes: &[u8]) -> changelog::Result<()> {
-        let result = self.inner.put(volume, index, bytes);
-        self.attempts
-            .lock()
-            .unwrap()
-            .push((Instant::now(), result.is_ok()));
-        result
-    }
-    fn get(&self, volume: &VolumeId, index: u64) -> changelog::Result<Option<Vec<u8>>> {
-        self.inner.get(volume, index)
-    }
-    fn list(&self, volume: &VolumeId) -> changelog::Result<Vec<u64>> {
-        self.inner.list(volume)
-    }
-    fn put_blob(&self, volume: &VolumeId, name: &str, bytes: &[u8]) -> changelog::Result<()> {
-        self.inner.put_blob(volume, name, bytes)
-    }
-    fn get_blob(&self, volume: &VolumeId, name: &str) -> changelog::Result<Option<Vec<u8>>> {
-        self.inner.get_blob(volume, name)
-    }
-    fn delete_blob(&self, volume: &VolumeId, name: &str) -> changelog::Result<()> {
-        self.inner.delete_blob(volume, name)
-    }
-    fn list_blobs(&self, volume: &VolumeId) -> changelog::Result<Vec<String>> {
-        self.inner.list_blobs(volume)
-    }
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-}
 
 #[test]
 fn store_outage_is_retried_on_schedule_and_converges() {
@@ -54,10 +16,9 @@ fn store_outage_is_retried_on_schedule_and_converges() {
     let mut capture = fixture.capture(64 << 20);
     let mut model = Model::new(size);
     let unit = Duration::from_millis(20);
-    let store = Arc::new(Recording {
-        inner: LocalDirStore::new(fixture.path("store")),
-        attempts: Mutex::new(Vec::new()),
-    });
+    let store = Arc::new(RecordingStore::new(LocalDirStore::new(
+        fixture.path("store"),
+    )));
     let mut config = fixture.shipper_config();
     config.retry_unit = unit;
     config.status_path = Some(fixture.path("status.json"));
@@ -101,12 +62,12 @@ fn store_outage_is_retried_on_schedule_and_converges() {
         warned.state()
     );
     // The failed attempts of the outage: each wait at least the scheduled delay.
-    let attempts = store.attempts.lock().unwrap().clone();
-    let first_failure = attempts.iter().position(|a| !a.1).expect("uploads failed");
+    let attempts = store.attempts();
+    let first_failure = attempts.iter().position(|a| !a.ok).expect("uploads failed");
     let run: Vec<Instant> = attempts[first_failure..]
         .iter()
-        .take_while(|a| !a.1)
-        .map(|a| a.0)
+        .take_while(|a| !a.ok)
+        .map(|a| a.at)
         .collect();
     assert!(run.len() >= 6, "only {} attempts in the outage", run.len());
     let schedule = [1, 2, 4, 8, 10, 30];
@@ -119,7 +80,7 @@ fn store_outage_is_retried_on_schedule_and_converges() {
             i + 1
         );
     }
-    assert!(attempts.last().unwrap().1, "the last upload succeeded");
+    assert!(attempts.last().unwrap().ok, "the last upload succeeded");
 
     let seen = apply_and_check_crash_points(&fixture, &model, "replica");
     assert!(seen.last_is_point && seen.others == 0, "{seen:?}");

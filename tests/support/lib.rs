@@ -405,3 +405,67 @@ pub fn bin(name: &str) -> PathBuf {
     );
     path
 }
+
+/// One upload a [`RecordingStore`] saw.
+#[derive(Clone, Copy, Debug)]
+pub struct UploadAttempt {
+    /// When the store was asked (before the put).
+    pub at: std::time::Instant,
+    pub bytes: usize,
+    pub ok: bool,
+}
+
+/// A real store that notes every segment upload: when it was asked, its size, whether
+/// it succeeded.
+pub struct RecordingStore<S> {
+    inner: S,
+    attempts: std::sync::Mutex<Vec<UploadAttempt>>,
+}
+
+impl<S: TargetStore> RecordingStore<S> {
+    pub fn new(inner: S) -> RecordingStore<S> {
+        RecordingStore {
+            inner,
+            attempts: Default::default(),
+        }
+    }
+
+    /// The uploads so far, in the order they were asked.
+    pub fn attempts(&self) -> Vec<UploadAttempt> {
+        self.attempts.lock().unwrap().clone()
+    }
+}
+
+impl<S: TargetStore> TargetStore for RecordingStore<S> {
+    fn put(&self, volume: &VolumeId, index: u64, bytes: &[u8]) -> changelog::Result<()> {
+        let at = std::time::Instant::now();
+        let result = self.inner.put(volume, index, bytes);
+        self.attempts.lock().unwrap().push(UploadAttempt {
+            at,
+            bytes: bytes.len(),
+            ok: result.is_ok(),
+        });
+        result
+    }
+    fn get(&self, volume: &VolumeId, index: u64) -> changelog::Result<Option<Vec<u8>>> {
+        self.inner.get(volume, index)
+    }
+    fn list(&self, volume: &VolumeId) -> changelog::Result<Vec<u64>> {
+        self.inner.list(volume)
+    }
+    fn put_blob(&self, volume: &VolumeId, name: &str, bytes: &[u8]) -> changelog::Result<()> {
+        self.inner.put_blob(volume, name, bytes)
+    }
+    fn get_blob(&self, volume: &VolumeId, name: &str) -> changelog::Result<Option<Vec<u8>>> {
+        self.inner.get_blob(volume, name)
+    }
+    fn delete_blob(&self, volume: &VolumeId, name: &str) -> changelog::Result<()> {
+        self.inner.delete_blob(volume, name)
+    }
+    fn list_blobs(&self, volume: &VolumeId) -> changelog::Result<Vec<String>> {
+        self.inner.list_blobs(volume)
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
