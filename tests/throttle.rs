@@ -9,6 +9,7 @@ use changelog::LocalDirStore;
 use e2e::*;
 use shipper::throttle::{Policy, Rate, Throttle};
 use shipper::Status;
+use std::os::unix::fs::MetadataExt;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -118,8 +119,8 @@ fn write_config(fixture: &Fixture, limit: &str, volumes: &[(&str, &std::path::Pa
 #[test]
 fn shipper_processes_of_one_config_share_its_limit() {
     const LIMIT: u64 = 1_000_000;
-    let (a, a_model) = captured(21, 60);
-    let (mut b, b_model) = captured(22, 60);
+    let (a, a_model) = captured(21, 120);
+    let (mut b, b_model) = captured(22, 120);
     // b's segments go to a's store as vol1.
     b.volume = changelog::VolumeId::new("vol1").unwrap();
     std::fs::copy(a.path("key"), b.path("key")).unwrap();
@@ -130,7 +131,6 @@ fn shipper_processes_of_one_config_share_its_limit() {
         "1MB/s",
         &[("vol0", &a.path("ring")), ("vol1", &b.path("ring"))],
     );
-    let started = Instant::now();
     let shippers: Vec<_> = ["vol0", "vol1"]
         .iter()
         .map(|volume| {
@@ -145,20 +145,40 @@ fn shipper_processes_of_one_config_share_its_limit() {
     for mut shipper in shippers {
         assert!(shipper.wait().unwrap().success());
     }
-    let elapsed = started.elapsed();
-    let sizes: Vec<u64> = ["vol0", "vol1"]
+    // The segments as the store has them: size, and when each was put (its inode's
+    // change time: the put links the staged file in, moments after the upload
+    // started, and then unlinks the staged name), so process start-up does not count.
+    let segments: Vec<(u64, Duration)> = ["vol0", "vol1"]
         .iter()
         .flat_map(|v| std::fs::read_dir(a.path("store").join(v)).unwrap())
-        .map(|e| e.unwrap().metadata().unwrap().len())
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .map(|p| {
+            let m = std::fs::metadata(p).unwrap();
+            let changed = Duration::new(m.ctime() as u64, m.ctime_nsec() as u32);
+            (m.len(), changed)
+        })
         .collect();
-    let total: u64 = sizes.iter().sum();
-    let largest = *sizes.iter().max().unwrap();
-    assert!(total >= 2 * LIMIT, "only {total} bytes: too little to show");
-    // Each process alone at the limit would take half as long.
-    let floor = Duration::from_secs_f64((total - 2 * largest) as f64 / LIMIT as f64);
+    let total: u64 = segments.iter().map(|s| s.0).sum();
+    let largest = segments.iter().map(|s| s.0).max().unwrap();
+    let (first, last) = (
+        segments.iter().map(|s| s.1).min().unwrap(),
+        segments.iter().map(|s| s.1).max().unwrap(),
+    );
+    let span = last - first;
+    // All but the last segment went out between the first and the last start, at
+    // most the limit's worth plus one segment; the first put's own time is the slack.
+    // Each process alone at the limit would take half as long, the floor being
+    // (total/2 - largest) / LIMIT.
     assert!(
-        elapsed >= floor,
-        "{total} bytes went out in {elapsed:?}: faster than {LIMIT} B/s for both together"
+        total >= 2 * largest + LIMIT,
+        "only {total} bytes, segments up to {largest}: too little to show"
+    );
+    let floor = Duration::from_secs_f64((total - 2 * largest) as f64 / LIMIT as f64)
+        .saturating_sub(Duration::from_millis(100));
+    assert!(
+        span >= floor,
+        "{total} bytes went out in {span:?}: faster than {LIMIT} B/s for both together"
     );
     apply_and_check_every_point(&a, &a_model, "replica");
     apply_and_check_every_point(&b, &b_model, "replica");
@@ -209,6 +229,11 @@ fn sighup_rereads_the_limit_and_a_broken_config_keeps_it() {
     hup(&shipper);
     eventually("the broken config refused", || {
         logged("keeping the upload limit in force")
+    });
+    // The status written after that (every 200 ms) still shows the limit.
+    let refused_at = changelog::unix_ms_now();
+    eventually("a status written after the reload", || {
+        status().is_some_and(|s| s.updated_unix_ms > refused_at)
     });
     assert!(shipper.try_wait().unwrap().is_none(), "the shipper exited");
     assert_eq!(status().unwrap().upload_limit_bytes_per_s, Some(1_000_000));

@@ -394,6 +394,9 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn ship(args: RunArgs) -> Result<()> {
+    // First of all: a SIGHUP (`systemctl reload`) while starting must not end the
+    // process, and a SIGTERM then is kept until the signal thread takes it.
+    let signals = block_signals()?;
     let mut group_cuts = Vec::new();
     // The upload limit, and the clock file through which the shippers of one config
     // file share it.
@@ -461,7 +464,7 @@ fn ship(args: RunArgs) -> Result<()> {
         policy = Policy::constant(limit);
     }
     let throttle = Arc::new(match &throttle_clock {
-        Some(clock) => Throttle::shared(policy, clock).map_err(anyhow::Error::msg)?,
+        Some(clock) => Throttle::shared(policy, clock),
         None => Throttle::new(policy),
     });
     for config in &mut configs {
@@ -478,7 +481,7 @@ fn ship(args: RunArgs) -> Result<()> {
     if args.drain {
         control.drain();
     }
-    handle_signals(control.clone(), reload)?;
+    handle_signals(signals, control.clone(), reload);
     let store = objstore::open(&store)?;
     // One pipeline per volume; a volume that fails (e.g. goes Critical) does not stop
     // the others, and the exit status reports it.
@@ -663,7 +666,9 @@ impl Reload {
 /// ring for the next run. SIGHUP re-reads the config's upload limit (other settings
 /// need a restart). The signals are blocked before the pipeline's threads start (they
 /// inherit the mask) and taken by one thread with sigwait.
-fn handle_signals(control: Arc<Control>, reload: Option<Reload>) -> Result<()> {
+/// Blocks SIGTERM, SIGINT and SIGHUP in this thread and the threads it starts after,
+/// for [`handle_signals`] to wait for.
+fn block_signals() -> Result<nix::sys::signal::SigSet> {
     use nix::sys::signal::{SigSet, Signal};
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
@@ -671,6 +676,11 @@ fn handle_signals(control: Arc<Control>, reload: Option<Reload>) -> Result<()> {
     set.add(Signal::SIGHUP);
     set.thread_block()
         .context("blocking SIGTERM/SIGINT/SIGHUP")?;
+    Ok(set)
+}
+
+fn handle_signals(set: nix::sys::signal::SigSet, control: Arc<Control>, reload: Option<Reload>) {
+    use nix::sys::signal::Signal;
     std::thread::spawn(move || {
         while let Ok(signal) = set.wait() {
             if signal != Signal::SIGHUP {
@@ -686,7 +696,6 @@ fn handle_signals(control: Arc<Control>, reload: Option<Reload>) -> Result<()> {
             }
         }
     });
-    Ok(())
 }
 
 /// "6.25 MB/s (50.0 Mbit/s) in window mon-fri 08:00-18:00", or "unlimited".

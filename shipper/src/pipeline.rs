@@ -191,7 +191,7 @@ struct Board {
     /// point in the store covers it until a crash point after the drop is uploaded.
     lost_since_ms: AtomicU64,
     /// How long this volume's uploads have waited for the upload limit in all.
-    throttled_ms: AtomicU64,
+    throttled_us: AtomicU64,
 }
 
 /// What the stager, the uploader and a backlog drop share.
@@ -239,7 +239,7 @@ impl Board {
         status.ring_resync = ring.resyncing();
         status.staged_backlog_bytes = self.staged_bytes.load(Ordering::Relaxed);
         status.resync = Some(ring.resync_progress()).filter(|p| p.pending());
-        status.upload_throttled_ms = self.throttled_ms.load(Ordering::Relaxed);
+        status.upload_throttled_ms = self.throttled_us.load(Ordering::Relaxed) / 1000;
         status
     }
 }
@@ -314,7 +314,7 @@ pub fn run(
         open_since_ms: Default::default(),
         staged_bytes: AtomicU64::new(staged_bytes),
         lost_since_ms: AtomicU64::new(owed.as_ref().map_or(0, |d| d.oldest_lost_unix_ms)),
-        throttled_ms: AtomicU64::new(0),
+        throttled_us: AtomicU64::new(0),
     });
     let chain = Chain {
         cursor: Mutex::new(cursor.clone()),
@@ -976,21 +976,23 @@ fn upload(
             || std::fs::metadata(&path).map_or(0, |m| m.len()),
             |b| b.len() as u64,
         );
+        let dropped = || generation != chain.generation.load(Ordering::Acquire);
         let mut attempt = 0u32;
         loop {
-            // Before the gate: a backlog drop must not wait for the limit.
-            let Some(waited) = config.throttle.admit(len, || control.stopping()) else {
-                return Ok(uploaded);
-            };
-            if !waited.is_zero() {
+            // Before the gate, so a backlog drop does not wait for the limit; and not
+            // for a segment dropped already (its file may be gone: len 0).
+            if !dropped() && len > 0 {
+                let Some(slept) = config.throttle.admit(len, || control.stopping()) else {
+                    return Ok(uploaded);
+                };
                 board
-                    .throttled_ms
-                    .fetch_add(waited.as_millis() as u64, Ordering::Relaxed);
+                    .throttled_us
+                    .fetch_add(slept.as_micros() as u64, Ordering::Relaxed);
             }
             // Held for the attempt: a backlog drop waits for it, and after a drop the
             // segments staged before it are gone (skipped here).
             let gate = chain.upload.lock().expect("upload lock");
-            if generation != chain.generation.load(Ordering::Acquire) {
+            if dropped() {
                 log::debug!(
                     "volume {}: segment {index:016x} was dropped with the staged backlog",
                     config.volume

@@ -23,8 +23,13 @@
 //! * The unit is a segment (at most `max_segment_bytes`): averaged over a few
 //!   segments the rate is the limit, within one the link runs at its own speed.
 //! * A new limit (a window beginning or ending, or [`Throttle::set_policy`] on SIGHUP)
-//!   counts from the moment it is seen: slots are given again from now, including
-//!   those of uploads already waiting.
+//!   counts from the moment it is seen: the first process to see it restarts the
+//!   clock, and slots are given again from then, including those of uploads already
+//!   waiting. A process starting, or seeing a limit the clock already runs at, joins
+//!   the queue instead.
+//! * The clock file is opened the first time a limit applies; if it cannot be, the
+//!   limit holds for the process alone, with an error logged: uploads never stop for
+//!   the throttle's sake.
 //! * Waiting ends early when the pipeline stops, so SIGTERM is not held up by it.
 //! * Every attempt is charged: a retried upload sends the segment again.
 //! * Windows are in local time (the shipper's `TZ`, else /etc/localtime); a window
@@ -34,10 +39,10 @@ use memmap2::{MmapOptions, MmapRaw};
 use serde::Deserialize;
 use std::fmt;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
 
 /// How often a waiting upload looks again (stop, a new limit).
 const TICK: Duration = Duration::from_millis(100);
@@ -261,7 +266,9 @@ fn parse_hours(text: &str) -> Result<(u16, u16), String> {
     let (from, to) = text.split_once('-').ok_or_else(bad)?;
     let (from, to) = (minute(from)?, minute(to)?);
     if from == to || from == 24 * 60 {
-        return Err(format!("hours {text:?}: the window is empty"));
+        return Err(format!(
+            "hours {text:?}: the window is empty (for a whole day write \"00:00-24:00\")"
+        ));
     }
     Ok((from, to % (24 * 60)))
 }
@@ -310,11 +317,12 @@ impl Policy {
     }
 }
 
-/// The link's virtual clock: where the last slot given out ends and a generation
-/// bumped by every change of limit, two words of memory in ns of `CLOCK_MONOTONIC`
-/// (one clock for every process of the host). [`LinkClock::shared`] maps them from a
-/// file, so every shipper process using that file shares one budget; a fresh clock
-/// is all zeroes, and so is one left from before a reboot once a limit starts it.
+/// The link's virtual clock: where the last slot given out ends, a generation bumped
+/// by every restart, and the limit it was restarted for, words of memory in ns of
+/// `CLOCK_MONOTONIC` (one clock for every process of the host). [`LinkClock::shared`]
+/// maps them from a file, so every shipper process using that file shares one budget.
+/// A fresh clock is all zeroes; one left from an earlier boot (its boot id differs) is
+/// zeroed when opened, as its times belong to that boot's monotonic clock.
 #[derive(Debug)]
 struct LinkClock {
     map: MmapRaw,
@@ -324,6 +332,10 @@ const CLOCK_MAGIC: [u8; 8] = *b"UBDRTHR1";
 const CLOCK_BYTES: usize = 64;
 const OFF_NEXT_FREE: usize = 8;
 const OFF_GENERATION: usize = 16;
+/// Bytes per second of the limit the clock was last restarted for; 0: none.
+const OFF_RATE: usize = 24;
+/// The boot the times belong to: /proc/sys/kernel/random/boot_id's 32 hex digits.
+const OFF_BOOT_ID: usize = 32;
 
 impl LinkClock {
     /// A clock only this process uses.
@@ -364,22 +376,38 @@ impl LinkClock {
             || head != CLOCK_MAGIC
         {
             return Err(format!(
-                "{} is not an upload throttle clock ({len} bytes, no magic): remove it and \
-                 start the shipper again",
+                "{} is not an upload throttle clock ({len} bytes, no magic): stop every \
+                 shipper of this config, remove it, and start them again",
                 path.display()
             ));
         }
         let map = MmapOptions::new()
             .map_raw(&file)
             .map_err(|e| failed("mapping it", e))?;
-        Ok(LinkClock { map })
+        let clock = LinkClock { map };
+        let boot_id = boot_id();
+        let mut recorded = [0u8; 32];
+        file.read_exact_at(&mut recorded, OFF_BOOT_ID as u64)
+            .map_err(|e| failed("reading it", e))?;
+        if recorded != boot_id {
+            // Shippers starting together after a reboot may each do this: all at the
+            // start, before any slot matters.
+            clock.word(OFF_RATE).store(0, Ordering::Release);
+            clock.restart(0);
+            file.write_all_at(&boot_id, OFF_BOOT_ID as u64)
+                .map_err(|e| failed("writing it", e))?;
+        }
+        Ok(clock)
     }
 
     fn word(&self, offset: usize) -> &AtomicU64 {
-        assert!(offset % 8 == 0 && offset + 8 <= self.map.len());
-        // SAFETY: the mapping is page-aligned and covers the (checked) offset, so this is
-        // an aligned, in-bounds u64 living as long as the borrow of `self`; every process
-        // mapping the clock reaches these words only atomically.
+        assert!(offset % 8 == 0 && offset + 8 <= OFF_BOOT_ID && self.map.len() == CLOCK_BYTES);
+        // SAFETY: the mapping is page-aligned and CLOCK_BYTES long (a shared file is
+        // mapped only after its length was checked, and is never truncated by a
+        // shipper), so this is an aligned, in-bounds u64 living as long as the borrow
+        // of `self`. Every process mapping the clock reaches these words only
+        // atomically, and AtomicU64 is lock-free on the 64-bit targets this runs on,
+        // so processes sharing the page agree on them.
         unsafe { &*self.map.as_mut_ptr().add(offset).cast::<AtomicU64>() }
     }
 
@@ -387,10 +415,23 @@ impl LinkClock {
         self.word(OFF_GENERATION).load(Ordering::Acquire)
     }
 
+    /// Takes the clock over for a new limit, unless some process already restarted it
+    /// for that limit: true when this call did.
+    fn switch_rate(&self, bytes_per_s: u64) -> bool {
+        let rate = self.word(OFF_RATE);
+        let current = rate.load(Ordering::Acquire);
+        current != bytes_per_s
+            && rate
+                .compare_exchange(current, bytes_per_s, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
+
     /// Gives out slots from `now` on, voiding those given out before (a new limit).
+    /// The generation moves after the clock, so a slot taken in between is taken
+    /// again rather than kept from the old clock.
     fn restart(&self, now: u64) {
-        self.word(OFF_GENERATION).fetch_add(1, Ordering::AcqRel);
         self.word(OFF_NEXT_FREE).store(now, Ordering::Release);
+        self.word(OFF_GENERATION).fetch_add(1, Ordering::AcqRel);
     }
 
     /// The start of the next slot, `length` ns long, at `now` or after the last one.
@@ -412,6 +453,20 @@ impl LinkClock {
     }
 }
 
+/// This boot's id (32 hex digits), or zeroes where the kernel does not tell it.
+fn boot_id() -> [u8; 32] {
+    let mut id = [0u8; 32];
+    if let Ok(text) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") {
+        for (slot, digit) in id
+            .iter_mut()
+            .zip(text.bytes().filter(u8::is_ascii_hexdigit))
+        {
+            *slot = digit;
+        }
+    }
+    id
+}
+
 /// Now, in ns of `CLOCK_MONOTONIC`: the same clock in every process.
 fn monotonic_ns() -> u64 {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
@@ -420,13 +475,16 @@ fn monotonic_ns() -> u64 {
 }
 
 /// A process's upload limit, shared by the uploaders of its volumes, and through a
-/// [`Throttle::shared`] clock file with other shipper processes.
+/// clock file ([`Throttle::shared`]) with other shipper processes.
 #[derive(Debug)]
 pub struct Throttle {
     policy: Mutex<Policy>,
-    /// The limit this process saw last: a change restarts the clock.
+    /// The limit this process saw last: a change restarts the clock, unless another
+    /// process sharing it already did for the same limit.
     seen: Mutex<Option<Rate>>,
-    clock: LinkClock,
+    /// The clock file to share, if any; opened the first time a limit applies.
+    clock_path: Option<PathBuf>,
+    clock: OnceLock<LinkClock>,
 }
 
 impl Throttle {
@@ -435,7 +493,8 @@ impl Throttle {
         Throttle {
             policy: Mutex::new(policy),
             seen: Mutex::new(None),
-            clock: LinkClock::private().expect("mapping 64 bytes of anonymous memory"),
+            clock_path: None,
+            clock: OnceLock::new(),
         }
     }
 
@@ -444,14 +503,15 @@ impl Throttle {
     }
 
     /// A throttle sharing its budget with every process using the clock file `path`
-    /// (created when missing). Processes should share a policy: each takes slots at
-    /// its own limit.
-    pub fn shared(policy: Policy, path: &Path) -> Result<Throttle, String> {
-        Ok(Throttle {
-            policy: Mutex::new(policy),
-            seen: Mutex::new(None),
-            clock: LinkClock::shared(path)?,
-        })
+    /// (created the first time a limit applies). Processes should share a policy:
+    /// each takes slots at its own limit. Should the file be unusable, the limit
+    /// holds for this process alone and an error is logged: uploads never stop for
+    /// the sake of the throttle.
+    pub fn shared(policy: Policy, path: &Path) -> Throttle {
+        Throttle {
+            clock_path: Some(path.to_path_buf()),
+            ..Throttle::new(policy)
+        }
     }
 
     /// Replaces the policy (a config reload); uploads waiting get new slots.
@@ -466,42 +526,63 @@ impl Throttle {
         (limit, window.map(str::to_string))
     }
 
-    /// Waits until an upload of `bytes` may start and returns how long that took;
-    /// `None` if `stopping` turned true first.
+    fn clock(&self) -> &LinkClock {
+        self.clock.get_or_init(|| {
+            let private = || LinkClock::private().expect("mapping 64 bytes of anonymous memory");
+            match &self.clock_path {
+                Some(path) => LinkClock::shared(path).unwrap_or_else(|e| {
+                    log::error!("{e}; the upload limit holds for this process alone");
+                    private()
+                }),
+                None => private(),
+            }
+        })
+    }
+
+    /// Waits until an upload of `bytes` may start and returns how long it slept for
+    /// that; `None` if `stopping` turned true first.
     pub fn admit(&self, bytes: u64, stopping: impl Fn() -> bool) -> Option<Duration> {
-        let entered = Instant::now();
+        let mut slept = Duration::ZERO;
         // The slot's start and the clock's generation when it was given.
         let mut slot: Option<(u64, u64)> = None;
         loop {
-            let limit = self.limit_now().0;
+            let limit = {
+                let policy = self.policy.lock().expect("throttle policy lock");
+                policy.limit_at(LocalTime::now()).0
+            };
             let now = monotonic_ns();
             {
                 let mut seen = self.seen.lock().expect("throttle lock");
                 if *seen != limit {
                     *seen = limit;
-                    self.clock.restart(now);
+                    if self.clock().switch_rate(limit.map_or(0, Rate::bytes_per_s)) {
+                        self.clock().restart(now);
+                    }
                 }
             }
             let Some(rate) = limit else {
-                return Some(entered.elapsed());
+                return Some(slept);
             };
-            let generation = self.clock.generation();
+            let clock = self.clock();
+            let generation = clock.generation();
             let start = match slot {
                 Some((start, given)) if given == generation => start,
                 _ => {
                     let length = rate.time_for(bytes).as_nanos() as u64;
-                    let start = self.clock.reserve(length, now);
+                    let start = clock.reserve(length, now);
                     slot = Some((start, generation));
                     start
                 }
             };
             if start <= now {
-                return Some(entered.elapsed());
+                return Some(slept);
             }
             if stopping() {
                 return None;
             }
-            std::thread::sleep(Duration::from_nanos(start - now).min(TICK));
+            let nap = Duration::from_nanos(start - now).min(TICK);
+            std::thread::sleep(nap);
+            slept += nap;
         }
     }
 }
@@ -509,6 +590,7 @@ impl Throttle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     fn rate(bytes_per_s: u64) -> Option<Rate> {
         Some(Rate { bytes_per_s })
@@ -668,12 +750,29 @@ mod tests {
         assert_eq!(a.reserve(second, second), second);
         assert_eq!(b.reserve(second, second), 2 * second);
         assert_eq!(a.reserve(second, second), 3 * second);
+        // One restart per new limit, by whichever process sees it first.
+        assert!(a.switch_rate(1_000));
+        assert!(!b.switch_rate(1_000));
+        assert!(b.switch_rate(2_000));
+        // A clock from another boot is zeroed when opened: its times are that boot's.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all_at(&[b'0'; 32], OFF_BOOT_ID as u64)
+            .unwrap();
+        let after_reboot = LinkClock::shared(&path).unwrap();
+        assert_eq!(after_reboot.reserve(second, 5), 5);
+        assert!(
+            after_reboot.switch_rate(2_000),
+            "the limit is forgotten too"
+        );
         // Not a clock: refused with what to do.
         let other = dir.path().join("other");
         std::fs::write(&other, b"not a clock").unwrap();
         let e = LinkClock::shared(&other).unwrap_err();
         assert!(
-            e.contains("not an upload throttle clock") && e.contains("remove it"),
+            e.contains("not an upload throttle clock") && e.contains("stop every shipper"),
             "{e}"
         );
     }
@@ -697,5 +796,28 @@ mod tests {
         throttle.set_policy(Policy::unlimited());
         assert!(throttle.admit(10_000_000, || false).is_some());
         assert_eq!(throttle.limit_now(), (None, None));
+    }
+
+    #[test]
+    fn a_process_joining_a_shared_clock_queues_behind_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("throttle.clock");
+        let limit = || Policy::constant(rate(1_000_000));
+        let (a, b) = (
+            Throttle::shared(limit(), &path),
+            Throttle::shared(limit(), &path),
+        );
+        let start = Instant::now();
+        // a's slots: 0, 100 and 200 ms; b's first upload takes the next, at 300 ms,
+        // rather than restarting the clock for a limit it already runs at.
+        for _ in 0..3 {
+            a.admit(100_000, || false).unwrap();
+        }
+        b.admit(100_000, || false).unwrap();
+        assert!(
+            start.elapsed() >= Duration::from_millis(290),
+            "{:?}",
+            start.elapsed()
+        );
     }
 }
