@@ -203,6 +203,7 @@ struct ReceiverProcess {
     tls: Option<(PathBuf, PathBuf)>,
     client_ca: Option<PathBuf>,
     client_crl: Option<PathBuf>,
+    client_volumes: Option<PathBuf>,
     child: Option<Running>,
 }
 
@@ -224,6 +225,7 @@ impl ReceiverProcess {
             tls,
             client_ca: None,
             client_crl: None,
+            client_volumes: None,
             child: None,
         };
         receiver.resume();
@@ -258,6 +260,9 @@ impl ReceiverProcess {
         }
         if let Some(crl) = &self.client_crl {
             command.arg("--tls-client-crl").arg(crl);
+        }
+        if let Some(file) = &self.client_volumes {
+            command.arg("--client-volumes").arg(file);
         }
         let child = Running(command.spawn().unwrap());
         self.child = Some(child);
@@ -710,8 +715,9 @@ fn certificates(dir: &Path, name: &str, san: &str) -> (PathBuf, PathBuf, PathBuf
     (path("-ca.pem"), path(".pem"), path(".key"))
 }
 
-/// `openssl` in `dir`: a client certificate `NAME.pem` (key `NAME.key`) signed by the
-/// CA `CA-ca.pem` that [`certificates`] made.
+/// `openssl` in `dir`: a client certificate `NAME.pem` (key `NAME.key`) for the name
+/// `NAME.example` (subjectAltName) signed by the CA `CA-ca.pem` that [`certificates`]
+/// made.
 fn client_certificate(dir: &Path, name: &str, ca: &str) -> (PathBuf, PathBuf) {
     let (key, csr, cert) = (
         format!("{name}.key"),
@@ -719,7 +725,11 @@ fn client_certificate(dir: &Path, name: &str, ca: &str) -> (PathBuf, PathBuf) {
         format!("{name}.pem"),
     );
     let ext = format!("{name}.ext");
-    std::fs::write(dir.join(&ext), "extendedKeyUsage=clientAuth\n").unwrap();
+    std::fs::write(
+        dir.join(&ext),
+        format!("extendedKeyUsage=clientAuth\nsubjectAltName=DNS:{name}.example\n"),
+    )
+    .unwrap();
     let (ca_cert, ca_key) = (format!("{ca}-ca.pem"), format!("{ca}-ca.key"));
     let subject = format!("/CN={name}");
     for args in [
@@ -781,6 +791,7 @@ fn a_receiver_with_a_client_ca_serves_only_clients_it_signed() {
         tls: Some((cert.clone(), key.clone())),
         client_ca: Some(hosts_ca.clone()),
         client_crl: None,
+        client_volumes: None,
         child: None,
     };
     receiver.resume();
@@ -877,6 +888,7 @@ fn a_receiver_with_a_client_ca_serves_only_clients_it_signed() {
         tls: Some((cert, key)),
         client_ca: Some(hosts_ca),
         client_crl: Some(dir.join("hosts.crl")),
+        client_volumes: None,
         child: None,
     };
     std::fs::create_dir_all(&guarded.store).unwrap();
@@ -893,6 +905,121 @@ fn a_receiver_with_a_client_ca_serves_only_clients_it_signed() {
     assert_eq!(
         guarded_client(&host).list(&vol0).unwrap(),
         Vec::<u64>::new()
+    );
+}
+
+/// With --client-volumes each protected host reaches only the volumes listed for the
+/// name on its certificate: host1 ships and applies vol0; host2, signed by the same CA,
+/// can neither write, read, list nor delete anything of vol0 (told why) while its own
+/// vol1 goes on; a certificate named nowhere in the file is refused; and a broken file
+/// stops the receiver from starting, saying what is wrong.
+#[test]
+fn a_receiver_gives_each_client_certificate_only_its_own_volumes() {
+    let volume = Volume::new(14, 50);
+    let dir = volume.dir.path();
+    let (ca, cert, key) = certificates(dir, "receiver", "DNS:localhost");
+    let (hosts_ca, _, _) = certificates(dir, "hosts", "DNS:unused");
+    let host1 = client_certificate(dir, "host1", "hosts");
+    let host2 = client_certificate(dir, "host2", "hosts");
+    let stranger = client_certificate(dir, "host3", "hosts");
+    let clients = volume.path("clients.toml");
+    std::fs::write(
+        &clients,
+        "[clients]\n\"host1.example\" = [\"vol0\"]\n\"host2.example\" = [\"vol1\"]\n",
+    )
+    .unwrap();
+    let received = volume.path("received");
+    std::fs::create_dir_all(&received).unwrap();
+    let mut receiver = ReceiverProcess {
+        port: free_port(),
+        store: received.clone(),
+        token: None,
+        tls: Some((cert.clone(), key.clone())),
+        client_ca: Some(hosts_ca.clone()),
+        client_crl: None,
+        client_volumes: Some(clients.clone()),
+        child: None,
+    };
+    receiver.resume();
+    let addr = format!("localhost:{}", receiver.port);
+    let store = format!("tls://{addr}");
+    let as_host1 = |mut command: Command| {
+        command
+            .env(objstore::tls::CA_ENV, &ca)
+            .env(objstore::tls::CLIENT_CERT_ENV, &host1.0)
+            .env(objstore::tls::CLIENT_KEY_ENV, &host1.1);
+        command
+    };
+    let shipped = as_host1(volume.shipper(&store, &["--no-initial-sync"]))
+        .output()
+        .unwrap();
+    assert!(shipped.status.success(), "{}", text(&shipped));
+    let applied = as_host1(volume.apply(&store, &[])).output().unwrap();
+    assert!(applied.status.success(), "{}", text(&applied));
+    assert!(volume.replica_equals_source());
+
+    let vol0 = VolumeId::new("vol0").unwrap();
+    let vol1 = VolumeId::new("vol1").unwrap();
+    let on_disk = LocalDirStore::new(&received);
+    let segments = on_disk.list(&vol0).unwrap();
+    let blobs = on_disk.list_blobs(&vol0).unwrap();
+    assert!(!segments.is_empty());
+    let client = |identity: &(PathBuf, PathBuf)| {
+        let config = objstore::tls::client_config(&ca, Some((&identity.0, &identity.1))).unwrap();
+        objstore::ReceiverStore::new(&addr, Some(config))
+    };
+    let host2_store = client(&host2);
+    let refusals = [
+        host2_store.put(&vol0, segments[0], b"forged").err(),
+        host2_store.get(&vol0, segments[0]).err(),
+        host2_store.list(&vol0).err(),
+        host2_store.delete_blob(&vol0, "anything").err(),
+        host2_store.put_blob(&vol0, "anything", b"x").err(),
+    ];
+    for (call, e) in refusals.into_iter().enumerate() {
+        let e = e
+            .unwrap_or_else(|| panic!("call {call}: host2 reached vol0"))
+            .to_string();
+        assert!(
+            e.contains("client host2.example may not reach volume vol0")
+                && e.contains("gives it: vol1"),
+            "{e}"
+        );
+    }
+    // Its own volume goes on over the same connection; vol0 is as host1 left it.
+    host2_store.put(&vol1, 0, b"host2's segment").unwrap();
+    assert_eq!(host2_store.list(&vol1).unwrap(), vec![0]);
+    assert_eq!(on_disk.list(&vol0).unwrap(), segments);
+    assert_eq!(on_disk.list_blobs(&vol0).unwrap(), blobs);
+    // host1 reaches vol0 only, too.
+    let e = client(&host1).list(&vol1).unwrap_err().to_string();
+    assert!(
+        e.contains("client host1.example may not reach volume vol1"),
+        "{e}"
+    );
+    let e = client(&stranger).list(&vol0).unwrap_err().to_string();
+    assert!(e.contains("valid for none of the client names"), "{e}");
+
+    // A broken file: the receiver does not start, and says what to fix.
+    std::fs::write(&clients, "[clients]\n\"host1.example\" = [\"../vol0\"]\n").unwrap();
+    let out = Command::new(bin("ublk-target"))
+        .args(["receive", "--listen", "127.0.0.1:0", "--store"])
+        .arg(&received)
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .arg("--tls-client-ca")
+        .arg(&hosts_ca)
+        .arg("--client-volumes")
+        .arg(&clients)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("clients.toml: client host1.example"),
+        "{}",
+        text(&out)
     );
 }
 

@@ -12,6 +12,7 @@
 //! I/O error that the callers retry (segments are authenticated end to end, so the
 //! store is not trusted with anything but keeping bytes).
 
+pub mod clients;
 mod location;
 mod object;
 mod receiver;
@@ -19,6 +20,7 @@ mod remote;
 pub mod tls;
 pub mod wire;
 
+pub use clients::ClientVolumes;
 pub use location::{Service, StoreLocation};
 pub use object::ObjectTargetStore;
 pub use receiver::Receiver;

@@ -18,7 +18,12 @@
 //! * With TLS settings ([`crate::tls`]) every connection must be TLS: a plain client's
 //!   Hello is answered, in plain, with a refusal that says to use `tls://`. Without
 //!   them a TLS client is turned away at its first byte (and its handshake fails).
+//! * With [`ClientVolumes`] ([`Receiver::limit_clients`]) a client reaches only the
+//!   volumes listed for the names its certificate is valid for: one without such a
+//!   certificate is refused at its Hello, and a call about another volume is refused
+//!   ([`Response::Invalid`]) before the store sees it.
 
+use crate::clients::ClientVolumes;
 use crate::tls::{starts_tls, Stream, Transport};
 use crate::wire::{self, Hello, Request, Response, Welcome};
 use crate::Error;
@@ -42,6 +47,7 @@ pub struct Receiver {
     root: PathBuf,
     token: String,
     tls: Option<Arc<rustls::ServerConfig>>,
+    clients: Option<ClientVolumes>,
 }
 
 impl Receiver {
@@ -68,7 +74,15 @@ impl Receiver {
             root: root.to_path_buf(),
             token,
             tls,
+            clients: None,
         })
+    }
+
+    /// Serves each client only the volumes `clients` gives the names on its
+    /// certificate (TLS with client certificates; any other client is refused).
+    pub fn limit_clients(mut self, clients: ClientVolumes) -> Receiver {
+        self.clients = Some(clients);
+        self
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -81,6 +95,7 @@ impl Receiver {
             store: LocalDirStore::new(&self.root),
             token: self.token,
             tls: self.tls,
+            clients: self.clients,
             active: AtomicUsize::new(0),
         });
         loop {
@@ -129,6 +144,7 @@ struct Shared {
     store: LocalDirStore,
     token: String,
     tls: Option<Arc<rustls::ServerConfig>>,
+    clients: Option<ClientVolumes>,
     active: AtomicUsize,
 }
 
@@ -170,14 +186,35 @@ fn serve_connection(shared: &Shared, tcp: TcpStream, has_slot: bool) -> io::Resu
     let Some((hello, _)) = wire::read_frame::<Hello>(connection.reader())? else {
         return Ok(());
     };
-    if let Some(reason) = refusal(shared, &hello, tls_client, has_slot) {
-        log::warn!("receiver: refused {peer}: {reason}");
-        return connection.send(&Welcome::Refused { reason }, &[]);
-    }
+    let access = match refusal(shared, &hello, tls_client, has_slot) {
+        Some(reason) => Err(reason),
+        None => shared
+            .clients
+            .as_ref()
+            .map(|clients| clients.access(connection.peer_certificate()))
+            .transpose(),
+    };
+    let access = match access {
+        Ok(access) => access,
+        Err(reason) => {
+            log::warn!("receiver: refused {peer}: {reason}");
+            return connection.send(&Welcome::Refused { reason }, &[]);
+        }
+    };
     connection.send(&Welcome::Accepted, &[])?;
-    log::info!("receiver: {peer} connected");
+    match &access {
+        Some(access) => log::info!("receiver: {peer} connected as {}", access.who()),
+        None => log::info!("receiver: {peer} connected"),
+    }
     while let Some((request, body)) = wire::read_frame::<Request>(connection.reader())? {
-        let (response, found) = handle(&shared.store, request, &body);
+        let refused = access.as_ref().and_then(|a| a.refusal(request.volume()));
+        let (response, found) = match refused {
+            Some(message) => {
+                log::warn!("receiver: refused {request} from {peer}: {message}");
+                (Response::Invalid { message }, None)
+            }
+            None => handle(&shared.store, request, &body),
+        };
         connection.send(&response, found.as_deref().unwrap_or(&[]))?;
     }
     Ok(())

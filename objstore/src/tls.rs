@@ -232,6 +232,14 @@ impl Stream {
         }
         Ok(Stream::Server(Box::new(rustls::StreamOwned::new(tls, tcp))))
     }
+
+    /// The certificate the client presented, on the receiver's end of TLS.
+    fn peer_certificate(&self) -> Option<&CertificateDer<'static>> {
+        match self {
+            Stream::Server(s) => s.conn.peer_certificates()?.first(),
+            Stream::Plain(_) | Stream::Client(_) => None,
+        }
+    }
 }
 
 impl Drop for Stream {
@@ -377,6 +385,11 @@ impl Transport {
     /// Where frames are read from.
     pub(crate) fn reader(&mut self) -> &mut BufReader<Stream> {
         &mut self.reader
+    }
+
+    /// The client's certificate, on the receiver's end of TLS with client certificates.
+    pub(crate) fn peer_certificate(&self) -> Option<&CertificateDer<'static>> {
+        self.reader.get_ref().peer_certificate()
     }
 
     /// Writes one frame (buffered, so a small frame leaves in one packet or record).

@@ -226,6 +226,12 @@ enum Command {
         /// CA) name. Read at start: restart the receiver after updating it.
         #[arg(long, requires = "tls_client_ca", value_name = "PEM")]
         tls_client_crl: Option<PathBuf>,
+        /// Give each client only its own volumes: a TOML file whose [clients] table maps
+        /// the DNS name in a host's client certificate (subjectAltName) to the volumes it
+        /// may reach, e.g. "host-a.example.com" = ["vol0", "vol1"] ("*": every volume).
+        /// Calls about other volumes are refused. Read at start.
+        #[arg(long, requires = "tls_client_ca", value_name = "FILE")]
+        client_volumes: Option<PathBuf>,
     },
     /// Show each volume of the config file at this site: its newest recovery point,
     /// the point's age (the RPO: at most what a failover now would lose, as far as this
@@ -736,6 +742,7 @@ fn run(cli: Cli) -> Result<()> {
             tls_key,
             tls_client_ca,
             tls_client_crl,
+            client_volumes,
         } => {
             let tls = match (&tls_cert, &tls_key) {
                 (Some(cert), Some(key)) => Some(
@@ -765,7 +772,15 @@ fn run(cli: Cli) -> Result<()> {
                 log::warn!("no --token-file: any client that reaches {listen} may write");
             }
             let scheme = if tls.is_some() { "tls" } else { "tcp" };
-            let receiver = objstore::Receiver::bind(&listen, &store, token, tls)?;
+            let clients = client_volumes
+                .as_deref()
+                .map(objstore::ClientVolumes::load)
+                .transpose()
+                .map_err(|what| anyhow::anyhow!(what))?;
+            let mut receiver = objstore::Receiver::bind(&listen, &store, token, tls)?;
+            if let Some(clients) = clients {
+                receiver = receiver.limit_clients(clients);
+            }
             log::info!(
                 "receiving on {scheme}://{} into {}",
                 receiver.local_addr(),
