@@ -15,20 +15,23 @@
 //! Contract:
 //!
 //! * A client is every name of the file its certificate is valid for (the certificate's
-//!   subjectAltName, checked as TLS checks a server's, wildcards included) and may
-//!   reach the volumes of all of them. A certificate valid for none of the names, or
-//!   no certificate at all, is refused when it connects, saying so.
+//!   subjectAltName, checked as TLS checks a server's) and may reach the volumes of all
+//!   of them. A wildcard name (`*.example.com`) stands for no host: it would match
+//!   every host's entry, so a name matched only through one gives nothing. A
+//!   certificate valid for none of the names, or no certificate at all, is refused
+//!   when it connects, saying so.
 //! * Every call is about one volume ([`crate::wire::Request::volume`]); a call for a
 //!   volume the client may not reach is refused before the store sees it and the
 //!   connection stays, so the client's own volumes go on.
 //! * The file is read when the receiver starts: restart it after a change (shippers
-//!   reconnect by themselves).
+//!   reconnect by themselves). An entry gives `["*"]` or a list of valid volume ids,
+//!   never an empty list or a mix.
 
 use changelog::VolumeId;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// What a client entry gives: every volume (`"*"`) or the listed ones.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,8 +44,6 @@ enum Grant {
 #[derive(Clone, Debug)]
 pub struct ClientVolumes {
     clients: Vec<(ServerName<'static>, Grant)>,
-    /// Where it was read from, for messages.
-    source: PathBuf,
 }
 
 #[derive(Deserialize)]
@@ -78,31 +79,38 @@ impl ClientVolumes {
                      host's client certificate's subjectAltName)"
                 ))
             })?;
-            let grant = if volumes.iter().any(|v| v == "*") {
-                Grant::Every
-            } else {
-                for volume in &volumes {
-                    VolumeId::new(volume).map_err(|e| bad(format!("client {name}: {e}")))?;
+            let grant = match &volumes[..] {
+                [] => {
+                    return Err(bad(format!(
+                        "client {name} is given no volume: list its volumes, or remove the line"
+                    )))
                 }
-                Grant::Only(volumes.into_iter().collect())
+                [every] if every == "*" => Grant::Every,
+                _ => {
+                    for volume in &volumes {
+                        if volume == "*" {
+                            return Err(bad(format!(
+                                "client {name}: \"*\" (every volume) goes alone, not in a list"
+                            )));
+                        }
+                        VolumeId::new(volume).map_err(|e| bad(format!("client {name}: {e}")))?;
+                    }
+                    Grant::Only(volumes.into_iter().collect())
+                }
             };
             clients.push((server_name, grant));
         }
-        Ok(ClientVolumes {
-            clients,
-            source: source.to_path_buf(),
-        })
+        Ok(ClientVolumes { clients })
     }
 
-    /// What the holder of `certificate` may reach; the error is why it is refused.
+    /// What the holder of `certificate` may reach; the error, for the client, is why
+    /// it is refused.
     pub fn access(&self, certificate: Option<&CertificateDer>) -> Result<Access, String> {
         let certificate = certificate.ok_or_else(|| {
-            format!(
-                "this receiver gives each client its own volumes by the name on its \
-                 certificate ({}), and this client has none: connect over tls:// with a \
-                 client certificate",
-                self.source.display()
-            )
+            "this receiver gives each client its own volumes by the name on its \
+             certificate, and this client has none: connect over tls:// with a client \
+             certificate"
+                .to_string()
         })?;
         let end_entity = webpki::EndEntityCert::try_from(certificate)
             .map_err(|e| format!("the client's certificate does not parse: {e}"))?;
@@ -111,8 +119,10 @@ impl ClientVolumes {
             every: false,
             volumes: BTreeSet::new(),
         };
+        let valid_for =
+            |name: &ServerName| end_entity.verify_is_valid_for_subject_name(name).is_ok();
         for (name, grant) in &self.clients {
-            if end_entity.verify_is_valid_for_subject_name(name).is_err() {
+            if !valid_for(name) || by_wildcard(name).is_some_and(|probe| valid_for(&probe)) {
                 continue;
             }
             access.names.push(name.to_str().into_owned());
@@ -122,15 +132,27 @@ impl ClientVolumes {
             }
         }
         if access.names.is_empty() {
-            return Err(format!(
-                "the client's certificate is valid for none of the client names in {}: add \
-                 the DNS name of its subjectAltName there, with the volumes it may reach, \
-                 and restart the receiver",
-                self.source.display()
-            ));
+            return Err(
+                "the client's certificate names none of the clients in the receiver's \
+                 --client-volumes file (a wildcard name counts for none): add its own DNS \
+                 name or IP address there, with the volumes it may reach, and restart the \
+                 receiver"
+                    .into(),
+            );
         }
         Ok(access)
     }
+}
+
+/// A name that no host has, in the domain of DNS name `name` (`host-a.example.com` ->
+/// `ublk-dr-wildcard-probe.example.com`): a certificate valid for both matched
+/// `name` through a wildcard.
+fn by_wildcard(name: &ServerName) -> Option<ServerName<'static>> {
+    let ServerName::DnsName(dns) = name else {
+        return None;
+    };
+    let (_, parent) = dns.as_ref().split_once('.')?;
+    ServerName::try_from(format!("ublk-dr-wildcard-probe.{parent}")).ok()
 }
 
 /// What one connected client may reach.
@@ -191,6 +213,13 @@ mod tests {
                 .unwrap()
         };
         assert_eq!(grant("admin.example.com"), Grant::Every);
+        assert!(matches!(
+            clients
+                .clients
+                .iter()
+                .find(|(n, _)| n.to_str() == "10.0.0.7"),
+            Some((ServerName::IpAddress(_), _))
+        ));
         assert_eq!(
             grant("host-a.example.com"),
             Grant::Only(["vol0".to_string(), "vol1".to_string()].into())
@@ -204,6 +233,8 @@ mod tests {
             ("[clients]\n\"host a\" = [\"vol0\"]\n", "not a DNS name"),
             ("[clients]\n\"host-a\" = [\"../vol0\"]\n", "client host-a"),
             ("[clients]\n\"host-a\" = \"vol0\"\n", "invalid type"),
+            ("[clients]\n\"host-a\" = []\n", "given no volume"),
+            ("[clients]\n\"host-a\" = [\"*\", \"../x\"]\n", "goes alone"),
             ("[client]\n\"host-a\" = [\"vol0\"]\n", "unknown field"),
         ] {
             let e = parse(text).unwrap_err();

@@ -18,12 +18,53 @@ use blkfilter::ring::{digests_path, Consumer};
 use changelog::digests::{answer_name, request_name, DigestAnswer, DigestRequest};
 use changelog::uring::{write_file_atomic, Uring};
 use changelog::TargetStore;
+use std::fmt::Display;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How often the coordinator looks at the ring and the store.
 const TICK: Duration = Duration::from_millis(100);
+/// The longest pause between tries of a store that keeps failing.
+const MOST_PAUSE: Duration = Duration::from_secs(60);
+
+/// The coordinator's store trouble: the first failure of a spell is a warning and the
+/// next try waits a pause that doubles up to [`MOST_PAUSE`]; later failures are debug,
+/// so a store that is down, or refuses this host, does not fill the log every tick.
+#[derive(Default)]
+struct StoreTrouble {
+    failures: u32,
+    next_try: Option<Instant>,
+}
+
+impl StoreTrouble {
+    fn may_try(&self) -> bool {
+        self.next_try.is_none_or(|at| Instant::now() >= at)
+    }
+
+    fn failed(&mut self, volume: &changelog::VolumeId, what: &str, e: impl Display) {
+        let pause = TICK
+            .saturating_mul(1 << self.failures.min(10))
+            .min(MOST_PAUSE);
+        if self.failures == 0 {
+            log::warn!("volume {volume}: {what}: {e}; retrying (quietly, up to every minute)");
+        } else {
+            log::debug!("volume {volume}: {what}: {e}; retrying in {pause:?}");
+        }
+        self.failures += 1;
+        self.next_try = Some(Instant::now() + pause);
+    }
+
+    fn answered(&mut self, volume: &changelog::VolumeId) {
+        if self.failures > 0 {
+            log::info!(
+                "volume {volume}: the store answers the digest resync again (after {} failed tries)",
+                self.failures
+            );
+        }
+        *self = StoreTrouble::default();
+    }
+}
 
 /// Runs until `finished` is set: forwards requests and answers for every digest pass
 /// the producer begins.
@@ -35,6 +76,7 @@ pub fn coordinate(
 ) -> Result<()> {
     let volume = &config.volume;
     let mut asked: Option<u64> = None;
+    let mut trouble = StoreTrouble::default();
     while !finished.load(Ordering::Acquire) {
         std::thread::sleep(TICK);
         let progress = ring.resync_progress();
@@ -52,6 +94,9 @@ pub fn coordinate(
             continue;
         }
         let gen = progress.gen;
+        if !trouble.may_try() {
+            continue;
+        }
         if asked != Some(gen) {
             let blocks = if progress.restricted {
                 match read_digest_blocks(ring.path(), gen) {
@@ -74,22 +119,28 @@ pub fn coordinate(
             let json = serde_json::to_vec(&request).expect("request serializes");
             match store.put_blob(volume, &request_name(gen), &json) {
                 Ok(()) => {
+                    trouble.answered(volume);
                     log::info!(
                         "volume {volume}: digest resync {gen}: asked {} for the replica's digests",
                         store.describe()
                     );
                     asked = Some(gen);
                 }
-                Err(e) => log::warn!("volume {volume}: digest request: {e}; retrying"),
+                Err(e) => trouble.failed(volume, "digest request", e),
             }
             continue;
         }
         let name = answer_name(gen);
         let bytes = match store.get_blob(volume, &name) {
-            Ok(Some(bytes)) => bytes,
-            Ok(None) => continue,
+            Ok(found) => {
+                trouble.answered(volume);
+                match found {
+                    Some(bytes) => bytes,
+                    None => continue,
+                }
+            }
             Err(e) => {
-                log::warn!("volume {volume}: reading the digest answer: {e}; retrying");
+                trouble.failed(volume, "reading the digest answer", e);
                 continue;
             }
         };
