@@ -210,19 +210,18 @@ fn config_file_ships_every_volume() {
         assert_eq!(cells[4], waiting(vol).to_string(), "{text}");
         assert!(row.contains("nothing applied yet"), "{text}");
     }
+    let shipped = [waiting("vol0"), waiting("vol1")];
     let (ok, text) = run("ublk-target", &["apply", "--config", target_cfg]);
     assert!(ok, "{text}");
-    // After: each volume's newest point, its retained points, nothing waiting.
+    // After: each volume's newest point, its retained points, nothing waiting, and
+    // the applied segments gone from the store.
     let (ok, text) = run("ublk-target", &["status", "--config", target_cfg]);
     assert!(ok, "{text}");
-    for (vol, kept) in [("vol0", 3), ("vol1", 2)] {
+    for ((vol, kept), shipped) in [("vol0", 3), ("vol1", 2)].into_iter().zip(shipped) {
         let row = text.lines().find(|l| l.starts_with(vol)).expect(&text);
         let cells: Vec<&str> = row.split_whitespace().collect();
-        assert_eq!(
-            cells[1],
-            (waiting(vol) - 1).to_string(),
-            "newest point: {text}"
-        );
+        assert_eq!(cells[1], (shipped - 1).to_string(), "newest point: {text}");
+        assert_eq!(waiting(vol), 0, "applied segments left in the store");
         assert_eq!(cells[3], kept.to_string(), "retained points: {text}");
         assert_eq!(cells[6], "0", "waiting: {text}");
         assert!(row.ends_with("up to date"), "{text}");

@@ -181,6 +181,17 @@ fn exercise_contract(store: &dyn TargetStore) -> Vec<String> {
         "bad blob name",
         format!("{}", store.put_blob(&vol, "../x", b"").is_err()),
     );
+    // Applied segments are deleted by the recovery side; twice is fine.
+    store.delete(&vol, 0).unwrap();
+    store.delete(&vol, 0).unwrap();
+    note(
+        "after segment delete",
+        format!(
+            "{:?} {:?}",
+            store.list(&vol).unwrap(),
+            store.get(&vol, 0).unwrap()
+        ),
+    );
     seen
 }
 
@@ -716,9 +727,14 @@ fn certificates(dir: &Path, name: &str, san: &str) -> (PathBuf, PathBuf, PathBuf
 }
 
 /// `openssl` in `dir`: a client certificate `NAME.pem` (key `NAME.key`) for the name
-/// `NAME.example` (subjectAltName) signed by the CA `CA-ca.pem` that [`certificates`]
+/// `NAME.dr.example` (subjectAltName) signed by the CA `CA-ca.pem` that [`certificates`]
 /// made.
 fn client_certificate(dir: &Path, name: &str, ca: &str) -> (PathBuf, PathBuf) {
+    client_certificate_for(dir, name, ca, &format!("DNS:{name}.dr.example"))
+}
+
+/// [`client_certificate`] with the subjectAltName `san`.
+fn client_certificate_for(dir: &Path, name: &str, ca: &str, san: &str) -> (PathBuf, PathBuf) {
     let (key, csr, cert) = (
         format!("{name}.key"),
         format!("{name}.csr"),
@@ -727,7 +743,7 @@ fn client_certificate(dir: &Path, name: &str, ca: &str) -> (PathBuf, PathBuf) {
     let ext = format!("{name}.ext");
     std::fs::write(
         dir.join(&ext),
-        format!("extendedKeyUsage=clientAuth\nsubjectAltName=DNS:{name}.example\n"),
+        format!("extendedKeyUsage=clientAuth\nsubjectAltName={san}\n"),
     )
     .unwrap();
     let (ca_cert, ca_key) = (format!("{ca}-ca.pem"), format!("{ca}-ca.key"));
@@ -911,8 +927,9 @@ fn a_receiver_with_a_client_ca_serves_only_clients_it_signed() {
 /// With --client-volumes each protected host reaches only the volumes listed for the
 /// name on its certificate: host1 ships and applies vol0; host2, signed by the same CA,
 /// can neither write, read, list nor delete anything of vol0 (told why) while its own
-/// vol1 goes on; a certificate named nowhere in the file is refused; and a broken file
-/// stops the receiver from starting, saying what is wrong.
+/// vol1 goes on; an admin entry ("*") reaches both; a certificate named nowhere in the
+/// file is refused, and so is a wildcard one that would match every host's name; and a
+/// broken file stops the receiver from starting, saying what is wrong.
 #[test]
 fn a_receiver_gives_each_client_certificate_only_its_own_volumes() {
     let volume = Volume::new(14, 50);
@@ -922,10 +939,13 @@ fn a_receiver_gives_each_client_certificate_only_its_own_volumes() {
     let host1 = client_certificate(dir, "host1", "hosts");
     let host2 = client_certificate(dir, "host2", "hosts");
     let stranger = client_certificate(dir, "host3", "hosts");
+    let wildcard = client_certificate_for(dir, "wild", "hosts", "DNS:*.dr.example");
+    let admin = client_certificate(dir, "admin", "hosts");
     let clients = volume.path("clients.toml");
     std::fs::write(
         &clients,
-        "[clients]\n\"host1.example\" = [\"vol0\"]\n\"host2.example\" = [\"vol1\"]\n",
+        "[clients]\n\"host1.dr.example\" = [\"vol0\"]\n\"host2.dr.example\" = [\"vol1\"]\n\
+         \"admin.dr.example\" = [\"*\"]\n",
     )
     .unwrap();
     let received = volume.path("received");
@@ -954,24 +974,27 @@ fn a_receiver_gives_each_client_certificate_only_its_own_volumes() {
         .output()
         .unwrap();
     assert!(shipped.status.success(), "{}", text(&shipped));
-    let applied = as_host1(volume.apply(&store, &[])).output().unwrap();
-    assert!(applied.status.success(), "{}", text(&applied));
-    assert!(volume.replica_equals_source());
-
     let vol0 = VolumeId::new("vol0").unwrap();
     let vol1 = VolumeId::new("vol1").unwrap();
     let on_disk = LocalDirStore::new(&received);
-    let segments = on_disk.list(&vol0).unwrap();
-    let blobs = on_disk.list_blobs(&vol0).unwrap();
-    assert!(!segments.is_empty());
+    assert!(!on_disk.list(&vol0).unwrap().is_empty());
+    let applied = as_host1(volume.apply(&store, &[])).output().unwrap();
+    assert!(applied.status.success(), "{}", text(&applied));
+    assert!(volume.replica_equals_source());
+    // Applying pruned the store through the receiver: host1 may delete its own.
+    assert_eq!(on_disk.list(&vol0).unwrap(), Vec::<u64>::new());
+
     let client = |identity: &(PathBuf, PathBuf)| {
         let config = objstore::tls::client_config(&ca, Some((&identity.0, &identity.1))).unwrap();
         objstore::ReceiverStore::new(&addr, Some(config))
     };
+    client(&host1).put(&vol0, 1000, b"host1's segment").unwrap();
+    let blobs = on_disk.list_blobs(&vol0).unwrap();
     let host2_store = client(&host2);
     let refusals = [
-        host2_store.put(&vol0, segments[0], b"forged").err(),
-        host2_store.get(&vol0, segments[0]).err(),
+        host2_store.put(&vol0, 1001, b"forged").err(),
+        host2_store.get(&vol0, 1000).err(),
+        host2_store.delete(&vol0, 1000).err(),
         host2_store.list(&vol0).err(),
         host2_store.delete_blob(&vol0, "anything").err(),
         host2_store.put_blob(&vol0, "anything", b"x").err(),
@@ -981,45 +1004,75 @@ fn a_receiver_gives_each_client_certificate_only_its_own_volumes() {
             .unwrap_or_else(|| panic!("call {call}: host2 reached vol0"))
             .to_string();
         assert!(
-            e.contains("client host2.example may not reach volume vol0")
+            e.contains("client host2.dr.example may not reach volume vol0")
                 && e.contains("gives it: vol1"),
             "{e}"
         );
     }
-    // Its own volume goes on over the same connection; vol0 is as host1 left it.
+    // Its own volume goes on; vol0 is as host1 left it.
     host2_store.put(&vol1, 0, b"host2's segment").unwrap();
     assert_eq!(host2_store.list(&vol1).unwrap(), vec![0]);
-    assert_eq!(on_disk.list(&vol0).unwrap(), segments);
+    assert_eq!(on_disk.list(&vol0).unwrap(), vec![1000]);
     assert_eq!(on_disk.list_blobs(&vol0).unwrap(), blobs);
     // host1 reaches vol0 only, too.
     let e = client(&host1).list(&vol1).unwrap_err().to_string();
     assert!(
-        e.contains("client host1.example may not reach volume vol1"),
+        e.contains("client host1.dr.example may not reach volume vol1"),
         "{e}"
     );
-    let e = client(&stranger).list(&vol0).unwrap_err().to_string();
-    assert!(e.contains("valid for none of the client names"), "{e}");
+    for who in [&stranger, &wildcard] {
+        let e = client(who).list(&vol0).unwrap_err().to_string();
+        assert!(e.contains("names none of the clients"), "{e}");
+    }
+    assert_eq!(client(&admin).list(&vol0).unwrap(), vec![1000]);
+    assert_eq!(client(&admin).list(&vol1).unwrap(), vec![0]);
 
     // A broken file: the receiver does not start, and says what to fix.
-    std::fs::write(&clients, "[clients]\n\"host1.example\" = [\"../vol0\"]\n").unwrap();
-    let out = Command::new(bin("ublk-target"))
-        .args(["receive", "--listen", "127.0.0.1:0", "--store"])
-        .arg(&received)
-        .arg("--tls-cert")
-        .arg(&cert)
-        .arg("--tls-key")
-        .arg(&key)
-        .arg("--tls-client-ca")
-        .arg(&hosts_ca)
-        .arg("--client-volumes")
-        .arg(&clients)
-        .output()
+    std::fs::write(
+        &clients,
+        "[clients]\n\"host1.dr.example\" = [\"../vol0\"]\n",
+    )
+    .unwrap();
+    let mut refused = Running(
+        Command::new(bin("ublk-target"))
+            .args(["receive", "--listen", "127.0.0.1:0", "--store"])
+            .arg(&received)
+            .arg("--tls-cert")
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key)
+            .arg("--tls-client-ca")
+            .arg(&hosts_ca)
+            .arg("--client-volumes")
+            .arg(&clients)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // A receiver that accepted the file would serve on: killed (on drop) rather than
+    // waited for.
+    let mut exit = None;
+    wait_until(
+        "the receiver refuses to start",
+        Duration::from_secs(20),
+        || {
+            exit = refused.0.try_wait().unwrap();
+            exit.is_some()
+        },
+    );
+    let mut stderr = String::new();
+    refused
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
         .unwrap();
-    assert!(!out.status.success());
+    assert!(!exit.unwrap().success());
     assert!(
-        text(&out).contains("clients.toml: client host1.example"),
-        "{}",
-        text(&out)
+        stderr.contains("clients.toml: client host1.dr.example"),
+        "{stderr}"
     );
 }
 

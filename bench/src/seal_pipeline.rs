@@ -140,6 +140,9 @@ impl TargetStore for Discard {
     fn put(&self, _: &VolumeId, _: u64, _: &[u8]) -> changelog::Result<()> {
         Ok(())
     }
+    fn delete(&self, _: &VolumeId, _: u64) -> changelog::Result<()> {
+        Ok(())
+    }
     fn get(&self, _: &VolumeId, _: u64) -> changelog::Result<Option<Vec<u8>>> {
         Ok(None)
     }
@@ -175,6 +178,9 @@ struct CopyingDirStore(changelog::LocalDirStore);
 impl TargetStore for CopyingDirStore {
     fn put(&self, v: &VolumeId, i: u64, b: &[u8]) -> changelog::Result<()> {
         self.0.put(v, i, b)
+    }
+    fn delete(&self, v: &VolumeId, i: u64) -> changelog::Result<()> {
+        self.0.delete(v, i)
     }
     fn get(&self, v: &VolumeId, i: u64) -> changelog::Result<Option<Vec<u8>>> {
         self.0.get(v, i)

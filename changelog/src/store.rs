@@ -4,12 +4,24 @@
 //! so that names sort in chain order. Stores are untrusted: segments are authenticated
 //! end to end, so a store can lose or damage data (detected) but not forge history.
 //! `put` is idempotent for identical bytes, which makes re-uploads after a crash safe,
-//! and refuses different bytes under an existing name.
+//! and refuses different bytes under an existing name. Only the recovery side deletes
+//! segments, the ones its replica has applied (`delete`), so a store does not grow
+//! without end; a re-upload of a deleted one just puts it again.
 
 use crate::error::{Error, Result};
 use crate::uring::{sync_dir, write_file_atomic, Uring};
 use crate::volume::VolumeId;
 use std::path::{Path, PathBuf};
+
+/// Removes `path`; absent is fine.
+fn remove_if_present(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(Error::io(format!("deleting {}", path.display()), e))
+        }
+        _ => Ok(()),
+    }
+}
 
 /// The file name of segment `index`.
 pub fn segment_file_name(index: u64) -> String {
@@ -42,6 +54,8 @@ pub trait TargetStore: Send + Sync {
     ) -> Result<()> {
         self.put(volume, index, bytes)
     }
+    /// Deletes segment `index` of `volume`; absent is fine.
+    fn delete(&self, volume: &VolumeId, index: u64) -> Result<()>;
     /// Reads segment `index`; `None` when absent.
     fn get(&self, volume: &VolumeId, index: u64) -> Result<Option<Vec<u8>>>;
     /// The indexes present for `volume`, ascending.
@@ -130,6 +144,10 @@ impl TargetStore for LocalDirStore {
         sync_dir(&mut uring, &dir).map_err(|e| Error::io(format!("syncing {}", dir.display()), e))
     }
 
+    fn delete(&self, volume: &VolumeId, index: u64) -> Result<()> {
+        remove_if_present(&self.segment_path(volume, index))
+    }
+
     fn get(&self, volume: &VolumeId, index: u64) -> Result<Option<Vec<u8>>> {
         read_optional(&self.segment_path(volume, index))
     }
@@ -155,13 +173,7 @@ impl TargetStore for LocalDirStore {
 
     fn delete_blob(&self, volume: &VolumeId, name: &str) -> Result<()> {
         check_blob_name(name)?;
-        let path = self.volume_dir(volume).join(name);
-        match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(Error::io(format!("deleting {}", path.display()), e))
-            }
-            _ => Ok(()),
-        }
+        remove_if_present(&self.volume_dir(volume).join(name))
     }
 
     fn list_blobs(&self, volume: &VolumeId) -> Result<Vec<String>> {

@@ -162,6 +162,14 @@ impl ObjectTargetStore {
         }
     }
 
+    /// Deletes the object at `path`; absent is fine.
+    fn delete_object(&self, path: &Path) -> changelog::Result<()> {
+        match self.run(self.store.delete(path)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.error("deleting", path, e)),
+        }
+    }
+
     /// The file names directly under `volume`'s path, sorted.
     fn names(&self, volume: &VolumeId) -> changelog::Result<Vec<String>> {
         let dir = self.volume_path(volume);
@@ -214,6 +222,10 @@ impl TargetStore for ObjectTargetStore {
         }
     }
 
+    fn delete(&self, volume: &VolumeId, index: u64) -> changelog::Result<()> {
+        self.delete_object(&self.object_path(volume, &segment_file_name(index)))
+    }
+
     fn get(&self, volume: &VolumeId, index: u64) -> changelog::Result<Option<Vec<u8>>> {
         self.get_object(&self.object_path(volume, &segment_file_name(index)))
     }
@@ -247,11 +259,7 @@ impl TargetStore for ObjectTargetStore {
 
     fn delete_blob(&self, volume: &VolumeId, name: &str) -> changelog::Result<()> {
         check_blob_name(name)?;
-        let path = self.object_path(volume, name);
-        match self.run(self.store.delete(&path)) {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(self.error("deleting", &path, e)),
-        }
+        self.delete_object(&self.object_path(volume, name))
     }
 
     fn list_blobs(&self, volume: &VolumeId) -> changelog::Result<Vec<String>> {

@@ -206,11 +206,17 @@ fn serve_connection(shared: &Shared, tcp: TcpStream, has_slot: bool) -> io::Resu
         Some(access) => log::info!("receiver: {peer} connected as {}", access.who()),
         None => log::info!("receiver: {peer} connected"),
     }
+    // Volumes refused on this connection: a client retrying logs a warning once.
+    let mut refused_volumes = std::collections::BTreeSet::new();
     while let Some((request, body)) = wire::read_frame::<Request>(connection.reader())? {
         let refused = access.as_ref().and_then(|a| a.refusal(request.volume()));
         let (response, found) = match refused {
             Some(message) => {
-                log::warn!("receiver: refused {request} from {peer}: {message}");
+                if refused_volumes.insert(request.volume().to_string()) {
+                    log::warn!("receiver: refused {request} from {peer}: {message}");
+                } else {
+                    log::debug!("receiver: refused {request} from {peer} again");
+                }
                 (Response::Invalid { message }, None)
             }
             None => handle(&shared.store, request, &body),
@@ -296,6 +302,7 @@ fn handle(store: &LocalDirStore, request: Request, body: &[u8]) -> (Response, Op
         Request::PutBlob { name, .. } => store.put_blob(&volume, &name, body).map(done),
         Request::GetBlob { name, .. } => store.get_blob(&volume, &name).map(found),
         Request::DeleteBlob { name, .. } => store.delete_blob(&volume, &name).map(done),
+        Request::Delete { index, .. } => store.delete(&volume, index).map(done),
         Request::ListBlobs { .. } => store
             .list_blobs(&volume)
             .map(|n| (Response::Names(n), None)),

@@ -200,6 +200,14 @@ impl TargetStore for ReceiverStore {
         }
     }
 
+    fn delete(&self, volume: &VolumeId, index: u64) -> changelog::Result<()> {
+        let request = Request::Delete {
+            volume: volume.to_string(),
+            index,
+        };
+        self.done(request, &[])
+    }
+
     fn get(&self, volume: &VolumeId, index: u64) -> changelog::Result<Option<Vec<u8>>> {
         self.object(Request::Get {
             volume: volume.to_string(),

@@ -58,13 +58,38 @@ pub enum Welcome {
 /// One store call. Segment and blob bytes travel in the frame's body.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Request {
-    Put { volume: String, index: u64 },
-    Get { volume: String, index: u64 },
-    List { volume: String },
-    PutBlob { volume: String, name: String },
-    GetBlob { volume: String, name: String },
-    DeleteBlob { volume: String, name: String },
-    ListBlobs { volume: String },
+    Put {
+        volume: String,
+        index: u64,
+    },
+    Get {
+        volume: String,
+        index: u64,
+    },
+    List {
+        volume: String,
+    },
+    PutBlob {
+        volume: String,
+        name: String,
+    },
+    GetBlob {
+        volume: String,
+        name: String,
+    },
+    DeleteBlob {
+        volume: String,
+        name: String,
+    },
+    ListBlobs {
+        volume: String,
+    },
+    /// Last, so the calls above keep their encoding: a receiver from before it drops
+    /// the connection, and the recovery side's pruning only logs that.
+    Delete {
+        volume: String,
+        index: u64,
+    },
 }
 
 impl Request {
@@ -77,7 +102,8 @@ impl Request {
             | Request::PutBlob { volume, .. }
             | Request::GetBlob { volume, .. }
             | Request::DeleteBlob { volume, .. }
-            | Request::ListBlobs { volume } => volume,
+            | Request::ListBlobs { volume }
+            | Request::Delete { volume, .. } => volume,
         }
     }
 }
@@ -95,6 +121,9 @@ impl fmt::Display for Request {
             Request::GetBlob { volume, name } => write!(f, "reading {volume}/{name}"),
             Request::DeleteBlob { volume, name } => write!(f, "deleting {volume}/{name}"),
             Request::ListBlobs { volume } => write!(f, "listing objects of {volume}"),
+            Request::Delete { volume, index } => {
+                write!(f, "deleting segment {index:016x} of {volume}")
+            }
         }
     }
 }

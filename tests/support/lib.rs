@@ -447,6 +447,9 @@ impl<S: TargetStore> TargetStore for RecordingStore<S> {
         });
         result
     }
+    fn delete(&self, volume: &VolumeId, index: u64) -> changelog::Result<()> {
+        self.inner.delete(volume, index)
+    }
     fn get(&self, volume: &VolumeId, index: u64) -> changelog::Result<Option<Vec<u8>>> {
         self.inner.get(volume, index)
     }

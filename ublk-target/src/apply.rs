@@ -13,6 +13,17 @@
 //! journals when configured. The applier holds the journal lock: no rollback or prune
 //! of the same replica runs meanwhile.
 //!
+//! **Store pruning** ([`ApplyOptions::prune_store`], on for `ublk-target apply` unless
+//! `--keep-applied-segments`): the store is a transfer medium, as ASR's cache account
+//! is, and the recovery points live in the undo journals, so a segment is deleted from
+//! the store once the position after it is durable (never before: a crash before that
+//! applies it again). Deletion follows each batch ([`Applier::apply_available`]); one
+//! that fails is logged and left, never failing the apply. [`Applier::sweep_store`]
+//! deletes what an earlier run left behind (killed between the two, or run with
+//! pruning off): segments below the position whose header names this volume and the
+//! epoch the replica is in, so a store holding another protection of the same volume
+//! id is never touched.
+//!
 //! Within a segment, records whose ranges do not overlap are submitted together; an
 //! overlapping record waits for the batch before it, so the replica sees the records'
 //! order wherever it matters. Writes point into the decompressed body: records are not
@@ -115,6 +126,9 @@ pub struct ApplyOptions {
     /// Copy before-images (with a checksum) even where the filesystem could share the
     /// replica's blocks with the journal (see [`crate::journal`]).
     pub copy_undo: bool,
+    /// Delete each segment from the store once it is applied (see the module docs).
+    /// Off by default for library users; `ublk-target apply` turns it on.
+    pub prune_store: bool,
 }
 
 pub struct Applier {
@@ -130,6 +144,9 @@ pub struct Applier {
     /// Scratch space for undo files, kept from one segment to the next.
     undo_buf: Vec<u8>,
     undo_method: UndoMethod,
+    prune_store: bool,
+    /// Segments applied (position durable) and not yet deleted from the store.
+    applied_in_store: Vec<u64>,
     _lock: JournalLock,
 }
 
@@ -176,6 +193,8 @@ impl Applier {
             times: ApplyTimes::default(),
             undo_buf: Vec::new(),
             undo_method,
+            prune_store: options.prune_store,
+            applied_in_store: Vec::new(),
             _lock: lock,
         })
     }
@@ -240,10 +259,60 @@ impl Applier {
     /// segment was applied (the position has moved; the next call goes on).
     pub fn apply_next(&mut self) -> Result<Option<Applied>> {
         self.refuse_if_rolled_back()?;
-        match fetch_and_open(&*self.store, &self.key, &self.state.cursor, &mut self.times)? {
-            Some(segment) => self.apply_opened(segment).map(Some),
-            None => Ok(None),
+        let applied =
+            match fetch_and_open(&*self.store, &self.key, &self.state.cursor, &mut self.times)? {
+                Some(segment) => self.apply_opened(segment).map(Some),
+                None => Ok(None),
+            };
+        self.delete_applied();
+        applied
+    }
+
+    /// With store pruning: deletes the applied segments this applier has not deleted
+    /// yet. A failure is logged and the rest left to [`Applier::sweep_store`].
+    fn delete_applied(&mut self) {
+        if !self.prune_store {
+            self.applied_in_store.clear();
+            return;
         }
+        let volume = &self.state.cursor.volume;
+        for index in std::mem::take(&mut self.applied_in_store) {
+            if let Err(e) = self.store.delete(volume, index) {
+                log::warn!(
+                    "volume {volume}: applied segments stay in the store {} (deleting \
+                     {index:016x} failed: {e}); the next apply start deletes them",
+                    self.store.describe()
+                );
+                return;
+            }
+        }
+    }
+
+    /// With store pruning: deletes the segments below the applied position that an
+    /// earlier run left in the store, if they are of this replica's volume and epoch
+    /// (each one's header is read to know). Returns how many were deleted.
+    pub fn sweep_store(&mut self) -> Result<usize> {
+        let cursor = &self.state.cursor;
+        let (true, Some(epoch)) = (self.prune_store, cursor.epoch) else {
+            return Ok(0);
+        };
+        let mut deleted = 0;
+        for index in self.store.list(&cursor.volume)? {
+            if index >= cursor.next_index {
+                break;
+            }
+            let Some(bytes) = self.store.get(&cursor.volume, index)? else {
+                continue;
+            };
+            let name = self.store.segment_name(&cursor.volume, index);
+            let ours = SegmentHeader::decode(&bytes, &name)
+                .is_ok_and(|h| h.volume == cursor.volume && h.epoch == epoch && h.index == index);
+            if ours {
+                self.store.delete(&cursor.volume, index)?;
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
     }
 
     fn refuse_if_rolled_back(&self) -> Result<()> {
@@ -285,6 +354,7 @@ impl Applier {
         self.state.save(&mut self.uring, &self.paths.state)?;
         self.times.state += t.elapsed();
         self.times.segments += 1;
+        self.applied_in_store.push(index);
         log::debug!(
             "volume {volume}: applied segment {index:016x} (seq {}..={})",
             segment.header.first_seq,
@@ -326,7 +396,7 @@ impl Applier {
         let store = self.store.clone();
         let key = self.key.clone();
         let mut cursor = self.state.cursor.clone();
-        std::thread::scope(|scope| {
+        let applied = std::thread::scope(|scope| {
             // Rendezvous: the opener hands over segment k + 1 only when this thread is
             // done with k, and opens k + 2 only after that.
             let (tx, rx) = std::sync::mpsc::sync_channel(0);
@@ -355,7 +425,10 @@ impl Applier {
                 on_applied(&self.apply_opened(segment)?);
                 count += 1;
             }
-        })
+        });
+        // After the batch, and after a failed one too: what was applied is durable.
+        self.delete_applied();
+        applied
     }
 
     fn write_records(&mut self, segment: &OpenedSegment) -> Result<u64> {

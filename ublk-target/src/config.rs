@@ -23,6 +23,8 @@ pub const EXAMPLE: &str = r#"Config file (--config), TOML; unknown keys are erro
   poll_ms = 200                 # how often --follow looks for new segments
   keep_points = 1000            # retention for every volume (optional):
   keep_age = "15d"              #   at most this many points, none older than this
+  # keep_applied_segments = false  (true: leave applied segments in the store, for a
+  #                                  second reader; by default apply deletes them)
 
   [[volume]]
   id = "vol0"
@@ -55,6 +57,8 @@ pub struct TargetConfig {
     pub poll_ms: u64,
     pub keep_points: Option<usize>,
     pub keep_age: Option<String>,
+    #[serde(default)]
+    pub keep_applied_segments: bool,
     #[serde(rename = "volume")]
     pub volumes: Vec<VolumeConfig>,
     #[serde(default, rename = "plan")]

@@ -77,6 +77,12 @@ enum Command {
         /// slower, but a damaged journal is then detected.
         #[arg(long)]
         copy_undo: bool,
+        /// Leave applied segments in the store. By default each is deleted once the
+        /// replica's position after it is durable: the recovery points live in the undo
+        /// journals, and the store would otherwise grow without end. Keep them when
+        /// something else reads the store too (a second replica, an archive).
+        #[arg(long)]
+        keep_applied_segments: bool,
     },
     /// List a replica's recovery points: the latest applied one and every older one
     /// whose undo journals are retained.
@@ -227,9 +233,10 @@ enum Command {
         #[arg(long, requires = "tls_client_ca", value_name = "PEM")]
         tls_client_crl: Option<PathBuf>,
         /// Give each client only its own volumes: a TOML file whose [clients] table maps
-        /// the DNS name in a host's client certificate (subjectAltName) to the volumes it
-        /// may reach, e.g. "host-a.example.com" = ["vol0", "vol1"] ("*": every volume).
-        /// Calls about other volumes are refused. Read at start.
+        /// the DNS name or IP address in a host's client certificate (subjectAltName) to
+        /// the volumes it may reach, e.g. "host-a.example.com" = ["vol0", "vol1"] ("*":
+        /// every volume). Calls about other volumes are refused; a wildcard certificate
+        /// matches no entry. Read at start.
         #[arg(long, requires = "tls_client_ca", value_name = "FILE")]
         client_volumes: Option<PathBuf>,
     },
@@ -481,6 +488,7 @@ fn run(cli: Cli) -> Result<()> {
             poll_ms,
             full_download,
             copy_undo,
+            keep_applied_segments,
         } => {
             let (jobs, poll) = match config {
                 Some(path) => {
@@ -504,6 +512,7 @@ fn run(cli: Cli) -> Result<()> {
                             retention: config.retention(v).expect("checked on load"),
                             full_download: v.full_download || full_download,
                             copy_undo: v.copy_undo || copy_undo,
+                            prune_store: !(config.keep_applied_segments || keep_applied_segments),
                         })
                         .collect();
                     (jobs, poll_ms.map_or(config.poll(), Duration::from_millis))
@@ -519,6 +528,7 @@ fn run(cli: Cli) -> Result<()> {
                         retention: retention.retention(),
                         full_download,
                         copy_undo,
+                        prune_store: !keep_applied_segments,
                     };
                     (vec![job], Duration::from_millis(poll_ms.unwrap_or(200)))
                 }
@@ -948,6 +958,8 @@ struct ApplyJob {
     retention: Retention,
     full_download: bool,
     copy_undo: bool,
+    /// Delete applied segments from the store.
+    prune_store: bool,
 }
 
 impl ApplyJob {
@@ -1062,8 +1074,21 @@ impl ApplyJob {
                     journal_dir: self.journal.clone(),
                     retention: self.retention,
                     copy_undo: self.copy_undo,
+                    prune_store: self.prune_store,
                 },
             )?);
+            let opened = applier.as_mut().expect("opened above");
+            match opened.sweep_store() {
+                Ok(0) => {}
+                Ok(n) => log::info!(
+                    "volume {}: deleted {n} applied segment(s) an earlier run left in the store",
+                    self.volume
+                ),
+                Err(e) => log::warn!(
+                    "volume {}: applied segments an earlier run left in the store stay there: {e}",
+                    self.volume
+                ),
+            }
         }
         let applier = applier.as_mut().expect("opened above");
         // The bar is for the catch-up at start; later polls skip its store listing.
