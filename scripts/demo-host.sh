@@ -35,10 +35,12 @@ RUST_LOG=warn $bin/shipper run --volume vol0 --ring "$work/vol0.ring" --staging 
   --store "$work/store" --key "$work/key" --drain
 
 step "recovery side: verify and apply every segment to the replica"
-truncate -s 256M "$work/replica"
-$bin/ublk-target apply --store "$work/store" --volume vol0 --replica "$work/replica" --key "$work/key"
 echo "segments in store: $(ls "$work/store/vol0" | wc -l)"
 $bin/ublk-target inspect "$work/store/vol0/0000000000000000.seg" --key "$work/key" | head -14
+truncate -s 256M "$work/replica"
+$bin/ublk-target apply --store "$work/store" --volume vol0 --replica "$work/replica" --key "$work/key"
+echo "segments left in store after apply (applied ones are deleted): $(ls "$work/store/vol0" | wc -l)"
+$bin/ublk-target points --replica "$work/replica" | tail -3
 
 step "verify"
 src=$(sha256sum < "$work/backing" | cut -d' ' -f1)

@@ -218,6 +218,14 @@ blkfilter log: $(tail -20 "$dir/blkfilter.log")"
     --key "$dir/key" 2>&1 | tail -1
 }
 
+# latest_point_is_a_crash_point DIR: the replica's latest recovery point (its last
+# applied segment) is crash-consistent.
+latest_point_is_a_crash_point() {
+  "$BIN/ublk-target" points --replica "$1/replica" --json |
+    grep -B3 '"latest": true' | grep -q '"crash_consistent": true' ||
+    die "the latest point of $1/replica is not a crash point: $("$BIN/ublk-target" points --replica "$1/replica")"
+}
+
 # same_image DIR: the replica equals the backing byte for byte.
 same_image() {
   local a b

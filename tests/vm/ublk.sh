@@ -135,10 +135,9 @@ overflow_then_resync_converges() {
   echo "passes that gave up waiting for digests: $(grep -c 'no replica digests' $w/blkfilter.log || true)"
   finish $w
   same_image $w
-  # The last segment is a crash point again: consistency was regained.
-  local last
-  last=$(ls $w/store/vol0 | tail -1)
-  "$BIN/ublk-target" inspect $w/store/vol0/$last | grep flags | grep -q crash-point
+  # The last segment is a crash point again: consistency was regained (asked of the
+  # replica's points: apply deleted the applied segments from the store).
+  latest_point_is_a_crash_point $w
 }
 
 # Issue #4: protecting a volume that already holds ext4 and files, while fio writes
@@ -172,9 +171,7 @@ initial_replication_of_used_ext4_under_fio() {
   umount $w/mnt
   finish $w
   same_image $w
-  local last
-  last=$(ls $w/store/vol0 | grep '\.seg$' | tail -1)
-  "$BIN/ublk-target" inspect $w/store/vol0/$last | grep flags | grep -q crash-point
+  latest_point_is_a_crash_point $w
   e2fsck -fn $w/replica
   mount -o ro,loop $w/replica $w/mnt
   (cd $w/mnt && sha256sum -c --quiet $w/files.sha)
