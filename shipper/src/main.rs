@@ -662,12 +662,8 @@ impl Reload {
     }
 }
 
-/// SIGTERM or SIGINT stops the pipeline cleanly: records not yet staged stay in the
-/// ring for the next run. SIGHUP re-reads the config's upload limit (other settings
-/// need a restart). The signals are blocked before the pipeline's threads start (they
-/// inherit the mask) and taken by one thread with sigwait.
-/// Blocks SIGTERM, SIGINT and SIGHUP in this thread and the threads it starts after,
-/// for [`handle_signals`] to wait for.
+/// Blocks SIGTERM, SIGINT and SIGHUP in this thread and the threads it starts after
+/// (they inherit the mask), for [`handle_signals`] to take.
 fn block_signals() -> Result<nix::sys::signal::SigSet> {
     use nix::sys::signal::{SigSet, Signal};
     let mut set = SigSet::empty();
@@ -679,6 +675,9 @@ fn block_signals() -> Result<nix::sys::signal::SigSet> {
     Ok(set)
 }
 
+/// Takes the blocked signals on a thread of its own with sigwait. SIGTERM or SIGINT
+/// stops the pipeline cleanly: records not yet staged stay in the ring for the next
+/// run. SIGHUP re-reads the config's upload limit (other settings need a restart).
 fn handle_signals(set: nix::sys::signal::SigSet, control: Arc<Control>, reload: Option<Reload>) {
     use nix::sys::signal::Signal;
     std::thread::spawn(move || {
