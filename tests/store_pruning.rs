@@ -1,11 +1,13 @@
 //! Store pruning: `ublk-target apply` deletes each segment from the store once the
 //! replica's position after it is durable, the recovery points staying in the undo
 //! journals; a later start deletes what an earlier run left behind, but only segments
-//! of the replica's own protection; `--keep-applied-segments` leaves them all.
+//! of the replica's own protection; `--keep-applied-segments` leaves them all; and no
+//! segment goes before the position past it is saved.
 
-use changelog::TargetStore;
+use changelog::{ChainCursor, LocalDirStore, TargetStore, VolumeId};
 use e2e::*;
 use std::process::Output;
+use std::sync::{Arc, Mutex};
 
 fn text(out: &Output) -> String {
     format!(
@@ -104,4 +106,98 @@ fn keep_applied_segments_leaves_the_store_for_a_second_replica() {
             "{replica}"
         );
     }
+}
+
+/// A directory store that notes, at each segment delete, the position saved in the
+/// replica's state file then.
+struct PositionAtDelete {
+    inner: LocalDirStore,
+    state: std::path::PathBuf,
+    deletes: Mutex<Vec<(u64, u64)>>,
+}
+
+impl TargetStore for PositionAtDelete {
+    fn put(&self, v: &VolumeId, i: u64, b: &[u8]) -> changelog::Result<()> {
+        self.inner.put(v, i, b)
+    }
+    fn delete(&self, v: &VolumeId, i: u64) -> changelog::Result<()> {
+        // No state file yet: nothing is applied.
+        let saved = std::fs::read(&self.state).map_or(ChainCursor::start(v.clone()), |b| {
+            ublk_target::apply::decode_state(&b).unwrap()
+        });
+        self.deletes.lock().unwrap().push((i, saved.next_index));
+        self.inner.delete(v, i)
+    }
+    fn get(&self, v: &VolumeId, i: u64) -> changelog::Result<Option<Vec<u8>>> {
+        self.inner.get(v, i)
+    }
+    fn list(&self, v: &VolumeId) -> changelog::Result<Vec<u64>> {
+        self.inner.list(v)
+    }
+    fn put_blob(&self, v: &VolumeId, n: &str, b: &[u8]) -> changelog::Result<()> {
+        self.inner.put_blob(v, n, b)
+    }
+    fn get_blob(&self, v: &VolumeId, n: &str) -> changelog::Result<Option<Vec<u8>>> {
+        self.inner.get_blob(v, n)
+    }
+    fn delete_blob(&self, v: &VolumeId, n: &str) -> changelog::Result<()> {
+        self.inner.delete_blob(v, n)
+    }
+    fn list_blobs(&self, v: &VolumeId) -> changelog::Result<Vec<String>> {
+        self.inner.list_blobs(v)
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// A segment leaves the store only once the position past it is saved (a crash before
+/// that applies it again), and a long catch-up deletes as it goes rather than at its
+/// end (a run killed in it leaves little behind).
+#[test]
+fn a_segment_is_deleted_only_after_the_position_past_it_is_saved() {
+    let (fixture, model) = Fixture::shipped(8 << 20, 34, 800);
+    let shipped = fixture.store_segments().len() as u64;
+    assert!(shipped > 100, "only {shipped} segments: too few to show");
+    let state = fixture.path("replica.state");
+    let store = Arc::new(PositionAtDelete {
+        inner: LocalDirStore::new(fixture.path("store")),
+        state: state.clone(),
+        deletes: Mutex::new(Vec::new()),
+    });
+    sparse_file(&fixture.path("replica"), fixture.size);
+    let mut applier = ublk_target::Applier::open(
+        store.clone(),
+        fixture.volume.clone(),
+        fixture.key.clone(),
+        &fixture.path("replica"),
+        &state,
+        &ublk_target::ApplyOptions {
+            prune_store: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(applier.apply_available().unwrap() as u64, shipped);
+    let deletes = store.deletes.lock().unwrap().clone();
+    assert_eq!(
+        deletes.len() as u64,
+        shipped,
+        "every applied segment deleted once"
+    );
+    for &(index, saved) in &deletes {
+        assert!(
+            index < saved,
+            "segment {index} deleted with the position at {saved}"
+        );
+    }
+    assert!(
+        deletes[0].1 < shipped,
+        "the first delete waited for the end of the catch-up"
+    );
+    assert!(fixture.store_segments().is_empty());
+    assert_eq!(
+        std::fs::read(fixture.path("replica")).unwrap(),
+        model.final_image()
+    );
 }

@@ -73,6 +73,13 @@ use std::time::{Duration, Instant};
 
 /// Queue depth for replica writes.
 const APPLY_DEPTH: u32 = 64;
+/// With store pruning, applied segments are deleted at the latest after this many
+/// more, so a run killed in a long catch-up leaves few for the next start's sweep.
+const DELETE_EVERY: usize = 64;
+/// How many of the segments below the position a start's sweep looks at (the newest
+/// ones): each is read to check its header, and an older store (from before pruning)
+/// may hold every segment ever shipped.
+const SWEEP_AT_MOST: usize = 1024;
 
 /// Decodes a saved applier state's chain position (the [`ChainCursor`] after the last
 /// applied segment); reads the current and the legacy format.
@@ -290,17 +297,29 @@ impl Applier {
 
     /// With store pruning: deletes the segments below the applied position that an
     /// earlier run left in the store, if they are of this replica's volume and epoch
-    /// (each one's header is read to know). Returns how many were deleted.
+    /// (each one's header is read to know); of the [`SWEEP_AT_MOST`] newest only, the
+    /// rest named in a warning. Returns how many were deleted.
     pub fn sweep_store(&mut self) -> Result<usize> {
         let cursor = &self.state.cursor;
         let (true, Some(epoch)) = (self.prune_store, cursor.epoch) else {
             return Ok(0);
         };
+        let mut below = self.store.list(&cursor.volume)?;
+        below.retain(|&i| i < cursor.next_index);
+        let older = below.len().saturating_sub(SWEEP_AT_MOST);
+        if older > 0 {
+            log::warn!(
+                "volume {}: {older} segments below the replica's position stay in the store {} \
+                 ({:016x}..={:016x}, older than the {SWEEP_AT_MOST} a start sweeps): \
+                 delete them if nothing else reads the store",
+                cursor.volume,
+                self.store.describe(),
+                below[0],
+                below[older - 1]
+            );
+        }
         let mut deleted = 0;
-        for index in self.store.list(&cursor.volume)? {
-            if index >= cursor.next_index {
-                break;
-            }
+        for &index in &below[older..] {
             let Some(bytes) = self.store.get(&cursor.volume, index)? else {
                 continue;
             };
@@ -424,6 +443,9 @@ impl Applier {
                 };
                 on_applied(&self.apply_opened(segment)?);
                 count += 1;
+                if self.applied_in_store.len() >= DELETE_EVERY {
+                    self.delete_applied();
+                }
             }
         });
         // After the batch, and after a failed one too: what was applied is durable.
