@@ -1,7 +1,7 @@
 //! Digest resync end to end on the host: initial replication of a volume that already
 //! holds data while writes continue (I7), a resync that ships only the blocks that
-//! differ, an on-demand resync that repairs a diverged replica, and a forged digest
-//! answer refused (I8).
+//! differ, an on-demand resync that repairs a diverged replica, a forged digest
+//! answer refused (I8), and a store failing the exchange named in the status.
 
 use blkfilter::ring::RingControl;
 use blkfilter::workload::{Rng, Workload};
@@ -299,4 +299,121 @@ fn a_first_drain_names_the_initial_replication_it_cannot_finish() {
     let (status, text) = drain();
     assert_eq!(status.code(), Some(1), "{text}");
     assert!(text.contains("a resync is still under way"), "{text}");
+}
+
+/// The fixture's directory store, whose small objects (the digest exchange) fail while
+/// `down` is set: a store that is unreachable, or a receiver refusing this host.
+struct BlobsDown {
+    inner: changelog::LocalDirStore,
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl BlobsDown {
+    fn check(&self) -> changelog::Result<()> {
+        if self.down.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(changelog::Error::io(
+                "the test's store",
+                std::io::Error::other("refused: blobs are down"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl changelog::TargetStore for BlobsDown {
+    fn put(&self, v: &changelog::VolumeId, i: u64, b: &[u8]) -> changelog::Result<()> {
+        self.inner.put(v, i, b)
+    }
+    fn delete(&self, v: &changelog::VolumeId, i: u64) -> changelog::Result<()> {
+        self.inner.delete(v, i)
+    }
+    fn get(&self, v: &changelog::VolumeId, i: u64) -> changelog::Result<Option<Vec<u8>>> {
+        self.inner.get(v, i)
+    }
+    fn list(&self, v: &changelog::VolumeId) -> changelog::Result<Vec<u64>> {
+        self.inner.list(v)
+    }
+    fn put_blob(&self, v: &changelog::VolumeId, n: &str, b: &[u8]) -> changelog::Result<()> {
+        self.check()?;
+        self.inner.put_blob(v, n, b)
+    }
+    fn get_blob(&self, v: &changelog::VolumeId, n: &str) -> changelog::Result<Option<Vec<u8>>> {
+        self.check()?;
+        self.inner.get_blob(v, n)
+    }
+    fn delete_blob(&self, v: &changelog::VolumeId, n: &str) -> changelog::Result<()> {
+        self.check()?;
+        self.inner.delete_blob(v, n)
+    }
+    fn list_blobs(&self, v: &changelog::VolumeId) -> changelog::Result<Vec<String>> {
+        self.check()?;
+        self.inner.list_blobs(v)
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// While the store fails the digest exchange, the status says so in its state line
+/// (not only the log); once it answers, the resync goes on and the replica converges.
+#[test]
+fn a_failing_digest_exchange_shows_in_the_status_and_recovers() {
+    let size = 4 << 20;
+    let fixture = Fixture::new(size);
+    let initial = some_data(21, size);
+    std::fs::write(fixture.path("backing"), &initial).unwrap();
+    let mut capture = fixture.capture(16 << 20);
+    let mut model = Model::with_image(initial);
+    let follower = fixture.follow("replica");
+    let store = std::sync::Arc::new(BlobsDown {
+        inner: changelog::LocalDirStore::new(fixture.path("store")),
+        down: true.into(),
+    });
+    let mut config = fixture.shipper_config();
+    config.initial_sync = true;
+    config.status_path = Some(fixture.path("status.json"));
+    let control = std::sync::Arc::new(shipper::Control::default());
+    let shipper = {
+        let (store, control) = (store.clone(), control.clone());
+        std::thread::spawn(move || shipper::run(&config, store, control))
+    };
+    let ring = RingControl::open(&fixture.path("ring")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let failing = loop {
+        capture.tick().unwrap();
+        let status = shipper::Status::read(&fixture.path("status.json")).ok();
+        if let Some(s) = status.filter(|s| s.resync_store_error.is_some()) {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the failing exchange never showed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let state = failing.state();
+    assert!(
+        state.contains("digest resync")
+            && state.contains("the store fails")
+            && state.contains("blobs are down"),
+        "{state}"
+    );
+    assert!(!ring.progress().digests_ready);
+    store
+        .down
+        .store(false, std::sync::atomic::Ordering::Release);
+    run_until_resynced(&fixture, &mut capture, &mut model, None);
+    control.drain();
+    shipper.join().unwrap().expect("shipper");
+    follower.finish();
+    assert_eq!(
+        shipper::Status::read(&fixture.path("status.json"))
+            .unwrap()
+            .resync_store_error,
+        None
+    );
+    assert!(
+        std::fs::read(fixture.path("replica")).unwrap() == model.final_image(),
+        "replica differs from the source after the resync"
+    );
 }

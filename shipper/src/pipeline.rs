@@ -383,7 +383,8 @@ pub fn run(
         });
         let finished = &finished;
         let coordinator = spawn_named(scope, "ship-resync", || {
-            let r = crate::resync::coordinate(config, &ring, store.as_ref(), finished);
+            let report = |error| board.update(|s| s.resync_store_error = error);
+            let r = crate::resync::coordinate(config, &ring, store.as_ref(), finished, &report);
             stop_on_err(&r, &control);
             r
         });

@@ -31,13 +31,14 @@ const MOST_PAUSE: Duration = Duration::from_secs(60);
 /// The coordinator's store trouble: the first failure of a spell is a warning and the
 /// next try waits a pause that doubles up to [`MOST_PAUSE`]; later failures are debug,
 /// so a store that is down, or refuses this host, does not fill the log every tick.
-#[derive(Default)]
-struct StoreTrouble {
+/// Each failure, and the end of the spell, is told to `report` (for the status).
+struct StoreTrouble<'a> {
     failures: u32,
     next_try: Option<Instant>,
+    report: &'a dyn Fn(Option<String>),
 }
 
-impl StoreTrouble {
+impl StoreTrouble<'_> {
     fn may_try(&self) -> bool {
         self.next_try.is_none_or(|at| Instant::now() >= at)
     }
@@ -51,6 +52,7 @@ impl StoreTrouble {
         } else {
             log::debug!("volume {volume}: {what}: {e}; retrying in {pause:?}");
         }
+        (self.report)(Some(format!("{what}: {e}")));
         self.failures += 1;
         self.next_try = Some(Instant::now() + pause);
     }
@@ -61,22 +63,30 @@ impl StoreTrouble {
                 "volume {volume}: the store answers the digest resync again (after {} failed tries)",
                 self.failures
             );
+            (self.report)(None);
         }
-        *self = StoreTrouble::default();
+        self.failures = 0;
+        self.next_try = None;
     }
 }
 
 /// Runs until `finished` is set: forwards requests and answers for every digest pass
-/// the producer begins.
+/// the producer begins. `store_trouble` hears the last store error while the exchange
+/// keeps failing, and `None` once the store answers again.
 pub fn coordinate(
     config: &ShipperConfig,
     ring: &Consumer,
     store: &dyn TargetStore,
     finished: &AtomicBool,
+    store_trouble: &dyn Fn(Option<String>),
 ) -> Result<()> {
     let volume = &config.volume;
     let mut asked: Option<u64> = None;
-    let mut trouble = StoreTrouble::default();
+    let mut trouble = StoreTrouble {
+        failures: 0,
+        next_try: None,
+        report: store_trouble,
+    };
     while !finished.load(Ordering::Acquire) {
         std::thread::sleep(TICK);
         let progress = ring.resync_progress();

@@ -91,6 +91,10 @@ pub struct Status {
     /// started.
     #[serde(default)]
     pub upload_throttled_ms: u64,
+    /// The digest resync's exchange with the store keeps failing (the store is down,
+    /// or a receiver refuses this host): the last error; `None` once it answers.
+    #[serde(default)]
+    pub resync_store_error: Option<String>,
     /// The upload retry in progress (0 = none) and the error that caused it.
     pub retry_attempt: u32,
     pub last_error: Option<String>,
@@ -159,8 +163,12 @@ impl Status {
             } else {
                 "(initial replication or on demand)"
             };
+            let trouble = self
+                .resync_store_error
+                .as_ref()
+                .map_or(String::new(), |e| format!(" (the store fails: {e})"));
             format!(
-                "degraded: digest resync {why}: {}; no new recovery points until it completes",
+                "degraded: digest resync {why}: {}{trouble}; no new recovery points until it completes",
                 resync_phase(r)
             )
         } else if self.ring_overflow {
