@@ -17,12 +17,12 @@
 //! `--keep-applied-segments`): the store is a transfer medium, as ASR's cache account
 //! is, and the recovery points live in the undo journals, so a segment is deleted from
 //! the store once the position after it is durable (never before: a crash before that
-//! applies it again). Deletion follows each batch ([`Applier::apply_available`]); one
-//! that fails is logged and left, never failing the apply. [`Applier::sweep_store`]
-//! deletes what an earlier run left behind (killed between the two, or run with
-//! pruning off): segments below the position whose header names this volume and the
-//! epoch the replica is in, so a store holding another protection of the same volume
-//! id is never touched.
+//! applies it again). Deletion follows each batch ([`Applier::apply_available`]) and
+//! every `DELETE_EVERY` (64) segments within one; one that fails is logged and left,
+//! never failing the apply. [`Applier::sweep_store`] deletes what an earlier run left
+//! behind (killed between the two, or run with pruning off): segments below the
+//! position whose header names this volume and the epoch the replica is in, so a store
+//! holding another protection of the same volume id is never touched.
 //!
 //! Within a segment, records whose ranges do not overlap are submitted together; an
 //! overlapping record waits for the batch before it, so the replica sees the records'
@@ -297,8 +297,8 @@ impl Applier {
 
     /// With store pruning: deletes the segments below the applied position that an
     /// earlier run left in the store, if they are of this replica's volume and epoch
-    /// (each one's header is read to know); of the [`SWEEP_AT_MOST`] newest only, the
-    /// rest named in a warning. Returns how many were deleted.
+    /// (each one's header is read to know); of the newest `SWEEP_AT_MOST` (1024) only,
+    /// the rest named in a warning. Returns how many were deleted.
     pub fn sweep_store(&mut self) -> Result<usize> {
         let cursor = &self.state.cursor;
         let (true, Some(epoch)) = (self.prune_store, cursor.epoch) else {
