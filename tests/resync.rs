@@ -301,59 +301,6 @@ fn a_first_drain_names_the_initial_replication_it_cannot_finish() {
     assert!(text.contains("a resync is still under way"), "{text}");
 }
 
-/// The fixture's directory store, whose small objects (the digest exchange) fail while
-/// `down` is set: a store that is unreachable, or a receiver refusing this host.
-struct BlobsDown {
-    inner: changelog::LocalDirStore,
-    down: std::sync::atomic::AtomicBool,
-}
-
-impl BlobsDown {
-    fn check(&self) -> changelog::Result<()> {
-        if self.down.load(std::sync::atomic::Ordering::Acquire) {
-            return Err(changelog::Error::io(
-                "the test's store",
-                std::io::Error::other("refused: blobs are down"),
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl changelog::TargetStore for BlobsDown {
-    fn put(&self, v: &changelog::VolumeId, i: u64, b: &[u8]) -> changelog::Result<()> {
-        self.inner.put(v, i, b)
-    }
-    fn delete(&self, v: &changelog::VolumeId, i: u64) -> changelog::Result<()> {
-        self.inner.delete(v, i)
-    }
-    fn get(&self, v: &changelog::VolumeId, i: u64) -> changelog::Result<Option<Vec<u8>>> {
-        self.inner.get(v, i)
-    }
-    fn list(&self, v: &changelog::VolumeId) -> changelog::Result<Vec<u64>> {
-        self.inner.list(v)
-    }
-    fn put_blob(&self, v: &changelog::VolumeId, n: &str, b: &[u8]) -> changelog::Result<()> {
-        self.check()?;
-        self.inner.put_blob(v, n, b)
-    }
-    fn get_blob(&self, v: &changelog::VolumeId, n: &str) -> changelog::Result<Option<Vec<u8>>> {
-        self.check()?;
-        self.inner.get_blob(v, n)
-    }
-    fn delete_blob(&self, v: &changelog::VolumeId, n: &str) -> changelog::Result<()> {
-        self.check()?;
-        self.inner.delete_blob(v, n)
-    }
-    fn list_blobs(&self, v: &changelog::VolumeId) -> changelog::Result<Vec<String>> {
-        self.check()?;
-        self.inner.list_blobs(v)
-    }
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-}
-
 /// While the store fails the digest exchange, the status says so in its state line
 /// (not only the log); once it answers, the resync goes on and the replica converges.
 #[test]
@@ -365,10 +312,24 @@ fn a_failing_digest_exchange_shows_in_the_status_and_recovers() {
     let mut capture = fixture.capture(16 << 20);
     let mut model = Model::with_image(initial);
     let follower = fixture.follow("replica");
-    let store = std::sync::Arc::new(BlobsDown {
-        inner: changelog::LocalDirStore::new(fixture.path("store")),
-        down: true.into(),
-    });
+    // The store's small objects (the digest exchange) fail while `down` is set: a
+    // store that is unreachable, or a receiver refusing this host.
+    let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let store = {
+        let down = down.clone();
+        std::sync::Arc::new(HookedStore::new(
+            changelog::LocalDirStore::new(fixture.path("store")),
+            move |call| match call {
+                StoreCall::Blob if down.load(std::sync::atomic::Ordering::Acquire) => {
+                    Err(changelog::Error::io(
+                        "the test's store",
+                        std::io::Error::other("refused: blobs are down"),
+                    ))
+                }
+                _ => Ok(()),
+            },
+        ))
+    };
     let mut config = fixture.shipper_config();
     config.initial_sync = true;
     config.status_path = Some(fixture.path("status.json"));
@@ -399,9 +360,7 @@ fn a_failing_digest_exchange_shows_in_the_status_and_recovers() {
         "{state}"
     );
     assert!(!ring.progress().digests_ready);
-    store
-        .down
-        .store(false, std::sync::atomic::Ordering::Release);
+    down.store(false, std::sync::atomic::Ordering::Release);
     run_until_resynced(&fixture, &mut capture, &mut model, None);
     control.drain();
     shipper.join().unwrap().expect("shipper");

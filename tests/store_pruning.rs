@@ -4,7 +4,7 @@
 //! of the replica's own protection; `--keep-applied-segments` leaves them all; and no
 //! segment goes before the position past it is saved.
 
-use changelog::{ChainCursor, LocalDirStore, TargetStore, VolumeId};
+use changelog::{ChainCursor, LocalDirStore, TargetStore};
 use e2e::*;
 use std::process::Output;
 use std::sync::{Arc, Mutex};
@@ -108,49 +108,6 @@ fn keep_applied_segments_leaves_the_store_for_a_second_replica() {
     }
 }
 
-/// A directory store that notes, at each segment delete, the position saved in the
-/// replica's state file then.
-struct PositionAtDelete {
-    inner: LocalDirStore,
-    state: std::path::PathBuf,
-    deletes: Mutex<Vec<(u64, u64)>>,
-}
-
-impl TargetStore for PositionAtDelete {
-    fn put(&self, v: &VolumeId, i: u64, b: &[u8]) -> changelog::Result<()> {
-        self.inner.put(v, i, b)
-    }
-    fn delete(&self, v: &VolumeId, i: u64) -> changelog::Result<()> {
-        // No state file yet: nothing is applied.
-        let saved = std::fs::read(&self.state).map_or(ChainCursor::start(v.clone()), |b| {
-            ublk_target::apply::decode_state(&b).unwrap()
-        });
-        self.deletes.lock().unwrap().push((i, saved.next_index));
-        self.inner.delete(v, i)
-    }
-    fn get(&self, v: &VolumeId, i: u64) -> changelog::Result<Option<Vec<u8>>> {
-        self.inner.get(v, i)
-    }
-    fn list(&self, v: &VolumeId) -> changelog::Result<Vec<u64>> {
-        self.inner.list(v)
-    }
-    fn put_blob(&self, v: &VolumeId, n: &str, b: &[u8]) -> changelog::Result<()> {
-        self.inner.put_blob(v, n, b)
-    }
-    fn get_blob(&self, v: &VolumeId, n: &str) -> changelog::Result<Option<Vec<u8>>> {
-        self.inner.get_blob(v, n)
-    }
-    fn delete_blob(&self, v: &VolumeId, n: &str) -> changelog::Result<()> {
-        self.inner.delete_blob(v, n)
-    }
-    fn list_blobs(&self, v: &VolumeId) -> changelog::Result<Vec<String>> {
-        self.inner.list_blobs(v)
-    }
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-}
-
 /// A segment leaves the store only once the position past it is saved (a crash before
 /// that applies it again), and a long catch-up deletes as it goes rather than at its
 /// end (a run killed in it leaves little behind).
@@ -160,11 +117,25 @@ fn a_segment_is_deleted_only_after_the_position_past_it_is_saved() {
     let shipped = fixture.store_segments().len() as u64;
     assert!(shipped > 100, "only {shipped} segments: too few to show");
     let state = fixture.path("replica.state");
-    let store = Arc::new(PositionAtDelete {
-        inner: LocalDirStore::new(fixture.path("store")),
-        state: state.clone(),
-        deletes: Mutex::new(Vec::new()),
-    });
+    // At each segment delete: the position saved in the replica's state file then.
+    let deletes = Arc::new(Mutex::new(Vec::new()));
+    let store = {
+        let (state, deletes, volume) = (state.clone(), deletes.clone(), fixture.volume.clone());
+        Arc::new(HookedStore::new(
+            LocalDirStore::new(fixture.path("store")),
+            move |call| {
+                if let StoreCall::Delete(index) = call {
+                    // No state file yet: nothing is applied.
+                    let saved = std::fs::read(&state)
+                        .map_or(ChainCursor::start(volume.clone()), |b| {
+                            ublk_target::apply::decode_state(&b).unwrap()
+                        });
+                    deletes.lock().unwrap().push((index, saved.next_index));
+                }
+                Ok(())
+            },
+        ))
+    };
     sparse_file(&fixture.path("replica"), fixture.size);
     let mut applier = ublk_target::Applier::open(
         store.clone(),
@@ -179,7 +150,7 @@ fn a_segment_is_deleted_only_after_the_position_past_it_is_saved() {
     )
     .unwrap();
     assert_eq!(applier.apply_available().unwrap() as u64, shipped);
-    let deletes = store.deletes.lock().unwrap().clone();
+    let deletes = deletes.lock().unwrap().clone();
     assert_eq!(
         deletes.len() as u64,
         shipped,

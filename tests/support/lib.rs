@@ -472,3 +472,67 @@ impl<S: TargetStore> TargetStore for RecordingStore<S> {
         self.inner.describe()
     }
 }
+
+/// A call a [`HookedStore`] is about to pass on.
+#[derive(Clone, Copy, Debug)]
+pub enum StoreCall {
+    /// Deleting segment `index` (the recovery side's pruning).
+    Delete(u64),
+    /// Any call on small objects (the digest exchange).
+    Blob,
+}
+
+/// A real store that asks `before` first on segment deletes and small-object calls;
+/// an error from it answers the call instead (a store that fails, or a test that
+/// notes what it saw then).
+pub struct HookedStore<S> {
+    inner: S,
+    before: Box<dyn Fn(StoreCall) -> changelog::Result<()> + Send + Sync>,
+}
+
+impl<S: TargetStore> HookedStore<S> {
+    pub fn new(
+        inner: S,
+        before: impl Fn(StoreCall) -> changelog::Result<()> + Send + Sync + 'static,
+    ) -> HookedStore<S> {
+        HookedStore {
+            inner,
+            before: Box::new(before),
+        }
+    }
+}
+
+impl<S: TargetStore> TargetStore for HookedStore<S> {
+    fn put(&self, volume: &VolumeId, index: u64, bytes: &[u8]) -> changelog::Result<()> {
+        self.inner.put(volume, index, bytes)
+    }
+    fn delete(&self, volume: &VolumeId, index: u64) -> changelog::Result<()> {
+        (self.before)(StoreCall::Delete(index))?;
+        self.inner.delete(volume, index)
+    }
+    fn get(&self, volume: &VolumeId, index: u64) -> changelog::Result<Option<Vec<u8>>> {
+        self.inner.get(volume, index)
+    }
+    fn list(&self, volume: &VolumeId) -> changelog::Result<Vec<u64>> {
+        self.inner.list(volume)
+    }
+    fn put_blob(&self, volume: &VolumeId, name: &str, bytes: &[u8]) -> changelog::Result<()> {
+        (self.before)(StoreCall::Blob)?;
+        self.inner.put_blob(volume, name, bytes)
+    }
+    fn get_blob(&self, volume: &VolumeId, name: &str) -> changelog::Result<Option<Vec<u8>>> {
+        (self.before)(StoreCall::Blob)?;
+        self.inner.get_blob(volume, name)
+    }
+    fn delete_blob(&self, volume: &VolumeId, name: &str) -> changelog::Result<()> {
+        (self.before)(StoreCall::Blob)?;
+        self.inner.delete_blob(volume, name)
+    }
+    fn list_blobs(&self, volume: &VolumeId) -> changelog::Result<Vec<String>> {
+        (self.before)(StoreCall::Blob)?;
+        self.inner.list_blobs(volume)
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
