@@ -18,7 +18,7 @@
 //! listed block, in order.
 
 use crate::error::{Error, Result};
-use crate::key::Key;
+use crate::key::{Key, KEY_LEN};
 use crate::uring::Uring;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use sha2::{Digest, Sha256};
@@ -39,6 +39,11 @@ pub struct DigestRequest {
     /// Only these blocks; `None`: every block of the device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blocks: Option<BlockRuns>,
+    /// The id (hex) of the key to seal the answer with: the asking shipper's sealing
+    /// key, which may be newer or older than the recovery side's after a rotation.
+    /// `None` (requests from before key rotation): the answerer's sealing key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
 }
 
 /// The replica's digests, one per block asked for, in order.
@@ -252,10 +257,10 @@ pub fn file_digests_of(
 
 /// The key blobs are sealed with: derived from the volume key, so blob nonces can never
 /// collide with segment nonces.
-fn blob_key(key: &Key) -> LessSafeKey {
+fn blob_key(key: &[u8; KEY_LEN]) -> LessSafeKey {
     let derived = Sha256::new()
         .chain_update(b"ublk-dr blob key v1")
-        .chain_update(key.bytes())
+        .chain_update(key)
         .finalize();
     LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &derived).expect("32-byte key"))
 }
@@ -277,7 +282,7 @@ pub fn seal_blob(key: &Key, aad: &[u8], plain: &[u8]) -> Result<Vec<u8>> {
     out.extend_from_slice(BLOB_MAGIC);
     out.extend_from_slice(&nonce);
     out.extend_from_slice(plain);
-    let tag = blob_key(key)
+    let tag = blob_key(key.bytes())
         .seal_in_place_separate_tag(
             Nonce::assume_unique_for_key(nonce),
             Aad::from(aad),
@@ -290,8 +295,10 @@ pub fn seal_blob(key: &Key, aad: &[u8], plain: &[u8]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Opens a blob sealed by [`seal_blob`] with the same key and `aad`.
-pub fn open_blob(key: &Key, aad: &[u8], name: &str, mut bytes: Vec<u8>) -> Result<Vec<u8>> {
+/// Opens a blob sealed by [`seal_blob`] with one of `key`'s keys and the same `aad`.
+/// Blobs do not name their key: each is tried, the sealing one first (a failed tag
+/// check costs one pass over a blob of digests).
+pub fn open_blob(key: &Key, aad: &[u8], name: &str, bytes: Vec<u8>) -> Result<Vec<u8>> {
     let head = BLOB_MAGIC.len() + NONCE_LEN;
     if bytes.len() < head + 16 || &bytes[..BLOB_MAGIC.len()] != BLOB_MAGIC {
         return Err(Error::Corrupt {
@@ -300,19 +307,21 @@ pub fn open_blob(key: &Key, aad: &[u8], name: &str, mut bytes: Vec<u8>) -> Resul
         });
     }
     let nonce: [u8; NONCE_LEN] = bytes[BLOB_MAGIC.len()..head].try_into().expect("12");
-    let plain_len = blob_key(key)
-        .open_in_place(
+    for candidate in key.newest_first() {
+        let mut sealed = bytes[head..].to_vec();
+        if let Ok(plain) = blob_key(candidate).open_in_place(
             Nonce::assume_unique_for_key(nonce),
             Aad::from(aad),
-            &mut bytes[head..],
-        )
-        .map_err(|_| Error::Auth {
-            segment: name.into(),
-        })?
-        .len();
-    bytes.copy_within(head..head + plain_len, 0);
-    bytes.truncate(plain_len);
-    Ok(bytes)
+            &mut sealed,
+        ) {
+            let plain_len = plain.len();
+            sealed.truncate(plain_len);
+            return Ok(sealed);
+        }
+    }
+    Err(Error::Auth {
+        segment: name.into(),
+    })
 }
 
 fn answer_aad(volume: &str, gen: u64) -> Vec<u8> {
@@ -376,10 +385,20 @@ mod tests {
         assert!(DigestAnswer::open(&key, "other", 9, "a", sealed.clone()).is_err());
         let wrong = Key::from_bytes([8; 32]);
         assert!(DigestAnswer::open(&wrong, "vol", 9, "a", sealed.clone()).is_err());
-        let mut flipped = sealed;
+        let mut flipped = sealed.clone();
         let last = flipped.len() - 20;
         flipped[last] ^= 1;
         assert!(DigestAnswer::open(&key, "vol", 9, "a", flipped).is_err());
+        // Blobs do not name their key: a file holding it, retired or sealing, opens it.
+        for keys in [vec![[7; 32], [8; 32]], vec![[8; 32], [7; 32]]] {
+            let rotated = Key::from_keys(keys);
+            assert_eq!(
+                DigestAnswer::open(&rotated, "vol", 9, "a", sealed.clone()).unwrap(),
+                answer
+            );
+        }
+        let others = Key::from_keys(vec![[8; 32], [9; 32]]);
+        assert!(DigestAnswer::open(&others, "vol", 9, "a", sealed).is_err());
     }
 
     #[test]

@@ -57,7 +57,7 @@ pub enum Error {
         supported: u16,
     },
 
-    #[error("{segment} was sealed with key id {found}, but the key in use has id {expected}: point --key at the key file the shipper uses")]
+    #[error("{segment} was sealed with key id {found}, which the key file in use lacks (it has {expected}): point --key at the key file the shipper uses, or, after `shipper key rotate` on the protected side, copy its key file here")]
     WrongKey {
         segment: String,
         expected: String,

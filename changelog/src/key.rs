@@ -1,8 +1,17 @@
-//! The AES-256 key shared by the shipper (sealing) and ublk-target (opening).
+//! The AES-256 keys shared by the shipper (sealing) and ublk-target (opening).
 //!
-//! A key file holds exactly 32 random bytes and is created with mode 0600. Each key has
-//! a public 8-byte id (a SHA-256 of the key under a domain label) written into every
-//! segment header, so a wrong key is reported as such instead of as corruption.
+//! A key file holds one or more 32-byte random keys, oldest first, and is created with
+//! mode 0600. The last key seals everything new; the ones before it are *retired*:
+//! they only open what they sealed (segments still in staging or in the store, digest
+//! answers). That is how a key is rotated without stopping replication
+//! ([`Key::rotate_file`]): the protected side appends a fresh key, the file is copied
+//! to the recovery side, and the shipper seals with the new key once it restarts; the
+//! hash chain is keyless, so it runs on across the change. Once nothing sealed with a
+//! retired key is left, [`Key::forget_file`] removes it.
+//!
+//! Each key has a public 8-byte id (a SHA-256 of the key under a domain label) written
+//! into every segment header, so a segment is opened with the key that sealed it, and
+//! one sealed with a key the file lacks is reported as such instead of as corruption.
 
 use crate::error::{Error, Result};
 use sha2::{Digest, Sha256};
@@ -10,43 +19,87 @@ use std::fmt;
 use std::fs::OpenOptions;
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub const KEY_LEN: usize = 32;
 
+/// Most keys one file holds: rotating weekly for over a year; retire old ones with
+/// [`Key::forget_file`].
+pub const MAX_KEYS: usize = 64;
+
+/// The keys of a key file: the one that seals (the last) and the retired ones before it.
 #[derive(Clone)]
 pub struct Key {
-    bytes: [u8; KEY_LEN],
+    /// Oldest first; never empty.
+    keys: Vec<[u8; KEY_LEN]>,
 }
 
 impl Key {
     pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Key {
-        Key { bytes }
+        Key { keys: vec![bytes] }
+    }
+
+    /// Keys in memory, oldest first (the last seals), e.g. to open what an earlier key
+    /// sealed. Panics if `keys` is empty.
+    pub fn from_keys(keys: Vec<[u8; KEY_LEN]>) -> Key {
+        assert!(!keys.is_empty(), "a Key holds at least one key");
+        Key { keys }
     }
 
     /// A fresh key from the operating system's random source.
     pub fn generate() -> Result<Key> {
-        let mut bytes = [0u8; KEY_LEN];
-        getrandom::getrandom(&mut bytes).map_err(|e| {
-            Error::io(
-                "reading the system random source",
-                std::io::Error::other(e.to_string()),
-            )
-        })?;
-        Ok(Key { bytes })
+        Ok(Key::from_bytes(random_key()?))
     }
 
+    /// The key that seals.
     pub(crate) fn bytes(&self) -> &[u8; KEY_LEN] {
-        &self.bytes
+        self.keys.last().expect("a Key is never empty")
     }
 
-    /// The public identifier of this key, stored in segment headers.
+    /// The key whose id is `id`, sealing or retired.
+    pub(crate) fn bytes_for(&self, id: [u8; 8]) -> Option<&[u8; KEY_LEN]> {
+        self.keys.iter().find(|k| key_id(k) == id)
+    }
+
+    /// Every key, the sealing one first, then the retired ones newest first: the order
+    /// in which to try them on something that does not name its key.
+    pub(crate) fn newest_first(&self) -> impl Iterator<Item = &[u8; KEY_LEN]> {
+        self.keys.iter().rev()
+    }
+
+    /// The public identifier of the key that seals, stored in segment headers.
     pub fn id(&self) -> [u8; 8] {
-        let digest = Sha256::new()
-            .chain_update(b"ublk-dr key id v1")
-            .chain_update(self.bytes)
-            .finalize();
-        digest[..8].try_into().expect("8 bytes")
+        key_id(self.bytes())
+    }
+
+    /// The ids of every key, oldest first (the last one seals).
+    pub fn ids(&self) -> Vec<[u8; 8]> {
+        self.keys.iter().map(key_id).collect()
+    }
+
+    /// Whether the key with id `id` is in this file.
+    pub fn has(&self, id: [u8; 8]) -> bool {
+        self.bytes_for(id).is_some()
+    }
+
+    /// The key with id `id` alone, as the one that seals: to answer in the key the
+    /// other side asked for. `None` if this file lacks it.
+    pub fn only(&self, id: [u8; 8]) -> Option<Key> {
+        self.bytes_for(id).map(|k| Key::from_bytes(*k))
+    }
+
+    /// The ids for messages: `"1a2b…, 3c4d… (sealing)"`.
+    pub fn describe_ids(&self) -> String {
+        let ids = self.ids();
+        let last = ids.len() - 1;
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| match i == last {
+                true if last > 0 => format!("{} (sealing)", hex(id)),
+                _ => hex(id),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Writes a new random key to `path` with mode 0600. Refuses to overwrite a file:
@@ -61,17 +114,17 @@ impl Key {
             .map_err(|e| match e.kind() {
                 ErrorKind::AlreadyExists => Error::Key {
                     path: path.into(),
-                    what: "already exists; refusing to overwrite a key (remove it first if you really mean to)".into(),
+                    what: "already exists; refusing to overwrite a key (remove it first if you really mean to, or rotate it with `shipper key rotate`)".into(),
                 },
                 _ => Error::io(format!("creating key file {}", path.display()), e),
             })?;
-        file.write_all(&key.bytes)
+        file.write_all(key.bytes())
             .and_then(|_| file.sync_all())
             .map_err(|e| Error::io(format!("writing key file {}", path.display()), e))?;
         Ok(key)
     }
 
-    /// Reads a key file, checking that it is exactly 32 bytes.
+    /// Reads a key file: one or more 32-byte keys, at most [`MAX_KEYS`], no key twice.
     pub fn load(path: &Path) -> Result<Key> {
         let key_err = |what: String| Error::Key {
             path: path.into(),
@@ -81,19 +134,36 @@ impl Key {
             ErrorKind::NotFound => key_err("does not exist; create one with `shipper keygen --out PATH` and copy it to both sides".into()),
             _ => Error::io(format!("opening key file {}", path.display()), e),
         })?;
-        let mut bytes = Vec::with_capacity(KEY_LEN + 1);
+        let most = (MAX_KEYS * KEY_LEN) as u64;
+        let mut bytes = Vec::with_capacity(KEY_LEN);
         Read::by_ref(&mut file)
-            .take(KEY_LEN as u64 + 1)
+            .take(most + 1)
             .read_to_end(&mut bytes)
             .map_err(|e| Error::io(format!("reading key file {}", path.display()), e))?;
-        if bytes.len() != KEY_LEN {
+        if bytes.is_empty() || bytes.len() % KEY_LEN != 0 || bytes.len() as u64 > most {
             let size = file
                 .metadata()
                 .map(|m| m.len())
                 .unwrap_or(bytes.len() as u64);
             return Err(key_err(format!(
-                "is {size} bytes, a key is exactly {KEY_LEN} bytes (made by `shipper keygen`)"
+                "is {size} bytes; a key file holds 1 to {MAX_KEYS} keys of exactly {KEY_LEN} \
+                 bytes each (made by `shipper keygen`, grown by `shipper key rotate`)"
             )));
+        }
+        let keys: Vec<[u8; KEY_LEN]> = bytes
+            .chunks(KEY_LEN)
+            .map(|k| k.try_into().expect("whole keys"))
+            .collect();
+        for (i, k) in keys.iter().enumerate() {
+            if let Some(first) = keys[..i].iter().position(|earlier| earlier == k) {
+                return Err(key_err(format!(
+                    "key {} repeats key {} (id {}); the file is damaged or was pieced \
+                     together by hand",
+                    i + 1,
+                    first + 1,
+                    hex(&key_id(k))
+                )));
+            }
         }
         if let Ok(meta) = file.metadata() {
             if meta.permissions().mode() & 0o077 != 0 {
@@ -103,15 +173,123 @@ impl Key {
                 );
             }
         }
-        Ok(Key {
-            bytes: bytes.try_into().expect("checked length"),
-        })
+        Ok(Key { keys })
     }
+
+    /// Appends a fresh key to the key file at `path`, which seals from then on (once
+    /// the programs using the file load it again); the keys before it stay, retired,
+    /// to open what they sealed. The file is replaced atomically (mode 0600): a crash
+    /// leaves the old file or the new one. Returns the keys now in the file.
+    pub fn rotate_file(path: &Path) -> Result<Key> {
+        let mut key = Key::load(path)?;
+        if key.keys.len() >= MAX_KEYS {
+            return Err(Error::Key {
+                path: path.into(),
+                what: format!(
+                    "holds {MAX_KEYS} keys already; remove retired ones with `shipper key forget` first"
+                ),
+            });
+        }
+        key.keys.push(random_key()?);
+        key.replace_file(path)?;
+        Ok(key)
+    }
+
+    /// Removes the retired key with id `id` (hex, or a prefix of at least 4 hex digits)
+    /// from the key file at `path`; refuses the key that seals. Returns the keys left.
+    pub fn forget_file(path: &Path, id: &str) -> Result<Key> {
+        let mut key = Key::load(path)?;
+        let key_err = |what: String| Error::Key {
+            path: path.into(),
+            what,
+        };
+        let id = id.to_ascii_lowercase();
+        if id.len() < 4 {
+            return Err(key_err(format!(
+                "name the key to forget by at least 4 hex digits of its id, not {id:?}"
+            )));
+        }
+        let matching: Vec<usize> = (0..key.keys.len())
+            .filter(|&i| hex(&key_id(&key.keys[i])).starts_with(&id))
+            .collect();
+        let index = match matching[..] {
+            [i] => i,
+            [] => {
+                return Err(key_err(format!(
+                    "has no key with id {id} (it has {})",
+                    key.describe_ids()
+                )))
+            }
+            _ => return Err(key_err(format!("more than one key's id starts with {id}"))),
+        };
+        if index == key.keys.len() - 1 {
+            return Err(key_err(format!(
+                "key {id} is the one that seals; rotate first (`shipper key rotate`), then \
+                 forget it once nothing sealed with it is left"
+            )));
+        }
+        key.keys.remove(index);
+        key.replace_file(path)?;
+        Ok(key)
+    }
+
+    /// Writes these keys over the file at `path`: a new file beside it, synced, then
+    /// renamed over it and the directory synced.
+    fn replace_file(&self, path: &Path) -> Result<()> {
+        let mut new_name = path.file_name().unwrap_or_default().to_os_string();
+        new_name.push(".new");
+        let new = path.with_file_name(new_name);
+        let io = |what: &str, p: &Path, e| Error::io(format!("{what} {}", p.display()), e);
+        // A `.new` left by a crash in the middle of an earlier rotation is garbage: the
+        // rename is what commits.
+        match std::fs::remove_file(&new) {
+            Err(e) if e.kind() != ErrorKind::NotFound => {
+                return Err(io("removing the stale", &new, e))
+            }
+            _ => {}
+        }
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&new)
+            .map_err(|e| io("creating", &new, e))?;
+        file.write_all(&self.keys.concat())
+            .and_then(|_| file.sync_all())
+            .map_err(|e| io("writing", &new, e))?;
+        std::fs::rename(&new, path).map_err(|e| io("renaming over", path, e))?;
+        let dir: PathBuf = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.into(),
+            _ => ".".into(),
+        };
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io("syncing directory", &dir, e))
+    }
+}
+
+fn key_id(key: &[u8; KEY_LEN]) -> [u8; 8] {
+    let digest = Sha256::new()
+        .chain_update(b"ublk-dr key id v1")
+        .chain_update(key)
+        .finalize();
+    digest[..8].try_into().expect("8 bytes")
+}
+
+fn random_key() -> Result<[u8; KEY_LEN]> {
+    let mut bytes = [0u8; KEY_LEN];
+    getrandom::getrandom(&mut bytes).map_err(|e| {
+        Error::io(
+            "reading the system random source",
+            std::io::Error::other(e.to_string()),
+        )
+    })?;
+    Ok(bytes)
 }
 
 impl fmt::Debug for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Key(id {})", hex(&self.id()))
+        write!(f, "Key(ids {})", self.describe_ids())
     }
 }
 
@@ -140,7 +318,64 @@ mod tests {
         std::fs::write(&short, [1u8; 31]).unwrap();
         let msg = Key::load(&short).unwrap_err().to_string();
         assert!(msg.contains("31 bytes"), "{msg}");
+        let odd = dir.path().join("odd");
+        std::fs::write(&odd, [1u8; 33]).unwrap();
+        assert!(Key::load(&odd)
+            .unwrap_err()
+            .to_string()
+            .contains("33 bytes"));
         let missing = Key::load(&dir.path().join("none")).unwrap_err().to_string();
         assert!(missing.contains("does not exist"), "{missing}");
+    }
+
+    #[test]
+    fn rotation_appends_a_sealing_key_and_keeps_the_retired_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        let first = Key::generate_file(&path).unwrap();
+        // A `.new` left by a crashed rotation does not stop the next one.
+        std::fs::write(dir.path().join("k.new"), b"half").unwrap();
+        let rotated = Key::rotate_file(&path).unwrap();
+        assert_eq!(rotated.ids().len(), 2);
+        assert_eq!(rotated.ids()[0], first.id());
+        assert_ne!(rotated.id(), first.id());
+        assert!(rotated.has(first.id()));
+        assert_eq!(rotated.only(first.id()).unwrap().id(), first.id());
+        assert_eq!(Key::load(&path).unwrap().ids(), rotated.ids());
+        assert!(!dir.path().join("k.new").exists());
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+
+        // The sealing key cannot be forgotten; a retired one can, by an id prefix.
+        let sealing = hex(&rotated.id());
+        let msg = Key::forget_file(&path, &sealing).unwrap_err().to_string();
+        assert!(msg.contains("the one that seals"), "{msg}");
+        assert!(Key::forget_file(&path, "ab").is_err());
+        let retired = hex(&first.id());
+        let left = Key::forget_file(&path, &retired[..6]).unwrap();
+        assert_eq!(left.ids(), vec![rotated.id()]);
+        assert_eq!(Key::load(&path).unwrap().ids(), vec![rotated.id()]);
+        let msg = Key::forget_file(&path, &retired).unwrap_err().to_string();
+        assert!(msg.contains("has no key"), "{msg}");
+    }
+
+    #[test]
+    fn a_file_with_a_key_twice_or_too_many_keys_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let twice = dir.path().join("twice");
+        std::fs::write(&twice, [[1u8; 32], [2; 32], [1; 32]].concat()).unwrap();
+        let msg = Key::load(&twice).unwrap_err().to_string();
+        assert!(msg.contains("key 3 repeats key 1"), "{msg}");
+
+        let full = dir.path().join("full");
+        let keys: Vec<u8> = (0..MAX_KEYS as u8).flat_map(|i| [i; 32]).collect();
+        std::fs::write(&full, &keys).unwrap();
+        assert_eq!(Key::load(&full).unwrap().ids().len(), MAX_KEYS);
+        let msg = Key::rotate_file(&full).unwrap_err().to_string();
+        assert!(msg.contains("shipper key forget"), "{msg}");
+        std::fs::write(&full, [keys, vec![99; 32]].concat()).unwrap();
+        assert!(Key::load(&full).is_err());
     }
 }

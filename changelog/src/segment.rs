@@ -16,7 +16,7 @@
 
 use crate::error::{Error, Result};
 use crate::header::*;
-use crate::key::{hex, Key};
+use crate::key::{hex, Key, KEY_LEN};
 use crate::record::{RecordDecoder, RecordRef};
 use crate::volume::VolumeId;
 use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
@@ -244,7 +244,7 @@ fn encrypt(
         prev_digest: [0; 32],
     };
     let encoded = header.encode();
-    let tag = cipher(key)
+    let tag = cipher(key.bytes())
         .seal_in_place_separate_tag(
             Nonce::assume_unique_for_key(header.nonce()),
             Aad::from(aad(&encoded)),
@@ -310,10 +310,8 @@ impl SealedSegment {
 
 /// AES-256-GCM from `ring`: about four times RustCrypto's `aes-gcm` on this project's
 /// machines (see bench/RESULTS.md); the format is standard AES-GCM either way.
-fn cipher(key: &Key) -> LessSafeKey {
-    LessSafeKey::new(
-        UnboundKey::new(&AES_256_GCM, key.bytes()).expect("a 32-byte key fits AES-256"),
-    )
+fn cipher(key: &[u8; KEY_LEN]) -> LessSafeKey {
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).expect("a 32-byte key fits AES-256"))
 }
 
 /// A segment's header and digest, read without the key.
@@ -387,17 +385,17 @@ impl OpenedSegment {
 /// see [`ChainCursor::open_next`] for that).
 pub fn open(mut bytes: Vec<u8>, name: &str, key: &Key) -> Result<OpenedSegment> {
     let SegmentInfo { header, digest } = read_info(&bytes, name)?;
-    if header.key_id != key.id() {
+    let Some(sealed_with) = key.bytes_for(header.key_id) else {
         return Err(Error::WrongKey {
             segment: name.into(),
-            expected: hex(&key.id()),
+            expected: key.describe_ids(),
             found: header.key_id_hex(),
         });
-    }
+    };
     let tag_at = bytes.len() - TAG_LEN;
     let tag: [u8; TAG_LEN] = bytes[tag_at..].try_into().expect("length checked");
     let encoded: [u8; HEADER_LEN] = bytes[..HEADER_LEN].try_into().expect("length checked");
-    cipher(key)
+    cipher(sealed_with)
         .open_in_place_separate_tag(
             Nonce::assume_unique_for_key(header.nonce()),
             Aad::from(aad(&encoded)),

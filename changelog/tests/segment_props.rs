@@ -74,8 +74,12 @@ fn params(index: u64) -> SealParams {
     }
 }
 
+fn key_bytes() -> [u8; 32] {
+    [7; 32]
+}
+
 fn key() -> Key {
-    Key::from_bytes([7; 32])
+    Key::from_bytes(key_bytes())
 }
 
 proptest! {
@@ -176,6 +180,24 @@ fn chain_refuses_gap_replay_swap_foreign_and_wrong_key() {
         err(&segs[1].bytes, &Key::from_bytes([8; 32])),
         Error::WrongKey { .. }
     ));
+    // After a rotation the file holds the retired key too, before or after the new
+    // one: either way the segment opens with the key that sealed it.
+    let retired = key_bytes();
+    for keys in [vec![retired, [8; 32]], vec![[8; 32], retired]] {
+        let rotated = Key::from_keys(keys);
+        let s1 = cursor
+            .open_next(segs[1].bytes.clone(), "s1", &rotated)
+            .unwrap();
+        assert_eq!(s1.header.index, 1);
+    }
+    let message = err(&segs[1].bytes, &Key::from_keys(vec![[8; 32], [9; 32]])).to_string();
+    for id in [
+        Key::from_bytes([8; 32]).id(),
+        Key::from_bytes([9; 32]).id(),
+        key().id(),
+    ] {
+        assert!(message.contains(&changelog::key::hex(&id)), "{message}");
+    }
 
     let other_vol = SealParams {
         volume: VolumeId::new("vol1").unwrap(),
