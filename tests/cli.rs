@@ -20,7 +20,7 @@ fn every_command_has_help() {
         ),
         (
             "shipper",
-            &["keygen", "run", "mark", "resync", "status"][..],
+            &["keygen", "key", "run", "mark", "resync", "status"][..],
         ),
         (
             "ublk-target",

@@ -29,6 +29,16 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// List, rotate or retire the keys of a key file.
+    ///
+    /// A key file holds the key that seals new segments (the last) and the retired
+    /// keys before it, which still open what they sealed. Rotating appends a fresh
+    /// key: copy the file to the recovery side, then restart the shippers (`systemctl
+    /// restart 'ublk-dr-shipper@*'`), which seal with the new key from then on.
+    Key {
+        #[command(subcommand)]
+        action: KeyAction,
+    },
     /// Ship volumes: read each ring, seal, stage and upload segments until stopped.
     ///
     /// Either every volume of a config file (--config; see the shipper crate's config
@@ -102,6 +112,36 @@ enum Command {
         /// One row per volume even for a single --status file.
         #[arg(long, conflicts_with = "json")]
         table: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyAction {
+    /// Print the id of every key in the file, oldest first; the last one seals.
+    List {
+        /// The key file (e.g. /etc/ublk-dr/key).
+        file: PathBuf,
+    },
+    /// Append a fresh key, which seals from the shippers' next start; the others stay
+    /// to open what they sealed. The file is replaced atomically.
+    ///
+    /// Copy the file to the recovery side before or soon after restarting the
+    /// shippers: until it has the new key, `ublk-target apply --follow` waits at the
+    /// first segment sealed with it (warning, nothing lost) and reads the file again
+    /// every few seconds.
+    Rotate {
+        /// The key file (e.g. /etc/ublk-dr/key).
+        file: PathBuf,
+    },
+    /// Remove a retired key, once nothing sealed with it is left: every shipper has
+    /// restarted since the rotation and staged a segment, and the recovery side has
+    /// applied past the rotation (`ublk-target status`). Then copy the file to the
+    /// recovery side again.
+    Forget {
+        /// The key file (e.g. /etc/ublk-dr/key).
+        file: PathBuf,
+        /// The retired key's id (hex, or its first 4+ digits), from `shipper key list`.
+        id: String,
     },
 }
 
@@ -271,6 +311,7 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Key { action } => key_command(action),
         Command::Run(args) => ship(args),
         Command::GroupCut {
             clock,
@@ -391,6 +432,42 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn key_command(action: KeyAction) -> Result<()> {
+    let list = |key: &Key| {
+        let ids = key.ids();
+        for (i, id) in ids.iter().enumerate() {
+            let role = if i + 1 == ids.len() {
+                "seals"
+            } else {
+                "retired"
+            };
+            println!("{}  {role}", changelog::key::hex(id));
+        }
+    };
+    match action {
+        KeyAction::List { file } => list(&Key::load(&file)?),
+        KeyAction::Rotate { file } => {
+            let key = Key::rotate_file(&file)?;
+            list(&key);
+            println!(
+                "added key {} to {}: copy the file to the recovery side, then restart the \
+                 shippers using it (`systemctl restart 'ublk-dr-shipper@*'`) to seal with it",
+                changelog::key::hex(&key.id()),
+                file.display()
+            );
+        }
+        KeyAction::Forget { file, id } => {
+            let key = Key::forget_file(&file, &id)?;
+            list(&key);
+            println!(
+                "removed key {id} from {}: copy the file to the recovery side",
+                file.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn ship(args: RunArgs) -> Result<()> {
@@ -785,6 +862,9 @@ fn print_status(s: &Status) {
             String::new()
         }
     );
+    if !s.sealing_key_id.is_empty() {
+        println!("sealing key      {}", s.sealing_key_id);
+    }
     if let Some(e) = &s.last_error {
         println!("last error       {e}");
     }

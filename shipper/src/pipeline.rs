@@ -298,6 +298,7 @@ pub fn run(
         status: Mutex::new(Status {
             volume: config.volume.to_string(),
             pid: std::process::id(),
+            sealing_key_id: changelog::key::hex(&config.key.id()),
             rpo_threshold_ms: config.rpo_threshold.as_millis() as u64,
             newest_staged_index: cursor.next_index.checked_sub(1),
             segments_pending_upload: backlog.len() as u64,

@@ -125,6 +125,7 @@ pub fn coordinate(
                 block_bytes: progress.block_bytes,
                 device_bytes: ring.geometry().device_bytes,
                 blocks,
+                key_id: Some(changelog::key::hex(&config.key.id())),
             };
             let json = serde_json::to_vec(&request).expect("request serializes");
             match store.put_blob(volume, &request_name(gen), &json) {

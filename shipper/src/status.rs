@@ -95,6 +95,10 @@ pub struct Status {
     /// or a receiver refuses this host): the last error; `None` once it answers.
     #[serde(default)]
     pub resync_store_error: Option<String>,
+    /// The id (hex) of the key new segments are sealed with: after `shipper key
+    /// rotate`, shows whether this shipper has taken up the new key.
+    #[serde(default)]
+    pub sealing_key_id: String,
     /// The upload retry in progress (0 = none) and the error that caused it.
     pub retry_attempt: u32,
     pub last_error: Option<String>,

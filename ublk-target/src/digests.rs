@@ -75,6 +75,21 @@ pub fn answer_requests(
                 continue;
             }
         };
+        let sealing = match &request.key_id {
+            None => key.clone(),
+            Some(id) => match parse_key_id(id).and_then(|id| key.only(id)) {
+                Some(key) => key,
+                None => {
+                    log::warn!(
+                        "volume {volume}: digest request {name} asks for an answer sealed \
+                         with key id {id}, which the key file lacks (it has {}): copy the \
+                         protected side's key file here",
+                        key.describe_ids()
+                    );
+                    continue;
+                }
+            },
+        };
         if request.need_seq >= applied_next_seq {
             log::debug!(
                 "volume {volume}: digest request {gen:016x} waits for seq {} to be applied",
@@ -109,7 +124,7 @@ pub fn answer_requests(
         store.put_blob(
             volume,
             &answer_name(gen),
-            &answer.seal(key, volume.as_str())?,
+            &answer.seal(&sealing, volume.as_str())?,
         )?;
         log::info!(
             "volume {volume}: answered digest request {gen:016x}: {} blocks of {} bytes in {:.1} s",
@@ -120,4 +135,64 @@ pub fn answer_requests(
         answered += 1;
     }
     Ok(answered)
+}
+
+/// A key id from its 16 hex digits.
+fn parse_key_id(hex: &str) -> Option<[u8; 8]> {
+    let value = u64::from_str_radix(hex, 16)
+        .ok()
+        .filter(|_| hex.len() == 16)?;
+    Some(value.to_be_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use changelog::digests::request_name;
+    use changelog::key::hex;
+    use changelog::LocalDirStore;
+
+    /// Asks for the digests of a 2-block replica with `key_id`, answers with `key`,
+    /// and returns the sealed answer, if one was written.
+    fn answer_for(key_id: Option<String>, key: &Key) -> Option<Vec<u8>> {
+        let dir = tempfile::tempdir().unwrap();
+        let replica = dir.path().join("replica");
+        std::fs::write(&replica, vec![3u8; 8192]).unwrap();
+        let store = LocalDirStore::new(dir.path().join("store"));
+        let volume = VolumeId::new("vol0").unwrap();
+        let request = DigestRequest {
+            gen: 5,
+            need_seq: 5,
+            block_bytes: 4096,
+            device_bytes: 8192,
+            blocks: None,
+            key_id,
+        };
+        let json = serde_json::to_vec(&request).unwrap();
+        store.put_blob(&volume, &request_name(5), &json).unwrap();
+        answer_requests(&store, &volume, key, &replica, 6, AnswerMode::Compare).unwrap();
+        store.get_blob(&volume, &answer_name(5)).unwrap()
+    }
+
+    #[test]
+    fn an_answer_is_sealed_with_the_key_the_shipper_asks_for() {
+        let (retired, sealing) = ([1u8; 32], [2u8; 32]);
+        let rotated = Key::from_keys(vec![retired, sealing]);
+        let only = |bytes| Key::from_bytes(bytes);
+        let opens = |answer: &[u8], key: &Key| {
+            DigestAnswer::open(key, "vol0", 5, "a", answer.to_vec()).is_ok()
+        };
+
+        // A shipper still on the retired key (started before the rotation) asks for it.
+        let answer = answer_for(Some(hex(&only(retired).id())), &rotated).unwrap();
+        assert!(opens(&answer, &only(retired)));
+        assert!(!opens(&answer, &only(sealing)));
+        // A request without a key id (an older shipper) gets the sealing key.
+        let answer = answer_for(None, &rotated).unwrap();
+        assert!(opens(&answer, &only(sealing)));
+        assert!(!opens(&answer, &only(retired)));
+        // A key this side lacks: no answer (the request waits for the key file).
+        assert!(answer_for(Some(hex(&only([3; 32]).id())), &rotated).is_none());
+        assert!(answer_for(Some("not hex".into()), &rotated).is_none());
+    }
 }

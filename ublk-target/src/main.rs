@@ -507,6 +507,7 @@ fn run(cli: Cli) -> Result<()> {
                             volume: v.id.clone(),
                             replica: v.replica.clone(),
                             key: key.clone(),
+                            key_file: config.key.clone(),
                             state: v.state.clone(),
                             journal: v.journal.clone(),
                             retention: config.retention(v).expect("checked on load"),
@@ -518,11 +519,13 @@ fn run(cli: Cli) -> Result<()> {
                     (jobs, poll_ms.map_or(config.poll(), Duration::from_millis))
                 }
                 None => {
+                    let key_file = key.expect("clap requires it");
                     let job = ApplyJob {
                         store: store.expect("clap requires it"),
                         volume: volume.expect("clap requires it"),
                         replica: replica.expect("clap requires it"),
-                        key: Key::load(&key.expect("clap requires it"))?,
+                        key: Key::load(&key_file)?,
+                        key_file,
                         state,
                         journal,
                         retention: retention.retention(),
@@ -932,6 +935,16 @@ fn is_recoverable(e: &anyhow::Error) -> bool {
             .is_some_and(changelog::Error::is_recoverable)
 }
 
+/// Whether a segment was sealed with a key the key file lacks.
+fn lacks_key(e: &anyhow::Error) -> bool {
+    let wrong_key = |e: &changelog::Error| matches!(e, changelog::Error::WrongKey { .. });
+    match e.downcast_ref::<TargetError>() {
+        Some(TargetError::Changelog(e)) => wrong_key(e),
+        Some(_) => false,
+        None => e.downcast_ref::<changelog::Error>().is_some_and(wrong_key),
+    }
+}
+
 /// The error on one line, with what to do when a file system is full.
 fn with_hint(e: &anyhow::Error) -> String {
     let line = changelog::error::one_line(&**e);
@@ -953,6 +966,8 @@ struct ApplyJob {
     volume: VolumeId,
     replica: PathBuf,
     key: Key,
+    /// Where `key` came from: read again when a segment names a key it lacks.
+    key_file: PathBuf,
     state: Option<PathBuf>,
     journal: Option<PathBuf>,
     retention: Retention,
@@ -991,8 +1006,9 @@ impl ApplyJob {
         let mut applier = None;
         let mut failing = false;
         let mut opened_once = false;
+        let mut key = self.key.clone();
         loop {
-            let result = self.apply_once(&mut applier, &store, std::mem::take(&mut progress));
+            let result = self.apply_once(&key, &mut applier, &store, std::mem::take(&mut progress));
             if let (false, Some(opened)) = (opened_once, &applier) {
                 self.log_undo_method(opened.undo_method());
             }
@@ -1013,6 +1029,33 @@ impl ApplyJob {
                         log::info!("volume {}: applying again", self.volume);
                     }
                     std::thread::sleep(poll);
+                }
+                // The protected side rotated its key and this side's file lacks the
+                // new one yet: read the file again until it has it.
+                (Err(e), Some(poll)) if opened_once && lacks_key(&e) => {
+                    log::warn!(
+                        "volume {}: {}; reading {} again in {} s",
+                        self.volume,
+                        changelog::error::one_line(&*e),
+                        self.key_file.display(),
+                        RETRY_WAIT.max(poll).as_secs()
+                    );
+                    failing = true;
+                    std::thread::sleep(RETRY_WAIT.max(poll));
+                    match Key::load(&self.key_file) {
+                        Ok(reloaded) if reloaded.ids() != key.ids() => {
+                            log::info!(
+                                "volume {}: key file {} read again: keys {}",
+                                self.volume,
+                                self.key_file.display(),
+                                reloaded.describe_ids()
+                            );
+                            key = reloaded;
+                            applier = None;
+                        }
+                        Ok(_) => {}
+                        Err(e) => log::warn!("volume {}: {e}", self.volume),
+                    }
                 }
                 // Failing to open the applier the first time is a setup problem (a
                 // missing replica, a wrong path): reported, not retried.
@@ -1055,6 +1098,7 @@ impl ApplyJob {
     /// answers digest requests.
     fn apply_once(
         &self,
+        key: &Key,
         applier: &mut Option<Applier>,
         store: &Arc<dyn TargetStore>,
         progress: bool,
@@ -1067,7 +1111,7 @@ impl ApplyJob {
             *applier = Some(Applier::open(
                 store.clone(),
                 self.volume.clone(),
-                self.key.clone(),
+                key.clone(),
                 replica,
                 &state,
                 &ApplyOptions {
@@ -1103,9 +1147,7 @@ impl ApplyJob {
             ublk_target::digests::AnswerMode::Compare
         };
         let (volume, next_seq) = (&applier.cursor().volume, applier.cursor().next_seq);
-        ublk_target::digests::answer_requests(
-            &**store, volume, &self.key, replica, next_seq, mode,
-        )?;
+        ublk_target::digests::answer_requests(&**store, volume, key, replica, next_seq, mode)?;
         if applied > 0 {
             let c = applier.cursor();
             log::info!(
