@@ -304,7 +304,7 @@ fn status_shows_a_table_per_config(cfg: &std::path::Path, d: &std::path::Path) {
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 3, "a header and a row per volume: {text}");
     for column in [
-        "VOLUME", "HEALTH", "RPO", "RING", "PENDING", "RESYNC", "STATE",
+        "VOLUME", "HEALTH", "RPO", "RING", "PENDING", "RESYNC", "IN/OUT", "STATE",
     ] {
         assert!(lines[0].contains(column), "{column} missing: {text}");
     }
@@ -315,7 +315,9 @@ fn status_shows_a_table_per_config(cfg: &std::path::Path, d: &std::path::Path) {
         assert!(cells[3].ends_with('%'), "ring used in percent: {text}");
         assert_eq!(cells[4], "0", "nothing pending after --drain: {text}");
         assert_eq!(cells[5], "-", "no resync: {text}");
-        assert_eq!(cells[6], "replicating", "{text}");
+        let rates: Vec<f64> = cells[6].split('/').map(|r| r.parse().unwrap()).collect();
+        assert_eq!(rates.len(), 2, "MB/s in/out: {text}");
+        assert_eq!(cells[7], "replicating", "{text}");
     }
 
     let (ok, json) = run("shipper", &["status", "--config", cfg, "--json"]);

@@ -46,7 +46,24 @@ fn two_volumes_share_one_upload_limit_and_both_replicas_converge() {
         .iter()
         .map(|(f, _)| Arc::new(RecordingStore::new(LocalDirStore::new(f.path("store")))))
         .collect();
+    // The status's throughput while the uploads go on (sampled from the outside).
+    let shipping = std::sync::atomic::AtomicBool::new(true);
+    let mut seen_rates = [(0u64, 0u64); 2];
     std::thread::scope(|scope| {
+        let watcher = scope.spawn(|| {
+            let mut seen = [(0u64, 0u64); 2];
+            while shipping.load(std::sync::atomic::Ordering::Relaxed) {
+                for ((fixture, _), seen) in volumes.iter().zip(&mut seen) {
+                    if let Ok(s) = Status::read(&fixture.path("status.json")) {
+                        seen.0 = seen.0.max(s.capture_bytes_per_s);
+                        seen.1 = seen.1.max(s.upload_bytes_per_s);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            seen
+        });
+        let mut shippers = Vec::new();
         for ((fixture, _), store) in volumes.iter().zip(&stores) {
             let mut config = fixture.shipper_config();
             config.throttle = throttle.clone();
@@ -54,8 +71,15 @@ fn two_volumes_share_one_upload_limit_and_both_replicas_converge() {
             let control = Arc::new(shipper::Control::default());
             control.drain();
             let store = store.clone();
-            scope.spawn(move || shipper::run(&config, store, control).expect("shipper run"));
+            shippers.push(
+                scope.spawn(move || shipper::run(&config, store, control).expect("shipper run")),
+            );
         }
+        for shipper in shippers {
+            shipper.join().unwrap();
+        }
+        shipping.store(false, std::sync::atomic::Ordering::Relaxed);
+        seen_rates = watcher.join().unwrap();
     });
 
     let mut uploads: Vec<UploadAttempt> = stores.iter().flat_map(|s| s.attempts()).collect();
@@ -82,10 +106,24 @@ fn two_volumes_share_one_upload_limit_and_both_replicas_converge() {
         );
         before += u.bytes;
     }
-    for (fixture, model) in &volumes {
+    for (((fixture, model), store), (capture_rate, upload_rate)) in
+        volumes.iter().zip(&stores).zip(seen_rates)
+    {
         let status = Status::read(&fixture.path("status.json")).unwrap();
         assert_eq!(status.upload_limit_bytes_per_s, Some(LIMIT));
         assert_eq!(status.upload_limit_window, None);
+        // The status counts what the store took, and showed both rates while shipping.
+        let stored: usize = store
+            .attempts()
+            .iter()
+            .filter(|u| u.ok)
+            .map(|u| u.bytes)
+            .sum();
+        assert_eq!(status.bytes_uploaded, stored as u64);
+        assert!(
+            capture_rate > 0 && upload_rate > 0,
+            "the status never showed throughput: {capture_rate} / {upload_rate} B/s"
+        );
         apply_and_check_every_point(fixture, model, "replica");
     }
     let waited: u64 = volumes

@@ -97,7 +97,8 @@ enum Command {
     /// Show running shippers' health, RPO and progress.
     ///
     /// With --config (default /etc/ublk-dr/shipper.toml): a table, one row per volume
-    /// (VOLUME, HEALTH, RPO, RING used, PENDING segments, RESYNC progress, STATE). With
+    /// (VOLUME, HEALTH, RPO, RING used, PENDING segments, RESYNC progress, throughput
+    /// IN from the ring and OUT to the store in MB/s over the last 10 s, STATE). With
     /// --status: the detailed view of that volume (--table for its row instead).
     Status {
         /// The status file the shipper writes (its --status).
@@ -835,8 +836,14 @@ fn print_status(s: &Status) {
             .map_or("-".into(), |v| v.to_string())
     );
     println!(
-        "captured         {} records, {} bytes -> {} sealed",
-        s.records_captured, s.bytes_plain, s.bytes_sealed
+        "captured         {} records, {} bytes -> {} sealed, {} uploaded",
+        s.records_captured, s.bytes_plain, s.bytes_sealed, s.bytes_uploaded
+    );
+    println!(
+        "throughput       {} from the ring, {} to the store (last {} s)",
+        shipper::status::megabytes_per_s(s.capture_bytes_per_s),
+        shipper::status::megabytes_per_s(s.upload_bytes_per_s),
+        shipper::status::RATE_WINDOW.as_secs()
     );
     println!(
         "CPU              {}",

@@ -28,7 +28,7 @@ use crate::chain_state;
 use crate::error::{Result, ShipperError};
 use crate::priority::{CpuPriority, Priority, ThreadPriority};
 use crate::retry::RetrySchedule;
-use crate::status::Status;
+use crate::status::{RecentRate, Status, RATE_WINDOW};
 use crate::throttle::{Rate, Throttle};
 use blkfilter::ring::Consumer;
 use changelog::record::{MARK_APP_CONSISTENT, MARK_GROUP_CUT, MARK_RESYNC_DONE};
@@ -192,6 +192,9 @@ struct Board {
     lost_since_ms: AtomicU64,
     /// How long this volume's uploads have waited for the upload limit in all.
     throttled_us: AtomicU64,
+    /// Capture (bytes read from the ring) and upload throughput, sampled at each
+    /// status write.
+    rates: Mutex<[RecentRate; 2]>,
 }
 
 /// What the stager, the uploader and a backlog drop share.
@@ -240,6 +243,10 @@ impl Board {
         status.staged_backlog_bytes = self.staged_bytes.load(Ordering::Relaxed);
         status.resync = Some(ring.resync_progress()).filter(|p| p.pending());
         status.upload_throttled_ms = self.throttled_us.load(Ordering::Relaxed) / 1000;
+        let [capture, upload] = &mut *self.rates.lock().expect("rates lock");
+        let now = Instant::now();
+        status.capture_bytes_per_s = capture.sample(now, status.bytes_plain);
+        status.upload_bytes_per_s = upload.sample(now, status.bytes_uploaded);
         status
     }
 }
@@ -316,6 +323,7 @@ pub fn run(
         staged_bytes: AtomicU64::new(staged_bytes),
         lost_since_ms: AtomicU64::new(owed.as_ref().map_or(0, |d| d.oldest_lost_unix_ms)),
         throttled_us: AtomicU64::new(0),
+        rates: Mutex::new([RecentRate::new(RATE_WINDOW), RecentRate::new(RATE_WINDOW)]),
     });
     let chain = Chain {
         cursor: Mutex::new(cursor.clone()),
@@ -1036,6 +1044,7 @@ fn upload(
                         s.newest_uploaded_index = Some(index);
                         s.newest_uploaded_seq_end = Some(info.header.end_seq());
                         s.segments_pending_upload = s.segments_pending_upload.saturating_sub(1);
+                        s.bytes_uploaded += len;
                     });
                     let _ = spare_buffers.try_send(data);
                     break;

@@ -6,7 +6,9 @@
 
 use crate::error::{Result, ShipperError};
 use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Health {
@@ -75,8 +77,20 @@ pub struct Status {
     #[serde(default)]
     pub background: bool,
     pub records_captured: u64,
+    /// Record bytes read from the ring, and the segment bytes they were sealed to,
+    /// since the shipper started.
     pub bytes_plain: u64,
     pub bytes_sealed: u64,
+    /// Segment bytes the store has taken since the shipper started.
+    #[serde(default)]
+    pub bytes_uploaded: u64,
+    /// Throughput over the last [`RATE_WINDOW`]: record bytes read from the ring per
+    /// second (what the volume is being written at, as far as shipping keeps up), and
+    /// segment bytes uploaded per second.
+    #[serde(default)]
+    pub capture_bytes_per_s: u64,
+    #[serde(default)]
+    pub upload_bytes_per_s: u64,
     /// Staging's file system is full: what happened and what to do. The stager waits
     /// for uploads to free space; the ring keeps the rest.
     #[serde(default)]
@@ -221,6 +235,52 @@ impl Status {
     }
 }
 
+/// The window the status's throughput figures are averaged over.
+pub const RATE_WINDOW: Duration = Duration::from_secs(10);
+
+/// The rate of a growing counter over the last `window`, from samples of its total.
+#[derive(Debug)]
+pub struct RecentRate {
+    window: Duration,
+    /// (when, total then), oldest first; the oldest is at least `window` old once the
+    /// counter has been sampled that long, so the rate spans the whole window.
+    samples: VecDeque<(Instant, u64)>,
+}
+
+impl RecentRate {
+    pub fn new(window: Duration) -> RecentRate {
+        RecentRate {
+            window,
+            samples: VecDeque::new(),
+        }
+    }
+
+    /// Records the counter's `total` at `now` and returns its rate per second since
+    /// the oldest sample within the window (0 before there are two samples).
+    pub fn sample(&mut self, now: Instant, total: u64) -> u64 {
+        self.samples.push_back((now, total));
+        // Keep one sample at or before the window's start as the base.
+        while self
+            .samples
+            .get(1)
+            .is_some_and(|&(at, _)| now.saturating_duration_since(at) >= self.window)
+        {
+            self.samples.pop_front();
+        }
+        let (since, base) = self.samples[0];
+        let span = now.saturating_duration_since(since).as_secs_f64();
+        if span <= 0.0 {
+            return 0;
+        }
+        (total.saturating_sub(base) as f64 / span) as u64
+    }
+}
+
+/// "12.3 MB/s" (decimal megabytes, as disks and links are sold).
+pub fn megabytes_per_s(bytes_per_s: u64) -> String {
+    format!("{:.1} MB/s", bytes_per_s as f64 / 1e6)
+}
+
 /// A status file not updated for longer than this belongs to a shipper that stopped.
 const STALE_MS: u64 = 10_000;
 
@@ -242,10 +302,18 @@ pub fn table(
     now_unix_ms: u64,
     width: usize,
 ) -> String {
-    const HEADER: [&str; 7] = [
-        "VOLUME", "HEALTH", "RPO", "RING", "PENDING", "RESYNC", "STATE",
+    const HEADER: [&str; 8] = [
+        "VOLUME",
+        "HEALTH",
+        "RPO",
+        "RING",
+        "PENDING",
+        "RESYNC",
+        "IN/OUT MB/s",
+        "STATE",
     ];
-    let cells: Vec<[String; 7]> = rows
+    const STATE: usize = HEADER.len() - 1;
+    let cells: Vec<[String; 8]> = rows
         .iter()
         .map(|(name, status)| match status {
             Ok(s) => {
@@ -279,6 +347,11 @@ pub fn table(
                     ring,
                     s.segments_pending_upload.to_string(),
                     resync,
+                    format!(
+                        "{:.1}/{:.1}",
+                        s.capture_bytes_per_s as f64 / 1e6,
+                        s.upload_bytes_per_s as f64 / 1e6
+                    ),
                     state,
                 ]
             }
@@ -289,32 +362,33 @@ pub fn table(
                 "-".into(),
                 "-".into(),
                 "-".into(),
+                "-".into(),
                 format!("no status: {e}"),
             ],
         })
         .collect();
     let mut widths = HEADER.map(str::len);
     for row in &cells {
-        for (w, cell) in widths.iter_mut().zip(row).take(6) {
+        for (w, cell) in widths.iter_mut().zip(row).take(STATE) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let fixed: usize = widths[..6].iter().map(|w| w + 2).sum();
+    let fixed: usize = widths[..STATE].iter().map(|w| w + 2).sum();
     let state_width = width.saturating_sub(fixed).max(24);
     let mut out = String::new();
     let header = HEADER.map(String::from);
     for row in std::iter::once(&header).chain(&cells) {
         let mut line = String::new();
-        for (i, cell) in row.iter().enumerate().take(6) {
+        for (i, cell) in row.iter().enumerate().take(STATE) {
             // Names left, numbers right.
-            let cell = if (2..6).contains(&i) {
+            let cell = if (2..STATE).contains(&i) {
                 format!("{cell:>w$}  ", w = widths[i])
             } else {
                 format!("{cell:<w$}  ", w = widths[i])
             };
             line.push_str(&cell);
         }
-        line.push_str(&truncate(&row[6], state_width));
+        line.push_str(&truncate(&row[STATE], state_width));
         out.push_str(line.trim_end());
         out.push('\n');
     }
@@ -336,6 +410,8 @@ mod tests {
             ring_used_bytes: 1 << 20,
             ring_capacity_bytes: 4 << 20,
             segments_pending_upload: 3,
+            capture_bytes_per_s: 12_345_678,
+            upload_bytes_per_s: 6_100_000,
             ..Default::default()
         };
         let resyncing = Status {
@@ -369,9 +445,25 @@ mod tests {
         assert_eq!(lines.len(), 5, "{text}");
         for (line, words) in lines.iter().zip([
             &[
-                "VOLUME", "HEALTH", "RPO", "RING", "PENDING", "RESYNC", "STATE",
+                "VOLUME",
+                "HEALTH",
+                "RPO",
+                "RING",
+                "PENDING",
+                "RESYNC",
+                "IN/OUT MB/s",
+                "STATE",
             ][..],
-            &["vol0", "Healthy", "0.4s", "25%", "3", "-", "replicating"],
+            &[
+                "vol0",
+                "Healthy",
+                "0.4s",
+                "25%",
+                "3",
+                "-",
+                "12.3/6.1",
+                "replicating",
+            ],
             &[
                 "db-1",
                 "Warning",
@@ -399,6 +491,33 @@ mod tests {
         for line in &lines[1..3] {
             assert_eq!(&line[rpo_end..rpo_end + 2], "  ", "{line:?}");
         }
+    }
+
+    #[test]
+    fn a_recent_rate_spans_its_window_and_forgets_what_is_older() {
+        let mut rate = RecentRate::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(rate.sample(at(0), 0), 0, "one sample has no rate");
+        // 1 MB/s for 20 s.
+        for s in 1..=20 {
+            assert_eq!(rate.sample(at(s), s * 1_000_000), 1_000_000, "at {s} s");
+        }
+        // Then 3 MB/s: the rate is the last 10 s's, whatever came before.
+        for s in 21..=30 {
+            let total = 20_000_000 + (s - 20) * 3_000_000;
+            let ten_seconds_ago = (s - 10) * 1_000_000;
+            assert_eq!(
+                rate.sample(at(s), total),
+                (total - ten_seconds_ago) / 10,
+                "at {s} s"
+            );
+        }
+        assert_eq!(rate.sample(at(31), 20_000_000 + 33_000_000), 3_000_000);
+        // Idle: the rate falls to 0 once the window holds no growth.
+        let idle = 20_000_000 + 33_000_000;
+        assert_eq!(rate.sample(at(41), idle), 0);
+        assert!(rate.samples.len() <= 3, "{:?}", rate.samples);
     }
 
     #[test]
