@@ -785,6 +785,42 @@ fn client_certificate_for(dir: &Path, name: &str, ca: &str, san: &str) -> (PathB
     (dir.join(cert), dir.join(key))
 }
 
+/// `openssl ca` in `dir` as the CA `hosts-ca.pem` ([`certificates`] named "hosts"):
+/// revokes the certificates in the files `revoke` and writes the revocation list
+/// `hosts.crl` of every certificate revoked so far (none: an empty list).
+fn hosts_crl(dir: &Path, revoke: &[&str]) -> PathBuf {
+    if !dir.join("ca.cnf").exists() {
+        std::fs::write(dir.join("index.txt"), "").unwrap();
+        std::fs::write(dir.join("crlnumber"), "01\n").unwrap();
+        std::fs::write(
+            dir.join("ca.cnf"),
+            "[ca]\ndefault_ca = hosts\n[hosts]\ndatabase = index.txt\ncrlnumber = crlnumber\n\
+             default_md = sha256\ndefault_crl_days = 2\n",
+        )
+        .unwrap();
+    }
+    let ca_args = [
+        "-config",
+        "ca.cnf",
+        "-keyfile",
+        "hosts-ca.key",
+        "-cert",
+        "hosts-ca.pem",
+    ];
+    let revocations = revoke.iter().map(|cert| vec!["ca", "-revoke", cert]);
+    let crl = ["ca", "-gencrl", "-out", "hosts.crl"].to_vec();
+    for args in revocations.chain([crl]) {
+        let out = Command::new("openssl")
+            .args(&args)
+            .args(ca_args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {}", text(&out));
+    }
+    dir.join("hosts.crl")
+}
+
 /// With --tls-client-ca the receiver serves only clients presenting a certificate its
 /// CA signed, and the token still applies: a protected host with both ships and
 /// applies through it; one without a certificate, with another CA's or with a wrong
@@ -869,41 +905,14 @@ fn a_receiver_with_a_client_ca_serves_only_clients_it_signed() {
     // Revoking one host: a receiver with the client CA's revocation list refuses it
     // and still serves the others.
     let revoked = client_certificate(dir, "host2", "hosts");
-    std::fs::write(dir.join("index.txt"), "").unwrap();
-    std::fs::write(dir.join("crlnumber"), "01\n").unwrap();
-    std::fs::write(
-        dir.join("ca.cnf"),
-        "[ca]\ndefault_ca = hosts\n[hosts]\ndatabase = index.txt\ncrlnumber = crlnumber\n\
-         default_md = sha256\ndefault_crl_days = 2\n",
-    )
-    .unwrap();
-    let ca_args = [
-        "-config",
-        "ca.cnf",
-        "-keyfile",
-        "hosts-ca.key",
-        "-cert",
-        "hosts-ca.pem",
-    ];
-    for args in [
-        &["ca", "-revoke", "host2.pem"][..],
-        &["ca", "-gencrl", "-out", "hosts.crl"],
-    ] {
-        let out = Command::new("openssl")
-            .args(args)
-            .args(ca_args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "openssl {args:?}: {}", text(&out));
-    }
+    let crl = hosts_crl(dir, &["host2.pem"]);
     let mut guarded = ReceiverProcess {
         port: free_port(),
         store: volume.path("guarded"),
         token: None,
         tls: Some((cert, key)),
         client_ca: Some(hosts_ca),
-        client_crl: Some(dir.join("hosts.crl")),
+        client_crl: Some(crl),
         client_volumes: None,
         child: None,
     };
@@ -1074,6 +1083,139 @@ fn a_receiver_gives_each_client_certificate_only_its_own_volumes() {
         stderr.contains("clients.toml: client host1.dr.example"),
         "{stderr}"
     );
+}
+
+/// SIGHUP makes a receiver read its files again without dropping connections: a host
+/// whose volumes changed is held to the new list from its next call on its open
+/// connection, a host the new revocation list names is cut off at its next call (told
+/// why) and refused when it reconnects, the others go on on their open connections;
+/// files that do not load keep the settings in force and the receiver running.
+#[test]
+fn a_reloaded_receiver_holds_open_connections_to_its_new_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let (ca, cert, key) = certificates(dir, "receiver", "DNS:localhost");
+    let (hosts_ca, _, _) = certificates(dir, "hosts", "DNS:unused");
+    let host1 = client_certificate(dir, "host1", "hosts");
+    let host2 = client_certificate(dir, "host2", "hosts");
+    let crl = hosts_crl(dir, &[]);
+    let clients = dir.join("clients.toml");
+    let grant = |host1_volume: &str| {
+        std::fs::write(
+            &clients,
+            format!(
+                "[clients]\n\"host1.dr.example\" = [\"{host1_volume}\"]\n\
+                 \"host2.dr.example\" = [\"vol1\"]\n"
+            ),
+        )
+        .unwrap()
+    };
+    grant("vol0");
+    let received = dir.join("received");
+    std::fs::create_dir_all(&received).unwrap();
+    let port = free_port();
+    let log = dir.join("receiver.log");
+    let receiver = Running(
+        Command::new(bin("ublk-target"))
+            .args(["receive", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--store")
+            .arg(&received)
+            .arg("--tls-cert")
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key)
+            .arg("--tls-client-ca")
+            .arg(&hosts_ca)
+            .arg("--tls-client-crl")
+            .arg(&crl)
+            .arg("--client-volumes")
+            .arg(&clients)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("the receiver accepts", Duration::from_secs(20), || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let hangup = || {
+        let pid = receiver.0.id().to_string();
+        let out = Command::new("kill").args(["-HUP", &pid]).output().unwrap();
+        assert!(out.status.success(), "kill -HUP: {}", text(&out));
+    };
+    let client = |identity: &(PathBuf, PathBuf)| {
+        let config = objstore::tls::client_config(&ca, Some((&identity.0, &identity.1))).unwrap();
+        objstore::ReceiverStore::new(&format!("localhost:{port}"), Some(config))
+    };
+    let (vol0, vol1, vol2) = (
+        VolumeId::new("vol0").unwrap(),
+        VolumeId::new("vol1").unwrap(),
+        VolumeId::new("vol2").unwrap(),
+    );
+    let on_disk = LocalDirStore::new(&received);
+    // Each host with its connection open.
+    let (open1, open2) = (client(&host1), client(&host2));
+    open1.put(&vol0, 0, b"host1's first").unwrap();
+    open2.put(&vol1, 0, b"host2's first").unwrap();
+
+    // host1 is given vol2 instead of vol0.
+    grant("vol2");
+    hangup();
+    wait_until("the new volumes in force", Duration::from_secs(20), || {
+        client(&host1).list(&vol0).is_err()
+    });
+    let e = open1.put(&vol0, 1, b"after the reload").unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("client host1.dr.example may not reach volume vol0"),
+        "{e}"
+    );
+    open1.put(&vol2, 0, b"host1's new volume").unwrap();
+    open2.put(&vol1, 1, b"host2 goes on").unwrap();
+    assert_eq!(on_disk.list(&vol0).unwrap(), vec![0]);
+
+    // host2's certificate is revoked.
+    hosts_crl(dir, &["host2.pem"]);
+    hangup();
+    wait_until(
+        "the new revocation list in force",
+        Duration::from_secs(20),
+        || {
+            client(&host2)
+                .list(&vol1)
+                .is_err_and(|e| e.to_string().contains("was revoked"))
+        },
+    );
+    let e = open2.put(&vol1, 2, b"revoked").unwrap_err().to_string();
+    assert!(
+        e.contains("settings changed") && e.contains("was revoked"),
+        "{e}"
+    );
+    let e = open2
+        .put(&vol1, 2, b"revoked, again")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("was revoked"), "reconnecting: {e}");
+    assert_eq!(on_disk.list(&vol1).unwrap(), vec![0, 1]);
+    open1.put(&vol2, 1, b"host1 goes on").unwrap();
+
+    // A broken file keeps the settings in force.
+    std::fs::write(
+        &clients,
+        "[clients]\n\"host1.dr.example\" = [\"../vol0\"]\n",
+    )
+    .unwrap();
+    hangup();
+    wait_until("the broken file logged", Duration::from_secs(20), || {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("keeping the settings in force")
+    });
+    open1.put(&vol2, 2, b"still served").unwrap();
+    client(&host1).put(&vol2, 3, b"and reconnecting").unwrap();
+    assert_eq!(on_disk.list(&vol2).unwrap(), vec![0, 1, 2, 3]);
+    assert!(client(&host2).list(&vol1).is_err());
 }
 
 /// A receiver with --tls-cert serves TLS only: a shipper with `tls://` and the CA

@@ -59,8 +59,13 @@ fn main() {
     // A receiver with its directory, plain and over TLS.
     let receiver = |tls| {
         let received = tempfile::tempdir_in(&dir).expect("receiver directory");
-        let receiver = objstore::Receiver::bind("127.0.0.1:0", received.path(), String::new(), tls)
-            .expect("bind");
+        let admission = objstore::Admission {
+            token: String::new(),
+            tls,
+            clients: None,
+        };
+        let receiver =
+            objstore::Receiver::bind("127.0.0.1:0", received.path(), admission).expect("bind");
         let port = receiver.local_addr().port();
         std::thread::spawn(move || receiver.serve());
         (received, port)

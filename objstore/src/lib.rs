@@ -23,7 +23,7 @@ pub mod wire;
 pub use clients::ClientVolumes;
 pub use location::{Service, StoreLocation};
 pub use object::ObjectTargetStore;
-pub use receiver::Receiver;
+pub use receiver::{Admission, AdmissionSwitch, Receiver};
 pub use remote::{ReceiverStore, TOKEN_ENV};
 
 use changelog::{LocalDirStore, TargetStore};

@@ -18,21 +18,27 @@
 //! * With TLS settings ([`crate::tls`]) every connection must be TLS: a plain client's
 //!   Hello is answered, in plain, with a refusal that says to use `tls://`. Without
 //!   them a TLS client is turned away at its first byte (and its handshake fails).
-//! * With [`ClientVolumes`] ([`Receiver::limit_clients`]) a client reaches only the
+//! * With [`ClientVolumes`] ([`Admission::clients`]) a client reaches only the
 //!   volumes listed for the names its certificate is valid for: one without such a
 //!   certificate is refused at its Hello, and a call about another volume is refused
 //!   ([`Response::Invalid`]) before the store sees it.
+//! * The [`Admission`] (token, TLS, client volumes) can be replaced while the receiver
+//!   serves ([`AdmissionSwitch::replace`], `ublk-target receive` on SIGHUP). New
+//!   connections get the new one; each open connection is checked against it before
+//!   its next call — token, TLS or not, certificate (a revocation list now naming it),
+//!   volumes — and, if refused, gets the reason as the answer to that call and is
+//!   closed. A connection still admitted goes on untouched.
 
-use crate::clients::ClientVolumes;
-use crate::tls::{starts_tls, Stream, Transport};
+use crate::clients::{Access, ClientVolumes};
+use crate::tls::{starts_tls, ServerTls, Stream, Transport};
 use crate::wire::{self, Hello, Request, Response, Welcome};
 use crate::Error;
 use changelog::{LocalDirStore, TargetStore, VolumeId};
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 pub const MAX_CONNECTIONS: usize = 256;
@@ -40,26 +46,51 @@ pub const MAX_CONNECTIONS: usize = 256;
 /// next call), so peers that vanished without a FIN do not hold threads forever.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// Who a receiver lets in and what each client may reach.
+pub struct Admission {
+    /// The token every Hello must carry; empty: any client that reaches the port.
+    pub token: String,
+    /// Serve TLS only, with these settings (and client certificates, if they ask).
+    pub tls: Option<ServerTls>,
+    /// Give each client certificate only its own volumes.
+    pub clients: Option<ClientVolumes>,
+}
+
+/// The receiver's [`Admission`], replaceable while it serves.
+pub struct AdmissionSwitch {
+    current: RwLock<Arc<Admission>>,
+    /// Bumped after each replacement: connections compare it before each call.
+    generation: AtomicU64,
+}
+
+impl AdmissionSwitch {
+    /// Takes up `admission` for new connections, and for open ones from their next
+    /// call.
+    pub fn replace(&self, admission: Admission) {
+        *self.current.write().expect("admission lock") = Arc::new(admission);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The generation and the admission of at least that generation.
+    fn current(&self) -> (u64, Arc<Admission>) {
+        let generation = self.generation.load(Ordering::Acquire);
+        let admission = self.current.read().expect("admission lock").clone();
+        (generation, admission)
+    }
+}
+
 pub struct Receiver {
     listener: TcpListener,
     /// Where `listener` is bound (the port the system chose for port 0).
     local_addr: SocketAddr,
     root: PathBuf,
-    token: String,
-    tls: Option<Arc<rustls::ServerConfig>>,
-    clients: Option<ClientVolumes>,
+    admission: Arc<AdmissionSwitch>,
 }
 
 impl Receiver {
-    /// Listens on `addr` for clients of the store directory `root`, which must exist;
-    /// over TLS only when `tls` is given. An empty `token` lets any client that
-    /// reaches the port in.
-    pub fn bind(
-        addr: &str,
-        root: &Path,
-        token: String,
-        tls: Option<Arc<rustls::ServerConfig>>,
-    ) -> Result<Receiver, Error> {
+    /// Listens on `addr` for clients of the store directory `root`, which must exist,
+    /// letting in those `admission` admits.
+    pub fn bind(addr: &str, root: &Path, admission: Admission) -> Result<Receiver, Error> {
         if !root.is_dir() {
             return Err(Error::NoStoreDir(root.to_path_buf()));
         }
@@ -72,17 +103,16 @@ impl Receiver {
             local_addr: listener.local_addr().map_err(listening)?,
             listener,
             root: root.to_path_buf(),
-            token,
-            tls,
-            clients: None,
+            admission: Arc::new(AdmissionSwitch {
+                current: RwLock::new(Arc::new(admission)),
+                generation: AtomicU64::new(0),
+            }),
         })
     }
 
-    /// Serves each client only the volumes `clients` gives the names on its
-    /// certificate (TLS with client certificates; any other client is refused).
-    pub fn limit_clients(mut self, clients: ClientVolumes) -> Receiver {
-        self.clients = Some(clients);
-        self
+    /// The switch through which the admission is replaced while serving.
+    pub fn admission(&self) -> Arc<AdmissionSwitch> {
+        self.admission.clone()
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -93,9 +123,7 @@ impl Receiver {
     pub fn serve(self) -> Result<(), Error> {
         let shared = Arc::new(Shared {
             store: LocalDirStore::new(&self.root),
-            token: self.token,
-            tls: self.tls,
-            clients: self.clients,
+            admission: self.admission,
             active: AtomicUsize::new(0),
         });
         loop {
@@ -142,9 +170,7 @@ fn is_transient(e: &io::Error) -> bool {
 
 struct Shared {
     store: LocalDirStore,
-    token: String,
-    tls: Option<Arc<rustls::ServerConfig>>,
-    clients: Option<ClientVolumes>,
+    admission: Arc<AdmissionSwitch>,
     active: AtomicUsize,
 }
 
@@ -173,9 +199,10 @@ fn serve_connection(shared: &Shared, tcp: TcpStream, has_slot: bool) -> io::Resu
         return Ok(());
     };
     let tls_client = starts_tls(&first);
+    let (mut generation, admission) = shared.admission.current();
     let stream =
-        match (&shared.tls, tls_client) {
-            (Some(config), true) => Stream::server(config.clone(), tcp)?,
+        match (&admission.tls, tls_client) {
+            (Some(tls), true) => Stream::server(tls.config.clone(), tcp)?,
             (None, true) => return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "a TLS client, but this receiver has no --tls-cert (the client must use tcp://)",
@@ -186,15 +213,11 @@ fn serve_connection(shared: &Shared, tcp: TcpStream, has_slot: bool) -> io::Resu
     let Some((hello, _)) = wire::read_frame::<Hello>(connection.reader())? else {
         return Ok(());
     };
-    let access = match refusal(shared, &hello, tls_client, has_slot) {
+    let admitted = match refusal(&admission, &hello, tls_client, has_slot) {
         Some(reason) => Err(reason),
-        None => shared
-            .clients
-            .as_ref()
-            .map(|clients| clients.access(connection.peer_certificate()))
-            .transpose(),
+        None => access(&admission, &connection),
     };
-    let access = match access {
+    let mut access = match admitted {
         Ok(access) => access,
         Err(reason) => {
             log::warn!("receiver: refused {peer}: {reason}");
@@ -209,6 +232,23 @@ fn serve_connection(shared: &Shared, tcp: TcpStream, has_slot: bool) -> io::Resu
     // Volumes refused on this connection: a client retrying logs a warning once.
     let mut refused_volumes = std::collections::BTreeSet::new();
     while let Some((request, body)) = wire::read_frame::<Request>(connection.reader())? {
+        let (now, admission) = shared.admission.current();
+        if now != generation {
+            generation = now;
+            match still_admitted(&admission, &hello, tls_client, &connection) {
+                Ok(renewed) => access = renewed,
+                Err(reason) => {
+                    log::warn!(
+                        "receiver: closing the connection of {peer}: the receiver's new \
+                         settings refuse it: {reason}"
+                    );
+                    let message = format!(
+                        "the receiver's settings changed and refuse this client now: {reason}"
+                    );
+                    return connection.send(&Response::Invalid { message }, &[]);
+                }
+            }
+        }
         let refused = access.as_ref().and_then(|a| a.refusal(request.volume()));
         let (response, found) = match refused {
             Some(message) => {
@@ -224,6 +264,36 @@ fn serve_connection(shared: &Shared, tcp: TcpStream, has_slot: bool) -> io::Resu
         connection.send(&response, found.as_deref().unwrap_or(&[]))?;
     }
     Ok(())
+}
+
+/// What the client on `connection` may reach under `admission`'s client volumes
+/// (`None`: everything).
+fn access(admission: &Admission, connection: &Transport) -> Result<Option<Access>, String> {
+    let certificate = connection.peer_certificates().and_then(|c| c.first());
+    admission
+        .clients
+        .as_ref()
+        .map(|clients| clients.access(certificate))
+        .transpose()
+}
+
+/// Whether a connection admitted under earlier settings, with `hello`, over TLS or not
+/// (`over_tls`), is still admitted under `admission`, and what it may reach then.
+fn still_admitted(
+    admission: &Admission,
+    hello: &Hello,
+    over_tls: bool,
+    connection: &Transport,
+) -> Result<Option<Access>, String> {
+    if let Some(reason) = refusal(admission, hello, over_tls, true) {
+        return Err(reason);
+    }
+    match (&admission.tls, over_tls) {
+        (Some(tls), true) => tls.accepts_client(connection.peer_certificates())?,
+        (None, true) => return Err("this receiver serves plain TCP now: use tcp://".into()),
+        (_, false) => {}
+    }
+    access(admission, connection)
 }
 
 /// The connection's first three bytes, left unread; `None` when the peer closed first.
@@ -244,8 +314,8 @@ fn peek_start(tcp: &TcpStream) -> io::Result<Option<[u8; 3]>> {
 }
 
 /// Why `hello`, which came over TLS or not (`over_tls`), is refused, if it is.
-fn refusal(shared: &Shared, hello: &Hello, over_tls: bool, has_slot: bool) -> Option<String> {
-    if shared.tls.is_some() && !over_tls {
+fn refusal(admission: &Admission, hello: &Hello, over_tls: bool, has_slot: bool) -> Option<String> {
+    if admission.tls.is_some() && !over_tls {
         Some(format!(
             "this receiver takes TLS only: use tls://HOST:PORT, with the receiver's CA \
              certificate in {}",
@@ -260,7 +330,7 @@ fn refusal(shared: &Shared, hello: &Hello, over_tls: bool, has_slot: bool) -> Op
             hello.version,
             wire::VERSION
         ))
-    } else if !tokens_match(&hello.token, &shared.token) {
+    } else if !tokens_match(&hello.token, &admission.token) {
         Some(format!(
             "wrong or missing token: set {} on the client to the receiver's token",
             crate::remote::TOKEN_ENV

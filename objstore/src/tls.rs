@@ -19,7 +19,8 @@
 
 use crate::wire;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
 use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
 use serde::Serialize;
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -56,18 +57,53 @@ pub struct ClientAuth<'a> {
     pub crl: Option<&'a Path>,
 }
 
+/// A receiver's TLS: the rustls settings, and the check of client certificates they
+/// use, kept to check connected clients again when the settings are replaced.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub config: Arc<ServerConfig>,
+    client_verifier: Option<Arc<dyn ClientCertVerifier>>,
+}
+
+impl ServerTls {
+    /// Whether a new client presenting `chain` (its certificate, then intermediates;
+    /// `None`: none) would be let in now; the error says why not.
+    pub(crate) fn accepts_client(
+        &self,
+        chain: Option<&[CertificateDer<'static>]>,
+    ) -> Result<(), String> {
+        let Some(verifier) = &self.client_verifier else {
+            return Ok(());
+        };
+        let Some((end_entity, intermediates)) = chain.and_then(|c| c.split_first()) else {
+            return Err(
+                "this receiver now wants a client certificate, and this client \
+                        connected without one"
+                    .into(),
+            );
+        };
+        verifier
+            .verify_client_cert(end_entity, intermediates, UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| match e {
+                rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked) => {
+                    "its certificate was revoked (the receiver's --tls-client-crl lists it): \
+                     issue it a new one"
+                        .to_string()
+                }
+                e => format!("its certificate is not accepted any more: {e}"),
+            })
+    }
+}
+
 /// The receiver's TLS settings from its certificate chain and key (PEM files) and
 /// [`ClientAuth`].
-pub fn server_config(
-    cert: &Path,
-    key: &Path,
-    clients: ClientAuth,
-) -> Result<Arc<ServerConfig>, String> {
+pub fn server_config(cert: &Path, key: &Path, clients: ClientAuth) -> Result<ServerTls, String> {
     let (chain, key) = identity(cert, key)?;
     let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
-    let builder = match clients.ca {
+    let (builder, client_verifier) = match clients.ca {
         Some(ca) => {
             let roots = Arc::new(roots(ca, "--tls-client-ca")?);
             let mut verifier =
@@ -80,22 +116,26 @@ pub fn server_config(
             let verifier = verifier
                 .build()
                 .map_err(|e| format!("client CA {}: {e}", ca.display()))?;
-            builder.with_client_cert_verifier(verifier)
+            (
+                builder.with_client_cert_verifier(verifier.clone()),
+                Some(verifier),
+            )
         }
         None if clients.crl.is_some() => {
             return Err("a revocation list needs the client CA it is for (--tls-client-ca)".into())
         }
-        None => builder.with_no_client_auth(),
+        None => (builder.with_no_client_auth(), None),
     };
-    builder
-        .with_single_cert(chain, key)
-        .map(Arc::new)
-        .map_err(|e| {
-            format!(
-                "certificate {} and key do not make a TLS identity: {e}",
-                cert.display()
-            )
-        })
+    let config = builder.with_single_cert(chain, key).map_err(|e| {
+        format!(
+            "certificate {} and key do not make a TLS identity: {e}",
+            cert.display()
+        )
+    })?;
+    Ok(ServerTls {
+        config: Arc::new(config),
+        client_verifier,
+    })
 }
 
 /// A client's TLS settings from the environment: trust the CA certificate(s) in the
@@ -233,10 +273,11 @@ impl Stream {
         Ok(Stream::Server(Box::new(rustls::StreamOwned::new(tls, tcp))))
     }
 
-    /// The certificate the client presented, on the receiver's end of TLS.
-    fn peer_certificate(&self) -> Option<&CertificateDer<'static>> {
+    /// The certificate the client presented, then its intermediates, on the
+    /// receiver's end of TLS.
+    fn peer_certificates(&self) -> Option<&[CertificateDer<'static>]> {
         match self {
-            Stream::Server(s) => s.conn.peer_certificates()?.first(),
+            Stream::Server(s) => s.conn.peer_certificates(),
             Stream::Plain(_) | Stream::Client(_) => None,
         }
     }
@@ -387,9 +428,10 @@ impl Transport {
         &mut self.reader
     }
 
-    /// The client's certificate, on the receiver's end of TLS with client certificates.
-    pub(crate) fn peer_certificate(&self) -> Option<&CertificateDer<'static>> {
-        self.reader.get_ref().peer_certificate()
+    /// The client's certificate, then its intermediates, on the receiver's end of TLS
+    /// with client certificates.
+    pub(crate) fn peer_certificates(&self) -> Option<&[CertificateDer<'static>]> {
+        self.reader.get_ref().peer_certificates()
     }
 
     /// Writes one frame (buffered, so a small frame leaves in one packet or record).

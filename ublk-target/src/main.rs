@@ -205,6 +205,10 @@ enum Command {
     /// for this receiver. With --tls-cert and --tls-key only TLS clients are served
     /// (`--store tls://THIS-HOST:PORT`, trusting the CA in UBLK_DR_RECEIVER_CA), so the
     /// token is private and an answered upload comes from here.
+    ///
+    /// SIGHUP (`systemctl reload ublk-dr-receiver`) reads the token file, certificates,
+    /// revocation list and client volumes again without dropping connections; a
+    /// connected client they no longer admit is refused at its next call.
     Receive {
         /// Address to listen on, HOST:PORT (0.0.0.0:7087 for every interface).
         #[arg(long)]
@@ -229,14 +233,16 @@ enum Command {
         #[arg(long, requires = "tls_cert", value_name = "PEM")]
         tls_client_ca: Option<PathBuf>,
         /// Refuse the client certificates these revocation lists (PEM, from the client
-        /// CA) name. Read at start: restart the receiver after updating it.
+        /// CA) name. Read again on SIGHUP (`systemctl reload ublk-dr-receiver`): a
+        /// connected client it now names is cut off at its next call.
         #[arg(long, requires = "tls_client_ca", value_name = "PEM")]
         tls_client_crl: Option<PathBuf>,
         /// Give each client only its own volumes: a TOML file whose [clients] table maps
         /// the DNS name or IP address in a host's client certificate (subjectAltName) to
         /// the volumes it may reach, e.g. "host-a.example.com" = ["vol0", "vol1"] ("*":
         /// every volume). Calls about other volumes are refused; a wildcard certificate
-        /// matches no entry. Read at start.
+        /// matches no entry. Read again on SIGHUP, as are the token file and the
+        /// certificates: connected clients are checked against them at their next call.
         #[arg(long, requires = "tls_client_ca", value_name = "FILE")]
         client_volumes: Option<PathBuf>,
     },
@@ -757,43 +763,28 @@ fn run(cli: Cli) -> Result<()> {
             tls_client_crl,
             client_volumes,
         } => {
-            let tls = match (&tls_cert, &tls_key) {
-                (Some(cert), Some(key)) => Some(
-                    objstore::tls::server_config(
-                        cert,
-                        key,
-                        objstore::tls::ClientAuth {
-                            ca: tls_client_ca.as_deref(),
-                            crl: tls_client_crl.as_deref(),
-                        },
-                    )
-                    .map_err(|what| anyhow::anyhow!(what))?,
-                ),
-                _ => None,
+            let files = AdmissionFiles {
+                token_file,
+                tls_cert,
+                tls_key,
+                tls_client_ca,
+                tls_client_crl,
+                client_volumes,
             };
-            let token = match &token_file {
-                Some(file) => std::fs::read_to_string(file)
-                    .with_context(|| format!("reading the token file {}", file.display()))?
-                    .trim()
-                    .to_string(),
-                None => String::new(),
-            };
-            if token_file.is_some() && token.is_empty() {
-                anyhow::bail!("the token file is empty: put the token in it");
-            }
-            if token.is_empty() {
+            // Before any thread starts, so that they all inherit the mask and SIGHUP
+            // reaches only the thread that waits for it.
+            let hangup = block_hangup()?;
+            let admission = files.load()?;
+            if admission.token.is_empty() {
                 log::warn!("no --token-file: any client that reaches {listen} may write");
             }
-            let scheme = if tls.is_some() { "tls" } else { "tcp" };
-            let clients = client_volumes
-                .as_deref()
-                .map(objstore::ClientVolumes::load)
-                .transpose()
-                .map_err(|what| anyhow::anyhow!(what))?;
-            let mut receiver = objstore::Receiver::bind(&listen, &store, token, tls)?;
-            if let Some(clients) = clients {
-                receiver = receiver.limit_clients(clients);
-            }
+            let scheme = if admission.tls.is_some() {
+                "tls"
+            } else {
+                "tcp"
+            };
+            let receiver = objstore::Receiver::bind(&listen, &store, admission)?;
+            reload_on_hangup(hangup, files, receiver.admission());
             log::info!(
                 "receiving on {scheme}://{} into {}",
                 receiver.local_addr(),
@@ -921,6 +912,97 @@ fn apply_with_progress(applier: &mut Applier, store: &dyn TargetStore) -> Result
     });
     bar.finish_and_clear();
     Ok(applied?)
+}
+
+/// The files a receiver's admission comes from, read at start and on SIGHUP.
+struct AdmissionFiles {
+    token_file: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
+    tls_client_crl: Option<PathBuf>,
+    client_volumes: Option<PathBuf>,
+}
+
+impl AdmissionFiles {
+    fn load(&self) -> Result<objstore::Admission> {
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(
+                objstore::tls::server_config(
+                    cert,
+                    key,
+                    objstore::tls::ClientAuth {
+                        ca: self.tls_client_ca.as_deref(),
+                        crl: self.tls_client_crl.as_deref(),
+                    },
+                )
+                .map_err(|what| anyhow::anyhow!(what))?,
+            ),
+            _ => None,
+        };
+        let token = match &self.token_file {
+            Some(file) => {
+                let token = std::fs::read_to_string(file)
+                    .with_context(|| format!("reading the token file {}", file.display()))?
+                    .trim()
+                    .to_string();
+                anyhow::ensure!(
+                    !token.is_empty(),
+                    "the token file {} is empty: put the token in it",
+                    file.display()
+                );
+                token
+            }
+            None => String::new(),
+        };
+        let clients = self
+            .client_volumes
+            .as_deref()
+            .map(objstore::ClientVolumes::load)
+            .transpose()
+            .map_err(|what| anyhow::anyhow!(what))?;
+        Ok(objstore::Admission {
+            token,
+            tls,
+            clients,
+        })
+    }
+}
+
+/// Blocks SIGHUP in this thread and the threads it starts after, for
+/// [`reload_on_hangup`] to take.
+fn block_hangup() -> Result<nix::sys::signal::SigSet> {
+    let mut set = nix::sys::signal::SigSet::empty();
+    set.add(nix::sys::signal::Signal::SIGHUP);
+    set.thread_block().context("blocking SIGHUP")?;
+    Ok(set)
+}
+
+/// On each SIGHUP (`systemctl reload ublk-dr-receiver`), reads the receiver's files
+/// again and, if they all load, replaces its admission; if not, keeps the one in force
+/// and logs why.
+fn reload_on_hangup(
+    set: nix::sys::signal::SigSet,
+    files: AdmissionFiles,
+    switch: Arc<objstore::AdmissionSwitch>,
+) {
+    std::thread::spawn(move || {
+        while set.wait().is_ok() {
+            match files.load() {
+                Ok(admission) => {
+                    switch.replace(admission);
+                    log::info!(
+                        "SIGHUP: token, certificates, revocation list and client volumes read \
+                         again; open connections are checked against them at their next call"
+                    );
+                }
+                Err(e) => log::error!(
+                    "SIGHUP: keeping the settings in force, the files do not load: {}",
+                    changelog::error::one_line(&*e)
+                ),
+            }
+        }
+    });
 }
 
 /// How long `apply --follow` waits after a recoverable error before trying again
