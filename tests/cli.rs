@@ -197,9 +197,14 @@ fn config_file_ships_every_volume() {
         e2e::sparse_file(&d.join(format!("{vol}.replica")), size);
     }
     // Before any apply: every segment in the store waits.
+    // Segments only: the store also holds the recovery side's key proofs.
     let waiting = |vol: &str| {
         std::fs::read_dir(d.join("store").join(vol))
             .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                changelog::store::parse_segment_file_name(name.to_str().unwrap()).is_some()
+            })
             .count()
     };
     let (ok, text) = run("ublk-target", &["status", "--config", target_cfg]);

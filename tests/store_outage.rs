@@ -2,6 +2,7 @@
 //! so every upload fails with a real I/O error), then comes back: uploads are retried
 //! on the schedule (1, 2, 4, 8, 10, then 30 units; the unit scaled to 20 ms), status
 //! says Warning with the error meanwhile, capture goes on, and the replica converges.
+//! The alert command hears of the outage once it has held, and of its end.
 
 use blkfilter::workload::Workload;
 use changelog::LocalDirStore;
@@ -22,6 +23,13 @@ fn store_outage_is_retried_on_schedule_and_converges() {
     let mut config = fixture.shipper_config();
     config.retry_unit = unit;
     config.status_path = Some(fixture.path("status.json"));
+    // The operator's alert command hears of the outage and of its end.
+    let alerts = fixture.path("alerts.log");
+    config.alert_command = Some(format!(
+        "echo \"$UBLK_DR_VOLUME $UBLK_DR_PREVIOUS_HEALTH $UBLK_DR_HEALTH $UBLK_DR_STATE\" >> {}",
+        alerts.display()
+    ));
+    config.alert_hold = Duration::from_millis(300);
     let control = Arc::new(shipper::Control::default());
     let shipper = {
         let (store, control) = (store.clone(), control.clone());
@@ -51,8 +59,30 @@ fn store_outage_is_retried_on_schedule_and_converges() {
     std::fs::remove_file(&volume_dir).unwrap();
     std::fs::rename(fixture.path("store-away"), &volume_dir).unwrap();
     drive(&mut capture, &mut model, workload.take(50));
+    let lines = || {
+        std::fs::read_to_string(&alerts)
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lines().len() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     control.drain();
     shipper.join().unwrap().expect("shipper");
+    let lines = lines();
+    assert_eq!(
+        lines.len(),
+        2,
+        "one alert for the outage, one for its end: {lines:?}"
+    );
+    assert!(
+        lines[0].starts_with("vol0 Healthy Warning retrying upload"),
+        "{lines:?}"
+    );
+    assert_eq!(lines[1], "vol0 Warning Healthy replicating");
 
     let warned = warned.expect("status never showed the retries");
     assert_eq!(warned.health(), shipper::Health::Warning);

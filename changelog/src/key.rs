@@ -1,17 +1,26 @@
 //! The AES-256 keys shared by the shipper (sealing) and ublk-target (opening).
 //!
 //! A key file holds one or more 32-byte random keys, oldest first, and is created with
-//! mode 0600. The last key seals everything new; the ones before it are *retired*:
-//! they only open what they sealed (segments still in staging or in the store, digest
-//! answers). That is how a key is rotated without stopping replication
+//! mode 0600. The newest key the recovery side holds seals everything new; the ones
+//! before it are *retired*: they only open what they sealed (segments still in staging
+//! or in the store). That is how a key is rotated without stopping replication
 //! ([`Key::rotate_file`]): the protected side appends a fresh key, the file is copied
-//! to the recovery side, and the shipper seals with the new key once it restarts; the
-//! hash chain is keyless, so it runs on across the change. Once nothing sealed with a
-//! retired key is left, [`Key::forget_file`] removes it.
+//! to the recovery side, and the shipper seals with the new key once the recovery side
+//! has proved it holds it (below); the hash chain is keyless, so it runs on across the
+//! change. Once nothing sealed with a retired key is left, [`Key::forget_file`]
+//! removes it. A retired key is not trusted forever: once a segment under a newer key
+//! is applied, the recovery side refuses segments under older ones (a shipper never
+//! goes back), so a leaked old key cannot forge history after the rotation.
 //!
 //! Each key has a public 8-byte id (a SHA-256 of the key under a domain label) written
 //! into every segment header, so a segment is opened with the key that sealed it, and
 //! one sealed with a key the file lacks is reported as such instead of as corruption.
+//!
+//! A new key must never seal before the recovery side holds it: a disaster in between
+//! would leave segments nobody can open. So the recovery side *proves* each key it
+//! holds with a small blob in the store, `key-<id>.held`, sealed with that key
+//! ([`Key::seal_proof`]); the shipper seals with the newest key of its file that has a
+//! proof that opens ([`Key::proves`]). The store cannot forge a proof without the key.
 
 use crate::error::{Error, Result};
 use sha2::{Digest, Sha256};
@@ -86,6 +95,32 @@ impl Key {
     /// other side asked for. `None` if this file lacks it.
     pub fn only(&self, id: [u8; 8]) -> Option<Key> {
         self.bytes_for(id).map(|k| Key::from_bytes(*k))
+    }
+
+    /// Where the key with id `id` is in the file: 0 for the oldest.
+    pub fn position(&self, id: [u8; 8]) -> Option<usize> {
+        self.keys.iter().position(|k| key_id(k) == id)
+    }
+
+    /// The name of the blob proving the recovery side holds key `id`.
+    pub fn proof_name(id: [u8; 8]) -> String {
+        format!("key-{}.held", hex(&id))
+    }
+
+    /// A proof that this side holds the key `id` for `volume` (sealed with that key),
+    /// or `None` if the file lacks it.
+    pub fn seal_proof(&self, id: [u8; 8], volume: &str) -> Option<Result<Vec<u8>>> {
+        let key = self.only(id)?;
+        Some(crate::digests::seal_blob(&key, &proof_aad(id, volume), &id))
+    }
+
+    /// Whether `bytes` proves the other side holds key `id` (which this file must have)
+    /// for `volume`.
+    pub fn proves(&self, id: [u8; 8], volume: &str, bytes: Vec<u8>) -> bool {
+        self.only(id).is_some_and(|key| {
+            crate::digests::open_blob(&key, &proof_aad(id, volume), "proof", bytes)
+                .is_ok_and(|plain| plain == id)
+        })
     }
 
     /// The ids for messages: `"1a2b…, 3c4d… (sealing)"`.
@@ -177,10 +212,11 @@ impl Key {
     }
 
     /// Appends a fresh key to the key file at `path`, which seals from then on (once
-    /// the programs using the file load it again); the keys before it stay, retired,
-    /// to open what they sealed. The file is replaced atomically (mode 0600): a crash
+    /// the recovery side proves it holds it); the keys before it stay, retired, to
+    /// open what they sealed. The file is replaced atomically (mode 0600): a crash
     /// leaves the old file or the new one. Returns the keys now in the file.
     pub fn rotate_file(path: &Path) -> Result<Key> {
+        let _lock = lock_key_file(path)?;
         let mut key = Key::load(path)?;
         if key.keys.len() >= MAX_KEYS {
             return Err(Error::Key {
@@ -198,6 +234,7 @@ impl Key {
     /// Removes the retired key with id `id` (hex, or a prefix of at least 4 hex digits)
     /// from the key file at `path`; refuses the key that seals. Returns the keys left.
     pub fn forget_file(path: &Path, id: &str) -> Result<Key> {
+        let _lock = lock_key_file(path)?;
         let mut key = Key::load(path)?;
         let key_err = |what: String| Error::Key {
             path: path.into(),
@@ -240,8 +277,8 @@ impl Key {
         new_name.push(".new");
         let new = path.with_file_name(new_name);
         let io = |what: &str, p: &Path, e| Error::io(format!("{what} {}", p.display()), e);
-        // A `.new` left by a crash in the middle of an earlier rotation is garbage: the
-        // rename is what commits.
+        // A `.new` left by a crash in the middle of an earlier rotation is garbage (the
+        // rename is what commits; the lock keeps out a rotation under way).
         match std::fs::remove_file(&new) {
             Err(e) if e.kind() != ErrorKind::NotFound => {
                 return Err(io("removing the stale", &new, e))
@@ -268,6 +305,34 @@ impl Key {
     }
 }
 
+/// Holds `PATH.lock` (flock) while a key file is rewritten, so two rotations at once
+/// cannot lose one's key.
+fn lock_key_file(path: &Path) -> Result<std::fs::File> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    let lock_path = path.with_file_name(name);
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(|e| Error::io(format!("opening {}", lock_path.display()), e))?;
+    // SAFETY: flock on a descriptor this function owns; no memory is involved.
+    let locked = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) };
+    if locked != 0 {
+        return Err(Error::io(
+            format!("locking {}", lock_path.display()),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(file)
+}
+
+fn proof_aad(id: [u8; 8], volume: &str) -> Vec<u8> {
+    format!("ublk-dr key held v1 {volume} {}", hex(&id)).into_bytes()
+}
+
 fn key_id(key: &[u8; KEY_LEN]) -> [u8; 8] {
     let digest = Sha256::new()
         .chain_update(b"ublk-dr key id v1")
@@ -291,6 +356,14 @@ impl fmt::Debug for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Key(ids {})", self.describe_ids())
     }
+}
+
+/// A key id from its 16 hex digits (as [`hex`] writes it).
+pub fn parse_id(text: &str) -> Option<[u8; 8]> {
+    let value = u64::from_str_radix(text, 16)
+        .ok()
+        .filter(|_| text.len() == 16 && text.bytes().all(|b| b.is_ascii_hexdigit()))?;
+    Some(value.to_be_bytes())
 }
 
 /// Lower-case hex of `bytes`.
@@ -359,6 +432,32 @@ mod tests {
         assert_eq!(Key::load(&path).unwrap().ids(), vec![rotated.id()]);
         let msg = Key::forget_file(&path, &retired).unwrap_err().to_string();
         assert!(msg.contains("has no key"), "{msg}");
+    }
+
+    #[test]
+    fn a_proof_opens_only_with_its_key_volume_and_id() {
+        let (a, b) = (Key::from_bytes([1; 32]), Key::from_bytes([2; 32]));
+        let target = Key::from_keys(vec![[1; 32], [2; 32]]);
+        let proof = target.seal_proof(b.id(), "vol0").unwrap().unwrap();
+        assert!(target.proves(b.id(), "vol0", proof.clone()));
+        assert!(b.proves(b.id(), "vol0", proof.clone()));
+        assert!(!b.proves(b.id(), "vol1", proof.clone()), "another volume's");
+        assert!(
+            !target.proves(a.id(), "vol0", proof.clone()),
+            "another key's"
+        );
+        assert!(
+            !a.proves(b.id(), "vol0", proof.clone()),
+            "a file without the key"
+        );
+        let mut flipped = proof;
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        assert!(!target.proves(b.id(), "vol0", flipped));
+        assert!(a.seal_proof(b.id(), "vol0").is_none());
+        assert_eq!(target.position(b.id()), Some(1));
+        assert_eq!(Key::proof_name(b.id()).len(), 25);
+        assert!(crate::store::valid_blob_name(&Key::proof_name(b.id())));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! to a default.
 //!
 //! ```toml
-//! key = "/etc/ublk-dr/key"               # required: the 32-byte key (shipper keygen)
+//! key = "/etc/ublk-dr/key"               # required: the key file (shipper keygen;
+//!                                        # shipper key rotate adds a new key)
 //! staging = "/var/lib/ublk-dr/staging"   # required: local staging directory
 //! store = "/srv/dr-store"                # required: target store: a directory, or
 //!                                        # az://CONTAINER/PREFIX, s3://BUCKET/PREFIX
@@ -19,6 +20,11 @@
 //! backlog_resync_percent = 50            # staged backlog above this % of the disk is
 //!                                        # dropped for a whole-disk resync (0 = never)
 //! cpu_priority = "yield"                 # or "normal": see shipper::priority
+//! alert_command = "/usr/local/bin/page"  # run on each health change of a volume (sh -c,
+//!                                        # UBLK_DR_VOLUME, UBLK_DR_HEALTH, ...: see
+//!                                        # shipper::alert); default: logged only
+//! alert_hold_ms = 10000                  # a new health must hold this long (Critical:
+//!                                        # reported at once)
 //!
 //! [throttle]                             # optional: one upload limit for every volume
 //! limit = "200Mbit/s"                    # outside the windows (default: unlimited)
@@ -77,6 +83,11 @@ pub struct ConfigFile {
     pub backlog_resync_percent: u32,
     #[serde(default = "default_cpu_priority")]
     pub cpu_priority: CpuPriority,
+    /// Run on each health change (see [`crate::alert`]).
+    #[serde(default)]
+    pub alert_command: Option<String>,
+    #[serde(default = "default_alert_hold")]
+    pub alert_hold_ms: u64,
     /// The upload limit (see [`crate::throttle`]); unlimited when absent.
     #[serde(default)]
     pub throttle: ThrottleConfig,
@@ -109,6 +120,9 @@ pub struct VolumeEntry {
     pub ring: PathBuf,
 }
 
+fn default_alert_hold() -> u64 {
+    crate::alert::DEFAULT_HOLD.as_millis() as u64
+}
 fn default_status_dir() -> PathBuf {
     "/run/ublk-dr".into()
 }
@@ -257,6 +271,9 @@ impl ConfigFile {
                 c.sealers = self.sealers;
                 c.retry_unit = Duration::from_millis(self.retry_unit_ms);
                 c.rpo_threshold = Duration::from_millis(self.rpo_threshold_ms);
+                c.key_file = Some(self.key.clone());
+                c.alert_command = self.alert_command.clone();
+                c.alert_hold = Duration::from_millis(self.alert_hold_ms);
                 c.status_path = Some(self.status_path(&v.id));
                 c.initial_sync = self.initial_sync;
                 c.resync_block_bytes =

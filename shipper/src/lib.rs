@@ -11,11 +11,13 @@
 //! * [`throttle`]: the upload bandwidth limit and its windows of the week.
 //! * [`status`]: health, RPO and the status file.
 //! * [`config`]: the TOML configuration file.
+pub mod alert;
 pub mod backlog;
 pub mod chain_state;
 pub mod config;
 pub mod error;
 pub mod group_cuts;
+pub mod keys;
 pub mod mark;
 pub mod pipeline;
 pub mod priority;

@@ -31,10 +31,12 @@ enum Command {
     },
     /// List, rotate or retire the keys of a key file.
     ///
-    /// A key file holds the key that seals new segments (the last) and the retired
-    /// keys before it, which still open what they sealed. Rotating appends a fresh
-    /// key: copy the file to the recovery side, then restart the shippers (`systemctl
-    /// restart 'ublk-dr-shipper@*'`), which seal with the new key from then on.
+    /// A key file holds keys oldest first; the newest one the recovery side has proved
+    /// to hold seals new segments, the older ones only open what they sealed. Rotating
+    /// appends a fresh key: copy the file to the recovery side, where `ublk-target
+    /// apply` proves it holds the key (a blob in the store sealed with it); the running
+    /// shippers, which read the file again when it changes, then seal with it. No
+    /// restart, and nothing is ever sealed with a key the recovery side lacks.
     Key {
         #[command(subcommand)]
         action: KeyAction,
@@ -118,26 +120,27 @@ enum Command {
 
 #[derive(Subcommand)]
 enum KeyAction {
-    /// Print the id of every key in the file, oldest first; the last one seals.
+    /// Print the id of every key in the file, oldest first (the last one seals once
+    /// the recovery side holds it; `shipper status` shows the key in use).
     List {
         /// The key file (e.g. /etc/ublk-dr/key).
         file: PathBuf,
     },
-    /// Append a fresh key, which seals from the shippers' next start; the others stay
-    /// to open what they sealed. The file is replaced atomically.
+    /// Append a fresh key; the others stay to open what they sealed. The file is
+    /// replaced atomically (and locked against a second rotation at once).
     ///
-    /// Copy the file to the recovery side before or soon after restarting the
-    /// shippers: until it has the new key, `ublk-target apply --follow` waits at the
-    /// first segment sealed with it (warning, nothing lost) and reads the file again
-    /// every few seconds.
+    /// Then copy the file to the recovery side. Its `ublk-target apply` (with
+    /// --follow: within seconds) proves it holds the new key, and the shippers move to
+    /// it (`shipper status`: "sealing key"). Until then they go on with the old key.
     Rotate {
         /// The key file (e.g. /etc/ublk-dr/key).
         file: PathBuf,
     },
-    /// Remove a retired key, once nothing sealed with it is left: every shipper has
-    /// restarted since the rotation and staged a segment, and the recovery side has
-    /// applied past the rotation (`ublk-target status`). Then copy the file to the
-    /// recovery side again.
+    /// Remove a retired key, once nothing sealed with it is left: every shipper using
+    /// the file seals with a newer key (`shipper status`) and has uploaded what it
+    /// staged before, and the recovery side has applied that (`ublk-target status`:
+    /// nothing waiting). Then copy the file to the recovery side again; its `apply
+    /// --follow` reads it and withdraws the key's proof.
     Forget {
         /// The key file (e.g. /etc/ublk-dr/key).
         file: PathBuf,
@@ -238,6 +241,15 @@ struct RunArgs {
     /// RPO above which the volume's health is Warning, in ms.
     #[arg(long, default_value_t = 30_000)]
     rpo_threshold_ms: u64,
+    /// Run this shell command on each health change of the volume, with
+    /// UBLK_DR_VOLUME, UBLK_DR_HEALTH, UBLK_DR_PREVIOUS_HEALTH, UBLK_DR_STATE,
+    /// UBLK_DR_RPO_MS and UBLK_DR_HOST in its environment (e.g. to page someone).
+    #[arg(long, value_name = "CMD")]
+    alert_command: Option<String>,
+    /// How long a new health must hold before it is reported, in ms (Critical is
+    /// reported at once).
+    #[arg(long, default_value_t = 10_000)]
+    alert_hold_ms: u64,
     /// Where to publish status (JSON).
     #[arg(long)]
     status: Option<PathBuf>,
@@ -453,8 +465,9 @@ fn key_command(action: KeyAction) -> Result<()> {
             let key = Key::rotate_file(&file)?;
             list(&key);
             println!(
-                "added key {} to {}: copy the file to the recovery side, then restart the \
-                 shippers using it (`systemctl restart 'ublk-dr-shipper@*'`) to seal with it",
+                "added key {} to {}: copy the file to the recovery side; the shippers seal \
+                 with the new key once the recovery side has proved it holds it \
+                 (`shipper status` shows the sealing key)",
                 changelog::key::hex(&key.id()),
                 file.display()
             );
@@ -489,19 +502,22 @@ fn ship(args: RunArgs) -> Result<()> {
         }
         None => {
             let missing = "clap requires these without --config";
-            let key = Key::load(args.key.as_deref().expect(missing))?;
+            let key_file = args.key.clone().expect(missing);
             let volume = args.volume.clone().expect(missing);
             let mut config = ShipperConfig::new(
                 volume,
                 args.ring.clone().expect(missing),
                 args.staging.clone().expect(missing),
-                key,
+                Key::load(&key_file)?,
             );
+            config.key_file = Some(key_file);
             config.max_segment_age = Duration::from_millis(args.max_segment_age_ms);
             config.max_segment_bytes = args.max_segment_bytes;
             config.sealers = args.sealers;
             config.retry_unit = Duration::from_millis(args.retry_unit_ms);
             config.rpo_threshold = Duration::from_millis(args.rpo_threshold_ms);
+            config.alert_command = args.alert_command.clone();
+            config.alert_hold = Duration::from_millis(args.alert_hold_ms);
             config.cpu_priority = args.cpu_priority;
             config.status_path = args.status.clone();
             config.initial_sync = !args.no_initial_sync;

@@ -23,9 +23,11 @@
 //!   of the disk, the reader drops it and the chain continues in a new epoch, with a
 //!   whole-disk digest resync ([`crate::backlog`]).
 
+use crate::alert::Alerts;
 use crate::backlog;
 use crate::chain_state;
 use crate::error::{Result, ShipperError};
+use crate::keys::SealingKey;
 use crate::priority::{CpuPriority, Priority, ThreadPriority};
 use crate::retry::RetrySchedule;
 use crate::status::{RecentRate, Status, RATE_WINDOW};
@@ -60,7 +62,11 @@ pub struct ShipperConfig {
     pub ring_path: PathBuf,
     /// Segments are staged in `staging_dir/<volume>/`.
     pub staging_dir: PathBuf,
+    /// Every key of the key file ([`crate::keys`] picks the one that seals).
     pub key: Key,
+    /// The key file `key` came from, read again when it changes (`None`: keys given
+    /// in memory, never re-read).
+    pub key_file: Option<PathBuf>,
     pub max_segment_age: Duration,
     pub max_segment_bytes: usize,
     pub sealers: usize,
@@ -80,19 +86,24 @@ pub struct ShipperConfig {
     /// The upload limit, shared with the other volumes of the process
     /// ([`crate::throttle`]).
     pub throttle: Arc<Throttle>,
+    /// Run on each health change of the volume ([`crate::alert`]); `None`: logged only.
+    pub alert_command: Option<String>,
+    /// How long a new health must hold before it is reported (Critical: at once).
+    pub alert_hold: Duration,
 }
 
 impl ShipperConfig {
     /// A config with the defaults: 1 s segments of at most 8 MiB, two sealers, the
     /// retry unit a minute, RPO threshold 30 s, initial sync on, 64 KiB resync blocks,
     /// the staged backlog dropped above 50% of the disk, normal CPU priority (the
-    /// `shipper` command yields by default), no upload limit.
+    /// `shipper` command yields by default), no upload limit, no alert command.
     pub fn new(volume: VolumeId, ring_path: PathBuf, staging_dir: PathBuf, key: Key) -> Self {
         ShipperConfig {
             volume,
             ring_path,
             staging_dir,
             key,
+            key_file: None,
             max_segment_age: Duration::from_secs(1),
             max_segment_bytes: 8 << 20,
             sealers: 2,
@@ -104,6 +115,8 @@ impl ShipperConfig {
             backlog_resync_percent: backlog::DEFAULT_PERCENT,
             cpu_priority: CpuPriority::Normal,
             throttle: Arc::new(Throttle::unlimited()),
+            alert_command: None,
+            alert_hold: crate::alert::DEFAULT_HOLD,
         }
     }
 
@@ -264,6 +277,21 @@ pub fn run(
         ShipperError::io(format!("creating staging directory {}", dir.display()), e)
     })?;
     let cursor = chain_state::recover(&dir, &config.volume, &config.key)?;
+    let keys = SealingKey::open(
+        &config.volume,
+        config.key.clone(),
+        config.key_file.as_deref(),
+        &dir,
+    );
+    if keys.is_a_guess() {
+        if let Err(e) = keys.refresh(store.as_ref()) {
+            log::warn!(
+                "volume {}: the recovery side's key proofs are out of reach ({e}); sealing \
+                 with the key file's oldest key until they are read",
+                config.volume
+            );
+        }
+    }
     let backlog: Vec<u64> = list_segment_dir(&dir)?;
     let mut staged_bytes = 0;
     for &index in &backlog {
@@ -301,11 +329,12 @@ pub fn run(
         backlog.len(),
         store.describe()
     );
+    let mut alerts = Alerts::new(config.alert_command.clone(), config.alert_hold);
     let board = Arc::new(Board {
         status: Mutex::new(Status {
             volume: config.volume.to_string(),
             pid: std::process::id(),
-            sealing_key_id: changelog::key::hex(&config.key.id()),
+            sealing_key_id: changelog::key::hex(&keys.sealing().id()),
             rpo_threshold_ms: config.rpo_threshold.as_millis() as u64,
             newest_staged_index: cursor.next_index.checked_sub(1),
             segments_pending_upload: backlog.len() as u64,
@@ -358,8 +387,9 @@ pub fn run(
         for _ in 0..sealers {
             let (jobs, out) = (job_rx.clone(), sealed_tx.clone());
             let spare = (spare_tx.clone(), spare_rx.clone());
+            let keys = &keys;
             spawn_named(scope, "ship-sealer", move || {
-                seal_jobs(config, &jobs, &out, &spare, priority)
+                seal_jobs(config, keys, &jobs, &out, &spare, priority)
             });
         }
         drop((job_rx, sealed_tx));
@@ -393,13 +423,17 @@ pub fn run(
         let finished = &finished;
         let coordinator = spawn_named(scope, "ship-resync", || {
             let report = |error| board.update(|s| s.resync_store_error = error);
-            let r = crate::resync::coordinate(config, &ring, store.as_ref(), finished, &report);
+            let r =
+                crate::resync::coordinate(config, &keys, &ring, store.as_ref(), finished, &report);
             stop_on_err(&r, &control);
             r
         });
+        spawn_named(scope, "ship-keys", || {
+            watch_keys(config, &keys, store.as_ref(), &board, finished)
+        });
         // Nothing is ever sent: the wait ends by timeout or when all three have ended.
         loop {
-            publish(config, &board, &ring, priority);
+            publish(config, &board, &ring, priority, &mut alerts);
             if let Err(RecvTimeoutError::Disconnected) = all_ended.recv_timeout(STATUS_INTERVAL) {
                 break;
             }
@@ -420,7 +454,7 @@ pub fn run(
         let what = e.to_string();
         board.update(|s| s.critical = Some(what));
     }
-    publish(config, &board, &ring, priority);
+    publish(config, &board, &ring, priority, &mut alerts);
     let (cursor, segments_uploaded) = result?;
     Ok(RunSummary {
         segments_uploaded,
@@ -478,7 +512,13 @@ fn stop_on_err<T>(r: &Result<T>, control: &Control) {
 
 /// Takes a status snapshot: moves the threads' CPU priority by it, and writes it to
 /// the status file if there is one.
-fn publish(config: &ShipperConfig, board: &Board, ring: &Consumer, priority: &Priority) {
+fn publish(
+    config: &ShipperConfig,
+    board: &Board,
+    ring: &Consumer,
+    priority: &Priority,
+    alerts: &mut Alerts,
+) {
     let mut status = board.snapshot(ring);
     priority.update(
         status.ring_used_bytes,
@@ -490,10 +530,40 @@ fn publish(config: &ShipperConfig, board: &Board, ring: &Consumer, priority: &Pr
     let (limit, window) = config.throttle.limit_now();
     status.upload_limit_bytes_per_s = limit.map(Rate::bytes_per_s);
     status.upload_limit_window = window;
+    alerts.observe(&status);
     if let Some(path) = &config.status_path {
         if let Err(e) = status.write(path) {
             log::warn!("{e}");
         }
+    }
+}
+
+/// How often the key file and the recovery side's key proofs are looked at.
+const KEY_REFRESH: Duration = Duration::from_secs(5);
+
+/// Moves the sealing key forward as the recovery side proves newer keys
+/// ([`crate::keys`]), until the pipeline has finished.
+fn watch_keys(
+    config: &ShipperConfig,
+    keys: &SealingKey,
+    store: &dyn TargetStore,
+    board: &Board,
+    finished: &AtomicBool,
+) {
+    let mut next = Instant::now();
+    while !finished.load(Ordering::Acquire) {
+        if Instant::now() >= next {
+            next = Instant::now() + KEY_REFRESH;
+            match keys.refresh(store) {
+                Ok(Some(id)) => board.update(|s| s.sealing_key_id = changelog::key::hex(&id)),
+                Ok(None) => {}
+                Err(e) => log::debug!(
+                    "volume {}: looking for the recovery side's key proofs: {e}",
+                    config.volume
+                ),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -771,6 +841,7 @@ fn unread_resync_done(ring: &Consumer, mut pos: u64, next_seq: u64) -> Result<bo
 /// A sealer worker: compress + encrypt, in whatever order jobs arrive.
 fn seal_jobs(
     config: &ShipperConfig,
+    keys: &SealingKey,
     jobs: &Receiver<SealJob>,
     out: &Sender<Result<Sealed>>,
     (spare_tx, spare_rx): &(Sender<Vec<u8>>, Receiver<Vec<u8>>),
@@ -789,7 +860,7 @@ fn seal_jobs(
         // Receives the compressed body when lz4 is tried; the buffer left over is the
         // plain one when lz4 was kept, else this one.
         let scratch = spare_rx.try_recv().unwrap_or_default();
-        let sealed = seal_owned(job.plain, &params, &config.key, scratch)
+        let sealed = seal_owned(job.plain, &params, &keys.sealing(), scratch)
             .map_err(ShipperError::from)
             .map(|(segment, left_over)| {
                 let _ = spare_tx.try_send(left_over); // dropped when enough wait

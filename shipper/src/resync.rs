@@ -12,6 +12,7 @@
 //! Critical) rather than trusted, since a wrong digest could skip a differing block.
 
 use crate::error::{Result, ShipperError};
+use crate::keys::SealingKey;
 use crate::pipeline::ShipperConfig;
 use blkfilter::ring::resync::read_digest_blocks;
 use blkfilter::ring::{digests_path, Consumer};
@@ -75,13 +76,16 @@ impl StoreTrouble<'_> {
 /// keeps failing, and `None` once the store answers again.
 pub fn coordinate(
     config: &ShipperConfig,
+    keys: &SealingKey,
     ring: &Consumer,
     store: &dyn TargetStore,
     finished: &AtomicBool,
     store_trouble: &dyn Fn(Option<String>),
 ) -> Result<()> {
     let volume = &config.volume;
+    // The pass asked about, and the key its answer is to be sealed with.
     let mut asked: Option<u64> = None;
+    let mut answer_key = keys.sealing();
     let mut trouble = StoreTrouble {
         failures: 0,
         next_try: None,
@@ -119,13 +123,14 @@ pub fn coordinate(
             } else {
                 None
             };
+            let sealing = keys.sealing();
             let request = DigestRequest {
                 gen,
                 need_seq: gen,
                 block_bytes: progress.block_bytes,
                 device_bytes: ring.geometry().device_bytes,
                 blocks,
-                key_id: Some(changelog::key::hex(&config.key.id())),
+                key_id: Some(changelog::key::hex(&sealing.id())),
             };
             let json = serde_json::to_vec(&request).expect("request serializes");
             match store.put_blob(volume, &request_name(gen), &json) {
@@ -136,6 +141,7 @@ pub fn coordinate(
                         store.describe()
                     );
                     asked = Some(gen);
+                    answer_key = sealing;
                 }
                 Err(e) => trouble.failed(volume, "digest request", e),
             }
@@ -156,7 +162,9 @@ pub fn coordinate(
             }
         };
         let where_ = format!("{}/{volume}/{name}", store.describe());
-        let answer = DigestAnswer::open(&config.key, volume.as_str(), gen, &where_, bytes)
+        // Only the key asked for opens it: an answer under another key (a retired one
+        // someone still holds) is not the recovery side's.
+        let answer = DigestAnswer::open(&answer_key, volume.as_str(), gen, &where_, bytes)
             .map_err(|e| ShipperError::Critical {
                 volume: volume.to_string(),
                 what: format!(

@@ -261,9 +261,9 @@ impl Fixture {
         let handle = std::thread::spawn(move || {
             while !stopping.load(std::sync::atomic::Ordering::Acquire) {
                 applier.apply_available().expect("apply");
-                let next_seq = applier.cursor().next_seq;
+                let (next_seq, last_key) = (applier.cursor().next_seq, applier.state().key_id);
                 ublk_target::digests::answer_requests(
-                    &*store, &volume, &key, &replica, next_seq, mode,
+                    &*store, &volume, &key, last_key, &replica, next_seq, mode,
                 )
                 .expect("answer digest requests");
                 std::thread::sleep(Duration::from_millis(5));

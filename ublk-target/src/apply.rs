@@ -341,15 +341,33 @@ impl Applier {
         }
     }
 
+    /// Refuses a segment sealed with a key older in the key file than the one that
+    /// sealed the last applied segment: shippers only move to newer keys, so such a
+    /// segment was sealed by whoever holds a retired key. (A key the file no longer
+    /// has, on either side, cannot be placed and is not compared.)
+    fn refuse_retired_key(&self, header: &SegmentHeader, name: &str) -> Result<()> {
+        let Some(last) = self.state.key_id else {
+            return Ok(());
+        };
+        match (self.key.position(header.key_id), self.key.position(last)) {
+            (Some(found), Some(newer)) if found < newer => Err(TargetError::RetiredKey {
+                segment: name.into(),
+                found: changelog::key::hex(&header.key_id),
+                newer: changelog::key::hex(&last),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Applies a segment [`fetch_and_open`] returned for the current position.
     fn apply_opened(&mut self, segment: OpenedSegment) -> Result<Applied> {
         let volume = self.state.cursor.volume.clone();
         let index = segment.header.index;
         // The opener checked the chain against the position it predicted; that must be
         // the applied one (cheap, and it keeps I6 local to this function).
-        self.state
-            .cursor
-            .check(&segment.header, &self.store.segment_name(&volume, index))?;
+        let name = self.store.segment_name(&volume, index);
+        self.state.cursor.check(&segment.header, &name)?;
+        self.refuse_retired_key(&segment.header, &name)?;
         let saved = self.journal.save_undo(
             &mut self.uring,
             &segment,
@@ -370,6 +388,7 @@ impl Applier {
         }
         self.state.cursor.advance(&segment.header, segment.digest);
         self.state.last = Some(PointFacts::from_header(&segment.header));
+        self.state.key_id = Some(segment.header.key_id);
         self.state.save(&mut self.uring, &self.paths.state)?;
         self.times.state += t.elapsed();
         self.times.segments += 1;

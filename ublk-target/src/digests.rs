@@ -12,8 +12,10 @@ use changelog::digests::{
     DigestRequest,
 };
 use changelog::{Key, TargetStore, VolumeId};
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::path::Path;
+use std::sync::Mutex;
 
 /// How requests are answered.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -32,11 +34,15 @@ pub enum AnswerMode {
 const MAX_DEVICE_BYTES: u64 = 1 << 50;
 
 /// Answers every pending request whose `need_seq` is below `applied_next_seq` (the
-/// first seq not applied to `replica`). Returns how many it answered.
+/// first seq not applied to `replica`), sealed with the key the request names. A
+/// request naming a key older in `key`'s file than `last_key` (the key of the last
+/// applied segment) is not answered: the shipper has moved past it, so the request is
+/// not the shipper's. Returns how many it answered.
 pub fn answer_requests(
     store: &dyn TargetStore,
     volume: &VolumeId,
     key: &Key,
+    last_key: Option<[u8; 8]>,
     replica: &Path,
     applied_next_seq: u64,
     mode: AnswerMode,
@@ -77,18 +83,37 @@ pub fn answer_requests(
         };
         let sealing = match &request.key_id {
             None => key.clone(),
-            Some(id) => match parse_key_id(id).and_then(|id| key.only(id)) {
-                Some(key) => key,
-                None => {
-                    log::warn!(
-                        "volume {volume}: digest request {name} asks for an answer sealed \
-                         with key id {id}, which the key file lacks (it has {}): copy the \
-                         protected side's key file here",
-                        key.describe_ids()
-                    );
-                    continue;
+            Some(id) => {
+                let asked = changelog::key::parse_id(id);
+                let retired = match (asked.and_then(|a| key.position(a)), last_key) {
+                    (Some(asked), Some(last)) => key.position(last).is_some_and(|l| asked < l),
+                    _ => false,
+                };
+                match asked.and_then(|id| key.only(id)) {
+                    Some(_) if retired => {
+                        warn_once(volume, gen, || {
+                            format!(
+                                "digest request {name} asks for an answer sealed with key \
+                                 {id}, retired before the key of the segments applied: not \
+                                 the shipper's request, not answered"
+                            )
+                        });
+                        continue;
+                    }
+                    Some(key) => key,
+                    None => {
+                        warn_once(volume, gen, || {
+                            format!(
+                                "digest request {name} asks for an answer sealed with key \
+                                 {id}, which the key file lacks (it has {}): copy the \
+                                 protected side's key file here",
+                                key.describe_ids()
+                            )
+                        });
+                        continue;
+                    }
                 }
-            },
+            }
         };
         if request.need_seq >= applied_next_seq {
             log::debug!(
@@ -137,12 +162,14 @@ pub fn answer_requests(
     Ok(answered)
 }
 
-/// A key id from its 16 hex digits.
-fn parse_key_id(hex: &str) -> Option<[u8; 8]> {
-    let value = u64::from_str_radix(hex, 16)
-        .ok()
-        .filter(|_| hex.len() == 16)?;
-    Some(value.to_be_bytes())
+/// Logs `what` about request `gen` of `volume` once per process: requests are looked
+/// at on every poll.
+fn warn_once(volume: &VolumeId, gen: u64, what: impl FnOnce() -> String) {
+    static WARNED: Mutex<BTreeSet<(String, u64)>> = Mutex::new(BTreeSet::new());
+    let mut warned = WARNED.lock().expect("warned lock");
+    if warned.insert((volume.to_string(), gen)) {
+        log::warn!("volume {volume}: {}", what());
+    }
 }
 
 #[cfg(test)]
@@ -152,9 +179,10 @@ mod tests {
     use changelog::key::hex;
     use changelog::LocalDirStore;
 
-    /// Asks for the digests of a 2-block replica with `key_id`, answers with `key`,
-    /// and returns the sealed answer, if one was written.
-    fn answer_for(key_id: Option<String>, key: &Key) -> Option<Vec<u8>> {
+    /// Asks for the digests of a 2-block replica with `key_id`, answers with `key`
+    /// after a segment sealed with `last_key` was applied, and returns the sealed
+    /// answer, if one was written.
+    fn answer_for(key_id: Option<String>, key: &Key, last_key: Option<[u8; 8]>) -> Option<Vec<u8>> {
         let dir = tempfile::tempdir().unwrap();
         let replica = dir.path().join("replica");
         std::fs::write(&replica, vec![3u8; 8192]).unwrap();
@@ -170,7 +198,16 @@ mod tests {
         };
         let json = serde_json::to_vec(&request).unwrap();
         store.put_blob(&volume, &request_name(5), &json).unwrap();
-        answer_requests(&store, &volume, key, &replica, 6, AnswerMode::Compare).unwrap();
+        answer_requests(
+            &store,
+            &volume,
+            key,
+            last_key,
+            &replica,
+            6,
+            AnswerMode::Compare,
+        )
+        .unwrap();
         store.get_blob(&volume, &answer_name(5)).unwrap()
     }
 
@@ -183,16 +220,22 @@ mod tests {
             DigestAnswer::open(key, "vol0", 5, "a", answer.to_vec()).is_ok()
         };
 
-        // A shipper still on the retired key (started before the rotation) asks for it.
-        let answer = answer_for(Some(hex(&only(retired).id())), &rotated).unwrap();
+        let (retired_id, sealing_id) = (only(retired).id(), only(sealing).id());
+        // A shipper still on the older key (the new one not proven yet) asks for it.
+        let answer = answer_for(Some(hex(&retired_id)), &rotated, Some(retired_id)).unwrap();
         assert!(opens(&answer, &only(retired)));
         assert!(!opens(&answer, &only(sealing)));
         // A request without a key id (an older shipper) gets the sealing key.
-        let answer = answer_for(None, &rotated).unwrap();
+        let answer = answer_for(None, &rotated, None).unwrap();
         assert!(opens(&answer, &only(sealing)));
         assert!(!opens(&answer, &only(retired)));
+        // Once a segment under the newer key is applied, the older one is retired: a
+        // request for it is not the shipper's (someone holding the old key wants the
+        // replica's digests).
+        assert!(answer_for(Some(hex(&retired_id)), &rotated, Some(sealing_id)).is_none());
+        assert!(answer_for(Some(hex(&sealing_id)), &rotated, Some(sealing_id)).is_some());
         // A key this side lacks: no answer (the request waits for the key file).
-        assert!(answer_for(Some(hex(&only([3; 32]).id())), &rotated).is_none());
-        assert!(answer_for(Some("not hex".into()), &rotated).is_none());
+        assert!(answer_for(Some(hex(&only([3; 32]).id())), &rotated, None).is_none());
+        assert!(answer_for(Some("not hex".into()), &rotated, None).is_none());
     }
 }

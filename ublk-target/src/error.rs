@@ -46,6 +46,12 @@ pub enum TargetError {
     View { what: String },
     #[error("config {path}: {what}")]
     Config { path: PathBuf, what: String },
+    #[error("{segment} is sealed with key {found}, which was retired before key {newer} that sealed the segments applied already; a shipper never goes back to a retired key, so it was forged by someone holding that key. Nothing was applied. Remove the key from both sides' key files (`shipper key forget FILE {found}`) and find out how it leaked")]
+    RetiredKey {
+        segment: String,
+        found: String,
+        newer: String,
+    },
 }
 
 impl TargetError {

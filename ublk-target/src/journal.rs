@@ -147,6 +147,7 @@ impl UndoHeader {
             cursor: self.cursor_before.clone(),
             last: self.prev,
             rolled_back_to: None,
+            key_id: None,
         }
     }
 

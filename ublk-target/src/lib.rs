@@ -22,6 +22,7 @@ pub mod error;
 pub mod group_cuts;
 pub mod hook;
 pub mod journal;
+pub mod keys;
 pub mod plan;
 pub mod points;
 mod reflink;

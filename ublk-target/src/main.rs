@@ -216,35 +216,8 @@ enum Command {
         /// Store directory (must exist); volumes' segments go to DIR/VOLUME/.
         #[arg(long)]
         store: PathBuf,
-        /// File holding the token clients must present (their UBLK_DR_RECEIVER_TOKEN).
-        /// Without it, any client that reaches the port may write.
-        #[arg(long)]
-        token_file: Option<PathBuf>,
-        /// Serve TLS only, with this certificate chain (PEM; its names must include the
-        /// HOST that clients connect to).
-        #[arg(long, requires = "tls_key", value_name = "PEM")]
-        tls_cert: Option<PathBuf>,
-        /// The certificate's private key (PEM).
-        #[arg(long, requires = "tls_cert", value_name = "PEM")]
-        tls_key: Option<PathBuf>,
-        /// Serve only clients with a certificate signed by a CA in this PEM file (their
-        /// UBLK_DR_RECEIVER_CLIENT_CERT and UBLK_DR_RECEIVER_CLIENT_KEY): a credential
-        /// per protected host, checked before the token.
-        #[arg(long, requires = "tls_cert", value_name = "PEM")]
-        tls_client_ca: Option<PathBuf>,
-        /// Refuse the client certificates these revocation lists (PEM, from the client
-        /// CA) name. Read again on SIGHUP (`systemctl reload ublk-dr-receiver`): a
-        /// connected client it now names is cut off at its next call.
-        #[arg(long, requires = "tls_client_ca", value_name = "PEM")]
-        tls_client_crl: Option<PathBuf>,
-        /// Give each client only its own volumes: a TOML file whose [clients] table maps
-        /// the DNS name or IP address in a host's client certificate (subjectAltName) to
-        /// the volumes it may reach, e.g. "host-a.example.com" = ["vol0", "vol1"] ("*":
-        /// every volume). Calls about other volumes are refused; a wildcard certificate
-        /// matches no entry. Read again on SIGHUP, as are the token file and the
-        /// certificates: connected clients are checked against them at their next call.
-        #[arg(long, requires = "tls_client_ca", value_name = "FILE")]
-        client_volumes: Option<PathBuf>,
+        #[command(flatten)]
+        admission: AdmissionFiles,
     },
     /// Show each volume of the config file at this site: its newest recovery point,
     /// the point's age (the RPO: at most what a failover now would lose, as far as this
@@ -756,21 +729,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Receive {
             listen,
             store,
-            token_file,
-            tls_cert,
-            tls_key,
-            tls_client_ca,
-            tls_client_crl,
-            client_volumes,
+            admission: files,
         } => {
-            let files = AdmissionFiles {
-                token_file,
-                tls_cert,
-                tls_key,
-                tls_client_ca,
-                tls_client_crl,
-                client_volumes,
-            };
             // Before any thread starts, so that they all inherit the mask and SIGHUP
             // reaches only the thread that waits for it.
             let hangup = block_hangup()?;
@@ -915,12 +875,36 @@ fn apply_with_progress(applier: &mut Applier, store: &dyn TargetStore) -> Result
 }
 
 /// The files a receiver's admission comes from, read at start and on SIGHUP.
+#[derive(clap::Args)]
 struct AdmissionFiles {
+    /// File holding the token clients must present (their UBLK_DR_RECEIVER_TOKEN).
+    /// Without it, any client that reaches the port may write.
+    #[arg(long)]
     token_file: Option<PathBuf>,
+    /// Serve TLS only, with this certificate chain (PEM; its names must include the
+    /// HOST that clients connect to).
+    #[arg(long, requires = "tls_key", value_name = "PEM")]
     tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert", value_name = "PEM")]
     tls_key: Option<PathBuf>,
+    /// Serve only clients with a certificate signed by a CA in this PEM file (their
+    /// UBLK_DR_RECEIVER_CLIENT_CERT and UBLK_DR_RECEIVER_CLIENT_KEY): a credential
+    /// per protected host, checked before the token.
+    #[arg(long, requires = "tls_cert", value_name = "PEM")]
     tls_client_ca: Option<PathBuf>,
+    /// Refuse the client certificates these revocation lists (PEM, from the client
+    /// CA) name. Read again on SIGHUP (`systemctl reload ublk-dr-receiver`): a
+    /// connected client it now names is cut off at its next call.
+    #[arg(long, requires = "tls_client_ca", value_name = "PEM")]
     tls_client_crl: Option<PathBuf>,
+    /// Give each client only its own volumes: a TOML file whose [clients] table maps
+    /// the DNS name or IP address in a host's client certificate (subjectAltName) to
+    /// the volumes it may reach, e.g. "host-a.example.com" = ["vol0", "vol1"] ("*":
+    /// every volume). Calls about other volumes are refused; a wildcard certificate
+    /// matches no entry. Read again on SIGHUP, as are the token file and the
+    /// certificates: connected clients are checked against them at their next call.
+    #[arg(long, requires = "tls_client_ca", value_name = "FILE")]
     client_volumes: Option<PathBuf>,
 }
 
@@ -1048,7 +1032,7 @@ struct ApplyJob {
     volume: VolumeId,
     replica: PathBuf,
     key: Key,
-    /// Where `key` came from: read again when a segment names a key it lacks.
+    /// Where `key` came from: with --follow, read again whenever it changes.
     key_file: PathBuf,
     state: Option<PathBuf>,
     journal: Option<PathBuf>,
@@ -1085,16 +1069,26 @@ impl ApplyJob {
         }
         let store = objstore::open(&self.store)?;
         let mut progress = progress;
-        let mut applier = None;
+        let mut applier: Option<Applier> = None;
         let mut failing = false;
         let mut opened_once = false;
-        let mut key = self.key.clone();
+        let mut key_file = ublk_target::keys::WatchedKeyFile::new(&self.key_file, self.key.clone());
         loop {
+            // A rotation copied here: prove the new key and apply with it.
+            if follow.is_some() && key_file.changed(&self.volume).is_some() {
+                applier = None;
+            }
+            let key = key_file.keys().clone();
             let result = self.apply_once(&key, &mut applier, &store, std::mem::take(&mut progress));
             if let (false, Some(opened)) = (opened_once, &applier) {
                 self.log_undo_method(opened.undo_method());
             }
             opened_once |= applier.is_some();
+            // Segments were applied with this file's keys before: a segment under a key
+            // it lacks is a rotation not copied here yet, not a wrong key file.
+            let rotating = applier
+                .as_ref()
+                .is_some_and(|a| a.state().latest().is_some());
             match (result, follow) {
                 (Ok(()), None) => {
                     let cursor = applier.as_ref().expect("applied").cursor();
@@ -1112,11 +1106,9 @@ impl ApplyJob {
                     }
                     std::thread::sleep(poll);
                 }
-                // The protected side rotated its key and this side's file lacks the
-                // new one yet: read the file again until it has it.
-                (Err(e), Some(poll)) if opened_once && lacks_key(&e) => {
+                (Err(e), Some(poll)) if rotating && lacks_key(&e) => {
                     log::warn!(
-                        "volume {}: {}; reading {} again in {} s",
+                        "volume {}: {}; waiting for {} to have it (checked every {} s)",
                         self.volume,
                         changelog::error::one_line(&*e),
                         self.key_file.display(),
@@ -1124,20 +1116,6 @@ impl ApplyJob {
                     );
                     failing = true;
                     std::thread::sleep(RETRY_WAIT.max(poll));
-                    match Key::load(&self.key_file) {
-                        Ok(reloaded) if reloaded.ids() != key.ids() => {
-                            log::info!(
-                                "volume {}: key file {} read again: keys {}",
-                                self.volume,
-                                self.key_file.display(),
-                                reloaded.describe_ids()
-                            );
-                            key = reloaded;
-                            applier = None;
-                        }
-                        Ok(_) => {}
-                        Err(e) => log::warn!("volume {}: {e}", self.volume),
-                    }
                 }
                 // Failing to open the applier the first time is a setup problem (a
                 // missing replica, a wrong path): reported, not retried.
@@ -1204,6 +1182,7 @@ impl ApplyJob {
                 },
             )?);
             let opened = applier.as_mut().expect("opened above");
+            ublk_target::keys::publish_proofs(&**store, &self.volume, key)?;
             match opened.sweep_store() {
                 Ok(0) => {}
                 Ok(n) => log::info!(
@@ -1229,7 +1208,10 @@ impl ApplyJob {
             ublk_target::digests::AnswerMode::Compare
         };
         let (volume, next_seq) = (&applier.cursor().volume, applier.cursor().next_seq);
-        ublk_target::digests::answer_requests(&**store, volume, key, replica, next_seq, mode)?;
+        let last_key = applier.state().key_id;
+        ublk_target::digests::answer_requests(
+            &**store, volume, key, last_key, replica, next_seq, mode,
+        )?;
         if applied > 0 {
             let c = applier.cursor();
             log::info!(

@@ -9,10 +9,11 @@
 //!   ([`crate::journal`]), the views registry (`views/`), view scratch files
 //!   (`scratch/`) and the `lock` taken by whoever writes the replica.
 //!
-//! The state file is `STATE_MAGIC ‖ bincode(ApplyState)`, replaced atomically. A file
-//! without the magic is the earlier format (bincode of a bare [`ChainCursor`]) and is
-//! still read: it has no facts about the last segment, so until the next segment is
-//! applied the latest position is not listed as a recovery point.
+//! The state file is `STATE_MAGIC ‖ bincode(ApplyState)`, replaced atomically. Earlier
+//! formats are still read: `UBLKDRA2` (no key id of the last segment, so no retired
+//! key is refused until the next segment is applied) and a file without a magic
+//! (bincode of a bare [`ChainCursor`]: no facts about the last segment, so until the
+//! next one is applied the latest position is not listed as a recovery point).
 
 use crate::error::{Result, TargetError};
 use changelog::uring::{write_file_atomic, Uring};
@@ -21,7 +22,10 @@ use std::path::{Path, PathBuf};
 
 /// First bytes of a state file in the current format. A legacy file starts with the
 /// bincode length of the volume id (at most 32), so it can never start like this.
-pub const STATE_MAGIC: [u8; 8] = *b"UBLKDRA2";
+pub const STATE_MAGIC: [u8; 8] = *b"UBLKDRA3";
+
+/// The magic of the format before key ids were kept.
+const STATE_MAGIC_V2: [u8; 8] = *b"UBLKDRA2";
 
 /// The paths that belong to one replica.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -109,6 +113,17 @@ pub struct ApplyState {
     /// Set when a rollback for failover started: the replica no longer follows the
     /// source and no further segment may be applied to it.
     pub rolled_back_to: Option<u64>,
+    /// The id of the key that sealed the last applied segment, when known: a segment
+    /// sealed with a key older than it (retired: earlier in the key file) is refused.
+    pub key_id: Option<[u8; 8]>,
+}
+
+/// [`ApplyState`] as `UBLKDRA2` files hold it.
+#[derive(serde::Deserialize)]
+struct ApplyStateV2 {
+    cursor: ChainCursor,
+    last: Option<PointFacts>,
+    rolled_back_to: Option<u64>,
 }
 
 impl ApplyState {
@@ -117,6 +132,7 @@ impl ApplyState {
             cursor: ChainCursor::start(volume),
             last: None,
             rolled_back_to: None,
+            key_id: None,
         }
     }
 
@@ -131,18 +147,28 @@ impl ApplyState {
         bytes
     }
 
-    /// Decodes the current format, or the legacy bare cursor.
+    /// Decodes the current format, the one before, or the legacy bare cursor.
     pub fn decode(bytes: &[u8]) -> std::result::Result<ApplyState, String> {
-        match bytes.strip_prefix(&STATE_MAGIC) {
-            Some(rest) => bincode::deserialize(rest).map_err(|e| e.to_string()),
-            None => bincode::deserialize::<ChainCursor>(bytes)
-                .map(|cursor| ApplyState {
-                    cursor,
-                    last: None,
-                    rolled_back_to: None,
-                })
-                .map_err(|e| format!("neither the current nor the legacy format: {e}")),
+        if let Some(rest) = bytes.strip_prefix(&STATE_MAGIC) {
+            return bincode::deserialize(rest).map_err(|e| e.to_string());
         }
+        if let Some(rest) = bytes.strip_prefix(&STATE_MAGIC_V2) {
+            let v2: ApplyStateV2 = bincode::deserialize(rest).map_err(|e| e.to_string())?;
+            return Ok(ApplyState {
+                cursor: v2.cursor,
+                last: v2.last,
+                rolled_back_to: v2.rolled_back_to,
+                key_id: None,
+            });
+        }
+        bincode::deserialize::<ChainCursor>(bytes)
+            .map(|cursor| ApplyState {
+                cursor,
+                last: None,
+                rolled_back_to: None,
+                key_id: None,
+            })
+            .map_err(|e| format!("neither the current nor an earlier format: {e}"))
     }
 
     /// Reads the state at `path`; `Ok(None)` when there is none yet. With `volume`,
@@ -198,7 +224,24 @@ mod tests {
             flags: flags::CRASH_POINT,
         });
         state.rolled_back_to = Some(3);
+        state.key_id = Some([9; 8]);
         assert_eq!(ApplyState::decode(&state.encode()).unwrap(), state);
+
+        // The format before key ids: the same fields, without the last.
+        let mut v2 = STATE_MAGIC_V2.to_vec();
+        bincode::serialize_into(
+            &mut v2,
+            &(&state.cursor, &state.last, &state.rolled_back_to),
+        )
+        .unwrap();
+        let before = ApplyState::decode(&v2).unwrap();
+        assert_eq!(
+            before,
+            ApplyState {
+                key_id: None,
+                ..state.clone()
+            }
+        );
 
         let legacy = bincode::serialize(&state.cursor).unwrap();
         let old = ApplyState::decode(&legacy).unwrap();

@@ -1,0 +1,300 @@
+//! Alerts: an operator's command run when a volume's health changes (`alert_command`
+//! in the config, `--alert-command`), to page someone or post to a chat.
+//!
+//! Contract:
+//!
+//! * The command runs through `sh -c` with the volume's news in its environment:
+//!   `UBLK_DR_VOLUME`, `UBLK_DR_HEALTH` (Healthy, Warning, Critical),
+//!   `UBLK_DR_PREVIOUS_HEALTH`, `UBLK_DR_STATE` (the status's one-line reason),
+//!   `UBLK_DR_RPO_MS`, `UBLK_DR_HOST` (this machine's name).
+//! * A new health is reported once it has held for the hold time (default 10 s), so a
+//!   volume hovering at its RPO threshold does not page every few seconds; Critical is
+//!   reported at once (the volume stopped shipping). A health that comes back before
+//!   the hold ends is not reported, and neither is its return.
+//! * The first health a shipper sees is compared with Healthy: a volume that starts
+//!   degraded (resyncing, say) is reported once it has held; one that starts Healthy is
+//!   not.
+//! * Commands run one at a time, in order, on a thread of their own, never in the
+//!   shipping path; one that runs longer than [`COMMAND_TIMEOUT`] is killed. A failing
+//!   command is logged, nothing else. Alerts still queued when the pipeline ends are
+//!   run before [`Alerts`] is dropped.
+
+use crate::status::{Health, Status};
+use crossbeam_channel::{unbounded, Sender};
+use std::process::{Command, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long a new health must hold before it is reported, by default.
+pub const DEFAULT_HOLD: Duration = Duration::from_secs(10);
+
+/// Longest an alert command may run before it is killed.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One health change to report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Alert {
+    pub volume: String,
+    pub previous: Health,
+    pub health: Health,
+    pub state: String,
+    pub rpo_ms: u64,
+}
+
+/// Decides when a health change is reported (no I/O: fed the status and the time).
+#[derive(Debug)]
+pub struct HealthWatch {
+    hold: Duration,
+    /// The last health reported (Healthy before any).
+    reported: Health,
+    /// A different health seen, and since when.
+    pending: Option<(Health, Instant)>,
+}
+
+impl HealthWatch {
+    pub fn new(hold: Duration) -> HealthWatch {
+        HealthWatch {
+            hold,
+            reported: Health::Healthy,
+            pending: None,
+        }
+    }
+
+    /// Takes the status at `now`; returns the alert to send, if one is due.
+    pub fn observe(&mut self, status: &Status, now: Instant) -> Option<Alert> {
+        let health = status.health();
+        if health == self.reported {
+            self.pending = None;
+            return None;
+        }
+        let since = match self.pending {
+            Some((pending, since)) if pending == health => since,
+            _ => now,
+        };
+        self.pending = Some((health, since));
+        if health != Health::Critical && now.saturating_duration_since(since) < self.hold {
+            return None;
+        }
+        let previous = std::mem::replace(&mut self.reported, health);
+        self.pending = None;
+        Some(Alert {
+            volume: status.volume.clone(),
+            previous,
+            health,
+            state: status.state(),
+            rpo_ms: status.rpo_ms,
+        })
+    }
+}
+
+/// A volume's alerts: its [`HealthWatch`] and the thread that runs the command.
+pub struct Alerts {
+    watch: HealthWatch,
+    queue: Option<Sender<Alert>>,
+    runner: Option<JoinHandle<()>>,
+}
+
+impl Alerts {
+    /// Alerts that run `command` (none: changes are only logged) after `hold`.
+    pub fn new(command: Option<String>, hold: Duration) -> Alerts {
+        let (queue, runner) = match command {
+            Some(command) => {
+                let (tx, rx) = unbounded::<Alert>();
+                let runner = std::thread::Builder::new()
+                    .name("ship-alert".into())
+                    .spawn(move || {
+                        for alert in rx {
+                            run_command(&command, &alert);
+                        }
+                    })
+                    .expect("spawning the alert thread");
+                (Some(tx), Some(runner))
+            }
+            None => (None, None),
+        };
+        Alerts {
+            watch: HealthWatch::new(hold),
+            queue,
+            runner,
+        }
+    }
+
+    /// Takes the volume's status as it is published.
+    pub fn observe(&mut self, status: &Status) {
+        let Some(alert) = self.watch.observe(status, Instant::now()) else {
+            return;
+        };
+        let line = format!(
+            "volume {}: health {:?} -> {:?}: {}",
+            alert.volume, alert.previous, alert.health, alert.state
+        );
+        match alert.health {
+            Health::Healthy => log::info!("{line}"),
+            Health::Warning | Health::Critical => log::warn!("{line}"),
+        }
+        if let Some(queue) = &self.queue {
+            let _ = queue.send(alert);
+        }
+    }
+}
+
+impl Drop for Alerts {
+    /// Runs the alerts still queued, then ends the thread.
+    fn drop(&mut self) {
+        self.queue = None;
+        if let Some(runner) = self.runner.take() {
+            let _ = runner.join();
+        }
+    }
+}
+
+/// Runs the alert command for `alert`, killing it after [`COMMAND_TIMEOUT`].
+fn run_command(command: &str, alert: &Alert) {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    let spawned = Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .env("UBLK_DR_VOLUME", &alert.volume)
+        .env("UBLK_DR_HEALTH", format!("{:?}", alert.health))
+        .env("UBLK_DR_PREVIOUS_HEALTH", format!("{:?}", alert.previous))
+        .env("UBLK_DR_STATE", &alert.state)
+        .env("UBLK_DR_RPO_MS", alert.rpo_ms.to_string())
+        .env("UBLK_DR_HOST", host)
+        .stdin(Stdio::null())
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            log::error!(
+                "volume {}: alert command {command:?} did not start: {e}",
+                alert.volume
+            );
+            return;
+        }
+    };
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return,
+            Ok(Some(status)) => {
+                log::warn!(
+                    "volume {}: alert command {command:?} failed: {status}",
+                    alert.volume
+                );
+                return;
+            }
+            Ok(None) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                log::warn!(
+                    "volume {}: alert command {command:?} ran over {} s and was killed",
+                    alert.volume,
+                    COMMAND_TIMEOUT.as_secs()
+                );
+                return;
+            }
+            Err(e) => {
+                log::warn!(
+                    "volume {}: waiting for alert command {command:?}: {e}",
+                    alert.volume
+                );
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(health: Health) -> Status {
+        let mut s = Status {
+            volume: "vol0".into(),
+            rpo_threshold_ms: 1000,
+            ..Default::default()
+        };
+        match health {
+            Health::Healthy => {}
+            Health::Warning => s.rpo_ms = 5000,
+            Health::Critical => s.critical = Some("broken chain".into()),
+        }
+        s
+    }
+
+    #[test]
+    fn a_change_is_reported_once_it_has_held_and_critical_at_once() {
+        let hold = Duration::from_secs(10);
+        let mut watch = HealthWatch::new(hold);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let seen = |watch: &mut HealthWatch, h: Health, ms: u64| {
+            watch
+                .observe(&status(h), at(ms))
+                .map(|a| (a.previous, a.health))
+        };
+        assert_eq!(
+            seen(&mut watch, Health::Healthy, 0),
+            None,
+            "Healthy at start"
+        );
+        // A Warning that clears within the hold: nothing, either way.
+        assert_eq!(seen(&mut watch, Health::Warning, 1_000), None);
+        assert_eq!(seen(&mut watch, Health::Warning, 9_000), None);
+        assert_eq!(seen(&mut watch, Health::Healthy, 10_500), None);
+        // One that holds: reported once, when the hold is over.
+        assert_eq!(seen(&mut watch, Health::Warning, 20_000), None);
+        assert_eq!(seen(&mut watch, Health::Warning, 29_999), None);
+        assert_eq!(
+            seen(&mut watch, Health::Warning, 30_000),
+            Some((Health::Healthy, Health::Warning))
+        );
+        assert_eq!(seen(&mut watch, Health::Warning, 45_000), None);
+        // Back to Healthy, held: reported.
+        assert_eq!(seen(&mut watch, Health::Healthy, 50_000), None);
+        assert_eq!(
+            seen(&mut watch, Health::Healthy, 60_000),
+            Some((Health::Warning, Health::Healthy))
+        );
+        // Critical: at once, and once.
+        let alert = watch
+            .observe(&status(Health::Critical), at(61_000))
+            .unwrap();
+        assert_eq!(
+            (alert.previous, alert.health),
+            (Health::Healthy, Health::Critical)
+        );
+        assert!(alert.state.contains("broken chain"), "{}", alert.state);
+        assert_eq!(seen(&mut watch, Health::Critical, 62_000), None);
+    }
+
+    #[test]
+    fn the_command_gets_the_change_in_its_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("alerts");
+        let command = format!(
+            "echo \"$UBLK_DR_VOLUME $UBLK_DR_PREVIOUS_HEALTH $UBLK_DR_HEALTH $UBLK_DR_RPO_MS $UBLK_DR_STATE\" >> {}",
+            out.display()
+        );
+        let mut alerts = Alerts::new(Some(command), Duration::ZERO);
+        alerts.observe(&status(Health::Warning));
+        alerts.observe(&status(Health::Critical));
+        drop(alerts); // runs what is queued
+        let text = std::fs::read_to_string(&out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            lines[0].starts_with("vol0 Healthy Warning 5000 RPO"),
+            "{text}"
+        );
+        assert!(
+            lines[1].starts_with("vol0 Warning Critical 0 stopped shipping: broken chain"),
+            "{text}"
+        );
+    }
+}

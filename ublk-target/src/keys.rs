@@ -1,0 +1,161 @@
+//! The recovery side's key file: noticing when it changes, and proving to the shipper
+//! which keys it holds (see [`changelog::key`] for rotation as a whole).
+//!
+//! Contract:
+//!
+//! * [`publish_proofs`] leaves exactly one `key-<id>.held` blob per key of the file in
+//!   the volume's store area, each sealed with its own key, and removes those of keys
+//!   the file no longer has, so the shipper moves to a new key only once this side can
+//!   open what it seals, and never back to a forgotten one.
+//! * [`WatchedKeyFile`] reads the file again when its identity, size or time changes,
+//!   and hands out the new keys only when they load and differ; a file that does not
+//!   load keeps the keys in force (logged).
+
+use crate::error::Result;
+use changelog::{Key, TargetStore, VolumeId};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// Writes a proof for every key of `key` that the store lacks one for, and deletes the
+/// proofs of keys `key` does not have. Returns how many proofs it wrote.
+pub fn publish_proofs(store: &dyn TargetStore, volume: &VolumeId, key: &Key) -> Result<usize> {
+    let names = store.list_blobs(volume)?;
+    let mut written = 0;
+    for id in key.ids() {
+        let name = Key::proof_name(id);
+        if names.contains(&name) {
+            continue;
+        }
+        let proof = key
+            .seal_proof(id, volume.as_str())
+            .expect("the id is the file's")?;
+        store.put_blob(volume, &name, &proof)?;
+        log::info!(
+            "volume {volume}: proved to the shipper that this side holds key {}",
+            changelog::key::hex(&id)
+        );
+        written += 1;
+    }
+    let ours: Vec<String> = key.ids().into_iter().map(Key::proof_name).collect();
+    for name in names
+        .iter()
+        .filter(|n| n.starts_with("key-") && n.ends_with(".held") && !ours.contains(n))
+    {
+        store.delete_blob(volume, name)?;
+        log::info!("volume {volume}: removed {name}: the key file no longer has that key");
+    }
+    Ok(written)
+}
+
+/// A key file read again when it changes.
+pub struct WatchedKeyFile {
+    path: PathBuf,
+    /// (device, inode, size, mtime in ns) when last read.
+    seen: Option<(u64, u64, u64, i128)>,
+    keys: Key,
+}
+
+impl WatchedKeyFile {
+    /// Watches `path`, whose keys `keys` are (as just loaded).
+    pub fn new(path: &Path, keys: Key) -> WatchedKeyFile {
+        WatchedKeyFile {
+            path: path.to_path_buf(),
+            seen: identity(path),
+            keys,
+        }
+    }
+
+    pub fn keys(&self) -> &Key {
+        &self.keys
+    }
+
+    /// The new keys, if the file changed to a loadable one with other keys.
+    pub fn changed(&mut self, volume: &VolumeId) -> Option<Key> {
+        let now = identity(&self.path);
+        if now == self.seen {
+            return None;
+        }
+        self.seen = now;
+        match Key::load(&self.path) {
+            Ok(keys) if keys.ids() != self.keys.ids() => {
+                log::info!(
+                    "volume {volume}: key file {} read again: keys {}",
+                    self.path.display(),
+                    keys.describe_ids()
+                );
+                self.keys = keys.clone();
+                Some(keys)
+            }
+            Ok(_) => None,
+            Err(e) => {
+                log::warn!("volume {volume}: keeping the keys in force: {e}");
+                None
+            }
+        }
+    }
+}
+
+fn identity(path: &Path) -> Option<(u64, u64, u64, i128)> {
+    let m = std::fs::metadata(path).ok()?;
+    let mtime = m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128;
+    Some((m.dev(), m.ino(), m.size(), mtime))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use changelog::LocalDirStore;
+
+    #[test]
+    fn proofs_follow_the_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalDirStore::new(dir.path().join("store"));
+        let volume = VolumeId::new("vol0").unwrap();
+        let (a, b, c) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+        let id = |k| Key::from_bytes(k).id();
+        let proofs = || {
+            let mut names = store.list_blobs(&volume).unwrap();
+            names.retain(|n| n.starts_with("key-"));
+            names
+        };
+        assert_eq!(
+            publish_proofs(&store, &volume, &Key::from_keys(vec![a, b])).unwrap(),
+            2
+        );
+        assert_eq!(proofs().len(), 2);
+        let proof = store
+            .get_blob(&volume, &Key::proof_name(id(b)))
+            .unwrap()
+            .unwrap();
+        assert!(Key::from_bytes(b).proves(id(b), "vol0", proof));
+        // Nothing new: nothing written.
+        assert_eq!(
+            publish_proofs(&store, &volume, &Key::from_keys(vec![a, b])).unwrap(),
+            0
+        );
+        // a forgotten, c added.
+        assert_eq!(
+            publish_proofs(&store, &volume, &Key::from_keys(vec![b, c])).unwrap(),
+            1
+        );
+        let mut expected = vec![Key::proof_name(id(b)), Key::proof_name(id(c))];
+        expected.sort();
+        assert_eq!(proofs(), expected);
+    }
+
+    #[test]
+    fn a_watched_file_hands_out_new_keys_once_and_keeps_them_if_it_breaks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        let first = Key::generate_file(&path).unwrap();
+        let volume = VolumeId::new("vol0").unwrap();
+        let mut watched = WatchedKeyFile::new(&path, first.clone());
+        assert!(watched.changed(&volume).is_none());
+        let rotated = Key::rotate_file(&path).unwrap();
+        assert_eq!(watched.changed(&volume).unwrap().ids(), rotated.ids());
+        assert!(watched.changed(&volume).is_none());
+        std::fs::write(&path, b"broken").unwrap();
+        assert!(watched.changed(&volume).is_none());
+        assert_eq!(watched.keys().ids(), rotated.ids());
+    }
+}
