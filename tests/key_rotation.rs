@@ -256,6 +256,19 @@ fn the_shipper_moves_to_a_rotated_key_once_the_recovery_side_proves_it() {
         String::from_utf8_lossy(&listed.stdout).trim(),
         format!("{}  seals", hex(&new.id()))
     );
+    // The trimmed file reaches the recovery side: it still applies (the forged segment
+    // removed), and withdraws the retired key's proof.
+    std::fs::remove_file(keyed.store().segment_path(&keyed.volume, params.index)).unwrap();
+    let target = copy_key_to_target(&keyed);
+    applies(&keyed, &target);
+    let proofs: Vec<String> = keyed
+        .store()
+        .list_blobs(&keyed.volume)
+        .unwrap()
+        .into_iter()
+        .filter(|n| n.starts_with("key-"))
+        .collect();
+    assert_eq!(proofs, vec![Key::proof_name(new.id())]);
 }
 
 #[test]

@@ -216,6 +216,7 @@ impl Key {
     /// open what they sealed. The file is replaced atomically (mode 0600): a crash
     /// leaves the old file or the new one. Returns the keys now in the file.
     pub fn rotate_file(path: &Path) -> Result<Key> {
+        let path = &real_path(path);
         let _lock = lock_key_file(path)?;
         let mut key = Key::load(path)?;
         if key.keys.len() >= MAX_KEYS {
@@ -234,6 +235,7 @@ impl Key {
     /// Removes the retired key with id `id` (hex, or a prefix of at least 4 hex digits)
     /// from the key file at `path`; refuses the key that seals. Returns the keys left.
     pub fn forget_file(path: &Path, id: &str) -> Result<Key> {
+        let path = &real_path(path);
         let _lock = lock_key_file(path)?;
         let mut key = Key::load(path)?;
         let key_err = |what: String| Error::Key {
@@ -303,6 +305,12 @@ impl Key {
             .and_then(|d| d.sync_all())
             .map_err(|e| io("syncing directory", &dir, e))
     }
+}
+
+/// The file a key path names, through symbolic links: a rotation replaces that file,
+/// not the link.
+fn real_path(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// Holds `PATH.lock` (flock) while a key file is rewritten, so two rotations at once
