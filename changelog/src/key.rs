@@ -36,7 +36,7 @@ pub const KEY_LEN: usize = 32;
 /// [`Key::forget_file`].
 pub const MAX_KEYS: usize = 64;
 
-/// The keys of a key file: the one that seals (the last) and the retired ones before it.
+/// The keys of a key file, oldest first: the newest seals once the recovery side holds it.
 #[derive(Clone)]
 pub struct Key {
     /// Oldest first; never empty.
@@ -263,8 +263,8 @@ impl Key {
         };
         if index == key.keys.len() - 1 {
             return Err(key_err(format!(
-                "key {id} is the one that seals; rotate first (`shipper key rotate`), then \
-                 forget it once nothing sealed with it is left"
+                "key {id} is the newest, the one that seals; rotate first (`shipper key \
+                 rotate`), then forget it once nothing sealed with it is left"
             )));
         }
         key.keys.remove(index);
@@ -432,7 +432,7 @@ mod tests {
         // The sealing key cannot be forgotten; a retired one can, by an id prefix.
         let sealing = hex(&rotated.id());
         let msg = Key::forget_file(&path, &sealing).unwrap_err().to_string();
-        assert!(msg.contains("the one that seals"), "{msg}");
+        assert!(msg.contains("the newest"), "{msg}");
         assert!(Key::forget_file(&path, "ab").is_err());
         let retired = hex(&first.id());
         let left = Key::forget_file(&path, &retired[..6]).unwrap();

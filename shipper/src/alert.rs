@@ -15,13 +15,17 @@
 //!   degraded (resyncing, say) is reported once it has held; one that starts Healthy is
 //!   not.
 //! * Commands run one at a time, in order, on a thread of their own, never in the
-//!   shipping path; one that runs longer than [`COMMAND_TIMEOUT`] is killed. A failing
-//!   command is logged, nothing else. Alerts still queued when the pipeline ends are
-//!   run before [`Alerts`] is dropped.
+//!   shipping path; one that runs longer than [`COMMAND_TIMEOUT`] is killed with its
+//!   process group. A failing command is logged, nothing else. Alerts still queued
+//!   when the pipeline ends are run before [`Alerts`] is dropped, within
+//!   [`DRAIN_LIMIT`] (a stopping shipper must not outlast systemd's stop timeout);
+//!   what does not fit is logged as not sent.
 
 use crate::status::{Health, Status};
 use crossbeam_channel::{unbounded, Sender};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -30,6 +34,9 @@ pub const DEFAULT_HOLD: Duration = Duration::from_secs(10);
 
 /// Longest an alert command may run before it is killed.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Longest the alerts still queued may take once the pipeline has ended.
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
 /// One health change to report.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -92,19 +99,33 @@ pub struct Alerts {
     watch: HealthWatch,
     queue: Option<Sender<Alert>>,
     runner: Option<JoinHandle<()>>,
+    /// Set when dropped: no command runs past it.
+    deadline: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Alerts {
     /// Alerts that run `command` (none: changes are only logged) after `hold`.
     pub fn new(command: Option<String>, hold: Duration) -> Alerts {
+        let deadline = Arc::new(Mutex::new(None::<Instant>));
         let (queue, runner) = match command {
             Some(command) => {
                 let (tx, rx) = unbounded::<Alert>();
+                let deadline = deadline.clone();
                 let runner = std::thread::Builder::new()
                     .name("ship-alert".into())
                     .spawn(move || {
                         for alert in rx {
-                            run_command(&command, &alert);
+                            let until = *deadline.lock().expect("deadline lock");
+                            if until.is_some_and(|d| Instant::now() >= d) {
+                                log::warn!(
+                                    "volume {}: alert {:?} -> {:?} not sent: the shipper is stopping",
+                                    alert.volume,
+                                    alert.previous,
+                                    alert.health
+                                );
+                                continue;
+                            }
+                            run_command(&command, &alert, until);
                         }
                     })
                     .expect("spawning the alert thread");
@@ -116,6 +137,7 @@ impl Alerts {
             watch: HealthWatch::new(hold),
             queue,
             runner,
+            deadline,
         }
     }
 
@@ -141,6 +163,7 @@ impl Alerts {
 impl Drop for Alerts {
     /// Runs the alerts still queued, then ends the thread.
     fn drop(&mut self) {
+        *self.deadline.lock().expect("deadline lock") = Some(Instant::now() + DRAIN_LIMIT);
         self.queue = None;
         if let Some(runner) = self.runner.take() {
             let _ = runner.join();
@@ -148,8 +171,9 @@ impl Drop for Alerts {
     }
 }
 
-/// Runs the alert command for `alert`, killing it after [`COMMAND_TIMEOUT`].
-fn run_command(command: &str, alert: &Alert) {
+/// Runs the alert command for `alert`, killing it (and whatever it started) after
+/// [`COMMAND_TIMEOUT`] or at `until`, whichever comes first.
+fn run_command(command: &str, alert: &Alert, until: Option<Instant>) {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_default();
@@ -163,6 +187,7 @@ fn run_command(command: &str, alert: &Alert) {
         .env("UBLK_DR_RPO_MS", alert.rpo_ms.to_string())
         .env("UBLK_DR_HOST", host)
         .stdin(Stdio::null())
+        .process_group(0)
         .spawn();
     let mut child = match spawned {
         Ok(child) => child,
@@ -174,7 +199,8 @@ fn run_command(command: &str, alert: &Alert) {
             return;
         }
     };
-    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    let timeout = Instant::now() + COMMAND_TIMEOUT;
+    let deadline = until.map_or(timeout, |until| until.min(timeout));
     loop {
         match child.try_wait() {
             Ok(Some(status)) if status.success() => return,
@@ -189,12 +215,13 @@ fn run_command(command: &str, alert: &Alert) {
                 std::thread::sleep(Duration::from_millis(20));
             }
             Ok(None) => {
-                let _ = child.kill();
+                // The command's process group: sh and whatever it started.
+                let group = nix::unistd::Pid::from_raw(child.id() as i32);
+                let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
                 let _ = child.wait();
                 log::warn!(
-                    "volume {}: alert command {command:?} ran over {} s and was killed",
-                    alert.volume,
-                    COMMAND_TIMEOUT.as_secs()
+                    "volume {}: alert command {command:?} ran too long and was killed",
+                    alert.volume
                 );
                 return;
             }
@@ -271,6 +298,27 @@ mod tests {
         );
         assert!(alert.state.contains("broken chain"), "{}", alert.state);
         assert_eq!(seen(&mut watch, Health::Critical, 62_000), None);
+    }
+
+    #[test]
+    fn a_hanging_command_does_not_hold_up_the_end_for_long() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("child-alive");
+        // sh starts a child that outlives it unless its group is killed.
+        let command = format!("(sleep 60; touch {}) & wait", marker.display());
+        let mut alerts = Alerts::new(Some(command), Duration::ZERO);
+        alerts.observe(&status(Health::Warning));
+        alerts.observe(&status(Health::Critical));
+        // Returns (at the drain limit; a hang here would never end the test), the
+        // second alert not run, and the killed group took sh's child with it: nothing
+        // of the command is left in the process table.
+        drop(alerts);
+        let marker = marker.display().to_string();
+        let ps = Command::new("pgrep")
+            .args(["-f", &marker])
+            .output()
+            .unwrap();
+        assert!(ps.stdout.is_empty(), "the command's child survived");
     }
 
     #[test]

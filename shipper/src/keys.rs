@@ -9,9 +9,12 @@
 //! * The choice only moves forward in the file, and it is saved in the staging
 //!   directory (`sealing.key`, the id in hex) before a segment is sealed with it, so a
 //!   restart while the store is unreachable goes on with the last proven key. With no
-//!   saved choice (a new protection, or one from before key rotation) and no proof
-//!   (the recovery side has not run yet) the file's oldest key seals, as a one-key
-//!   file always has.
+//!   saved choice, the key of the newest staged segment goes on. With neither (a new
+//!   protection) and a file of several keys, the pipeline reads the proofs before it
+//!   seals anything ([`SealingKey::is_a_guess`]); with no proof at all (the recovery
+//!   side has not run yet) the file's oldest key seals, as a one-key file always has.
+//! * A sealing key the file no longer has (forgotten while in use) is left only for
+//!   the file's newest key, never for one in between, which may be older.
 //! * The key file is read again on every [`SealingKey::refresh`] (the pipeline does so
 //!   every few seconds) when it changed; one that does not load keeps the keys in
 //!   force. A sealing key the file no longer has stays in use (from memory) until a
@@ -41,19 +44,24 @@ struct Inner {
     all: Key,
     /// The key that seals, alone.
     sealing: Key,
+    /// `sealing` is the file's oldest key for want of anything better, not a choice.
+    guess: bool,
     /// The file's (inode, size, mtime in ns) when last read.
     seen: Option<(u64, u64, i128)>,
 }
 
 impl SealingKey {
     /// The keys `all` (from `file`, if given) for `volume`, whose staging directory is
-    /// `dir`; seals with the saved choice if the file has it, else the oldest key.
+    /// `dir`: seals with the saved choice, else the newest staged segment's key, if
+    /// the file has it; else the oldest key, as a guess.
     pub fn open(volume: &VolumeId, all: Key, file: Option<&Path>, dir: &Path) -> SealingKey {
         let saved = dir.join(SEALING_FILE);
         let chosen = std::fs::read_to_string(&saved)
             .ok()
             .and_then(|text| parse_id(text.trim()))
+            .or_else(|| newest_staged_key(dir))
             .and_then(|id| all.only(id));
+        let guess = chosen.is_none() && all.ids().len() > 1;
         let sealing = chosen.unwrap_or_else(|| all.only(all.ids()[0]).expect("a key file"));
         SealingKey {
             volume: volume.clone(),
@@ -63,16 +71,16 @@ impl SealingKey {
                 seen: file.and_then(identity),
                 all,
                 sealing,
+                guess,
             }),
         }
     }
 
-    /// Whether the sealing key is only the file's oldest for want of a saved choice,
-    /// while the file has newer keys: then the pipeline looks for proofs before it
-    /// seals anything.
+    /// Whether the sealing key is only a guess (the file's oldest of several, with no
+    /// saved choice and nothing staged): the pipeline must [`SealingKey::refresh`]
+    /// successfully before it seals anything.
     pub fn is_a_guess(&self) -> bool {
-        let inner = self.inner.lock().expect("key lock");
-        !self.saved.exists() && inner.all.ids().len() > 1
+        self.inner.lock().expect("key lock").guess
     }
 
     /// The key that seals now.
@@ -95,16 +103,19 @@ impl SealingKey {
             (inner.all.clone(), inner.sealing.id())
         };
         let ids = all.ids();
-        // Keys after the sealing one, newest first (all of them if the sealing key is
-        // no longer in the file).
+        // Keys after the sealing one (only the newest if the sealing key is no longer
+        // in the file: the ones in between may be older than it).
         let newer = match all.position(sealing) {
             Some(at) => &ids[at + 1..],
-            None => &ids[..],
+            None => &ids[ids.len() - 1..],
         };
         if newer.is_empty() {
+            self.inner.lock().expect("key lock").guess = false;
             return Ok(None);
         }
         let names = store.list_blobs(&self.volume)?;
+        // The proofs were read: whatever comes of them is a choice now.
+        let _read = GuessEnds(&self.inner);
         for &id in newer.iter().rev() {
             let name = Key::proof_name(id);
             if !names.contains(&name) {
@@ -180,6 +191,30 @@ impl SealingKey {
         )
         .map_err(|e| ShipperError::io(format!("writing {}", self.saved.display()), e))
     }
+}
+
+/// Clears the guess flag when dropped: after the proofs were read, with or without a
+/// move.
+struct GuessEnds<'a>(&'a Mutex<Inner>);
+
+impl Drop for GuessEnds<'_> {
+    fn drop(&mut self) {
+        self.0.lock().expect("key lock").guess = false;
+    }
+}
+
+/// The key id of the newest segment staged in `dir`, if any.
+fn newest_staged_key(dir: &Path) -> Option<[u8; 8]> {
+    let newest = changelog::store::list_segment_dir(dir)
+        .ok()?
+        .into_iter()
+        .max()?;
+    let path = dir.join(changelog::store::segment_file_name(newest));
+    let mut head = vec![0u8; changelog::header::HEADER_LEN];
+    std::io::Read::read_exact(&mut std::fs::File::open(path).ok()?, &mut head).ok()?;
+    changelog::SegmentHeader::decode(&head, "staged")
+        .ok()
+        .map(|h| h.key_id)
 }
 
 fn identity(path: &Path) -> Option<(u64, u64, i128)> {

@@ -120,8 +120,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum KeyAction {
-    /// Print the id of every key in the file, oldest first (the last one seals once
-    /// the recovery side holds it; `shipper status` shows the key in use).
+    /// Print the id of every key in the file, oldest first. The newest seals once the
+    /// recovery side holds it; `shipper status` shows the key each volume seals with.
     List {
         /// The key file (e.g. /etc/ublk-dr/key).
         file: PathBuf,
@@ -136,11 +136,11 @@ enum KeyAction {
         /// The key file (e.g. /etc/ublk-dr/key).
         file: PathBuf,
     },
-    /// Remove a retired key, once nothing sealed with it is left: every shipper using
-    /// the file seals with a newer key (`shipper status`) and has uploaded what it
-    /// staged before, and the recovery side has applied that (`ublk-target status`:
-    /// nothing waiting). Then copy the file to the recovery side again; its `apply
-    /// --follow` reads it and withdraws the key's proof.
+    /// Remove an older key, once nothing sealed with it is left: every shipper using
+    /// the file seals with a newer key (`shipper status`: "sealing key") and has
+    /// uploaded what it staged before, and the recovery side has applied that
+    /// (`ublk-target status`: nothing waiting). Then copy the file to the recovery
+    /// side again. The newest key cannot be removed.
     Forget {
         /// The key file (e.g. /etc/ublk-dr/key).
         file: PathBuf,
@@ -452,9 +452,9 @@ fn key_command(action: KeyAction) -> Result<()> {
         let ids = key.ids();
         for (i, id) in ids.iter().enumerate() {
             let role = if i + 1 == ids.len() {
-                "seals"
+                "newest"
             } else {
-                "retired"
+                "older"
             };
             println!("{}  {role}", changelog::key::hex(id));
         }

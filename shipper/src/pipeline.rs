@@ -170,6 +170,9 @@ struct SealJob {
     /// Ring position just past the job's last record: released once it is staged.
     ring_end: u64,
     created_unix_ms: u64,
+    /// The key to seal with, chosen when the segment is cut: segments are cut in chain
+    /// order, so the keys only move forward along the chain whichever sealer is faster.
+    key: Key,
 }
 
 /// A segment durable in staging, on its way to the uploader.
@@ -283,13 +286,20 @@ pub fn run(
         config.key_file.as_deref(),
         &dir,
     );
-    if keys.is_a_guess() {
+    // A new protection with a key file of several keys: which of them the recovery
+    // side holds decides the key, so nothing is sealed before the proofs are read
+    // (the ring holds the writes meanwhile).
+    let mut warned = false;
+    while keys.is_a_guess() && !control.stopping() {
         if let Err(e) = keys.refresh(store.as_ref()) {
-            log::warn!(
-                "volume {}: the recovery side's key proofs are out of reach ({e}); sealing \
-                 with the key file's oldest key until they are read",
-                config.volume
-            );
+            if !std::mem::replace(&mut warned, true) {
+                log::warn!(
+                    "volume {}: waiting for the store to read the recovery side's key proofs \
+                     before sealing anything (the key file has several keys): {e}",
+                    config.volume
+                );
+            }
+            std::thread::sleep(Duration::from_secs(1));
         }
     }
     let backlog: Vec<u64> = list_segment_dir(&dir)?;
@@ -379,7 +389,8 @@ pub fn run(
         let reader = spawn_named(scope, "ship-reader", || {
             let _alive = alive;
             let r = read_ring(
-                config, &dir, &ring, &cursor, &chain, &board, &control, job_tx, &spare_rx, priority,
+                config, &keys, &dir, &ring, &cursor, &chain, &board, &control, job_tx, &spare_rx,
+                priority,
             );
             stop_on_err(&r, &control);
             r
@@ -387,9 +398,8 @@ pub fn run(
         for _ in 0..sealers {
             let (jobs, out) = (job_rx.clone(), sealed_tx.clone());
             let spare = (spare_tx.clone(), spare_rx.clone());
-            let keys = &keys;
             spawn_named(scope, "ship-sealer", move || {
-                seal_jobs(config, keys, &jobs, &out, &spare, priority)
+                seal_jobs(config, &jobs, &out, &spare, priority)
             });
         }
         drop((job_rx, sealed_tx));
@@ -571,6 +581,7 @@ fn watch_keys(
 #[allow(clippy::too_many_arguments)]
 fn read_ring(
     config: &ShipperConfig,
+    keys: &SealingKey,
     dir: &Path,
     ring: &Consumer,
     cursor: &ChainCursor,
@@ -627,6 +638,7 @@ fn read_ring(
             plain: std::mem::replace(plain, new_plain()),
             ring_end: pos,
             created_unix_ms: unix_ms_now(),
+            key: keys.sealing(),
         };
         board
             .pending_since
@@ -841,7 +853,6 @@ fn unread_resync_done(ring: &Consumer, mut pos: u64, next_seq: u64) -> Result<bo
 /// A sealer worker: compress + encrypt, in whatever order jobs arrive.
 fn seal_jobs(
     config: &ShipperConfig,
-    keys: &SealingKey,
     jobs: &Receiver<SealJob>,
     out: &Sender<Result<Sealed>>,
     (spare_tx, spare_rx): &(Sender<Vec<u8>>, Receiver<Vec<u8>>),
@@ -860,7 +871,7 @@ fn seal_jobs(
         // Receives the compressed body when lz4 is tried; the buffer left over is the
         // plain one when lz4 was kept, else this one.
         let scratch = spare_rx.try_recv().unwrap_or_default();
-        let sealed = seal_owned(job.plain, &params, &keys.sealing(), scratch)
+        let sealed = seal_owned(job.plain, &params, &job.key, scratch)
             .map_err(ShipperError::from)
             .map(|(segment, left_over)| {
                 let _ = spare_tx.try_send(left_over); // dropped when enough wait

@@ -83,9 +83,12 @@ pub fn coordinate(
     store_trouble: &dyn Fn(Option<String>),
 ) -> Result<()> {
     let volume = &config.volume;
-    // The pass asked about, and the key its answer is to be sealed with.
+    // The pass asked about, and the keys its answer may be sealed with: the request
+    // names the sealing key, and is made again when that moves (the recovery side
+    // does not answer in a key older than the segments it applied), so an answer to
+    // the earlier request may still come.
     let mut asked: Option<u64> = None;
-    let mut answer_key = keys.sealing();
+    let mut answer_keys: Vec<changelog::Key> = Vec::new();
     let mut trouble = StoreTrouble {
         failures: 0,
         next_try: None,
@@ -103,6 +106,7 @@ pub fn coordinate(
         if let Some(stale) = asked.filter(|&g| !progress.active || progress.gen != g) {
             forget(store, volume, stale);
             asked = None;
+            answer_keys.clear();
         }
         if !progress.active || progress.digests_ready || progress.gen == 0 {
             continue;
@@ -111,7 +115,9 @@ pub fn coordinate(
         if !trouble.may_try() {
             continue;
         }
-        if asked != Some(gen) {
+        let sealing = keys.sealing();
+        let key_moved = answer_keys.last().is_some_and(|k| k.id() != sealing.id());
+        if asked != Some(gen) || key_moved {
             let blocks = if progress.restricted {
                 match read_digest_blocks(ring.path(), gen) {
                     Ok(blocks) => Some(blocks),
@@ -123,7 +129,6 @@ pub fn coordinate(
             } else {
                 None
             };
-            let sealing = keys.sealing();
             let request = DigestRequest {
                 gen,
                 need_seq: gen,
@@ -141,7 +146,7 @@ pub fn coordinate(
                         store.describe()
                     );
                     asked = Some(gen);
-                    answer_key = sealing;
+                    answer_keys.push(sealing);
                 }
                 Err(e) => trouble.failed(volume, "digest request", e),
             }
@@ -162,9 +167,15 @@ pub fn coordinate(
             }
         };
         let where_ = format!("{}/{volume}/{name}", store.describe());
-        // Only the key asked for opens it: an answer under another key (a retired one
+        // Only a key asked for opens it: an answer under another key (a retired one
         // someone still holds) is not the recovery side's.
-        let answer = DigestAnswer::open(&answer_key, volume.as_str(), gen, &where_, bytes)
+        let opened = answer_keys
+            .iter()
+            .rev()
+            .map(|key| DigestAnswer::open(key, volume.as_str(), gen, &where_, bytes.clone()));
+        let answer = opened
+            .reduce(|first, next| first.or(next))
+            .expect("asked with at least one key")
             .map_err(|e| ShipperError::Critical {
                 volume: volume.to_string(),
                 what: format!(
@@ -179,6 +190,7 @@ pub fn coordinate(
         );
         forget(store, volume, gen);
         asked = None;
+        answer_keys.clear();
     }
     Ok(())
 }

@@ -3,10 +3,13 @@
 //!
 //! Contract:
 //!
-//! * [`publish_proofs`] leaves exactly one `key-<id>.held` blob per key of the file in
-//!   the volume's store area, each sealed with its own key, and removes those of keys
-//!   the file no longer has, so the shipper moves to a new key only once this side can
-//!   open what it seals, and never back to a forgotten one.
+//! * [`publish_proofs`] leaves a `key-<id>.held` blob per key of the file in the
+//!   volume's store area, each sealed with its own key, so the shipper moves to a new
+//!   key only once this side can open what it seals. It never deletes one: a proof
+//!   only ever moves a shipper forward, so one left by a key forgotten since is
+//!   harmless, and an apply run with a stale or wrong key file must not withdraw the
+//!   proofs of the right one. `apply --follow` publishes again every minute, in case
+//!   the store lost them.
 //! * [`WatchedKeyFile`] reads the file again when its identity, size or time changes,
 //!   and hands out the new keys only when they load and differ; a file that does not
 //!   load keeps the keys in force (logged).
@@ -16,8 +19,8 @@ use changelog::{Key, TargetStore, VolumeId};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-/// Writes a proof for every key of `key` that the store lacks one for, and deletes the
-/// proofs of keys `key` does not have. Returns how many proofs it wrote.
+/// Writes a proof for every key of `key` that the store lacks one for. Returns how
+/// many it wrote.
 pub fn publish_proofs(store: &dyn TargetStore, volume: &VolumeId, key: &Key) -> Result<usize> {
     let names = store.list_blobs(volume)?;
     let mut written = 0;
@@ -35,14 +38,6 @@ pub fn publish_proofs(store: &dyn TargetStore, volume: &VolumeId, key: &Key) -> 
             changelog::key::hex(&id)
         );
         written += 1;
-    }
-    let ours: Vec<String> = key.ids().into_iter().map(Key::proof_name).collect();
-    for name in names
-        .iter()
-        .filter(|n| n.starts_with("key-") && n.ends_with(".held") && !ours.contains(n))
-    {
-        store.delete_blob(volume, name)?;
-        log::info!("volume {volume}: removed {name}: the key file no longer has that key");
     }
     Ok(written)
 }
@@ -133,14 +128,16 @@ mod tests {
             publish_proofs(&store, &volume, &Key::from_keys(vec![a, b])).unwrap(),
             0
         );
-        // a forgotten, c added.
-        assert_eq!(
-            publish_proofs(&store, &volume, &Key::from_keys(vec![b, c])).unwrap(),
-            1
-        );
-        let mut expected = vec![Key::proof_name(id(b)), Key::proof_name(id(c))];
+        // a forgotten, c added: c proved; a's proof stays (it only ever moves a
+        // shipper forward), so a stale key file cannot withdraw a right one's proofs.
+        let rotated = Key::from_keys(vec![b, c]);
+        assert_eq!(publish_proofs(&store, &volume, &rotated).unwrap(), 1);
+        let mut expected: Vec<String> = [a, b, c].map(|k| Key::proof_name(id(k))).to_vec();
         expected.sort();
         assert_eq!(proofs(), expected);
+        let stranger = Key::from_bytes([4; 32]);
+        assert_eq!(publish_proofs(&store, &volume, &stranger).unwrap(), 1);
+        assert_eq!(proofs().len(), 4);
     }
 
     #[test]

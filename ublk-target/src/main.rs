@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 use objstore::StoreLocation;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use ublk_target::config::{TargetConfig, VolumeConfig};
 use ublk_target::{Applier, ApplyOptions, ReplicaPaths, Retention, TargetError, UndoMethod};
 
@@ -989,6 +989,9 @@ fn reload_on_hangup(
     });
 }
 
+/// How often `apply --follow` makes sure the store holds its key proofs.
+const PROOF_REFRESH: Duration = Duration::from_secs(60);
+
 /// How long `apply --follow` waits after a recoverable error before trying again
 /// (at least its poll interval).
 const RETRY_WAIT: Duration = Duration::from_secs(5);
@@ -1073,10 +1076,23 @@ impl ApplyJob {
         let mut failing = false;
         let mut opened_once = false;
         let mut key_file = ublk_target::keys::WatchedKeyFile::new(&self.key_file, self.key.clone());
+        let mut proved_at = Instant::now();
         loop {
-            // A rotation copied here: prove the new key and apply with it.
+            // A rotation copied here: apply with the new key (reopening proves it).
             if follow.is_some() && key_file.changed(&self.volume).is_some() {
                 applier = None;
+            }
+            // Now and then, in case the store lost the proofs.
+            if applier.is_some() && proved_at.elapsed() >= PROOF_REFRESH {
+                proved_at = Instant::now();
+                if let Err(e) =
+                    ublk_target::keys::publish_proofs(&*store, &self.volume, key_file.keys())
+                {
+                    log::warn!(
+                        "volume {}: proving the keys this side holds: {e}",
+                        self.volume
+                    );
+                }
             }
             let key = key_file.keys().clone();
             let result = self.apply_once(&key, &mut applier, &store, std::mem::take(&mut progress));
