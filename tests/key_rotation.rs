@@ -349,3 +349,68 @@ fn apply_follow_waits_for_a_key_of_a_rotation_but_not_for_a_wrong_key() {
     let out = wrong.wait_with_output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("lacks"));
 }
+
+/// A digest resync asked for under the old key, whose answer is still owed when the
+/// shipper moves to the new key: the recovery side no longer answers in a key older
+/// than the segments it applied, so the shipper asks again in the new key, and the
+/// initial replication completes.
+#[test]
+fn a_digest_resync_asked_under_the_old_key_completes_after_the_switch() {
+    use blkfilter::ring::RingControl;
+    use changelog::digests::{request_name, DigestRequest};
+    let mut fixture = Fixture::new(SIZE);
+    let initial: Vec<u8> = (0..SIZE).map(|i| (i / 4096 % 251) as u8).collect();
+    std::fs::write(fixture.path("backing"), &initial).unwrap();
+    let mut capture = fixture.capture(64 << 20);
+    let mut model = Model::with_image(initial);
+    let old = fixture.key.clone();
+    let rotated = Key::rotate_file(&fixture.path("key")).unwrap();
+    let store = fixture.store();
+    // The recovery side holds (and has proved) only the old key.
+    ublk_target::keys::publish_proofs(&*store, &fixture.volume, &old).unwrap();
+    let mut config = fixture.shipper_config();
+    config.initial_sync = true;
+    config.key = rotated.clone();
+    config.key_file = Some(fixture.path("key"));
+    let (control, shipper) = fixture.spawn_shipper(config);
+
+    // The initial replication asks for the replica's digests, under the old key.
+    let ring = RingControl::open(&fixture.path("ring")).unwrap();
+    let mut asked = None;
+    wait_for("the digest request", &mut || {
+        capture.tick().unwrap();
+        let gen = ring.progress().gen;
+        asked = store
+            .get_blob(&fixture.volume, &request_name(gen))
+            .unwrap()
+            .map(|json| serde_json::from_slice::<DigestRequest>(&json).unwrap());
+        asked.is_some()
+    });
+    assert_eq!(asked.unwrap().key_id, Some(hex(&old.id())));
+
+    // The recovery side gets the new key and proves it; the shipper moves to it and
+    // seals writes with it, before any answer.
+    ublk_target::keys::publish_proofs(&*store, &fixture.volume, &rotated).unwrap();
+    let new_id = hex(&rotated.id());
+    let status = || shipper::Status::read(&fixture.path("status.json")).unwrap_or_default();
+    wait_for("the shipper sealing with the new key", &mut || {
+        status().sealing_key_id == new_id
+    });
+    drive(&mut capture, &mut model, Workload::new(43, SIZE).take(20));
+    let end = model.seqs().last().unwrap() + 1;
+    wait_for("the writes in the store", &mut || {
+        status().newest_uploaded_seq_end >= Some(end)
+    });
+
+    // Now the recovery side follows: it applies segments under both keys, answers the
+    // request in the new key, and the pass completes.
+    fixture.key = rotated;
+    let follower = fixture.follow("replica");
+    wait_for("the initial replication", &mut || {
+        !capture.tick().expect("digest resync")
+    });
+    control.drain();
+    shipper.join().unwrap().expect("shipper");
+    follower.finish();
+    assert!(std::fs::read(fixture.path("replica")).unwrap() == model.final_image());
+}
