@@ -6,7 +6,8 @@
 //! so; `apply --follow` waits there for its key file — but exits at once when nothing
 //! was ever applied with that file (a wrong key, not a rotation). Once a segment under
 //! the new key is applied, one sealed with the retired key (forged by someone who holds
-//! it) is refused. `shipper key forget` then drops the retired key.
+//! it) is refused. `shipper key forget` then drops the retired key. A digest resync
+//! whose request was made under the old key still completes after the switch.
 
 use blkfilter::workload::Workload;
 use changelog::key::hex;
