@@ -546,10 +546,7 @@ impl Throttle {
         // The slot's start and the clock's generation when it was given.
         let mut slot: Option<(u64, u64)> = None;
         loop {
-            let limit = {
-                let policy = self.policy.lock().expect("throttle policy lock");
-                policy.limit_at(LocalTime::now()).0
-            };
+            let limit = self.limit_now().0;
             let now = monotonic_ns();
             {
                 let mut seen = self.seen.lock().expect("throttle lock");
