@@ -40,7 +40,7 @@ pub struct SealingKey {
 }
 
 struct Inner {
-    /// Every key of the file (for opening staged segments and digest answers).
+    /// Every key of the file.
     all: Key,
     /// The key that seals, alone.
     sealing: Key,
@@ -88,11 +88,6 @@ impl SealingKey {
         self.inner.lock().expect("key lock").sealing.clone()
     }
 
-    /// Every key of the file, to open what any of them sealed.
-    pub fn all(&self) -> Key {
-        self.inner.lock().expect("key lock").all.clone()
-    }
-
     /// Reads the key file again if it changed, then moves to the newest key newer than
     /// the sealing one that the store holds a proof for. Returns the new sealing key's
     /// id when it moved. Store errors are returned (the caller retries later).
@@ -109,14 +104,36 @@ impl SealingKey {
             Some(at) => &ids[at + 1..],
             None => &ids[ids.len() - 1..],
         };
-        if newer.is_empty() {
-            self.inner.lock().expect("key lock").guess = false;
+        let proven = match newer {
+            [] => None,
+            _ => self.newest_proven(&all, newer, store)?,
+        };
+        let mut inner = self.inner.lock().expect("key lock");
+        // The proofs were read: whatever came of them is a choice now.
+        inner.guess = false;
+        let Some(id) = proven else {
             return Ok(None);
-        }
+        };
+        self.save(id)?;
+        inner.sealing = all.only(id).expect("in the file");
+        log::info!(
+            "volume {}: the recovery side holds key {}: sealing with it from now on",
+            self.volume,
+            hex(&id)
+        );
+        Ok(Some(id))
+    }
+
+    /// The newest of `candidates` (ids of `all`, oldest first) with a proof in the
+    /// store that opens.
+    fn newest_proven(
+        &self,
+        all: &Key,
+        candidates: &[[u8; 8]],
+        store: &dyn TargetStore,
+    ) -> Result<Option<[u8; 8]>> {
         let names = store.list_blobs(&self.volume)?;
-        // The proofs were read: whatever comes of them is a choice now.
-        let _read = GuessEnds(&self.inner);
-        for &id in newer.iter().rev() {
+        for &id in candidates.iter().rev() {
             let name = Key::proof_name(id);
             if !names.contains(&name) {
                 continue;
@@ -124,22 +141,14 @@ impl SealingKey {
             let Some(proof) = store.get_blob(&self.volume, &name)? else {
                 continue;
             };
-            if !all.proves(id, self.volume.as_str(), proof) {
-                log::warn!(
-                    "volume {}: {name} in the store does not prove key {}: ignored",
-                    self.volume,
-                    hex(&id)
-                );
-                continue;
+            if all.proves(id, self.volume.as_str(), proof) {
+                return Ok(Some(id));
             }
-            self.save(id)?;
-            self.inner.lock().expect("key lock").sealing = all.only(id).expect("in the file");
-            log::info!(
-                "volume {}: the recovery side holds key {}: sealing with it from now on",
+            log::warn!(
+                "volume {}: {name} in the store does not prove key {}: ignored",
                 self.volume,
                 hex(&id)
             );
-            return Ok(Some(id));
         }
         Ok(None)
     }
@@ -190,16 +199,6 @@ impl SealingKey {
             format!("{}\n", hex(&id)).as_bytes(),
         )
         .map_err(|e| ShipperError::io(format!("writing {}", self.saved.display()), e))
-    }
-}
-
-/// Clears the guess flag when dropped: after the proofs were read, with or without a
-/// move.
-struct GuessEnds<'a>(&'a Mutex<Inner>);
-
-impl Drop for GuessEnds<'_> {
-    fn drop(&mut self) {
-        self.0.lock().expect("key lock").guess = false;
     }
 }
 
@@ -279,6 +278,5 @@ mod tests {
             .unwrap();
         assert_eq!(again.refresh(&store).unwrap(), None);
         assert_eq!(again.sealing().id(), id(b));
-        assert_eq!(again.all().ids().len(), 3);
     }
 }
