@@ -1100,11 +1100,13 @@ impl ApplyJob {
                 self.log_undo_method(opened.undo_method());
             }
             opened_once |= applier.is_some();
-            // Segments were applied with this file's keys before: a segment under a key
-            // it lacks is a rotation not copied here yet, not a wrong key file.
-            let rotating = applier
-                .as_ref()
-                .is_some_and(|a| a.state().latest().is_some());
+            // The file holds the key of the last applied segment: a segment under a key
+            // it lacks is a rotation not copied here yet, not a wrong key file. (A
+            // state from before key ids were kept: any applied segment counts.)
+            let rotating = applier.as_ref().is_some_and(|a| match a.state().key_id {
+                Some(last) => key_file.keys().has(last),
+                None => a.state().latest().is_some(),
+            });
             match (result, follow) {
                 (Ok(()), None) => {
                     let cursor = applier.as_ref().expect("applied").cursor();
