@@ -331,6 +331,25 @@ fn status_shows_a_table_per_config(cfg: &std::path::Path, d: &std::path::Path) {
     let volumes: Vec<&str> = statuses.iter().map(|s| s.volume.as_str()).collect();
     assert_eq!(volumes, ["vol0", "vol1"]);
 
+    // The same figures for Prometheus.
+    let (ok, prom) = run("shipper", &["status", "--config", cfg, "--prometheus"]);
+    assert!(ok, "{prom}");
+    for s in &statuses {
+        let v = &s.volume;
+        for line in [
+            format!("ublk_dr_up{{volume=\"{v}\"}} 1"),
+            format!("ublk_dr_health{{volume=\"{v}\"}} 0"),
+            format!("ublk_dr_segments_pending{{volume=\"{v}\"}} 0"),
+            format!(
+                "ublk_dr_uploaded_bytes_total{{volume=\"{v}\"}} {}",
+                s.bytes_uploaded
+            ),
+        ] {
+            assert!(prom.lines().any(|l| l == line), "{line:?} missing:\n{prom}");
+        }
+        assert!(s.bytes_uploaded > 0);
+    }
+
     let one = d.join("status/vol1.status.json");
     let one = one.to_str().unwrap();
     let (ok, text) = run("shipper", &["status", "--status", one]);

@@ -115,6 +115,11 @@ enum Command {
         /// One row per volume even for a single --status file.
         #[arg(long, conflicts_with = "json")]
         table: bool,
+        /// Print the Prometheus text format (for node_exporter's textfile collector):
+        /// health, RPO, ring, pending, throughput, byte counters per volume, and
+        /// ublk_dr_up 0 for a volume without a readable status (exit status 0 then).
+        #[arg(long, conflicts_with_all = ["json", "table"])]
+        prometheus: bool,
     },
 }
 
@@ -388,6 +393,7 @@ fn run(cli: Cli) -> Result<()> {
             config,
             json,
             table,
+            prometheus,
         } => {
             // (volume name for the table, status file)
             let (files, table) = match (status, config) {
@@ -413,7 +419,16 @@ fn run(cli: Cli) -> Result<()> {
                     (files, true)
                 }
             };
-            if json {
+            if prometheus {
+                let rows: Vec<_> = files
+                    .iter()
+                    .map(|(name, p)| (name.clone(), Status::read(p).map_err(|e| e.to_string())))
+                    .collect();
+                print!(
+                    "{}",
+                    shipper::status::prometheus(&rows, changelog::unix_ms_now())
+                );
+            } else if json {
                 let statuses = files
                     .iter()
                     .map(|(_, p)| Status::read(p))

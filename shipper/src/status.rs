@@ -7,6 +7,7 @@
 use crate::error::{Result, ShipperError};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
+use std::fmt::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -395,6 +396,166 @@ pub fn table(
     out
 }
 
+fn flag(on: bool) -> f64 {
+    if on {
+        1.0
+    } else {
+        0.0
+    }
+}
+
+/// `shipper status --prometheus`: every volume's status in the Prometheus text format
+/// (for node_exporter's textfile collector, or any scraper of a file), one family per
+/// figure, labelled by volume. A volume without a readable status has only
+/// `ublk_dr_up 0`.
+pub fn prometheus(
+    rows: &[(String, std::result::Result<Status, String>)],
+    now_unix_ms: u64,
+) -> String {
+    type Figure = fn(&Status, u64) -> f64;
+    let families: [(&str, &str, &str, Figure); 18] = [
+        (
+            "health",
+            "gauge",
+            "0 Healthy, 1 Warning, 2 Critical",
+            |s, _| match s.health() {
+                Health::Healthy => 0.0,
+                Health::Warning => 1.0,
+                Health::Critical => 2.0,
+            },
+        ),
+        (
+            "rpo_seconds",
+            "gauge",
+            "age of the oldest captured write not yet in the store",
+            |s, _| s.rpo_ms as f64 / 1e3,
+        ),
+        (
+            "rpo_threshold_seconds",
+            "gauge",
+            "RPO above which health is Warning",
+            |s, _| s.rpo_threshold_ms as f64 / 1e3,
+        ),
+        (
+            "status_age_seconds",
+            "gauge",
+            "time since the shipper last wrote its status",
+            |s, now| now.saturating_sub(s.updated_unix_ms) as f64 / 1e3,
+        ),
+        (
+            "ring_used_bytes",
+            "gauge",
+            "capture ring bytes not yet staged",
+            |s, _| s.ring_used_bytes as f64,
+        ),
+        (
+            "ring_capacity_bytes",
+            "gauge",
+            "capture ring size",
+            |s, _| s.ring_capacity_bytes as f64,
+        ),
+        (
+            "ring_overflowed",
+            "gauge",
+            "1 while changed regions are in the dirty bitmap",
+            |s, _| flag(s.ring_overflow),
+        ),
+        (
+            "resyncing",
+            "gauge",
+            "1 while a resync runs (no new recovery points)",
+            |s, _| flag(s.resync.is_some() || s.ring_resync || s.backlog_resync),
+        ),
+        (
+            "segments_pending",
+            "gauge",
+            "segments staged and not yet uploaded",
+            |s, _| s.segments_pending_upload as f64,
+        ),
+        (
+            "staged_backlog_bytes",
+            "gauge",
+            "bytes staged and not yet uploaded",
+            |s, _| s.staged_backlog_bytes as f64,
+        ),
+        (
+            "capture_bytes_per_second",
+            "gauge",
+            "record bytes read from the ring, last 10 s",
+            |s, _| s.capture_bytes_per_s as f64,
+        ),
+        (
+            "upload_bytes_per_second",
+            "gauge",
+            "segment bytes uploaded, last 10 s",
+            |s, _| s.upload_bytes_per_s as f64,
+        ),
+        (
+            "captured_bytes_total",
+            "counter",
+            "record bytes read from the ring since start",
+            |s, _| s.bytes_plain as f64,
+        ),
+        (
+            "sealed_bytes_total",
+            "counter",
+            "segment bytes sealed since start",
+            |s, _| s.bytes_sealed as f64,
+        ),
+        (
+            "uploaded_bytes_total",
+            "counter",
+            "segment bytes the store took since start",
+            |s, _| s.bytes_uploaded as f64,
+        ),
+        (
+            "upload_retry_attempt",
+            "gauge",
+            "the upload retry in progress (0 = none)",
+            |s, _| s.retry_attempt.into(),
+        ),
+        (
+            "upload_throttled_seconds_total",
+            "counter",
+            "time uploads waited for the upload limit",
+            |s, _| s.upload_throttled_ms as f64 / 1e3,
+        ),
+        (
+            "staging_full",
+            "gauge",
+            "1 while staging's file system is full",
+            |s, _| flag(s.staging_full.is_some()),
+        ),
+    ];
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP ublk_dr_up 1 if the volume's status file was read"
+    );
+    let _ = writeln!(out, "# TYPE ublk_dr_up gauge");
+    for (name, status) in rows {
+        let _ = writeln!(
+            out,
+            "ublk_dr_up{{volume=\"{name}\"}} {}",
+            status.is_ok() as u8
+        );
+    }
+    for (family, kind, help, figure) in families {
+        let _ = writeln!(out, "# HELP ublk_dr_{family} {help}");
+        let _ = writeln!(out, "# TYPE ublk_dr_{family} {kind}");
+        for (name, status) in rows {
+            if let Ok(s) = status {
+                let _ = writeln!(
+                    out,
+                    "ublk_dr_{family}{{volume=\"{name}\"}} {}",
+                    figure(s, now_unix_ms)
+                );
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -518,6 +679,46 @@ mod tests {
         let idle = 20_000_000 + 33_000_000;
         assert_eq!(rate.sample(at(41), idle), 0);
         assert!(rate.samples.len() <= 3, "{:?}", rate.samples);
+    }
+
+    #[test]
+    fn prometheus_has_a_line_per_volume_and_figure() {
+        let s = Status {
+            volume: "vol0".into(),
+            updated_unix_ms: 10_000,
+            rpo_ms: 1500,
+            rpo_threshold_ms: 1000,
+            bytes_uploaded: 4096,
+            segments_pending_upload: 2,
+            ..Default::default()
+        };
+        let rows = vec![
+            ("vol0".to_string(), Ok(s)),
+            ("gone".to_string(), Err("no status file".to_string())),
+        ];
+        let text = prometheus(&rows, 12_500);
+        for line in [
+            "ublk_dr_up{volume=\"vol0\"} 1",
+            "ublk_dr_up{volume=\"gone\"} 0",
+            "ublk_dr_health{volume=\"vol0\"} 1",
+            "ublk_dr_rpo_seconds{volume=\"vol0\"} 1.5",
+            "ublk_dr_status_age_seconds{volume=\"vol0\"} 2.5",
+            "ublk_dr_segments_pending{volume=\"vol0\"} 2",
+            "ublk_dr_uploaded_bytes_total{volume=\"vol0\"} 4096",
+            "# TYPE ublk_dr_uploaded_bytes_total counter",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} missing:\n{text}");
+        }
+        assert!(
+            !text.contains("volume=\"gone\"} 0\nublk_dr_health"),
+            "{text}"
+        );
+        assert_eq!(text.matches("volume=\"gone\"").count(), 1, "{text}");
+        // Every sample line is NAME{LABELS} VALUE with a number.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (_, value) = line.rsplit_once(' ').unwrap();
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+        }
     }
 
     #[test]
