@@ -231,6 +231,28 @@ fn config_file_ships_every_volume() {
         assert_eq!(cells[6], "0", "waiting: {text}");
         assert!(row.ends_with("up to date"), "{text}");
     }
+    // The same for Prometheus.
+    let (ok, prom) = run(
+        "ublk-target",
+        &["status", "--config", target_cfg, "--prometheus"],
+    );
+    assert!(ok, "{prom}");
+    for ((vol, kept), shipped) in [("vol0", 3), ("vol1", 2)].into_iter().zip(shipped) {
+        for line in [
+            format!("ublk_dr_target_up{{volume=\"{vol}\"}} 1"),
+            format!(
+                "ublk_dr_target_latest_point{{volume=\"{vol}\"}} {}",
+                shipped - 1
+            ),
+            format!("ublk_dr_target_points{{volume=\"{vol}\"}} {kept}"),
+            format!("ublk_dr_target_segments_waiting{{volume=\"{vol}\"}} 0"),
+            format!("ublk_dr_target_store_reachable{{volume=\"{vol}\"}} 1"),
+        ] {
+            assert!(prom.lines().any(|l| l == line), "{line:?} missing:\n{prom}");
+        }
+        let rpo = format!("ublk_dr_target_rpo_seconds{{volume=\"{vol}\"}} ");
+        assert!(prom.lines().any(|l| l.starts_with(&rpo)), "{prom}");
+    }
     let (ok, json) = run(
         "ublk-target",
         &["status", "vol1", "--config", target_cfg, "--json"],

@@ -235,6 +235,11 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Print the Prometheus text format (for node_exporter's textfile collector):
+        /// per volume the newest point and its age (RPO), points, segments waiting;
+        /// ublk_dr_target_up 0 for a replica that cannot be read (exit status 0 then).
+        #[arg(long, conflicts_with = "json")]
+        prometheus: bool,
     },
     /// Recovery plans: the volumes of a `[[plan]]` in the config file failed over
     /// together, step by step with hooks, at one choice of point (by default the latest
@@ -756,6 +761,7 @@ fn run(cli: Cli) -> Result<()> {
             volume,
             config: path,
             json,
+            prometheus,
         } => {
             let config = TargetConfig::load(&path)?;
             let picked: Vec<&VolumeConfig> = match &volume {
@@ -798,7 +804,7 @@ fn run(cli: Cli) -> Result<()> {
             let plans: Vec<ublk_target::status::PlanStatus> = config
                 .plans
                 .iter()
-                .filter(|_| volume.is_none() && !json)
+                .filter(|_| volume.is_none() && !json && !prometheus)
                 .map(|plan| {
                     let named: Option<Vec<(String, ublk_target::Catalog)>> = plan
                         .volumes()
@@ -812,6 +818,10 @@ fn run(cli: Cli) -> Result<()> {
                 })
                 .collect();
             let now = changelog::unix_ms_now();
+            if prometheus {
+                print!("{}", ublk_target::status::prometheus(&rows, now));
+                return Ok(());
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {

@@ -132,6 +132,85 @@ pub fn table(rows: &[VolumeStatus], now_unix_ms: u64) -> String {
     out
 }
 
+fn flag(on: bool) -> f64 {
+    if on {
+        1.0
+    } else {
+        0.0
+    }
+}
+
+/// The rows in the Prometheus text format (`ublk-target status --prometheus`), labelled
+/// by volume, with the `ublk_dr_target_` prefix: `up` (0 when the replica's state or
+/// journal could not be read; nothing else is given for it), the newest point's index
+/// and age (the RPO as this site knows it), retained points, segments waiting, whether
+/// the store could be listed, failed over, damaged journals.
+pub fn prometheus(rows: &[VolumeStatus], now_unix_ms: u64) -> String {
+    type Figure = fn(&VolumeStatus, u64) -> Option<f64>;
+    let families: [(&str, &str, Figure); 7] = [
+        (
+            "latest_point",
+            "index of the newest recovery point",
+            |r, _| r.latest_point.map(|p| p as f64),
+        ),
+        (
+            "rpo_seconds",
+            "age of the newest recovery point (source clock)",
+            |r, now| {
+                r.latest_created_unix_ms
+                    .map(|t| now.saturating_sub(t) as f64 / 1e3)
+            },
+        ),
+        ("points", "recovery points retained", |r, _| {
+            Some(r.points as f64)
+        }),
+        (
+            "segments_waiting",
+            "segments in the store not applied yet",
+            |r, _| r.waiting.map(|n| n as f64),
+        ),
+        (
+            "store_reachable",
+            "1 if the store could be listed",
+            |r, _| Some(flag(r.store_error.is_none())),
+        ),
+        (
+            "failed_over",
+            "1 once the replica was rolled back for failover",
+            |r, _| Some(flag(r.rolled_back_to.is_some())),
+        ),
+        (
+            "damaged_journals",
+            "undo journals that could not be read",
+            |r, _| Some(r.damaged_journals as f64),
+        ),
+    ];
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP ublk_dr_target_up 1 if the replica's state was read"
+    );
+    let _ = writeln!(out, "# TYPE ublk_dr_target_up gauge");
+    for row in rows {
+        let up = row.error.is_none() as u8;
+        let _ = writeln!(out, "ublk_dr_target_up{{volume=\"{}\"}} {up}", row.volume);
+    }
+    for (family, help, figure) in families {
+        let _ = writeln!(out, "# HELP ublk_dr_target_{family} {help}");
+        let _ = writeln!(out, "# TYPE ublk_dr_target_{family} gauge");
+        for row in rows.iter().filter(|r| r.error.is_none()) {
+            if let Some(value) = figure(row, now_unix_ms) {
+                let _ = writeln!(
+                    out,
+                    "ublk_dr_target_{family}{{volume=\"{}\"}} {value}",
+                    row.volume
+                );
+            }
+        }
+    }
+    out
+}
+
 /// One recovery plan's row: the points its failover would take now (its default point
 /// choice) and the age of the oldest of them, the plan's RPO.
 #[derive(Clone, Debug)]
@@ -177,4 +256,34 @@ pub fn plans_table(rows: &[PlanStatus], now_unix_ms: u64) -> String {
         let _ = writeln!(out, "{:<16} {:>14} {rpo:>8}  {at}", row.plan, row.choice);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_gives_an_unreadable_replica_only_up_0() {
+        let good = VolumeStatus {
+            volume: "vol0".into(),
+            latest_point: Some(7),
+            latest_created_unix_ms: Some(1_000),
+            points: 3,
+            waiting: Some(2),
+            ..Default::default()
+        };
+        let bad = VolumeStatus::unreadable("vol1".into(), "state unreadable".into());
+        let text = prometheus(&[good, bad], 4_000);
+        for line in [
+            "ublk_dr_target_up{volume=\"vol0\"} 1",
+            "ublk_dr_target_up{volume=\"vol1\"} 0",
+            "ublk_dr_target_latest_point{volume=\"vol0\"} 7",
+            "ublk_dr_target_rpo_seconds{volume=\"vol0\"} 3",
+            "ublk_dr_target_segments_waiting{volume=\"vol0\"} 2",
+            "ublk_dr_target_store_reachable{volume=\"vol0\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} missing:\n{text}");
+        }
+        assert_eq!(text.matches("vol1").count(), 1, "{text}");
+    }
 }
