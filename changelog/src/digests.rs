@@ -271,13 +271,7 @@ const BLOB_MAGIC: &[u8; 8] = b"UDRBLOB1";
 /// binds it to its purpose (e.g. the volume and generation), so a blob cannot be passed
 /// off as another.
 pub fn seal_blob(key: &Key, aad: &[u8], plain: &[u8]) -> Result<Vec<u8>> {
-    let mut nonce = [0u8; NONCE_LEN];
-    getrandom::getrandom(&mut nonce).map_err(|e| {
-        Error::io(
-            "reading the system random source",
-            std::io::Error::other(e.to_string()),
-        )
-    })?;
+    let nonce: [u8; NONCE_LEN] = crate::key::random_bytes()?;
     let mut out = Vec::with_capacity(plain.len() + 64);
     out.extend_from_slice(BLOB_MAGIC);
     out.extend_from_slice(&nonce);

@@ -350,7 +350,12 @@ fn key_id(key: &[u8; KEY_LEN]) -> [u8; 8] {
 }
 
 fn random_key() -> Result<[u8; KEY_LEN]> {
-    let mut bytes = [0u8; KEY_LEN];
+    random_bytes()
+}
+
+/// `N` bytes from the operating system's random source.
+pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N]> {
+    let mut bytes = [0u8; N];
     getrandom::getrandom(&mut bytes).map_err(|e| {
         Error::io(
             "reading the system random source",
@@ -364,6 +369,64 @@ impl fmt::Debug for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Key(ids {})", self.describe_ids())
     }
+}
+
+/// A key file read again when it changes (its identity, size or time), by the
+/// programs that run for long: new keys are handed out only when they load and differ;
+/// a file that does not load keeps the keys in force (logged).
+pub struct WatchedKeyFile {
+    path: PathBuf,
+    /// (device, inode, size, mtime in ns) when last read.
+    seen: Option<(u64, u64, u64, i128)>,
+    keys: Key,
+}
+
+impl WatchedKeyFile {
+    /// Watches `path`, whose keys `keys` are (as just loaded).
+    pub fn new(path: &Path, keys: Key) -> WatchedKeyFile {
+        WatchedKeyFile {
+            path: path.to_path_buf(),
+            seen: file_stamp(path),
+            keys,
+        }
+    }
+
+    pub fn keys(&self) -> &Key {
+        &self.keys
+    }
+
+    /// The new keys, if the file changed to a loadable one with other keys; `who`
+    /// starts the log lines ("volume vol0").
+    pub fn changed(&mut self, who: &dyn fmt::Display) -> Option<Key> {
+        let now = file_stamp(&self.path);
+        if now == self.seen {
+            return None;
+        }
+        self.seen = now;
+        match Key::load(&self.path) {
+            Ok(keys) if keys.ids() != self.keys.ids() => {
+                log::info!(
+                    "{who}: key file {} read again: keys {}",
+                    self.path.display(),
+                    keys.describe_ids()
+                );
+                self.keys = keys.clone();
+                Some(keys)
+            }
+            Ok(_) => None,
+            Err(e) => {
+                log::warn!("{who}: keeping the keys in force: {e}");
+                None
+            }
+        }
+    }
+}
+
+fn file_stamp(path: &Path) -> Option<(u64, u64, u64, i128)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    let mtime = m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128;
+    Some((m.dev(), m.ino(), m.size(), mtime))
 }
 
 /// A key id from its 16 hex digits (as [`hex`] writes it).
@@ -466,6 +529,21 @@ mod tests {
         assert_eq!(target.position(b.id()), Some(1));
         assert_eq!(Key::proof_name(b.id()).len(), 25);
         assert!(crate::store::valid_blob_name(&Key::proof_name(b.id())));
+    }
+
+    #[test]
+    fn a_watched_file_hands_out_new_keys_once_and_keeps_them_if_it_breaks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        let first = Key::generate_file(&path).unwrap();
+        let mut watched = WatchedKeyFile::new(&path, first.clone());
+        assert!(watched.changed(&"test").is_none());
+        let rotated = Key::rotate_file(&path).unwrap();
+        assert_eq!(watched.changed(&"test").unwrap().ids(), rotated.ids());
+        assert!(watched.changed(&"test").is_none());
+        std::fs::write(&path, b"broken").unwrap();
+        assert!(watched.changed(&"test").is_none());
+        assert_eq!(watched.keys().ids(), rotated.ids());
     }
 
     #[test]

@@ -21,9 +21,8 @@
 //!   newer one is proven.
 
 use crate::error::{Result, ShipperError};
-use changelog::key::{hex, parse_id};
+use changelog::key::{hex, parse_id, WatchedKeyFile};
 use changelog::{Key, TargetStore, VolumeId};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -32,22 +31,20 @@ pub const SEALING_FILE: &str = "sealing.key";
 
 pub struct SealingKey {
     volume: VolumeId,
-    /// The key file, read again when it changes (`None`: keys given in memory).
-    file: Option<PathBuf>,
     /// Where the choice is saved.
     saved: PathBuf,
     inner: Mutex<Inner>,
 }
 
 struct Inner {
+    /// The key file, read again when it changes (`None`: keys given in memory).
+    file: Option<WatchedKeyFile>,
     /// Every key of the file.
     all: Key,
     /// The key that seals, alone.
     sealing: Key,
     /// `sealing` is the file's oldest key for want of anything better, not a choice.
     guess: bool,
-    /// The file's (inode, size, mtime in ns) when last read.
-    seen: Option<(u64, u64, i128)>,
 }
 
 impl SealingKey {
@@ -65,10 +62,9 @@ impl SealingKey {
         let sealing = chosen.unwrap_or_else(|| all.only(all.ids()[0]).expect("a key file"));
         SealingKey {
             volume: volume.clone(),
-            file: file.map(Path::to_path_buf),
             saved,
             inner: Mutex::new(Inner {
-                seen: file.and_then(identity),
+                file: file.map(|f| WatchedKeyFile::new(f, all.clone())),
                 all,
                 sealing,
                 guess,
@@ -154,37 +150,19 @@ impl SealingKey {
     }
 
     fn reread_file(&self) {
-        let Some(file) = &self.file else {
+        let mut inner = self.inner.lock().expect("key lock");
+        let who = format!("volume {}", self.volume);
+        let Some(all) = inner.file.as_mut().and_then(|f| f.changed(&who)) else {
             return;
         };
-        let now = identity(file);
-        let mut inner = self.inner.lock().expect("key lock");
-        if now == inner.seen {
-            return;
+        if !all.has(inner.sealing.id()) {
+            log::warn!(
+                "{who}: the key file no longer has the sealing key {}; it seals on from \
+                 memory until the recovery side proves a newer one",
+                hex(&inner.sealing.id())
+            );
         }
-        inner.seen = now;
-        match Key::load(file) {
-            Ok(all) => {
-                if all.ids() != inner.all.ids() {
-                    log::info!(
-                        "volume {}: key file {} read again: keys {}",
-                        self.volume,
-                        file.display(),
-                        all.describe_ids()
-                    );
-                }
-                if !all.has(inner.sealing.id()) {
-                    log::warn!(
-                        "volume {}: the key file no longer has the sealing key {}; it \
-                         seals on from memory until the recovery side proves a newer one",
-                        self.volume,
-                        hex(&inner.sealing.id())
-                    );
-                }
-                inner.all = all;
-            }
-            Err(e) => log::warn!("volume {}: keeping the keys in force: {e}", self.volume),
-        }
+        inner.all = all;
     }
 
     /// Saves `id` as the sealing key's, durably, before anything is sealed with it.
@@ -214,15 +192,6 @@ fn newest_staged_key(dir: &Path) -> Option<[u8; 8]> {
     changelog::SegmentHeader::decode(&head, "staged")
         .ok()
         .map(|h| h.key_id)
-}
-
-fn identity(path: &Path) -> Option<(u64, u64, i128)> {
-    let m = std::fs::metadata(path).ok()?;
-    Some((
-        m.ino(),
-        m.size(),
-        m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
-    ))
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! The recovery side's key file: noticing when it changes, and proving to the shipper
-//! which keys it holds (see [`changelog::key`] for rotation as a whole).
+//! Proving to the shipper which keys the recovery side holds (see [`changelog::key`]
+//! for rotation as a whole).
 //!
 //! Contract:
 //!
@@ -10,14 +10,9 @@
 //!   harmless, and an apply run with a stale or wrong key file must not withdraw the
 //!   proofs of the right one. `apply --follow` publishes again every minute, in case
 //!   the store lost them.
-//! * [`WatchedKeyFile`] reads the file again when its identity, size or time changes,
-//!   and hands out the new keys only when they load and differ; a file that does not
-//!   load keeps the keys in force (logged).
 
 use crate::error::Result;
 use changelog::{Key, TargetStore, VolumeId};
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
 
 /// Writes a proof for every key of `key` that the store lacks one for. Returns how
 /// many it wrote.
@@ -40,60 +35,6 @@ pub fn publish_proofs(store: &dyn TargetStore, volume: &VolumeId, key: &Key) -> 
         written += 1;
     }
     Ok(written)
-}
-
-/// A key file read again when it changes.
-pub struct WatchedKeyFile {
-    path: PathBuf,
-    /// (device, inode, size, mtime in ns) when last read.
-    seen: Option<(u64, u64, u64, i128)>,
-    keys: Key,
-}
-
-impl WatchedKeyFile {
-    /// Watches `path`, whose keys `keys` are (as just loaded).
-    pub fn new(path: &Path, keys: Key) -> WatchedKeyFile {
-        WatchedKeyFile {
-            path: path.to_path_buf(),
-            seen: identity(path),
-            keys,
-        }
-    }
-
-    pub fn keys(&self) -> &Key {
-        &self.keys
-    }
-
-    /// The new keys, if the file changed to a loadable one with other keys.
-    pub fn changed(&mut self, volume: &VolumeId) -> Option<Key> {
-        let now = identity(&self.path);
-        if now == self.seen {
-            return None;
-        }
-        self.seen = now;
-        match Key::load(&self.path) {
-            Ok(keys) if keys.ids() != self.keys.ids() => {
-                log::info!(
-                    "volume {volume}: key file {} read again: keys {}",
-                    self.path.display(),
-                    keys.describe_ids()
-                );
-                self.keys = keys.clone();
-                Some(keys)
-            }
-            Ok(_) => None,
-            Err(e) => {
-                log::warn!("volume {volume}: keeping the keys in force: {e}");
-                None
-            }
-        }
-    }
-}
-
-fn identity(path: &Path) -> Option<(u64, u64, u64, i128)> {
-    let m = std::fs::metadata(path).ok()?;
-    let mtime = m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128;
-    Some((m.dev(), m.ino(), m.size(), mtime))
 }
 
 #[cfg(test)]
@@ -138,21 +79,5 @@ mod tests {
         let stranger = Key::from_bytes([4; 32]);
         assert_eq!(publish_proofs(&store, &volume, &stranger).unwrap(), 1);
         assert_eq!(proofs().len(), 4);
-    }
-
-    #[test]
-    fn a_watched_file_hands_out_new_keys_once_and_keeps_them_if_it_breaks() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("key");
-        let first = Key::generate_file(&path).unwrap();
-        let volume = VolumeId::new("vol0").unwrap();
-        let mut watched = WatchedKeyFile::new(&path, first.clone());
-        assert!(watched.changed(&volume).is_none());
-        let rotated = Key::rotate_file(&path).unwrap();
-        assert_eq!(watched.changed(&volume).unwrap().ids(), rotated.ids());
-        assert!(watched.changed(&volume).is_none());
-        std::fs::write(&path, b"broken").unwrap();
-        assert!(watched.changed(&volume).is_none());
-        assert_eq!(watched.keys().ids(), rotated.ids());
     }
 }

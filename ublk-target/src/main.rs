@@ -1085,11 +1085,15 @@ impl ApplyJob {
         let mut applier: Option<Applier> = None;
         let mut failing = false;
         let mut opened_once = false;
-        let mut key_file = ublk_target::keys::WatchedKeyFile::new(&self.key_file, self.key.clone());
+        let mut key_file = changelog::key::WatchedKeyFile::new(&self.key_file, self.key.clone());
         let mut proved_at = Instant::now();
         loop {
             // A rotation copied here: apply with the new key (reopening proves it).
-            if follow.is_some() && key_file.changed(&self.volume).is_some() {
+            if follow.is_some()
+                && key_file
+                    .changed(&format!("volume {}", self.volume))
+                    .is_some()
+            {
                 applier = None;
             }
             // Now and then, in case the store lost the proofs.
