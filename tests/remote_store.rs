@@ -161,6 +161,16 @@ fn exercise_contract(store: &dyn TargetStore) -> Vec<String> {
         ),
     );
     note("get", format!("{:?}", store.get(&vol, 1).unwrap()));
+    // A head: the first bytes only, all of a shorter object, nothing of an absent one.
+    note(
+        "head",
+        format!(
+            "{:?} {:?} {:?}",
+            store.get_head(&vol, 0, 2).unwrap(),
+            store.get_head(&vol, 1, 100).unwrap(),
+            store.get_head(&vol, 9, 2).unwrap()
+        ),
+    );
     store.put_blob(&vol, "digests.req", b"req").unwrap();
     store.put_blob(&vol, "digests.req", b"req2").unwrap();
     store.put_blob(&vol, "digests.ans", b"ans").unwrap();
@@ -322,6 +332,7 @@ fn the_store_contract_holds_on_every_remote_store_as_on_a_directory() {
         "other volume: [5]",
         "conflicting put: true",
         "get: Some([111, 110, 101])",
+        "head: Some([122, 101]) Some([111, 110, 101]) None",
         "blobs: [\"digests.ans\", \"digests.req\"]",
         "blob: Some([114, 101, 113, 50])",
         "after delete: [\"digests.ans\"]",

@@ -58,6 +58,14 @@ pub trait TargetStore: Send + Sync {
     fn delete(&self, volume: &VolumeId, index: u64) -> Result<()>;
     /// Reads segment `index`; `None` when absent.
     fn get(&self, volume: &VolumeId, index: u64) -> Result<Option<Vec<u8>>>;
+    /// Reads the first `len` bytes of segment `index` (all of it if shorter), e.g. its
+    /// header; `None` when absent. By default the whole segment is read and cut.
+    fn get_head(&self, volume: &VolumeId, index: u64, len: usize) -> Result<Option<Vec<u8>>> {
+        Ok(self.get(volume, index)?.map(|mut bytes| {
+            bytes.truncate(len);
+            bytes
+        }))
+    }
     /// The indexes present for `volume`, ascending.
     fn list(&self, volume: &VolumeId) -> Result<Vec<u64>>;
     /// Stores a small named object of `volume` (not a segment; names are
@@ -150,6 +158,19 @@ impl TargetStore for LocalDirStore {
 
     fn get(&self, volume: &VolumeId, index: u64) -> Result<Option<Vec<u8>>> {
         read_optional(&self.segment_path(volume, index))
+    }
+
+    fn get_head(&self, volume: &VolumeId, index: u64, len: usize) -> Result<Option<Vec<u8>>> {
+        let path = self.segment_path(volume, index);
+        let file = match std::fs::File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(format!("opening {}", path.display()), e)),
+        };
+        let mut head = Vec::with_capacity(len);
+        std::io::Read::read_to_end(&mut std::io::Read::take(file, len as u64), &mut head)
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        Ok(Some(head))
     }
 
     fn list(&self, volume: &VolumeId) -> Result<Vec<u64>> {

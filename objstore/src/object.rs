@@ -230,6 +230,25 @@ impl TargetStore for ObjectTargetStore {
         self.get_object(&self.object_path(volume, &segment_file_name(index)))
     }
 
+    fn get_head(
+        &self,
+        volume: &VolumeId,
+        index: u64,
+        len: usize,
+    ) -> changelog::Result<Option<Vec<u8>>> {
+        let path = self.object_path(volume, &segment_file_name(index));
+        let range = object_store::GetOptions {
+            range: Some((0..len as u64).into()),
+            ..Default::default()
+        };
+        let got = self.run(async { self.store.get_opts(&path, range).await?.bytes().await });
+        match got {
+            Ok(bytes) => Ok(Some(bytes.to_vec())),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.error("reading the head of", &path, e)),
+        }
+    }
+
     fn list(&self, volume: &VolumeId) -> changelog::Result<Vec<u64>> {
         let mut indexes: Vec<u64> = self
             .names(volume)?

@@ -373,6 +373,9 @@ fn handle(store: &LocalDirStore, request: Request, body: &[u8]) -> (Response, Op
         Request::GetBlob { name, .. } => store.get_blob(&volume, &name).map(found),
         Request::DeleteBlob { name, .. } => store.delete_blob(&volume, &name).map(done),
         Request::Delete { index, .. } => store.delete(&volume, index).map(done),
+        Request::GetHead { index, len, .. } => {
+            store.get_head(&volume, index, len as usize).map(found)
+        }
         Request::ListBlobs { .. } => store
             .list_blobs(&volume)
             .map(|n| (Response::Names(n), None)),

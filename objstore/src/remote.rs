@@ -215,6 +215,19 @@ impl TargetStore for ReceiverStore {
         })
     }
 
+    fn get_head(
+        &self,
+        volume: &VolumeId,
+        index: u64,
+        len: usize,
+    ) -> changelog::Result<Option<Vec<u8>>> {
+        self.object(Request::GetHead {
+            volume: volume.to_string(),
+            index,
+            len: len.min(u32::MAX as usize) as u32,
+        })
+    }
+
     fn list(&self, volume: &VolumeId) -> changelog::Result<Vec<u64>> {
         let request = Request::List {
             volume: volume.to_string(),

@@ -90,6 +90,13 @@ pub enum Request {
         volume: String,
         index: u64,
     },
+    /// The first `len` bytes of a segment (its header, for the recovery side's sweep);
+    /// after `Delete` for the same reason.
+    GetHead {
+        volume: String,
+        index: u64,
+        len: u32,
+    },
 }
 
 impl Request {
@@ -103,7 +110,8 @@ impl Request {
             | Request::GetBlob { volume, .. }
             | Request::DeleteBlob { volume, .. }
             | Request::ListBlobs { volume }
-            | Request::Delete { volume, .. } => volume,
+            | Request::Delete { volume, .. }
+            | Request::GetHead { volume, .. } => volume,
         }
     }
 }
@@ -123,6 +131,9 @@ impl fmt::Display for Request {
             Request::ListBlobs { volume } => write!(f, "listing objects of {volume}"),
             Request::Delete { volume, index } => {
                 write!(f, "deleting segment {index:016x} of {volume}")
+            }
+            Request::GetHead { volume, index, .. } => {
+                write!(f, "reading the header of segment {index:016x} of {volume}")
             }
         }
     }

@@ -453,6 +453,14 @@ impl<S: TargetStore> TargetStore for RecordingStore<S> {
     fn get(&self, volume: &VolumeId, index: u64) -> changelog::Result<Option<Vec<u8>>> {
         self.inner.get(volume, index)
     }
+    fn get_head(
+        &self,
+        volume: &VolumeId,
+        index: u64,
+        len: usize,
+    ) -> changelog::Result<Option<Vec<u8>>> {
+        self.inner.get_head(volume, index, len)
+    }
     fn list(&self, volume: &VolumeId) -> changelog::Result<Vec<u64>> {
         self.inner.list(volume)
     }
@@ -512,6 +520,14 @@ impl<S: TargetStore> TargetStore for HookedStore<S> {
     }
     fn get(&self, volume: &VolumeId, index: u64) -> changelog::Result<Option<Vec<u8>>> {
         self.inner.get(volume, index)
+    }
+    fn get_head(
+        &self,
+        volume: &VolumeId,
+        index: u64,
+        len: usize,
+    ) -> changelog::Result<Option<Vec<u8>>> {
+        self.inner.get_head(volume, index, len)
     }
     fn list(&self, volume: &VolumeId) -> changelog::Result<Vec<u64>> {
         self.inner.list(volume)

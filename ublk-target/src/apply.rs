@@ -63,6 +63,7 @@ use crate::journal::{Journal, JournalLock, ReplicaFile, UndoMethod};
 use crate::points::{prune_locked, PruneReport, Retention};
 use crate::rollback::{rollback_locked, RollbackReport};
 use crate::state::{ApplyState, PointFacts, ReplicaPaths};
+use changelog::header::HEADER_LEN;
 use changelog::uring::{IoOp, Uring};
 use changelog::{ChainCursor, Key, Op, OpenedSegment, SegmentHeader, TargetStore, VolumeId};
 use std::fs::{File, OpenOptions};
@@ -77,9 +78,9 @@ const APPLY_DEPTH: u32 = 64;
 /// more, so a run killed in a long catch-up leaves few for the next start's sweep.
 const DELETE_EVERY: usize = 64;
 /// How many of the segments below the position a start's sweep looks at (the newest
-/// ones): each is read to check its header, and an older store (from before pruning)
-/// may hold every segment ever shipped.
-const SWEEP_AT_MOST: usize = 1024;
+/// ones): each one's header is read (one small ranged read per segment), and an older
+/// store (from before pruning) may hold every segment ever shipped.
+const SWEEP_AT_MOST: usize = 16_384;
 
 /// Decodes a saved applier state's chain position (the [`ChainCursor`] after the last
 /// applied segment); reads the current and the legacy format.
@@ -297,8 +298,8 @@ impl Applier {
 
     /// With store pruning: deletes the segments below the applied position that an
     /// earlier run left in the store, if they are of this replica's volume and epoch
-    /// (each one's header is read to know); of the newest `SWEEP_AT_MOST` (1024) only,
-    /// the rest named in a warning. Returns how many were deleted.
+    /// (each one's header is read to know); of the newest `SWEEP_AT_MOST` (16384)
+    /// only, the rest named in a warning. Returns how many were deleted.
     pub fn sweep_store(&mut self) -> Result<usize> {
         let cursor = &self.state.cursor;
         let (true, Some(epoch)) = (self.prune_store, cursor.epoch) else {
@@ -320,7 +321,8 @@ impl Applier {
         }
         let mut deleted = 0;
         for &index in &below[older..] {
-            let Some(bytes) = self.store.get(&cursor.volume, index)? else {
+            let head = self.store.get_head(&cursor.volume, index, HEADER_LEN)?;
+            let Some(bytes) = head else {
                 continue;
             };
             let name = self.store.segment_name(&cursor.volume, index);
