@@ -144,8 +144,9 @@ enum KeyAction {
     /// Remove an older key, once nothing sealed with it is left: every shipper using
     /// the file seals with a newer key (`shipper status`: "sealing key") and has
     /// uploaded what it staged before, and the recovery side has applied that
-    /// (`ublk-target status`: nothing waiting). Then copy the file to the recovery
-    /// side again. The newest key cannot be removed.
+    /// (`ublk-target status --json`: nothing waiting, and `key_id`, the key of the last
+    /// applied segment, a newer one). Then copy the file to the recovery side again.
+    /// The newest key cannot be removed.
     Forget {
         /// The key file (e.g. /etc/ublk-dr/key).
         file: PathBuf,

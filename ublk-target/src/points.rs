@@ -80,6 +80,8 @@ pub struct Catalog {
     pub latest_applied: Option<u64>,
     /// Set when the replica was rolled back for failover.
     pub rolled_back_to: Option<u64>,
+    /// The key that sealed the last applied segment, when known.
+    pub key_id: Option<[u8; 8]>,
     /// Oldest first.
     pub points: Vec<RecoveryPoint>,
     /// Undo journals in the contiguous, chained run ending at the latest segment.
@@ -220,6 +222,7 @@ pub fn catalog(paths: &ReplicaPaths) -> Result<Catalog> {
         volume: Some(state.cursor.volume.to_string()),
         latest_applied: state.latest(),
         rolled_back_to: state.rolled_back_to,
+        key_id: state.key_id,
         views,
         ..Catalog::default()
     };

@@ -34,6 +34,9 @@ pub struct VolumeStatus {
     pub committed: bool,
     /// Undo journals that could not be read.
     pub damaged_journals: usize,
+    /// The id (hex) of the key that sealed the last applied segment: after a key
+    /// rotation, shows that the replica has moved past the old key.
+    pub key_id: Option<String>,
 }
 
 impl VolumeStatus {
@@ -63,6 +66,7 @@ impl VolumeStatus {
             rolled_back_to: catalog.rolled_back_to,
             committed,
             damaged_journals: catalog.damaged.len(),
+            key_id: catalog.key_id.map(|id| changelog::key::hex(&id)),
         }
     }
 
