@@ -125,7 +125,7 @@ impl Alerts {
                                 );
                                 continue;
                             }
-                            run_command(&command, &alert, until);
+                            run_command(&command, &alert, &deadline);
                         }
                     })
                     .expect("spawning the alert thread");
@@ -172,8 +172,9 @@ impl Drop for Alerts {
 }
 
 /// Runs the alert command for `alert`, killing it (and whatever it started) after
-/// [`COMMAND_TIMEOUT`] or at `until`, whichever comes first.
-fn run_command(command: &str, alert: &Alert, until: Option<Instant>) {
+/// [`COMMAND_TIMEOUT`] or at the `deadline` a stopping shipper sets meanwhile,
+/// whichever comes first.
+fn run_command(command: &str, alert: &Alert, deadline: &Mutex<Option<Instant>>) {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_default();
@@ -200,8 +201,11 @@ fn run_command(command: &str, alert: &Alert, until: Option<Instant>) {
         }
     };
     let timeout = Instant::now() + COMMAND_TIMEOUT;
-    let deadline = until.map_or(timeout, |until| until.min(timeout));
     loop {
+        let until = deadline
+            .lock()
+            .expect("deadline lock")
+            .map_or(timeout, |d| d.min(timeout));
         match child.try_wait() {
             Ok(Some(status)) if status.success() => return,
             Ok(Some(status)) => {
@@ -211,7 +215,7 @@ fn run_command(command: &str, alert: &Alert, until: Option<Instant>) {
                 );
                 return;
             }
-            Ok(None) if Instant::now() < deadline => {
+            Ok(None) if Instant::now() < until => {
                 std::thread::sleep(Duration::from_millis(20));
             }
             Ok(None) => {
