@@ -291,8 +291,10 @@ pub fn seal_blob(key: &Key, aad: &[u8], plain: &[u8]) -> Result<Vec<u8>> {
 
 /// Opens a blob sealed by [`seal_blob`] with one of `key`'s keys and the same `aad`.
 /// Blobs do not name their key: each is tried, the sealing one first (a failed tag
-/// check costs one pass over a blob of digests).
-pub fn open_blob(key: &Key, aad: &[u8], name: &str, bytes: Vec<u8>) -> Result<Vec<u8>> {
+/// check costs one pass over the blob). The last key tried opens `bytes` in place; the
+/// ones before it a copy (a failed open leaves its buffer undefined), so a one-key file
+/// copies nothing.
+pub fn open_blob(key: &Key, aad: &[u8], name: &str, mut bytes: Vec<u8>) -> Result<Vec<u8>> {
     let head = BLOB_MAGIC.len() + NONCE_LEN;
     if bytes.len() < head + 16 || &bytes[..BLOB_MAGIC.len()] != BLOB_MAGIC {
         return Err(Error::Corrupt {
@@ -301,16 +303,23 @@ pub fn open_blob(key: &Key, aad: &[u8], name: &str, bytes: Vec<u8>) -> Result<Ve
         });
     }
     let nonce: [u8; NONCE_LEN] = bytes[BLOB_MAGIC.len()..head].try_into().expect("12");
-    for candidate in key.newest_first() {
-        let mut sealed = bytes[head..].to_vec();
-        if let Ok(plain) = blob_key(candidate).open_in_place(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(aad),
-            &mut sealed,
-        ) {
-            let plain_len = plain.len();
-            sealed.truncate(plain_len);
-            return Ok(sealed);
+    let open = |candidate: &[u8; KEY_LEN], sealed: &mut [u8]| {
+        blob_key(candidate)
+            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), sealed)
+            .map(|plain| plain.len())
+    };
+    let mut candidates = key.newest_first().peekable();
+    while let Some(candidate) = candidates.next() {
+        if candidates.peek().is_some() {
+            let mut sealed = bytes[head..].to_vec();
+            if let Ok(plain_len) = open(candidate, &mut sealed) {
+                sealed.truncate(plain_len);
+                return Ok(sealed);
+            }
+        } else if let Ok(plain_len) = open(candidate, &mut bytes[head..]) {
+            bytes.copy_within(head..head + plain_len, 0);
+            bytes.truncate(plain_len);
+            return Ok(bytes);
         }
     }
     Err(Error::Auth {

@@ -169,13 +169,7 @@ pub fn coordinate(
         let where_ = format!("{}/{volume}/{name}", store.describe());
         // Only a key asked for opens it: an answer under another key (a retired one
         // someone still holds) is not the recovery side's.
-        let opened = answer_keys
-            .iter()
-            .rev()
-            .map(|key| DigestAnswer::open(key, volume.as_str(), gen, &where_, bytes.clone()));
-        let answer = opened
-            .reduce(|first, next| first.or(next))
-            .expect("asked with at least one key")
+        let answer = open_answer(&answer_keys, volume.as_str(), gen, &where_, bytes)
             .map_err(|e| ShipperError::Critical {
                 volume: volume.to_string(),
                 what: format!(
@@ -193,6 +187,24 @@ pub fn coordinate(
         answer_keys.clear();
     }
     Ok(())
+}
+
+/// Opens an answer with the keys it was asked in, newest first, stopping at the first
+/// that opens (the bytes are copied only while another key remains to try).
+fn open_answer(
+    keys: &[changelog::Key],
+    volume: &str,
+    gen: u64,
+    name: &str,
+    bytes: Vec<u8>,
+) -> changelog::Result<DigestAnswer> {
+    let (oldest, newer) = keys.split_first().expect("asked with at least one key");
+    for key in newer.iter().rev() {
+        if let Ok(answer) = DigestAnswer::open(key, volume, gen, name, bytes.clone()) {
+            return Ok(answer);
+        }
+    }
+    DigestAnswer::open(oldest, volume, gen, name, bytes)
 }
 
 /// Removes pass `gen`'s request and answer from the store.
