@@ -102,6 +102,16 @@ impl Key {
         self.keys.iter().position(|k| key_id(k) == id)
     }
 
+    /// Whether key `id` comes before key `newer` in the file: retired once `newer`
+    /// sealed something, as shippers only move forward. `false` if the file lacks
+    /// either (it cannot be placed).
+    pub fn is_retired_by(&self, id: [u8; 8], newer: [u8; 8]) -> bool {
+        match (self.position(id), self.position(newer)) {
+            (Some(id), Some(newer)) => id < newer,
+            _ => false,
+        }
+    }
+
     /// The name of the blob proving the recovery side holds key `id`.
     pub fn proof_name(id: [u8; 8]) -> String {
         format!("key-{}.held", hex(&id))

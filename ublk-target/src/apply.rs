@@ -351,14 +351,14 @@ impl Applier {
         let Some(last) = self.state.key_id else {
             return Ok(());
         };
-        match (self.key.position(header.key_id), self.key.position(last)) {
-            (Some(found), Some(newer)) if found < newer => Err(TargetError::RetiredKey {
-                segment: name.into(),
-                found: changelog::key::hex(&header.key_id),
-                newer: changelog::key::hex(&last),
-            }),
-            _ => Ok(()),
+        if !self.key.is_retired_by(header.key_id, last) {
+            return Ok(());
         }
+        Err(TargetError::RetiredKey {
+            segment: name.into(),
+            found: changelog::key::hex(&header.key_id),
+            newer: changelog::key::hex(&last),
+        })
     }
 
     /// Applies a segment [`fetch_and_open`] returned for the current position.

@@ -85,10 +85,9 @@ pub fn answer_requests(
             None => key.clone(),
             Some(id) => {
                 let asked = changelog::key::parse_id(id);
-                let retired = match (asked.and_then(|a| key.position(a)), last_key) {
-                    (Some(asked), Some(last)) => key.position(last).is_some_and(|l| asked < l),
-                    _ => false,
-                };
+                let retired = asked
+                    .zip(last_key)
+                    .is_some_and(|(asked, last)| key.is_retired_by(asked, last));
                 match asked.and_then(|id| key.only(id)) {
                     Some(_) if retired => {
                         warn_once(volume, gen, || {
