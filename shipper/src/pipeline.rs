@@ -362,7 +362,10 @@ pub fn run(
         staged_bytes: AtomicU64::new(staged_bytes),
         lost_since_ms: AtomicU64::new(owed.as_ref().map_or(0, |d| d.oldest_lost_unix_ms)),
         throttled_us: AtomicU64::new(0),
-        rates: Mutex::new([RecentRate::new(RATE_WINDOW), RecentRate::new(RATE_WINDOW)]),
+        rates: Mutex::new([
+            RecentRate::from_zero(RATE_WINDOW, Instant::now()),
+            RecentRate::from_zero(RATE_WINDOW, Instant::now()),
+        ]),
     });
     let chain = Chain {
         cursor: Mutex::new(cursor.clone()),

@@ -249,15 +249,18 @@ pub struct RecentRate {
 }
 
 impl RecentRate {
-    pub fn new(window: Duration) -> RecentRate {
+    /// The rate of a counter that was 0 at `started`. Starting from a known zero (not
+    /// from the first sample) counts what grew before the first sample: a shipper
+    /// that drains a full ring at once shows that as throughput.
+    pub fn from_zero(window: Duration, started: Instant) -> RecentRate {
         RecentRate {
             window,
-            samples: VecDeque::new(),
+            samples: VecDeque::from([(started, 0)]),
         }
     }
 
     /// Records the counter's `total` at `now` and returns its rate per second since
-    /// the oldest sample within the window (0 before there are two samples).
+    /// the oldest sample within the window.
     pub fn sample(&mut self, now: Instant, total: u64) -> u64 {
         self.samples.push_back((now, total));
         // Keep one sample at or before the window's start as the base.
@@ -656,10 +659,9 @@ mod tests {
 
     #[test]
     fn a_recent_rate_spans_its_window_and_forgets_what_is_older() {
-        let mut rate = RecentRate::new(Duration::from_secs(10));
         let t0 = Instant::now();
+        let mut rate = RecentRate::from_zero(Duration::from_secs(10), t0);
         let at = |s: u64| t0 + Duration::from_secs(s);
-        assert_eq!(rate.sample(at(0), 0), 0, "one sample has no rate");
         // 1 MB/s for 20 s.
         for s in 1..=20 {
             assert_eq!(rate.sample(at(s), s * 1_000_000), 1_000_000, "at {s} s");
@@ -679,6 +681,21 @@ mod tests {
         let idle = 20_000_000 + 33_000_000;
         assert_eq!(rate.sample(at(41), idle), 0);
         assert!(rate.samples.len() <= 3, "{:?}", rate.samples);
+    }
+
+    #[test]
+    fn a_recent_rate_counts_what_grew_before_its_first_sample() {
+        let t0 = Instant::now();
+        let mut rate = RecentRate::from_zero(Duration::from_secs(10), t0);
+        // A full ring drained before the first status write: 8 MB in the first 2 s.
+        assert_eq!(
+            rate.sample(t0 + Duration::from_secs(2), 8_000_000),
+            4_000_000
+        );
+        assert_eq!(
+            rate.sample(t0 + Duration::from_secs(4), 8_000_000),
+            2_000_000
+        );
     }
 
     #[test]
