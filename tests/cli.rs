@@ -212,7 +212,8 @@ fn config_file_ships_every_volume() {
     for vol in ["vol0", "vol1"] {
         let row = text.lines().find(|l| l.starts_with(vol)).expect(&text);
         let cells: Vec<&str> = row.split_whitespace().collect();
-        assert_eq!(cells[4], waiting(vol).to_string(), "{text}");
+        assert_eq!(cells[1], "Warning", "no recovery point yet: {text}");
+        assert_eq!(cells[5], waiting(vol).to_string(), "{text}");
         assert!(row.contains("nothing applied yet"), "{text}");
     }
     let shipped = [waiting("vol0"), waiting("vol1")];
@@ -225,10 +226,11 @@ fn config_file_ships_every_volume() {
     for ((vol, kept), shipped) in [("vol0", 3), ("vol1", 2)].into_iter().zip(shipped) {
         let row = text.lines().find(|l| l.starts_with(vol)).expect(&text);
         let cells: Vec<&str> = row.split_whitespace().collect();
-        assert_eq!(cells[1], (shipped - 1).to_string(), "newest point: {text}");
+        assert_eq!(cells[1], "Healthy", "{text}");
+        assert_eq!(cells[2], (shipped - 1).to_string(), "newest point: {text}");
         assert_eq!(waiting(vol), 0, "applied segments left in the store");
-        assert_eq!(cells[3], kept.to_string(), "retained points: {text}");
-        assert_eq!(cells[6], "0", "waiting: {text}");
+        assert_eq!(cells[4], kept.to_string(), "retained points: {text}");
+        assert_eq!(cells[7], "0", "waiting: {text}");
         assert!(row.ends_with("up to date"), "{text}");
     }
     // The same for Prometheus.

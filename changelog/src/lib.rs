@@ -10,9 +10,13 @@
 //! * [`digests`]: block digests and the resync digest exchange through the store.
 //! * [`uring`]: synchronous io_uring file I/O used by every stage.
 //! * [`inspect`]: a human-readable dump of one segment.
+//! * [`alert`], [`heartbeat`]: what both sides share about a volume's health: the
+//!   alert command, and the shipper's sealed "caught up as of" note in the store.
+pub mod alert;
 pub mod digests;
 pub mod error;
 pub mod header;
+pub mod heartbeat;
 pub mod inspect;
 pub mod key;
 pub mod record;

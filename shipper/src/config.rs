@@ -22,9 +22,11 @@
 //! cpu_priority = "yield"                 # or "normal": see shipper::priority
 //! alert_command = "/usr/local/bin/page"  # run on each health change of a volume (sh -c,
 //!                                        # UBLK_DR_VOLUME, UBLK_DR_HEALTH, ...: see
-//!                                        # shipper::alert); default: logged only
+//!                                        # changelog::alert); default: logged only
 //! alert_hold_ms = 10000                  # a new health must hold this long (Critical:
 //!                                        # reported at once)
+//! heartbeat_ms = 10000                   # while caught up, tell the recovery side so
+//!                                        # this often (a quiet volume's RPO there)
 //!
 //! [throttle]                             # optional: one upload limit for every volume
 //! limit = "200Mbit/s"                    # outside the windows (default: unlimited)
@@ -83,11 +85,14 @@ pub struct ConfigFile {
     pub backlog_resync_percent: u32,
     #[serde(default = "default_cpu_priority")]
     pub cpu_priority: CpuPriority,
-    /// Run on each health change (see [`crate::alert`]).
+    /// Run on each health change (see [`changelog::alert`]).
     #[serde(default)]
     pub alert_command: Option<String>,
     #[serde(default = "default_alert_hold")]
     pub alert_hold_ms: u64,
+    /// How often a caught-up shipper writes its heartbeat to the store.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_ms: u64,
     /// The upload limit (see [`crate::throttle`]); unlimited when absent.
     #[serde(default)]
     pub throttle: ThrottleConfig,
@@ -120,8 +125,11 @@ pub struct VolumeEntry {
     pub ring: PathBuf,
 }
 
+fn default_heartbeat() -> u64 {
+    crate::pipeline::DEFAULT_HEARTBEAT.as_millis() as u64
+}
 fn default_alert_hold() -> u64 {
-    crate::alert::DEFAULT_HOLD.as_millis() as u64
+    changelog::alert::DEFAULT_HOLD.as_millis() as u64
 }
 fn default_status_dir() -> PathBuf {
     "/run/ublk-dr".into()
@@ -207,6 +215,7 @@ impl ConfigFile {
             ("sealers", self.sealers as u64),
             ("retry_unit_ms", self.retry_unit_ms),
             ("rpo_threshold_ms", self.rpo_threshold_ms),
+            ("heartbeat_ms", self.heartbeat_ms),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be greater than 0"));
@@ -274,6 +283,7 @@ impl ConfigFile {
                 c.key_file = Some(self.key.clone());
                 c.alert_command = self.alert_command.clone();
                 c.alert_hold = Duration::from_millis(self.alert_hold_ms);
+                c.heartbeat_interval = Duration::from_millis(self.heartbeat_ms);
                 c.status_path = Some(self.status_path(&v.id));
                 c.initial_sync = self.initial_sync;
                 c.resync_block_bytes =

@@ -11,7 +11,6 @@
 //! * [`throttle`]: the upload bandwidth limit and its windows of the week.
 //! * [`status`]: health, RPO and the status file.
 //! * [`config`]: the TOML configuration file.
-pub mod alert;
 pub mod backlog;
 pub mod chain_state;
 pub mod config;

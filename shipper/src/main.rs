@@ -256,6 +256,11 @@ struct RunArgs {
     /// reported at once).
     #[arg(long, default_value_t = 10_000)]
     alert_hold_ms: u64,
+    /// While everything captured is in the store, write a heartbeat there this often,
+    /// in ms: the recovery side then knows a quiet volume's replica is current, and
+    /// tells a quiet volume from a protected site gone dark.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    heartbeat_ms: u64,
     /// Where to publish status (JSON).
     #[arg(long)]
     status: Option<PathBuf>,
@@ -534,6 +539,7 @@ fn ship(args: RunArgs) -> Result<()> {
             config.rpo_threshold = Duration::from_millis(args.rpo_threshold_ms);
             config.alert_command = args.alert_command.clone();
             config.alert_hold = Duration::from_millis(args.alert_hold_ms);
+            config.heartbeat_interval = Duration::from_millis(args.heartbeat_ms);
             config.cpu_priority = args.cpu_priority;
             config.status_path = args.status.clone();
             config.initial_sync = !args.no_initial_sync;

@@ -23,7 +23,6 @@
 //!   of the disk, the reader drops it and the chain continues in a new epoch, with a
 //!   whole-disk digest resync ([`crate::backlog`]).
 
-use crate::alert::Alerts;
 use crate::backlog;
 use crate::chain_state;
 use crate::error::{Result, ShipperError};
@@ -33,6 +32,8 @@ use crate::retry::RetrySchedule;
 use crate::status::{RecentRate, Status, RATE_WINDOW};
 use crate::throttle::{Rate, Throttle};
 use blkfilter::ring::Consumer;
+use changelog::alert::{Alerts, Site};
+use changelog::heartbeat::Heartbeat;
 use changelog::record::{MARK_APP_CONSISTENT, MARK_GROUP_CUT, MARK_RESYNC_DONE};
 use changelog::segment::{seal_owned, SealParams, SealedSegment};
 use changelog::store::{list_segment_dir, segment_file_name};
@@ -55,6 +56,10 @@ const SPARE_BUFFERS: usize = 2;
 
 /// How often the status file is rewritten.
 const STATUS_INTERVAL: Duration = Duration::from_millis(200);
+
+/// How often a caught-up shipper writes its heartbeat, by default: one small PUT per
+/// volume every 10 s, and the recovery side's RPO of a quiet volume stays under it.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug)]
 pub struct ShipperConfig {
@@ -86,15 +91,20 @@ pub struct ShipperConfig {
     /// The upload limit, shared with the other volumes of the process
     /// ([`crate::throttle`]).
     pub throttle: Arc<Throttle>,
-    /// Run on each health change of the volume ([`crate::alert`]); `None`: logged only.
+    /// Run on each health change of the volume ([`changelog::alert`]); `None`: logged
+    /// only.
     pub alert_command: Option<String>,
     /// How long a new health must hold before it is reported (Critical: at once).
     pub alert_hold: Duration,
+    /// How often a caught-up shipper tells the recovery side so
+    /// ([`changelog::heartbeat`]): a quiet volume's replica is then known to be current.
+    pub heartbeat_interval: Duration,
 }
 
 impl ShipperConfig {
     /// A config with the defaults: 1 s segments of at most 8 MiB, two sealers, the
-    /// retry unit a minute, RPO threshold 30 s, initial sync on, 64 KiB resync blocks,
+    /// retry unit a minute, RPO threshold 30 s, a heartbeat every 10 s while caught
+    /// up, initial sync on, 64 KiB resync blocks,
     /// the staged backlog dropped above 50% of the disk, normal CPU priority (the
     /// `shipper` command yields by default), no upload limit, no alert command.
     pub fn new(volume: VolumeId, ring_path: PathBuf, staging_dir: PathBuf, key: Key) -> Self {
@@ -116,7 +126,8 @@ impl ShipperConfig {
             cpu_priority: CpuPriority::Normal,
             throttle: Arc::new(Throttle::unlimited()),
             alert_command: None,
-            alert_hold: crate::alert::DEFAULT_HOLD,
+            alert_hold: changelog::alert::DEFAULT_HOLD,
+            heartbeat_interval: DEFAULT_HEARTBEAT,
         }
     }
 
@@ -339,7 +350,11 @@ pub fn run(
         backlog.len(),
         store.describe()
     );
-    let mut alerts = Alerts::new(config.alert_command.clone(), config.alert_hold);
+    let mut alerts = Alerts::new(
+        config.alert_command.clone(),
+        config.alert_hold,
+        Site::Source,
+    );
     let board = Arc::new(Board {
         status: Mutex::new(Status {
             volume: config.volume.to_string(),
@@ -444,6 +459,17 @@ pub fn run(
         spawn_named(scope, "ship-keys", || {
             watch_keys(config, &keys, store.as_ref(), &board, finished)
         });
+        spawn_named(scope, "ship-heartbeat", || {
+            send_heartbeats(
+                config,
+                &keys,
+                store.as_ref(),
+                &ring,
+                &chain,
+                &board,
+                finished,
+            )
+        });
         // Nothing is ever sent: the wait ends by timeout or when all three have ended.
         loop {
             publish(config, &board, &ring, priority, &mut alerts);
@@ -543,7 +569,9 @@ fn publish(
     let (limit, window) = config.throttle.limit_now();
     status.upload_limit_bytes_per_s = limit.map(Rate::bytes_per_s);
     status.upload_limit_window = window;
-    alerts.observe(&status);
+    alerts.observe(&status.volume, status.health(), status.rpo_ms, || {
+        status.state()
+    });
     if let Some(path) = &config.status_path {
         if let Err(e) = status.write(path) {
             log::warn!("{e}");
@@ -578,6 +606,71 @@ fn watch_keys(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Writes the volume's heartbeat every `heartbeat_interval` while everything captured
+/// is in the store ([`changelog::heartbeat`]). A failed write is only logged: the next
+/// one may succeed, and the uploader reports a store that is down.
+fn send_heartbeats(
+    config: &ShipperConfig,
+    keys: &SealingKey,
+    store: &dyn TargetStore,
+    ring: &Consumer,
+    chain: &Chain,
+    board: &Board,
+    finished: &AtomicBool,
+) {
+    let mut next = Instant::now() + config.heartbeat_interval;
+    while !finished.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(100));
+        if Instant::now() < next {
+            continue;
+        }
+        // Not caught up: try again soon (segments meanwhile speak for the source).
+        let Some(beat) = caught_up(ring, chain, board) else {
+            continue;
+        };
+        next = Instant::now() + config.heartbeat_interval;
+        // A key the recovery side may not hold yet: it could not open the heartbeat.
+        if keys.is_a_guess() {
+            continue;
+        }
+        let sent = beat
+            .seal(&keys.sealing(), &config.volume)
+            .and_then(|sealed| {
+                store.put_blob(&config.volume, changelog::heartbeat::BLOB_NAME, &sealed)
+            });
+        match sent {
+            Ok(()) => board.update(|s| s.heartbeat_unix_ms = Some(beat.unix_ms)),
+            Err(e) => log::debug!("volume {}: writing the heartbeat: {e}", config.volume),
+        }
+    }
+}
+
+/// The heartbeat that is true now, if everything captured is in the store: no write
+/// waits for a resync, every record the ring published is staged (checked under the
+/// chain lock, so the cursor read with it is past those records), and every segment
+/// before that cursor is uploaded (checked after reading it: one staged meanwhile is
+/// past the cursor read).
+fn caught_up(ring: &Consumer, chain: &Chain, board: &Board) -> Option<Heartbeat> {
+    if chain.owed.load(Ordering::Acquire)
+        || board.lost_since_ms.load(Ordering::Relaxed) != 0
+        || ring.overflowed()
+        || ring.resyncing()
+        || ring.resync_progress().pending()
+    {
+        return None;
+    }
+    let beat = {
+        let cursor = chain.cursor.lock().expect("cursor lock");
+        let now = unix_ms_now();
+        if ring.published() != ring.released() {
+            return None;
+        }
+        Heartbeat::at(&cursor, now)
+    };
+    let uploading = !board.pending_since.lock().expect("pending lock").is_empty();
+    (!uploading).then_some(beat)
 }
 
 /// The reader: ring → plain segments.

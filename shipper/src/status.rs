@@ -11,12 +11,7 @@ use std::fmt::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Health {
-    Healthy,
-    Warning,
-    Critical,
-}
+pub use changelog::alert::Health;
 
 /// A dropped staged backlog (see [`crate::backlog`]): the event, kept in the status
 /// and in `resync.owed` until the resync after it has completed.
@@ -114,6 +109,10 @@ pub struct Status {
     /// rotate`, shows whether this shipper has taken up the new key.
     #[serde(default)]
     pub sealing_key_id: String,
+    /// When the last heartbeat went to the store (source clock): everything captured
+    /// by then was in the store ([`changelog::heartbeat`]).
+    #[serde(default)]
+    pub heartbeat_unix_ms: Option<u64>,
     /// The upload retry in progress (0 = none) and the error that caused it.
     pub retry_attempt: u32,
     pub last_error: Option<String>,
@@ -421,11 +420,7 @@ pub fn prometheus(
             "health",
             "gauge",
             "0 Healthy, 1 Warning, 2 Critical",
-            |s, _| match s.health() {
-                Health::Healthy => 0.0,
-                Health::Warning => 1.0,
-                Health::Critical => 2.0,
-            },
+            |s, _| s.health().gauge(),
         ),
         (
             "rpo_seconds",

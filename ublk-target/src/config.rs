@@ -25,6 +25,12 @@ pub const EXAMPLE: &str = r#"Config file (--config), TOML; unknown keys are erro
   keep_age = "15d"              #   at most this many points, none older than this
   # keep_applied_segments = false  (true: leave applied segments in the store, for a
   #                                  second reader; by default apply deletes them)
+  rpo_threshold_ms = 60000      # health is Warning when the replica was last known
+                                #   current longer ago than this (`status`, alerts)
+  # alert_command = "/usr/local/bin/page"  (apply --follow runs it on each health
+  #                 change, sh -c with UBLK_DR_VOLUME, UBLK_DR_HEALTH, UBLK_DR_STATE,
+  #                 UBLK_DR_RPO_MS, UBLK_DR_SITE=recovery, ...; default: logged only)
+  # alert_hold_ms = 10000       (a new health must hold this long; Critical: at once)
 
   [[volume]]
   id = "vol0"
@@ -59,6 +65,12 @@ pub struct TargetConfig {
     pub keep_age: Option<String>,
     #[serde(default)]
     pub keep_applied_segments: bool,
+    #[serde(default = "default_rpo_threshold_ms")]
+    pub rpo_threshold_ms: u64,
+    /// Run by `apply --follow` on each health change (see [`changelog::alert`]).
+    pub alert_command: Option<String>,
+    #[serde(default = "default_alert_hold_ms")]
+    pub alert_hold_ms: u64,
     #[serde(rename = "volume")]
     pub volumes: Vec<VolumeConfig>,
     #[serde(default, rename = "plan")]
@@ -104,6 +116,14 @@ fn default_poll_ms() -> u64 {
     200
 }
 
+fn default_rpo_threshold_ms() -> u64 {
+    crate::health::DEFAULT_RPO_THRESHOLD.as_millis() as u64
+}
+
+fn default_alert_hold_ms() -> u64 {
+    changelog::alert::DEFAULT_HOLD.as_millis() as u64
+}
+
 impl TargetConfig {
     /// Reads and checks a config file; every error names the file and what to fix.
     pub fn load(path: &Path) -> Result<TargetConfig> {
@@ -138,6 +158,9 @@ impl TargetConfig {
         }
         if config.poll_ms == 0 {
             return Err("poll_ms must be greater than 0".into());
+        }
+        if config.rpo_threshold_ms == 0 {
+            return Err("rpo_threshold_ms must be greater than 0".into());
         }
         let mut plans = HashSet::new();
         for plan in &config.plans {
@@ -197,6 +220,10 @@ impl TargetConfig {
 
     pub fn poll(&self) -> Duration {
         Duration::from_millis(self.poll_ms)
+    }
+
+    pub fn rpo_threshold(&self) -> Duration {
+        Duration::from_millis(self.rpo_threshold_ms)
     }
 }
 

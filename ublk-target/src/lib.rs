@@ -13,13 +13,16 @@
 //! * [`device`]: serve a view of the replica as a ublk device.
 //! * [`plan`]: recovery plans, volumes failed over together in steps with hooks
 //!   ([`hook`] runs those).
-//! * [`status`]: each volume's newest point, its age (the RPO here) and what waits.
+//! * [`health`]: how current the replica is known to be (its newest point, or the
+//!   shipper's heartbeat), and the recovery side's health and alerts.
+//! * [`status`]: each volume's health, newest point, RPO here and what waits.
 pub mod apply;
 pub mod config;
 pub mod device;
 pub mod digests;
 pub mod error;
 pub mod group_cuts;
+pub mod health;
 pub mod hook;
 pub mod journal;
 pub mod keys;

@@ -1,6 +1,7 @@
 //! `ublk-target`: the recovery-side command line.
 
 use anyhow::{Context, Result};
+use changelog::alert::{Alerts, Site};
 use changelog::{Key, TargetStore, VolumeId};
 use clap::{Args, Parser, Subcommand};
 use objstore::StoreLocation;
@@ -8,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use ublk_target::config::{TargetConfig, VolumeConfig};
+use ublk_target::health::FollowHealth;
 use ublk_target::{Applier, ApplyOptions, ReplicaPaths, Retention, TargetError, UndoMethod};
 
 mod plan_cli;
@@ -83,6 +85,22 @@ enum Command {
         /// something else reads the store too (a second replica, an archive).
         #[arg(long)]
         keep_applied_segments: bool,
+        /// With --follow: the RPO (how long ago the replica last held every write of
+        /// the source) above which the volume's health is Warning, in ms [default:
+        /// 60000, or the config's rpo_threshold_ms].
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        rpo_threshold_ms: Option<u64>,
+        /// With --follow: run this shell command on each health change of a volume,
+        /// with UBLK_DR_VOLUME, UBLK_DR_HEALTH, UBLK_DR_PREVIOUS_HEALTH, UBLK_DR_STATE,
+        /// UBLK_DR_RPO_MS, UBLK_DR_SITE=recovery and UBLK_DR_HOST in its environment
+        /// (e.g. to page someone when the protected site goes dark) [default: the
+        /// config's alert_command].
+        #[arg(long, value_name = "CMD")]
+        alert_command: Option<String>,
+        /// How long a new health must hold before it is reported, in ms (Critical is
+        /// reported at once) [default: 10000, or the config's alert_hold_ms].
+        #[arg(long)]
+        alert_hold_ms: Option<u64>,
     },
     /// List a replica's recovery points: the latest applied one and every older one
     /// whose undo journals are retained.
@@ -473,7 +491,12 @@ fn run(cli: Cli) -> Result<()> {
             full_download,
             copy_undo,
             keep_applied_segments,
+            rpo_threshold_ms,
+            alert_command,
+            alert_hold_ms,
         } => {
+            let from_ms =
+                |ms: Option<u64>, default: Duration| ms.map_or(default, Duration::from_millis);
             let (jobs, poll) = match config {
                 Some(path) => {
                     let config = TargetConfig::load(&path)?;
@@ -498,6 +521,14 @@ fn run(cli: Cli) -> Result<()> {
                             full_download: v.full_download || full_download,
                             copy_undo: v.copy_undo || copy_undo,
                             prune_store: !(config.keep_applied_segments || keep_applied_segments),
+                            alerting: Alerting {
+                                rpo_threshold: from_ms(rpo_threshold_ms, config.rpo_threshold()),
+                                command: alert_command.clone().or(config.alert_command.clone()),
+                                hold: from_ms(
+                                    alert_hold_ms,
+                                    Duration::from_millis(config.alert_hold_ms),
+                                ),
+                            },
                         })
                         .collect();
                     (jobs, poll_ms.map_or(config.poll(), Duration::from_millis))
@@ -516,6 +547,14 @@ fn run(cli: Cli) -> Result<()> {
                         full_download,
                         copy_undo,
                         prune_store: !keep_applied_segments,
+                        alerting: Alerting {
+                            rpo_threshold: from_ms(
+                                rpo_threshold_ms,
+                                ublk_target::health::DEFAULT_RPO_THRESHOLD,
+                            ),
+                            command: alert_command,
+                            hold: from_ms(alert_hold_ms, changelog::alert::DEFAULT_HOLD),
+                        },
                     };
                     (vec![job], Duration::from_millis(poll_ms.unwrap_or(200)))
                 }
@@ -771,6 +810,11 @@ fn run(cli: Cli) -> Result<()> {
                 None => config.volumes.iter().collect(),
             };
             let store = objstore::open(&config.store);
+            // For the shipper's heartbeats: without the key, RPOs go by points only.
+            let key = Key::load(&config.key)
+                .map_err(|e| log::warn!("{e}: RPOs go by recovery points only"))
+                .ok();
+            let now = changelog::unix_ms_now();
             let mut rows = Vec::new();
             let mut catalogs = std::collections::HashMap::new();
             for v in picked {
@@ -791,12 +835,26 @@ fn run(cli: Cli) -> Result<()> {
                     Err(e) => Err(changelog::error::one_line(e)),
                 };
                 let committed = ublk_target::rollback::committed_marker(&paths).exists();
-                rows.push(ublk_target::status::VolumeStatus::new(
-                    v.id.to_string(),
-                    &catalog,
-                    indexes,
-                    committed,
-                ));
+                let heartbeat = match (&store, &key) {
+                    (Ok(store), Some(key)) => {
+                        ublk_target::health::read_heartbeat(&**store, &v.id, key)
+                    }
+                    _ => None,
+                };
+                rows.push(
+                    ublk_target::status::VolumeStatus::new(
+                        v.id.to_string(),
+                        &catalog,
+                        indexes,
+                        committed,
+                    )
+                    .judged(
+                        &ublk_target::health::Freshness::of(&catalog),
+                        heartbeat.as_ref(),
+                        config.rpo_threshold(),
+                        now,
+                    ),
+                );
                 catalogs.insert(v.id.clone(), catalog);
             }
             // Each plan, in the table of every volume: the points its failover would
@@ -817,7 +875,6 @@ fn run(cli: Cli) -> Result<()> {
                     ublk_target::status::PlanStatus::new(plan, chosen)
                 })
                 .collect();
-            let now = changelog::unix_ms_now();
             if prometheus {
                 print!("{}", ublk_target::status::prometheus(&rows, now));
                 return Ok(());
@@ -1054,6 +1111,15 @@ struct ApplyJob {
     copy_undo: bool,
     /// Delete applied segments from the store.
     prune_store: bool,
+    /// With `follow`: how the volume's health is judged and reported.
+    alerting: Alerting,
+}
+
+/// `apply --follow`'s health settings (see [`ublk_target::health`]).
+struct Alerting {
+    rpo_threshold: Duration,
+    command: Option<String>,
+    hold: Duration,
 }
 
 impl ApplyJob {
@@ -1081,6 +1147,22 @@ impl ApplyJob {
             );
         }
         let store = objstore::open(&self.store)?;
+        let mut health = follow.map(|_| {
+            let paths = ReplicaPaths::new(&self.replica)
+                .with_state(self.state.clone())
+                .with_journal(self.journal.clone());
+            let alerts = Alerts::new(
+                self.alerting.command.clone(),
+                self.alerting.hold,
+                Site::Recovery,
+            );
+            FollowHealth::new(
+                self.volume.clone(),
+                &paths,
+                self.alerting.rpo_threshold,
+                alerts,
+            )
+        });
         let mut progress = progress;
         let mut applier: Option<Applier> = None;
         let mut failing = false;
@@ -1114,6 +1196,12 @@ impl ApplyJob {
                 self.log_undo_method(opened.undo_method());
             }
             opened_once |= applier.is_some();
+            let mut judge = |applier: &Option<Applier>, trouble: Option<String>| {
+                if let Some(health) = &mut health {
+                    let state = applier.as_ref().map(Applier::state);
+                    health.observe(&*store, key_file.keys(), state, trouble);
+                }
+            };
             // The file holds the key of the last applied segment: a segment under a key
             // it lacks is a rotation not copied here yet, not a wrong key file. (A
             // state from before key ids were kept: any applied segment counts.)
@@ -1136,16 +1224,21 @@ impl ApplyJob {
                     if std::mem::take(&mut failing) {
                         log::info!("volume {}: applying again", self.volume);
                     }
+                    judge(&applier, None);
                     std::thread::sleep(poll);
                 }
                 (Err(e), Some(poll)) if rotating && lacks_key(&e) => {
-                    log::warn!(
-                        "volume {}: {}; waiting for {} to have it (checked every {} s)",
-                        self.volume,
+                    let why = format!(
+                        "{}; waiting for {} to have it",
                         changelog::error::one_line(&*e),
                         self.key_file.display(),
+                    );
+                    log::warn!(
+                        "volume {}: {why} (checked every {} s)",
+                        self.volume,
                         RETRY_WAIT.max(poll).as_secs()
                     );
+                    judge(&applier, Some(why));
                     failing = true;
                     std::thread::sleep(RETRY_WAIT.max(poll));
                 }
@@ -1158,11 +1251,18 @@ impl ApplyJob {
                         with_hint(&e),
                         RETRY_WAIT.max(poll).as_secs()
                     );
+                    judge(&applier, Some(changelog::error::one_line(&*e)));
                     failing = true;
                     applier = None;
                     std::thread::sleep(RETRY_WAIT.max(poll));
                 }
-                (Err(e), _) => return Err(anyhow::anyhow!(with_hint(&e))),
+                (Err(e), _) => {
+                    let why = with_hint(&e);
+                    if let Some(health) = &mut health {
+                        health.stopped(&why);
+                    }
+                    return Err(anyhow::anyhow!(why));
+                }
             }
         }
     }

@@ -82,6 +82,9 @@ pub struct Catalog {
     pub rolled_back_to: Option<u64>,
     /// The key that sealed the last applied segment, when known.
     pub key_id: Option<[u8; 8]>,
+    /// The replica's chain position (where applying goes on).
+    #[serde(skip)]
+    pub cursor: Option<changelog::ChainCursor>,
     /// Oldest first.
     pub points: Vec<RecoveryPoint>,
     /// Undo journals in the contiguous, chained run ending at the latest segment.
@@ -223,6 +226,7 @@ pub fn catalog(paths: &ReplicaPaths) -> Result<Catalog> {
         latest_applied: state.latest(),
         rolled_back_to: state.rolled_back_to,
         key_id: state.key_id,
+        cursor: Some(state.cursor.clone()),
         views,
         ..Catalog::default()
     };

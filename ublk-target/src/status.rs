@@ -2,12 +2,18 @@
 //! per volume of the config file.
 //!
 //! The RPO shown here is what a failover now would lose at most, as far as this site
-//! knows: the age of the newest recovery point applied to the replica (its creation
-//! time on the source's clock). WAITING counts the segments the store holds beyond
-//! it, not applied yet (a stopped `apply`, or one that falls behind, shows here first).
+//! knows: how long ago the replica last held every write of the source (its newest
+//! recovery point's time, or a shipper heartbeat's: see [`crate::health`]). HEALTH
+//! judges it against the config's `rpo_threshold_ms`. WAITING counts the segments the
+//! store holds beyond the replica, not applied yet (a stopped `apply`, or one that
+//! falls behind, shows here first).
 
+use crate::health::Freshness;
 use crate::points::Catalog;
+use changelog::alert::Health;
+use changelog::heartbeat::Heartbeat;
 use std::fmt::Write;
+use std::time::Duration;
 
 /// One volume's row.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -37,6 +43,18 @@ pub struct VolumeStatus {
     /// The id (hex) of the key that sealed the last applied segment: after a key
     /// rotation, shows that the replica has moved past the old key.
     pub key_id: Option<String>,
+    /// Applying fails and is retried (`apply --follow` only): why.
+    pub apply_error: Option<String>,
+    /// The newest shipper heartbeat read, and the last time the replica is known to
+    /// have held every write of the source (source clock, ms since the Unix epoch).
+    pub heartbeat_unix_ms: Option<u64>,
+    pub current_as_of_unix_ms: Option<u64>,
+    /// The age of `current_as_of_unix_ms` when judged, and the threshold it is judged
+    /// against.
+    pub rpo_ms: Option<u64>,
+    pub rpo_threshold_ms: u64,
+    /// Set by [`VolumeStatus::judged`] (and for an unreadable replica: Critical).
+    pub health: Option<Health>,
 }
 
 impl VolumeStatus {
@@ -67,6 +85,7 @@ impl VolumeStatus {
             committed,
             damaged_journals: catalog.damaged.len(),
             key_id: catalog.key_id.map(|id| changelog::key::hex(&id)),
+            ..Default::default()
         }
     }
 
@@ -75,8 +94,51 @@ impl VolumeStatus {
         VolumeStatus {
             volume,
             error: Some(why),
+            health: Some(Health::Critical),
             ..Default::default()
         }
+    }
+
+    /// The row judged at `now_unix_ms`: how current the replica is (`freshness`, or
+    /// `heartbeat` where it vouches for the replica's position), its RPO and health
+    /// against `threshold`.
+    pub fn judged(
+        mut self,
+        freshness: &Freshness,
+        heartbeat: Option<&Heartbeat>,
+        threshold: Duration,
+        now_unix_ms: u64,
+    ) -> VolumeStatus {
+        self.heartbeat_unix_ms = heartbeat.map(|h| h.unix_ms);
+        self.current_as_of_unix_ms = freshness.current_as_of(heartbeat);
+        self.rpo_ms = self
+            .current_as_of_unix_ms
+            .map(|t| now_unix_ms.saturating_sub(t));
+        self.rpo_threshold_ms = threshold.as_millis() as u64;
+        self.health = Some(self.assess());
+        self
+    }
+
+    /// See [`crate::health`] for the rules.
+    fn assess(&self) -> Health {
+        if self.error.is_some() {
+            Health::Critical
+        } else if self.rolled_back_to.is_some() {
+            Health::Healthy
+        } else if self.latest_point.is_none()
+            || self.store_error.is_some()
+            || self.apply_error.is_some()
+            || self.damaged_journals > 0
+            || self.over_threshold()
+        {
+            Health::Warning
+        } else {
+            Health::Healthy
+        }
+    }
+
+    fn over_threshold(&self) -> bool {
+        self.rpo_ms.is_some_and(|rpo| rpo > self.rpo_threshold_ms)
     }
 
     /// What an operator should know first, in a few words.
@@ -84,30 +146,51 @@ impl VolumeStatus {
         if let Some(e) = &self.error {
             return format!("error: {e}");
         }
-        let mut state = match (self.rolled_back_to, self.committed) {
-            (Some(p), true) => format!("failed over to point {p}, committed"),
-            (Some(p), false) => format!("failed over to point {p} (not committed)"),
-            (None, _) => match (&self.waiting, &self.store_error) {
-                (_, Some(e)) => format!("store: {e}"),
-                (Some(0), _) if self.latest_applied.is_some() => "up to date".into(),
-                (Some(n), _) => format!("{n} segment(s) to apply"),
-                (None, None) => "?".into(),
-            },
-        };
+        match (self.rolled_back_to, self.committed) {
+            (Some(p), true) => return format!("failed over to point {p}, committed"),
+            (Some(p), false) => return format!("failed over to point {p} (not committed)"),
+            (None, _) => {}
+        }
+        let mut parts = Vec::new();
+        if let Some(e) = &self.apply_error {
+            parts.push(format!("applying fails, retrying: {e}"));
+        }
+        if let Some(e) = &self.store_error {
+            parts.push(format!("store: {e}"));
+        }
+        if self.over_threshold() {
+            let rpo = changelog::short_duration(self.rpo_ms.unwrap_or(0));
+            let threshold = changelog::short_duration(self.rpo_threshold_ms);
+            parts.push(format!(
+                "not current for {rpo}, over its {threshold} threshold: the source, the \
+                 link or applying is behind, or the source is down"
+            ));
+        }
+        match self.waiting {
+            Some(0) if self.latest_applied.is_some() && parts.is_empty() => {
+                parts.push("up to date".into())
+            }
+            Some(0) | None => {}
+            Some(n) => parts.push(format!("{n} segment(s) to apply")),
+        }
         if self.latest_applied.is_none() {
-            state.push_str("; nothing applied yet");
+            parts.push("nothing applied yet".into());
         } else if self.latest_point.is_none() {
-            state.push_str("; no recovery point yet (a resync is being applied)");
+            parts.push("no recovery point yet (a resync is being applied)".into());
         }
         if self.damaged_journals > 0 {
-            let _ = write!(state, "; {} damaged undo journal(s)", self.damaged_journals);
+            parts.push(format!("{} damaged undo journal(s)", self.damaged_journals));
         }
-        state
+        if parts.is_empty() {
+            parts.push("current".into());
+        }
+        parts.join("; ")
     }
 }
 
-/// The rows as a table: VOLUME, POINT (the newest), RPO (its age), POINTS (retained,
-/// back to the oldest's age), WAITING, STATE.
+/// The rows as a table: VOLUME, HEALTH, POINT (the newest), RPO (how long ago the
+/// replica was last known current), POINTS (retained, back to the oldest's age),
+/// WAITING, STATE.
 pub fn table(rows: &[VolumeStatus], now_unix_ms: u64) -> String {
     let age = |ms: Option<u64>| {
         ms.map_or("-".into(), |t| {
@@ -115,8 +198,8 @@ pub fn table(rows: &[VolumeStatus], now_unix_ms: u64) -> String {
         })
     };
     let mut out = format!(
-        "{:<16} {:>8} {:>8} {:>16} {:>8}  STATE\n",
-        "VOLUME", "POINT", "RPO", "POINTS", "WAITING"
+        "{:<16} {:<8} {:>8} {:>8} {:>16} {:>8}  STATE\n",
+        "VOLUME", "HEALTH", "POINT", "RPO", "POINTS", "WAITING"
     );
     for row in rows {
         let point = row.latest_point.map_or("-".into(), |p| p.to_string());
@@ -125,11 +208,12 @@ pub fn table(rows: &[VolumeStatus], now_unix_ms: u64) -> String {
             n => format!("{n} ({} back)", age(row.oldest_created_unix_ms)),
         };
         let waiting = row.waiting.map_or("?".into(), |n| n.to_string());
+        let health = row.health.map_or("?".into(), |h| format!("{h:?}"));
+        let rpo = row.rpo_ms.map_or("-".into(), changelog::short_duration);
         let _ = writeln!(
             out,
-            "{:<16} {point:>8} {:>8} {points:>16} {waiting:>8}  {}",
+            "{:<16} {health:<8} {point:>8} {rpo:>8} {points:>16} {waiting:>8}  {}",
             row.volume,
-            age(row.latest_created_unix_ms),
             row.state()
         );
     }
@@ -146,19 +230,33 @@ fn flag(on: bool) -> f64 {
 
 /// The rows in the Prometheus text format (`ublk-target status --prometheus`), labelled
 /// by volume, with the `ublk_dr_target_` prefix: `up` (0 when the replica's state or
-/// journal could not be read; nothing else is given for it), the newest point's index
-/// and age (the RPO as this site knows it), retained points, segments waiting, whether
-/// the store could be listed, failed over, damaged journals.
+/// journal could not be read; nothing else is given for it), health, the RPO as this
+/// site knows it and its threshold, the newest point's index and age, retained points,
+/// segments waiting, whether the store could be listed, failed over, damaged journals.
 pub fn prometheus(rows: &[VolumeStatus], now_unix_ms: u64) -> String {
     type Figure = fn(&VolumeStatus, u64) -> Option<f64>;
-    let families: [(&str, &str, Figure); 7] = [
+    let families: [(&str, &str, Figure); 10] = [
+        ("health", "0 Healthy, 1 Warning, 2 Critical", |r, _| {
+            r.health.map(Health::gauge)
+        }),
+        (
+            "rpo_seconds",
+            "how long ago the replica last held every write of the source (its newest \
+             point, or a heartbeat; source clock)",
+            |r, _| r.rpo_ms.map(|ms| ms as f64 / 1e3),
+        ),
+        (
+            "rpo_threshold_seconds",
+            "RPO above which health is Warning",
+            |r, _| Some(r.rpo_threshold_ms as f64 / 1e3),
+        ),
         (
             "latest_point",
             "index of the newest recovery point",
             |r, _| r.latest_point.map(|p| p as f64),
         ),
         (
-            "rpo_seconds",
+            "latest_point_age_seconds",
             "age of the newest recovery point (source clock)",
             |r, now| {
                 r.latest_created_unix_ms
@@ -277,12 +375,20 @@ mod tests {
             ..Default::default()
         };
         let bad = VolumeStatus::unreadable("vol1".into(), "state unreadable".into());
+        let freshness = Freshness {
+            newest_point_unix_ms: Some(1_000),
+            at_point: None,
+        };
+        let good = good.judged(&freshness, None, Duration::from_secs(2), 4_000);
         let text = prometheus(&[good, bad], 4_000);
         for line in [
             "ublk_dr_target_up{volume=\"vol0\"} 1",
             "ublk_dr_target_up{volume=\"vol1\"} 0",
+            "ublk_dr_target_health{volume=\"vol0\"} 1",
             "ublk_dr_target_latest_point{volume=\"vol0\"} 7",
             "ublk_dr_target_rpo_seconds{volume=\"vol0\"} 3",
+            "ublk_dr_target_rpo_threshold_seconds{volume=\"vol0\"} 2",
+            "ublk_dr_target_latest_point_age_seconds{volume=\"vol0\"} 3",
             "ublk_dr_target_segments_waiting{volume=\"vol0\"} 2",
             "ublk_dr_target_store_reachable{volume=\"vol0\"} 1",
         ] {

@@ -1,33 +1,73 @@
-//! Alerts: an operator's command run when a volume's health changes (`alert_command`
-//! in the config, `--alert-command`), to page someone or post to a chat.
+//! Alerts: an operator's command run when a volume's health changes, to page someone
+//! or post to a chat. Both sides raise them: the shipper (`alert_command` in its
+//! config, `--alert-command`) for what it sees of shipping, and `ublk-target apply
+//! --follow` for how current the replica is at the recovery site, which is the only
+//! one left to raise an alarm when the protected site goes dark.
 //!
 //! Contract:
 //!
 //! * The command runs through `sh -c` with the volume's news in its environment:
 //!   `UBLK_DR_VOLUME`, `UBLK_DR_HEALTH` (Healthy, Warning, Critical),
 //!   `UBLK_DR_PREVIOUS_HEALTH`, `UBLK_DR_STATE` (the status's one-line reason),
-//!   `UBLK_DR_RPO_MS`, `UBLK_DR_HOST` (this machine's name).
+//!   `UBLK_DR_RPO_MS`, `UBLK_DR_SITE` (`source` or `recovery`: which side saw it),
+//!   `UBLK_DR_HOST` (this machine's name).
 //! * A new health is reported once it has held for the hold time (default 10 s), so a
 //!   volume hovering at its RPO threshold does not page every few seconds; Critical is
-//!   reported at once (the volume stopped shipping). A health that comes back before
-//!   the hold ends is not reported, and neither is its return.
-//! * The first health a shipper sees is compared with Healthy: a volume that starts
-//!   degraded (resyncing, say) is reported once it has held; one that starts Healthy is
-//!   not.
+//!   reported at once (the volume stopped shipping or applying). A health that comes
+//!   back before the hold ends is not reported, and neither is its return.
+//! * The first health seen is compared with Healthy: a volume that starts degraded
+//!   (resyncing, say) is reported once it has held; one that starts Healthy is not.
 //! * Commands run one at a time, in order, on a thread of their own, never in the
-//!   shipping path; one that runs longer than [`COMMAND_TIMEOUT`] is killed with its
-//!   process group. A failing command is logged, nothing else. Alerts still queued
-//!   when the pipeline ends are run before [`Alerts`] is dropped, within
-//!   [`DRAIN_LIMIT`] (a stopping shipper must not outlast systemd's stop timeout);
-//!   what does not fit is logged as not sent.
+//!   shipping or applying path; one that runs longer than [`COMMAND_TIMEOUT`] is killed
+//!   with its process group. A failing command is logged, nothing else. Alerts still
+//!   queued when [`Alerts`] is dropped are run first, within [`DRAIN_LIMIT`] (a
+//!   stopping service must not outlast systemd's stop timeout); what does not fit is
+//!   logged as not sent.
 
-use crate::status::{Health, Status};
-use crossbeam_channel::{unbounded, Sender};
+use serde::{Deserialize, Serialize};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
+use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+/// A volume's health, as either side judges it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Health {
+    Healthy,
+    Warning,
+    Critical,
+}
+
+impl Health {
+    /// The Prometheus gauge value: 0 Healthy, 1 Warning, 2 Critical.
+    pub fn gauge(self) -> f64 {
+        match self {
+            Health::Healthy => 0.0,
+            Health::Warning => 1.0,
+            Health::Critical => 2.0,
+        }
+    }
+}
+
+/// Which side raised an alert (`UBLK_DR_SITE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Site {
+    /// The shipper, at the protected volume.
+    Source,
+    /// `ublk-target apply`, at the replica.
+    Recovery,
+}
+
+impl Site {
+    fn name(self) -> &'static str {
+        match self {
+            Site::Source => "source",
+            Site::Recovery => "recovery",
+        }
+    }
+}
 
 /// How long a new health must hold before it is reported, by default.
 pub const DEFAULT_HOLD: Duration = Duration::from_secs(10);
@@ -67,9 +107,16 @@ impl HealthWatch {
         }
     }
 
-    /// Takes the status at `now`; returns the alert to send, if one is due.
-    pub fn observe(&mut self, status: &Status, now: Instant) -> Option<Alert> {
-        let health = status.health();
+    /// Takes `volume`'s health at `now`; returns the alert to send, if one is due.
+    /// `state` (the one-line reason) is asked for only then.
+    pub fn observe(
+        &mut self,
+        volume: &str,
+        health: Health,
+        rpo_ms: u64,
+        state: impl FnOnce() -> String,
+        now: Instant,
+    ) -> Option<Alert> {
         if health == self.reported {
             self.pending = None;
             return None;
@@ -85,11 +132,11 @@ impl HealthWatch {
         let previous = std::mem::replace(&mut self.reported, health);
         self.pending = None;
         Some(Alert {
-            volume: status.volume.clone(),
+            volume: volume.to_string(),
             previous,
             health,
-            state: status.state(),
-            rpo_ms: status.rpo_ms,
+            state: state(),
+            rpo_ms,
         })
     }
 }
@@ -104,28 +151,29 @@ pub struct Alerts {
 }
 
 impl Alerts {
-    /// Alerts that run `command` (none: changes are only logged) after `hold`.
-    pub fn new(command: Option<String>, hold: Duration) -> Alerts {
+    /// Alerts that run `command` (none: changes are only logged) after `hold`, as
+    /// raised at `site`.
+    pub fn new(command: Option<String>, hold: Duration, site: Site) -> Alerts {
         let deadline = Arc::new(Mutex::new(None::<Instant>));
         let (queue, runner) = match command {
             Some(command) => {
-                let (tx, rx) = unbounded::<Alert>();
+                let (tx, rx) = channel::<Alert>();
                 let deadline = deadline.clone();
                 let runner = std::thread::Builder::new()
-                    .name("ship-alert".into())
+                    .name("alert".into())
                     .spawn(move || {
                         for alert in rx {
                             let until = *deadline.lock().expect("deadline lock");
                             if until.is_some_and(|d| Instant::now() >= d) {
                                 log::warn!(
-                                    "volume {}: alert {:?} -> {:?} not sent: the shipper is stopping",
+                                    "volume {}: alert {:?} -> {:?} not sent: stopping",
                                     alert.volume,
                                     alert.previous,
                                     alert.health
                                 );
                                 continue;
                             }
-                            run_command(&command, &alert, &deadline);
+                            run_command(&command, &alert, site, &deadline);
                         }
                     })
                     .expect("spawning the alert thread");
@@ -141,9 +189,18 @@ impl Alerts {
         }
     }
 
-    /// Takes the volume's status as it is published.
-    pub fn observe(&mut self, status: &Status) {
-        let Some(alert) = self.watch.observe(status, Instant::now()) else {
+    /// Takes `volume`'s health as it is now (see [`HealthWatch::observe`]).
+    pub fn observe(
+        &mut self,
+        volume: &str,
+        health: Health,
+        rpo_ms: u64,
+        state: impl FnOnce() -> String,
+    ) {
+        let Some(alert) = self
+            .watch
+            .observe(volume, health, rpo_ms, state, Instant::now())
+        else {
             return;
         };
         let line = format!(
@@ -172,9 +229,9 @@ impl Drop for Alerts {
 }
 
 /// Runs the alert command for `alert`, killing it (and whatever it started) after
-/// [`COMMAND_TIMEOUT`] or at the `deadline` a stopping shipper sets meanwhile,
+/// [`COMMAND_TIMEOUT`] or at the `deadline` a stopping service sets meanwhile,
 /// whichever comes first.
-fn run_command(command: &str, alert: &Alert, deadline: &Mutex<Option<Instant>>) {
+fn run_command(command: &str, alert: &Alert, site: Site, deadline: &Mutex<Option<Instant>>) {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_default();
@@ -186,6 +243,7 @@ fn run_command(command: &str, alert: &Alert, deadline: &Mutex<Option<Instant>>) 
         .env("UBLK_DR_PREVIOUS_HEALTH", format!("{:?}", alert.previous))
         .env("UBLK_DR_STATE", &alert.state)
         .env("UBLK_DR_RPO_MS", alert.rpo_ms.to_string())
+        .env("UBLK_DR_SITE", site.name())
         .env("UBLK_DR_HOST", host)
         .stdin(Stdio::null())
         .process_group(0)
@@ -244,18 +302,18 @@ fn run_command(command: &str, alert: &Alert, deadline: &Mutex<Option<Instant>>) 
 mod tests {
     use super::*;
 
-    fn status(health: Health) -> Status {
-        let mut s = Status {
-            volume: "vol0".into(),
-            rpo_threshold_ms: 1000,
-            ..Default::default()
-        };
+    /// What `alerts` is told of vol0 in `health`.
+    fn observe(alerts: &mut Alerts, health: Health) {
+        let (rpo_ms, state) = reading(health);
+        alerts.observe("vol0", health, rpo_ms, || state.to_string());
+    }
+
+    fn reading(health: Health) -> (u64, &'static str) {
         match health {
-            Health::Healthy => {}
-            Health::Warning => s.rpo_ms = 5000,
-            Health::Critical => s.critical = Some("broken chain".into()),
+            Health::Healthy => (0, "shipping"),
+            Health::Warning => (5000, "RPO 5.0s over its threshold"),
+            Health::Critical => (0, "stopped shipping: broken chain"),
         }
-        s
     }
 
     #[test]
@@ -265,8 +323,9 @@ mod tests {
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
         let seen = |watch: &mut HealthWatch, h: Health, ms: u64| {
+            let (rpo_ms, state) = reading(h);
             watch
-                .observe(&status(h), at(ms))
+                .observe("vol0", h, rpo_ms, || state.into(), at(ms))
                 .map(|a| (a.previous, a.health))
         };
         assert_eq!(
@@ -294,7 +353,13 @@ mod tests {
         );
         // Critical: at once, and once.
         let alert = watch
-            .observe(&status(Health::Critical), at(61_000))
+            .observe(
+                "vol0",
+                Health::Critical,
+                0,
+                || "broken chain".into(),
+                at(61_000),
+            )
             .unwrap();
         assert_eq!(
             (alert.previous, alert.health),
@@ -310,9 +375,9 @@ mod tests {
         let marker = dir.path().join("child-alive");
         // sh starts a child that outlives it unless its group is killed.
         let command = format!("(sleep 60; touch {}) & wait", marker.display());
-        let mut alerts = Alerts::new(Some(command), Duration::ZERO);
-        alerts.observe(&status(Health::Warning));
-        alerts.observe(&status(Health::Critical));
+        let mut alerts = Alerts::new(Some(command), Duration::ZERO, Site::Source);
+        observe(&mut alerts, Health::Warning);
+        observe(&mut alerts, Health::Critical);
         // Returns (at the drain limit; a hang here would never end the test), the
         // second alert not run, and the killed group took sh's child with it: nothing
         // of the command is left in the process table.
@@ -330,22 +395,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("alerts");
         let command = format!(
-            "echo \"$UBLK_DR_VOLUME $UBLK_DR_PREVIOUS_HEALTH $UBLK_DR_HEALTH $UBLK_DR_RPO_MS $UBLK_DR_STATE\" >> {}",
+            "echo \"$UBLK_DR_SITE $UBLK_DR_VOLUME $UBLK_DR_PREVIOUS_HEALTH $UBLK_DR_HEALTH $UBLK_DR_RPO_MS $UBLK_DR_STATE\" >> {}",
             out.display()
         );
-        let mut alerts = Alerts::new(Some(command), Duration::ZERO);
-        alerts.observe(&status(Health::Warning));
-        alerts.observe(&status(Health::Critical));
+        let mut alerts = Alerts::new(Some(command), Duration::ZERO, Site::Source);
+        observe(&mut alerts, Health::Warning);
+        observe(&mut alerts, Health::Critical);
         drop(alerts); // runs what is queued
         let text = std::fs::read_to_string(&out).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2, "{text}");
         assert!(
-            lines[0].starts_with("vol0 Healthy Warning 5000 RPO"),
+            lines[0].starts_with("source vol0 Healthy Warning 5000 RPO"),
             "{text}"
         );
         assert!(
-            lines[1].starts_with("vol0 Warning Critical 0 stopped shipping: broken chain"),
+            lines[1].starts_with("source vol0 Warning Critical 0 stopped shipping: broken chain"),
             "{text}"
         );
     }

@@ -1,0 +1,311 @@
+//! The recovery side's own health (`ublk-target status`, `apply --follow` alerts), and
+//! the shipper heartbeat it rests on.
+//!
+//! A quiet source makes no segments; while its shipper runs, its heartbeats keep the
+//! replica's RPO at the recovery site low, so the volume is Healthy there although its
+//! newest recovery point is older than the threshold. When the source goes dark (the
+//! shipper stops), the RPO grows past the threshold: `status` says Warning and `apply
+//! --follow` runs the alert command, the only alarm left when the protected site is
+//! gone. A segment that cannot be applied stops `apply`: Critical, at once.
+//!
+//! A heartbeat vouches only for what is in the store: while segments wait to be
+//! uploaded none is written, and the one written after names the chain's end.
+
+use blkfilter::workload::Workload;
+use changelog::heartbeat::Heartbeat;
+use changelog::{segment_file_name, LocalDirStore, TargetStore, VolumeId};
+use e2e::*;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const SIZE: u64 = 4 << 20;
+const THRESHOLD_MS: u64 = 5_000;
+
+fn wait_for(what: &str, limit: Duration, check: &mut dyn FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "never saw: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The recovery side's config file for the fixture's volume, replica `replica`.
+fn target_config(fixture: &Fixture) -> std::path::PathBuf {
+    let path = fixture.path("target.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "key = {:?}\nstore = {:?}\nrpo_threshold_ms = {THRESHOLD_MS}\n\
+             [[volume]]\nid = \"vol0\"\nreplica = {:?}\n",
+            fixture.path("key"),
+            fixture.path("store"),
+            fixture.path("replica"),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// `ublk-target status --json` of the volume.
+fn status(config: &Path) -> serde_json::Value {
+    let out = Command::new(bin("ublk-target"))
+        .args(["status", "--json", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    rows[0].clone()
+}
+
+fn age_ms(unix_ms: &serde_json::Value) -> u64 {
+    changelog::unix_ms_now().saturating_sub(unix_ms.as_u64().expect("a time"))
+}
+
+#[test]
+fn a_quiet_source_stays_healthy_and_a_dark_one_raises_the_alarm() {
+    let fixture = Fixture::new(SIZE);
+    let mut capture = fixture.capture(16 << 20);
+    let mut model = Model::new(SIZE);
+    drive(&mut capture, &mut model, Workload::new(3, SIZE).take(50));
+    let mut shipper_config = fixture.shipper_config();
+    shipper_config.heartbeat_interval = Duration::from_millis(200);
+    let (control, shipper) = fixture.spawn_shipper(shipper_config);
+    let shipper_status = || shipper::Status::read(&fixture.path("status.json")).ok();
+    wait_for(
+        "the shipper caught up",
+        Duration::from_secs(60),
+        &mut || shipper_status().is_some_and(|s| s.heartbeat_unix_ms.is_some()),
+    );
+
+    sparse_file(&fixture.path("replica"), SIZE);
+    let config = target_config(&fixture);
+    let alerts = fixture.path("alerts.log");
+    let log = fixture.path("apply.log");
+    let mut apply = Command::new(bin("ublk-target"))
+        .args(["apply", "--follow", "--poll-ms", "50", "--config"])
+        .arg(&config)
+        .args(["--alert-hold-ms", "1000", "--alert-command"])
+        .arg(format!(
+            "echo \"$UBLK_DR_SITE $UBLK_DR_VOLUME $UBLK_DR_PREVIOUS_HEALTH $UBLK_DR_HEALTH $UBLK_DR_STATE\" >> {}",
+            alerts.display()
+        ))
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let alert_lines = || -> Vec<String> {
+        std::fs::read_to_string(&alerts)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+
+    // Quiet: the newest point ages past the threshold, the heartbeats keep the RPO low.
+    let mut quiet = serde_json::Value::Null;
+    wait_for(
+        "the newest point older than the threshold",
+        Duration::from_secs(60),
+        &mut || {
+            quiet = status(&config);
+            !quiet["latest_created_unix_ms"].is_null()
+                && age_ms(&quiet["latest_created_unix_ms"]) > THRESHOLD_MS + 500
+        },
+    );
+    assert_eq!(quiet["health"], "Healthy", "{quiet:#}");
+    assert!(
+        quiet["rpo_ms"].as_u64().unwrap() < THRESHOLD_MS,
+        "the heartbeat did not count: {quiet:#}"
+    );
+    assert!(!quiet["heartbeat_unix_ms"].is_null(), "{quiet:#}");
+    assert_eq!(
+        alert_lines(),
+        Vec::<String>::new(),
+        "a quiet source is not news"
+    );
+    assert!(
+        std::fs::read(fixture.path("replica")).unwrap() == model.final_image(),
+        "the replica is not the source"
+    );
+
+    // Dark: the shipper stops, nothing vouches for the replica any more.
+    control.stop();
+    shipper.join().unwrap().unwrap();
+    let mut dark = serde_json::Value::Null;
+    wait_for("status Warning", Duration::from_secs(60), &mut || {
+        dark = status(&config);
+        dark["health"] == "Warning"
+    });
+    assert!(dark["rpo_ms"].as_u64().unwrap() > THRESHOLD_MS, "{dark:#}");
+    let table = Command::new(bin("ublk-target"))
+        .args(["status", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("Warning") && table.contains("not current for"),
+        "{table}"
+    );
+    let prometheus = Command::new(bin("ublk-target"))
+        .args(["status", "--prometheus", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&prometheus.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l == "ublk_dr_target_health{volume=\"vol0\"} 1"),
+        "{text}"
+    );
+    wait_for(
+        "the alert of the dark source",
+        Duration::from_secs(60),
+        &mut || !alert_lines().is_empty(),
+    );
+    let lines = alert_lines();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with("recovery vol0 Healthy Warning not current for"),
+        "{lines:?}"
+    );
+
+    // A segment that does not verify stops applying: Critical at once, non-zero exit.
+    let next = status(&config)["latest_applied"].as_u64().unwrap() + 1;
+    std::fs::write(
+        fixture
+            .path("store")
+            .join("vol0")
+            .join(segment_file_name(next)),
+        b"not a segment",
+    )
+    .unwrap();
+    let started = Instant::now();
+    let exit = loop {
+        if let Some(exit) = apply.try_wait().unwrap() {
+            break exit;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = apply.kill();
+            panic!(
+                "apply --follow did not stop: {}",
+                std::fs::read_to_string(&log).unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!exit.success());
+    let lines = alert_lines();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines[1].starts_with("recovery vol0 Warning Critical stopped applying:"),
+        "{lines:?}"
+    );
+}
+
+/// A store whose segment uploads fail (recoverably) until `up` is set; small objects
+/// always work.
+struct SegmentsDown {
+    inner: LocalDirStore,
+    up: Arc<AtomicBool>,
+}
+
+impl TargetStore for SegmentsDown {
+    fn put(&self, volume: &VolumeId, index: u64, bytes: &[u8]) -> changelog::Result<()> {
+        if !self.up.load(Ordering::Acquire) {
+            return Err(changelog::Error::io(
+                "uploading",
+                std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+            ));
+        }
+        self.inner.put(volume, index, bytes)
+    }
+    fn delete(&self, volume: &VolumeId, index: u64) -> changelog::Result<()> {
+        self.inner.delete(volume, index)
+    }
+    fn get(&self, volume: &VolumeId, index: u64) -> changelog::Result<Option<Vec<u8>>> {
+        self.inner.get(volume, index)
+    }
+    fn list(&self, volume: &VolumeId) -> changelog::Result<Vec<u64>> {
+        self.inner.list(volume)
+    }
+    fn put_blob(&self, volume: &VolumeId, name: &str, bytes: &[u8]) -> changelog::Result<()> {
+        self.inner.put_blob(volume, name, bytes)
+    }
+    fn get_blob(&self, volume: &VolumeId, name: &str) -> changelog::Result<Option<Vec<u8>>> {
+        self.inner.get_blob(volume, name)
+    }
+    fn delete_blob(&self, volume: &VolumeId, name: &str) -> changelog::Result<()> {
+        self.inner.delete_blob(volume, name)
+    }
+    fn list_blobs(&self, volume: &VolumeId) -> changelog::Result<Vec<String>> {
+        self.inner.list_blobs(volume)
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+#[test]
+fn a_heartbeat_vouches_only_for_what_is_in_the_store() {
+    let fixture = Fixture::new(SIZE);
+    let mut capture = fixture.capture(16 << 20);
+    let mut model = Model::new(SIZE);
+    drive(&mut capture, &mut model, Workload::new(4, SIZE).take(40));
+    let up = Arc::new(AtomicBool::new(false));
+    let store = Arc::new(SegmentsDown {
+        inner: LocalDirStore::new(fixture.path("store")),
+        up: up.clone(),
+    });
+    let mut config = fixture.shipper_config();
+    config.heartbeat_interval = Duration::from_millis(50);
+    config.status_path = Some(fixture.path("status.json"));
+    let control = Arc::new(shipper::Control::default());
+    let shipper = {
+        let (store, control) = (store.clone(), control.clone());
+        std::thread::spawn(move || shipper::run(&config, store, control))
+    };
+    let heartbeat = || {
+        store
+            .get_blob(&fixture.volume, changelog::heartbeat::BLOB_NAME)
+            .unwrap()
+            .map(|bytes| Heartbeat::open(&fixture.key, &fixture.volume, bytes).unwrap())
+    };
+    // Everything is staged, nothing uploaded: no heartbeat, however long.
+    wait_for("segments staged", Duration::from_secs(60), &mut || {
+        shipper::Status::read(&fixture.path("status.json"))
+            .is_ok_and(|s| s.segments_pending_upload > 0 && s.retry_attempt > 0)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(heartbeat(), None, "a heartbeat while segments wait");
+
+    // The store is back: once it holds every segment, a heartbeat names the chain's end.
+    up.store(true, Ordering::Release);
+    wait_for("a heartbeat", Duration::from_secs(60), &mut || {
+        heartbeat().is_some()
+    });
+    let beat = heartbeat().unwrap();
+    control.stop();
+    let summary = shipper.join().unwrap().unwrap();
+    let indexes = store.list(&fixture.volume).unwrap();
+    assert_eq!(beat.next_index, indexes.len() as u64, "{indexes:?}");
+    assert!(
+        beat.vouches_for(&summary.cursor),
+        "{beat:?} {:?}",
+        summary.cursor
+    );
+    // And a replica applied up to there holds every write captured.
+    let mut applier = fixture.applier("replica", &fixture.key).unwrap();
+    applier.apply_available().unwrap();
+    assert!(beat.vouches_for(applier.cursor()));
+    assert!(std::fs::read(fixture.path("replica")).unwrap() == model.final_image());
+}
