@@ -89,7 +89,8 @@ fn a_quiet_source_stays_healthy_and_a_dark_one_raises_the_alarm() {
     let config = target_config(&fixture);
     let alerts = fixture.path("alerts.log");
     let log = fixture.path("apply.log");
-    let mut apply = Command::new(bin("ublk-target"))
+    let mut apply = KillOnDrop(
+        Command::new(bin("ublk-target"))
         .args(["apply", "--follow", "--poll-ms", "50", "--config"])
         .arg(&config)
         .args(["--alert-hold-ms", "1000", "--alert-command"])
@@ -101,7 +102,8 @@ fn a_quiet_source_stays_healthy_and_a_dark_one_raises_the_alarm() {
         .stderr(std::fs::File::create(&log).unwrap())
         .stdout(Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap(),
+    );
     let alert_lines = || -> Vec<String> {
         std::fs::read_to_string(&alerts)
             .unwrap_or_default()
@@ -191,11 +193,10 @@ fn a_quiet_source_stays_healthy_and_a_dark_one_raises_the_alarm() {
     .unwrap();
     let started = Instant::now();
     let exit = loop {
-        if let Some(exit) = apply.try_wait().unwrap() {
+        if let Some(exit) = apply.0.try_wait().unwrap() {
             break exit;
         }
         if started.elapsed() > Duration::from_secs(60) {
-            let _ = apply.kill();
             panic!(
                 "apply --follow did not stop: {}",
                 std::fs::read_to_string(&log).unwrap()
@@ -308,4 +309,23 @@ fn a_heartbeat_vouches_only_for_what_is_in_the_store() {
     applier.apply_available().unwrap();
     assert!(beat.vouches_for(applier.cursor()));
     assert!(std::fs::read(fixture.path("replica")).unwrap() == model.final_image());
+}
+
+#[test]
+fn a_drain_ends_with_a_heartbeat_at_the_chain_end() {
+    let fixture = Fixture::new(SIZE);
+    let mut capture = fixture.capture(16 << 20);
+    let mut model = Model::new(SIZE);
+    drive(&mut capture, &mut model, Workload::new(5, SIZE).take(20));
+    // A drain takes well under the default interval: only its end writes one.
+    let before = changelog::unix_ms_now();
+    let summary = fixture.ship_drained();
+    let bytes = fixture
+        .store()
+        .get_blob(&fixture.volume, changelog::heartbeat::BLOB_NAME)
+        .unwrap()
+        .expect("no heartbeat after the drain");
+    let beat = Heartbeat::open(&fixture.key, &fixture.volume, bytes).unwrap();
+    assert!(beat.vouches_for(&summary.cursor), "{beat:?}");
+    assert!(beat.unix_ms >= before);
 }

@@ -489,9 +489,16 @@ pub fn run(
         coordinated?;
         Ok((staged?, uploaded?))
     });
-    if let Err(e) = &result {
-        let what = e.to_string();
-        board.update(|s| s.critical = Some(what));
+    match &result {
+        // A drain (a planned failover, say) ends with everything in the store: the
+        // recovery side may know so at once.
+        Ok(_) => {
+            send_heartbeat(config, &keys, store.as_ref(), &ring, &chain, &board);
+        }
+        Err(e) => {
+            let what = e.to_string();
+            board.update(|s| s.critical = Some(what));
+        }
     }
     publish(config, &board, &ring, priority, &mut alerts);
     let (cursor, segments_uploaded) = result?;
@@ -627,24 +634,38 @@ fn send_heartbeats(
             continue;
         }
         // Not caught up: try again soon (segments meanwhile speak for the source).
-        let Some(beat) = caught_up(ring, chain, board) else {
-            continue;
-        };
-        next = Instant::now() + config.heartbeat_interval;
-        // A key the recovery side may not hold yet: it could not open the heartbeat.
-        if keys.is_a_guess() {
-            continue;
-        }
-        let sent = beat
-            .seal(&keys.sealing(), &config.volume)
-            .and_then(|sealed| {
-                store.put_blob(&config.volume, changelog::heartbeat::BLOB_NAME, &sealed)
-            });
-        match sent {
-            Ok(()) => board.update(|s| s.heartbeat_unix_ms = Some(beat.unix_ms)),
-            Err(e) => log::debug!("volume {}: writing the heartbeat: {e}", config.volume),
+        if send_heartbeat(config, keys, store, ring, chain, board) {
+            next = Instant::now() + config.heartbeat_interval;
         }
     }
+}
+
+/// Writes the heartbeat if everything captured is in the store; false if it is not.
+fn send_heartbeat(
+    config: &ShipperConfig,
+    keys: &SealingKey,
+    store: &dyn TargetStore,
+    ring: &Consumer,
+    chain: &Chain,
+    board: &Board,
+) -> bool {
+    let Some(beat) = caught_up(ring, chain, board) else {
+        return false;
+    };
+    // A key the recovery side may not hold yet: it could not open the heartbeat.
+    if keys.is_a_guess() {
+        return true;
+    }
+    let sent = beat
+        .seal(&keys.sealing(), &config.volume)
+        .and_then(|sealed| {
+            store.put_blob(&config.volume, changelog::heartbeat::BLOB_NAME, &sealed)
+        });
+    match sent {
+        Ok(()) => board.update(|s| s.heartbeat_unix_ms = Some(beat.unix_ms)),
+        Err(e) => log::debug!("volume {}: writing the heartbeat: {e}", config.volume),
+    }
+    true
 }
 
 /// The heartbeat that is true now, if everything captured is in the store: no write

@@ -383,6 +383,17 @@ pub fn store_seqs(fixture: &Fixture) -> Vec<u64> {
     seqs
 }
 
+/// A child process that is killed and reaped when dropped, so a failing test leaves
+/// no daemon (`apply --follow`, a receiver) running behind it.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Creates (or truncates) `path` as a sparse file of `size` bytes: a source backing or
 /// a replica of a `size`-byte volume.
 pub fn sparse_file(path: &Path, size: u64) {
