@@ -41,15 +41,20 @@ pub struct Heartbeat {
     /// The chain position every write captured by then was shipped up to.
     pub next_index: u64,
     pub prev_digest: Digest32,
+    /// How often the shipper writes one while caught up (ms): the recovery side's RPO
+    /// threshold must leave room for it.
+    pub interval_ms: u64,
 }
 
 impl Heartbeat {
-    /// The heartbeat for a chain at `cursor` at `unix_ms`.
-    pub fn at(cursor: &ChainCursor, unix_ms: u64) -> Heartbeat {
+    /// The heartbeat for a chain at `cursor` at `unix_ms`, from a shipper that writes
+    /// one every `interval_ms`.
+    pub fn at(cursor: &ChainCursor, unix_ms: u64, interval_ms: u64) -> Heartbeat {
         Heartbeat {
             unix_ms,
             next_index: cursor.next_index,
             prev_digest: cursor.prev_digest,
+            interval_ms,
         }
     }
 
@@ -96,7 +101,7 @@ mod tests {
         let vol0 = VolumeId::new("vol0").unwrap();
         let vol1 = VolumeId::new("vol1").unwrap();
         let key = Key::from_keys(vec![[1; 32], [2; 32]]);
-        let beat = Heartbeat::at(&cursor(7, 9), 1_700_000_000_000);
+        let beat = Heartbeat::at(&cursor(7, 9), 1_700_000_000_000, 10_000);
         let sealed = beat.seal(&key, &vol0).unwrap();
         assert_eq!(Heartbeat::open(&key, &vol0, sealed.clone()).unwrap(), beat);
         // The recovery side may hold more keys, or only the sealing one.
@@ -119,7 +124,7 @@ mod tests {
 
     #[test]
     fn a_heartbeat_vouches_only_for_its_exact_position() {
-        let beat = Heartbeat::at(&cursor(7, 9), 1);
+        let beat = Heartbeat::at(&cursor(7, 9), 1, 10_000);
         assert!(beat.vouches_for(&cursor(7, 9)));
         assert!(!beat.vouches_for(&cursor(6, 9)), "behind");
         assert!(!beat.vouches_for(&cursor(8, 9)), "ahead");

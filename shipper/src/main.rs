@@ -873,6 +873,12 @@ fn print_status(s: &Status) {
         s.newest_uploaded_seq_end
             .map_or("-".into(), |v| v.to_string())
     );
+    if let Some(at) = s.heartbeat_unix_ms {
+        println!(
+            "heartbeat        {:.1} s ago (everything captured then was in the store)",
+            changelog::unix_ms_now().saturating_sub(at) as f64 / 1e3
+        );
+    }
     println!(
         "captured         {} records, {} bytes -> {} sealed, {} uploaded",
         s.records_captured, s.bytes_plain, s.bytes_sealed, s.bytes_uploaded

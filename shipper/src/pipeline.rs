@@ -491,10 +491,12 @@ pub fn run(
     });
     match &result {
         // A drain (a planned failover, say) ends with everything in the store: the
-        // recovery side may know so at once.
-        Ok(_) => {
+        // recovery side may know so at once. (Not on a stop: a hung store must not
+        // hold it up.)
+        Ok(_) if control.draining() => {
             send_heartbeat(config, &keys, store.as_ref(), &ring, &chain, &board);
         }
+        Ok(_) => {}
         Err(e) => {
             let what = e.to_string();
             board.update(|s| s.critical = Some(what));
@@ -649,7 +651,7 @@ fn send_heartbeat(
     chain: &Chain,
     board: &Board,
 ) -> bool {
-    let Some(beat) = caught_up(ring, chain, board) else {
+    let Some(beat) = caught_up(ring, chain, board, config.heartbeat_interval) else {
         return false;
     };
     // A key the recovery side may not hold yet: it could not open the heartbeat.
@@ -668,30 +670,32 @@ fn send_heartbeat(
     true
 }
 
-/// The heartbeat that is true now, if everything captured is in the store: no write
-/// waits for a resync, every record the ring published is staged (checked under the
-/// chain lock, so the cursor read with it is past those records), and every segment
-/// before that cursor is uploaded (checked after reading it: one staged meanwhile is
-/// past the cursor read).
-fn caught_up(ring: &Consumer, chain: &Chain, board: &Board) -> Option<Heartbeat> {
-    if chain.owed.load(Ordering::Acquire)
+/// The heartbeat that is true now, if everything captured is in the store. All of it
+/// under the chain lock, which the stager holds from staging a segment to saving the
+/// cursor past it and a backlog drop holds throughout: the time first, then no write
+/// waiting for a resync (an overflow stays flagged until the regions it lost are
+/// re-recorded into the ring), every record the ring published staged (so in a
+/// segment before the cursor), and none of those segments waiting for upload.
+fn caught_up(
+    ring: &Consumer,
+    chain: &Chain,
+    board: &Board,
+    interval: Duration,
+) -> Option<Heartbeat> {
+    let cursor = chain.cursor.lock().expect("cursor lock");
+    let now = unix_ms_now();
+    let waiting_for_resync = chain.owed.load(Ordering::Acquire)
         || board.lost_since_ms.load(Ordering::Relaxed) != 0
         || ring.overflowed()
         || ring.resyncing()
-        || ring.resync_progress().pending()
+        || ring.resync_progress().pending();
+    if waiting_for_resync
+        || ring.published() != ring.released()
+        || !board.pending_since.lock().expect("pending lock").is_empty()
     {
         return None;
     }
-    let beat = {
-        let cursor = chain.cursor.lock().expect("cursor lock");
-        let now = unix_ms_now();
-        if ring.published() != ring.released() {
-            return None;
-        }
-        Heartbeat::at(&cursor, now)
-    };
-    let uploading = !board.pending_since.lock().expect("pending lock").is_empty();
-    (!uploading).then_some(beat)
+    Some(Heartbeat::at(&cursor, now, interval.as_millis() as u64))
 }
 
 /// The reader: ring → plain segments.
@@ -1304,4 +1308,67 @@ fn wait_unless_stopped(total: Duration, control: &Control, done: impl Fn() -> bo
         std::thread::sleep((until - Instant::now()).min(Duration::from_millis(20)));
     }
     !control.stopping()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blkfilter::ring::{Producer, RingGeometry};
+
+    fn board() -> Board {
+        Board {
+            status: Mutex::new(Status::default()),
+            pending_since: Mutex::new(BTreeMap::new()),
+            open_since_ms: AtomicU64::new(0),
+            staged_bytes: AtomicU64::new(0),
+            lost_since_ms: AtomicU64::new(0),
+            throttled_us: AtomicU64::new(0),
+            rates: Mutex::new([
+                RecentRate::from_zero(RATE_WINDOW, Instant::now()),
+                RecentRate::from_zero(RATE_WINDOW, Instant::now()),
+            ]),
+        }
+    }
+
+    #[test]
+    fn a_heartbeat_waits_out_a_backlog_drop_and_sees_what_it_did() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ring");
+        let _producer = Producer::create(&path, &RingGeometry::new(1 << 20, 1 << 20)).unwrap();
+        let ring = Consumer::open(&path).unwrap();
+        let volume = VolumeId::new("vol0").unwrap();
+        let chain = Chain {
+            cursor: Mutex::new(ChainCursor::start(volume)),
+            upload: Mutex::new(()),
+            generation: AtomicU64::new(0),
+            owed: AtomicBool::new(false),
+        };
+        let board = board();
+        assert!(
+            caught_up(&ring, &chain, &board, DEFAULT_HEARTBEAT).is_some(),
+            "an empty ring"
+        );
+        board.pending_since.lock().unwrap().insert(0, 1);
+        assert!(
+            caught_up(&ring, &chain, &board, DEFAULT_HEARTBEAT).is_none(),
+            "a segment to upload"
+        );
+        // A drop holds the cursor while it empties the upload queue and owes a resync:
+        // a heartbeat that started meanwhile sees the owed resync, not an empty queue.
+        std::thread::scope(|scope| {
+            let mut cursor = chain.cursor.lock().unwrap();
+            let beat = scope.spawn(|| caught_up(&ring, &chain, &board, DEFAULT_HEARTBEAT));
+            std::thread::sleep(Duration::from_millis(50));
+            board.pending_since.lock().unwrap().clear();
+            cursor.next_index = 1;
+            chain.owed.store(true, Ordering::Release);
+            drop(cursor);
+            assert_eq!(beat.join().unwrap(), None);
+        });
+        chain.owed.store(false, Ordering::Release);
+        assert_eq!(
+            caught_up(&ring, &chain, &board, DEFAULT_HEARTBEAT).map(|b| b.next_index),
+            Some(1)
+        );
+    }
 }

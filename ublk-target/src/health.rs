@@ -11,6 +11,9 @@
 //!   ([`changelog::heartbeat`]): a quiet volume makes no segments, and without the
 //!   heartbeat its replica would look older every minute.
 //!
+//! Both are on the source's clock, judged against this one's: a source clock ahead of
+//! this site's makes the replica look more current by as much (keep both on NTP).
+//!
 //! Health: Critical when the replica cannot be followed (its state unreadable, or
 //! applying stopped on an error that needs an operator); Warning when the RPO is over
 //! the threshold (the source, the link or applying is behind, or the source is gone),
@@ -22,7 +25,7 @@ use crate::state::{ApplyState, ReplicaPaths};
 use crate::status::VolumeStatus;
 use changelog::alert::{Alerts, Health};
 use changelog::heartbeat::Heartbeat;
-use changelog::{ChainCursor, Key, TargetStore, VolumeId};
+use changelog::{ChainCursor, Key, SegmentHeader, TargetStore, VolumeId};
 use std::time::{Duration, Instant};
 
 /// The RPO above which the recovery side calls a volume's health Warning, by default:
@@ -30,7 +33,8 @@ use std::time::{Duration, Instant};
 /// the trip through the store.
 pub const DEFAULT_RPO_THRESHOLD: Duration = Duration::from_secs(60);
 
-/// How often `apply --follow` reads the heartbeat (a small GET).
+/// How often `apply --follow` reads the heartbeat (a small GET), at most: a tenth of
+/// the RPO threshold, if that is shorter.
 const HEARTBEAT_READ: Duration = Duration::from_secs(2);
 
 /// What the replica's own records say about how current it is.
@@ -66,64 +70,67 @@ impl Freshness {
     }
 }
 
-/// Reads and opens `volume`'s heartbeat; `None` when there is none, or it does not
-/// open with `key` (logged: a heartbeat is advice, never a reason to stop).
-pub fn read_heartbeat(store: &dyn TargetStore, volume: &VolumeId, key: &Key) -> Option<Heartbeat> {
-    let bytes = match store.get_blob(volume, changelog::heartbeat::BLOB_NAME) {
-        Ok(bytes) => bytes?,
-        Err(e) => {
-            log::debug!("volume {volume}: reading the shipper's heartbeat: {e}");
-            return None;
-        }
+/// Reads and opens `volume`'s heartbeat: `Ok(None)` when there is none, `Err` (why,
+/// for a warning) when it cannot be read or does not open with `key`. A heartbeat is
+/// advice: without one the RPO goes by recovery points only.
+pub fn read_heartbeat(
+    store: &dyn TargetStore,
+    volume: &VolumeId,
+    key: &Key,
+) -> std::result::Result<Option<Heartbeat>, String> {
+    let Some(bytes) = store
+        .get_blob(volume, changelog::heartbeat::BLOB_NAME)
+        .map_err(|e| format!("reading the shipper's heartbeat: {e}"))?
+    else {
+        return Ok(None);
     };
-    match Heartbeat::open(key, volume, bytes) {
-        Ok(beat) => Some(beat),
-        Err(e) => {
-            log::warn!(
-                "volume {volume}: the shipper's heartbeat in the store is not valid, ignored: {e}"
-            );
-            None
-        }
-    }
+    Heartbeat::open(key, volume, bytes)
+        .map(Some)
+        .map_err(|e| format!("the shipper's heartbeat in the store is not valid, ignored: {e}"))
 }
 
-/// The heartbeat as `apply --follow` sees it: read again every [`HEARTBEAT_READ`].
-#[derive(Default)]
-pub struct HeartbeatWatch {
+/// The heartbeat as `apply --follow` sees it: read again every `every`, a trouble
+/// reading it warned about once (until it changes).
+struct HeartbeatWatch {
+    every: Duration,
     beat: Option<Heartbeat>,
     read_at: Option<Instant>,
+    trouble: Option<String>,
 }
 
 impl HeartbeatWatch {
-    /// The newest heartbeat, read from `store` when the last read is old.
-    pub fn get(
-        &mut self,
-        store: &dyn TargetStore,
-        volume: &VolumeId,
-        key: &Key,
-    ) -> Option<Heartbeat> {
-        if self.read_at.is_none_or(|t| t.elapsed() >= HEARTBEAT_READ) {
+    fn get(&mut self, store: &dyn TargetStore, volume: &VolumeId, key: &Key) -> Option<Heartbeat> {
+        if self.read_at.is_none_or(|t| t.elapsed() >= self.every) {
             self.read_at = Some(Instant::now());
-            if let Some(beat) = read_heartbeat(store, volume, key) {
-                // Never back: a slow listing must not replace a newer one read before.
-                if self.beat.is_none_or(|b| b.unix_ms <= beat.unix_ms) {
-                    self.beat = Some(beat);
-                }
+            let read = read_heartbeat(store, volume, key);
+            let trouble = read.as_ref().err().cloned();
+            if trouble.is_some() && trouble != self.trouble {
+                log::warn!(
+                    "volume {volume}: {}",
+                    trouble.as_deref().unwrap_or_default()
+                );
             }
+            self.trouble = trouble;
+            self.beat = read.unwrap_or(None);
         }
         self.beat
     }
 }
 
 /// `apply --follow`'s view of one volume's health: judged after each round of
-/// applying, with an alert on each change ([`changelog::alert`]).
+/// applying and at most every second within one, with an alert on each change
+/// ([`changelog::alert`]).
 pub struct FollowHealth {
     volume: VolumeId,
     threshold: Duration,
     /// The newest recovery point's index, and what the replica says of its freshness.
     latest_point: Option<u64>,
+    latest_applied: Option<u64>,
     freshness: Freshness,
     heartbeat: HeartbeatWatch,
+    judged_at: Option<Instant>,
+    /// A shipper heartbeat interval too close to the threshold was warned about.
+    warned_interval: bool,
     alerts: Alerts,
 }
 
@@ -140,8 +147,18 @@ impl FollowHealth {
             volume,
             threshold,
             latest_point: catalog.latest_point().map(|p| p.index),
+            latest_applied: catalog.latest_applied,
             freshness: Freshness::of(&catalog),
-            heartbeat: HeartbeatWatch::default(),
+            // Often enough that a heartbeat read late cannot take the RPO over the
+            // threshold, seldom enough to cost an object store little.
+            heartbeat: HeartbeatWatch {
+                every: (threshold / 10).clamp(Duration::from_millis(200), HEARTBEAT_READ),
+                beat: None,
+                read_at: None,
+                trouble: None,
+            },
+            judged_at: None,
+            warned_interval: false,
             alerts,
         }
     }
@@ -156,6 +173,7 @@ impl FollowHealth {
         trouble: Option<String>,
     ) {
         if let Some(state) = state {
+            self.latest_applied = state.latest();
             match state.last.filter(|last| last.is_crash_point()) {
                 Some(last) => {
                     self.latest_point = Some(last.index);
@@ -169,10 +187,48 @@ impl FollowHealth {
                 None => {}
             }
         }
+        self.judge(store, key, trouble);
+    }
+
+    /// Within a round: segment `header` was applied. Judged at most every second, so
+    /// a long catch-up (or applying that cannot keep up) is seen while it lasts.
+    pub fn applied(&mut self, store: &dyn TargetStore, key: &Key, header: &SegmentHeader) {
+        self.latest_applied = Some(header.index);
+        // Its chain position is known only at the round's end: no heartbeat counts.
+        self.freshness.at_point = None;
+        if header.flags & changelog::flags::CRASH_POINT != 0 {
+            self.latest_point = Some(header.index);
+            self.freshness.newest_point_unix_ms = Some(header.created_unix_ms);
+        }
+        if self
+            .judged_at
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
+            self.judge(store, key, None);
+        }
+    }
+
+    fn judge(&mut self, store: &dyn TargetStore, key: &Key, trouble: Option<String>) {
+        self.judged_at = Some(Instant::now());
         let heartbeat = self.heartbeat.get(store, &self.volume, key);
+        if let Some(beat) = heartbeat {
+            let room = Duration::from_millis(beat.interval_ms) + self.heartbeat.every;
+            if room >= self.threshold && !std::mem::replace(&mut self.warned_interval, true) {
+                log::warn!(
+                    "volume {}: the shipper writes its heartbeat every {} ms, and this side \
+                     reads it every {} ms: with rpo_threshold_ms {} a quiet volume will \
+                     look stale now and then; raise rpo_threshold_ms well above {} ms",
+                    self.volume,
+                    beat.interval_ms,
+                    self.heartbeat.every.as_millis(),
+                    self.threshold.as_millis(),
+                    room.as_millis()
+                );
+            }
+        }
         let row = VolumeStatus {
             volume: self.volume.to_string(),
-            latest_applied: state.and_then(ApplyState::latest),
+            latest_applied: self.latest_applied,
             latest_point: self.latest_point,
             latest_created_unix_ms: self.freshness.newest_point_unix_ms,
             apply_error: trouble,
@@ -224,6 +280,7 @@ mod tests {
             unix_ms,
             next_index,
             prev_digest: [digest; 32],
+            interval_ms: 1_000,
         };
         assert_eq!(at_point.current_as_of(None), Some(1_000));
         assert_eq!(

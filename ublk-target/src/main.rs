@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use ublk_target::config::{TargetConfig, VolumeConfig};
 use ublk_target::health::FollowHealth;
-use ublk_target::{Applier, ApplyOptions, ReplicaPaths, Retention, TargetError, UndoMethod};
+use ublk_target::{
+    Applied, Applier, ApplyOptions, ReplicaPaths, Retention, TargetError, UndoMethod,
+};
 
 mod plan_cli;
 
@@ -471,9 +473,24 @@ fn main() {
     .init();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("ublk-target: error: {}", changelog::error::one_line(&*e));
-        std::process::exit(1);
+        // 3: `apply --follow` stopped where retrying cannot help (see the systemd unit).
+        let stopped = e.downcast_ref::<FollowStopped>().is_some();
+        std::process::exit(if stopped { 3 } else { 1 });
     }
 }
+
+/// `apply --follow` stopped on an error that retrying cannot mend (its Critical alert
+/// was raised): an operator must act, so the service is not restarted over and over.
+#[derive(Debug)]
+struct FollowStopped(String);
+
+impl std::fmt::Display for FollowStopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for FollowStopped {}
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
@@ -560,8 +577,12 @@ fn run(cli: Cli) -> Result<()> {
                 }
             };
             let follow = follow.then_some(poll);
+            let stopped = |e: anyhow::Error| match follow {
+                Some(_) => anyhow::Error::new(FollowStopped(changelog::error::one_line(&*e))),
+                None => e,
+            };
             if let [job] = &jobs[..] {
-                return job.run(follow, true);
+                return job.run(follow, true).map_err(stopped);
             }
             // One thread per volume: a volume that fails stops alone, and the command
             // exits non-zero once the others are done (with --follow, never unless all
@@ -589,12 +610,12 @@ fn run(cli: Cli) -> Result<()> {
             if failed.is_empty() {
                 Ok(())
             } else {
-                anyhow::bail!(
+                Err(stopped(anyhow::anyhow!(
                     "{} of {} volume(s) failed: {}",
                     failed.len(),
                     jobs.len(),
                     failed.join(", ")
-                )
+                )))
             }
         }
         Command::Points { replica, json } => {
@@ -836,9 +857,13 @@ fn run(cli: Cli) -> Result<()> {
                 };
                 let committed = ublk_target::rollback::committed_marker(&paths).exists();
                 let heartbeat = match (&store, &key) {
-                    (Ok(store), Some(key)) => {
-                        ublk_target::health::read_heartbeat(&**store, &v.id, key)
-                    }
+                    (Ok(store), Some(key)) => ublk_target::health::read_heartbeat(
+                        &**store, &v.id, key,
+                    )
+                    .unwrap_or_else(|why| {
+                        log::warn!("volume {}: {why}", v.id);
+                        None
+                    }),
                     _ => None,
                 };
                 rows.push(
@@ -920,7 +945,11 @@ fn progress_bar(len: u64, figures: &str) -> indicatif::ProgressBar {
 /// Applies every segment available now, with a progress bar over the segments the
 /// store holds beyond the replica's position when there is more than one (a catch-up,
 /// e.g. failback's final delta or a new replica).
-fn apply_with_progress(applier: &mut Applier, store: &dyn TargetStore) -> Result<usize> {
+fn apply_with_progress(
+    applier: &mut Applier,
+    store: &dyn TargetStore,
+    on_applied: &mut dyn FnMut(&Applied),
+) -> Result<usize> {
     let next = applier.cursor().next_index;
     let pending = store
         .list(&applier.cursor().volume)?
@@ -928,11 +957,12 @@ fn apply_with_progress(applier: &mut Applier, store: &dyn TargetStore) -> Result
         .filter(|&i| i >= next)
         .count() as u64;
     if pending <= 1 {
-        return Ok(applier.apply_available()?);
+        return Ok(applier.apply_available_with(on_applied)?);
     }
     let bar = progress_bar(pending, "{pos}/{len} segments, {msg} written, ETA {eta}");
     let mut written = 0u64;
     let applied = applier.apply_available_with(|a| {
+        on_applied(a);
         written += a.bytes_written;
         bar.set_message(indicatif::HumanBytes(written).to_string());
         bar.inc(1);
@@ -1071,6 +1101,14 @@ fn is_recoverable(e: &anyhow::Error) -> bool {
             .is_some_and(changelog::Error::is_recoverable)
 }
 
+/// The point the replica was rolled back to, if that is why applying refused.
+fn rolled_back(e: &anyhow::Error) -> Option<u64> {
+    match e.downcast_ref::<TargetError>() {
+        Some(TargetError::RolledBack { point }) => Some(*point),
+        _ => None,
+    }
+}
+
 /// Whether a segment was sealed with a key the key file lacks.
 fn lacks_key(e: &anyhow::Error) -> bool {
     let wrong_key = |e: &changelog::Error| matches!(e, changelog::Error::WrongKey { .. });
@@ -1126,27 +1164,13 @@ impl ApplyJob {
     /// Applies what the store holds, answers digest requests; with `follow`, keeps
     /// doing so every `follow` interval. `progress`: a bar over the first catch-up (for
     /// one volume at a time only: bars of several threads would overwrite each other).
-    /// With `follow`, a recoverable error (disk full, store I/O) once the applier has
-    /// opened is logged and retried after [`RETRY_WAIT`] with a freshly opened applier,
-    /// as after a restart (the undo journal makes a half-applied segment safe to apply
-    /// again); otherwise it ends the run. Either way a full file system gets a hint on
-    /// what to do.
+    /// With `follow`, a recoverable error (disk full, store I/O) is logged, judged a
+    /// Warning and retried after [`RETRY_WAIT`] with a freshly opened applier, as after
+    /// a restart (the undo journal makes a half-applied segment safe to apply again);
+    /// any other ends the run with a Critical alert, except that a replica failed over
+    /// here ends it quietly (it is the primary now). Either way a full file system gets
+    /// a hint on what to do.
     fn run(&self, follow: Option<Duration>, progress: bool) -> Result<()> {
-        if let Some(dir) = self.store.dir().filter(|dir| !dir.is_dir()) {
-            anyhow::bail!(
-                "store directory {} does not exist (use the shipper's --store path)",
-                dir.display()
-            );
-        }
-        if !self.replica.exists() {
-            anyhow::bail!(
-                "replica {} does not exist: create it the size of the protected volume \
-                 (`truncate -s SIZE {}` for an image file) or name the disk it is",
-                self.replica.display(),
-                self.replica.display()
-            );
-        }
-        let store = objstore::open(&self.store)?;
         let mut health = follow.map(|_| {
             let paths = ReplicaPaths::new(&self.replica)
                 .with_state(self.state.clone())
@@ -1163,6 +1187,35 @@ impl ApplyJob {
                 alerts,
             )
         });
+        let result = self.follow(follow, progress, &mut health);
+        if let (Err(e), Some(health)) = (&result, &mut health) {
+            health.stopped(&changelog::error::one_line(&**e));
+        }
+        result
+    }
+
+    /// [`ApplyJob::run`] with its health (with `follow`).
+    fn follow(
+        &self,
+        follow: Option<Duration>,
+        progress: bool,
+        health: &mut Option<FollowHealth>,
+    ) -> Result<()> {
+        if let Some(dir) = self.store.dir().filter(|dir| !dir.is_dir()) {
+            anyhow::bail!(
+                "store directory {} does not exist (use the shipper's --store path)",
+                dir.display()
+            );
+        }
+        if !self.replica.exists() {
+            anyhow::bail!(
+                "replica {} does not exist: create it the size of the protected volume \
+                 (`truncate -s SIZE {}` for an image file) or name the disk it is",
+                self.replica.display(),
+                self.replica.display()
+            );
+        }
+        let store = objstore::open(&self.store)?;
         let mut progress = progress;
         let mut applier: Option<Applier> = None;
         let mut failing = false;
@@ -1191,13 +1244,24 @@ impl ApplyJob {
                 }
             }
             let key = key_file.keys().clone();
-            let result = self.apply_once(&key, &mut applier, &store, std::mem::take(&mut progress));
+            let mut on_applied = |applied: &Applied| {
+                if let Some(health) = health.as_mut() {
+                    health.applied(&*store, &key, &applied.header);
+                }
+            };
+            let result = self.apply_once(
+                &key,
+                &mut applier,
+                &store,
+                std::mem::take(&mut progress),
+                &mut on_applied,
+            );
             if let (false, Some(opened)) = (opened_once, &applier) {
                 self.log_undo_method(opened.undo_method());
             }
             opened_once |= applier.is_some();
             let mut judge = |applier: &Option<Applier>, trouble: Option<String>| {
-                if let Some(health) = &mut health {
+                if let Some(health) = health.as_mut() {
                     let state = applier.as_ref().map(Applier::state);
                     health.observe(&*store, key_file.keys(), state, trouble);
                 }
@@ -1242,9 +1306,9 @@ impl ApplyJob {
                     failing = true;
                     std::thread::sleep(RETRY_WAIT.max(poll));
                 }
-                // Failing to open the applier the first time is a setup problem (a
-                // missing replica, a wrong path): reported, not retried.
-                (Err(e), Some(poll)) if opened_once && is_recoverable(&e) => {
+                // I/O trouble, also before the applier ever opened (the store down
+                // when the service starts): a Warning, retried.
+                (Err(e), Some(poll)) if is_recoverable(&e) => {
                     log::warn!(
                         "volume {}: {}; retrying in {} s",
                         self.volume,
@@ -1256,13 +1320,19 @@ impl ApplyJob {
                     applier = None;
                     std::thread::sleep(RETRY_WAIT.max(poll));
                 }
-                (Err(e), _) => {
-                    let why = with_hint(&e);
-                    if let Some(health) = &mut health {
-                        health.stopped(&why);
-                    }
-                    return Err(anyhow::anyhow!(why));
+                // A replica failed over here is the primary now: nothing to follow.
+                (Err(e), Some(_)) if rolled_back(&e).is_some() => {
+                    log::info!(
+                        "volume {}: replica {} was failed over to point {}: nothing is \
+                         applied to it any more; stopping (disable this service, or \
+                         protect the volume back toward the original disk: failback)",
+                        self.volume,
+                        self.replica.display(),
+                        rolled_back(&e).unwrap_or_default()
+                    );
+                    return Ok(());
                 }
+                (Err(e), _) => return Err(anyhow::anyhow!(with_hint(&e))),
             }
         }
     }
@@ -1286,14 +1356,15 @@ impl ApplyJob {
         }
     }
 
-    /// One pass: opens the applier if there is none, applies what is available and
-    /// answers digest requests.
+    /// One pass: opens the applier if there is none, applies what is available (telling
+    /// `on_applied` of each segment) and answers digest requests.
     fn apply_once(
         &self,
         key: &Key,
         applier: &mut Option<Applier>,
         store: &Arc<dyn TargetStore>,
         progress: bool,
+        on_applied: &mut dyn FnMut(&Applied),
     ) -> Result<()> {
         let replica = &self.replica;
         if applier.is_none() {
@@ -1330,9 +1401,9 @@ impl ApplyJob {
         let applier = applier.as_mut().expect("opened above");
         // The bar is for the catch-up at start; later polls skip its store listing.
         let applied = if progress {
-            apply_with_progress(applier, &**store)?
+            apply_with_progress(applier, &**store, on_applied)?
         } else {
-            applier.apply_available()?
+            applier.apply_available_with(on_applied)?
         };
         let mode = if self.full_download {
             ublk_target::digests::AnswerMode::FullDownload

@@ -123,8 +123,13 @@ impl VolumeStatus {
     fn assess(&self) -> Health {
         if self.error.is_some() {
             Health::Critical
-        } else if self.rolled_back_to.is_some() {
-            Health::Healthy
+        } else if let Some(point) = self.rolled_back_to {
+            // Failed over here: the primary now, once the rollback is complete.
+            if self.latest_applied == Some(point) {
+                Health::Healthy
+            } else {
+                Health::Warning
+            }
         } else if self.latest_point.is_none()
             || self.store_error.is_some()
             || self.apply_error.is_some()
@@ -147,6 +152,12 @@ impl VolumeStatus {
             return format!("error: {e}");
         }
         match (self.rolled_back_to, self.committed) {
+            (Some(p), _) if self.latest_applied != Some(p) => {
+                return format!(
+                    "the rollback to point {p} was interrupted: the replica is at neither \
+                     point; run `ublk-target rollback` again"
+                )
+            }
             (Some(p), true) => return format!("failed over to point {p}, committed"),
             (Some(p), false) => return format!("failed over to point {p} (not committed)"),
             (None, _) => {}
