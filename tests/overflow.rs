@@ -138,7 +138,10 @@ fn resync_after_overflow(compare: Option<Duration>) {
         step(&mut capture, &mut model, op);
         std::thread::sleep(Duration::from_micros(300));
     }
-    for _ in 0..500 {
+    // A deadline, not a count of ticks: the compare variant waits for the follower to
+    // apply and answer, which a loaded machine can make slow.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while std::time::Instant::now() < deadline {
         if !capture.needs_resync()
             && !shipper::Status::read(&fixture.path("status.json")).is_ok_and(|s| s.ring_resync)
         {
