@@ -80,8 +80,7 @@ fn staged_backlog_over_half_the_disk_is_dropped_and_resynced() {
     // The store goes away (its volume directory becomes a file); writes go on and the
     // staged backlog grows until it passes half the disk.
     let volume_dir = fixture.path("store").join("vol0");
-    std::fs::rename(&volume_dir, fixture.path("store-away")).unwrap();
-    std::fs::write(&volume_dir, b"not a directory").unwrap();
+    swap_store_volume(&volume_dir, &fixture.path("store-away"));
     let mut written_in_outage = 0u64;
     let dropped = wait_for(
         &fixture,
@@ -143,8 +142,7 @@ fn staged_backlog_over_half_the_disk_is_dropped_and_resynced() {
 
     // The store comes back with what it held; the recovery side follows and answers
     // the digest request; the producer compares and re-sends what the replica lacks.
-    std::fs::remove_file(&volume_dir).unwrap();
-    std::fs::rename(fixture.path("store-away"), &volume_dir).unwrap();
+    swap_store_volume(&volume_dir, &fixture.path("store-away"));
     let follower = fixture.follow("replica");
     let mut states = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);

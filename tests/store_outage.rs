@@ -41,8 +41,7 @@ fn store_outage_is_retried_on_schedule_and_converges() {
     // The store goes away: its volume directory becomes a file.
     let volume_dir = fixture.path("store").join("vol0");
     std::fs::create_dir_all(&volume_dir).unwrap();
-    std::fs::rename(&volume_dir, fixture.path("store-away")).unwrap();
-    std::fs::write(&volume_dir, b"not a directory").unwrap();
+    swap_store_volume(&volume_dir, &fixture.path("store-away"));
     // Down until the shipper has failed seven times and said so (events, not time: a
     // slow machine only makes the outage longer).
     let failures = || store.attempts().iter().filter(|a| !a.ok).count();
@@ -63,8 +62,7 @@ fn store_outage_is_retried_on_schedule_and_converges() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // It comes back, with what it held.
-    std::fs::remove_file(&volume_dir).unwrap();
-    std::fs::rename(fixture.path("store-away"), &volume_dir).unwrap();
+    swap_store_volume(&volume_dir, &fixture.path("store-away"));
     drive(&mut capture, &mut model, workload.take(50));
     let lines = || {
         std::fs::read_to_string(&alerts)

@@ -394,6 +394,35 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// A store that is down, and back: its volume directory `volume_dir` swapped with a
+/// file in one step (`renameat2` with `RENAME_EXCHANGE`), so a put running meanwhile
+/// cannot recreate the directory between a rename and a write. Call it again to
+/// bring the store back; `aside` holds whichever is not in use.
+pub fn swap_store_volume(volume_dir: &Path, aside: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    if !aside.exists() {
+        std::fs::write(aside, b"not a directory: the store is down").unwrap();
+    }
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    let (a, b) = (c(volume_dir), c(aside));
+    // SAFETY: both are valid NUL-terminated paths, relative to the working directory.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "swapping {volume_dir:?} and {aside:?}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
 /// Creates (or truncates) `path` as a sparse file of `size` bytes: a source backing or
 /// a replica of a `size`-byte volume.
 pub fn sparse_file(path: &Path, size: u64) {
