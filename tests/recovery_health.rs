@@ -13,7 +13,7 @@
 
 use blkfilter::workload::Workload;
 use changelog::heartbeat::Heartbeat;
-use changelog::{segment_file_name, LocalDirStore, TargetStore, VolumeId};
+use changelog::{segment_file_name, LocalDirStore, TargetStore};
 use e2e::*;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -217,59 +217,26 @@ fn a_quiet_source_stays_healthy_and_a_dark_one_raises_the_alarm() {
     );
 }
 
-/// A store whose segment uploads fail (recoverably) until `up` is set; small objects
-/// always work.
-struct SegmentsDown {
-    inner: LocalDirStore,
-    up: Arc<AtomicBool>,
-}
-
-impl TargetStore for SegmentsDown {
-    fn put(&self, volume: &VolumeId, index: u64, bytes: &[u8]) -> changelog::Result<()> {
-        if !self.up.load(Ordering::Acquire) {
-            return Err(changelog::Error::io(
-                "uploading",
-                std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
-            ));
-        }
-        self.inner.put(volume, index, bytes)
-    }
-    fn delete(&self, volume: &VolumeId, index: u64) -> changelog::Result<()> {
-        self.inner.delete(volume, index)
-    }
-    fn get(&self, volume: &VolumeId, index: u64) -> changelog::Result<Option<Vec<u8>>> {
-        self.inner.get(volume, index)
-    }
-    fn list(&self, volume: &VolumeId) -> changelog::Result<Vec<u64>> {
-        self.inner.list(volume)
-    }
-    fn put_blob(&self, volume: &VolumeId, name: &str, bytes: &[u8]) -> changelog::Result<()> {
-        self.inner.put_blob(volume, name, bytes)
-    }
-    fn get_blob(&self, volume: &VolumeId, name: &str) -> changelog::Result<Option<Vec<u8>>> {
-        self.inner.get_blob(volume, name)
-    }
-    fn delete_blob(&self, volume: &VolumeId, name: &str) -> changelog::Result<()> {
-        self.inner.delete_blob(volume, name)
-    }
-    fn list_blobs(&self, volume: &VolumeId) -> changelog::Result<Vec<String>> {
-        self.inner.list_blobs(volume)
-    }
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-}
-
 #[test]
 fn a_heartbeat_vouches_only_for_what_is_in_the_store() {
     let fixture = Fixture::new(SIZE);
     let mut capture = fixture.capture(16 << 20);
     let mut model = Model::new(SIZE);
     drive(&mut capture, &mut model, Workload::new(4, SIZE).take(40));
+    // Segment uploads fail (recoverably) until `up` is set; small objects always work.
     let up = Arc::new(AtomicBool::new(false));
-    let store = Arc::new(SegmentsDown {
-        inner: LocalDirStore::new(fixture.path("store")),
-        up: up.clone(),
+    let store = Arc::new({
+        let up = up.clone();
+        HookedStore::new(
+            LocalDirStore::new(fixture.path("store")),
+            move |call| match call {
+                StoreCall::Put(_) if !up.load(Ordering::Acquire) => Err(changelog::Error::io(
+                    "uploading",
+                    std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+                )),
+                _ => Ok(()),
+            },
+        )
     });
     let mut config = fixture.shipper_config();
     config.heartbeat_interval = Duration::from_millis(50);

@@ -494,7 +494,14 @@ pub fn run(
         // recovery side may know so at once. (Not on a stop: a hung store must not
         // hold it up.)
         Ok(_) if control.draining() => {
-            send_heartbeat(config, &keys, store.as_ref(), &ring, &chain, &board);
+            if let Some(Err(e)) =
+                send_heartbeat(config, &keys, store.as_ref(), &ring, &chain, &board)
+            {
+                log::warn!(
+                    "volume {}: writing the heartbeat after the drain: {e}",
+                    config.volume
+                );
+            }
         }
         Ok(_) => {}
         Err(e) => {
@@ -618,8 +625,9 @@ fn watch_keys(
 }
 
 /// Writes the volume's heartbeat every `heartbeat_interval` while everything captured
-/// is in the store ([`changelog::heartbeat`]). A failed write is only logged: the next
-/// one may succeed, and the uploader reports a store that is down.
+/// is in the store ([`changelog::heartbeat`]). A failed write is logged (a warning
+/// when the trouble is new: the recovery side will see this volume go stale) and tried
+/// again at the next interval; the uploader reports a store that is down.
 fn send_heartbeats(
     config: &ShipperConfig,
     keys: &SealingKey,
@@ -630,19 +638,35 @@ fn send_heartbeats(
     finished: &AtomicBool,
 ) {
     let mut next = Instant::now() + config.heartbeat_interval;
+    let mut trouble = None;
     while !finished.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(100));
         if Instant::now() < next {
             continue;
         }
         // Not caught up: try again soon (segments meanwhile speak for the source).
-        if send_heartbeat(config, keys, store, ring, chain, board) {
-            next = Instant::now() + config.heartbeat_interval;
+        let Some(sent) = send_heartbeat(config, keys, store, ring, chain, board) else {
+            continue;
+        };
+        next = Instant::now() + config.heartbeat_interval;
+        let now = sent.err().map(|e| e.to_string());
+        match (&now, &trouble) {
+            (Some(e), Some(before)) if e == before => {
+                log::debug!("volume {}: writing the heartbeat: {e}", config.volume)
+            }
+            (Some(e), _) => log::warn!(
+                "volume {}: writing the heartbeat: {e} (the recovery side sees this volume \
+                 as current only by its recovery points meanwhile)",
+                config.volume
+            ),
+            (None, Some(_)) => log::info!("volume {}: heartbeat written again", config.volume),
+            (None, None) => {}
         }
+        trouble = now;
     }
 }
 
-/// Writes the heartbeat if everything captured is in the store; false if it is not.
+/// Writes the heartbeat if everything captured is in the store (`None` if it is not).
 fn send_heartbeat(
     config: &ShipperConfig,
     keys: &SealingKey,
@@ -650,24 +674,21 @@ fn send_heartbeat(
     ring: &Consumer,
     chain: &Chain,
     board: &Board,
-) -> bool {
-    let Some(beat) = caught_up(ring, chain, board, config.heartbeat_interval) else {
-        return false;
-    };
+) -> Option<changelog::Result<()>> {
+    let beat = caught_up(ring, chain, board, config.heartbeat_interval)?;
     // A key the recovery side may not hold yet: it could not open the heartbeat.
     if keys.is_a_guess() {
-        return true;
+        return Some(Ok(()));
     }
     let sent = beat
         .seal(&keys.sealing(), &config.volume)
         .and_then(|sealed| {
             store.put_blob(&config.volume, changelog::heartbeat::BLOB_NAME, &sealed)
         });
-    match sent {
-        Ok(()) => board.update(|s| s.heartbeat_unix_ms = Some(beat.unix_ms)),
-        Err(e) => log::debug!("volume {}: writing the heartbeat: {e}", config.volume),
+    if sent.is_ok() {
+        board.update(|s| s.heartbeat_unix_ms = Some(beat.unix_ms));
     }
-    true
+    Some(sent)
 }
 
 /// The heartbeat that is true now, if everything captured is in the store. All of it

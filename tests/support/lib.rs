@@ -524,13 +524,16 @@ impl<S: TargetStore> TargetStore for RecordingStore<S> {
 /// A call a [`HookedStore`] is about to pass on.
 #[derive(Clone, Copy, Debug)]
 pub enum StoreCall {
+    /// Putting segment `index` (the shipper's uploads).
+    Put(u64),
     /// Deleting segment `index` (the recovery side's pruning).
     Delete(u64),
     /// Any call on small objects (the digest exchange).
     Blob,
 }
 
-/// A real store that asks `before` first on segment deletes and small-object calls;
+/// A real store that asks `before` first on segment puts and deletes and small-object
+/// calls;
 /// an error from it answers the call instead (a store that fails, or a test that
 /// notes what it saw then).
 pub struct HookedStore<S> {
@@ -552,6 +555,7 @@ impl<S: TargetStore> HookedStore<S> {
 
 impl<S: TargetStore> TargetStore for HookedStore<S> {
     fn put(&self, volume: &VolumeId, index: u64, bytes: &[u8]) -> changelog::Result<()> {
+        (self.before)(StoreCall::Put(index))?;
         self.inner.put(volume, index, bytes)
     }
     fn delete(&self, volume: &VolumeId, index: u64) -> changelog::Result<()> {
