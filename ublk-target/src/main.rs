@@ -1187,15 +1187,15 @@ impl ApplyJob {
                 alerts,
             )
         });
-        let result = self.follow(follow, progress, &mut health);
+        let result = self.apply_loop(follow, progress, &mut health);
         if let (Err(e), Some(health)) = (&result, &mut health) {
             health.stopped(&changelog::error::one_line(&**e));
         }
         result
     }
 
-    /// [`ApplyJob::run`] with its health (with `follow`).
-    fn follow(
+    /// [`ApplyJob::run`]'s loop, judging `health` (with `follow`) as it goes.
+    fn apply_loop(
         &self,
         follow: Option<Duration>,
         progress: bool,

@@ -154,8 +154,8 @@ impl VolumeStatus {
         match (self.rolled_back_to, self.committed) {
             (Some(p), _) if self.latest_applied != Some(p) => {
                 return format!(
-                    "the rollback to point {p} was interrupted: the replica is at neither \
-                     point; run `ublk-target rollback` again"
+                    "the rollback to point {p} was interrupted halfway: run `ublk-target \
+                     rollback --point {p}` again"
                 )
             }
             (Some(p), true) => return format!("failed over to point {p}, committed"),
