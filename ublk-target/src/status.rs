@@ -376,6 +376,57 @@ mod tests {
     use super::*;
 
     #[test]
+    fn health_goes_by_the_rpo_and_what_stops_following() {
+        let fresh = |newest: u64| Freshness {
+            newest_point_unix_ms: Some(newest),
+            at_point: None,
+        };
+        let threshold = Duration::from_secs(60);
+        let judged = |row: VolumeStatus, newest: u64| {
+            let row = row.judged(&fresh(newest), None, threshold, 100_000);
+            (row.health.unwrap(), row.state())
+        };
+        let applied = VolumeStatus {
+            volume: "vol0".into(),
+            latest_applied: Some(7),
+            latest_point: Some(7),
+            waiting: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(judged(applied.clone(), 90_000).0, Health::Healthy);
+        let (health, state) = judged(applied.clone(), 30_000);
+        assert_eq!(health, Health::Warning);
+        assert!(
+            state.starts_with("not current for 1m10s, over its 1m00s"),
+            "{state}"
+        );
+        let retrying = VolumeStatus {
+            apply_error: Some("disk full".into()),
+            ..applied.clone()
+        };
+        assert_eq!(judged(retrying, 90_000).0, Health::Warning);
+        let no_point = VolumeStatus {
+            latest_point: None,
+            ..applied.clone()
+        };
+        assert_eq!(judged(no_point, 90_000).0, Health::Warning);
+        // Failed over: the primary now, however old its point, once the rollback is
+        // complete; halfway, it says what to re-run.
+        let failed_over = VolumeStatus {
+            rolled_back_to: Some(7),
+            ..applied.clone()
+        };
+        assert_eq!(judged(failed_over, 0).0, Health::Healthy);
+        let halfway = VolumeStatus {
+            rolled_back_to: Some(5),
+            ..applied
+        };
+        let (health, state) = judged(halfway, 90_000);
+        assert_eq!(health, Health::Warning);
+        assert!(state.contains("rollback --point 5"), "{state}");
+    }
+
+    #[test]
     fn prometheus_gives_an_unreadable_replica_only_up_0() {
         let good = VolumeStatus {
             volume: "vol0".into(),
