@@ -11,8 +11,9 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 ensure_rust
-# fio and e2fsprogs drive the ublk tests; openssl makes the TLS tests' certificates.
-ensure_debs fio e2fsprogs openssl
+# fio and e2fsprogs drive the ublk tests; openssl makes the TLS tests' certificates;
+# systemd-analyze checks the systemd units.
+ensure_debs fio e2fsprogs openssl systemd
 # The object-storage tests run against real emulators: azurite (Azure Blob) and moto (S3).
 ensure_azurite
 ensure_moto

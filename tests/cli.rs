@@ -2,6 +2,7 @@
 //! bad input, before anything is created.
 
 use e2e::bin;
+use std::path::Path;
 use std::process::Command;
 
 fn run(name: &str, args: &[&str]) -> (bool, String) {
@@ -434,4 +435,41 @@ fn bad_config_is_refused_with_the_field_named() {
     );
     let (ok, text) = run("ublk-target", &["apply", "--config", "/nonexistent.toml"]);
     assert!(!ok && text.contains("/nonexistent.toml"), "{text}");
+}
+
+/// The systemd units of scripts/systemd load without a warning (an unknown or
+/// misspelt key is only a warning to systemd, and the service would then run without
+/// it): each verified as an instance, running the binaries built here.
+#[test]
+fn the_systemd_units_load_without_warnings() {
+    let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/systemd");
+    let bins = bin("shipper").parent().unwrap().display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let mut verified = 0;
+    for entry in std::fs::read_dir(&units).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .replace("@.", "@vol0.");
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("/usr/local/bin/", &format!("{bins}/"));
+        let unit = dir.path().join(&name);
+        std::fs::write(&unit, text).unwrap();
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&unit)
+            .output()
+            .expect("systemd-analyze (scripts/test.sh installs systemd)");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && said.trim().is_empty(),
+            "{name}: {said}"
+        );
+        verified += 1;
+    }
+    assert_eq!(verified, 4, "the units in {}", units.display());
 }
