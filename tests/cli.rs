@@ -471,5 +471,5 @@ fn the_systemd_units_load_without_warnings() {
         );
         verified += 1;
     }
-    assert_eq!(verified, 4, "the units in {}", units.display());
+    assert_eq!(verified, 6, "the units in {}", units.display());
 }
