@@ -18,8 +18,9 @@
 //! applying stopped on an error that needs an operator); Warning when the RPO is over
 //! the threshold (the source, the link or applying is behind, or the source is gone),
 //! when there is no recovery point yet, when the store cannot be reached, or when undo
-//! journals are damaged; Healthy otherwise, and for a volume failed over here (it is
-//! the primary now; nothing replicates into it).
+//! journals are damaged; Healthy otherwise, and for a volume failed over here once its
+//! rollback is complete (it is the primary now; nothing replicates into it; halfway,
+//! it is a Warning).
 
 use crate::state::{ApplyState, ReplicaPaths};
 use crate::status::VolumeStatus;
