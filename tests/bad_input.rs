@@ -182,6 +182,8 @@ fn cli_reports_bad_input_and_exits_nonzero() {
         !out.status.success() && stderr.contains("does not exist: create it the size"),
         "{stderr}"
     );
+    // A setup error: status 1, which the systemd unit restarts (3 would not be).
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(!missing.exists());
 }
 

@@ -181,12 +181,15 @@ fn config_file_ships_every_volume() {
     );
     assert!(ok, "{text}");
     status_shows_a_table_per_config(&cfg, d);
-    // The recovery side applies both volumes from its own config file.
+    // The recovery side applies both volumes from its own config file (an RPO
+    // threshold of an hour: the table's health is about applying, not how slow this
+    // machine is).
     let target_cfg = d.join("target.toml");
     std::fs::write(
         &target_cfg,
         format!(
             "key = \"{0}/key\"\nstore = \"{0}/store\"\nkeep_points = 3\n\
+             rpo_threshold_ms = 3600000\n\
              [[volume]]\nid = \"vol0\"\nreplica = \"{0}/vol0.replica\"\n\
              [[volume]]\nid = \"vol1\"\nreplica = \"{0}/vol1.replica\"\nkeep_points = 2\n",
             d.display()

@@ -259,7 +259,11 @@ struct RunArgs {
     /// While everything captured is in the store, write a heartbeat there this often,
     /// in ms: the recovery side then knows a quiet volume's replica is current, and
     /// tells a quiet volume from a protected site gone dark.
-    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(
+        long,
+        default_value_t = shipper::pipeline::DEFAULT_HEARTBEAT.as_millis() as u64,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
     heartbeat_ms: u64,
     /// Where to publish status (JSON).
     #[arg(long)]

@@ -22,6 +22,9 @@
 //! * When the staged backlog (staged, not uploaded) exceeds `backlog_resync_percent`
 //!   of the disk, the reader drops it and the chain continues in a new epoch, with a
 //!   whole-disk digest resync ([`crate::backlog`]).
+//! * While everything captured is in the store, a thread writes the volume's
+//!   heartbeat every `heartbeat_interval` ([`changelog::heartbeat`]); `caught_up`
+//!   decides under the chain lock that it is true.
 
 use crate::backlog;
 use crate::chain_state;

@@ -26,7 +26,8 @@ pub const EXAMPLE: &str = r#"Config file (--config), TOML; unknown keys are erro
   # keep_applied_segments = false  (true: leave applied segments in the store, for a
   #                                  second reader; by default apply deletes them)
   rpo_threshold_ms = 60000      # health is Warning when the replica was last known
-                                #   current longer ago than this (`status`, alerts)
+                                #   current longer ago than this (`status`, alerts);
+                                #   leave room for the shipper's heartbeat_ms
   # alert_command = "/usr/local/bin/page"  (apply --follow runs it on each health
   #                 change, sh -c with UBLK_DR_VOLUME, UBLK_DR_HEALTH, UBLK_DR_STATE,
   #                 UBLK_DR_RPO_MS, UBLK_DR_SITE=recovery, ...; default: logged only)

@@ -22,11 +22,12 @@
 //! rollback is complete (it is the primary now; nothing replicates into it; halfway,
 //! it is a Warning).
 
+use crate::error::Result;
 use crate::state::{ApplyState, ReplicaPaths};
 use crate::status::VolumeStatus;
 use changelog::alert::{Alerts, Health};
 use changelog::heartbeat::Heartbeat;
-use changelog::{ChainCursor, Key, SegmentHeader, TargetStore, VolumeId};
+use changelog::{Key, SegmentHeader, TargetStore, VolumeId};
 use std::time::{Duration, Instant};
 
 /// The RPO above which the recovery side calls a volume's health Warning, by default:
@@ -34,64 +35,22 @@ use std::time::{Duration, Instant};
 /// the trip through the store.
 pub const DEFAULT_RPO_THRESHOLD: Duration = Duration::from_secs(60);
 
-/// How often `apply --follow` reads the heartbeat (a small GET), at most: a tenth of
-/// the RPO threshold, if that is shorter.
-const HEARTBEAT_READ: Duration = Duration::from_secs(2);
-
-/// What the replica's own records say about how current it is.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Freshness {
-    /// The newest recovery point's creation time (source clock).
-    pub newest_point_unix_ms: Option<u64>,
-    /// The replica's chain position when that point is also the last applied segment:
-    /// the only position a heartbeat can vouch for (in the middle of a resync the
-    /// replica is past its newest point, and not consistent).
-    pub at_point: Option<ChainCursor>,
-}
-
-impl Freshness {
-    /// What `catalog` says.
-    pub fn of(catalog: &crate::Catalog) -> Freshness {
-        let newest = catalog.points.last();
-        Freshness {
-            newest_point_unix_ms: newest.map(|p| p.created_unix_ms),
-            at_point: catalog
-                .cursor
-                .clone()
-                .filter(|_| newest.is_some_and(|p| p.latest)),
-        }
-    }
-
-    /// The last time the replica is known to have held every write of the source.
-    pub fn current_as_of(&self, heartbeat: Option<&Heartbeat>) -> Option<u64> {
-        let vouched = heartbeat
-            .filter(|h| self.at_point.as_ref().is_some_and(|c| h.vouches_for(c)))
-            .map(|h| h.unix_ms);
-        self.newest_point_unix_ms.max(vouched)
-    }
-}
-
-/// Reads and opens `volume`'s heartbeat: `Ok(None)` when there is none, `Err` (why,
-/// for a warning) when it cannot be read or does not open with `key`. A heartbeat is
-/// advice: without one the RPO goes by recovery points only.
+/// Reads and opens `volume`'s heartbeat (`None`: there is none). An error is advice
+/// to log: without a heartbeat the RPO goes by recovery points only.
 pub fn read_heartbeat(
     store: &dyn TargetStore,
     volume: &VolumeId,
     key: &Key,
-) -> std::result::Result<Option<Heartbeat>, String> {
-    let Some(bytes) = store
-        .get_blob(volume, changelog::heartbeat::BLOB_NAME)
-        .map_err(|e| format!("reading the shipper's heartbeat: {e}"))?
-    else {
+) -> Result<Option<Heartbeat>> {
+    let Some(bytes) = store.get_blob(volume, changelog::heartbeat::BLOB_NAME)? else {
         return Ok(None);
     };
-    Heartbeat::open(key, volume, bytes)
-        .map(Some)
-        .map_err(|e| format!("the shipper's heartbeat in the store is not valid, ignored: {e}"))
+    Ok(Some(Heartbeat::open(key, volume, bytes)?))
 }
 
-/// The heartbeat as `apply --follow` sees it: read again every `every`, a trouble
-/// reading it warned about once (until it changes).
+/// The heartbeat as `apply --follow` sees it: read again every `every`; a trouble
+/// reading it is warned about once (until it changes) and keeps the last good one,
+/// which stays true for its own time.
 struct HeartbeatWatch {
     every: Duration,
     beat: Option<Heartbeat>,
@@ -103,16 +62,19 @@ impl HeartbeatWatch {
     fn get(&mut self, store: &dyn TargetStore, volume: &VolumeId, key: &Key) -> Option<Heartbeat> {
         if self.read_at.is_none_or(|t| t.elapsed() >= self.every) {
             self.read_at = Some(Instant::now());
-            let read = read_heartbeat(store, volume, key);
-            let trouble = read.as_ref().err().cloned();
-            if trouble.is_some() && trouble != self.trouble {
-                log::warn!(
-                    "volume {volume}: {}",
-                    trouble.as_deref().unwrap_or_default()
-                );
+            match read_heartbeat(store, volume, key) {
+                Ok(beat) => {
+                    self.beat = beat;
+                    self.trouble = None;
+                }
+                Err(e) => {
+                    let trouble = Some(e.to_string());
+                    if trouble != self.trouble {
+                        log::warn!("volume {volume}: the shipper's heartbeat, ignored: {e}");
+                    }
+                    self.trouble = trouble;
+                }
             }
-            self.trouble = trouble;
-            self.beat = read.unwrap_or(None);
         }
         self.beat
     }
@@ -124,12 +86,13 @@ impl HeartbeatWatch {
 pub struct FollowHealth {
     volume: VolumeId,
     threshold: Duration,
-    /// The newest recovery point's index, and what the replica says of its freshness.
-    latest_point: Option<u64>,
-    latest_applied: Option<u64>,
-    freshness: Freshness,
+    /// What is known of the replica: its newest point, last applied segment and, when
+    /// that is the point, its chain position (`VolumeStatus::at_point`).
+    row: VolumeStatus,
     heartbeat: HeartbeatWatch,
     judged_at: Option<Instant>,
+    /// The RPO last judged, for the alert when applying stops.
+    rpo_ms: u64,
     /// A shipper heartbeat interval too close to the threshold was warned about.
     warned_interval: bool,
     alerts: Alerts,
@@ -144,21 +107,23 @@ impl FollowHealth {
         alerts: Alerts,
     ) -> FollowHealth {
         let catalog = crate::catalog(paths).unwrap_or_default();
+        let mut row = VolumeStatus::new(volume.to_string(), &catalog, Ok(Vec::new()), false);
+        // What the store holds is not listed here.
+        row.waiting = None;
         FollowHealth {
             volume,
             threshold,
-            latest_point: catalog.latest_point().map(|p| p.index),
-            latest_applied: catalog.latest_applied,
-            freshness: Freshness::of(&catalog),
-            // Often enough that a heartbeat read late cannot take the RPO over the
-            // threshold, seldom enough to cost an object store little.
+            row,
+            // A heartbeat read late adds to the RPO judged: a tenth of the threshold
+            // at most, and an object store is asked seldom.
             heartbeat: HeartbeatWatch {
-                every: (threshold / 10).clamp(Duration::from_millis(200), HEARTBEAT_READ),
+                every: (threshold / 10).max(Duration::from_millis(200)),
                 beat: None,
                 read_at: None,
                 trouble: None,
             },
             judged_at: None,
+            rpo_ms: 0,
             warned_interval: false,
             alerts,
         }
@@ -174,50 +139,54 @@ impl FollowHealth {
         trouble: Option<String>,
     ) {
         if let Some(state) = state {
-            self.latest_applied = state.latest();
+            self.row.latest_applied = state.latest();
             match state.last.filter(|last| last.is_crash_point()) {
                 Some(last) => {
-                    self.latest_point = Some(last.index);
-                    self.freshness = Freshness {
-                        newest_point_unix_ms: Some(last.created_unix_ms),
-                        at_point: Some(state.cursor.clone()),
-                    };
+                    self.row.latest_point = Some(last.index);
+                    self.row.latest_created_unix_ms = Some(last.created_unix_ms);
+                    self.row.at_point = Some(state.cursor.clone());
                 }
                 // Past the newest point: a resync being applied.
-                None if state.latest().is_some() => self.freshness.at_point = None,
+                None if state.latest().is_some() => self.row.at_point = None,
                 None => {}
             }
         }
-        self.judge(store, key, trouble);
+        self.row.apply_error = trouble;
+        self.judge(store, key);
     }
 
     /// Within a round: segment `header` was applied. Judged at most every second, so
     /// a long catch-up (or applying that cannot keep up) is seen while it lasts.
     pub fn applied(&mut self, store: &dyn TargetStore, key: &Key, header: &SegmentHeader) {
-        self.latest_applied = Some(header.index);
+        self.row.latest_applied = Some(header.index);
         // Its chain position is known only at the round's end: no heartbeat counts.
-        self.freshness.at_point = None;
+        self.row.at_point = None;
+        self.row.apply_error = None;
         if header.flags & changelog::flags::CRASH_POINT != 0 {
-            self.latest_point = Some(header.index);
-            self.freshness.newest_point_unix_ms = Some(header.created_unix_ms);
+            self.row.latest_point = Some(header.index);
+            self.row.latest_created_unix_ms = Some(header.created_unix_ms);
         }
         if self
             .judged_at
             .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
         {
-            self.judge(store, key, None);
+            self.judge(store, key);
         }
     }
 
-    fn judge(&mut self, store: &dyn TargetStore, key: &Key, trouble: Option<String>) {
+    fn judge(&mut self, store: &dyn TargetStore, key: &Key) {
         self.judged_at = Some(Instant::now());
-        let heartbeat = self.heartbeat.get(store, &self.volume, key);
+        // Only a replica at a point can be vouched for: no read otherwise.
+        let heartbeat = match self.row.at_point {
+            Some(_) => self.heartbeat.get(store, &self.volume, key),
+            None => None,
+        };
         if let Some(beat) = heartbeat {
             let room = Duration::from_millis(beat.interval_ms) + self.heartbeat.every;
             if room >= self.threshold && !std::mem::replace(&mut self.warned_interval, true) {
                 log::warn!(
-                    "volume {}: the shipper writes its heartbeat every {} ms, and this side \
-                     reads it every {} ms: with rpo_threshold_ms {} a quiet volume will \
+                    "volume {}: the shipper writes its heartbeat every {} ms, and this \
+                     side reads it every {} ms: with rpo_threshold_ms {} a quiet volume will \
                      look stale now and then; raise rpo_threshold_ms well above {} ms",
                     self.volume,
                     beat.interval_ms,
@@ -227,90 +196,21 @@ impl FollowHealth {
                 );
             }
         }
-        let row = VolumeStatus {
-            volume: self.volume.to_string(),
-            latest_applied: self.latest_applied,
-            latest_point: self.latest_point,
-            latest_created_unix_ms: self.freshness.newest_point_unix_ms,
-            apply_error: trouble,
-            ..Default::default()
-        }
-        .judged(
-            &self.freshness,
-            heartbeat.as_ref(),
-            self.threshold,
-            changelog::unix_ms_now(),
-        );
+        let row =
+            self.row
+                .clone()
+                .judged(heartbeat.as_ref(), self.threshold, changelog::unix_ms_now());
+        self.rpo_ms = row.rpo_ms.unwrap_or(0);
         let health = row.health.expect("judged");
         self.alerts
-            .observe(&row.volume, health, row.rpo_ms.unwrap_or(0), || row.state());
+            .observe(&row.volume, health, self.rpo_ms, || row.state());
     }
 
     /// Applying stopped on an error that needs an operator: Critical, at once.
     pub fn stopped(&mut self, why: &str) {
-        let rpo_ms = self
-            .freshness
-            .newest_point_unix_ms
-            .map_or(0, |t| changelog::unix_ms_now().saturating_sub(t));
         self.alerts
-            .observe(self.volume.as_str(), Health::Critical, rpo_ms, || {
+            .observe(&self.row.volume, Health::Critical, self.rpo_ms, || {
                 format!("stopped applying: {why}")
             });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cursor(next_index: u64, digest: u8) -> ChainCursor {
-        ChainCursor {
-            next_index,
-            prev_digest: [digest; 32],
-            ..ChainCursor::start(VolumeId::new("vol0").unwrap())
-        }
-    }
-
-    #[test]
-    fn a_heartbeat_counts_only_at_the_position_it_names() {
-        let at_point = Freshness {
-            newest_point_unix_ms: Some(1_000),
-            at_point: Some(cursor(5, 1)),
-        };
-        let beat = |next_index, digest, unix_ms| Heartbeat {
-            unix_ms,
-            next_index,
-            prev_digest: [digest; 32],
-            interval_ms: 1_000,
-        };
-        assert_eq!(at_point.current_as_of(None), Some(1_000));
-        assert_eq!(
-            at_point.current_as_of(Some(&beat(5, 1, 9_000))),
-            Some(9_000)
-        );
-        // One older than the point changes nothing.
-        assert_eq!(at_point.current_as_of(Some(&beat(5, 1, 500))), Some(1_000));
-        // Segments the replica has not applied, or another history: the point's time.
-        assert_eq!(
-            at_point.current_as_of(Some(&beat(6, 1, 9_000))),
-            Some(1_000)
-        );
-        assert_eq!(
-            at_point.current_as_of(Some(&beat(5, 2, 9_000))),
-            Some(1_000)
-        );
-        // A replica past its newest point (a resync applied halfway): only the point.
-        let resyncing = Freshness {
-            at_point: None,
-            ..at_point
-        };
-        assert_eq!(
-            resyncing.current_as_of(Some(&beat(5, 1, 9_000))),
-            Some(1_000)
-        );
-        assert_eq!(
-            Freshness::default().current_as_of(Some(&beat(0, 0, 9_000))),
-            None
-        );
     }
 }

@@ -99,8 +99,9 @@ enum Command {
         /// config's alert_command].
         #[arg(long, value_name = "CMD")]
         alert_command: Option<String>,
-        /// How long a new health must hold before it is reported, in ms (Critical is
-        /// reported at once) [default: 10000, or the config's alert_hold_ms].
+        /// With --follow: how long a new health must hold before it is reported, in ms
+        /// (Critical is reported at once) [default: 10000, or the config's
+        /// alert_hold_ms].
         #[arg(long)]
         alert_hold_ms: Option<u64>,
     },
@@ -239,10 +240,12 @@ enum Command {
         #[command(flatten)]
         admission: AdmissionFiles,
     },
-    /// Show each volume of the config file at this site: its newest recovery point,
-    /// the point's age (the RPO: at most what a failover now would lose, as far as this
-    /// site knows), the retained points, the segments waiting in the store, and whether
-    /// it was failed over. Then each recovery plan of the file: the point its failover
+    /// Show each volume of the config file at this site: its health, its newest
+    /// recovery point, the RPO (how long ago the replica last held every write of the
+    /// source, by that point's time or the shipper's heartbeat: at most what a failover
+    /// now would lose, as far as this site knows; Warning above the config's
+    /// rpo_threshold_ms), the retained points, the segments waiting in the store, and
+    /// whether it was failed over. Then each recovery plan of the file: the point its failover
     /// would take now and the age of the oldest of its volumes' points there (with group
     /// cuts, how long ago the group last had a common point).
     Status {
@@ -256,8 +259,9 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// Print the Prometheus text format (for node_exporter's textfile collector):
-        /// per volume the newest point and its age (RPO), points, segments waiting;
-        /// ublk_dr_target_up 0 for a replica that cannot be read (exit status 0 then).
+        /// per volume health, RPO and its threshold, the newest point and its age,
+        /// points, segments waiting; ublk_dr_target_up 0 (and health 2) for a replica
+        /// that cannot be read (exit status 0 then).
         #[arg(long, conflicts_with = "json")]
         prometheus: bool,
     },
@@ -479,8 +483,11 @@ fn main() {
     }
 }
 
-/// `apply --follow` stopped on an error that retrying cannot mend (its Critical alert
-/// was raised): an operator must act, so the service is not restarted over and over.
+/// `apply --follow` stopped on an error met while applying that retrying cannot mend
+/// (a segment that does not verify, a broken chain, an unreadable state; its Critical
+/// alert was raised): an operator must act, so the service is not restarted over and
+/// over. Errors of the setup before it (a store directory or replica not there yet)
+/// end with status 1, which the unit restarts.
 #[derive(Debug)]
 struct FollowStopped(String);
 
@@ -577,17 +584,14 @@ fn run(cli: Cli) -> Result<()> {
                 }
             };
             let follow = follow.then_some(poll);
-            let stopped = |e: anyhow::Error| match follow {
-                Some(_) => anyhow::Error::new(FollowStopped(changelog::error::one_line(&*e))),
-                None => e,
-            };
             if let [job] = &jobs[..] {
-                return job.run(follow, true).map_err(stopped);
+                return job.run(follow, true);
             }
             // One thread per volume: a volume that fails stops alone, and the command
             // exits non-zero once the others are done (with --follow, never unless all
             // failed).
-            let failed: Vec<String> = std::thread::scope(|scope| {
+            // Each failed volume, and whether it stopped for an operator.
+            let failed: Vec<(String, bool)> = std::thread::scope(|scope| {
                 let handles: Vec<_> = jobs
                     .iter()
                     .map(|job| (job, scope.spawn(move || job.run(follow, false))))
@@ -602,20 +606,26 @@ fn run(cli: Cli) -> Result<()> {
                                 job.volume,
                                 changelog::error::one_line(&*e)
                             );
-                            Some(job.volume.to_string())
+                            let stopped = e.downcast_ref::<FollowStopped>().is_some();
+                            Some((job.volume.to_string(), stopped))
                         }
                     })
                     .collect()
             });
             if failed.is_empty() {
-                Ok(())
-            } else {
-                Err(stopped(anyhow::anyhow!(
-                    "{} of {} volume(s) failed: {}",
-                    failed.len(),
-                    jobs.len(),
-                    failed.join(", ")
-                )))
+                return Ok(());
+            }
+            let names: Vec<&str> = failed.iter().map(|(v, _)| v.as_str()).collect();
+            let what = format!(
+                "{} of {} volume(s) failed: {}",
+                failed.len(),
+                jobs.len(),
+                names.join(", ")
+            );
+            // Not restarted (exit 3) only when restarting would help none of them.
+            match failed.iter().all(|(_, stopped)| *stopped) {
+                true => Err(FollowStopped(what).into()),
+                false => Err(anyhow::anyhow!(what)),
             }
         }
         Command::Points { replica, json } => {
@@ -856,12 +866,13 @@ fn run(cli: Cli) -> Result<()> {
                     Err(e) => Err(changelog::error::one_line(e)),
                 };
                 let committed = ublk_target::rollback::committed_marker(&paths).exists();
-                let heartbeat = match (&store, &key) {
-                    (Ok(store), Some(key)) => ublk_target::health::read_heartbeat(
+                // Not from a store that could not even be listed.
+                let heartbeat = match (&store, &key, &indexes) {
+                    (Ok(store), Some(key), Ok(_)) => ublk_target::health::read_heartbeat(
                         &**store, &v.id, key,
                     )
-                    .unwrap_or_else(|why| {
-                        log::warn!("volume {}: {why}", v.id);
+                    .unwrap_or_else(|e| {
+                        log::warn!("volume {}: the shipper's heartbeat, ignored: {e}", v.id);
                         None
                     }),
                     _ => None,
@@ -873,12 +884,7 @@ fn run(cli: Cli) -> Result<()> {
                         indexes,
                         committed,
                     )
-                    .judged(
-                        &ublk_target::health::Freshness::of(&catalog),
-                        heartbeat.as_ref(),
-                        config.rpo_threshold(),
-                        now,
-                    ),
+                    .judged(heartbeat.as_ref(), config.rpo_threshold(), now),
                 );
                 catalogs.insert(v.id.clone(), catalog);
             }
@@ -1101,6 +1107,14 @@ fn is_recoverable(e: &anyhow::Error) -> bool {
             .is_some_and(changelog::Error::is_recoverable)
 }
 
+/// Whether another command (prune, rollback) holds the replica's journal.
+fn busy(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<TargetError>(),
+        Some(TargetError::Busy { .. })
+    )
+}
+
 /// The point the replica was rolled back to, if that is why applying refused.
 fn rolled_back(e: &anyhow::Error) -> Option<u64> {
     match e.downcast_ref::<TargetError>() {
@@ -1187,11 +1201,7 @@ impl ApplyJob {
                 alerts,
             )
         });
-        let result = self.apply_loop(follow, progress, &mut health);
-        if let (Err(e), Some(health)) = (&result, &mut health) {
-            health.stopped(&changelog::error::one_line(&**e));
-        }
-        result
+        self.apply_loop(follow, progress, &mut health)
     }
 
     /// [`ApplyJob::run`]'s loop, judging `health` (with `follow`) as it goes.
@@ -1306,9 +1316,11 @@ impl ApplyJob {
                     failing = true;
                     std::thread::sleep(RETRY_WAIT.max(poll));
                 }
-                // I/O trouble, also before the applier ever opened (the store down
-                // when the service starts): a Warning, retried.
-                (Err(e), Some(poll)) if is_recoverable(&e) => {
+                // I/O trouble once the applier has opened (the store down, a full
+                // disk), or another command holding the replica: a Warning, retried.
+                // (Failing to open it the first time is a setup problem: a wrong path,
+                // no permission.)
+                (Err(e), Some(poll)) if (opened_once && is_recoverable(&e)) || busy(&e) => {
                     log::warn!(
                         "volume {}: {}; retrying in {} s",
                         self.volume,
@@ -1322,17 +1334,25 @@ impl ApplyJob {
                 }
                 // A replica failed over here is the primary now: nothing to follow.
                 (Err(e), Some(_)) if rolled_back(&e).is_some() => {
+                    let point = rolled_back(&e).unwrap_or_default();
                     log::info!(
                         "volume {}: replica {} was failed over to point {}: nothing is \
                          applied to it any more; stopping (disable this service, or \
                          protect the volume back toward the original disk: failback)",
                         self.volume,
                         self.replica.display(),
-                        rolled_back(&e).unwrap_or_default()
+                        point
                     );
                     return Ok(());
                 }
-                (Err(e), _) => return Err(anyhow::anyhow!(with_hint(&e))),
+                (Err(e), None) => return Err(anyhow::anyhow!(with_hint(&e))),
+                (Err(e), Some(_)) => {
+                    let why = with_hint(&e);
+                    if let Some(health) = health.as_mut() {
+                        health.stopped(&why);
+                    }
+                    return Err(FollowStopped(why).into());
+                }
             }
         }
     }
@@ -1385,6 +1405,11 @@ impl ApplyJob {
                 },
             )?);
             let opened = applier.as_mut().expect("opened above");
+            // A replica failed over here: said before any store call (the store may
+            // be unreachable after a disaster).
+            if let Some(point) = opened.state().rolled_back_to {
+                return Err(TargetError::RolledBack { point }.into());
+            }
             ublk_target::keys::publish_proofs(&**store, &self.volume, key)?;
             match opened.sweep_store() {
                 Ok(0) => {}

@@ -8,10 +8,10 @@
 //! store holds beyond the replica, not applied yet (a stopped `apply`, or one that
 //! falls behind, shows here first).
 
-use crate::health::Freshness;
 use crate::points::Catalog;
 use changelog::alert::Health;
 use changelog::heartbeat::Heartbeat;
+use changelog::ChainCursor;
 use std::fmt::Write;
 use std::time::Duration;
 
@@ -43,8 +43,14 @@ pub struct VolumeStatus {
     /// The id (hex) of the key that sealed the last applied segment: after a key
     /// rotation, shows that the replica has moved past the old key.
     pub key_id: Option<String>,
-    /// Applying fails and is retried (`apply --follow` only): why.
+    /// Applying fails and is retried (`apply --follow` only, for its alerts): why.
+    #[serde(skip)]
     pub apply_error: Option<String>,
+    /// The replica's chain position when its newest point is its last applied
+    /// segment: the only position a shipper heartbeat can vouch for (in the middle of
+    /// a resync the replica is past its newest point, and not consistent).
+    #[serde(skip)]
+    pub at_point: Option<ChainCursor>,
     /// The newest shipper heartbeat read, and the last time the replica is known to
     /// have held every write of the source (source clock, ms since the Unix epoch).
     pub heartbeat_unix_ms: Option<u64>,
@@ -85,6 +91,10 @@ impl VolumeStatus {
             committed,
             damaged_journals: catalog.damaged.len(),
             key_id: catalog.key_id.map(|id| changelog::key::hex(&id)),
+            at_point: catalog
+                .cursor
+                .clone()
+                .filter(|_| latest.is_some_and(|p| p.latest)),
             ..Default::default()
         }
     }
@@ -99,24 +109,32 @@ impl VolumeStatus {
         }
     }
 
-    /// The row judged at `now_unix_ms`: how current the replica is (`freshness`, or
-    /// `heartbeat` where it vouches for the replica's position), its RPO and health
+    /// The row judged at `now_unix_ms`: how current the replica is (its newest point,
+    /// or `heartbeat` where it vouches for the replica's position), its RPO and health
     /// against `threshold`.
     pub fn judged(
         mut self,
-        freshness: &Freshness,
         heartbeat: Option<&Heartbeat>,
         threshold: Duration,
         now_unix_ms: u64,
     ) -> VolumeStatus {
         self.heartbeat_unix_ms = heartbeat.map(|h| h.unix_ms);
-        self.current_as_of_unix_ms = freshness.current_as_of(heartbeat);
+        self.current_as_of_unix_ms = self.current_as_of(heartbeat);
         self.rpo_ms = self
             .current_as_of_unix_ms
             .map(|t| now_unix_ms.saturating_sub(t));
         self.rpo_threshold_ms = threshold.as_millis() as u64;
         self.health = Some(self.assess());
         self
+    }
+
+    /// The last time the replica is known to have held every write of the source:
+    /// its newest point's, or a heartbeat's that vouches for its position.
+    fn current_as_of(&self, heartbeat: Option<&Heartbeat>) -> Option<u64> {
+        let vouched = heartbeat
+            .filter(|h| self.at_point.as_ref().is_some_and(|c| h.vouches_for(c)))
+            .map(|h| h.unix_ms);
+        self.latest_created_unix_ms.max(vouched)
     }
 
     /// See [`crate::health`] for the rules.
@@ -155,7 +173,8 @@ impl VolumeStatus {
             (Some(p), _) if self.latest_applied != Some(p) => {
                 return format!(
                     "the rollback to point {p} was interrupted halfway: run `ublk-target \
-                     rollback --point {p}` again"
+                     rollback {} --point {p}` again",
+                    self.volume
                 )
             }
             (Some(p), true) => return format!("failed over to point {p}, committed"),
@@ -241,15 +260,12 @@ fn flag(on: bool) -> f64 {
 
 /// The rows in the Prometheus text format (`ublk-target status --prometheus`), labelled
 /// by volume, with the `ublk_dr_target_` prefix: `up` (0 when the replica's state or
-/// journal could not be read; nothing else is given for it), health, the RPO as this
+/// journal could not be read: then only `health`, Critical, is given too), the RPO as this
 /// site knows it and its threshold, the newest point's index and age, retained points,
 /// segments waiting, whether the store could be listed, failed over, damaged journals.
 pub fn prometheus(rows: &[VolumeStatus], now_unix_ms: u64) -> String {
     type Figure = fn(&VolumeStatus, u64) -> Option<f64>;
-    let families: [(&str, &str, Figure); 10] = [
-        ("health", "0 Healthy, 1 Warning, 2 Critical", |r, _| {
-            r.health.map(Health::gauge)
-        }),
+    let families: [(&str, &str, Figure); 9] = [
         (
             "rpo_seconds",
             "how long ago the replica last held every write of the source (its newest \
@@ -307,6 +323,23 @@ pub fn prometheus(rows: &[VolumeStatus], now_unix_ms: u64) -> String {
     for row in rows {
         let up = row.error.is_none() as u8;
         let _ = writeln!(out, "ublk_dr_target_up{{volume=\"{}\"}} {up}", row.volume);
+    }
+    // Health for every row: an unreadable replica is Critical, and a rule on health
+    // alone must see it.
+    let _ = writeln!(
+        out,
+        "# HELP ublk_dr_target_health 0 Healthy, 1 Warning, 2 Critical"
+    );
+    let _ = writeln!(out, "# TYPE ublk_dr_target_health gauge");
+    for row in rows {
+        if let Some(health) = row.health {
+            let _ = writeln!(
+                out,
+                "ublk_dr_target_health{{volume=\"{}\"}} {}",
+                row.volume,
+                health.gauge()
+            );
+        }
     }
     for (family, help, figure) in families {
         let _ = writeln!(out, "# HELP ublk_dr_target_{family} {help}");
@@ -376,14 +409,52 @@ mod tests {
     use super::*;
 
     #[test]
-    fn health_goes_by_the_rpo_and_what_stops_following() {
-        let fresh = |newest: u64| Freshness {
-            newest_point_unix_ms: Some(newest),
-            at_point: None,
+    fn a_heartbeat_counts_only_at_the_position_it_names() {
+        let cursor = |next_index, digest| ChainCursor {
+            next_index,
+            prev_digest: [digest; 32],
+            ..ChainCursor::start(changelog::VolumeId::new("vol0").unwrap())
         };
+        let beat = |next_index, digest, unix_ms| Heartbeat {
+            unix_ms,
+            next_index,
+            prev_digest: [digest; 32],
+            interval_ms: 1_000,
+        };
+        let at_point = VolumeStatus {
+            latest_created_unix_ms: Some(1_000),
+            at_point: Some(cursor(5, 1)),
+            ..Default::default()
+        };
+        let as_of = |row: &VolumeStatus, b: Option<Heartbeat>| row.current_as_of(b.as_ref());
+        assert_eq!(as_of(&at_point, None), Some(1_000));
+        assert_eq!(as_of(&at_point, Some(beat(5, 1, 9_000))), Some(9_000));
+        // One older than the point changes nothing.
+        assert_eq!(as_of(&at_point, Some(beat(5, 1, 500))), Some(1_000));
+        // Segments the replica has not applied, or another history: the point's time.
+        assert_eq!(as_of(&at_point, Some(beat(6, 1, 9_000))), Some(1_000));
+        assert_eq!(as_of(&at_point, Some(beat(5, 2, 9_000))), Some(1_000));
+        // A replica past its newest point (a resync applied halfway): only the point.
+        let resyncing = VolumeStatus {
+            at_point: None,
+            ..at_point
+        };
+        assert_eq!(as_of(&resyncing, Some(beat(5, 1, 9_000))), Some(1_000));
+        assert_eq!(
+            as_of(&VolumeStatus::default(), Some(beat(0, 0, 9_000))),
+            None
+        );
+    }
+
+    #[test]
+    fn health_goes_by_the_rpo_and_what_stops_following() {
         let threshold = Duration::from_secs(60);
         let judged = |row: VolumeStatus, newest: u64| {
-            let row = row.judged(&fresh(newest), None, threshold, 100_000);
+            let row = VolumeStatus {
+                latest_created_unix_ms: Some(newest),
+                ..row
+            }
+            .judged(None, threshold, 100_000);
             (row.health.unwrap(), row.state())
         };
         let applied = VolumeStatus {
@@ -423,7 +494,7 @@ mod tests {
         };
         let (health, state) = judged(halfway, 90_000);
         assert_eq!(health, Health::Warning);
-        assert!(state.contains("rollback --point 5"), "{state}");
+        assert!(state.contains("rollback vol0 --point 5"), "{state}");
     }
 
     #[test]
@@ -437,11 +508,7 @@ mod tests {
             ..Default::default()
         };
         let bad = VolumeStatus::unreadable("vol1".into(), "state unreadable".into());
-        let freshness = Freshness {
-            newest_point_unix_ms: Some(1_000),
-            at_point: None,
-        };
-        let good = good.judged(&freshness, None, Duration::from_secs(2), 4_000);
+        let good = good.judged(None, Duration::from_secs(2), 4_000);
         let text = prometheus(&[good, bad], 4_000);
         for line in [
             "ublk_dr_target_up{volume=\"vol0\"} 1",
@@ -456,6 +523,11 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line:?} missing:\n{text}");
         }
-        assert_eq!(text.matches("vol1").count(), 1, "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l == "ublk_dr_target_health{volume=\"vol1\"} 2"),
+            "{text}"
+        );
+        assert_eq!(text.matches("vol1").count(), 2, "{text}");
     }
 }
