@@ -903,7 +903,11 @@ fn run(cli: Cli) -> Result<()> {
                         Some(named) => ublk_target::plan::choose(plan.point, &named),
                         None => Err("a volume's replica could not be read (see STATE)".into()),
                     };
-                    ublk_target::status::PlanStatus::new(plan, chosen)
+                    ublk_target::status::PlanStatus::new(plan, chosen, |id| {
+                        rows.iter()
+                            .find(|r| r.volume == id.as_str())
+                            .and_then(|r| r.current_as_of_unix_ms)
+                    })
                 })
                 .collect();
             if prometheus {

@@ -8,10 +8,11 @@
 //! store holds beyond the replica, not applied yet (a stopped `apply`, or one that
 //! falls behind, shows here first).
 
+use crate::plan::PointChoice;
 use crate::points::Catalog;
 use changelog::alert::Health;
 use changelog::heartbeat::Heartbeat;
-use changelog::ChainCursor;
+use changelog::{ChainCursor, VolumeId};
 use std::fmt::Write;
 use std::time::Duration;
 
@@ -358,41 +359,52 @@ pub fn prometheus(rows: &[VolumeStatus], now_unix_ms: u64) -> String {
 }
 
 /// One recovery plan's row: the points its failover would take now (its default point
-/// choice) and the age of the oldest of them, the plan's RPO.
+/// choice) and the plan's RPO: how long ago the oldest of them was known current.
 #[derive(Clone, Debug)]
 pub struct PlanStatus {
     pub plan: String,
     pub choice: String,
     /// What the points are ("group cut 12 (clock …) of …"), or why there are none.
     pub at: Result<String, String>,
-    /// The oldest chosen point's creation time (ms since the Unix epoch).
-    pub oldest_created_unix_ms: Option<u64>,
+    /// Since when a failover now would lose the writes (ms since the Unix epoch): the
+    /// oldest chosen point's creation time; with each volume's latest point (the
+    /// replica as it is), the oldest of the volumes' last-known-current times, which a
+    /// shipper heartbeat keeps up for a quiet volume.
+    pub current_as_of_unix_ms: Option<u64>,
 }
 
 impl PlanStatus {
+    /// `current_as_of`: each volume's last-known-current time (its status row's).
     pub fn new(
         plan: &crate::plan::PlanConfig,
         chosen: Result<crate::plan::Chosen, String>,
+        current_as_of: impl Fn(&VolumeId) -> Option<u64>,
     ) -> PlanStatus {
-        let oldest = chosen
-            .as_ref()
-            .ok()
-            .and_then(|c| c.points.iter().map(|p| p.created_unix_ms).min());
+        let as_of = match (&chosen, plan.point) {
+            (Ok(_), PointChoice::Latest) => plan
+                .volumes()
+                .map(current_as_of)
+                .collect::<Option<Vec<u64>>>()
+                .and_then(|times| times.into_iter().min()),
+            (Ok(c), _) => c.points.iter().map(|p| p.created_unix_ms).min(),
+            (Err(_), _) => None,
+        };
         PlanStatus {
             plan: plan.name.clone(),
             choice: plan.point.to_string(),
             at: chosen.map(|c| c.what),
-            oldest_created_unix_ms: oldest,
+            current_as_of_unix_ms: as_of,
         }
     }
 }
 
-/// The plans as a table: PLAN, POINT (its choice), RPO (the oldest chosen point's age:
-/// with group cuts, how long ago the group last had a common point), AT.
+/// The plans as a table: PLAN, POINT (its choice), RPO (see
+/// [`PlanStatus::current_as_of_unix_ms`]: with group cuts, how long ago the group last
+/// had a common point), AT.
 pub fn plans_table(rows: &[PlanStatus], now_unix_ms: u64) -> String {
     let mut out = format!("{:<16} {:>14} {:>8}  AT\n", "PLAN", "POINT", "RPO");
     for row in rows {
-        let rpo = row.oldest_created_unix_ms.map_or("-".into(), |t| {
+        let rpo = row.current_as_of_unix_ms.map_or("-".into(), |t| {
             changelog::short_duration(now_unix_ms.saturating_sub(t))
         });
         let at = match &row.at {
@@ -495,6 +507,48 @@ mod tests {
         let (health, state) = judged(halfway, 90_000);
         assert_eq!(health, Health::Warning);
         assert!(state.contains("rollback vol0 --point 5"), "{state}");
+    }
+
+    #[test]
+    fn a_plan_at_latest_points_is_as_current_as_its_stalest_volume() {
+        let config = crate::config::TargetConfig::parse(
+            "key = \"/k\"\nstore = \"/s\"\n\
+             [[volume]]\nid = \"a\"\nreplica = \"/a\"\n\
+             [[volume]]\nid = \"b\"\nreplica = \"/b\"\n\
+             [[plan]]\nname = \"latest\"\npoint = \"latest\"\n\
+             [[plan.step]]\nvolumes = [\"a\", \"b\"]\n\
+             [[plan]]\nname = \"app\"\npoint = \"latest-app\"\n\
+             [[plan.step]]\nvolumes = [\"a\", \"b\"]\n",
+        )
+        .unwrap();
+        let point = |created_unix_ms| crate::RecoveryPoint {
+            index: 1,
+            first_seq: 0,
+            last_seq: 1,
+            created_unix_ms,
+            crash_consistent: true,
+            app_consistent: true,
+            latest: true,
+            group_cuts: None,
+        };
+        let chosen = || {
+            Ok(crate::plan::Chosen {
+                points: vec![point(1_000), point(2_000)],
+                what: "points".into(),
+            })
+        };
+        // Heartbeats keep both volumes current well past their points.
+        let as_of = |v: &VolumeId| Some(if v.as_str() == "a" { 9_000 } else { 8_000 });
+        let latest = PlanStatus::new(&config.plans[0], chosen(), as_of);
+        assert_eq!(latest.current_as_of_unix_ms, Some(8_000));
+        // An app-consistent point loses what came after it, however current the replica.
+        let app = PlanStatus::new(&config.plans[1], chosen(), as_of);
+        assert_eq!(app.current_as_of_unix_ms, Some(1_000));
+        // A volume not known current: no figure rather than a flattering one.
+        let unknown = PlanStatus::new(&config.plans[0], chosen(), |v: &VolumeId| {
+            as_of(v).filter(|_| v.as_str() == "a")
+        });
+        assert_eq!(unknown.current_as_of_unix_ms, None);
     }
 
     #[test]
