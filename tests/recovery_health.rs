@@ -10,6 +10,9 @@
 //!
 //! A heartbeat vouches only for what is in the store: while segments wait to be
 //! uploaded none is written, and the one written after names the chain's end.
+//!
+//! An `apply --follow` hung in a store call still raises the alarm: a watchdog judges
+//! the RPO without the applying thread.
 
 use blkfilter::workload::Workload;
 use changelog::heartbeat::Heartbeat;
@@ -69,6 +72,35 @@ fn age_ms(unix_ms: &serde_json::Value) -> u64 {
     changelog::unix_ms_now().saturating_sub(unix_ms.as_u64().expect("a time"))
 }
 
+/// `ublk-target apply --follow` over `config`, each alert appended to `alerts` as
+/// "SITE VOLUME PREVIOUS HEALTH STATE", its log in `log`.
+fn follow_with_alerts(config: &Path, alerts: &Path, log: &Path) -> KillOnDrop {
+    KillOnDrop(
+        Command::new(bin("ublk-target"))
+            .args(["apply", "--follow", "--poll-ms", "50", "--config"])
+            .arg(config)
+            .args(["--alert-hold-ms", "1000", "--alert-command"])
+            .arg(format!(
+                "echo \"$UBLK_DR_SITE $UBLK_DR_VOLUME $UBLK_DR_PREVIOUS_HEALTH $UBLK_DR_HEALTH \
+                 $UBLK_DR_STATE\" >> {}",
+                alerts.display()
+            ))
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(log).unwrap())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn lines_of(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
 #[test]
 fn a_quiet_source_stays_healthy_and_a_dark_one_raises_the_alarm() {
     let fixture = Fixture::new(SIZE);
@@ -89,28 +121,8 @@ fn a_quiet_source_stays_healthy_and_a_dark_one_raises_the_alarm() {
     let config = target_config(&fixture);
     let alerts = fixture.path("alerts.log");
     let log = fixture.path("apply.log");
-    let mut apply = KillOnDrop(
-        Command::new(bin("ublk-target"))
-        .args(["apply", "--follow", "--poll-ms", "50", "--config"])
-        .arg(&config)
-        .args(["--alert-hold-ms", "1000", "--alert-command"])
-        .arg(format!(
-            "echo \"$UBLK_DR_SITE $UBLK_DR_VOLUME $UBLK_DR_PREVIOUS_HEALTH $UBLK_DR_HEALTH $UBLK_DR_STATE\" >> {}",
-            alerts.display()
-        ))
-        .env("RUST_LOG", "info")
-        .stderr(std::fs::File::create(&log).unwrap())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap(),
-    );
-    let alert_lines = || -> Vec<String> {
-        std::fs::read_to_string(&alerts)
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_string)
-            .collect()
-    };
+    let mut apply = follow_with_alerts(&config, &alerts, &log);
+    let alert_lines = || lines_of(&alerts);
 
     // Quiet: the newest point ages past the threshold, the heartbeats keep the RPO low.
     let mut quiet = serde_json::Value::Null;
@@ -334,6 +346,59 @@ fn a_replica_failed_over_here_ends_apply_follow_quietly() {
     assert!(status.success(), "{text}");
     assert!(text.contains("was failed over to point"), "{text}");
     assert!(!alerts.exists(), "an alert for a failover");
+}
+
+/// `apply --follow` hung in a store call (a directory store on a mount that does not
+/// answer: here a FIFO where the heartbeat should be, which blocks its reader) still
+/// raises the alarm as the RPO grows: its watchdog judges without the applying thread.
+#[test]
+fn a_hung_apply_still_raises_the_alarm() {
+    let (fixture, model) = Fixture::shipped(SIZE, 7, 30);
+    let beat = fixture
+        .path("store")
+        .join("vol0")
+        .join(changelog::heartbeat::BLOB_NAME);
+    std::fs::remove_file(&beat).expect("the drain's heartbeat");
+    let made = Command::new("mkfifo").arg(&beat).status().unwrap();
+    assert!(made.success());
+    sparse_file(&fixture.path("replica"), SIZE);
+    let config = target_config(&fixture);
+    let alerts = fixture.path("alerts.log");
+    let log = fixture.path("apply.log");
+    let mut apply = follow_with_alerts(&config, &alerts, &log);
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    // Applied, then stuck reading the heartbeat.
+    wait_for("the alert", Duration::from_secs(60), &mut || {
+        !lines_of(&alerts).is_empty()
+    });
+    let lines = lines_of(&alerts);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with("recovery vol0 Healthy Warning")
+            && lines[0].contains("not current for"),
+        "{lines:?}"
+    );
+    wait_for("the stall named", Duration::from_secs(60), &mut || {
+        log_text().contains("applying has made no progress for")
+    });
+    assert!(apply.0.try_wait().unwrap().is_none(), "{}", log_text());
+    assert!(
+        std::fs::read(fixture.path("replica")).unwrap() == model.final_image(),
+        "the replica is not the source"
+    );
+
+    // The store answers again (with something that is no heartbeat): applying goes on.
+    {
+        let mut writer = std::fs::OpenOptions::new().write(true).open(&beat).unwrap();
+        std::fs::remove_file(&beat).unwrap();
+        std::io::Write::write_all(&mut writer, b"not a heartbeat").unwrap();
+    }
+    wait_for("progress again", Duration::from_secs(60), &mut || {
+        log_text().contains("applying makes progress again")
+    });
+    assert!(log_text().contains("heartbeat, ignored"), "{}", log_text());
+    assert!(apply.0.try_wait().unwrap().is_none(), "{}", log_text());
 }
 
 /// The recovery points of the config's volume, oldest first.

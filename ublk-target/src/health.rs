@@ -28,6 +28,9 @@ use crate::status::VolumeStatus;
 use changelog::alert::{Alerts, Health};
 use changelog::heartbeat::Heartbeat;
 use changelog::{Key, SegmentHeader, TargetStore, VolumeId};
+use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// The RPO above which the recovery side calls a volume's health Warning, by default:
@@ -80,26 +83,54 @@ impl HeartbeatWatch {
     }
 }
 
-/// `apply --follow`'s view of one volume's health: judged after each round of
-/// applying and at most every second within one, with an alert on each change
-/// ([`changelog::alert`]).
+/// `apply --follow`'s view of one volume's health, with an alert on each change
+/// ([`changelog::alert`]). The applying thread feeds it: after each round
+/// ([`FollowHealth::observe`], which also reads the shipper's heartbeat) and after
+/// each segment ([`FollowHealth::applied`]). A watchdog thread judges it every
+/// second besides, so the RPO is seen to grow (and the alert raised) while a round
+/// lasts, also one that hangs in a store call or on a replica that does not answer:
+/// the watchdog does no I/O itself.
 pub struct FollowHealth {
+    shared: Arc<Mutex<Judge>>,
+    /// Read on the applying thread only (it may block).
+    heartbeat: HeartbeatWatch,
+    /// Dropping the sender stops the watchdog.
+    watchdog: Option<(Sender<()>, JoinHandle<()>)>,
+}
+
+/// What is judged, shared by the applying thread and the watchdog.
+struct Judge {
     volume: VolumeId,
     threshold: Duration,
     /// What is known of the replica: its newest point, last applied segment and, when
     /// that is the point, its chain position (`VolumeStatus::at_point`).
     row: VolumeStatus,
-    heartbeat: HeartbeatWatch,
-    judged_at: Option<Instant>,
+    /// The newest heartbeat read (it counts only where it vouches for `row.at_point`).
+    heartbeat: Option<Heartbeat>,
+    /// How often the heartbeat is read, for the warning about its interval.
+    heartbeat_every: Duration,
+    judged_at: Instant,
+    /// The applying thread has said something of the replica in this run (a segment
+    /// applied, a round ended): until then the watchdog judges only a stall, as what
+    /// it knows (the catalog, no heartbeat read yet) would make a current replica of
+    /// a quiet volume look stale.
+    fed: bool,
     /// The RPO last judged, for the alert when applying stops.
     rpo_ms: u64,
+    /// The applying thread is in a round (not waiting for the next one), and its last
+    /// step forward: a segment applied or a round ended.
+    in_round: bool,
+    progress_at: Instant,
+    /// A stall was logged (until progress is made again).
+    warned_stall: bool,
     /// A shipper heartbeat interval too close to the threshold was warned about.
     warned_interval: bool,
     alerts: Alerts,
 }
 
 impl FollowHealth {
-    /// Starts from the replica's catalog at `paths` (its newest point before this run).
+    /// Starts from the replica's catalog at `paths` (its newest point before this run),
+    /// and the watchdog.
     pub fn new(
         volume: VolumeId,
         paths: &ReplicaPaths,
@@ -110,27 +141,66 @@ impl FollowHealth {
         let mut row = VolumeStatus::new(volume.to_string(), &catalog, Ok(Vec::new()), false);
         // What the store holds is not listed here.
         row.waiting = None;
-        FollowHealth {
-            volume,
+        // A heartbeat read late adds to the RPO judged: a tenth of the threshold at
+        // most, and an object store is asked seldom.
+        let heartbeat_every = (threshold / 10).max(Duration::from_millis(200));
+        let shared = Arc::new(Mutex::new(Judge {
+            volume: volume.clone(),
             threshold,
             row,
-            // A heartbeat read late adds to the RPO judged: a tenth of the threshold
-            // at most, and an object store is asked seldom.
+            heartbeat: None,
+            heartbeat_every,
+            judged_at: Instant::now(),
+            fed: false,
+            rpo_ms: 0,
+            in_round: false,
+            progress_at: Instant::now(),
+            warned_stall: false,
+            warned_interval: false,
+            alerts,
+        }));
+        let (stop, stopped) = channel::<()>();
+        let watched = shared.clone();
+        let watchdog = std::thread::Builder::new()
+            .name(format!("health-{volume}"))
+            .spawn(move || {
+                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(WATCH_EVERY) {
+                    let mut judge = watched.lock().expect("health lock");
+                    let due = judge.fed || judge.stalled().is_some();
+                    if due && judge.judged_at.elapsed() >= WATCH_EVERY {
+                        judge.judge();
+                    }
+                }
+            })
+            .expect("spawning the health watchdog");
+        FollowHealth {
+            shared,
             heartbeat: HeartbeatWatch {
-                every: (threshold / 10).max(Duration::from_millis(200)),
+                every: heartbeat_every,
                 beat: None,
                 read_at: None,
                 trouble: None,
             },
-            judged_at: None,
-            rpo_ms: 0,
-            warned_interval: false,
-            alerts,
+            watchdog: Some((stop, watchdog)),
+        }
+    }
+
+    fn judge(&self) -> MutexGuard<'_, Judge> {
+        self.shared.lock().expect("health lock")
+    }
+
+    /// A round of applying begins.
+    pub fn round_begins(&self) {
+        let mut judge = self.judge();
+        if !judge.in_round {
+            judge.in_round = true;
+            judge.progress_at = Instant::now();
         }
     }
 
     /// After a round: the replica's state (`None` while no applier is open) and the
-    /// error applying is retrying, if it is.
+    /// error applying is retrying, if it is. Reads the shipper's heartbeat (when it
+    /// can count), then judges.
     pub fn observe(
         &mut self,
         store: &dyn TargetStore,
@@ -138,51 +208,96 @@ impl FollowHealth {
         state: Option<&ApplyState>,
         trouble: Option<String>,
     ) {
-        if let Some(state) = state {
-            self.row.latest_applied = state.latest();
-            match state.last.filter(|last| last.is_crash_point()) {
-                Some(last) => {
-                    self.row.latest_point = Some(last.index);
-                    self.row.latest_created_unix_ms = Some(last.created_unix_ms);
-                    self.row.at_point = Some(state.cursor.clone());
+        let (volume, at_point) = {
+            let mut judge = self.judge();
+            judge.row.apply_error = trouble;
+            if let Some(state) = state {
+                judge.row.latest_applied = state.latest();
+                match state.last.filter(|last| last.is_crash_point()) {
+                    Some(last) => {
+                        judge.row.latest_point = Some(last.index);
+                        judge.row.latest_created_unix_ms = Some(last.created_unix_ms);
+                        judge.row.at_point = Some(state.cursor.clone());
+                    }
+                    // Past the newest point: a resync being applied.
+                    None if state.latest().is_some() => judge.row.at_point = None,
+                    None => {}
                 }
-                // Past the newest point: a resync being applied.
-                None if state.latest().is_some() => self.row.at_point = None,
-                None => {}
             }
-        }
-        self.row.apply_error = trouble;
-        self.judge(store, key);
-    }
-
-    /// Within a round: segment `header` was applied. Judged at most every second, so
-    /// a long catch-up (or applying that cannot keep up) is seen while it lasts.
-    pub fn applied(&mut self, store: &dyn TargetStore, key: &Key, header: &SegmentHeader) {
-        self.row.latest_applied = Some(header.index);
-        // Its chain position is known only at the round's end: no heartbeat counts.
-        self.row.at_point = None;
-        self.row.apply_error = None;
-        if header.flags & changelog::flags::CRASH_POINT != 0 {
-            self.row.latest_point = Some(header.index);
-            self.row.latest_created_unix_ms = Some(header.created_unix_ms);
-        }
-        if self
-            .judged_at
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
-        {
-            self.judge(store, key);
-        }
-    }
-
-    fn judge(&mut self, store: &dyn TargetStore, key: &Key) {
-        self.judged_at = Some(Instant::now());
-        // Only a replica at a point can be vouched for: no read otherwise.
-        let heartbeat = match self.row.at_point {
-            Some(_) => self.heartbeat.get(store, &self.volume, key),
-            None => None,
+            (judge.volume.clone(), judge.row.at_point.is_some())
         };
-        if let Some(beat) = heartbeat {
-            let room = Duration::from_millis(beat.interval_ms) + self.heartbeat.every;
+        // Only a replica at a point can be vouched for: no read otherwise. The read may
+        // hang (a store that does not answer): outside the lock, while the watchdog
+        // judges.
+        let heartbeat = if at_point {
+            self.heartbeat.get(store, &volume, key)
+        } else {
+            None
+        };
+        let mut judge = self.judge();
+        judge.heartbeat = heartbeat;
+        judge.in_round = false;
+        judge.progress(Instant::now());
+        judge.judge();
+    }
+
+    /// Within a round: segment `header` was applied (the watchdog judges meanwhile).
+    pub fn applied(&self, header: &SegmentHeader) {
+        let mut judge = self.judge();
+        judge.row.latest_applied = Some(header.index);
+        // Its chain position is known only at the round's end: no heartbeat counts.
+        judge.row.at_point = None;
+        judge.row.apply_error = None;
+        if header.flags & changelog::flags::CRASH_POINT != 0 {
+            judge.row.latest_point = Some(header.index);
+            judge.row.latest_created_unix_ms = Some(header.created_unix_ms);
+        }
+        judge.progress(Instant::now());
+    }
+
+    /// Applying stopped on an error that needs an operator: Critical, at once.
+    pub fn stopped(&mut self, why: &str) {
+        let mut judge = self.judge();
+        let (volume, rpo_ms) = (judge.row.volume.clone(), judge.rpo_ms);
+        judge.alerts.observe(&volume, Health::Critical, rpo_ms, || {
+            format!("stopped applying: {why}")
+        });
+    }
+}
+
+impl Drop for FollowHealth {
+    fn drop(&mut self) {
+        if let Some((stop, watchdog)) = self.watchdog.take() {
+            drop(stop);
+            let _ = watchdog.join();
+        }
+    }
+}
+
+/// How often the watchdog judges a volume.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+
+impl Judge {
+    /// How long the round under way has gone without a step forward, once that is
+    /// the whole threshold: worth naming, as the RPO is over the threshold by then
+    /// and this says why.
+    fn stalled(&self) -> Option<Duration> {
+        let stalled = self.progress_at.elapsed();
+        (self.in_round && stalled >= self.threshold).then_some(stalled)
+    }
+
+    fn progress(&mut self, now: Instant) {
+        self.progress_at = now;
+        self.fed = true;
+        if std::mem::take(&mut self.warned_stall) {
+            log::info!("volume {}: applying makes progress again", self.volume);
+        }
+    }
+
+    fn judge(&mut self) {
+        self.judged_at = Instant::now();
+        if let Some(beat) = &self.heartbeat {
+            let room = Duration::from_millis(beat.interval_ms) + self.heartbeat_every;
             if room >= self.threshold && !std::mem::replace(&mut self.warned_interval, true) {
                 log::warn!(
                     "volume {}: the shipper writes its heartbeat every {} ms, and this \
@@ -190,27 +305,31 @@ impl FollowHealth {
                      look stale now and then; raise rpo_threshold_ms well above {} ms",
                     self.volume,
                     beat.interval_ms,
-                    self.heartbeat.every.as_millis(),
+                    self.heartbeat_every.as_millis(),
                     self.threshold.as_millis(),
                     room.as_millis()
                 );
             }
         }
-        let row =
-            self.row
-                .clone()
-                .judged(heartbeat.as_ref(), self.threshold, changelog::unix_ms_now());
+        self.row.stalled_ms = self.stalled().map(|t| t.as_millis() as u64);
+        if let Some(ms) = self.row.stalled_ms {
+            if !std::mem::replace(&mut self.warned_stall, true) {
+                log::warn!(
+                    "volume {}: applying has made no progress for {}: a store call or the \
+                     replica does not answer",
+                    self.volume,
+                    changelog::short_duration(ms)
+                );
+            }
+        }
+        let row = self.row.clone().judged(
+            self.heartbeat.as_ref(),
+            self.threshold,
+            changelog::unix_ms_now(),
+        );
         self.rpo_ms = row.rpo_ms.unwrap_or(0);
         let health = row.health.expect("judged");
         self.alerts
             .observe(&row.volume, health, self.rpo_ms, || row.state());
-    }
-
-    /// Applying stopped on an error that needs an operator: Critical, at once.
-    pub fn stopped(&mut self, why: &str) {
-        self.alerts
-            .observe(&self.row.volume, Health::Critical, self.rpo_ms, || {
-                format!("stopped applying: {why}")
-            });
     }
 }

@@ -1258,9 +1258,12 @@ impl ApplyJob {
                 }
             }
             let key = key_file.keys().clone();
+            if let Some(health) = health.as_ref() {
+                health.round_begins();
+            }
             let mut on_applied = |applied: &Applied| {
-                if let Some(health) = health.as_mut() {
-                    health.applied(&*store, &key, &applied.header);
+                if let Some(health) = health.as_ref() {
+                    health.applied(&applied.header);
                 }
             };
             let result = self.apply_once(

@@ -52,6 +52,10 @@ pub struct VolumeStatus {
     /// a resync the replica is past its newest point, and not consistent).
     #[serde(skip)]
     pub at_point: Option<ChainCursor>,
+    /// `apply --follow` has made no progress for this long, in the middle of a round
+    /// (a store call or the replica not answering): why the RPO grows.
+    #[serde(skip)]
+    pub stalled_ms: Option<u64>,
     /// The newest shipper heartbeat read, and the last time the replica is known to
     /// have held every write of the source (source clock, ms since the Unix epoch).
     pub heartbeat_unix_ms: Option<u64>,
@@ -188,6 +192,13 @@ impl VolumeStatus {
         }
         if let Some(e) = &self.store_error {
             parts.push(format!("store: {e}"));
+        }
+        if let Some(ms) = self.stalled_ms {
+            parts.push(format!(
+                "applying has made no progress for {}: a store call or the replica does \
+                 not answer",
+                changelog::short_duration(ms)
+            ));
         }
         if self.over_threshold() {
             let rpo = changelog::short_duration(self.rpo_ms.unwrap_or(0));
