@@ -6,10 +6,16 @@ use std::path::Path;
 use std::process::Command;
 
 fn run(name: &str, args: &[&str]) -> (bool, String) {
+    let (code, text) = run_code(name, args);
+    (code == 0, text)
+}
+
+/// The exit status and output (stdout, then stderr) of `name ARGS`.
+fn run_code(name: &str, args: &[&str]) -> (i32, String) {
     let out = Command::new(bin(name)).args(args).output().expect("run");
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
+    (out.status.code().expect("exited"), text)
 }
 
 #[test]
@@ -410,6 +416,17 @@ fn status_shows_a_table_per_config(cfg: &std::path::Path, d: &std::path::Path) {
             && text.contains("1 of 3 volume(s)"),
         "{text}"
     );
+    // The monitoring check: that volume is not shipped, CRITICAL.
+    let (code, text) = run_code(
+        "shipper",
+        &["status", "--check", "--config", with_vol2.to_str().unwrap()],
+    );
+    assert!(
+        code == 2
+            && text.starts_with("UBLK-DR SHIPPER CRITICAL - vol2 Critical: no readable status")
+            && text.lines().count() == 4,
+        "{text}"
+    );
 }
 
 #[test]
@@ -438,6 +455,26 @@ fn bad_config_is_refused_with_the_field_named() {
     );
     let (ok, text) = run("ublk-target", &["apply", "--config", "/nonexistent.toml"]);
     assert!(!ok && text.contains("/nonexistent.toml"), "{text}");
+
+    // A monitoring check that cannot judge says UNKNOWN (3), and why.
+    let (code, text) = run_code(
+        "ublk-target",
+        &["status", "--check", "--config", cfg.to_str().unwrap()],
+    );
+    assert!(
+        code == 3 && text.starts_with("UBLK-DR TARGET UNKNOWN - ") && text.contains("keep_age"),
+        "{text}"
+    );
+    let (code, text) = run_code(
+        "shipper",
+        &["status", "--check", "--config", "/nonexistent.toml"],
+    );
+    assert!(
+        code == 3
+            && text.starts_with("UBLK-DR SHIPPER UNKNOWN - ")
+            && text.contains("/nonexistent.toml"),
+        "{text}"
+    );
 }
 
 /// The systemd units of scripts/systemd load without a warning (an unknown or

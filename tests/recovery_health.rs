@@ -93,6 +93,17 @@ fn follow_with_alerts(config: &Path, alerts: &Path, log: &Path) -> KillOnDrop {
     )
 }
 
+/// `BIN status --check ARGS`: its exit status and output.
+fn check(bin_name: &str, args: &[&std::ffi::OsStr]) -> (i32, String) {
+    let out = Command::new(bin(bin_name))
+        .args(["status", "--check"])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out.status.code().expect("exited"), text)
+}
+
 fn lines_of(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -146,6 +157,23 @@ fn a_quiet_source_stays_healthy_and_a_dark_one_raises_the_alarm() {
         Vec::<String>::new(),
         "a quiet source is not news"
     );
+    let (code, text) = check("ublk-target", &["--config".as_ref(), config.as_os_str()]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.starts_with("UBLK-DR TARGET OK - 1 volume(s) Healthy, largest RPO ")
+            && text.contains(" | 'vol0 rpo'="),
+        "{text}"
+    );
+    let shipper_status = fixture.path("status.json");
+    let (code, text) = check(
+        "shipper",
+        &["--status".as_ref(), shipper_status.as_os_str()],
+    );
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.starts_with("UBLK-DR SHIPPER OK - 1 volume(s) Healthy"),
+        "{text}"
+    );
     assert!(
         std::fs::read(fixture.path("replica")).unwrap() == model.final_image(),
         "the replica is not the source"
@@ -179,6 +207,12 @@ fn a_quiet_source_stays_healthy_and_a_dark_one_raises_the_alarm() {
     assert!(
         text.lines()
             .any(|l| l == "ublk_dr_target_health{volume=\"vol0\"} 1"),
+        "{text}"
+    );
+    let (code, text) = check("ublk-target", &["--config".as_ref(), config.as_os_str()]);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.starts_with("UBLK-DR TARGET WARNING - vol0 Warning: not current for"),
         "{text}"
     );
     wait_for(
@@ -386,6 +420,14 @@ fn a_hung_apply_still_raises_the_alarm() {
     assert!(
         std::fs::read(fixture.path("replica")).unwrap() == model.final_image(),
         "the replica is not the source"
+    );
+    // `status` does not hang with it: the store's silence is its answer.
+    let (code, text) = check("ublk-target", &["--config".as_ref(), config.as_os_str()]);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.starts_with("UBLK-DR TARGET WARNING - vol0 Warning:")
+            && text.contains("gave no answer within 10 s"),
+        "{text}"
     );
 
     // The store answers again (with something that is no heartbeat): applying goes on.

@@ -13,6 +13,7 @@
 //! * [`alert`], [`heartbeat`]: what both sides share about a volume's health: the
 //!   alert command, and the shipper's sealed "caught up as of" note in the store.
 pub mod alert;
+pub mod check;
 pub mod digests;
 pub mod error;
 pub mod header;

@@ -120,6 +120,12 @@ enum Command {
         /// ublk_dr_up 0 for a volume without a readable status (exit status 0 then).
         #[arg(long, conflicts_with_all = ["json", "table"])]
         prometheus: bool,
+        /// A monitoring-plugin check (Nagios, Icinga, Zabbix, ...): one line of
+        /// verdict, RPOs as perfdata, a line per volume; exit status 0 OK, 1 WARNING,
+        /// 2 CRITICAL (a volume's health; a status missing or not updated for 10 s, as
+        /// when the shipper stopped, is CRITICAL), 3 UNKNOWN (a bad config).
+        #[arg(long, conflicts_with_all = ["json", "table", "prometheus"])]
+        check: bool,
     },
 }
 
@@ -404,31 +410,31 @@ fn run(cli: Cli) -> Result<()> {
             json,
             table,
             prometheus,
+            check,
         } => {
-            // (volume name for the table, status file)
-            let (files, table) = match (status, config) {
-                (Some(status), _) => {
-                    let name = status
-                        .file_name()
-                        .map(|n| {
-                            n.to_string_lossy()
-                                .trim_end_matches(".status.json")
-                                .to_string()
-                        })
-                        .unwrap_or_default();
-                    (vec![(name, status)], table)
-                }
-                (None, config) => {
-                    let path = config.unwrap_or_else(|| shipper::config::DEFAULT_CONFIG.into());
-                    let file = ConfigFile::load(&path)?;
-                    let files = file
-                        .volumes
-                        .iter()
-                        .map(|v| (v.id.to_string(), file.status_path(&v.id)))
-                        .collect();
-                    (files, true)
-                }
-            };
+            if check {
+                let (text, code) = match status_files(status, config) {
+                    Ok((files, _)) => {
+                        let rows: Vec<_> = files
+                            .iter()
+                            .map(|(name, p)| {
+                                (name.clone(), Status::read(p).map_err(|e| e.to_string()))
+                            })
+                            .collect();
+                        changelog::check::report(
+                            "UBLK-DR SHIPPER",
+                            &shipper::status::check_rows(&rows, changelog::unix_ms_now()),
+                        )
+                    }
+                    Err(e) => changelog::check::unknown("UBLK-DR SHIPPER", &format!("{e:#}")),
+                };
+                print!("{text}");
+                std::io::Write::flush(&mut std::io::stdout())?;
+                std::process::exit(code);
+            }
+            let (files, from_config) = status_files(status, config)?;
+            // Every volume of a config file: a table of them.
+            let table = table || from_config;
             if prometheus {
                 let rows: Vec<_> = files
                     .iter()
@@ -470,6 +476,37 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The status files `shipper status` shows, (volume name, file): the one given, or
+/// every volume's of the config file (then `true`).
+fn status_files(
+    status: Option<PathBuf>,
+    config: Option<PathBuf>,
+) -> Result<(Vec<(String, PathBuf)>, bool)> {
+    Ok(match (status, config) {
+        (Some(status), _) => {
+            let name = status
+                .file_name()
+                .map(|n| {
+                    n.to_string_lossy()
+                        .trim_end_matches(".status.json")
+                        .to_string()
+                })
+                .unwrap_or_default();
+            (vec![(name, status)], false)
+        }
+        (None, config) => {
+            let path = config.unwrap_or_else(|| shipper::config::DEFAULT_CONFIG.into());
+            let file = ConfigFile::load(&path)?;
+            let files = file
+                .volumes
+                .iter()
+                .map(|v| (v.id.to_string(), file.status_path(&v.id)))
+                .collect();
+            (files, true)
+        }
+    })
 }
 
 fn key_command(action: KeyAction) -> Result<()> {

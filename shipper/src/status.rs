@@ -287,6 +287,49 @@ pub fn megabytes_per_s(bytes_per_s: u64) -> String {
 /// A status file not updated for longer than this belongs to a shipper that stopped.
 const STALE_MS: u64 = 10_000;
 
+/// The rows of `shipper status --check` ([`changelog::check`]): a volume without a
+/// readable status, or whose status was not updated for [`STALE_MS`] (its shipper
+/// stopped or hangs), is Critical: nothing ships it.
+pub fn check_rows(
+    rows: &[(String, std::result::Result<Status, String>)],
+    now_unix_ms: u64,
+) -> Vec<changelog::check::CheckRow> {
+    rows.iter()
+        .map(|(name, status)| match status {
+            Ok(s) => {
+                let age = now_unix_ms.saturating_sub(s.updated_unix_ms);
+                let stale = age > STALE_MS && s.critical.is_none();
+                changelog::check::CheckRow {
+                    volume: name.clone(),
+                    health: if stale { Health::Critical } else { s.health() },
+                    rpo_ms: Some(s.rpo_ms),
+                    rpo_threshold_ms: s.rpo_threshold_ms,
+                    state: if stale {
+                        stale_state(age, s)
+                    } else {
+                        s.state()
+                    },
+                }
+            }
+            Err(e) => changelog::check::CheckRow {
+                volume: name.clone(),
+                health: Health::Critical,
+                rpo_ms: None,
+                rpo_threshold_ms: 0,
+                state: format!("no readable status: {e}"),
+            },
+        })
+        .collect()
+}
+
+fn stale_state(age_ms: u64, status: &Status) -> String {
+    format!(
+        "not updated for {} (shipper stopped?); was: {}",
+        changelog::short_duration(age_ms),
+        status.state()
+    )
+}
+
 /// `text` cut to at most `max` characters, ending with `…` when cut.
 fn truncate(text: &str, max: usize) -> String {
     if text.chars().count() <= max {
@@ -335,11 +378,7 @@ pub fn table(
                 });
                 let age = now_unix_ms.saturating_sub(s.updated_unix_ms);
                 let state = if age > STALE_MS && s.critical.is_none() {
-                    format!(
-                        "not updated for {} (shipper stopped?); was: {}",
-                        changelog::short_duration(age),
-                        s.state()
-                    )
+                    stale_state(age, s)
                 } else {
                     s.state()
                 };
@@ -557,6 +596,45 @@ pub fn prometheus(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_check_calls_a_stopped_or_missing_shipper_critical() {
+        let now = 1_000_000;
+        let healthy = Status {
+            volume: "vol0".into(),
+            updated_unix_ms: now - 1_000,
+            rpo_ms: 400,
+            rpo_threshold_ms: 30_000,
+            ..Default::default()
+        };
+        let behind = Status {
+            rpo_ms: 45_000,
+            ..healthy.clone()
+        };
+        let stale = Status {
+            updated_unix_ms: now - STALE_MS - 1,
+            ..healthy.clone()
+        };
+        let rows = vec![
+            ("a".to_string(), Ok(healthy)),
+            ("b".to_string(), Ok(behind)),
+            ("c".to_string(), Ok(stale)),
+            ("d".to_string(), Err("reading /x: No such file".to_string())),
+        ];
+        let checked = check_rows(&rows, now);
+        let health: Vec<Health> = checked.iter().map(|r| r.health).collect();
+        use Health::*;
+        assert_eq!(health, [Healthy, Warning, Critical, Critical]);
+        assert_eq!(checked[1].rpo_ms, Some(45_000));
+        assert!(checked[2]
+            .state
+            .starts_with("not updated for 10.0s (shipper stopped?)"));
+        assert_eq!(
+            checked[3].state,
+            "no readable status: reading /x: No such file"
+        );
+        assert_eq!(checked[3].rpo_ms, None);
+    }
 
     #[test]
     fn table_has_a_row_per_volume_and_fits() {

@@ -15,6 +15,7 @@ use ublk_target::{
 };
 
 mod plan_cli;
+mod status_cli;
 
 /// Recovery side of ublk-dr: verify change-log segments and apply them to replica disks.
 #[derive(Parser)]
@@ -248,23 +249,7 @@ enum Command {
     /// whether it was failed over. Then each recovery plan of the file: the point its failover
     /// would take now and the age of the oldest of its volumes' points there (with group
     /// cuts, how long ago the group last had a common point).
-    Status {
-        /// Only this volume of the config file.
-        #[arg(value_name = "VOLUME")]
-        volume: Option<VolumeId>,
-        /// The recovery side's config file (the one `apply --config` reads).
-        #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// Print the Prometheus text format (for node_exporter's textfile collector):
-        /// per volume health, RPO and its threshold, the newest point and its age,
-        /// points, segments waiting; ublk_dr_target_up 0 (and health 2) for a replica
-        /// that cannot be read (exit status 0 then).
-        #[arg(long, conflicts_with = "json")]
-        prometheus: bool,
-    },
+    Status(status_cli::StatusArgs),
     /// Recovery plans: the volumes of a `[[plan]]` in the config file failed over
     /// together, step by step with hooks, at one choice of point (by default the latest
     /// consistency-group cut every volume has).
@@ -827,108 +812,7 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(receiver.serve()?)
         }
-        Command::Status {
-            volume,
-            config: path,
-            json,
-            prometheus,
-        } => {
-            let config = TargetConfig::load(&path)?;
-            let picked: Vec<&VolumeConfig> = match &volume {
-                Some(id) => vec![config
-                    .volume(id)
-                    .map_err(|what| anyhow::anyhow!("config {}: {what}", path.display()))?],
-                None => config.volumes.iter().collect(),
-            };
-            let store = objstore::open(&config.store);
-            // For the shipper's heartbeats: without the key, RPOs go by points only.
-            let key = Key::load(&config.key)
-                .map_err(|e| log::warn!("{e}: RPOs go by recovery points only"))
-                .ok();
-            let now = changelog::unix_ms_now();
-            let mut rows = Vec::new();
-            let mut catalogs = std::collections::HashMap::new();
-            for v in picked {
-                let paths = v.paths();
-                let catalog = match ublk_target::catalog(&paths) {
-                    Ok(catalog) => catalog,
-                    Err(e) => {
-                        let why = changelog::error::one_line(&e);
-                        rows.push(ublk_target::status::VolumeStatus::unreadable(
-                            v.id.to_string(),
-                            why,
-                        ));
-                        continue;
-                    }
-                };
-                let indexes = match &store {
-                    Ok(store) => store.list(&v.id).map_err(|e| e.to_string()),
-                    Err(e) => Err(changelog::error::one_line(e)),
-                };
-                let committed = ublk_target::rollback::committed_marker(&paths).exists();
-                // Not from a store that could not even be listed.
-                let heartbeat = match (&store, &key, &indexes) {
-                    (Ok(store), Some(key), Ok(_)) => ublk_target::health::read_heartbeat(
-                        &**store, &v.id, key,
-                    )
-                    .unwrap_or_else(|e| {
-                        log::warn!("volume {}: the shipper's heartbeat, ignored: {e}", v.id);
-                        None
-                    }),
-                    _ => None,
-                };
-                rows.push(
-                    ublk_target::status::VolumeStatus::new(
-                        v.id.to_string(),
-                        &catalog,
-                        indexes,
-                        committed,
-                    )
-                    .judged(heartbeat.as_ref(), config.rpo_threshold(), now),
-                );
-                catalogs.insert(v.id.clone(), catalog);
-            }
-            // Each plan, in the table of every volume: the points its failover would
-            // take now, and how old the oldest is.
-            let plans: Vec<ublk_target::status::PlanStatus> = config
-                .plans
-                .iter()
-                .filter(|_| volume.is_none() && !json && !prometheus)
-                .map(|plan| {
-                    let named: Option<Vec<(String, ublk_target::Catalog)>> = plan
-                        .volumes()
-                        .map(|id| catalogs.get(id).map(|c| (id.to_string(), c.clone())))
-                        .collect();
-                    let chosen = match named {
-                        Some(named) => ublk_target::plan::choose(plan.point, &named),
-                        None => Err("a volume's replica could not be read (see STATE)".into()),
-                    };
-                    ublk_target::status::PlanStatus::new(plan, chosen, |id| {
-                        rows.iter()
-                            .find(|r| r.volume == id.as_str())
-                            .and_then(|r| r.current_as_of_unix_ms)
-                    })
-                })
-                .collect();
-            if prometheus {
-                print!("{}", ublk_target::status::prometheus(&rows, now));
-                return Ok(());
-            }
-            if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else {
-                print!("{}", ublk_target::status::table(&rows, now));
-                if !plans.is_empty() {
-                    print!("\n{}", ublk_target::status::plans_table(&plans, now));
-                }
-            }
-            let unreadable = rows.iter().filter(|r| r.error.is_some()).count();
-            anyhow::ensure!(
-                unreadable == 0,
-                "{unreadable} volume(s) could not be read (see STATE)"
-            );
-            Ok(())
-        }
+        Command::Status(args) => status_cli::run(args),
         Command::Plan(command) => plan_cli::run(command),
         Command::Inspect { segment, key } => {
             let key = key.map(|k| Key::load(&k)).transpose()?;
