@@ -393,6 +393,82 @@ fn applier_keeps_at_most_n_points() {
     assert!(read_view(&mut view) == model_at(&model, oldest.last_seq));
 }
 
+/// The applier keeps what retention retains in memory between segments (reading the
+/// catalog once): at every step it must leave exactly what a prune from scratch
+/// would, through a view holding old journals, its release, and a restart.
+#[test]
+fn applier_retention_matches_the_catalog_at_every_step() {
+    const KEEP: usize = 5;
+    let (fixture, model) = Fixture::shipped(SIZE, 45, 600);
+    let paths = fixture.replica_paths("replica");
+    let options = ApplyOptions {
+        retention: Retention {
+            keep_points: Some(KEEP),
+            keep_age: None,
+        },
+        ..ApplyOptions::default()
+    };
+    let mut applier = Some(
+        fixture
+            .applier_with("replica", &fixture.key, &options)
+            .unwrap(),
+    );
+    let mut points = Vec::new();
+    let mut view: Option<(PointView, u64)> = None;
+    let mut step = 0;
+    while let Some(a) = applier.as_mut().unwrap().apply_next().unwrap() {
+        step += 1;
+        if a.header.flags & changelog::flags::CRASH_POINT != 0 {
+            points.push(a.header.index);
+        }
+        // What retention keeps: the newest KEEP points, and back to a held view's.
+        let kept_from = points.len().saturating_sub(KEEP);
+        let held = view.as_ref().map(|(_, p)| *p);
+        let expect: Vec<u64> = points
+            .iter()
+            .enumerate()
+            .filter(|&(i, p)| i >= kept_from || held.is_some_and(|h| *p >= h))
+            .map(|(_, p)| *p)
+            .collect();
+        let c = catalog(&paths).unwrap();
+        let got: Vec<u64> = c.points.iter().map(|p| p.index).collect();
+        assert_eq!(got, expect, "step {step}");
+        let mut files: Vec<u64> = std::fs::read_dir(&paths.journal)
+            .unwrap()
+            .filter_map(|e| {
+                ublk_target::journal::parse_undo_file_name(
+                    &e.unwrap().file_name().to_string_lossy(),
+                )
+            })
+            .collect();
+        files.sort_unstable();
+        assert_eq!(files, c.journals, "step {step}: journals outside the run");
+        match step {
+            10 => {
+                let oldest = c.points[0];
+                let opened = PointView::open(&paths, oldest.index).unwrap();
+                view = Some((opened, oldest.index));
+            }
+            20 => {
+                // A restart: the new applier reads the catalog afresh.
+                drop(applier.take());
+                applier = Some(
+                    fixture
+                        .applier_with("replica", &fixture.key, &options)
+                        .unwrap(),
+                );
+            }
+            30 => {
+                let (mut opened, point) = view.take().unwrap();
+                let facts = c.points.iter().find(|p| p.index == point).unwrap();
+                assert!(read_view(&mut opened) == model_at(&model, facts.last_seq));
+            }
+            _ => {}
+        }
+    }
+    assert!(step > 40, "only {step} segments");
+}
+
 #[test]
 fn retention_by_age() {
     let (fixture, _model) = Fixture::shipped(SIZE, 43, 250);

@@ -60,7 +60,7 @@
 
 use crate::error::{Result, TargetError};
 use crate::journal::{Journal, JournalLock, ReplicaFile, UndoMethod};
-use crate::points::{prune_locked, PruneReport, Retention};
+use crate::points::{PruneReport, Retained, Retention};
 use crate::rollback::{rollback_locked, RollbackReport};
 use crate::state::{ApplyState, PointFacts, ReplicaPaths};
 use changelog::header::HEADER_LEN;
@@ -155,6 +155,9 @@ pub struct Applier {
     prune_store: bool,
     /// Segments applied (position durable) and not yet deleted from the store.
     applied_in_store: Vec<u64>,
+    /// What retention keeps, once it has run (read from the catalog then, kept up to
+    /// date after).
+    retained: Option<Retained>,
     _lock: JournalLock,
 }
 
@@ -203,6 +206,7 @@ impl Applier {
             undo_method,
             prune_store: options.prune_store,
             applied_in_store: Vec::new(),
+            retained: None,
             _lock: lock,
         })
     }
@@ -233,15 +237,29 @@ impl Applier {
         &self.paths
     }
 
-    /// Applies `retention` now (see [`crate::points::prune`]).
+    /// Applies `retention` now (see [`crate::points::prune`]). The first call reads
+    /// the catalog; later ones cost the same however many journals are retained.
     pub fn prune(&mut self, retention: &Retention, now_unix_ms: u64) -> Result<PruneReport> {
-        prune_locked(
+        let Some(latest) = self.state.latest() else {
+            return Ok(PruneReport::default());
+        };
+        let retained = match &mut self.retained {
+            Some(retained) => retained,
+            None => self.retained.insert(Retained::load(&self.paths)?),
+        };
+        let pruned = retained.prune(
             &self.paths,
             &self.journal,
             &mut self.uring,
+            latest,
             retention,
             now_unix_ms,
-        )
+        );
+        if pruned.is_err() {
+            // Partly done, perhaps: read again next time.
+            self.retained = None;
+        }
+        pruned
     }
 
     /// Rolls the replica back to `point` for failover (see [`crate::rollback`]); no
@@ -257,6 +275,7 @@ impl Applier {
             None,
         )?;
         self.state = state;
+        self.retained = None;
         Ok(report)
     }
 
@@ -385,13 +404,18 @@ impl Applier {
         self.times.undo_save += saved.save;
         let bytes_written = self.write_records(&segment)?;
         let t = Instant::now();
-        if let Some(cuts) = crate::group_cuts::segment_cuts(&segment) {
-            crate::group_cuts::record(&self.paths.journal, index, &cuts)?;
+        let cuts = crate::group_cuts::segment_cuts(&segment);
+        if let Some(cuts) = &cuts {
+            crate::group_cuts::record(&self.paths.journal, index, cuts)?;
         }
+        let facts = PointFacts::from_header(&segment.header);
         self.state.cursor.advance(&segment.header, segment.digest);
-        self.state.last = Some(PointFacts::from_header(&segment.header));
+        self.state.last = Some(facts);
         self.state.key_id = Some(segment.header.key_id);
         self.state.save(&mut self.uring, &self.paths.state)?;
+        if let Some(retained) = &mut self.retained {
+            retained.applied(&facts, cuts.is_some());
+        }
         self.times.state += t.elapsed();
         self.times.segments += 1;
         self.applied_in_store.push(index);

@@ -888,12 +888,13 @@ impl Journal {
         })
     }
 
-    /// Deletes undo file `index` (absent is fine). The caller syncs the directory.
-    pub(crate) fn remove(&self, index: u64) -> Result<()> {
+    /// Deletes undo file `index` (absent is fine); says whether it was there. The
+    /// caller syncs the directory.
+    pub(crate) fn remove(&self, index: u64) -> Result<bool> {
         let path = self.path_of(index);
         match std::fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(TargetError::io(format!("removing {}", path.display()), e)),
         }
     }

@@ -18,7 +18,12 @@
 //!
 //! Retention ([`prune`]) drops the oldest undo files so that at most `keep_points`
 //! points remain and none is older than `keep_age` (by its creation time), always
-//! keeping the latest point, and never a journal a registered view needs. Files are
+//! keeping the latest point, and never a journal a registered view needs. Points go
+//! oldest first while either limit says so (should the source's clock have stepped
+//! back, a point older by time than a newer-numbered one goes when that one does).
+//! An applier keeps what is retained in memory ([`Retained`]) from one segment to
+//! the next, so retention costs the same per segment with a million journals as with
+//! ten; the catalog, which reads every journal, is read once. Files are
 //! deleted oldest first, so after a crash the retained journals are still one
 //! contiguous run ending at `L`.
 
@@ -26,6 +31,7 @@ use crate::error::{Result, TargetError};
 use crate::journal::Journal;
 use crate::state::{ApplyState, PointFacts, ReplicaPaths};
 use changelog::uring::Uring;
+use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -459,53 +465,164 @@ pub(crate) fn prune_locked(
     let Some(latest) = catalog.latest_applied else {
         return Ok(PruneReport::default());
     };
-    // Newest first: the latest point always stays, then as many as the limits allow.
-    let keep_points = retention.keep_points.unwrap_or(usize::MAX).max(1);
-    let mut oldest_kept: Option<u64> = None;
-    for (n, p) in catalog.points.iter().rev().enumerate() {
-        let age_ms = now_unix_ms.saturating_sub(p.created_unix_ms);
-        let too_old = retention
-            .keep_age
-            .is_some_and(|max| u128::from(age_ms) > max.as_millis());
-        if n > 0 && (n >= keep_points || too_old) {
-            break;
+    let mut retained = Retained::from_catalog(&catalog, paths)?;
+    let report = retained.prune(paths, journal, uring, latest, retention, now_unix_ms)?;
+    retained.drop_stale_cut_lines(paths)?;
+    Ok(report)
+}
+
+/// The retained recovery points and undo journals, as an applier keeps them from one
+/// segment to the next: read from the catalog once, then told of each point applied,
+/// so retention after every segment costs the same with a million journals retained
+/// as with ten (the catalog reads every journal's header).
+#[derive(Debug)]
+pub(crate) struct Retained {
+    /// Retained points, oldest first: (index, creation time).
+    points: VecDeque<(u64, u64)>,
+    /// No undo file below this index exists (journals are deleted oldest first).
+    journals_from: u64,
+    /// Retained points with group cuts, oldest first, and how many lines the cut file
+    /// still holds for points no longer retained: it is rewritten once those are a
+    /// fair share of it, not at every prune (they name indexes below every retained
+    /// journal, which nothing reads).
+    cut_points: VecDeque<u64>,
+    stale_cut_lines: usize,
+    /// Points below this index are no longer retained.
+    retained_from: u64,
+}
+
+impl Retained {
+    /// What `paths`' catalog says is retained.
+    pub(crate) fn load(paths: &ReplicaPaths) -> Result<Retained> {
+        Retained::from_catalog(&catalog(paths)?, paths)
+    }
+
+    fn from_catalog(catalog: &Catalog, paths: &ReplicaPaths) -> Result<Retained> {
+        let first_journal = [
+            catalog.journals.first(),
+            catalog.unused_journals.first(),
+            catalog.damaged.iter().map(|(i, _)| i).min(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let cuts = crate::group_cuts::load(&paths.journal)?;
+        // With no point, its lines wait for the first prune that drops something.
+        let oldest_point = catalog.points.first().map_or(0, |p| p.index);
+        Ok(Retained {
+            points: catalog
+                .points
+                .iter()
+                .map(|p| (p.index, p.created_unix_ms))
+                .collect(),
+            journals_from: first_journal.copied().unwrap_or(u64::MAX),
+            cut_points: catalog
+                .points
+                .iter()
+                .filter(|p| p.group_cuts.is_some())
+                .map(|p| p.index)
+                .collect(),
+            stale_cut_lines: cuts.keys().filter(|&&i| i < oldest_point).count(),
+            retained_from: oldest_point,
+        })
+    }
+
+    /// Segment `facts` was applied (its position durable), with group cuts or not.
+    pub(crate) fn applied(&mut self, facts: &PointFacts, group_cuts: bool) {
+        self.journals_from = self.journals_from.min(facts.index);
+        if facts.is_crash_point() {
+            self.points.push_back((facts.index, facts.created_unix_ms));
+            if group_cuts {
+                self.cut_points.push_back(facts.index);
+            }
         }
-        oldest_kept = Some(p.index);
     }
-    // Journals up to the oldest kept point serve nothing; with no point at all, every
-    // journal of an applied segment goes.
-    let wanted_limit = oldest_kept.unwrap_or(latest);
-    let mut limit = wanted_limit;
-    let mut held_by = Vec::new();
-    for view in &catalog.views {
-        let needs = view.point.unwrap_or(0);
-        if needs < wanted_limit {
-            held_by.push(view.clone());
+
+    /// Rewrites the cut file without the lines of points no longer retained, if it
+    /// has any.
+    fn drop_stale_cut_lines(&mut self, paths: &ReplicaPaths) -> Result<()> {
+        if self.stale_cut_lines > 0 {
+            let from = self.retained_from;
+            crate::group_cuts::retain(&paths.journal, |index| index >= from)?;
+            self.stale_cut_lines = 0;
         }
-        limit = limit.min(needs);
+        Ok(())
     }
-    let mut removed = Vec::new();
-    for index in journal.list()? {
-        if index > limit || index > latest {
-            break;
+
+    /// Applies `retention` with the replica at segment `latest` (see [`prune`]).
+    pub(crate) fn prune(
+        &mut self,
+        paths: &ReplicaPaths,
+        journal: &Journal,
+        uring: &mut Uring,
+        latest: u64,
+        retention: &Retention,
+        now_unix_ms: u64,
+    ) -> Result<PruneReport> {
+        // Oldest first, while a limit says so (a step per point dropped, not per point
+        // kept); the latest point always stays.
+        let keep_points = retention.keep_points.unwrap_or(usize::MAX).max(1);
+        let over = self.points.len().saturating_sub(keep_points);
+        let mut first_kept = 0;
+        while first_kept + 1 < self.points.len() {
+            let age_ms = now_unix_ms.saturating_sub(self.points[first_kept].1);
+            let too_old = retention
+                .keep_age
+                .is_some_and(|max| u128::from(age_ms) > max.as_millis());
+            if first_kept < over || too_old {
+                first_kept += 1;
+            } else {
+                break;
+            }
         }
-        journal.remove(index)?;
-        removed.push(index);
+        let oldest_kept = self.points.get(first_kept).map(|&(index, _)| index);
+        // Journals up to the oldest kept point serve nothing; with no point at all,
+        // every journal of an applied segment goes.
+        let wanted_limit = oldest_kept.unwrap_or(latest);
+        let mut limit = wanted_limit;
+        let mut held_by = Vec::new();
+        for view in list_views(&paths.journal)? {
+            let needs = view.point.unwrap_or(0);
+            if needs < wanted_limit {
+                held_by.push(view.clone());
+            }
+            limit = limit.min(needs);
+        }
+        let mut removed = Vec::new();
+        let last_removed = limit.min(latest);
+        if self.journals_from <= last_removed {
+            for index in self.journals_from..=last_removed {
+                if journal.remove(index)? {
+                    removed.push(index);
+                }
+            }
+            self.journals_from = last_removed + 1;
+        }
+        self.retained_from = self.retained_from.max(limit);
+        while self.points.front().is_some_and(|&(i, _)| i < limit) {
+            self.points.pop_front();
+        }
+        while self.cut_points.front().is_some_and(|&i| i < limit) {
+            self.cut_points.pop_front();
+            self.stale_cut_lines += 1;
+        }
+        if !removed.is_empty() {
+            journal.sync(uring)?;
+            if self.stale_cut_lines > 16 + self.cut_points.len() / 4 {
+                self.drop_stale_cut_lines(paths)?;
+            }
+            log::info!(
+                "pruned undo journals {}..={} (points older than {limit} dropped)",
+                removed[0],
+                removed[removed.len() - 1]
+            );
+        }
+        Ok(PruneReport {
+            points_left: self.points.len(),
+            removed,
+            held_by,
+        })
     }
-    if !removed.is_empty() {
-        journal.sync(uring)?;
-        crate::group_cuts::retain(&paths.journal, |index| index >= limit)?;
-        log::info!(
-            "pruned undo journals {}..={} (points older than {limit} dropped)",
-            removed[0],
-            removed[removed.len() - 1]
-        );
-    }
-    Ok(PruneReport {
-        points_left: catalog.points.iter().filter(|p| p.index >= limit).count(),
-        removed,
-        held_by,
-    })
 }
 
 /// Parses a retention age: `90` or `90s` (seconds), `30m`, `2h`, `15d`.
