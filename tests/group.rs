@@ -206,6 +206,65 @@ fn each_cut_is_one_crash_state_of_both_volumes() {
     assert!(!missing.exists());
 }
 
+/// An applier that prunes as it applies keeps every retained point's cuts, and its
+/// cut file does not grow with the points it dropped.
+#[test]
+fn an_applier_pruning_as_it_goes_keeps_the_cuts_of_its_points() {
+    const KEEP: usize = 3;
+    let fixture = Fixture::new(SIZE);
+    let clock_path = fixture.path("group.clock");
+    let mut capture = grouped_capture(&fixture, &clock_path);
+    let clock = GroupClock::open(&clock_path).unwrap();
+    let mut model = Model::new(SIZE);
+    for n in 1..=600 {
+        record(&mut capture, &mut model, write(n));
+        if n % 10 == 0 {
+            clock.cut().unwrap();
+        }
+    }
+    capture.tick().unwrap();
+    fixture.ship_drained();
+    // The reference: every point, every cut.
+    fixture
+        .applier("reference", &fixture.key)
+        .unwrap()
+        .apply_available()
+        .unwrap();
+    let reference = ublk_target::catalog(&fixture.replica_paths("reference")).unwrap();
+    let with_cuts = reference
+        .points
+        .iter()
+        .filter(|p| p.group_cuts.is_some())
+        .count();
+    assert!(with_cuts >= 30, "only {with_cuts} points at cuts");
+
+    let paths = fixture.replica_paths("replica");
+    let options = ublk_target::ApplyOptions {
+        retention: ublk_target::Retention {
+            keep_points: Some(KEEP),
+            keep_age: None,
+        },
+        ..Default::default()
+    };
+    let mut applier = fixture
+        .applier_with("replica", &fixture.key, &options)
+        .unwrap();
+    while let Some(applied) = applier.apply_next().unwrap() {
+        let points = ublk_target::catalog(&paths).unwrap().points;
+        assert!(points.len() <= KEEP);
+        for p in &points {
+            let expect = reference.find(p.index).expect("a reference point");
+            assert_eq!(p.group_cuts, expect.group_cuts, "point {}", p.index);
+        }
+        let lines = ublk_target::group_cuts::load(&paths.journal).unwrap().len();
+        assert!(
+            lines <= KEEP + 16 + 1,
+            "segment {}: {lines} cut lines for {KEEP} points",
+            applied.header.index
+        );
+    }
+}
+
 #[test]
 fn an_app_consistent_cut_waits_for_every_volume_and_is_flagged_on_each() {
     let (a, b) = (Fixture::new(SIZE), Fixture::new(SIZE));

@@ -302,7 +302,8 @@ pub fn check_rows(
                 changelog::check::CheckRow {
                     volume: name.clone(),
                     health: if stale { Health::Critical } else { s.health() },
-                    rpo_ms: Some(s.rpo_ms),
+                    // Stale: what it was, and at least as much older since.
+                    rpo_ms: Some(if stale { s.rpo_ms + age } else { s.rpo_ms }),
                     rpo_threshold_ms: s.rpo_threshold_ms,
                     state: if stale {
                         stale_state(age, s)
@@ -626,6 +627,7 @@ mod tests {
         use Health::*;
         assert_eq!(health, [Healthy, Warning, Critical, Critical]);
         assert_eq!(checked[1].rpo_ms, Some(45_000));
+        assert_eq!(checked[2].rpo_ms, Some(400 + STALE_MS + 1));
         assert!(checked[2]
             .state
             .starts_with("not updated for 10.0s (shipper stopped?)"));

@@ -240,6 +240,8 @@ impl Applier {
     /// Applies `retention` now (see [`crate::points::prune`]). The first call reads
     /// the catalog; later ones cost the same however many journals are retained.
     pub fn prune(&mut self, retention: &Retention, now_unix_ms: u64) -> Result<PruneReport> {
+        // A rollback (perhaps interrupted) needs its journals.
+        self.refuse_if_rolled_back()?;
         let Some(latest) = self.state.latest() else {
             return Ok(PruneReport::default());
         };

@@ -86,9 +86,9 @@ impl HeartbeatWatch {
 /// `apply --follow`'s view of one volume's health, with an alert on each change
 /// ([`changelog::alert`]). The applying thread feeds it: after each round
 /// ([`FollowHealth::observe`], which also reads the shipper's heartbeat) and after
-/// each segment ([`FollowHealth::applied`]). A watchdog thread judges it every
-/// second besides, so the RPO is seen to grow (and the alert raised) while a round
-/// lasts, also one that hangs in a store call or on a replica that does not answer:
+/// each segment ([`FollowHealth::applied`]). While a round lasts, a watchdog thread
+/// judges it every second besides, so the RPO is seen to grow (and the alert raised)
+/// also in a round that hangs in a store call or on a replica that does not answer:
 /// the watchdog does no I/O itself.
 pub struct FollowHealth {
     shared: Arc<Mutex<Judge>>,
@@ -166,7 +166,10 @@ impl FollowHealth {
             .spawn(move || {
                 while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(WATCH_EVERY) {
                     let mut judge = watched.lock().expect("health lock");
-                    let due = judge.fed || judge.stalled().is_some();
+                    // Between rounds the applying thread judges itself, after
+                    // reading the heartbeat: judged here, a quiet volume's RPO would
+                    // grow by the poll interval.
+                    let due = judge.in_round && (judge.fed || judge.stalled().is_some());
                     if due && judge.judged_at.elapsed() >= WATCH_EVERY {
                         judge.judge();
                     }
@@ -316,7 +319,7 @@ impl Judge {
             if !std::mem::replace(&mut self.warned_stall, true) {
                 log::warn!(
                     "volume {}: applying has made no progress for {}: a store call or the \
-                     replica does not answer",
+                     replica is slow or does not answer",
                     self.volume,
                     changelog::short_duration(ms)
                 );

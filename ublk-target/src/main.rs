@@ -1121,6 +1121,9 @@ impl ApplyJob {
         let mut key_file = changelog::key::WatchedKeyFile::new(&self.key_file, self.key.clone());
         let mut proved_at = Instant::now();
         loop {
+            if let Some(health) = health.as_ref() {
+                health.round_begins();
+            }
             // A rotation copied here: apply with the new key (reopening proves it).
             if follow.is_some()
                 && key_file
@@ -1142,9 +1145,6 @@ impl ApplyJob {
                 }
             }
             let key = key_file.keys().clone();
-            if let Some(health) = health.as_ref() {
-                health.round_begins();
-            }
             let mut on_applied = |applied: &Applied| {
                 if let Some(health) = health.as_ref() {
                     health.applied(&applied.header);

@@ -22,8 +22,8 @@
 //! oldest first while either limit says so (should the source's clock have stepped
 //! back, a point older by time than a newer-numbered one goes when that one does).
 //! An applier keeps what is retained in memory ([`Retained`]) from one segment to
-//! the next, so retention costs the same per segment with a million journals as with
-//! ten; the catalog, which reads every journal, is read once. Files are
+//! the next, so what retention costs per segment does not grow with the journals
+//! retained; the catalog, which reads every journal, is read once. Files are
 //! deleted oldest first, so after a crash the retained journals are still one
 //! contiguous run ending at `L`.
 
@@ -472,9 +472,9 @@ pub(crate) fn prune_locked(
 }
 
 /// The retained recovery points and undo journals, as an applier keeps them from one
-/// segment to the next: read from the catalog once, then told of each point applied,
-/// so retention after every segment costs the same with a million journals retained
-/// as with ten (the catalog reads every journal's header).
+/// segment to the next: read from the catalog once (which reads every journal's
+/// header), then told of each point applied, so retention after every segment does
+/// not cost more as journals pile up.
 #[derive(Debug)]
 pub(crate) struct Retained {
     /// Retained points, oldest first: (index, creation time).
@@ -482,9 +482,9 @@ pub(crate) struct Retained {
     /// No undo file below this index exists (journals are deleted oldest first).
     journals_from: u64,
     /// Retained points with group cuts, oldest first, and how many lines the cut file
-    /// still holds for points no longer retained: it is rewritten once those are a
-    /// fair share of it, not at every prune (they name indexes below every retained
-    /// journal, which nothing reads).
+    /// still holds for points no longer retained: it is rewritten once those outnumber
+    /// 16 plus a quarter of the retained ones, not at every prune (they name indexes
+    /// below every retained journal, which nothing reads).
     cut_points: VecDeque<u64>,
     stale_cut_lines: usize,
     /// Points below this index are no longer retained.
@@ -591,7 +591,19 @@ impl Retained {
         let mut removed = Vec::new();
         let last_removed = limit.min(latest);
         if self.journals_from <= last_removed {
-            for index in self.journals_from..=last_removed {
+            // Index by index, unless a stray far below the chain makes the range much
+            // longer than the directory is.
+            let span = last_removed - self.journals_from;
+            let candidates: Vec<u64> = if span > 2 * self.points.len() as u64 + 1024 {
+                journal
+                    .list()?
+                    .into_iter()
+                    .take_while(|&i| i <= last_removed)
+                    .collect()
+            } else {
+                (self.journals_from..=last_removed).collect()
+            };
+            for index in candidates {
                 if journal.remove(index)? {
                     removed.push(index);
                 }

@@ -195,8 +195,8 @@ impl VolumeStatus {
         }
         if let Some(ms) = self.stalled_ms {
             parts.push(format!(
-                "applying has made no progress for {}: a store call or the replica does \
-                 not answer",
+                "applying has made no progress for {}: a store call or the replica is \
+                 slow or does not answer",
                 changelog::short_duration(ms)
             ));
         }

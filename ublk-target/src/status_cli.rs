@@ -113,7 +113,7 @@ fn rows(
     let mut rows = Vec::new();
     let mut catalogs = HashMap::new();
     for v in picked {
-        let (indexes, heartbeat) = answers.next().expect("an answer per volume");
+        let answer = answers.next().expect("an answer per volume");
         let paths = v.paths();
         let catalog = match ublk_target::catalog(&paths) {
             Ok(catalog) => catalog,
@@ -124,21 +124,30 @@ fn rows(
             }
         };
         let committed = ublk_target::rollback::committed_marker(&paths).exists();
-        rows.push(
-            VolumeStatus::new(v.id.to_string(), &catalog, indexes, committed).judged(
-                heartbeat.as_ref(),
-                config.rpo_threshold(),
-                now,
-            ),
-        );
+        let mut row = VolumeStatus::new(v.id.to_string(), &catalog, answer.indexes, committed);
+        if answer.heartbeat_silent.is_some() {
+            row.store_error = answer.heartbeat_silent;
+        }
+        rows.push(row.judged(answer.heartbeat.as_ref(), config.rpo_threshold(), now));
         catalogs.insert(v.id.clone(), catalog);
     }
     Ok((rows, catalogs))
 }
 
-/// What the store says of each volume: the segment indexes it holds (or why not) and
-/// the shipper's heartbeat (not read from a store that could not be listed).
-type StoreAnswer = (Result<Vec<u64>, String>, Option<Heartbeat>);
+/// What the store says of a volume: the segment indexes it holds (or why not), the
+/// shipper's heartbeat (not read from a store that could not be listed), and why the
+/// heartbeat is missing when the store did not answer for it in time.
+struct StoreAnswer {
+    indexes: Result<Vec<u64>, String>,
+    heartbeat: Option<Heartbeat>,
+    heartbeat_silent: Option<String>,
+}
+
+/// One reply of a volume's thread: its listing first, then its heartbeat.
+enum Reply {
+    Listed(Result<Vec<u64>, String>),
+    Heartbeat(Option<Heartbeat>),
+}
 
 /// Asks the store about every volume at once, waiting [`STORE_ANSWER_LIMIT`] at most.
 fn ask_store(
@@ -146,43 +155,70 @@ fn ask_store(
     key: Option<Key>,
     volumes: &[VolumeId],
 ) -> Vec<StoreAnswer> {
+    let answer = |indexes, heartbeat_silent| StoreAnswer {
+        indexes,
+        heartbeat: None,
+        heartbeat_silent,
+    };
     let store = match store {
         Ok(store) => store,
-        Err(e) => return volumes.iter().map(|_| (Err(e.clone()), None)).collect(),
+        Err(e) => {
+            return volumes
+                .iter()
+                .map(|_| answer(Err(e.clone()), None))
+                .collect()
+        }
     };
-    let (answered, answers) = channel::<(usize, StoreAnswer)>();
+    let (reply, replies) = channel::<(usize, Reply)>();
     for (i, volume) in volumes.iter().enumerate() {
-        let (store, key, volume, answered) =
-            (store.clone(), key.clone(), volume.clone(), answered.clone());
+        let (store, key, volume, reply) =
+            (store.clone(), key.clone(), volume.clone(), reply.clone());
         std::thread::spawn(move || {
             let indexes = store.list(&volume).map_err(|e| e.to_string());
-            let heartbeat = match (&key, &indexes) {
-                (Some(key), Ok(_)) => ublk_target::health::read_heartbeat(&*store, &volume, key)
+            let listed = indexes.is_ok();
+            let _ = reply.send((i, Reply::Listed(indexes)));
+            let heartbeat = match &key {
+                Some(key) if listed => ublk_target::health::read_heartbeat(&*store, &volume, key)
                     .unwrap_or_else(|e| {
                         log::warn!("volume {volume}: the shipper's heartbeat, ignored: {e}");
                         None
                     }),
                 _ => None,
             };
-            let _ = answered.send((i, (indexes, heartbeat)));
+            let _ = reply.send((i, Reply::Heartbeat(heartbeat)));
         });
     }
-    let mut got: Vec<Option<StoreAnswer>> = volumes.iter().map(|_| None).collect();
+    drop(reply);
+    let mut listed: Vec<Option<Result<Vec<u64>, String>>> = volumes.iter().map(|_| None).collect();
+    let mut beats: Vec<Option<Option<Heartbeat>>> = volumes.iter().map(|_| None).collect();
     let deadline = Instant::now() + STORE_ANSWER_LIMIT;
-    while got.iter().any(Option::is_none) {
+    while beats.iter().any(Option::is_none) {
         let left = deadline.saturating_duration_since(Instant::now());
-        match answers.recv_timeout(left) {
-            Ok((i, answer)) => got[i] = Some(answer),
+        match replies.recv_timeout(left) {
+            Ok((i, Reply::Listed(indexes))) => listed[i] = Some(indexes),
+            Ok((i, Reply::Heartbeat(beat))) => beats[i] = Some(beat),
             Err(_) => break,
         }
     }
-    let silent = format!(
-        "{} gave no answer within {} s (a hung mount or network?)",
-        store.describe(),
-        STORE_ANSWER_LIMIT.as_secs()
-    );
-    got.into_iter()
-        .map(|answer| answer.unwrap_or_else(|| (Err(silent.clone()), None)))
+    let silent = |what: &str| {
+        format!(
+            "{} gave no answer within {} s {what} (a hung mount or network?)",
+            store.describe(),
+            STORE_ANSWER_LIMIT.as_secs()
+        )
+    };
+    listed
+        .into_iter()
+        .zip(beats)
+        .map(|(indexes, beat)| match (indexes, beat) {
+            (Some(indexes), Some(heartbeat)) => StoreAnswer {
+                indexes,
+                heartbeat,
+                heartbeat_silent: None,
+            },
+            (Some(indexes), None) => answer(indexes, Some(silent("for the heartbeat"))),
+            (None, _) => answer(Err(silent("for the listing")), None),
+        })
         .collect()
 }
 
