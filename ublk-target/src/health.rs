@@ -188,13 +188,13 @@ impl FollowHealth {
         }
     }
 
-    fn judge(&self) -> MutexGuard<'_, Judge> {
+    fn lock(&self) -> MutexGuard<'_, Judge> {
         self.shared.lock().expect("health lock")
     }
 
     /// A round of applying begins.
     pub fn round_begins(&self) {
-        let mut judge = self.judge();
+        let mut judge = self.lock();
         if !judge.in_round {
             judge.in_round = true;
             judge.progress_at = Instant::now();
@@ -212,7 +212,7 @@ impl FollowHealth {
         trouble: Option<String>,
     ) {
         let (volume, at_point) = {
-            let mut judge = self.judge();
+            let mut judge = self.lock();
             judge.row.apply_error = trouble;
             if let Some(state) = state {
                 judge.row.latest_applied = state.latest();
@@ -237,7 +237,7 @@ impl FollowHealth {
         } else {
             None
         };
-        let mut judge = self.judge();
+        let mut judge = self.lock();
         judge.heartbeat = heartbeat;
         judge.in_round = false;
         judge.progress(Instant::now());
@@ -246,7 +246,7 @@ impl FollowHealth {
 
     /// Within a round: segment `header` was applied (the watchdog judges meanwhile).
     pub fn applied(&self, header: &SegmentHeader) {
-        let mut judge = self.judge();
+        let mut judge = self.lock();
         judge.row.latest_applied = Some(header.index);
         // Its chain position is known only at the round's end: no heartbeat counts.
         judge.row.at_point = None;
@@ -260,7 +260,7 @@ impl FollowHealth {
 
     /// Applying stopped on an error that needs an operator: Critical, at once.
     pub fn stopped(&mut self, why: &str) {
-        let mut judge = self.judge();
+        let mut judge = self.lock();
         let (volume, rpo_ms) = (judge.row.volume.clone(), judge.rpo_ms);
         judge.alerts.observe(&volume, Health::Critical, rpo_ms, || {
             format!("stopped applying: {why}")

@@ -583,10 +583,10 @@ impl Retained {
         let mut held_by = Vec::new();
         for view in list_views(&paths.journal)? {
             let needs = view.point.unwrap_or(0);
-            if needs < wanted_limit {
-                held_by.push(view.clone());
-            }
             limit = limit.min(needs);
+            if needs < wanted_limit {
+                held_by.push(view);
+            }
         }
         let mut removed = Vec::new();
         let last_removed = limit.min(latest);
