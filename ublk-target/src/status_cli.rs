@@ -46,7 +46,9 @@ pub struct StatusArgs {
     prometheus: bool,
     /// A monitoring-plugin check (Nagios, Icinga, Zabbix, ...): one line of verdict,
     /// RPOs as perfdata, a line per volume; exit status 0 OK, 1 WARNING, 2 CRITICAL
-    /// (the worst volume's health), 3 UNKNOWN (a bad config).
+    /// (the worst volume's health), 3 UNKNOWN (a bad config). Run it as root (sudo
+    /// from the monitoring agent): it reads the key, without which the shipper's
+    /// heartbeats do not count and a quiet volume looks stale.
     #[arg(long, conflicts_with_all = ["json", "prometheus"])]
     check: bool,
 }
