@@ -287,6 +287,19 @@ struct ReplicaArgs {
 
 /// The point of `catalog` at group cut `cut`, refusing a cut that has none or is
 /// ambiguous (the same number under two clocks: numbers start again with a new clock).
+/// The replica's newest recovery point: its last applied segment when that is one
+/// (from the state file alone), else the catalog's newest.
+fn latest_point(paths: &ReplicaPaths) -> Result<u64> {
+    let state = ublk_target::ApplyState::load(&paths.state, None)?;
+    if let Some(last) = state.and_then(|s| s.last).filter(|l| l.is_crash_point()) {
+        return Ok(last.index);
+    }
+    ublk_target::catalog(paths)?
+        .latest_point()
+        .map(|p| p.index)
+        .context("the replica has no recovery point yet")
+}
+
 fn point_at_group_cut(
     catalog: &ublk_target::Catalog,
     cut: u64,
@@ -751,14 +764,15 @@ fn run(cli: Cli) -> Result<()> {
             }
             let paths = replica.paths()?;
             require_applied(&paths)?;
-            let catalog = ublk_target::catalog(&paths)?;
+            // The catalog reads every retained journal: only for a group cut (or when
+            // the last applied segment is no point), so bringing a point up costs what
+            // its own journals do, however many are retained.
             let point = match (point, group_cut) {
                 (Some(p), _) => p,
-                (None, Some(cut)) => point_at_group_cut(&catalog, cut, &paths.replica)?,
-                (None, None) => catalog
-                    .latest_point()
-                    .map(|p| p.index)
-                    .context("the replica has no recovery point yet")?,
+                (None, Some(cut)) => {
+                    point_at_group_cut(&ublk_target::catalog(&paths)?, cut, &paths.replica)?
+                }
+                (None, None) => latest_point(&paths)?,
             };
             if test {
                 let server = view_server(&paths, point, id.unwrap_or(-1));
