@@ -232,6 +232,10 @@ points_and_test_failover() {
   umount $w/mnt
   finish $w
   same_image $w   # none of the test writes reached the replica
+  # No --point: the latest, which after the drain is the source as it stands.
+  dev=$("$BIN/ublk-target" failover --test --replica $w/replica --id 10 --log $w/view.log)
+  cmp "$dev" $w/backing
+  "$BIN/ublk-target" failover --cleanup --id 10
   # Unplanned failover to an older point: the replica rolls back for real and comes up
   # as a protected volume equal to the source at that point.
   dev=$("$BIN/ublk-target" failover --replica $w/replica --point "${points[2]}" --ring $w/ring-fo --id 12)
