@@ -3,10 +3,14 @@
 //! on the schedule (1, 2, 4, 8, 10, then 30 units; the unit scaled to 20 ms), status
 //! says Warning with the error meanwhile, capture goes on, and the replica converges.
 //! The alert command hears of the outage once it has held, and of its end.
+//!
+//! A store that takes an upload and does not answer (a hung mount, a silent network)
+//! fails nothing: the status names the upload that has lasted the RPO threshold.
 
 use blkfilter::workload::Workload;
 use changelog::LocalDirStore;
 use e2e::*;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -119,5 +123,69 @@ fn store_outage_is_retried_on_schedule_and_converges() {
 
     let seen = apply_and_check_crash_points(&fixture, &model, "replica");
     assert!(seen.last_is_point && seen.others == 0, "{seen:?}");
+    assert!(std::fs::read(fixture.path("replica")).unwrap() == model.final_image());
+}
+
+#[test]
+fn an_upload_the_store_never_answers_is_named_in_the_status() {
+    let size = 4 << 20;
+    let fixture = Fixture::new(size);
+    let mut capture = fixture.capture(16 << 20);
+    let mut model = Model::new(size);
+    drive(&mut capture, &mut model, Workload::new(78, size).take(40));
+    // Segment puts hang until `answer` is set.
+    let answer = Arc::new(AtomicBool::new(false));
+    let store = Arc::new({
+        let answer = answer.clone();
+        HookedStore::new(LocalDirStore::new(fixture.path("store")), move |call| {
+            if let StoreCall::Put(_) = call {
+                while !answer.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            Ok(())
+        })
+    });
+    let mut config = fixture.shipper_config();
+    config.rpo_threshold = Duration::from_millis(500);
+    config.status_path = Some(fixture.path("status.json"));
+    let control = Arc::new(shipper::Control::default());
+    let shipper = {
+        let (store, control) = (store.clone(), control.clone());
+        std::thread::spawn(move || shipper::run(&config, store, control))
+    };
+    let status = || shipper::Status::read(&fixture.path("status.json")).ok();
+    let started = Instant::now();
+    let hung = loop {
+        if let Some(s) = status().filter(|s| s.upload_stalled_ms().is_some()) {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{:?}",
+            status()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(hung.health(), shipper::Health::Warning, "{}", hung.state());
+    assert!(
+        hung.state().starts_with("an upload has been under way for")
+            && hung
+                .state()
+                .ends_with("the store is slow or does not answer"),
+        "{}",
+        hung.state()
+    );
+    assert_eq!(hung.retry_attempt, 0, "nothing failed");
+
+    // The store answers: the upload ends, the state with it, and everything ships.
+    answer.store(true, Ordering::Release);
+    control.drain();
+    shipper.join().unwrap().expect("shipper");
+    let done = status().unwrap();
+    assert_eq!(done.upload_started_unix_ms, None);
+    assert_eq!(done.state(), "replicating");
+    let mut applier = fixture.applier("replica", &fixture.key).unwrap();
+    applier.apply_available().unwrap();
     assert!(std::fs::read(fixture.path("replica")).unwrap() == model.final_image());
 }

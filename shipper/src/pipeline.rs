@@ -1243,7 +1243,10 @@ fn upload(
                 })?,
             };
             let info = changelog::read_info(&data, &path.display().to_string())?;
-            match store.put_staged(&config.volume, index, &data, &path) {
+            board.update(|s| s.upload_started_unix_ms = Some(unix_ms_now()));
+            let put = store.put_staged(&config.volume, index, &data, &path);
+            board.update(|s| s.upload_started_unix_ms = None);
+            match put {
                 Ok(()) => {
                     std::fs::remove_file(&path).map_err(|e| {
                         ShipperError::io(format!("removing uploaded {}", path.display()), e)

@@ -113,6 +113,10 @@ pub struct Status {
     /// by then was in the store ([`changelog::heartbeat`]).
     #[serde(default)]
     pub heartbeat_unix_ms: Option<u64>,
+    /// When the upload under way began (source clock, ms since the Unix epoch); `None`
+    /// between uploads. One that lasts the whole RPO threshold is named in the state.
+    #[serde(default)]
+    pub upload_started_unix_ms: Option<u64>,
     /// The upload retry in progress (0 = none) and the error that caused it.
     pub retry_attempt: u32,
     pub last_error: Option<String>,
@@ -134,6 +138,14 @@ impl Status {
         } else {
             Health::Healthy
         }
+    }
+
+    /// How long the upload under way has lasted, once that is the whole RPO threshold
+    /// (as of the status's time).
+    pub fn upload_stalled_ms(&self) -> Option<u64> {
+        self.upload_started_unix_ms
+            .map(|t| self.updated_unix_ms.saturating_sub(t))
+            .filter(|&ms| ms >= self.rpo_threshold_ms)
     }
 
     /// One line saying what the volume is doing and why.
@@ -198,6 +210,11 @@ impl Status {
                 "retrying upload (attempt {}): {}",
                 self.retry_attempt,
                 self.last_error.as_deref().unwrap_or("?")
+            )
+        } else if let Some(ms) = self.upload_stalled_ms() {
+            format!(
+                "an upload has been under way for {}: the store is slow or does not answer",
+                changelog::short_duration(ms)
             )
         } else if self.rpo_ms > self.rpo_threshold_ms {
             format!(
