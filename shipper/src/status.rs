@@ -472,7 +472,7 @@ pub fn prometheus(
     now_unix_ms: u64,
 ) -> String {
     type Figure = fn(&Status, u64) -> f64;
-    let families: [(&str, &str, &str, Figure); 18] = [
+    let families: [(&str, &str, &str, Figure); 19] = [
         (
             "health",
             "gauge",
@@ -496,6 +496,15 @@ pub fn prometheus(
             "gauge",
             "time since the shipper last wrote its status",
             |s, now| now.saturating_sub(s.updated_unix_ms) as f64 / 1e3,
+        ),
+        (
+            "upload_in_flight_seconds",
+            "gauge",
+            "how long the upload under way has lasted (0 between uploads)",
+            |s, _| {
+                s.upload_started_unix_ms
+                    .map_or(0.0, |t| s.updated_unix_ms.saturating_sub(t) as f64 / 1e3)
+            },
         ),
         (
             "ring_used_bytes",
@@ -799,6 +808,7 @@ mod tests {
             rpo_threshold_ms: 1000,
             bytes_uploaded: 4096,
             segments_pending_upload: 2,
+            upload_started_unix_ms: Some(7_000),
             ..Default::default()
         };
         let rows = vec![
@@ -812,6 +822,7 @@ mod tests {
             "ublk_dr_health{volume=\"vol0\"} 1",
             "ublk_dr_rpo_seconds{volume=\"vol0\"} 1.5",
             "ublk_dr_status_age_seconds{volume=\"vol0\"} 2.5",
+            "ublk_dr_upload_in_flight_seconds{volume=\"vol0\"} 3",
             "ublk_dr_segments_pending{volume=\"vol0\"} 2",
             "ublk_dr_uploaded_bytes_total{volume=\"vol0\"} 4096",
             "# TYPE ublk_dr_uploaded_bytes_total counter",
