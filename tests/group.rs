@@ -243,6 +243,7 @@ fn an_applier_pruning_as_it_goes_keeps_the_cuts_of_its_points() {
         retention: ublk_target::Retention {
             keep_points: Some(KEEP),
             keep_age: None,
+            keep_size: None,
         },
         ..Default::default()
     };
@@ -320,6 +321,7 @@ fn an_app_consistent_cut_waits_for_every_volume_and_is_flagged_on_each() {
     let retention = ublk_target::Retention {
         keep_points: Some(1),
         keep_age: None,
+        keep_size: None,
     };
     ublk_target::prune(&paths, &retention, changelog::unix_ms_now()).unwrap();
     let left = ublk_target::group_cuts::load(&paths.journal).unwrap();

@@ -312,6 +312,7 @@ fn retention_by_count() {
         &Retention {
             keep_points: Some(3),
             keep_age: None,
+            keep_size: None,
         },
         changelog::unix_ms_now(),
     )
@@ -351,6 +352,7 @@ fn retention_by_count() {
         &Retention {
             keep_points: Some(1),
             keep_age: None,
+            keep_size: None,
         },
         changelog::unix_ms_now(),
     )
@@ -373,6 +375,7 @@ fn applier_keeps_at_most_n_points() {
                 retention: Retention {
                     keep_points: Some(4),
                     keep_age: None,
+                    keep_size: None,
                 },
                 ..ApplyOptions::default()
             },
@@ -405,6 +408,7 @@ fn applier_retention_matches_the_catalog_at_every_step() {
         retention: Retention {
             keep_points: Some(KEEP),
             keep_age: None,
+            keep_size: None,
         },
         ..ApplyOptions::default()
     };
@@ -469,6 +473,121 @@ fn applier_retention_matches_the_catalog_at_every_step() {
     assert!(step > 40, "only {step} segments");
 }
 
+/// The disk space each undo file takes when nothing is pruned, by segment index.
+fn journal_sizes_unpruned(fixture: &Fixture, name: &str) -> std::collections::BTreeMap<u64, u64> {
+    use std::os::unix::fs::MetadataExt;
+    apply_all(fixture, name);
+    let paths = fixture.replica_paths(name);
+    std::fs::read_dir(&paths.journal)
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.unwrap();
+            let index =
+                ublk_target::journal::parse_undo_file_name(&e.file_name().to_string_lossy())?;
+            Some((index, e.metadata().unwrap().blocks() * 512))
+        })
+        .collect()
+}
+
+/// Retention by journal size, against a model built from the sizes the same undo files
+/// take on a twin replica that keeps everything: after every segment the applier keeps
+/// the most points whose journals fit, exactly their journals, and says what they take;
+/// through a restart (which reads sizes from the catalog) and a `prune` with a
+/// smaller limit.
+#[test]
+fn applier_keeps_the_journals_within_keep_size() {
+    let (fixture, model) = Fixture::shipped(SIZE, 46, 600);
+    let sizes = journal_sizes_unpruned(&fixture, "twin");
+    let total: u64 = sizes.values().sum();
+    let keep_size = total / 5;
+    let paths = fixture.replica_paths("replica");
+    let options = ApplyOptions {
+        retention: Retention {
+            keep_points: None,
+            keep_age: None,
+            keep_size: Some(keep_size),
+        },
+        ..ApplyOptions::default()
+    };
+    let open = || {
+        fixture
+            .applier_with("replica", &fixture.key, &options)
+            .unwrap()
+    };
+    // The points the model keeps after segment `last`: the newest suffix whose
+    // journals (every one newer than its oldest point) fit in `limit`.
+    let expected = |points: &[u64], last: u64, limit: u64| -> (Vec<u64>, Vec<u64>) {
+        let needs = |oldest: u64| (oldest + 1..=last).map(|k| sizes[&k]).sum::<u64>();
+        let from = (0..points.len())
+            .find(|&i| i + 1 == points.len() || needs(points[i]) <= limit)
+            .unwrap_or(0);
+        let kept = points[from..].to_vec();
+        let journals = kept
+            .first()
+            .map_or(Vec::new(), |&o| (o + 1..=last).collect());
+        (kept, journals)
+    };
+    let mut applier = Some(open());
+    let mut points = Vec::new();
+    let (mut step, mut pruned_some) = (0, false);
+    while let Some(a) = applier.as_mut().unwrap().apply_next().unwrap() {
+        step += 1;
+        if a.header.flags & changelog::flags::CRASH_POINT != 0 {
+            points.push(a.header.index);
+        }
+        let (kept, journals) = expected(&points, a.header.index, keep_size);
+        let c = catalog(&paths).unwrap();
+        let got: Vec<u64> = c.points.iter().map(|p| p.index).collect();
+        assert_eq!(got, kept, "step {step}: points");
+        assert_eq!(c.journals, journals, "step {step}: journals");
+        assert!(
+            c.unused_journals.is_empty() && c.pending.is_none(),
+            "step {step}"
+        );
+        let bytes: u64 = journals.iter().map(|k| sizes[k]).sum();
+        assert_eq!(c.journal_bytes, bytes, "step {step}: the catalog's sum");
+        let report = a.pruned.expect("retention is configured");
+        assert_eq!(
+            report.journal_bytes, bytes,
+            "step {step}: the applier's sum"
+        );
+        assert!(
+            bytes <= keep_size || kept.len() == 1,
+            "step {step}: over the limit"
+        );
+        pruned_some |= kept.len() < points.len();
+        if step == 25 {
+            drop(applier.take());
+            applier = Some(open());
+        }
+    }
+    assert!(
+        step > 40 && pruned_some,
+        "{step} segments, pruned: {pruned_some}"
+    );
+    drop(applier);
+
+    // A smaller limit by hand, then a view at the oldest point left shows the source.
+    let last = points[points.len() - 1];
+    let report = prune(
+        &paths,
+        &Retention {
+            keep_points: None,
+            keep_age: None,
+            keep_size: Some(keep_size / 3),
+        },
+        changelog::unix_ms_now(),
+    )
+    .unwrap();
+    let (kept, _) = expected(&points, last, keep_size / 3);
+    let c = catalog(&paths).unwrap();
+    assert_eq!(c.points.iter().map(|p| p.index).collect::<Vec<_>>(), kept);
+    assert_eq!(report.journal_bytes, c.journal_bytes);
+    let oldest = c.points[0];
+    let mut view = PointView::open(&paths, oldest.index).unwrap();
+    assert!(read_view(&mut view) == model_at(&model, oldest.last_seq));
+}
+
 #[test]
 fn retention_by_age() {
     let (fixture, _model) = Fixture::shipped(SIZE, 43, 250);
@@ -490,6 +609,7 @@ fn retention_by_age() {
         &Retention {
             keep_points: None,
             keep_age: Some(age),
+            keep_size: None,
         },
         now,
     )
@@ -502,6 +622,7 @@ fn retention_by_age() {
         &Retention {
             keep_points: None,
             keep_age: Some(std::time::Duration::ZERO),
+            keep_size: None,
         },
         now + 10_000_000,
     )
@@ -525,6 +646,7 @@ fn pruning_keeps_journals_a_view_needs() {
         &Retention {
             keep_points: Some(1),
             keep_age: None,
+            keep_size: None,
         },
         changelog::unix_ms_now(),
     )
@@ -545,6 +667,7 @@ fn pruning_keeps_journals_a_view_needs() {
         &Retention {
             keep_points: Some(1),
             keep_age: None,
+            keep_size: None,
         },
         changelog::unix_ms_now(),
     )
@@ -955,8 +1078,13 @@ fn command_line() {
     assert!(!ok && text.contains("at least 1"), "{text}");
     let (ok, text) = cli(&["prune"], &fixture);
     assert!(!ok && text.contains("--keep-points"), "{text}");
+    let (ok, text) = cli(&["prune", "--keep-size", "lots"], &fixture);
+    assert!(!ok && text.contains("is not a size"), "{text}");
     let (ok, text) = cli(&["prune", "--keep-points", "2"], &fixture);
-    assert!(ok && text.contains("2 point(s) left"), "{text}");
+    assert!(
+        ok && text.contains("2 point(s) left, undo journals on"),
+        "{text}"
+    );
 
     let (ok, text) = cli(
         &["rollback", "--point", &oldest.index.to_string()],

@@ -132,6 +132,7 @@ fn main() {
             Retention {
                 keep_points: Some(n + 1),
                 keep_age: None,
+                keep_size: None,
             },
         ),
         (
@@ -139,6 +140,7 @@ fn main() {
             Retention {
                 keep_points: Some(tenth),
                 keep_age: None,
+                keep_size: None,
             },
         ),
     ];

@@ -416,7 +416,7 @@ impl Applier {
         self.state.key_id = Some(segment.header.key_id);
         self.state.save(&mut self.uring, &self.paths.state)?;
         if let Some(retained) = &mut self.retained {
-            retained.applied(&facts, cuts.is_some());
+            retained.applied(&facts, cuts.is_some(), self.journal.disk_bytes(index)?);
         }
         self.times.state += t.elapsed();
         self.times.segments += 1;

@@ -22,7 +22,10 @@ pub const EXAMPLE: &str = r#"Config file (--config), TOML; unknown keys are erro
                                 #   or a receiver's tcp:// or tls://HOST:PORT)
   poll_ms = 200                 # how often --follow looks for new segments
   keep_points = 1000            # retention for every volume (optional):
-  keep_age = "15d"              #   at most this many points, none older than this
+  keep_age = "15d"              #   at most this many points, none older than this,
+  # keep_size = "50G"           #   the undo journals on at most this much disk (the
+                                #   oldest points go first; `status` warns when it
+                                #   keeps the history shorter than keep_age)
   # keep_applied_segments = false  (true: leave applied segments in the store, for a
   #                                  second reader; by default apply deletes them)
   rpo_threshold_ms = 60000      # health is Warning when the replica was last known
@@ -38,7 +41,7 @@ pub const EXAMPLE: &str = r#"Config file (--config), TOML; unknown keys are erro
   replica = "/srv/replicas/vol0.img"
   # state = "/srv/replicas/vol0.img.state"       (the default)
   # journal = "/srv/replicas/vol0.img.journal"   (the default)
-  # keep_points = 100, keep_age = "2h"            (override the shared retention)
+  # keep_points = 100, keep_age = "2h", keep_size = "20G"   (override the shared retention)
   # full_download = false                        (failback's "full download")
   # copy_undo = false                            (copy before-images even on XFS or
   #                                                btrfs, where blocks can be shared)
@@ -64,6 +67,7 @@ pub struct TargetConfig {
     pub poll_ms: u64,
     pub keep_points: Option<usize>,
     pub keep_age: Option<String>,
+    pub keep_size: Option<String>,
     #[serde(default)]
     pub keep_applied_segments: bool,
     #[serde(default = "default_rpo_threshold_ms")]
@@ -87,6 +91,7 @@ pub struct VolumeConfig {
     pub journal: Option<PathBuf>,
     pub keep_points: Option<usize>,
     pub keep_age: Option<String>,
+    pub keep_size: Option<String>,
     #[serde(default)]
     pub full_download: bool,
     #[serde(default)]
@@ -213,9 +218,17 @@ impl TargetConfig {
             }
             None => None,
         };
+        let keep_size = match volume.keep_size.as_ref().or(self.keep_size.as_ref()) {
+            Some(size) => Some(
+                crate::points::parse_size(size)
+                    .map_err(|e| format!("volume {}: keep_size {e}", volume.id))?,
+            ),
+            None => None,
+        };
         Ok(Retention {
             keep_points,
             keep_age,
+            keep_size,
         })
     }
 
@@ -244,6 +257,7 @@ replica = "/r/a"
 id = "b"
 replica = "/r/b"
 keep_points = 3
+keep_size = "512M"
 full_download = true
 "#;
 
@@ -256,10 +270,18 @@ full_download = true
             config.retention(a).unwrap(),
             Retention {
                 keep_points: Some(10),
-                keep_age: Some(Duration::from_secs(7200))
+                keep_age: Some(Duration::from_secs(7200)),
+                keep_size: None,
             }
         );
-        assert_eq!(config.retention(b).unwrap().keep_points, Some(3));
+        assert_eq!(
+            config.retention(b).unwrap(),
+            Retention {
+                keep_points: Some(3),
+                keep_age: Some(Duration::from_secs(7200)),
+                keep_size: Some(512 << 20),
+            }
+        );
         assert!(b.full_download && !a.full_download);
         assert_eq!(config.poll(), Duration::from_millis(200));
         let missing = config.volume(&VolumeId::new("c").unwrap()).unwrap_err();
@@ -342,6 +364,10 @@ full_download = true
             (
                 GOOD.replace("keep_points = 3", "keep_points = 0"),
                 "keep_points",
+            ),
+            (
+                GOOD.replace("keep_size = \"512M\"", "keep_size = \"half the disk\""),
+                "volume b: keep_size \"half the disk\" is not a size",
             ),
             (
                 GOOD.replace("replica = \"/r/a\"", "replika = \"/r/a\""),

@@ -609,6 +609,19 @@ impl Journal {
         self.path_of(index).exists()
     }
 
+    /// The disk space undo file `index` takes (its allocated blocks: what deleting it
+    /// frees, once the replica has overwritten the blocks a shared file took from it);
+    /// 0 if it does not exist.
+    pub fn disk_bytes(&self, index: u64) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.path_of(index);
+        match std::fs::metadata(&path) {
+            Ok(meta) => Ok(meta.blocks() * 512),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(TargetError::io(format!("reading {}", path.display()), e)),
+        }
+    }
+
     pub fn open(&self, index: u64) -> Result<UndoFile> {
         let file = UndoFile::open(&self.path_of(index))?;
         if file.index() != index {

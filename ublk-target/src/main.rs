@@ -40,7 +40,7 @@ enum Command {
         /// every volume in it is applied, each on its own thread.
         #[arg(
             long,
-            conflicts_with_all = ["store", "key", "replica", "state", "journal", "keep_points", "keep_age"]
+            conflicts_with_all = ["store", "key", "replica", "state", "journal", "keep_points", "keep_age", "keep_size"]
         )]
         config: Option<PathBuf>,
         /// Target store, the shipper's --store: a directory, az://CONTAINER/PREFIX,
@@ -134,9 +134,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Drop the oldest undo journals so that at most --keep-points points remain and
-    /// none is older than --keep-age (the latest point and points held by open views
-    /// are always kept). Not while `apply` runs on the replica: give it the same
+    /// Drop the oldest undo journals so that at most --keep-points points remain, none
+    /// is older than --keep-age and the journals take at most --keep-size of disk (the
+    /// latest point and points held by open views are always kept). Not while `apply` runs on the replica: give it the same
     /// options instead.
     Prune {
         #[command(flatten)]
@@ -359,6 +359,11 @@ struct RetentionArgs {
     /// 15d). The latest point is always kept.
     #[arg(long, value_parser = ublk_target::points::parse_age)]
     keep_age: Option<Duration>,
+    /// Let the undo journals take at most this much disk (512M, 50G, 2T: powers of
+    /// 1024), dropping the oldest points first: a bounded journal, whose history is as
+    /// long as the space allows. The latest point is always kept.
+    #[arg(long, value_parser = ublk_target::points::parse_size)]
+    keep_size: Option<u64>,
 }
 
 impl RetentionArgs {
@@ -366,6 +371,7 @@ impl RetentionArgs {
         Retention {
             keep_points: self.keep_points,
             keep_age: self.keep_age,
+            keep_size: self.keep_size,
         }
     }
 }
@@ -686,17 +692,21 @@ fn run(cli: Cli) -> Result<()> {
         Command::Prune { replica, retention } => {
             let retention = retention.retention();
             if retention.is_unlimited() {
-                anyhow::bail!("give --keep-points and/or --keep-age");
+                anyhow::bail!("give --keep-points, --keep-age and/or --keep-size");
             }
             let paths = replica.paths()?;
             require_applied(&paths)?;
             let report = ublk_target::prune(&paths, &retention, changelog::unix_ms_now())?;
+            let left = format!(
+                "{} point(s) left, undo journals on {}",
+                report.points_left,
+                ublk_target::points::format_bytes(report.journal_bytes)
+            );
             match (report.removed.first(), report.removed.last()) {
-                (Some(first), Some(last)) => println!(
-                    "removed undo journals {first}..={last}; {} point(s) left",
-                    report.points_left
-                ),
-                _ => println!("nothing to remove; {} point(s) left", report.points_left),
+                (Some(first), Some(last)) => {
+                    println!("removed undo journals {first}..={last}; {left}")
+                }
+                _ => println!("nothing to remove; {left}"),
             }
             for view in report.held_by {
                 println!(
@@ -1042,7 +1052,7 @@ fn with_hint(e: &anyhow::Error) -> String {
         format!(
             "{line}. A file system is full: free space on the one named (the replica's, or \
              its undo journal's: keeping fewer recovery points with --keep-points or \
-             --keep-age frees journals). Nothing is lost: the replica's state still names \
+             --keep-age frees journals, and --keep-size bounds what they take). Nothing is lost: the replica's state still names \
              its last applied recovery point, and applying resumes from there"
         )
     } else {

@@ -17,9 +17,10 @@
 //! keeps what they read; an entry whose process is gone is ignored and removed.
 //!
 //! Retention ([`prune`]) drops the oldest undo files so that at most `keep_points`
-//! points remain and none is older than `keep_age` (by its creation time), always
-//! keeping the latest point, and never a journal a registered view needs. Points go
-//! oldest first while either limit says so (should the source's clock have stepped
+//! points remain, none is older than `keep_age` (by its creation time) and the undo
+//! journals take at most `keep_size` bytes of disk (their allocated blocks: what
+//! deleting them frees), always keeping the latest point, and never a journal a
+//! registered view needs. Points go oldest first while any limit says so (should the source's clock have stepped
 //! back, a point older by time than a newer-numbered one goes when that one does).
 //! An applier keeps what is retained in memory ([`Retained`]) from one segment to
 //! the next, so what retention costs per segment does not grow with the journals
@@ -95,6 +96,11 @@ pub struct Catalog {
     pub points: Vec<RecoveryPoint>,
     /// Undo journals in the contiguous, chained run ending at the latest segment.
     pub journals: Vec<u64>,
+    /// Disk space every undo file present takes (allocated blocks), in bytes.
+    pub journal_bytes: u64,
+    /// Every undo file present, ascending, with the disk space it takes.
+    #[serde(skip)]
+    pub journal_sizes: Vec<(u64, u64)>,
     /// The undo journal of a segment whose apply was interrupted (index latest + 1).
     pub pending: Option<u64>,
     /// Journal files outside the run (below a missing or damaged one); prune removes
@@ -182,8 +188,9 @@ impl Catalog {
         if let (Some(first), Some(last)) = (self.journals.first(), self.journals.last()) {
             let _ = writeln!(
                 out,
-                "undo journals {first}..={last} ({} files)",
-                self.journals.len()
+                "undo journals {first}..={last} ({} files, {} on disk)",
+                self.journals.len(),
+                format_bytes(self.journal_bytes)
             );
         }
         if let Some(p) = self.pending {
@@ -220,10 +227,18 @@ impl Catalog {
 pub fn catalog(paths: &ReplicaPaths) -> Result<Catalog> {
     let journal = Journal::new(&paths.journal);
     let views = list_views(&paths.journal)?;
+    let present = journal.list()?;
+    let journal_sizes: Vec<(u64, u64)> = present
+        .iter()
+        .map(|&index| Ok((index, journal.disk_bytes(index)?)))
+        .collect::<Result<_>>()?;
+    let journal_bytes = journal_sizes.iter().map(|&(_, bytes)| bytes).sum();
     let Some(state) = ApplyState::load(&paths.state, None)? else {
         return Ok(Catalog {
             views,
-            unused_journals: journal.list()?,
+            unused_journals: present,
+            journal_bytes,
+            journal_sizes,
             ..Catalog::default()
         });
     };
@@ -234,9 +249,10 @@ pub fn catalog(paths: &ReplicaPaths) -> Result<Catalog> {
         key_id: state.key_id,
         cursor: Some(state.cursor.clone()),
         views,
+        journal_bytes,
+        journal_sizes,
         ..Catalog::default()
     };
-    let present = journal.list()?;
     let next = state.cursor.next_index;
     if present.contains(&next) {
         catalog.pending = Some(next);
@@ -421,11 +437,13 @@ pub struct Retention {
     pub keep_points: Option<usize>,
     /// No point older than this (by its creation time).
     pub keep_age: Option<Duration>,
+    /// Undo journals take at most this many bytes of disk; the oldest points go first.
+    pub keep_size: Option<u64>,
 }
 
 impl Retention {
     pub fn is_unlimited(&self) -> bool {
-        self.keep_points.is_none() && self.keep_age.is_none()
+        self.keep_points.is_none() && self.keep_age.is_none() && self.keep_size.is_none()
     }
 }
 
@@ -434,8 +452,11 @@ impl Retention {
 pub struct PruneReport {
     /// Undo journals deleted, ascending.
     pub removed: Vec<u64>,
-    /// Recovery points left.
+    /// Recovery points left, and when the oldest of them was created.
     pub points_left: usize,
+    pub oldest_left_unix_ms: Option<u64>,
+    /// Disk space the undo journals left take.
+    pub journal_bytes: u64,
     /// Views that kept journals retention would have dropped.
     pub held_by: Vec<ViewEntry>,
 }
@@ -489,6 +510,9 @@ pub(crate) struct Retained {
     stale_cut_lines: usize,
     /// Points below this index are no longer retained.
     retained_from: u64,
+    /// Every undo file present, ascending, with the disk space it takes, and their sum.
+    journal_sizes: VecDeque<(u64, u64)>,
+    journal_bytes: u64,
 }
 
 impl Retained {
@@ -524,12 +548,24 @@ impl Retained {
                 .collect(),
             stale_cut_lines: cuts.keys().filter(|&&i| i < oldest_point).count(),
             retained_from: oldest_point,
+            journal_sizes: catalog.journal_sizes.iter().copied().collect(),
+            journal_bytes: catalog.journal_bytes,
         })
     }
 
-    /// Segment `facts` was applied (its position durable), with group cuts or not.
-    pub(crate) fn applied(&mut self, facts: &PointFacts, group_cuts: bool) {
+    /// Segment `facts` was applied (its position durable), with group cuts or not; its
+    /// undo file takes `journal_bytes` of disk.
+    pub(crate) fn applied(&mut self, facts: &PointFacts, group_cuts: bool, journal_bytes: u64) {
         self.journals_from = self.journals_from.min(facts.index);
+        // An undo file kept from an interrupted apply of this segment is counted once.
+        if let Some(&(index, bytes)) = self.journal_sizes.back() {
+            if index == facts.index {
+                self.journal_sizes.pop_back();
+                self.journal_bytes -= bytes;
+            }
+        }
+        self.journal_sizes.push_back((facts.index, journal_bytes));
+        self.journal_bytes += journal_bytes;
         if facts.is_crash_point() {
             self.points.push_back((facts.index, facts.created_unix_ms));
             if group_cuts {
@@ -564,12 +600,27 @@ impl Retained {
         let keep_points = retention.keep_points.unwrap_or(usize::MAX).max(1);
         let over = self.points.len().saturating_sub(keep_points);
         let mut first_kept = 0;
+        // The journals at or below the oldest point kept serve nothing: what they take
+        // (`freed`, the first `freeing` of them) goes with them.
+        let (mut freeing, mut freed) = (0, 0);
         while first_kept + 1 < self.points.len() {
-            let age_ms = now_unix_ms.saturating_sub(self.points[first_kept].1);
+            let (index, created_unix_ms) = self.points[first_kept];
+            while let Some(&(_, bytes)) = self
+                .journal_sizes
+                .get(freeing)
+                .filter(|&&(journal, _)| journal <= index)
+            {
+                freed += bytes;
+                freeing += 1;
+            }
+            let age_ms = now_unix_ms.saturating_sub(created_unix_ms);
             let too_old = retention
                 .keep_age
                 .is_some_and(|max| u128::from(age_ms) > max.as_millis());
-            if first_kept < over || too_old {
+            let too_big = retention
+                .keep_size
+                .is_some_and(|max| self.journal_bytes - freed > max);
+            if first_kept < over || too_old || too_big {
                 first_kept += 1;
             } else {
                 break;
@@ -609,6 +660,14 @@ impl Retained {
                 }
             }
             self.journals_from = last_removed + 1;
+            while let Some(&(_, bytes)) = self
+                .journal_sizes
+                .front()
+                .filter(|&&(index, _)| index <= last_removed)
+            {
+                self.journal_bytes -= bytes;
+                self.journal_sizes.pop_front();
+            }
         }
         self.retained_from = self.retained_from.max(limit);
         while self.points.front().is_some_and(|&(i, _)| i < limit) {
@@ -631,6 +690,8 @@ impl Retained {
         }
         Ok(PruneReport {
             points_left: self.points.len(),
+            oldest_left_unix_ms: self.points.front().map(|&(_, created)| created),
+            journal_bytes: self.journal_bytes,
             removed,
             held_by,
         })
@@ -663,6 +724,51 @@ pub fn parse_age(text: &str) -> std::result::Result<Duration, String> {
         .ok_or_else(|| format!("{text:?} is too large"))
 }
 
+/// Parses a size in bytes: a number, or one with K, M, G or T (powers of 1024; `KiB`,
+/// `MiB`, ... and `KB`, `MB`, ... mean the same).
+pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    let text = text.trim();
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = number.parse().map_err(|_| {
+        format!("{text:?} is not a size; use bytes or a number with K, M, G or T (e.g. 50G)")
+    })?;
+    let unit = unit.trim();
+    let shift = match unit.trim_end_matches("iB").trim_end_matches('B') {
+        "" if unit.is_empty() || unit == "B" => 0,
+        "K" | "k" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?}; use bytes or a number with K, M, G or T \
+                 (e.g. 512M, 50G)"
+            ))
+        }
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// `1.5 GiB`, `512 KiB`, `17 B`.
+pub fn format_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    match unit {
+        0 => format!("{bytes} B"),
+        _ if value < 10.0 => format!("{value:.1} {}", UNITS[unit]),
+        _ => format!("{value:.0} {}", UNITS[unit]),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -676,6 +782,22 @@ mod tests {
         for bad in ["", "m", "3w", "1.5h", "-1s", "99999999999999999999d"] {
             assert!(parse_age(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("50G"), Ok(50 << 30));
+        assert_eq!(parse_size("50GiB"), Ok(50 << 30));
+        assert_eq!(parse_size("2 TB"), Ok(2 << 40));
+        assert_eq!(parse_size("8k"), Ok(8 << 10));
+        for bad in ["", "G", "1.5G", "-1G", "3P", "5GiBs", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(format_bytes(17), "17 B");
+        assert_eq!(format_bytes(1536 << 20), "1.5 GiB");
+        assert_eq!(format_bytes(512 << 10), "512 KiB");
     }
 
     #[test]
