@@ -223,7 +223,8 @@ fn config_file_ships_every_volume() {
         let row = text.lines().find(|l| l.starts_with(vol)).expect(&text);
         let cells: Vec<&str> = row.split_whitespace().collect();
         assert_eq!(cells[1], "Warning", "no recovery point yet: {text}");
-        assert_eq!(cells[5], waiting(vol).to_string(), "{text}");
+        // POINTS "0", JOURNALS "0 B".
+        assert_eq!(cells[7], waiting(vol).to_string(), "{text}");
         assert!(row.contains("nothing applied yet"), "{text}");
     }
     let shipped = [waiting("vol0"), waiting("vol1")];
@@ -240,7 +241,8 @@ fn config_file_ships_every_volume() {
         assert_eq!(cells[2], (shipped - 1).to_string(), "newest point: {text}");
         assert_eq!(waiting(vol), 0, "applied segments left in the store");
         assert_eq!(cells[4], kept.to_string(), "retained points: {text}");
-        assert_eq!(cells[7], "0", "waiting: {text}");
+        // POINTS "N (AGE back)", JOURNALS "SIZE UNIT".
+        assert_eq!(cells[9], "0", "waiting: {text}");
         assert!(row.ends_with("up to date"), "{text}");
     }
     // The same for Prometheus.

@@ -13,6 +13,9 @@
 //!
 //! An `apply --follow` hung in a store call still raises the alarm: a watchdog judges
 //! the RPO without the applying thread.
+//!
+//! A journal size limit that keeps the recovery points from reaching back `keep_age`
+//! is a Warning too.
 
 use blkfilter::workload::Workload;
 use changelog::heartbeat::Heartbeat;
@@ -457,4 +460,72 @@ fn status_points(config: &Path) -> Vec<u64> {
         .iter()
         .map(|p| p["index"].as_u64().unwrap())
         .collect()
+}
+
+/// A journal size limit that keeps the points from reaching back as far as `keep_age`
+/// asks is a Warning, in `status` (and its `--check`) and as an alert from `apply
+/// --follow`, with what to do; with room for the history it asks for, the volume is
+/// Healthy.
+#[test]
+fn a_size_limit_that_cuts_the_history_short_is_a_warning() {
+    use std::os::unix::fs::MetadataExt;
+    let (fixture, _model) = Fixture::shipped(SIZE, 47, 300);
+    // What the journals take when nothing is pruned, on a twin replica.
+    fixture
+        .applier("twin", &fixture.key)
+        .unwrap()
+        .apply_available()
+        .unwrap();
+    let everything: u64 = std::fs::read_dir(fixture.replica_paths("twin").journal)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().blocks() * 512)
+        .sum();
+    let keep_size = everything / 4;
+    sparse_file(&fixture.path("replica"), SIZE);
+    let config = fixture.path("target.toml");
+    let write_config = |keep_size: u64| {
+        std::fs::write(
+            &config,
+            format!(
+                "key = {:?}\nstore = {:?}\nrpo_threshold_ms = 3600000\nkeep_age = \"15d\"\n\
+                 keep_size = \"{keep_size}\"\nkeep_applied_segments = true\n\
+                 [[volume]]\nid = \"vol0\"\nreplica = {:?}\n",
+                fixture.path("key"),
+                fixture.path("store"),
+                fixture.path("replica"),
+            ),
+        )
+        .unwrap()
+    };
+    write_config(keep_size);
+    let (alerts, log) = (fixture.path("alerts"), fixture.path("apply.log"));
+    let apply = follow_with_alerts(&config, &alerts, &log);
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for("the history warning", Duration::from_secs(60), &mut || {
+        lines_of(&alerts)
+            .iter()
+            .any(|a| a.contains("Healthy Warning") && a.contains("recovery points reach back"))
+    });
+    drop(apply);
+    let row = status(&config);
+    assert_eq!(row["health"], "Warning", "{row}");
+    let bytes = row["journal_bytes"].as_u64().unwrap();
+    assert!(
+        bytes > 0 && bytes <= keep_size,
+        "{bytes} of {keep_size}: {row}"
+    );
+    let (code, text) = check("ublk-target", &["--config".as_ref(), config.as_os_str()]);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("of the 15d00h keep_age: the undo journals fill keep_size"),
+        "{text}\n{}",
+        log_text()
+    );
+
+    // Room for the history asked for: Healthy again.
+    write_config(everything * 2);
+    let row = status(&config);
+    assert_eq!(row["health"], "Healthy", "{row}");
+    let (code, text) = check("ublk-target", &["--config".as_ref(), config.as_os_str()]);
+    assert_eq!(code, 0, "{text}");
 }

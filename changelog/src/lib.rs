@@ -39,15 +39,18 @@ pub use store::{
 };
 pub use volume::VolumeId;
 
-/// A duration for a table cell (an RPO, an age): `0.4s`, `12.0s`, `4m05s`, `3h07m`.
+/// A duration for a table cell (an RPO, an age): `0.4s`, `12.0s`, `4m05s`, `3h07m`,
+/// `15d04h` (from two days on).
 pub fn short_duration(ms: u64) -> String {
     let secs = ms / 1000;
     if secs < 60 {
         format!("{:.1}s", ms as f64 / 1e3)
     } else if secs < 3600 {
         format!("{}m{:02}s", secs / 60, secs % 60)
-    } else {
+    } else if secs < 2 * 86_400 {
         format!("{}h{:02}m", secs / 3600, secs % 3600 / 60)
+    } else {
+        format!("{}d{:02}h", secs / 86_400, secs % 86_400 / 3600)
     }
 }
 
@@ -57,4 +60,22 @@ pub fn unix_ms_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn short_durations() {
+        let cases = [
+            (400, "0.4s"),
+            (59_999, "60.0s"),
+            (245_000, "4m05s"),
+            (11_220_000, "3h07m"),
+            (47 * 3_600_000, "47h00m"),
+            (15 * 86_400_000 + 4 * 3_600_000, "15d04h"),
+        ];
+        for (ms, text) in cases {
+            assert_eq!(super::short_duration(ms), text);
+        }
+    }
 }

@@ -17,17 +17,21 @@
 //! Health: Critical when the replica cannot be followed (its state unreadable, or
 //! applying stopped on an error that needs an operator); Warning when the RPO is over
 //! the threshold (the source, the link or applying is behind, or the source is gone),
-//! when there is no recovery point yet, when the store cannot be reached, or when undo
-//! journals are damaged; Healthy otherwise, and for a volume failed over here once its
+//! when there is no recovery point yet, when the store cannot be reached, when undo
+//! journals are damaged, or when `keep_size` keeps the recovery points from reaching
+//! as far back as `keep_age` asks (the journals are full: a burst of writes pushed the
+//! oldest points out); Healthy otherwise, and for a volume failed over here once its
 //! rollback is complete (it is the primary now; nothing replicates into it; halfway,
 //! it is a Warning).
 
+use crate::apply::Applied;
 use crate::error::Result;
+use crate::points::Retention;
 use crate::state::{ApplyState, ReplicaPaths};
 use crate::status::VolumeStatus;
 use changelog::alert::{Alerts, Health};
 use changelog::heartbeat::Heartbeat;
-use changelog::{Key, SegmentHeader, TargetStore, VolumeId};
+use changelog::{Key, TargetStore, VolumeId};
 use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -134,11 +138,13 @@ impl FollowHealth {
     pub fn new(
         volume: VolumeId,
         paths: &ReplicaPaths,
+        retention: &Retention,
         threshold: Duration,
         alerts: Alerts,
     ) -> FollowHealth {
         let catalog = crate::catalog(paths).unwrap_or_default();
-        let mut row = VolumeStatus::new(volume.to_string(), &catalog, Ok(Vec::new()), false);
+        let mut row = VolumeStatus::new(volume.to_string(), &catalog, Ok(Vec::new()), false)
+            .with_retention(retention);
         // What the store holds is not listed here.
         row.waiting = None;
         // A heartbeat read late adds to the RPO judged: a tenth of the threshold at
@@ -244,9 +250,15 @@ impl FollowHealth {
         judge.judge();
     }
 
-    /// Within a round: segment `header` was applied (the watchdog judges meanwhile).
-    pub fn applied(&self, header: &SegmentHeader) {
+    /// Within a round: a segment was applied (the watchdog judges meanwhile).
+    pub fn applied(&self, applied: &Applied) {
+        let header = &applied.header;
         let mut judge = self.lock();
+        if let Some(pruned) = &applied.pruned {
+            judge.row.points = pruned.points_left;
+            judge.row.oldest_created_unix_ms = pruned.oldest_left_unix_ms;
+            judge.row.journal_bytes = pruned.journal_bytes;
+        }
         judge.row.latest_applied = Some(header.index);
         // Its chain position is known only at the round's end: no heartbeat counts.
         judge.row.at_point = None;

@@ -1109,6 +1109,7 @@ impl ApplyJob {
             FollowHealth::new(
                 self.volume.clone(),
                 &paths,
+                &self.retention,
                 self.alerting.rpo_threshold,
                 alerts,
             )
@@ -1171,7 +1172,7 @@ impl ApplyJob {
             let key = key_file.keys().clone();
             let mut on_applied = |applied: &Applied| {
                 if let Some(health) = health.as_ref() {
-                    health.applied(&applied.header);
+                    health.applied(applied);
                 }
             };
             let result = self.apply_once(

@@ -9,7 +9,7 @@
 //! falls behind, shows here first).
 
 use crate::plan::PointChoice;
-use crate::points::Catalog;
+use crate::points::{Catalog, Retention};
 use changelog::alert::Health;
 use changelog::heartbeat::Heartbeat;
 use changelog::{ChainCursor, VolumeId};
@@ -31,6 +31,12 @@ pub struct VolumeStatus {
     /// Retained points, and when the oldest was created.
     pub points: usize,
     pub oldest_created_unix_ms: Option<u64>,
+    /// Disk space the undo journals take, in bytes.
+    pub journal_bytes: u64,
+    /// The volume's retention limits by journal size and by age, for the history
+    /// check (see [`VolumeStatus::history_cut_short`]).
+    pub keep_size: Option<u64>,
+    pub keep_age_ms: Option<u64>,
     /// Segments in the store after the latest applied one; `None`: the store could not
     /// be listed (see `store_error`).
     pub waiting: Option<usize>,
@@ -64,6 +70,9 @@ pub struct VolumeStatus {
     /// against.
     pub rpo_ms: Option<u64>,
     pub rpo_threshold_ms: u64,
+    /// Set by [`VolumeStatus::judged`]: how far back the points reach, when
+    /// `keep_size` keeps that shorter than `keep_age` ([`VolumeStatus::history_cut_short`]).
+    pub history_ms: Option<u64>,
     /// Set by [`VolumeStatus::judged`] (and for an unreadable replica: Critical).
     pub health: Option<Health>,
 }
@@ -90,6 +99,7 @@ impl VolumeStatus {
             latest_created_unix_ms: latest.map(|p| p.created_unix_ms),
             points: catalog.points.len(),
             oldest_created_unix_ms: catalog.points.first().map(|p| p.created_unix_ms),
+            journal_bytes: catalog.journal_bytes,
             waiting,
             store_error,
             rolled_back_to: catalog.rolled_back_to,
@@ -102,6 +112,30 @@ impl VolumeStatus {
                 .filter(|_| latest.is_some_and(|p| p.latest)),
             ..Default::default()
         }
+    }
+
+    /// The row with the volume's retention, so that a history kept shorter than
+    /// `keep_age` by `keep_size` is seen.
+    pub fn with_retention(mut self, retention: &Retention) -> VolumeStatus {
+        self.keep_size = retention.keep_size;
+        self.keep_age_ms = retention.keep_age.map(|age| age.as_millis() as u64);
+        self
+    }
+
+    /// When the journals fill `keep_size` (nine tenths of it or more) and the oldest
+    /// point is younger than `keep_age` (by a tenth or more, so that neither limit's
+    /// own point-by-point churn counts): how far back the points reach. Then the size
+    /// limit, not the age, decides the history: a burst of writes (a bulk load, or
+    /// ransomware encrypting the disk) pushes out the oldest points, the ones before
+    /// it, sooner than the operator planned for.
+    pub fn history_cut_short(&self, now_unix_ms: u64) -> Option<u64> {
+        let (size, age_ms) = (self.keep_size?, self.keep_age_ms?);
+        let history_ms = self
+            .oldest_created_unix_ms
+            .map_or(0, |t| now_unix_ms.saturating_sub(t));
+        let full = u128::from(self.journal_bytes) * 10 >= u128::from(size) * 9;
+        let short = u128::from(history_ms) * 10 < u128::from(age_ms) * 9;
+        (full && short && self.rolled_back_to.is_none()).then_some(history_ms)
     }
 
     /// The row of a volume whose replica state or journal could not be read.
@@ -129,6 +163,7 @@ impl VolumeStatus {
             .current_as_of_unix_ms
             .map(|t| now_unix_ms.saturating_sub(t));
         self.rpo_threshold_ms = threshold.as_millis() as u64;
+        self.history_ms = self.history_cut_short(now_unix_ms);
         self.health = Some(self.assess());
         self
     }
@@ -158,6 +193,7 @@ impl VolumeStatus {
             || self.apply_error.is_some()
             || self.damaged_journals > 0
             || self.over_threshold()
+            || self.history_ms.is_some()
         {
             Health::Warning
         } else {
@@ -223,6 +259,17 @@ impl VolumeStatus {
         if self.damaged_journals > 0 {
             parts.push(format!("{} damaged undo journal(s)", self.damaged_journals));
         }
+        if let (Some(history), Some(size), Some(age)) =
+            (self.history_ms, self.keep_size, self.keep_age_ms)
+        {
+            parts.push(format!(
+                "recovery points reach back {} of the {} keep_age: the undo journals fill \
+                 keep_size {} (raise it, or expect the shorter history)",
+                changelog::short_duration(history),
+                changelog::short_duration(age),
+                crate::points::format_bytes(size)
+            ));
+        }
         if parts.is_empty() {
             parts.push("current".into());
         }
@@ -232,7 +279,7 @@ impl VolumeStatus {
 
 /// The rows as a table: VOLUME, HEALTH, POINT (the newest), RPO (how long ago the
 /// replica was last known current), POINTS (retained, back to the oldest's age),
-/// WAITING, STATE.
+/// JOURNALS (the disk the undo journals take), WAITING, STATE.
 pub fn table(rows: &[VolumeStatus], now_unix_ms: u64) -> String {
     let age = |ms: Option<u64>| {
         ms.map_or("-".into(), |t| {
@@ -240,8 +287,8 @@ pub fn table(rows: &[VolumeStatus], now_unix_ms: u64) -> String {
         })
     };
     let mut out = format!(
-        "{:<16} {:<8} {:>8} {:>8} {:>16} {:>8}  STATE\n",
-        "VOLUME", "HEALTH", "POINT", "RPO", "POINTS", "WAITING"
+        "{:<16} {:<8} {:>8} {:>8} {:>16} {:>9} {:>8}  STATE\n",
+        "VOLUME", "HEALTH", "POINT", "RPO", "POINTS", "JOURNALS", "WAITING"
     );
     for row in rows {
         let point = row.latest_point.map_or("-".into(), |p| p.to_string());
@@ -252,9 +299,10 @@ pub fn table(rows: &[VolumeStatus], now_unix_ms: u64) -> String {
         let waiting = row.waiting.map_or("?".into(), |n| n.to_string());
         let health = row.health.map_or("?".into(), |h| format!("{h:?}"));
         let rpo = row.rpo_ms.map_or("-".into(), changelog::short_duration);
+        let journals = crate::points::format_bytes(row.journal_bytes);
         let _ = writeln!(
             out,
-            "{:<16} {health:<8} {point:>8} {rpo:>8} {points:>16} {waiting:>8}  {}",
+            "{:<16} {health:<8} {point:>8} {rpo:>8} {points:>16} {journals:>9} {waiting:>8}  {}",
             row.volume,
             row.state()
         );
@@ -274,10 +322,10 @@ fn flag(on: bool) -> f64 {
 /// by volume, with the `ublk_dr_target_` prefix: `up` (0 when the replica's state or
 /// journal could not be read: then only `health`, Critical, is given too), the RPO as this
 /// site knows it and its threshold, the newest point's index and age, retained points,
-/// segments waiting, whether the store could be listed, failed over, damaged journals.
+/// the oldest one's age (the history), what the undo journals take, segments waiting, whether the store could be listed, failed over, damaged journals.
 pub fn prometheus(rows: &[VolumeStatus], now_unix_ms: u64) -> String {
     type Figure = fn(&VolumeStatus, u64) -> Option<f64>;
-    let families: [(&str, &str, Figure); 9] = [
+    let families: [(&str, &str, Figure); 11] = [
         (
             "rpo_seconds",
             "how long ago the replica last held every write of the source (its newest \
@@ -305,6 +353,19 @@ pub fn prometheus(rows: &[VolumeStatus], now_unix_ms: u64) -> String {
         ("points", "recovery points retained", |r, _| {
             Some(r.points as f64)
         }),
+        (
+            "history_seconds",
+            "age of the oldest recovery point retained (source clock)",
+            |r, now| {
+                r.oldest_created_unix_ms
+                    .map(|t| now.saturating_sub(t) as f64 / 1e3)
+            },
+        ),
+        (
+            "journal_bytes",
+            "disk space the undo journals take",
+            |r, _| Some(r.journal_bytes as f64),
+        ),
         (
             "segments_waiting",
             "segments in the store not applied yet",
@@ -466,6 +527,80 @@ mod tests {
         assert_eq!(
             as_of(&VolumeStatus::default(), Some(beat(0, 0, 9_000))),
             None
+        );
+    }
+
+    #[test]
+    fn a_history_the_size_limit_cuts_short_is_a_warning() {
+        let retention = Retention {
+            keep_points: None,
+            keep_age: Some(Duration::from_secs(100)),
+            keep_size: Some(1000),
+        };
+        let now = 1_000_000;
+        // Journals taking `bytes`, the oldest point `back` ms old.
+        let row = |bytes: u64, back: u64, retention: &Retention| {
+            VolumeStatus {
+                volume: "vol0".into(),
+                latest_applied: Some(7),
+                latest_point: Some(7),
+                latest_created_unix_ms: Some(now),
+                oldest_created_unix_ms: Some(now - back),
+                points: 3,
+                waiting: Some(0),
+                journal_bytes: bytes,
+                ..Default::default()
+            }
+            .with_retention(retention)
+            .judged(None, Duration::from_secs(60), now)
+        };
+        let short = row(950, 30_000, &retention);
+        assert_eq!(short.health, Some(Health::Warning));
+        assert_eq!(short.history_ms, Some(30_000));
+        let state = short.state();
+        assert!(
+            state.contains("recovery points reach back 30.0s of the 1m40s keep_age")
+                && state.contains("keep_size 1000 B"),
+            "{state}"
+        );
+        // Room left in the journals, a history near keep_age (age pruning at work),
+        // no age wanted, or no size limit: nothing to say.
+        for (bytes, back, retention) in [
+            (850, 30_000, retention),
+            (1000, 95_000, retention),
+            (
+                1000,
+                30_000,
+                Retention {
+                    keep_age: None,
+                    ..retention
+                },
+            ),
+            (
+                1000,
+                30_000,
+                Retention {
+                    keep_size: None,
+                    ..retention
+                },
+            ),
+        ] {
+            let row = row(bytes, back, &retention);
+            assert_eq!(
+                row.health,
+                Some(Health::Healthy),
+                "{bytes} {back} {retention:?}"
+            );
+            assert_eq!(row.state(), "up to date");
+        }
+        let text = prometheus(&[short], now);
+        assert!(
+            text.contains("ublk_dr_target_journal_bytes{volume=\"vol0\"} 950"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ublk_dr_target_history_seconds{volume=\"vol0\"} 30"),
+            "{text}"
         );
     }
 

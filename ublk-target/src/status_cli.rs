@@ -126,7 +126,10 @@ fn rows(
             }
         };
         let committed = ublk_target::rollback::committed_marker(&paths).exists();
-        let mut row = VolumeStatus::new(v.id.to_string(), &catalog, answer.indexes, committed);
+        // The config was checked when it was read: its retention parses.
+        let retention = config.retention(v).unwrap_or_default();
+        let mut row = VolumeStatus::new(v.id.to_string(), &catalog, answer.indexes, committed)
+            .with_retention(&retention);
         if answer.heartbeat_silent.is_some() {
             row.store_error = answer.heartbeat_silent;
         }
