@@ -7,6 +7,8 @@
 //! * The undo journal's file system fills up while applying: `ublk-target apply` stops
 //!   with an error that says what is full and what to do, exits non-zero, and leaves the
 //!   replica at a recovery point; once there is room, apply goes on and converges.
+//! * A journal file system nine tenths full, with journals that may grow past what is
+//!   left, is a Warning in `ublk-target status` before it fills.
 //! * The source's backing fills up: a write that fails half-done is not recorded, but
 //!   its range is resynced, so the replica gets what the backing holds.
 
@@ -254,6 +256,79 @@ fn a_full_journal_file_system_stops_apply_with_a_clear_error_at_a_point() {
     follower.kill().unwrap();
     follower.wait().unwrap();
     assert!(std::fs::read(fixture.path("replica")).unwrap() == model.final_image());
+}
+
+/// `ublk-target status` warns before the journal's file system fills (applying would
+/// stop there): over nine tenths full with journals that may grow past what is left is
+/// a Warning that says so; a `keep_size` that fits in the space left is not.
+#[test]
+fn a_nearly_full_journal_file_system_is_a_warning() {
+    if skip_unless_root("the undo journal") {
+        return;
+    }
+    let size = 4 << 20;
+    let (fixture, _model) = Fixture::shipped(size, 6, 120);
+    sparse_file(&fixture.path("replica"), size);
+    let journal = SmallFs::mount(&fixture.path("small-journal"), "16m");
+    let out = apply_command(&fixture, "replica")
+        .arg("--journal")
+        .arg(journal.0.join("j"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let config = fixture.path("target.toml");
+    let write_config = |retention: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "key = {:?}\nstore = {:?}\nrpo_threshold_ms = 3600000\n{retention}\n\
+                 [[volume]]\nid = \"vol0\"\nreplica = {:?}\njournal = {:?}\n",
+                fixture.path("key"),
+                fixture.path("store"),
+                fixture.path("replica"),
+                journal.0.join("j"),
+            ),
+        )
+        .unwrap()
+    };
+    let status = || {
+        let out = Command::new(bin("ublk-target"))
+            .args(["status", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    write_config("");
+    let text = status();
+    assert!(text.contains("Healthy") && !text.contains("full"), "{text}");
+
+    // Fill it to within 1 MiB of the end.
+    let used_by_journals: u64 = std::fs::read_dir(journal.0.join("j"))
+        .unwrap()
+        .map(|e| {
+            use std::os::unix::fs::MetadataExt;
+            e.unwrap().metadata().unwrap().blocks() * 512
+        })
+        .sum();
+    let filler = vec![7u8; ((15 << 20) - used_by_journals) as usize];
+    std::fs::write(journal.0.join("filler"), filler).unwrap();
+    let text = status();
+    assert!(
+        text.contains("Warning")
+            && text.contains("file system is 9")
+            && text.contains("% full (")
+            && text.contains("applying stops when it is full"),
+        "{text}"
+    );
+    // Journals bounded to what is left: nothing to fear from them.
+    write_config(&format!(
+        "keep_size = \"{}\"",
+        used_by_journals + (512 << 10)
+    ));
+    let text = status();
+    assert!(text.contains("Healthy") && !text.contains("full"), "{text}");
 }
 
 #[test]

@@ -20,12 +20,14 @@
 //! when there is no recovery point yet, when the store cannot be reached, when undo
 //! journals are damaged, or when `keep_size` keeps the recovery points from reaching
 //! as far back as `keep_age` asks (the journals are full: a burst of writes pushed the
-//! oldest points out); Healthy otherwise, and for a volume failed over here once its
+//! oldest points out), or when the journal's file system is over nine tenths full and
+//! the journals may grow past what is left (applying stops when it is full); Healthy otherwise, and for a volume failed over here once its
 //! rollback is complete (it is the primary now; nothing replicates into it; halfway,
 //! it is a Warning).
 
 use crate::apply::Applied;
 use crate::error::Result;
+use crate::journal::Journal;
 use crate::points::Retention;
 use crate::state::{ApplyState, ReplicaPaths};
 use crate::status::VolumeStatus;
@@ -98,6 +100,8 @@ pub struct FollowHealth {
     shared: Arc<Mutex<Judge>>,
     /// Read on the applying thread only (it may block).
     heartbeat: HeartbeatWatch,
+    /// The replica's journal, whose file system's space is read on the applying thread.
+    journal: Journal,
     /// Dropping the sender stops the watchdog.
     watchdog: Option<(Sender<()>, JoinHandle<()>)>,
 }
@@ -190,6 +194,7 @@ impl FollowHealth {
                 read_at: None,
                 trouble: None,
             },
+            journal: Journal::new(&paths.journal),
             watchdog: Some((stop, watchdog)),
         }
     }
@@ -243,8 +248,10 @@ impl FollowHealth {
         } else {
             None
         };
+        let journal_fs = self.journal.fs_space();
         let mut judge = self.lock();
         judge.heartbeat = heartbeat;
+        judge.row.journal_fs = journal_fs;
         judge.in_round = false;
         judge.progress(Instant::now());
         judge.judge();

@@ -585,6 +585,14 @@ pub struct Journal {
     dir: PathBuf,
 }
 
+/// A file system's space, in bytes: what an unprivileged writer may still use, and that
+/// plus what is used (as `df` counts its size for the use percentage).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FsSpace {
+    pub free: u64,
+    pub size: u64,
+}
+
 /// The exclusive right to change a replica and its journal (apply, prune, rollback).
 /// Views do not take it. Released when dropped (or when the process dies).
 #[derive(Debug)]
@@ -607,6 +615,21 @@ impl Journal {
 
     pub fn exists(&self, index: u64) -> bool {
         self.path_of(index).exists()
+    }
+
+    /// The space of the file system the journal is on (its directory's, or the
+    /// nearest existing parent's before it is created); `None` if that cannot be read.
+    pub fn fs_space(&self) -> Option<FsSpace> {
+        let dir = self.dir.ancestors().find(|d| d.exists())?;
+        let stat = nix::sys::statvfs::statvfs(dir).ok()?;
+        let unit = stat.fragment_size();
+        // As df counts: what is used plus what is available (blocks reserved for root,
+        // or otherwise held back, are neither).
+        let used = stat.blocks().saturating_sub(stat.blocks_free());
+        Some(FsSpace {
+            free: stat.blocks_available() * unit,
+            size: (used + stat.blocks_available()) * unit,
+        })
     }
 
     /// The disk space undo file `index` takes (its allocated blocks: what deleting it

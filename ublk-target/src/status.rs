@@ -8,6 +8,7 @@
 //! store holds beyond the replica, not applied yet (a stopped `apply`, or one that
 //! falls behind, shows here first).
 
+use crate::journal::FsSpace;
 use crate::plan::PointChoice;
 use crate::points::{Catalog, Retention};
 use changelog::alert::Health;
@@ -33,6 +34,8 @@ pub struct VolumeStatus {
     pub oldest_created_unix_ms: Option<u64>,
     /// Disk space the undo journals take, in bytes.
     pub journal_bytes: u64,
+    /// The space of the undo journal's file system, when it could be read.
+    pub journal_fs: Option<FsSpace>,
     /// The volume's retention limits by journal size and by age, for the history
     /// check (see [`VolumeStatus::history_cut_short`]).
     pub keep_size: Option<u64>,
@@ -138,6 +141,18 @@ impl VolumeStatus {
         (full && short && self.rolled_back_to.is_none()).then_some(history_ms)
     }
 
+    /// When the undo journal's file system has less than a tenth of it free and the
+    /// journals may grow by more than is free (no `keep_size`, or one that leaves them
+    /// room beyond it): the space left, in bytes. Applying stops when it is full.
+    pub fn journal_space_short(&self) -> Option<u64> {
+        let fs = self.journal_fs?;
+        let growth_left = self
+            .keep_size
+            .map_or(u64::MAX, |size| size.saturating_sub(self.journal_bytes));
+        let short = u128::from(fs.free) * 10 < u128::from(fs.size) && growth_left > fs.free;
+        (short && self.rolled_back_to.is_none()).then_some(fs.free)
+    }
+
     /// The row of a volume whose replica state or journal could not be read.
     pub fn unreadable(volume: String, why: String) -> VolumeStatus {
         VolumeStatus {
@@ -194,6 +209,7 @@ impl VolumeStatus {
             || self.damaged_journals > 0
             || self.over_threshold()
             || self.history_ms.is_some()
+            || self.journal_space_short().is_some()
         {
             Health::Warning
         } else {
@@ -259,6 +275,15 @@ impl VolumeStatus {
         if self.damaged_journals > 0 {
             parts.push(format!("{} damaged undo journal(s)", self.damaged_journals));
         }
+        if let (Some(free), Some(fs)) = (self.journal_space_short(), self.journal_fs) {
+            parts.push(format!(
+                "the undo journal's file system is {}% full ({} free) and the journals may \
+                 grow past that: applying stops when it is full (set keep_size below what \
+                 they can take, or free space)",
+                100 - free * 100 / fs.size.max(1),
+                crate::points::format_bytes(free)
+            ));
+        }
         if let (Some(history), Some(size), Some(age)) =
             (self.history_ms, self.keep_size, self.keep_age_ms)
         {
@@ -322,10 +347,11 @@ fn flag(on: bool) -> f64 {
 /// by volume, with the `ublk_dr_target_` prefix: `up` (0 when the replica's state or
 /// journal could not be read: then only `health`, Critical, is given too), the RPO as this
 /// site knows it and its threshold, the newest point's index and age, retained points,
-/// the oldest one's age (the history), what the undo journals take, segments waiting, whether the store could be listed, failed over, damaged journals.
+/// the oldest one's age (the history), what the undo journals take and the space left
+/// on their file system, segments waiting, whether the store could be listed, failed over, damaged journals.
 pub fn prometheus(rows: &[VolumeStatus], now_unix_ms: u64) -> String {
     type Figure = fn(&VolumeStatus, u64) -> Option<f64>;
-    let families: [(&str, &str, Figure); 11] = [
+    let families: [(&str, &str, Figure); 12] = [
         (
             "rpo_seconds",
             "how long ago the replica last held every write of the source (its newest \
@@ -365,6 +391,11 @@ pub fn prometheus(rows: &[VolumeStatus], now_unix_ms: u64) -> String {
             "journal_bytes",
             "disk space the undo journals take",
             |r, _| Some(r.journal_bytes as f64),
+        ),
+        (
+            "journal_fs_free_bytes",
+            "space left on the undo journal's file system",
+            |r, _| r.journal_fs.map(|fs| fs.free as f64),
         ),
         (
             "segments_waiting",
@@ -600,6 +631,50 @@ mod tests {
         );
         assert!(
             text.contains("ublk_dr_target_history_seconds{volume=\"vol0\"} 30"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_nearly_full_journal_file_system_is_a_warning_unless_keep_size_fits() {
+        let row = |free: u64, keep_size: Option<u64>| {
+            VolumeStatus {
+                volume: "vol0".into(),
+                latest_applied: Some(7),
+                latest_point: Some(7),
+                latest_created_unix_ms: Some(1_000),
+                waiting: Some(0),
+                journal_bytes: 300 << 20,
+                journal_fs: Some(FsSpace {
+                    free,
+                    size: 10 << 30,
+                }),
+                keep_size,
+                ..Default::default()
+            }
+            .judged(None, Duration::from_secs(60), 1_000)
+        };
+        let short = row(512 << 20, None);
+        assert_eq!(short.health, Some(Health::Warning));
+        let state = short.state();
+        assert!(
+            state.contains("file system is 95% full (512 MiB free)")
+                && state.contains("applying stops when it is full"),
+            "{state}"
+        );
+        // Room for what keep_size lets them grow by, or a tenth free: Healthy.
+        for (free, keep_size) in [(512 << 20, Some(800 << 20)), (1200 << 20, None)] {
+            let row = row(free, keep_size);
+            assert_eq!(row.health, Some(Health::Healthy), "{free} {keep_size:?}");
+        }
+        // keep_size beyond the space left: the journals can still fill it.
+        assert_eq!(row(512 << 20, Some(1 << 30)).health, Some(Health::Warning));
+        let text = prometheus(&[short], 1_000);
+        assert!(
+            text.contains(&format!(
+                "ublk_dr_target_journal_fs_free_bytes{{volume=\"vol0\"}} {}",
+                512u64 << 20
+            )),
             "{text}"
         );
     }

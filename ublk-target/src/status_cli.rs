@@ -130,6 +130,7 @@ fn rows(
         let retention = config.retention(v).unwrap_or_default();
         let mut row = VolumeStatus::new(v.id.to_string(), &catalog, answer.indexes, committed)
             .with_retention(&retention);
+        row.journal_fs = ublk_target::journal::Journal::new(&paths.journal).fs_space();
         if answer.heartbeat_silent.is_some() {
             row.store_error = answer.heartbeat_silent;
         }
