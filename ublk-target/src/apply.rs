@@ -411,12 +411,17 @@ impl Applier {
             crate::group_cuts::record(&self.paths.journal, index, cuts)?;
         }
         let facts = PointFacts::from_header(&segment.header);
+        // Before the state moves on: an error after that would fail a segment applied.
+        let journal_bytes = match self.retained {
+            Some(_) => self.journal.disk_bytes(index)?,
+            None => 0,
+        };
         self.state.cursor.advance(&segment.header, segment.digest);
         self.state.last = Some(facts);
         self.state.key_id = Some(segment.header.key_id);
         self.state.save(&mut self.uring, &self.paths.state)?;
         if let Some(retained) = &mut self.retained {
-            retained.applied(&facts, cuts.is_some(), self.journal.disk_bytes(index)?);
+            retained.applied(&facts, cuts.is_some(), journal_bytes);
         }
         self.times.state += t.elapsed();
         self.times.segments += 1;

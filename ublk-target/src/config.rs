@@ -67,7 +67,7 @@ pub struct TargetConfig {
     pub poll_ms: u64,
     pub keep_points: Option<usize>,
     pub keep_age: Option<String>,
-    pub keep_size: Option<String>,
+    pub keep_size: Option<SizeSetting>,
     #[serde(default)]
     pub keep_applied_segments: bool,
     #[serde(default = "default_rpo_threshold_ms")]
@@ -82,6 +82,24 @@ pub struct TargetConfig {
     pub plans: Vec<PlanConfig>,
 }
 
+/// A size in a config file: bytes, or text such as `"50G"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum SizeSetting {
+    Bytes(u64),
+    Text(String),
+}
+
+impl SizeSetting {
+    /// The size in bytes, at least one.
+    fn bytes(&self) -> std::result::Result<u64, String> {
+        match self {
+            SizeSetting::Bytes(n) => crate::points::parse_keep_size(&n.to_string()),
+            SizeSetting::Text(text) => crate::points::parse_keep_size(text),
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeConfig {
@@ -91,7 +109,7 @@ pub struct VolumeConfig {
     pub journal: Option<PathBuf>,
     pub keep_points: Option<usize>,
     pub keep_age: Option<String>,
-    pub keep_size: Option<String>,
+    pub keep_size: Option<SizeSetting>,
     #[serde(default)]
     pub full_download: bool,
     #[serde(default)]
@@ -220,7 +238,7 @@ impl TargetConfig {
         };
         let keep_size = match volume.keep_size.as_ref().or(self.keep_size.as_ref()) {
             Some(size) => Some(
-                crate::points::parse_size(size)
+                size.bytes()
                     .map_err(|e| format!("volume {}: keep_size {e}", volume.id))?,
             ),
             None => None,
@@ -283,6 +301,12 @@ full_download = true
             }
         );
         assert!(b.full_download && !a.full_download);
+        // A bare number of bytes is a size too.
+        let bytes = TargetConfig::parse(&GOOD.replace("\"512M\"", "1048576")).unwrap();
+        assert_eq!(
+            bytes.retention(&bytes.volumes[1]).unwrap().keep_size,
+            Some(1 << 20)
+        );
         assert_eq!(config.poll(), Duration::from_millis(200));
         let missing = config.volume(&VolumeId::new("c").unwrap()).unwrap_err();
         assert!(missing.contains("it has a, b"), "{missing}");
@@ -368,6 +392,10 @@ full_download = true
             (
                 GOOD.replace("keep_size = \"512M\"", "keep_size = \"half the disk\""),
                 "volume b: keep_size \"half the disk\" is not a size",
+            ),
+            (
+                GOOD.replace("keep_size = \"512M\"", "keep_size = 0"),
+                "volume b: keep_size must be more than 0",
             ),
             (
                 GOOD.replace("replica = \"/r/a\"", "replika = \"/r/a\""),

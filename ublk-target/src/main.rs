@@ -362,7 +362,7 @@ struct RetentionArgs {
     /// Let the undo journals take at most this much disk (512M, 50G, 2T: powers of
     /// 1024), dropping the oldest points first: a bounded journal, whose history is as
     /// long as the space allows. The latest point is always kept.
-    #[arg(long, value_parser = ublk_target::points::parse_size)]
+    #[arg(long, value_parser = ublk_target::points::parse_keep_size)]
     keep_size: Option<u64>,
 }
 

@@ -112,6 +112,17 @@ pub struct Catalog {
 }
 
 impl Catalog {
+    /// With the disk space of the undo files `present` (last: reading the headers
+    /// comes first; a file pruned since it was listed counts 0).
+    fn with_sizes(mut self, journal: &Journal, present: Vec<u64>) -> Result<Catalog> {
+        self.journal_sizes = present
+            .into_iter()
+            .map(|index| Ok((index, journal.disk_bytes(index)?)))
+            .collect::<Result<_>>()?;
+        self.journal_bytes = self.journal_sizes.iter().map(|&(_, bytes)| bytes).sum();
+        Ok(self)
+    }
+
     pub fn find(&self, point: u64) -> Option<&RecoveryPoint> {
         self.points.iter().find(|p| p.index == point)
     }
@@ -188,7 +199,7 @@ impl Catalog {
         if let (Some(first), Some(last)) = (self.journals.first(), self.journals.last()) {
             let _ = writeln!(
                 out,
-                "undo journals {first}..={last} ({} files, {} on disk)",
+                "undo journals {first}..={last} ({} files; every undo file present takes {})",
                 self.journals.len(),
                 format_bytes(self.journal_bytes)
             );
@@ -227,20 +238,17 @@ impl Catalog {
 pub fn catalog(paths: &ReplicaPaths) -> Result<Catalog> {
     let journal = Journal::new(&paths.journal);
     let views = list_views(&paths.journal)?;
+    // The state before the listing: an applier puts a segment's journal in place
+    // before its state names the segment, so the listing has the latest one.
+    let state = ApplyState::load(&paths.state, None)?;
     let present = journal.list()?;
-    let journal_sizes: Vec<(u64, u64)> = present
-        .iter()
-        .map(|&index| Ok((index, journal.disk_bytes(index)?)))
-        .collect::<Result<_>>()?;
-    let journal_bytes = journal_sizes.iter().map(|&(_, bytes)| bytes).sum();
-    let Some(state) = ApplyState::load(&paths.state, None)? else {
-        return Ok(Catalog {
+    let Some(state) = state else {
+        let catalog = Catalog {
             views,
-            unused_journals: present,
-            journal_bytes,
-            journal_sizes,
+            unused_journals: present.clone(),
             ..Catalog::default()
-        });
+        };
+        return catalog.with_sizes(&journal, present);
     };
     let mut catalog = Catalog {
         volume: Some(state.cursor.volume.to_string()),
@@ -249,8 +257,6 @@ pub fn catalog(paths: &ReplicaPaths) -> Result<Catalog> {
         key_id: state.key_id,
         cursor: Some(state.cursor.clone()),
         views,
-        journal_bytes,
-        journal_sizes,
         ..Catalog::default()
     };
     let next = state.cursor.next_index;
@@ -300,14 +306,15 @@ pub fn catalog(paths: &ReplicaPaths) -> Result<Catalog> {
     }
     catalog.points = points;
     catalog.unused_journals = present
-        .into_iter()
+        .iter()
+        .copied()
         .filter(|i| {
             *i < next
                 && catalog.journals.binary_search(i).is_err()
                 && !catalog.damaged.iter().any(|(d, _)| d == i)
         })
         .collect();
-    Ok(catalog)
+    catalog.with_sizes(&journal, present)
 }
 
 /// Formats ms since the Unix epoch as `YYYY-MM-DD hh:mm:ss.mmm` (UTC).
@@ -736,8 +743,15 @@ pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
         format!("{text:?} is not a size; use bytes or a number with K, M, G or T (e.g. 50G)")
     })?;
     let unit = unit.trim();
-    let shift = match unit.trim_end_matches("iB").trim_end_matches('B') {
-        "" if unit.is_empty() || unit == "B" => 0,
+    // `K`, `KB` or `KiB`; bytes alone as `` or `B`.
+    let prefix = match (unit.strip_suffix("iB"), unit.strip_suffix('B')) {
+        (Some(prefix), _) if !prefix.is_empty() => prefix,
+        (Some(_), _) => unit,
+        (None, Some(prefix)) => prefix,
+        (None, None) => unit,
+    };
+    let shift = match prefix {
+        "" => 0,
         "K" | "k" => 10,
         "M" => 20,
         "G" => 30,
@@ -751,6 +765,14 @@ pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
     };
     n.checked_mul(1 << shift)
         .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// Parses a `keep_size`: a size ([`parse_size`]) of at least one byte.
+pub fn parse_keep_size(text: &str) -> std::result::Result<u64, String> {
+    match parse_size(text)? {
+        0 => Err("must be more than 0 (to keep only the latest point: keep_points 1)".into()),
+        n => Ok(n),
+    }
 }
 
 /// `1.5 GiB`, `512 KiB`, `17 B`.
@@ -792,7 +814,18 @@ mod tests {
         assert_eq!(parse_size("50GiB"), Ok(50 << 30));
         assert_eq!(parse_size("2 TB"), Ok(2 << 40));
         assert_eq!(parse_size("8k"), Ok(8 << 10));
-        for bad in ["", "G", "1.5G", "-1G", "3P", "5GiBs", "99999999999T"] {
+        assert_eq!(parse_size("100B"), Ok(100));
+        for bad in [
+            "",
+            "G",
+            "1.5G",
+            "-1G",
+            "3P",
+            "5GiBs",
+            "5GBB",
+            "5iB",
+            "99999999999T",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad:?}");
         }
         assert_eq!(format_bytes(17), "17 B");

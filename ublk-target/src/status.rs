@@ -36,8 +36,9 @@ pub struct VolumeStatus {
     pub journal_bytes: u64,
     /// The space of the undo journal's file system, when it could be read.
     pub journal_fs: Option<FsSpace>,
-    /// The volume's retention limits by journal size and by age, for the history
-    /// check (see [`VolumeStatus::history_cut_short`]).
+    /// The volume's retention limits, for the history check (see
+    /// [`VolumeStatus::history_cut_short`]).
+    pub keep_points: Option<usize>,
     pub keep_size: Option<u64>,
     pub keep_age_ms: Option<u64>,
     /// Segments in the store after the latest applied one; `None`: the store could not
@@ -120,14 +121,19 @@ impl VolumeStatus {
     /// The row with the volume's retention, so that a history kept shorter than
     /// `keep_age` by `keep_size` is seen.
     pub fn with_retention(mut self, retention: &Retention) -> VolumeStatus {
+        self.keep_points = retention.keep_points;
         self.keep_size = retention.keep_size;
         self.keep_age_ms = retention.keep_age.map(|age| age.as_millis() as u64);
         self
     }
 
-    /// When the journals fill `keep_size` (nine tenths of it or more) and the oldest
-    /// point is younger than `keep_age` (by a tenth or more, so that neither limit's
-    /// own point-by-point churn counts): how far back the points reach. Then the size
+    /// When the journals fill `keep_size` (nine tenths of it or more), the oldest point
+    /// is younger than `keep_age` (by a tenth or more, so that neither limit's own
+    /// point-by-point churn counts) and fewer points than `keep_points` are kept (else
+    /// the count is what keeps the history short): how far back the points reach.
+    /// Where the journals of one step between points exceed a tenth of `keep_size`,
+    /// the fill swings across nine tenths from one segment to the next, and so does
+    /// this (alerts hold a change for 10 s before they report it). Then the size
     /// limit, not the age, decides the history: a burst of writes (a bulk load, or
     /// ransomware encrypting the disk) pushes out the oldest points, the ones before
     /// it, sooner than the operator planned for.
@@ -138,7 +144,8 @@ impl VolumeStatus {
             .map_or(0, |t| now_unix_ms.saturating_sub(t));
         let full = u128::from(self.journal_bytes) * 10 >= u128::from(size) * 9;
         let short = u128::from(history_ms) * 10 < u128::from(age_ms) * 9;
-        (full && short && self.rolled_back_to.is_none()).then_some(history_ms)
+        let counted_out = self.keep_points.is_some_and(|n| self.points >= n);
+        (full && short && !counted_out && self.rolled_back_to.is_none()).then_some(history_ms)
     }
 
     /// When the undo journal's file system has less than a tenth of it free and the
@@ -612,6 +619,14 @@ mod tests {
                 30_000,
                 Retention {
                     keep_size: None,
+                    ..retention
+                },
+            ),
+            (
+                1000,
+                30_000,
+                Retention {
+                    keep_points: Some(3),
                     ..retention
                 },
             ),
