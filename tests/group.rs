@@ -244,6 +244,7 @@ fn an_applier_pruning_as_it_goes_keeps_the_cuts_of_its_points() {
             keep_points: Some(KEEP),
             keep_age: None,
             keep_size: None,
+            thin: None,
         },
         ..Default::default()
     };
@@ -262,6 +263,108 @@ fn an_applier_pruning_as_it_goes_keeps_the_cuts_of_its_points() {
             lines <= KEEP + 16 + 1,
             "segment {}: {lines} cut lines for {KEEP} points",
             applied.header.index
+        );
+    }
+}
+
+/// Thinning keeps, of each interval over, its newest point at a group cut where it
+/// has one (so that the volumes of a group keep the same cuts), and each point kept
+/// shows the volume as it was.
+#[test]
+fn thinning_keeps_the_newest_cut_of_each_interval() {
+    let fixture = Fixture::new(SIZE);
+    let clock_path = fixture.path("group.clock");
+    let mut capture = grouped_capture(&fixture, &clock_path);
+    let clock = GroupClock::open(&clock_path).unwrap();
+    let mut model = Model::new(SIZE);
+    // Rounds shipped one by one, every third ending at a cut: points with and
+    // without cuts.
+    for round in 0..30 {
+        for n in 1..=20 {
+            record(&mut capture, &mut model, write(round * 20 + n));
+        }
+        if round % 3 == 0 {
+            clock.cut().unwrap();
+        }
+        capture.tick().unwrap();
+        fixture.ship_drained();
+        std::thread::sleep(std::time::Duration::from_millis(3));
+    }
+    fixture
+        .applier("replica", &fixture.key)
+        .unwrap()
+        .apply_available()
+        .unwrap();
+    let paths = fixture.replica_paths("replica");
+    let all = ublk_target::catalog(&paths).unwrap().points;
+    let times: Vec<u64> = all.iter().map(|p| p.created_unix_ms).collect();
+    let spread = times[times.len() - 1] - times[0];
+    // The model: per run of points in one interval, the newest at a cut, else the
+    // newest, stays, and so does the latest; the points between two that stay go,
+    // but those just before the latest (they may be chosen yet). Intervals as long as
+    // make a cut the choice where a newer point without one shares its interval.
+    let model_for = |every: u64| {
+        let interval = |p: &ublk_target::RecoveryPoint| p.created_unix_ms / every;
+        let last = all.len() - 1;
+        let mut stays = vec![false; all.len()];
+        let mut chose_a_cut = false;
+        let mut start = 0;
+        for (i, p) in all.iter().enumerate() {
+            if all
+                .get(i + 1)
+                .is_some_and(|next| interval(next) == interval(p))
+            {
+                continue;
+            }
+            let at_cut = (start..=i).rev().find(|&k| all[k].group_cuts.is_some());
+            chose_a_cut |= at_cut.is_some_and(|c| c != i && i != last);
+            stays[at_cut.unwrap_or(i)] = true;
+            start = i + 1;
+        }
+        stays[last] = true;
+        let staying: Vec<usize> = (0..all.len()).filter(|&k| stays[k]).collect();
+        if let [.., before_latest, _] = staying[..] {
+            stays[before_latest..].iter_mut().for_each(|s| *s = true);
+        }
+        let expect: Vec<u64> = (0..all.len())
+            .filter(|&k| stays[k] && k >= staying[0])
+            .map(|k| all[k].index)
+            .collect();
+        chose_a_cut.then_some(expect)
+    };
+    let (every, expect) = (2..40)
+        .map(|parts| (spread / parts).max(1))
+        .find_map(|every| model_for(every).map(|expect| (every, expect)))
+        .unwrap_or_else(|| {
+            let seen: Vec<_> = all
+                .iter()
+                .map(|p| (p.index, p.created_unix_ms, p.group_cuts.is_some()))
+                .collect();
+            panic!("no interval length makes a cut the choice over a newer point: {seen:?}")
+        });
+    let retention = ublk_target::Retention {
+        keep_points: None,
+        keep_age: None,
+        keep_size: None,
+        thin: Some(ublk_target::points::Thinning {
+            after: std::time::Duration::ZERO,
+            every: std::time::Duration::from_millis(every),
+        }),
+    };
+    ublk_target::prune(&paths, &retention, times[times.len() - 1] + 10 * every).unwrap();
+    let kept = ublk_target::catalog(&paths).unwrap().points;
+    assert_eq!(
+        kept.iter().map(|p| p.index).collect::<Vec<_>>(),
+        expect,
+        "intervals of {every} ms"
+    );
+    for p in &kept {
+        let reference = all.iter().find(|q| q.index == p.index).unwrap();
+        assert_eq!(p.group_cuts, reference.group_cuts, "point {}", p.index);
+        assert!(
+            point_image(&fixture, "replica", p.index) == model_image(&model, p.last_seq + 1),
+            "point {}",
+            p.index
         );
     }
 }
@@ -322,6 +425,7 @@ fn an_app_consistent_cut_waits_for_every_volume_and_is_flagged_on_each() {
         keep_points: Some(1),
         keep_age: None,
         keep_size: None,
+        thin: None,
     };
     ublk_target::prune(&paths, &retention, changelog::unix_ms_now()).unwrap();
     let left = ublk_target::group_cuts::load(&paths.journal).unwrap();

@@ -61,6 +61,17 @@ fn dir_digests(dir: &Path) -> Vec<(String, [u8; 32])> {
     out
 }
 
+/// The segment of each undo file in `spans`, which must be one segment's each.
+fn singles(spans: &[(u64, u64)]) -> Vec<u64> {
+    spans
+        .iter()
+        .map(|&(first, last)| {
+            assert_eq!(first, last, "a merged file in {spans:?}");
+            last
+        })
+        .collect()
+}
+
 fn undo_path(paths: &ReplicaPaths, index: u64) -> PathBuf {
     paths.journal.join(format!("{index:016x}.undo"))
 }
@@ -313,6 +324,7 @@ fn retention_by_count() {
             keep_points: Some(3),
             keep_age: None,
             keep_size: None,
+            thin: None,
         },
         changelog::unix_ms_now(),
     )
@@ -325,7 +337,7 @@ fn retention_by_count() {
         "the three newest points remain"
     );
     assert_eq!(
-        left.journals,
+        singles(&left.journals),
         ((total - 2) as u64..total as u64).collect::<Vec<_>>(),
         "exactly the journals the kept points need"
     );
@@ -353,6 +365,7 @@ fn retention_by_count() {
             keep_points: Some(1),
             keep_age: None,
             keep_size: None,
+            thin: None,
         },
         changelog::unix_ms_now(),
     )
@@ -376,6 +389,7 @@ fn applier_keeps_at_most_n_points() {
                     keep_points: Some(4),
                     keep_age: None,
                     keep_size: None,
+                    thin: None,
                 },
                 ..ApplyOptions::default()
             },
@@ -409,6 +423,7 @@ fn applier_retention_matches_the_catalog_at_every_step() {
             keep_points: Some(KEEP),
             keep_age: None,
             keep_size: None,
+            thin: None,
         },
         ..ApplyOptions::default()
     };
@@ -446,7 +461,11 @@ fn applier_retention_matches_the_catalog_at_every_step() {
             })
             .collect();
         files.sort_unstable();
-        assert_eq!(files, c.journals, "step {step}: journals outside the run");
+        assert_eq!(
+            files,
+            singles(&c.journals),
+            "step {step}: journals outside the run"
+        );
         match step {
             10 => {
                 let oldest = c.points[0];
@@ -506,6 +525,7 @@ fn applier_keeps_the_journals_within_keep_size() {
             keep_points: None,
             keep_age: None,
             keep_size: Some(keep_size),
+            thin: None,
         },
         ..ApplyOptions::default()
     };
@@ -539,7 +559,7 @@ fn applier_keeps_the_journals_within_keep_size() {
         let c = catalog(&paths).unwrap();
         let got: Vec<u64> = c.points.iter().map(|p| p.index).collect();
         assert_eq!(got, kept, "step {step}: points");
-        assert_eq!(c.journals, journals, "step {step}: journals");
+        assert_eq!(singles(&c.journals), journals, "step {step}: journals");
         assert!(
             c.unused_journals.is_empty() && c.pending.is_none(),
             "step {step}"
@@ -575,6 +595,7 @@ fn applier_keeps_the_journals_within_keep_size() {
             keep_points: None,
             keep_age: None,
             keep_size: Some(keep_size / 3),
+            thin: None,
         },
         changelog::unix_ms_now(),
     )
@@ -586,6 +607,193 @@ fn applier_keeps_the_journals_within_keep_size() {
     let oldest = c.points[0];
     let mut view = PointView::open(&paths, oldest.index).unwrap();
     assert!(read_view(&mut view) == model_at(&model, oldest.last_seq));
+}
+
+/// The points thinning keeps with `every` ms intervals, all of them over: the newest
+/// of each run of points in one interval, and every point of the latest's interval
+/// (its points go only once the latest is no longer the latest).
+fn thinned(points: &[ublk_target::RecoveryPoint], every: u64) -> Vec<u64> {
+    let interval = |p: &ublk_target::RecoveryPoint| p.created_unix_ms / every;
+    let latest = interval(points.last().unwrap());
+    points
+        .iter()
+        .enumerate()
+        .filter(|&(i, p)| {
+            interval(p) == latest
+                || points
+                    .get(i + 1)
+                    .is_none_or(|next| interval(next) != interval(p))
+        })
+        .map(|(_, p)| p.index)
+        .collect()
+}
+
+/// Every point of `paths`' catalog, through a view, equals the model at that point.
+fn every_view_matches(paths: &ReplicaPaths, model: &Model) {
+    for point in catalog(paths).unwrap().points {
+        let mut view = PointView::open(paths, point.index).unwrap();
+        assert!(
+            read_view(&mut view) == model_at(model, point.last_seq),
+            "view at point {} differs from the model",
+            point.index
+        );
+    }
+}
+
+/// Thinning keeps the newest point of each interval once it is older than `after`,
+/// merging the undo files between kept points: every point kept still shows the
+/// source as it was (views, and a rollback through merged files), the merged files
+/// take no more than what they replaced, and a crash that left a merged file beside
+/// the files it replaced is read through the merged one and cleaned up.
+#[test]
+fn thinning_keeps_one_point_per_interval_and_each_still_shows_the_source() {
+    let (fixture, model) = Fixture::shipped(SIZE, 48, 600);
+    apply_all(&fixture, "replica");
+    apply_all(&fixture, "twin");
+    let paths = fixture.replica_paths("replica");
+    let before = catalog(&paths).unwrap();
+    let times: Vec<u64> = before.points.iter().map(|p| p.created_unix_ms).collect();
+    let spread = times[times.len() - 1] - times[0];
+    let every = (spread / 4).max(1);
+    let expect = thinned(&before.points, every);
+    let merges = expect.len() - 1 - expect.windows(2).filter(|w| w[1] == w[0] + 1).count();
+    assert!(
+        merges >= 2 && expect.len() >= 3,
+        "the segments' times ({times:?}) give too few buckets to merge in"
+    );
+    let thin = Retention {
+        keep_points: None,
+        keep_age: None,
+        keep_size: None,
+        thin: Some(ublk_target::points::Thinning {
+            after: std::time::Duration::ZERO,
+            every: std::time::Duration::from_millis(every),
+        }),
+    };
+    let later = times[times.len() - 1] + 10 * every;
+    prune(&paths, &thin, later).unwrap();
+    let after = catalog(&paths).unwrap();
+    let kept: Vec<u64> = after.points.iter().map(|p| p.index).collect();
+    assert_eq!(kept, expect, "one point per interval (every {every} ms)");
+    assert!(
+        after.unused_journals.is_empty() && after.damaged.is_empty(),
+        "{after:?}"
+    );
+    assert!(
+        after.journals.iter().filter(|(f, l)| f < l).count() >= 2,
+        "merged files: {:?}",
+        after.journals
+    );
+    assert!(
+        after.journal_bytes <= before.journal_bytes,
+        "merged {} bytes against {} before",
+        after.journal_bytes,
+        before.journal_bytes
+    );
+    every_view_matches(&paths, &model);
+    // Thinning again changes nothing.
+    prune(&paths, &thin, later).unwrap();
+    assert_eq!(catalog(&paths).unwrap().journals, after.journals);
+
+    // A crash after a merged file was put in place and before the files it replaced
+    // were deleted: the twin has them all.
+    let twin = fixture.replica_paths("twin");
+    for &(first, last) in after.journals.iter().filter(|(f, l)| f < l) {
+        let name = ublk_target::journal::span_file_name(first, last);
+        std::fs::copy(paths.journal.join(&name), twin.journal.join(&name)).unwrap();
+    }
+    let crashed = catalog(&twin).unwrap();
+    assert!(
+        crashed.journals.ends_with(&after.journals),
+        "the merged files are used: {:?}",
+        crashed.journals
+    );
+    let crashed_points: Vec<u64> = crashed.points.iter().map(|p| p.index).collect();
+    assert!(
+        kept.iter().all(|k| crashed_points.contains(k)),
+        "{crashed_points:?}"
+    );
+    assert!(!crashed.unused_journals.is_empty());
+    every_view_matches(&twin, &model);
+    prune(&twin, &thin, later).unwrap();
+    let cleaned = catalog(&twin).unwrap();
+    assert!(cleaned.unused_journals.is_empty(), "{cleaned:?}");
+    assert_eq!(cleaned.journals, after.journals);
+    assert_eq!(cleaned.points, after.points);
+    let files = std::fs::read_dir(&twin.journal)
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            ublk_target::journal::parse_span_file_name(&name.to_string_lossy()).is_some()
+        })
+        .count();
+    assert_eq!(files, cleaned.journals.len(), "files left beside the run");
+
+    // A rollback through merged files to the oldest point kept.
+    let oldest = after.points[0];
+    rollback_to(&paths, oldest.index).unwrap();
+    assert!(std::fs::read(&paths.replica).unwrap() == model_at(&model, oldest.last_seq));
+}
+
+/// The applier thins as it goes: at every step each interval over (but the latest
+/// point's) holds one point, and every point still shows the source.
+#[test]
+fn an_applier_thins_as_it_goes() {
+    let (fixture, model) = Fixture::shipped(SIZE, 49, 600);
+    let paths = fixture.replica_paths("replica");
+    let options = ApplyOptions {
+        retention: Retention {
+            keep_points: None,
+            keep_age: None,
+            keep_size: None,
+            // Every point is past the horizon at once; intervals of 2 ms.
+            thin: Some(ublk_target::points::Thinning {
+                after: std::time::Duration::ZERO,
+                every: std::time::Duration::from_millis(2),
+            }),
+        },
+        ..ApplyOptions::default()
+    };
+    let mut applier = fixture
+        .applier_with("replica", &fixture.key, &options)
+        .unwrap();
+    let (mut steps, mut merged) = (0, false);
+    loop {
+        // Intervals over before this are over when the applier thins.
+        let before = changelog::unix_ms_now();
+        let Some(a) = applier.apply_next().unwrap() else {
+            break;
+        };
+        steps += 1;
+        assert!(a.pruned.is_some());
+        let c = catalog(&paths).unwrap();
+        merged |= c.journals.iter().any(|(f, l)| f < l);
+        assert!(
+            c.unused_journals.is_empty() && c.damaged.is_empty(),
+            "{c:?}"
+        );
+        // Intervals over, but the latest point's (its points go once it is not the
+        // latest).
+        let latest = c.points.last().unwrap().created_unix_ms / 2;
+        let over: Vec<u64> = c
+            .points
+            .iter()
+            .map(|p| p.created_unix_ms / 2)
+            .filter(|&b| (b + 1) * 2 <= before && b != latest)
+            .collect();
+        let mut one_each = over.clone();
+        one_each.dedup();
+        assert_eq!(
+            over, one_each,
+            "step {steps}: a finished interval with two points"
+        );
+    }
+    drop(applier);
+    assert!(steps > 20, "{steps} segments");
+    every_view_matches(&paths, &model);
+    assert!(std::fs::read(&paths.replica).unwrap() == model.final_image());
+    let c = catalog(&paths).unwrap();
+    assert!(merged || c.points.len() < steps, "nothing thinned: {c:?}");
 }
 
 #[test]
@@ -610,6 +818,7 @@ fn retention_by_age() {
             keep_points: None,
             keep_age: Some(age),
             keep_size: None,
+            thin: None,
         },
         now,
     )
@@ -623,6 +832,7 @@ fn retention_by_age() {
             keep_points: None,
             keep_age: Some(std::time::Duration::ZERO),
             keep_size: None,
+            thin: None,
         },
         now + 10_000_000,
     )
@@ -647,6 +857,7 @@ fn pruning_keeps_journals_a_view_needs() {
             keep_points: Some(1),
             keep_age: None,
             keep_size: None,
+            thin: None,
         },
         changelog::unix_ms_now(),
     )
@@ -668,6 +879,7 @@ fn pruning_keeps_journals_a_view_needs() {
             keep_points: Some(1),
             keep_age: None,
             keep_size: None,
+            thin: None,
         },
         changelog::unix_ms_now(),
     )

@@ -133,6 +133,7 @@ fn main() {
                 keep_points: Some(n + 1),
                 keep_age: None,
                 keep_size: None,
+                thin: None,
             },
         ),
         (
@@ -141,6 +142,7 @@ fn main() {
                 keep_points: Some(tenth),
                 keep_age: None,
                 keep_size: None,
+                thin: None,
             },
         ),
     ];

@@ -257,7 +257,7 @@ impl Applier {
             retention,
             now_unix_ms,
         );
-        if pruned.is_err() {
+        if pruned.is_err() || retained.needs_reload {
             // Partly done, perhaps: read again next time.
             self.retained = None;
         }
@@ -413,7 +413,7 @@ impl Applier {
         let facts = PointFacts::from_header(&segment.header);
         // Before the state moves on: an error after that would fail a segment applied.
         let journal_bytes = match self.retained {
-            Some(_) => self.journal.disk_bytes(index)?,
+            Some(_) => self.journal.disk_bytes((index, index))?,
             None => 0,
         };
         self.state.cursor.advance(&segment.header, segment.digest);

@@ -6,7 +6,7 @@
 
 use crate::error::{Result, TargetError};
 use crate::plan::PlanConfig;
-use crate::points::{parse_age, Retention};
+use crate::points::{parse_age, Retention, Thinning};
 use changelog::VolumeId;
 use objstore::StoreLocation;
 use serde::Deserialize;
@@ -26,6 +26,9 @@ pub const EXAMPLE: &str = r#"Config file (--config), TOML; unknown keys are erro
   # keep_size = "50G"           #   the undo journals on at most this much disk (the
                                 #   oldest points go first; `status` warns when it
                                 #   keeps the history shorter than keep_age)
+  # thin_after = "2h"           # points older than this kept one per thin_every
+  # thin_every = "1h"           #   (the newest of each hour, at a group cut if any),
+                                #   their undo journals merged
   # keep_applied_segments = false  (true: leave applied segments in the store, for a
   #                                  second reader; by default apply deletes them)
   rpo_threshold_ms = 60000      # health is Warning when the replica was last known
@@ -68,6 +71,8 @@ pub struct TargetConfig {
     pub keep_points: Option<usize>,
     pub keep_age: Option<String>,
     pub keep_size: Option<SizeSetting>,
+    pub thin_after: Option<String>,
+    pub thin_every: Option<String>,
     #[serde(default)]
     pub keep_applied_segments: bool,
     #[serde(default = "default_rpo_threshold_ms")]
@@ -110,6 +115,8 @@ pub struct VolumeConfig {
     pub keep_points: Option<usize>,
     pub keep_age: Option<String>,
     pub keep_size: Option<SizeSetting>,
+    pub thin_after: Option<String>,
+    pub thin_every: Option<String>,
     #[serde(default)]
     pub full_download: bool,
     #[serde(default)]
@@ -243,10 +250,40 @@ impl TargetConfig {
             ),
             None => None,
         };
+        let age = |name: &str, text: Option<&String>| {
+            text.map(|t| parse_age(t).map_err(|e| format!("volume {}: {name} {e}", volume.id)))
+                .transpose()
+        };
+        let thin_after = age(
+            "thin_after",
+            volume.thin_after.as_ref().or(self.thin_after.as_ref()),
+        )?;
+        let thin_every = age(
+            "thin_every",
+            volume.thin_every.as_ref().or(self.thin_every.as_ref()),
+        )?;
+        let thin = match (thin_after, thin_every) {
+            (Some(after), Some(every)) if !every.is_zero() => Some(Thinning { after, every }),
+            (None, None) => None,
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "volume {}: thin_every must be more than 0",
+                    volume.id
+                ))
+            }
+            _ => {
+                return Err(format!(
+                    "volume {}: thin_after and thin_every go together (e.g. thin_after = \
+                     \"2h\", thin_every = \"1h\": points older than 2 hours kept one per hour)",
+                    volume.id
+                ))
+            }
+        };
         Ok(Retention {
             keep_points,
             keep_age,
             keep_size,
+            thin,
         })
     }
 
@@ -290,6 +327,7 @@ full_download = true
                 keep_points: Some(10),
                 keep_age: Some(Duration::from_secs(7200)),
                 keep_size: None,
+                thin: None,
             }
         );
         assert_eq!(
@@ -298,6 +336,7 @@ full_download = true
                 keep_points: Some(3),
                 keep_age: Some(Duration::from_secs(7200)),
                 keep_size: Some(512 << 20),
+                thin: None,
             }
         );
         assert!(b.full_download && !a.full_download);

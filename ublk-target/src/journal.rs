@@ -35,7 +35,7 @@
 //! | offset | size | field |
 //! |---:|---:|---|
 //! | 0 | 8 | magic `UBLKDRUN` |
-//! | 8 | 2 | version: 1 (copied before-images) or 2 (shared blocks) |
+//! | 8 | 2 | version: 1 (copied before-images), 2 (shared blocks) or 3 (merged, copied) |
 //! | 10 | 2 | header length (256) |
 //! | 12 | 4 | segment flags ([`changelog::flags`]) |
 //! | 16 | 32 | volume id, ASCII, zero-padded |
@@ -55,12 +55,23 @@
 //! | 192 | 8 | extent count `n` |
 //! | 200 | 8 | data length `D` (the sum of the extent lengths) |
 //! | 208 | 8 | the epoch before `k` when bit 2 is set (`k` starts a new epoch, [`changelog::flags::NEW_EPOCH`]), else 0 |
-//! | 216 | 8 | version 1: 0; version 2: data start `S`, at least `288 + 16n` (written as a multiple of the filesystem block; not checked on reading) |
-//! | 224 | 32 | version 1: SHA-256 of the data area; version 2: 0 |
+//! | 216 | 8 | version 1: 0; version 2: data start `S`, at least `288 + 16n` (written as a multiple of the filesystem block; not checked on reading); version 3: the first segment `j` it undoes |
+//! | 224 | 32 | versions 1 and 3: SHA-256 of the data area; version 2: 0 |
 //! | 256 | 16·n | extents: replica offset (8), length (8); sorted, disjoint, non-empty |
 //! | 256+16n | 32 | SHA-256 of everything before it (header and extent table) |
-//! | 288+16n | D | version 1: before-images, in extent order |
+//! | 288+16n | D | versions 1 and 3: before-images, in extent order |
 //! | S | D | version 2: before-images, in extent order (zeroes before `S`) |
+//!
+//! **Merged files** (version 3, [`Journal::merge`]) undo a run of segments `j ..= k` at
+//! once, named `JOURNAL/<j:016x>-<k:016x>.undo`: for every byte some segment of the run
+//! changes, the bytes before the first of them that changed it, i.e. the state at point
+//! `j - 1`. Recovery-point thinning makes them (see [`crate::points`]): the points
+//! `j ..= k - 1` are gone, `j - 1` and `k` remain. The header describes segment `k`
+//! (its facts, epoch and digest) and the applier state before segment `j` (bytes
+//! 120..216), so undoing the file puts the replica at `j - 1`, and the file chains like
+//! the journal of one segment. A merged file is written whole under a temporary name
+//! and renamed in place before the files it replaces are deleted: where both exist
+//! (a crash in between) the merged one is used and the others are left over.
 //!
 //! Bytes 120..192 (and 208..216 when `k` changed the epoch) are the applier state
 //! before segment `k`, so a rollback that undoes `k` can record exactly where the
@@ -86,6 +97,8 @@ pub const UNDO_MAGIC: [u8; 8] = *b"UBLKDRUN";
 pub const UNDO_VERSION_COPIED: u16 = 1;
 /// The format whose before-images share the replica's former blocks.
 pub const UNDO_VERSION_SHARED: u16 = 2;
+/// The format of a merged file: copied, checksummed before-images of a run of segments.
+pub const UNDO_VERSION_MERGED: u16 = 3;
 pub const UNDO_HEADER_LEN: usize = 256;
 const EXTENT_LEN: usize = 16;
 const META_SUM_LEN: usize = 32;
@@ -114,8 +127,10 @@ impl Extent {
 /// The fixed part of an undo file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UndoHeader {
-    /// The segment this journal undoes (point `index`).
+    /// The (last) segment this journal undoes (point `index`).
     pub segment: PointFacts,
+    /// The first segment it undoes: `segment.index` but for a merged file.
+    pub first: u64,
     pub epoch: u64,
     pub digest: Digest32,
     /// The applier position before the segment: undoing it puts the replica there.
@@ -151,9 +166,9 @@ impl UndoHeader {
         }
     }
 
-    /// Whether this journal's segment came right after `earlier`'s in one chain.
+    /// Whether this journal's segments came right after `earlier`'s in one chain.
     pub fn follows(&self, earlier: &UndoHeader) -> bool {
-        self.index() == earlier.index() + 1
+        self.first == earlier.index() + 1
             && self.cursor_before.prev_digest == earlier.digest
             && self.cursor_before.volume == earlier.cursor_before.volume
             && self.prev == Some(earlier.segment)
@@ -165,7 +180,9 @@ impl UndoHeader {
             h[at..at + 8].copy_from_slice(&v.to_le_bytes())
         };
         h[0..8].copy_from_slice(&UNDO_MAGIC);
+        let merged = self.first != self.segment.index;
         let version = match self.data {
+            DataArea::Copied { .. } if merged => UNDO_VERSION_MERGED,
             DataArea::Copied { .. } => UNDO_VERSION_COPIED,
             DataArea::Shared { .. } => UNDO_VERSION_SHARED,
         };
@@ -205,6 +222,9 @@ impl UndoHeader {
             DataArea::Copied { sha } => h[224..256].copy_from_slice(&sha),
             DataArea::Shared { start } => put(&mut h, 216, start),
         }
+        if merged {
+            put(&mut h, 216, self.first);
+        }
         h
     }
 
@@ -216,10 +236,10 @@ impl UndoHeader {
         let u32_at = |at: usize| u32::from_le_bytes(h[at..at + 4].try_into().expect("4"));
         let u64_at = |at: usize| u64::from_le_bytes(h[at..at + 8].try_into().expect("8"));
         let version = u16::from_le_bytes([h[8], h[9]]);
-        if version != UNDO_VERSION_COPIED && version != UNDO_VERSION_SHARED {
+        if !(UNDO_VERSION_COPIED..=UNDO_VERSION_MERGED).contains(&version) {
             return Err(format!(
                 "format version {version}, this build reads versions \
-                 {UNDO_VERSION_COPIED} and {UNDO_VERSION_SHARED}"
+                 {UNDO_VERSION_COPIED} to {UNDO_VERSION_MERGED}"
             ));
         }
         if usize::from(u16::from_le_bytes([h[10], h[11]])) != UNDO_HEADER_LEN {
@@ -233,6 +253,13 @@ impl UndoHeader {
             .ok_or("volume id field is not a valid volume id")?;
         let epoch = u64_at(48);
         let index = u64_at(56);
+        let first = match version {
+            UNDO_VERSION_MERGED if u64_at(216) < index => u64_at(216),
+            UNDO_VERSION_MERGED => {
+                return Err("a merged file's first segment is not before its last".into())
+            }
+            _ => index,
+        };
         let before = u32_at(160);
         let other_epoch = before & BEFORE_EPOCH_OTHER != 0;
         if before & !(BEFORE_EPOCH_FIXED | BEFORE_HAS_PREV | BEFORE_EPOCH_OTHER) != 0
@@ -251,13 +278,13 @@ impl UndoHeader {
             epoch
         };
         let prev = (before & BEFORE_HAS_PREV != 0).then(|| PointFacts {
-            index: index.wrapping_sub(1),
+            index: first.wrapping_sub(1),
             flags: u32_at(164),
             first_seq: u64_at(168),
             last_seq: u64_at(176),
             created_unix_ms: u64_at(184),
         });
-        if prev.is_some() && index == 0 {
+        if prev.is_some() && first == 0 {
             return Err("segment 0 cannot have a previous segment".into());
         }
         let header = UndoHeader {
@@ -268,18 +295,19 @@ impl UndoHeader {
                 last_seq: u64_at(72),
                 created_unix_ms: u64_at(80),
             },
+            first,
             epoch,
             digest: h[88..120].try_into().expect("32"),
             cursor_before: ChainCursor {
                 volume,
                 epoch: (before & BEFORE_EPOCH_FIXED != 0).then_some(epoch_before),
-                next_index: index,
+                next_index: first,
                 prev_digest: h[120..152].try_into().expect("32"),
                 next_seq: u64_at(152),
             },
             prev,
             data_len: u64_at(200),
-            data: if version == UNDO_VERSION_COPIED {
+            data: if version != UNDO_VERSION_SHARED {
                 DataArea::Copied {
                     sha: h[224..256].try_into().expect("32"),
                 }
@@ -394,6 +422,11 @@ impl UndoFile {
         self.header.index()
     }
 
+    /// The segments it undoes, first and last.
+    pub fn span(&self) -> (u64, u64) {
+        (self.header.first, self.header.index())
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -481,6 +514,28 @@ pub fn undo_file_name(index: u64) -> String {
     format!("{index:016x}.undo")
 }
 
+/// File name of the undo file of segments `first ..= last` (one segment's, or merged).
+pub fn span_file_name(first: u64, last: u64) -> String {
+    match first == last {
+        true => undo_file_name(last),
+        false => format!("{first:016x}-{last:016x}.undo"),
+    }
+}
+
+/// The segments (first, last) an undo file name says it undoes, `None` for other files.
+pub fn parse_span_file_name(name: &str) -> Option<(u64, u64)> {
+    let stem = name.strip_suffix(".undo")?;
+    let hex = |h: &str| {
+        (h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| u64::from_str_radix(h, 16).ok())
+            .flatten()
+    };
+    match stem.split_once('-') {
+        None => hex(stem).map(|i| (i, i)),
+        Some((first, last)) => Some((hex(first)?, hex(last)?)).filter(|(f, l)| f < l),
+    }
+}
+
 /// The index named by an undo file name, `None` for other files.
 pub fn parse_undo_file_name(name: &str) -> Option<u64> {
     let hex = name.strip_suffix(".undo")?;
@@ -532,6 +587,7 @@ fn undo_header(
         digest: segment.digest,
         cursor_before: state.cursor.clone(),
         prev: state.last,
+        first: segment.header.index,
         data_len,
         data,
     }
@@ -613,6 +669,11 @@ impl Journal {
         self.dir.join(undo_file_name(index))
     }
 
+    /// The path of the undo file of segments `first ..= last`.
+    pub fn path_of_span(&self, (first, last): (u64, u64)) -> PathBuf {
+        self.dir.join(span_file_name(first, last))
+    }
+
     pub fn exists(&self, index: u64) -> bool {
         self.path_of(index).exists()
     }
@@ -635,9 +696,9 @@ impl Journal {
     /// The disk space undo file `index` takes (its allocated blocks: what deleting it
     /// frees, once the replica has overwritten the blocks a shared file took from it);
     /// 0 if it does not exist.
-    pub fn disk_bytes(&self, index: u64) -> Result<u64> {
+    pub fn disk_bytes(&self, span: (u64, u64)) -> Result<u64> {
         use std::os::unix::fs::MetadataExt;
-        let path = self.path_of(index);
+        let path = self.path_of_span(span);
         match std::fs::metadata(&path) {
             Ok(meta) => Ok(meta.blocks() * 512),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
@@ -646,26 +707,64 @@ impl Journal {
     }
 
     pub fn open(&self, index: u64) -> Result<UndoFile> {
-        let file = UndoFile::open(&self.path_of(index))?;
-        if file.index() != index {
+        self.open_span((index, index))
+    }
+
+    /// Opens the undo file of segments `first ..= last` (checking that it is).
+    pub fn open_span(&self, span: (u64, u64)) -> Result<UndoFile> {
+        let file = UndoFile::open(&self.path_of_span(span))?;
+        if file.span() != span {
             return Err(TargetError::Journal {
-                path: self.path_of(index),
-                what: format!("it holds segment {:016x}", file.index()),
+                path: self.path_of_span(span),
+                what: format!(
+                    "it holds segments {:016x}..={:016x}",
+                    file.span().0,
+                    file.span().1
+                ),
             });
         }
         Ok(file)
     }
 
-    /// The indexes of the undo files present, ascending. A missing directory is empty.
-    pub fn list(&self) -> Result<Vec<u64>> {
+    /// The segments (first, last) of every undo file present, ordered by last, then
+    /// first. A missing directory is empty.
+    pub fn list_spans(&self) -> Result<Vec<(u64, u64)>> {
         let names = changelog::store::file_names(&self.dir)
             .map_err(|e| TargetError::io(format!("listing {}", self.dir.display()), e))?;
-        let mut indexes: Vec<u64> = names
+        let mut spans: Vec<(u64, u64)> = names
             .iter()
-            .filter_map(|n| parse_undo_file_name(n))
+            .filter_map(|n| parse_span_file_name(n))
             .collect();
-        indexes.sort_unstable();
-        Ok(indexes)
+        spans.sort_unstable_by_key(|&(first, last)| (last, first));
+        Ok(spans)
+    }
+
+    /// The undo files that take the replica from `latest` back to point `to`, oldest
+    /// first: a run of files whose segments follow on from `to + 1` to `latest`, the
+    /// longest file wherever several start at one segment (a merged file and the ones
+    /// it replaced, left by a crash). `Err(k)`: no file starts at segment `k`.
+    pub fn run_from(
+        &self,
+        to: u64,
+        latest: u64,
+    ) -> Result<std::result::Result<Vec<(u64, u64)>, u64>> {
+        let mut longest = std::collections::BTreeMap::new();
+        for (first, last) in self.list_spans()? {
+            if last <= latest {
+                let end = longest.entry(first).or_insert(last);
+                *end = last.max(*end);
+            }
+        }
+        let mut run = Vec::new();
+        let mut next = to + 1;
+        while next <= latest {
+            let Some(&last) = longest.get(&next) else {
+                return Ok(Err(next));
+            };
+            run.push((next, last));
+            next = last + 1;
+        }
+        Ok(Ok(run))
     }
 
     /// Creates the directory (and its `views/` and `scratch/`) if missing.
@@ -924,10 +1023,114 @@ impl Journal {
         })
     }
 
-    /// Deletes undo file `index` (absent is fine); says whether it was there. The
-    /// caller syncs the directory.
-    pub(crate) fn remove(&self, index: u64) -> Result<bool> {
-        let path = self.path_of(index);
+    /// Writes one undo file that undoes the chained run `files` (oldest first, at
+    /// least two) at once: for every byte one of them covers, the before-image of the
+    /// oldest that does. Verifies each file's data first. The merged file is durable
+    /// and in place when this returns; deleting the files it replaces is the caller's
+    /// (a crash before that leaves both, and the merged one is used). Returns its
+    /// segments (first, last).
+    pub(crate) fn merge(&self, uring: &mut Uring, files: &[UndoFile]) -> Result<(u64, u64)> {
+        let (Some(oldest), Some(newest)) = (files.first(), files.last()) else {
+            return Err(TargetError::Journal {
+                path: self.dir.clone(),
+                what: "nothing to merge".into(),
+            });
+        };
+        for pair in files.windows(2) {
+            if !pair[1].header.follows(&pair[0].header) {
+                return Err(TargetError::Journal {
+                    path: pair[1].path().into(),
+                    what: format!("it does not follow {}", pair[0].path().display()),
+                });
+            }
+        }
+        // Pieces by replica offset: (end, file, extent, offset within the extent). A
+        // file adds the parts of its extents no older file covers.
+        let mut pieces: std::collections::BTreeMap<u64, (u64, usize, usize, u64)> =
+            std::collections::BTreeMap::new();
+        for (f, file) in files.iter().enumerate() {
+            file.verify_data()?;
+            for (x, e) in file.extents.iter().enumerate() {
+                let mut pos = e.offset;
+                if let Some((_, &(end, ..))) = pieces.range(..pos).next_back() {
+                    pos = pos.max(end);
+                }
+                if pos >= e.end() {
+                    continue; // covered by older files already
+                }
+                let mut gaps = Vec::new();
+                for (&start, &(end, ..)) in pieces.range(pos..e.end()) {
+                    if start > pos {
+                        gaps.push((pos, start));
+                    }
+                    pos = pos.max(end);
+                }
+                if pos < e.end() {
+                    gaps.push((pos, e.end()));
+                }
+                for (start, end) in gaps {
+                    pieces.insert(start, (end, f, x, start - e.offset));
+                }
+            }
+        }
+        let mut extents: Vec<Extent> = Vec::new();
+        for (&start, &(end, ..)) in &pieces {
+            match extents.last_mut() {
+                Some(last) if last.end() == start => last.len += end - start,
+                _ => extents.push(Extent {
+                    offset: start,
+                    len: end - start,
+                }),
+            }
+        }
+        let data_len: u64 = extents.iter().map(|e| e.len).sum();
+        let meta_len = UNDO_HEADER_LEN + extents.len() * EXTENT_LEN + META_SUM_LEN;
+        let span = (oldest.header.first, newest.index());
+        let path = self.path_of_span(span);
+        let saving = |e: std::io::Error| {
+            TargetError::io(format!("saving merged undo journal {}", path.display()), e)
+        };
+        let file =
+            AtomicFile::create(&self.dir, &span_file_name(span.0, span.1)).map_err(saving)?;
+        let mut sha = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = meta_len as u64;
+        for (&start, &(end, f, x, within)) in &pieces {
+            let mut done = 0;
+            while done < end - start {
+                let n = buf.len().min((end - start - done) as usize);
+                files[f].read_extent(x, within + done, &mut buf[..n])?;
+                sha.update(&buf[..n]);
+                uring
+                    .write_all_at(file.fd(), &buf[..n], at)
+                    .map_err(saving)?;
+                at += n as u64;
+                done += n as u64;
+            }
+        }
+        let header = UndoHeader {
+            segment: newest.header.segment,
+            first: oldest.header.first,
+            epoch: newest.header.epoch,
+            digest: newest.header.digest,
+            cursor_before: oldest.header.cursor_before.clone(),
+            prev: oldest.header.prev,
+            data_len,
+            data: DataArea::Copied {
+                sha: sha.finalize().into(),
+            },
+        };
+        let mut meta = vec![0u8; meta_len];
+        write_meta(&header, &extents, &mut meta);
+        uring.write_all_at(file.fd(), &meta, 0).map_err(saving)?;
+        file.commit(uring).map_err(saving)?;
+        Ok(span)
+    }
+
+    /// Deletes the undo file of segments `first ..= last` (absent is fine); says
+    /// whether it was there. The caller syncs the directory.
+    pub(crate) fn remove(&self, span: (u64, u64)) -> Result<bool> {
+        let path = self.path_of_span(span);
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
@@ -957,6 +1160,24 @@ mod tests {
         ] {
             assert_eq!(parse_undo_file_name(bad), None, "{bad}");
         }
+        assert_eq!(span_file_name(3, 3), "0000000000000003.undo");
+        assert_eq!(
+            span_file_name(3, 42),
+            "0000000000000003-000000000000002a.undo"
+        );
+        assert_eq!(parse_span_file_name(&span_file_name(3, 42)), Some((3, 42)));
+        assert_eq!(
+            parse_span_file_name("000000000000002a.undo"),
+            Some((42, 42))
+        );
+        for bad in [
+            "000000000000002a-0000000000000003.undo",
+            "0000000000000003-0000000000000003.undo",
+            "3-42.undo",
+            ".0000000000000003-000000000000002a.undo.tmp",
+        ] {
+            assert_eq!(parse_span_file_name(bad), None, "{bad}");
+        }
     }
 
     #[test]
@@ -970,6 +1191,7 @@ mod tests {
                 created_unix_ms: 1234,
                 flags: changelog::flags::CRASH_POINT,
             },
+            first: 5,
             epoch: 99,
             digest: [7; 32],
             cursor_before: ChainCursor {
@@ -1001,6 +1223,25 @@ mod tests {
         };
         let encoded = shared.encode(&one);
         assert_eq!(encoded[8..10], 2u16.to_le_bytes());
+        // A merged file: segments 3..=5, the state before segment 3.
+        let merged = UndoHeader {
+            first: 3,
+            cursor_before: ChainCursor {
+                next_index: 3,
+                ..header.cursor_before.clone()
+            },
+            prev: header.prev.map(|p| PointFacts { index: 2, ..p }),
+            ..header.clone()
+        };
+        let encoded_merged = merged.encode(&one);
+        assert_eq!(encoded_merged[8..10], 3u16.to_le_bytes());
+        assert_eq!(UndoHeader::decode(&encoded_merged).unwrap(), (merged, 1));
+        let mut bad = encoded_merged;
+        bad[216..224].copy_from_slice(&5u64.to_le_bytes());
+        assert!(
+            UndoHeader::decode(&bad).is_err(),
+            "a merged file whose first segment is its last"
+        );
         assert_eq!(UndoHeader::decode(&encoded).unwrap(), (shared, 1));
         let mut bad = encoded;
         bad[224] = 1;

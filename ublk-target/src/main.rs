@@ -40,7 +40,7 @@ enum Command {
         /// every volume in it is applied, each on its own thread.
         #[arg(
             long,
-            conflicts_with_all = ["store", "key", "replica", "state", "journal", "keep_points", "keep_age", "keep_size"]
+            conflicts_with_all = ["store", "key", "replica", "state", "journal", "keep_points", "keep_age", "keep_size", "thin_after", "thin_every"]
         )]
         config: Option<PathBuf>,
         /// Target store, the shipper's --store: a directory, az://CONTAINER/PREFIX,
@@ -364,6 +364,15 @@ struct RetentionArgs {
     /// long as the space allows. The latest point is always kept.
     #[arg(long, value_parser = ublk_target::points::parse_keep_size)]
     keep_size: Option<u64>,
+    /// Thin out points older than this (30m, 2h, 1d), keeping one per --thin-every:
+    /// fine-grained points for the recent past, sparse ones further back, with their
+    /// undo journals merged (what a bucket's journals change, once).
+    #[arg(long, value_parser = ublk_target::points::parse_age, requires = "thin_every")]
+    thin_after: Option<Duration>,
+    /// With --thin-after: keep the newest point of each interval this long (1h, 1d),
+    /// by the source's clock.
+    #[arg(long, value_parser = parse_thin_every, requires = "thin_after")]
+    thin_every: Option<Duration>,
 }
 
 impl RetentionArgs {
@@ -372,7 +381,18 @@ impl RetentionArgs {
             keep_points: self.keep_points,
             keep_age: self.keep_age,
             keep_size: self.keep_size,
+            thin: self
+                .thin_after
+                .zip(self.thin_every)
+                .map(|(after, every)| ublk_target::points::Thinning { after, every }),
         }
+    }
+}
+
+fn parse_thin_every(text: &str) -> std::result::Result<Duration, String> {
+    match ublk_target::points::parse_age(text)? {
+        every if every.is_zero() => Err("must be more than 0".into()),
+        every => Ok(every),
     }
 }
 
@@ -692,7 +712,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Prune { replica, retention } => {
             let retention = retention.retention();
             if retention.is_unlimited() {
-                anyhow::bail!("give --keep-points, --keep-age and/or --keep-size");
+                anyhow::bail!("give --keep-points, --keep-age, --keep-size and/or --thin-after");
             }
             let paths = replica.paths()?;
             require_applied(&paths)?;
@@ -702,10 +722,13 @@ fn run(cli: Cli) -> Result<()> {
                 report.points_left,
                 ublk_target::points::format_bytes(report.journal_bytes)
             );
-            match (report.removed.first(), report.removed.last()) {
-                (Some(first), Some(last)) => {
-                    println!("removed undo journals {first}..={last}; {left}")
-                }
+            let first = report.removed.iter().map(|&(first, _)| first).min();
+            let last = report.removed.iter().map(|&(_, last)| last).max();
+            match (first, last) {
+                (Some(first), Some(last)) => println!(
+                    "removed {} undo file(s) of segments within {first}..={last}; {left}",
+                    report.removed.len()
+                ),
                 _ => println!("nothing to remove; {left}"),
             }
             for view in report.held_by {

@@ -9,6 +9,8 @@
 //! * `L`, if segment `L` carries the crash-point flag;
 //! * every `k < L` whose journals `k+1 ..= L` are present, intact and chained, and
 //!   whose segment carries the crash-point flag (its facts come from `undo_{k+1}`).
+//!   A merged file of segments `j ..= k` stands for their journals: the points
+//!   `j ..= k - 1` are then gone (thinned out), `j - 1` is described by it.
 //!
 //! Segments without the flag (initial sync, resync, a ring overflow) are no points: the
 //! source never had that state (I3, I7).
@@ -22,6 +24,16 @@
 //! deleting them frees), always keeping the latest point, and never a journal a
 //! registered view needs. Points go oldest first while any limit says so (should the source's clock have stepped
 //! back, a point older by time than a newer-numbered one goes when that one does).
+//! **Thinning** (`thin_after`, `thin_every`) keeps fine-grained points for the recent
+//! past and sparse ones further back, as long retentions need: of the points of an
+//! interval of `thin_every` (by the source's clock) that is wholly older than
+//! `thin_after`, only the newest stays (the newest at a group cut, where the interval
+//! has one, so that the volumes of a group keep common cuts). The undo files between
+//! two points that stay become one merged file ([`crate::journal`]), which undoes the
+//! whole run: a block rewritten a thousand times in the hour is kept once. Merging
+//! copies the before-images (reading them, on XFS or btrfs too) on the applier's
+//! thread, once per interval: what an hour of writes changed, read and written once.
+//!
 //! An applier keeps what is retained in memory ([`Retained`]) from one segment to
 //! the next, so what retention costs per segment does not grow with the journals
 //! retained; the catalog, which reads every journal, is read once. Files are
@@ -79,6 +91,9 @@ pub struct ViewEntry {
     pub pid: Option<u32>,
 }
 
+/// An undo file, by the segments it undoes (first, last), and the disk it takes.
+pub type JournalSize = ((u64, u64), u64);
+
 /// A replica's recovery points and journals.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Catalog {
@@ -94,18 +109,20 @@ pub struct Catalog {
     pub cursor: Option<changelog::ChainCursor>,
     /// Oldest first.
     pub points: Vec<RecoveryPoint>,
-    /// Undo journals in the contiguous, chained run ending at the latest segment.
-    pub journals: Vec<u64>,
+    /// Undo files in the contiguous, chained run ending at the latest segment, oldest
+    /// first, by the segments each undoes (first, last: more than one for a merged
+    /// file).
+    pub journals: Vec<(u64, u64)>,
     /// Disk space every undo file present takes (allocated blocks), in bytes.
     pub journal_bytes: u64,
-    /// Every undo file present, ascending, with the disk space it takes.
+    /// Every undo file present, by last segment, with the disk space it takes.
     #[serde(skip)]
-    pub journal_sizes: Vec<(u64, u64)>,
+    pub journal_sizes: Vec<JournalSize>,
     /// The undo journal of a segment whose apply was interrupted (index latest + 1).
     pub pending: Option<u64>,
-    /// Journal files outside the run (below a missing or damaged one); prune removes
-    /// them.
-    pub unused_journals: Vec<u64>,
+    /// Journal files outside the run (below a missing or damaged one, or replaced by a
+    /// merged file); prune removes them.
+    pub unused_journals: Vec<(u64, u64)>,
     /// Journals that could not be read, with why.
     pub damaged: Vec<(u64, String)>,
     pub views: Vec<ViewEntry>,
@@ -114,10 +131,10 @@ pub struct Catalog {
 impl Catalog {
     /// With the disk space of the undo files `present` (last: reading the headers
     /// comes first; a file pruned since it was listed counts 0).
-    fn with_sizes(mut self, journal: &Journal, present: Vec<u64>) -> Result<Catalog> {
+    fn with_sizes(mut self, journal: &Journal, present: Vec<(u64, u64)>) -> Result<Catalog> {
         self.journal_sizes = present
             .into_iter()
-            .map(|index| Ok((index, journal.disk_bytes(index)?)))
+            .map(|span| Ok((span, journal.disk_bytes(span)?)))
             .collect::<Result<_>>()?;
         self.journal_bytes = self.journal_sizes.iter().map(|&(_, bytes)| bytes).sum();
         Ok(self)
@@ -196,7 +213,7 @@ impl Catalog {
             );
         }
         let _ = writeln!(out, "{}", self.describe_available());
-        if let (Some(first), Some(last)) = (self.journals.first(), self.journals.last()) {
+        if let (Some((first, _)), Some((_, last))) = (self.journals.first(), self.journals.last()) {
             let _ = writeln!(
                 out,
                 "undo journals {first}..={last} ({} files; every undo file present takes {})",
@@ -241,7 +258,7 @@ pub fn catalog(paths: &ReplicaPaths) -> Result<Catalog> {
     // The state before the listing: an applier puts a segment's journal in place
     // before its state names the segment, so the listing has the latest one.
     let state = ApplyState::load(&paths.state, None)?;
-    let present = journal.list()?;
+    let present = journal.list_spans()?;
     let Some(state) = state else {
         let catalog = Catalog {
             views,
@@ -260,22 +277,29 @@ pub fn catalog(paths: &ReplicaPaths) -> Result<Catalog> {
         ..Catalog::default()
     };
     let next = state.cursor.next_index;
-    if present.contains(&next) {
+    if present.iter().any(|&(first, _)| first == next) {
         catalog.pending = Some(next);
     }
     let mut points = Vec::new();
     if let Some(last) = state.last.filter(|l| l.is_crash_point()) {
         points.push(RecoveryPoint::new(&last, true));
     }
-    // Walk down from the latest while journals are present, intact and chained.
+    // Walk down from the latest while journals are present, intact and chained; where
+    // several files end at one segment, the longest (a merged file and what it
+    // replaced, left by a crash).
+    let mut longest_ending = std::collections::HashMap::new();
+    for &(first, last) in &present {
+        let start = longest_ending.entry(last).or_insert(first);
+        *start = first.min(*start);
+    }
     let mut expect_digest = state.cursor.prev_digest;
     let mut expect_facts = state.last;
     let mut k = state.latest();
-    while let Some(index) = k.filter(|i| present.binary_search(i).is_ok()) {
-        let undo = match journal.open(index) {
+    while let Some(span) = k.and_then(|k| longest_ending.get(&k).map(|&first| (first, k))) {
+        let undo = match journal.open_span(span) {
             Ok(undo) => undo,
             Err(e) => {
-                catalog.damaged.push((index, e.to_string()));
+                catalog.damaged.push((span.1, e.to_string()));
                 break;
             }
         };
@@ -285,18 +309,18 @@ pub fn catalog(paths: &ReplicaPaths) -> Result<Catalog> {
             || h.cursor_before.volume != state.cursor.volume
         {
             catalog.damaged.push((
-                index,
+                span.1,
                 "it does not belong to this replica's history (digest differs)".into(),
             ));
             break;
         }
-        catalog.journals.push(index);
+        catalog.journals.push(span);
         if let Some(prev) = h.prev.filter(|p| p.is_crash_point()) {
             points.push(RecoveryPoint::new(&prev, false));
         }
         expect_digest = h.cursor_before.prev_digest;
         expect_facts = h.prev;
-        k = index.checked_sub(1);
+        k = span.0.checked_sub(1);
     }
     catalog.journals.reverse();
     points.reverse();
@@ -308,10 +332,10 @@ pub fn catalog(paths: &ReplicaPaths) -> Result<Catalog> {
     catalog.unused_journals = present
         .iter()
         .copied()
-        .filter(|i| {
-            *i < next
-                && catalog.journals.binary_search(i).is_err()
-                && !catalog.damaged.iter().any(|(d, _)| d == i)
+        .filter(|span| {
+            span.0 < next
+                && catalog.journals.binary_search(span).is_err()
+                && !catalog.damaged.iter().any(|(d, _)| *d == span.1)
         })
         .collect();
     catalog.with_sizes(&journal, present)
@@ -446,19 +470,33 @@ pub struct Retention {
     pub keep_age: Option<Duration>,
     /// Undo journals take at most this many bytes of disk; the oldest points go first.
     pub keep_size: Option<u64>,
+    /// Older points thinned out to one per interval.
+    pub thin: Option<Thinning>,
+}
+
+/// Points older than `after` are kept one per `every` of the source's clock (the
+/// newest of each), as long retentions keep fine-grained points only for the recent
+/// past.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Thinning {
+    pub after: Duration,
+    pub every: Duration,
 }
 
 impl Retention {
     pub fn is_unlimited(&self) -> bool {
-        self.keep_points.is_none() && self.keep_age.is_none() && self.keep_size.is_none()
+        self.keep_points.is_none()
+            && self.keep_age.is_none()
+            && self.keep_size.is_none()
+            && self.thin.is_none()
     }
 }
 
 /// What [`prune`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PruneReport {
-    /// Undo journals deleted, ascending.
-    pub removed: Vec<u64>,
+    /// Undo files deleted, by the segments each undid (first, last).
+    pub removed: Vec<(u64, u64)>,
     /// Recovery points left, and when the oldest of them was created.
     pub points_left: usize,
     pub oldest_left_unix_ms: Option<u64>,
@@ -495,7 +533,7 @@ pub(crate) fn prune_locked(
     };
     let mut retained = Retained::from_catalog(&catalog, paths)?;
     let report = retained.prune(paths, journal, uring, latest, retention, now_unix_ms)?;
-    retained.drop_stale_cut_lines(paths)?;
+    retained.drop_stale_cut_lines(paths, latest)?;
     Ok(report)
 }
 
@@ -507,19 +545,20 @@ pub(crate) fn prune_locked(
 pub(crate) struct Retained {
     /// Retained points, oldest first: (index, creation time).
     points: VecDeque<(u64, u64)>,
-    /// No undo file below this index exists (journals are deleted oldest first).
-    journals_from: u64,
     /// Retained points with group cuts, oldest first, and how many lines the cut file
     /// still holds for points no longer retained: it is rewritten once those outnumber
-    /// 16 plus a quarter of the retained ones, not at every prune (they name indexes
-    /// below every retained journal, which nothing reads).
+    /// 16 plus a quarter of the retained ones, not at every prune (nothing reads them).
     cut_points: VecDeque<u64>,
     stale_cut_lines: usize,
-    /// Points below this index are no longer retained.
-    retained_from: u64,
-    /// Every undo file present, ascending, with the disk space it takes, and their sum.
-    journal_sizes: VecDeque<(u64, u64)>,
+    /// Every undo file present, by last segment, with the disk space it takes, and
+    /// their sum.
+    journal_sizes: VecDeque<JournalSize>,
     journal_bytes: u64,
+    /// Files a merged file replaced, left by a crash before they were deleted: deleted
+    /// by the next prune.
+    replaced: Vec<(u64, u64)>,
+    /// Thinning failed halfway: what is kept here may no longer match the files.
+    pub(crate) needs_reload: bool,
 }
 
 impl Retained {
@@ -529,49 +568,55 @@ impl Retained {
     }
 
     fn from_catalog(catalog: &Catalog, paths: &ReplicaPaths) -> Result<Retained> {
-        let first_journal = [
-            catalog.journals.first(),
-            catalog.unused_journals.first(),
-            catalog.damaged.iter().map(|(i, _)| i).min(),
-        ]
-        .into_iter()
-        .flatten()
-        .min();
-        let cuts = crate::group_cuts::load(&paths.journal)?;
-        // With no point, its lines wait for the first prune that drops something.
-        let oldest_point = catalog.points.first().map_or(0, |p| p.index);
+        let within_run = |&(first, last): &(u64, u64)| {
+            catalog
+                .journals
+                .iter()
+                .any(|&(a, b)| a <= first && last <= b)
+        };
+        let cut_points: VecDeque<u64> = catalog
+            .points
+            .iter()
+            .filter(|p| p.group_cuts.is_some())
+            .map(|p| p.index)
+            .collect();
+        let latest = catalog.latest_applied.unwrap_or(0);
+        let stale_cut_lines = crate::group_cuts::load(&paths.journal)?
+            .keys()
+            .filter(|&&i| i <= latest && cut_points.binary_search(&i).is_err())
+            .count();
         Ok(Retained {
             points: catalog
                 .points
                 .iter()
                 .map(|p| (p.index, p.created_unix_ms))
                 .collect(),
-            journals_from: first_journal.copied().unwrap_or(u64::MAX),
-            cut_points: catalog
-                .points
-                .iter()
-                .filter(|p| p.group_cuts.is_some())
-                .map(|p| p.index)
-                .collect(),
-            stale_cut_lines: cuts.keys().filter(|&&i| i < oldest_point).count(),
-            retained_from: oldest_point,
+            cut_points,
+            stale_cut_lines,
+            needs_reload: false,
             journal_sizes: catalog.journal_sizes.iter().copied().collect(),
             journal_bytes: catalog.journal_bytes,
+            replaced: catalog
+                .unused_journals
+                .iter()
+                .copied()
+                .filter(within_run)
+                .collect(),
         })
     }
 
     /// Segment `facts` was applied (its position durable), with group cuts or not; its
     /// undo file takes `journal_bytes` of disk.
     pub(crate) fn applied(&mut self, facts: &PointFacts, group_cuts: bool, journal_bytes: u64) {
-        self.journals_from = self.journals_from.min(facts.index);
+        let span = (facts.index, facts.index);
         // An undo file kept from an interrupted apply of this segment is counted once.
-        if let Some(&(index, bytes)) = self.journal_sizes.back() {
-            if index == facts.index {
+        if let Some(&(last, bytes)) = self.journal_sizes.back() {
+            if last == span {
                 self.journal_sizes.pop_back();
                 self.journal_bytes -= bytes;
             }
         }
-        self.journal_sizes.push_back((facts.index, journal_bytes));
+        self.journal_sizes.push_back((span, journal_bytes));
         self.journal_bytes += journal_bytes;
         if facts.is_crash_point() {
             self.points.push_back((facts.index, facts.created_unix_ms));
@@ -581,15 +626,36 @@ impl Retained {
         }
     }
 
-    /// Rewrites the cut file without the lines of points no longer retained, if it
-    /// has any.
-    fn drop_stale_cut_lines(&mut self, paths: &ReplicaPaths) -> Result<()> {
+    /// Rewrites the cut file with the lines of retained points (and of segments not
+    /// applied yet) only.
+    fn drop_stale_cut_lines(&mut self, paths: &ReplicaPaths, latest: u64) -> Result<()> {
         if self.stale_cut_lines > 0 {
-            let from = self.retained_from;
-            crate::group_cuts::retain(&paths.journal, |index| index >= from)?;
+            let kept = &self.cut_points;
+            crate::group_cuts::retain(&paths.journal, |index| {
+                index > latest || kept.binary_search(&index).is_ok()
+            })?;
             self.stale_cut_lines = 0;
         }
         Ok(())
+    }
+
+    /// Points `dropped` (indexes, ascending) are no longer retained.
+    fn forget_points(&mut self, dropped: &[u64]) {
+        let gone = |index: &u64| dropped.binary_search(index).is_ok();
+        self.points.retain(|(index, _)| !gone(index));
+        let cuts_before = self.cut_points.len();
+        self.cut_points.retain(|index| !gone(index));
+        self.stale_cut_lines += cuts_before - self.cut_points.len();
+    }
+
+    /// Deletes undo file `span` and forgets it.
+    fn remove_file(&mut self, journal: &Journal, span: (u64, u64)) -> Result<bool> {
+        let removed = journal.remove(span)?;
+        if let Some(at) = self.journal_sizes.iter().position(|&(s, _)| s == span) {
+            let (_, bytes) = self.journal_sizes.remove(at).expect("present");
+            self.journal_bytes -= bytes;
+        }
+        Ok(removed)
     }
 
     /// Applies `retention` with the replica at segment `latest` (see [`prune`]).
@@ -602,6 +668,12 @@ impl Retained {
         retention: &Retention,
         now_unix_ms: u64,
     ) -> Result<PruneReport> {
+        let mut removed = Vec::new();
+        for span in std::mem::take(&mut self.replaced) {
+            if self.remove_file(journal, span)? {
+                removed.push(span);
+            }
+        }
         // Oldest first, while a limit says so (a step per point dropped, not per point
         // kept); the latest point always stays.
         let keep_points = retention.keep_points.unwrap_or(usize::MAX).max(1);
@@ -615,7 +687,7 @@ impl Retained {
             while let Some(&(_, bytes)) = self
                 .journal_sizes
                 .get(freeing)
-                .filter(|&&(journal, _)| journal <= index)
+                .filter(|&&((_, last), _)| last <= index)
             {
                 freed += bytes;
                 freeing += 1;
@@ -637,62 +709,51 @@ impl Retained {
         // Journals up to the oldest kept point serve nothing; with no point at all,
         // every journal of an applied segment goes.
         let wanted_limit = oldest_kept.unwrap_or(latest);
+        let views = list_views(&paths.journal)?;
         let mut limit = wanted_limit;
         let mut held_by = Vec::new();
-        for view in list_views(&paths.journal)? {
+        for view in &views {
             let needs = view.point.unwrap_or(0);
             limit = limit.min(needs);
             if needs < wanted_limit {
-                held_by.push(view);
+                held_by.push(view.clone());
             }
         }
-        let mut removed = Vec::new();
         let last_removed = limit.min(latest);
-        if self.journals_from <= last_removed {
-            // Index by index, unless a stray far below the chain makes the range much
-            // longer than the directory is.
-            let span = last_removed - self.journals_from;
-            let candidates: Vec<u64> = if span > 2 * self.points.len() as u64 + 1024 {
-                journal
-                    .list()?
-                    .into_iter()
-                    .take_while(|&i| i <= last_removed)
-                    .collect()
-            } else {
-                (self.journals_from..=last_removed).collect()
-            };
-            for index in candidates {
-                if journal.remove(index)? {
-                    removed.push(index);
-                }
+        while let Some(&(span, bytes)) = self.journal_sizes.front() {
+            if span.1 > last_removed {
+                break;
             }
-            self.journals_from = last_removed + 1;
-            while let Some(&(_, bytes)) = self
-                .journal_sizes
-                .front()
-                .filter(|&&(index, _)| index <= last_removed)
-            {
-                self.journal_bytes -= bytes;
-                self.journal_sizes.pop_front();
+            if journal.remove(span)? {
+                removed.push(span);
             }
+            self.journal_sizes.pop_front();
+            self.journal_bytes -= bytes;
         }
-        self.retained_from = self.retained_from.max(limit);
-        while self.points.front().is_some_and(|&(i, _)| i < limit) {
-            self.points.pop_front();
-        }
-        while self.cut_points.front().is_some_and(|&i| i < limit) {
-            self.cut_points.pop_front();
-            self.stale_cut_lines += 1;
+        let dropped: Vec<u64> = self
+            .points
+            .iter()
+            .map(|&(index, _)| index)
+            .take_while(|&index| index < limit)
+            .collect();
+        self.forget_points(&dropped);
+        if let Some(thinning) = &retention.thin {
+            // Thinning is housekeeping: trouble with it (a full disk, say) is told, and
+            // applying goes on.
+            if let Err(e) = self.thin(journal, uring, thinning, &views, now_unix_ms, &mut removed) {
+                log::warn!("thinning recovery points: {e}; tried again after the next segment");
+                self.needs_reload = true;
+            }
         }
         if !removed.is_empty() {
             journal.sync(uring)?;
             if self.stale_cut_lines > 16 + self.cut_points.len() / 4 {
-                self.drop_stale_cut_lines(paths)?;
+                self.drop_stale_cut_lines(paths, latest)?;
             }
             log::info!(
-                "pruned undo journals {}..={} (points older than {limit} dropped)",
-                removed[0],
-                removed[removed.len() - 1]
+                "pruned {} undo file(s) up to segment {} (points older than {limit} dropped)",
+                removed.len(),
+                removed.iter().map(|&(_, last)| last).max().unwrap_or(0)
             );
         }
         Ok(PruneReport {
@@ -702,6 +763,145 @@ impl Retained {
             removed,
             held_by,
         })
+    }
+
+    /// Thins the points older than `thinning.after`. The source's clock is cut into
+    /// intervals of `thinning.every` (aligned to the Unix epoch); of the points of an
+    /// interval wholly older than `after`, one stays: the newest with a group cut if
+    /// there is one (volumes of a consistency group then keep the same cuts), else the
+    /// newest. A point a view shows stays too, and so does the latest. Between two
+    /// points that stay for good, the undo files become one merged file
+    /// ([`Journal::merge`]), made once: a pair whose newer point's interval is not over,
+    /// or whose newer point is the latest, waits. Before the oldest point that stays,
+    /// the files just go.
+    fn thin(
+        &mut self,
+        journal: &Journal,
+        uring: &mut Uring,
+        thinning: &Thinning,
+        views: &[ViewEntry],
+        now_unix_ms: u64,
+        removed: &mut Vec<(u64, u64)>,
+    ) -> Result<()> {
+        if views.iter().any(|v| v.point.is_none()) {
+            return Ok(()); // an unreadable registration holds everything
+        }
+        let every = (thinning.every.as_millis() as u64).max(1);
+        let horizon = now_unix_ms.saturating_sub(thinning.after.as_millis() as u64);
+        let over = |created: u64| (created / every + 1).saturating_mul(every) <= horizon;
+        let points: Vec<(u64, u64)> = self.points.iter().copied().collect();
+        let Some(last) = points.len().checked_sub(1) else {
+            return Ok(());
+        };
+        let mut stays = vec![true; points.len()];
+        let mut i = 0;
+        while i < last && over(points[i].1) {
+            let interval = points[i].1 / every;
+            let mut j = i;
+            while j + 1 < points.len() && points[j + 1].1 / every == interval {
+                j += 1;
+            }
+            let cut = (i..=j)
+                .rev()
+                .find(|&k| self.cut_points.binary_search(&points[k].0).is_ok());
+            let chosen = cut.unwrap_or(j);
+            for (k, stay) in stays.iter_mut().enumerate().take(j + 1).skip(i) {
+                *stay = k == chosen || views.iter().any(|v| v.point == Some(points[k].0));
+            }
+            i = j + 1;
+        }
+        stays[last] = true;
+        // Points from `i` on are in intervals not over: they stay.
+        let staying: Vec<usize> = (0..points.len()).filter(|&k| stays[k]).collect();
+        let mut dropped = Vec::new();
+        // Before the oldest that stays: its files serve nothing.
+        if staying[0] > 0 {
+            let oldest = points[staying[0]].0;
+            dropped.extend(points[..staying[0]].iter().map(|&(index, _)| index));
+            let spans: Vec<(u64, u64)> = self
+                .journal_sizes
+                .iter()
+                .map(|&(span, _)| span)
+                .take_while(|&(_, last)| last <= oldest)
+                .collect();
+            for span in spans {
+                if self.remove_file(journal, span)? {
+                    removed.push(span);
+                }
+            }
+        }
+        for pair in staying.windows(2) {
+            let (a, b) = (pair[0], pair[1]);
+            // Nothing between them, or the newer one may go yet: its interval is not
+            // over, or it is the latest (once newer points come, it goes unless it is
+            // its interval's choice).
+            if b == a + 1 || b >= i || b == last {
+                continue;
+            }
+            let (from, to) = (points[a].0, points[b].0);
+            let merged = self.merge(journal, uring, from, to, removed)?;
+            let between: Vec<u64> = points[a + 1..b].iter().map(|&(index, _)| index).collect();
+            log::info!(
+                "thinned out points {}..={} (between points {from} and {to}): their undo \
+                 files merged into one of {}",
+                between[0],
+                between[between.len() - 1],
+                format_bytes(merged)
+            );
+            dropped.extend(between);
+        }
+        dropped.sort_unstable();
+        self.forget_points(&dropped);
+        Ok(())
+    }
+
+    /// Merges the undo files of segments `from + 1 ..= to` into one, deletes them, and
+    /// returns what the merged file takes.
+    fn merge(
+        &mut self,
+        journal: &Journal,
+        uring: &mut Uring,
+        from: u64,
+        to: u64,
+        removed: &mut Vec<(u64, u64)>,
+    ) -> Result<u64> {
+        let spans: Vec<(u64, u64)> = self
+            .journal_sizes
+            .iter()
+            .map(|&(span, _)| span)
+            .filter(|&(first, last)| first > from && last <= to)
+            .collect();
+        let files = spans
+            .iter()
+            .map(|&span| journal.open_span(span))
+            .collect::<Result<Vec<_>>>()?;
+        let tiles = files.first().is_some_and(|f| f.span().0 == from + 1)
+            && files.last().is_some_and(|f| f.span().1 == to);
+        if !tiles || files.len() < 2 {
+            return Err(TargetError::Journal {
+                path: journal.path_of(to),
+                what: format!(
+                    "the undo files of segments {}..={to} are not a run of two or more",
+                    from + 1
+                ),
+            });
+        }
+        let merged = journal.merge(uring, &files)?;
+        drop(files);
+        for span in spans {
+            if self.remove_file(journal, span)? {
+                removed.push(span);
+            }
+        }
+        let bytes = journal.disk_bytes(merged)?;
+        let at = self
+            .journal_sizes
+            .iter()
+            .position(|&((_, last), _)| last > merged.1)
+            .unwrap_or(self.journal_sizes.len());
+        self.journal_sizes.insert(at, (merged, bytes));
+        self.journal_bytes += bytes;
+        Ok(bytes)
     }
 }
 

@@ -4,8 +4,10 @@
 //! Steps, each durable before the next:
 //!
 //! 1. Verify every journal `P+1 ..= top` (all of it, data too) and that they chain onto
-//!    the applied state; `top` is the latest applied segment, or the one after it when
-//!    an interrupted apply left its journal. Nothing is written if any check fails.
+//!    the applied state; `top` is the latest applied segment, or past it when an
+//!    interrupted apply (or rollback step) left a journal starting right after it. A
+//!    merged file stands for the run of segments it undoes. Nothing is written if any
+//!    check fails.
 //! 2. Record in the applied state that the replica is rolled back to `P`: from here on
 //!    no segment is applied to it ([`crate::TargetError::RolledBack`]).
 //! 3. For `k = top` down to `P + 1`: write `undo_k`'s before-images to the replica,
@@ -107,15 +109,16 @@ pub(crate) fn rollback_locked(
             ..file.header.state_before()
         };
         state.save(uring, &paths.state)?;
-        journal.remove(file.index())?;
+        journal.remove(file.span())?;
         journal.sync(uring)?;
-        report.undone.push(file.index());
-        log::info!("undid segment {}", file.index());
+        let (first, last) = file.span();
+        report.undone.extend((first..=last).rev());
+        log::info!("undid segments {first}..={last}");
     }
 
     // 4. Older points described the replica as a replica; it is a primary now.
-    for k in journal.list()? {
-        journal.remove(k)?;
+    for span in journal.list_spans()? {
+        journal.remove(span)?;
         report.removed_older += 1;
     }
     journal.sync(uring)?;
@@ -165,22 +168,25 @@ fn verify(
     }
 
     // 1. Verify everything needed before writing anything.
-    let top = if journal.exists(latest + 1) {
-        latest + 1
-    } else {
-        latest
+    let mut run = match journal.run_from(point, latest)? {
+        Ok(run) => run,
+        Err(k) => return Err(unavailable(format!("undo journal {k} is gone (pruned)"))),
     };
+    // A journal starting right after the latest segment: an interrupted step.
+    let pending = journal
+        .list_spans()?
+        .into_iter()
+        .filter(|&(first, _)| first == latest + 1)
+        .max_by_key(|&(_, last)| last);
+    run.extend(pending);
     let mut undo: Vec<UndoFile> = Vec::new();
-    for k in point + 1..=top {
-        if !journal.exists(k) {
-            return Err(unavailable(format!("undo journal {k} is gone (pruned)")));
-        }
-        let file = journal.open(k)?;
+    for span in run {
+        let file = journal.open_span(span)?;
         file.verify_data()?;
         let chained = undo.last().is_none_or(|b| file.header.follows(&b.header));
-        let fits = if k == latest + 1 {
+        let fits = if span.0 == latest + 1 {
             file.header.cursor_before == state.cursor && file.header.prev == state.last
-        } else if k == latest {
+        } else if span.1 == latest {
             file.header.digest == state.cursor.prev_digest
         } else {
             true

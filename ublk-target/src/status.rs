@@ -574,6 +574,7 @@ mod tests {
             keep_points: None,
             keep_age: Some(Duration::from_secs(100)),
             keep_size: Some(1000),
+            thin: None,
         };
         let now = 1_000_000;
         // Journals taking `bytes`, the oldest point `back` ms old.

@@ -9,7 +9,9 @@
 //! 3. the replica.
 //!
 //! Why (2) gives the state at `P`: `undo_k` holds the bytes segment `k` overwrote, i.e.
-//! the state at `k - 1` for the ranges `k` changes. For a byte first changed after `P`
+//! the state at `k - 1` for the ranges `k` changes (a merged file of segments `j ..= k`
+//! is to this argument what the journals `j ..= k` together are: for each byte, the
+//! before-image of the oldest of them that covers it). For a byte first changed after `P`
 //! by segment `k`, segments `P+1 .. k-1` did not touch it, so the state at `k - 1` is
 //! the state at `P` there. A byte no segment after `P` changed is still as it was at
 //! `P` on the replica.
@@ -103,8 +105,9 @@ pub struct PointView {
     replica: File,
     replica_path: PathBuf,
     size: u64,
-    /// `undo[i]` is the journal of segment `point + 1 + i`.
+    /// The journals loaded, oldest first: they undo segments `point + 1 .. next`.
     undo: Vec<UndoFile>,
+    next: u64,
     /// The digest of segment `point`, when known, to check the first journal against.
     anchor: Option<Digest32>,
     /// The undo overlay: disjoint pieces by start offset.
@@ -182,6 +185,12 @@ impl PointView {
                 "it is newer than the latest applied segment {latest}"
             )));
         }
+        // The files that undo segments `point + 1 ..= latest`.
+        let run = match journal.run_from(point, latest)? {
+            Ok(run) => run,
+            Err(k) if k == point + 1 => Vec::new(),
+            Err(k) => return Err(unavailable(format!("undo journal {k} is gone (pruned)"))),
+        };
         let (facts, anchor) = if point == latest {
             let facts = state.last.ok_or_else(|| {
                 unavailable(
@@ -192,13 +201,15 @@ impl PointView {
             })?;
             (facts, Some(state.cursor.prev_digest))
         } else {
-            if !journal.exists(point + 1) {
-                return Err(unavailable(format!(
-                    "undo journal {} is gone (pruned)",
-                    point + 1
-                )));
-            }
-            let first = journal.open(point + 1)?;
+            let first = match run.first() {
+                Some(&span) => journal.open_span(span)?,
+                None => {
+                    return Err(unavailable(format!(
+                        "undo journal {} is gone (pruned)",
+                        point + 1
+                    )))
+                }
+            };
             let facts = first
                 .header
                 .prev
@@ -241,19 +252,21 @@ impl PointView {
             replica_path: paths.replica.clone(),
             size: 0,
             undo: Vec::new(),
+            next: point + 1,
             anchor,
             pieces: BTreeMap::new(),
             written: BTreeMap::new(),
             scratch,
             _registration: registration,
         };
-        for k in point + 1..=latest {
-            if !view.journal.exists(k) {
+        for span in run {
+            if !view.journal.path_of_span(span).exists() {
                 return Err(unavailable(format!(
-                    "undo journal {k} is missing (pruned while opening?)"
+                    "undo journal {} is missing (pruned while opening?)",
+                    span.0
                 )));
             }
-            view.load(k)?;
+            view.load(span)?;
         }
         if let Some(last) = view.undo.last() {
             if last.header.digest != state.cursor.prev_digest {
@@ -271,11 +284,12 @@ impl PointView {
             .set_len(view.size)
             .map_err(|e| TargetError::io(format!("sizing {}", view.scratch.path.display()), e))?;
         log::info!(
-            "view {} of {} at point {point} (journals {}..={})",
+            "view {} of {} at point {point} (segments {}..={}, {} journal file(s))",
             view.name,
             view.replica_path.display(),
             point + 1,
-            point + view.undo.len() as u64
+            view.next - 1,
+            view.undo.len()
         );
         Ok(view)
     }
@@ -300,10 +314,9 @@ impl PointView {
         &self.scratch.path
     }
 
-    /// How many undo journals the view uses (segments applied after its point that it
-    /// knows of).
+    /// How many segments applied after its point the view knows of (undoes).
     pub fn journals_loaded(&self) -> usize {
-        self.undo.len()
+        (self.next - self.point.index - 1) as usize
     }
 
     /// Reads `buf.len()` bytes at `offset` of the state at the view's point (with the
@@ -492,20 +505,20 @@ impl PointView {
     fn load_newer(&mut self) -> Result<bool> {
         let mut any = false;
         loop {
-            let next = self.point.index + 1 + self.undo.len() as u64;
+            let next = self.next;
             if !self.journal.exists(next) {
                 return Ok(any);
             }
-            self.load(next)?;
+            self.load((next, next))?;
             any = true;
         }
     }
 
-    /// Verifies journal `k` (the next one), chains it onto the ones before, and adds its
-    /// before-images where no older journal covers.
-    fn load(&mut self, k: u64) -> Result<()> {
-        debug_assert_eq!(k, self.point.index + 1 + self.undo.len() as u64);
-        let undo = self.journal.open(k)?;
+    /// Verifies the journal of segments `span` (the next ones), chains it onto the ones
+    /// before, and adds its before-images where no older journal covers.
+    fn load(&mut self, span: (u64, u64)) -> Result<()> {
+        debug_assert_eq!(span.0, self.next);
+        let undo = self.journal.open_span(span)?;
         undo.verify_data()?;
         let chained = match self.undo.last() {
             Some(before) => undo.header.follows(&before.header),
@@ -521,7 +534,7 @@ impl PointView {
                 path: undo.path().into(),
                 what: format!(
                     "it does not follow segment {} of this replica's history",
-                    k - 1
+                    span.0 - 1
                 ),
             });
         }
@@ -558,6 +571,7 @@ impl PointView {
             }
         }
         self.undo.push(undo);
+        self.next = span.1 + 1;
         Ok(())
     }
 }
