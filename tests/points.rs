@@ -729,8 +729,11 @@ fn thinning_keeps_one_point_per_interval_and_each_still_shows_the_source() {
         .count();
     assert_eq!(files, cleaned.journals.len(), "files left beside the run");
 
-    // A rollback through merged files to the oldest point kept.
+    // A rollback through merged files to the oldest point kept, interrupted after
+    // its first step (the merged file whose step was recorded is left) and finished.
     let oldest = after.points[0];
+    let first = rollback_steps(&paths, oldest.index, Some(1)).unwrap();
+    assert!(!first.done && !first.undone.is_empty());
     rollback_to(&paths, oldest.index).unwrap();
     assert!(std::fs::read(&paths.replica).unwrap() == model_at(&model, oldest.last_seq));
 }
@@ -757,43 +760,103 @@ fn an_applier_thins_as_it_goes() {
     let mut applier = fixture
         .applier_with("replica", &fixture.key, &options)
         .unwrap();
-    let (mut steps, mut merged) = (0, false);
-    loop {
-        // Intervals over before this are over when the applier thins.
-        let before = changelog::unix_ms_now();
-        let Some(a) = applier.apply_next().unwrap() else {
-            break;
-        };
+    let (mut steps, mut merges) = (0, 0);
+    while let Some(a) = applier.apply_next().unwrap() {
         steps += 1;
         assert!(a.pruned.is_some());
         let c = catalog(&paths).unwrap();
-        merged |= c.journals.iter().any(|(f, l)| f < l);
         assert!(
             c.unused_journals.is_empty() && c.damaged.is_empty(),
             "{c:?}"
         );
-        // Intervals over, but the latest point's (its points go once it is not the
-        // latest).
-        let latest = c.points.last().unwrap().created_unix_ms / 2;
-        let over: Vec<u64> = c
-            .points
-            .iter()
-            .map(|p| p.created_unix_ms / 2)
-            .filter(|&b| (b + 1) * 2 <= before && b != latest)
-            .collect();
-        let mut one_each = over.clone();
-        one_each.dedup();
-        assert_eq!(
-            over, one_each,
-            "step {steps}: a finished interval with two points"
-        );
+        // One run of undo files merged per segment at most.
+        let merged_now = c.journals.iter().filter(|(f, l)| f < l).count();
+        assert!(merged_now <= merges + 1, "step {steps}: {c:?}");
+        merges = merged_now.max(merges);
     }
+    assert!(
+        steps > 20 && merges > 0,
+        "{steps} segments, {merges} merged files"
+    );
+    // What is left to thin, a merge a call: then every interval over (but the latest
+    // point's: its points go once it is not the latest) holds one point.
+    let now = changelog::unix_ms_now();
+    while !applier
+        .prune(&options.retention, now)
+        .unwrap()
+        .removed
+        .is_empty()
+    {}
     drop(applier);
-    assert!(steps > 20, "{steps} segments");
+    let c = catalog(&paths).unwrap();
+    let latest = c.points.last().unwrap().created_unix_ms / 2;
+    let over: Vec<u64> = c
+        .points
+        .iter()
+        .map(|p| p.created_unix_ms / 2)
+        .filter(|&b| (b + 1) * 2 <= now && b != latest)
+        .collect();
+    let mut one_each = over.clone();
+    one_each.dedup();
+    assert_eq!(over, one_each, "an interval over with two points");
     every_view_matches(&paths, &model);
     assert!(std::fs::read(&paths.replica).unwrap() == model.final_image());
-    let c = catalog(&paths).unwrap();
-    assert!(merged || c.points.len() < steps, "nothing thinned: {c:?}");
+}
+
+/// A view open at an old point while thinning runs (in another process, or after the
+/// view last looked): nothing at or after its point changes, so the journals of the
+/// segments applied since it opened are still there to load, one by one, and it keeps
+/// showing its point; points before it are thinned.
+#[test]
+fn thinning_leaves_what_an_open_view_needs() {
+    let (fixture, model) = Fixture::shipped(SIZE, 50, 600);
+    let paths = fixture.replica_paths("replica");
+    let mut applier = fixture.applier("replica", &fixture.key).unwrap();
+    let total = fixture.store_segments().len();
+    for _ in 0..total / 2 {
+        applier.apply_next().unwrap().unwrap();
+    }
+    drop(applier);
+    let points = catalog(&paths).unwrap().points;
+    let shown = points[points.len() / 2];
+    let mut view = PointView::open(&paths, shown.index).unwrap();
+    let expect = model_at(&model, shown.last_seq);
+    assert!(read_view(&mut view) == expect);
+    // The rest applied while the view is idle, then everything thinned.
+    apply_all(&fixture, "replica");
+    let all = catalog(&paths).unwrap();
+    let times: Vec<u64> = all.points.iter().map(|p| p.created_unix_ms).collect();
+    let every = ((times[times.len() - 1] - times[0]) / 8).max(1);
+    let thin = Retention {
+        keep_points: None,
+        keep_age: None,
+        keep_size: None,
+        thin: Some(ublk_target::points::Thinning {
+            after: std::time::Duration::ZERO,
+            every: std::time::Duration::from_millis(every),
+        }),
+    };
+    prune(&paths, &thin, times[times.len() - 1] + 10 * every).unwrap();
+    let thinned = catalog(&paths).unwrap();
+    assert!(
+        thinned.points.len() < all.points.len(),
+        "nothing thinned below the view"
+    );
+    assert!(
+        thinned
+            .journals
+            .iter()
+            .all(|&(first, last)| first == last || last <= shown.index),
+        "a merged file at or after the view's point {}: {:?}",
+        shown.index,
+        thinned.journals
+    );
+    assert!(read_view(&mut view) == expect, "the view moved");
+    drop(view);
+    // Once it is closed, thinning goes on past its point.
+    prune(&paths, &thin, times[times.len() - 1] + 10 * every).unwrap();
+    assert!(catalog(&paths).unwrap().points.len() < thinned.points.len());
+    every_view_matches(&paths, &model);
 }
 
 #[test]

@@ -237,8 +237,10 @@ impl Applier {
         &self.paths
     }
 
-    /// Applies `retention` now (see [`crate::points::prune`]). The first call reads
-    /// the catalog; later ones cost the same however many journals are retained.
+    /// Applies `retention` now (see [`crate::points::prune`]), merging one run of undo
+    /// files at most when thinning. The first call reads the catalog; later ones cost
+    /// the same however many journals are retained (but for thinning's walk over the
+    /// retained points).
     pub fn prune(&mut self, retention: &Retention, now_unix_ms: u64) -> Result<PruneReport> {
         // A rollback (perhaps interrupted) needs its journals.
         self.refuse_if_rolled_back()?;
@@ -256,6 +258,7 @@ impl Applier {
             latest,
             retention,
             now_unix_ms,
+            1,
         );
         if pruned.is_err() || retained.needs_reload {
             // Partly done, perhaps: read again next time.

@@ -181,6 +181,10 @@ impl UndoHeader {
         };
         h[0..8].copy_from_slice(&UNDO_MAGIC);
         let merged = self.first != self.segment.index;
+        assert!(
+            !merged || matches!(self.data, DataArea::Copied { .. }),
+            "a merged undo file copies its before-images"
+        );
         let version = match self.data {
             DataArea::Copied { .. } if merged => UNDO_VERSION_MERGED,
             DataArea::Copied { .. } => UNDO_VERSION_COPIED,

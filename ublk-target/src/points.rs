@@ -233,7 +233,8 @@ impl Catalog {
         if !self.unused_journals.is_empty() {
             let _ = writeln!(
                 out,
-                "{} undo journal(s) below a gap serve no point (prune removes them)",
+                "{} undo file(s) below a gap, or replaced by a merged file, serve no point \
+                 (prune removes them)",
                 self.unused_journals.len()
             );
         }
@@ -258,8 +259,8 @@ pub fn catalog(paths: &ReplicaPaths) -> Result<Catalog> {
     // The state before the listing: an applier puts a segment's journal in place
     // before its state names the segment, so the listing has the latest one.
     let state = ApplyState::load(&paths.state, None)?;
-    let present = journal.list_spans()?;
     let Some(state) = state else {
+        let present = journal.list_spans()?;
         let catalog = Catalog {
             views,
             unused_journals: present.clone(),
@@ -276,19 +277,65 @@ pub fn catalog(paths: &ReplicaPaths) -> Result<Catalog> {
         views,
         ..Catalog::default()
     };
+    // Thinning in the applier deletes files inside the run: one that vanished under
+    // the walk means listing again (not a damaged journal).
+    let mut attempts = 0;
+    let (present, mut points) = loop {
+        let present = journal.list_spans()?;
+        catalog.journals.clear();
+        catalog.damaged.clear();
+        match walk_down(&journal, &state, &present, &mut catalog) {
+            Err(vanished) if attempts < 3 => {
+                log::debug!("{vanished}; listing the journal again");
+                attempts += 1;
+            }
+            Err(vanished) => {
+                catalog.damaged.push((0, vanished.to_string()));
+                break (present, Vec::new());
+            }
+            Ok(points) => break (present, points),
+        }
+    };
     let next = state.cursor.next_index;
     if present.iter().any(|&(first, _)| first == next) {
         catalog.pending = Some(next);
     }
+    catalog.journals.reverse();
+    points.reverse();
+    let cuts = crate::group_cuts::load(&paths.journal)?;
+    for p in &mut points {
+        p.group_cuts = cuts.get(&p.index).copied();
+    }
+    catalog.points = points;
+    catalog.unused_journals = present
+        .iter()
+        .copied()
+        .filter(|span| {
+            span.0 < next
+                && catalog.journals.binary_search(span).is_err()
+                && !catalog.damaged.iter().any(|(d, _)| *d == span.1)
+        })
+        .collect();
+    catalog.with_sizes(&journal, present)
+}
+
+/// Walks the journals `present` down from the latest applied segment while they are
+/// intact and chained, pushing each onto `catalog.journals` (newest first) and what
+/// stops the walk onto `catalog.damaged`; where several files end at one segment, the
+/// longest (a merged file and what it replaced, left by a crash). Returns the points,
+/// newest first; `Err`: a file listed was gone when opened.
+fn walk_down(
+    journal: &Journal,
+    state: &ApplyState,
+    present: &[(u64, u64)],
+    catalog: &mut Catalog,
+) -> std::result::Result<Vec<RecoveryPoint>, TargetError> {
     let mut points = Vec::new();
     if let Some(last) = state.last.filter(|l| l.is_crash_point()) {
         points.push(RecoveryPoint::new(&last, true));
     }
-    // Walk down from the latest while journals are present, intact and chained; where
-    // several files end at one segment, the longest (a merged file and what it
-    // replaced, left by a crash).
     let mut longest_ending = std::collections::HashMap::new();
-    for &(first, last) in &present {
+    for &(first, last) in present {
         let start = longest_ending.entry(last).or_insert(first);
         *start = first.min(*start);
     }
@@ -298,6 +345,11 @@ pub fn catalog(paths: &ReplicaPaths) -> Result<Catalog> {
     while let Some(span) = k.and_then(|k| longest_ending.get(&k).map(|&first| (first, k))) {
         let undo = match journal.open_span(span) {
             Ok(undo) => undo,
+            Err(TargetError::Io { source, context })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                return Err(TargetError::Io { context, source });
+            }
             Err(e) => {
                 catalog.damaged.push((span.1, e.to_string()));
                 break;
@@ -322,23 +374,7 @@ pub fn catalog(paths: &ReplicaPaths) -> Result<Catalog> {
         expect_facts = h.prev;
         k = span.0.checked_sub(1);
     }
-    catalog.journals.reverse();
-    points.reverse();
-    let cuts = crate::group_cuts::load(&paths.journal)?;
-    for p in &mut points {
-        p.group_cuts = cuts.get(&p.index).copied();
-    }
-    catalog.points = points;
-    catalog.unused_journals = present
-        .iter()
-        .copied()
-        .filter(|span| {
-            span.0 < next
-                && catalog.journals.binary_search(span).is_err()
-                && !catalog.damaged.iter().any(|(d, _)| *d == span.1)
-        })
-        .collect();
-    catalog.with_sizes(&journal, present)
+    Ok(points)
 }
 
 /// Formats ms since the Unix epoch as `YYYY-MM-DD hh:mm:ss.mmm` (UTC).
@@ -532,7 +568,15 @@ pub(crate) fn prune_locked(
         return Ok(PruneReport::default());
     };
     let mut retained = Retained::from_catalog(&catalog, paths)?;
-    let report = retained.prune(paths, journal, uring, latest, retention, now_unix_ms)?;
+    let report = retained.prune(
+        paths,
+        journal,
+        uring,
+        latest,
+        retention,
+        now_unix_ms,
+        usize::MAX,
+    )?;
     retained.drop_stale_cut_lines(paths, latest)?;
     Ok(report)
 }
@@ -559,6 +603,25 @@ pub(crate) struct Retained {
     replaced: Vec<(u64, u64)>,
     /// Thinning failed halfway: what is kept here may no longer match the files.
     pub(crate) needs_reload: bool,
+    /// Thinning failed without changing anything: not tried again before this time.
+    thin_paused_until: u64,
+}
+
+/// What thinning works with, for one prune.
+struct Thin<'a> {
+    journal: &'a Journal,
+    uring: &'a mut Uring,
+    views: &'a [ViewEntry],
+    removed: &'a mut Vec<(u64, u64)>,
+    merges_left: usize,
+}
+
+/// Why thinning stopped.
+enum ThinError {
+    /// Before it changed anything (the merged file was not put in place).
+    Untouched(TargetError),
+    /// After: what [`Retained`] keeps may no longer match the files.
+    Halfway(TargetError),
 }
 
 impl Retained {
@@ -594,6 +657,7 @@ impl Retained {
             cut_points,
             stale_cut_lines,
             needs_reload: false,
+            thin_paused_until: 0,
             journal_sizes: catalog.journal_sizes.iter().copied().collect(),
             journal_bytes: catalog.journal_bytes,
             replaced: catalog
@@ -658,7 +722,11 @@ impl Retained {
         Ok(removed)
     }
 
-    /// Applies `retention` with the replica at segment `latest` (see [`prune`]).
+    /// Applies `retention` with the replica at segment `latest` (see [`prune`]),
+    /// merging at most `max_merges` runs of undo files when thinning (an applier does
+    /// one per segment, so a long history thinned for the first time does not hold up
+    /// applying in one go).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn prune(
         &mut self,
         paths: &ReplicaPaths,
@@ -667,6 +735,7 @@ impl Retained {
         latest: u64,
         retention: &Retention,
         now_unix_ms: u64,
+        max_merges: usize,
     ) -> Result<PruneReport> {
         let mut removed = Vec::new();
         for span in std::mem::take(&mut self.replaced) {
@@ -737,12 +806,33 @@ impl Retained {
             .take_while(|&index| index < limit)
             .collect();
         self.forget_points(&dropped);
-        if let Some(thinning) = &retention.thin {
-            // Thinning is housekeeping: trouble with it (a full disk, say) is told, and
-            // applying goes on.
-            if let Err(e) = self.thin(journal, uring, thinning, &views, now_unix_ms, &mut removed) {
-                log::warn!("thinning recovery points: {e}; tried again after the next segment");
-                self.needs_reload = true;
+        if let Some(thinning) = retention
+            .thin
+            .filter(|_| now_unix_ms >= self.thin_paused_until)
+        {
+            // Thinning is housekeeping: trouble with it (a full disk, a damaged journal)
+            // is told and tried again an interval later, and applying goes on.
+            let mut thin = Thin {
+                journal,
+                uring,
+                views: &views,
+                removed: &mut removed,
+                merges_left: max_merges,
+            };
+            match self.thin(&mut thin, &thinning, now_unix_ms) {
+                Ok(()) => {}
+                Err(ThinError::Untouched(e)) => {
+                    let every = thinning.every.as_millis() as u64;
+                    self.thin_paused_until = now_unix_ms.saturating_add(every.max(60_000));
+                    log::warn!(
+                        "thinning recovery points: {e}; nothing changed, tried again in {}",
+                        changelog::short_duration(every.max(60_000))
+                    );
+                }
+                Err(ThinError::Halfway(e)) => {
+                    log::warn!("thinning recovery points: {e}; the journal is read again");
+                    self.needs_reload = true;
+                }
             }
         }
         if !removed.is_empty() {
@@ -751,9 +841,8 @@ impl Retained {
                 self.drop_stale_cut_lines(paths, latest)?;
             }
             log::info!(
-                "pruned {} undo file(s) up to segment {} (points older than {limit} dropped)",
-                removed.len(),
-                removed.iter().map(|&(_, last)| last).max().unwrap_or(0)
+                "removed {} undo file(s) (points older than {limit} dropped, or thinned out)",
+                removed.len()
             );
         }
         Ok(PruneReport {
@@ -769,27 +858,35 @@ impl Retained {
     /// intervals of `thinning.every` (aligned to the Unix epoch); of the points of an
     /// interval wholly older than `after`, one stays: the newest with a group cut if
     /// there is one (volumes of a consistency group then keep the same cuts), else the
-    /// newest. A point a view shows stays too, and so does the latest. Between two
-    /// points that stay for good, the undo files become one merged file
-    /// ([`Journal::merge`]), made once: a pair whose newer point's interval is not over,
-    /// or whose newer point is the latest, waits. Before the oldest point that stays,
-    /// the files just go.
+    /// newest. The latest point stays, and nothing at or after the oldest point a view
+    /// shows changes (a view loads the journals of segments applied after it opened
+    /// one by one, by name). Between two points that stay for good, the undo files
+    /// become one merged file ([`Journal::merge`]), made once: a pair whose newer
+    /// point's interval is not over, or whose newer point is the latest, waits. Before
+    /// the oldest point that stays, the files just go.
     fn thin(
         &mut self,
-        journal: &Journal,
-        uring: &mut Uring,
+        thin: &mut Thin,
         thinning: &Thinning,
-        views: &[ViewEntry],
         now_unix_ms: u64,
-        removed: &mut Vec<(u64, u64)>,
-    ) -> Result<()> {
-        if views.iter().any(|v| v.point.is_none()) {
+    ) -> std::result::Result<(), ThinError> {
+        let Some(held_from) = thin
+            .views
+            .iter()
+            .map(|v| v.point)
+            .try_fold(u64::MAX, |min, point| point.map(|p| p.min(min)))
+        else {
             return Ok(()); // an unreadable registration holds everything
-        }
+        };
         let every = (thinning.every.as_millis() as u64).max(1);
         let horizon = now_unix_ms.saturating_sub(thinning.after.as_millis() as u64);
         let over = |created: u64| (created / every + 1).saturating_mul(every) <= horizon;
-        let points: Vec<(u64, u64)> = self.points.iter().copied().collect();
+        let points: Vec<(u64, u64)> = self
+            .points
+            .iter()
+            .copied()
+            .take_while(|&(index, _)| index <= held_from)
+            .collect();
         let Some(last) = points.len().checked_sub(1) else {
             return Ok(());
         };
@@ -798,7 +895,7 @@ impl Retained {
         while i < last && over(points[i].1) {
             let interval = points[i].1 / every;
             let mut j = i;
-            while j + 1 < points.len() && points[j + 1].1 / every == interval {
+            while j < last && points[j + 1].1 / every == interval {
                 j += 1;
             }
             let cut = (i..=j)
@@ -806,18 +903,17 @@ impl Retained {
                 .find(|&k| self.cut_points.binary_search(&points[k].0).is_ok());
             let chosen = cut.unwrap_or(j);
             for (k, stay) in stays.iter_mut().enumerate().take(j + 1).skip(i) {
-                *stay = k == chosen || views.iter().any(|v| v.point == Some(points[k].0));
+                *stay = k == chosen;
             }
             i = j + 1;
         }
+        // The newest point looked at (the latest, or a view's) stays; points from `i`
+        // on are in intervals not over: they stay too.
         stays[last] = true;
-        // Points from `i` on are in intervals not over: they stay.
         let staying: Vec<usize> = (0..points.len()).filter(|&k| stays[k]).collect();
-        let mut dropped = Vec::new();
         // Before the oldest that stays: its files serve nothing.
         if staying[0] > 0 {
             let oldest = points[staying[0]].0;
-            dropped.extend(points[..staying[0]].iter().map(|&(index, _)| index));
             let spans: Vec<(u64, u64)> = self
                 .journal_sizes
                 .iter()
@@ -825,21 +921,33 @@ impl Retained {
                 .take_while(|&(_, last)| last <= oldest)
                 .collect();
             for span in spans {
-                if self.remove_file(journal, span)? {
-                    removed.push(span);
+                if self
+                    .remove_file(thin.journal, span)
+                    .map_err(ThinError::Halfway)?
+                {
+                    thin.removed.push(span);
                 }
             }
+            let dropped: Vec<u64> = points[..staying[0]]
+                .iter()
+                .map(|&(index, _)| index)
+                .collect();
+            self.forget_points(&dropped);
         }
         for pair in staying.windows(2) {
             let (a, b) = (pair[0], pair[1]);
             // Nothing between them, or the newer one may go yet: its interval is not
-            // over, or it is the latest (once newer points come, it goes unless it is
-            // its interval's choice).
+            // over, or it is the newest looked at (once newer points come, it goes
+            // unless it is its interval's choice).
             if b == a + 1 || b >= i || b == last {
                 continue;
             }
+            if thin.merges_left == 0 {
+                break;
+            }
+            thin.merges_left -= 1;
             let (from, to) = (points[a].0, points[b].0);
-            let merged = self.merge(journal, uring, from, to, removed)?;
+            let merged = self.merge(thin, from, to)?;
             let between: Vec<u64> = points[a + 1..b].iter().map(|&(index, _)| index).collect();
             log::info!(
                 "thinned out points {}..={} (between points {from} and {to}): their undo \
@@ -848,10 +956,8 @@ impl Retained {
                 between[between.len() - 1],
                 format_bytes(merged)
             );
-            dropped.extend(between);
+            self.forget_points(&between);
         }
-        dropped.sort_unstable();
-        self.forget_points(&dropped);
         Ok(())
     }
 
@@ -859,12 +965,10 @@ impl Retained {
     /// returns what the merged file takes.
     fn merge(
         &mut self,
-        journal: &Journal,
-        uring: &mut Uring,
+        thin: &mut Thin,
         from: u64,
         to: u64,
-        removed: &mut Vec<(u64, u64)>,
-    ) -> Result<u64> {
+    ) -> std::result::Result<u64, ThinError> {
         let spans: Vec<(u64, u64)> = self
             .journal_sizes
             .iter()
@@ -873,34 +977,44 @@ impl Retained {
             .collect();
         let files = spans
             .iter()
-            .map(|&span| journal.open_span(span))
-            .collect::<Result<Vec<_>>>()?;
+            .map(|&span| thin.journal.open_span(span))
+            .collect::<Result<Vec<_>>>()
+            .map_err(ThinError::Untouched)?;
         let tiles = files.first().is_some_and(|f| f.span().0 == from + 1)
             && files.last().is_some_and(|f| f.span().1 == to);
         if !tiles || files.len() < 2 {
-            return Err(TargetError::Journal {
-                path: journal.path_of(to),
+            return Err(ThinError::Untouched(TargetError::Journal {
+                path: thin.journal.path_of(to),
                 what: format!(
                     "the undo files of segments {}..={to} are not a run of two or more",
                     from + 1
                 ),
-            });
+            }));
         }
-        let merged = journal.merge(uring, &files)?;
+        let merged = thin
+            .journal
+            .merge(thin.uring, &files)
+            .map_err(ThinError::Untouched)?;
         drop(files);
-        for span in spans {
-            if self.remove_file(journal, span)? {
-                removed.push(span);
-            }
-        }
-        let bytes = journal.disk_bytes(merged)?;
+        let bytes = thin
+            .journal
+            .disk_bytes(merged)
+            .map_err(ThinError::Halfway)?;
         let at = self
             .journal_sizes
             .iter()
-            .position(|&((_, last), _)| last > merged.1)
+            .position(|&((_, last), _)| last >= merged.1)
             .unwrap_or(self.journal_sizes.len());
         self.journal_sizes.insert(at, (merged, bytes));
         self.journal_bytes += bytes;
+        for span in spans {
+            if self
+                .remove_file(thin.journal, span)
+                .map_err(ThinError::Halfway)?
+            {
+                thin.removed.push(span);
+            }
+        }
         Ok(bytes)
     }
 }

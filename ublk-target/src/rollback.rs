@@ -47,8 +47,9 @@ pub fn rollback_to(paths: &ReplicaPaths, point: u64) -> Result<RollbackReport> {
     rollback_steps(paths, point, None)
 }
 
-/// [`rollback_to`] that stops after undoing `max_steps` segments (`None`: no limit),
-/// leaving the rollback to be finished by another call — as a crash would.
+/// [`rollback_to`] that stops after `max_steps` undo files (`None`: no limit; a merged
+/// file is one step for all its segments), leaving the rollback to be finished by
+/// another call — as a crash would.
 pub fn rollback_steps(
     paths: &ReplicaPaths,
     point: u64,
@@ -96,8 +97,8 @@ pub(crate) fn rollback_locked(
         point,
         ..RollbackReport::default()
     };
-    for file in undo.iter().rev() {
-        if max_steps.is_some_and(|max| report.undone.len() >= max) {
+    for (steps, file) in undo.iter().rev().enumerate() {
+        if max_steps.is_some_and(|max| steps >= max) {
             return Ok((state, report));
         }
         restore(file, replica, paths)?;
