@@ -342,15 +342,7 @@ fn thinning_keeps_the_newest_cut_of_each_interval() {
                 .collect();
             panic!("no interval length makes a cut the choice over a newer point: {seen:?}")
         });
-    let retention = ublk_target::Retention {
-        keep_points: None,
-        keep_age: None,
-        keep_size: None,
-        thin: Some(ublk_target::points::Thinning {
-            after: std::time::Duration::ZERO,
-            every: std::time::Duration::from_millis(every),
-        }),
-    };
+    let retention = thinning_every(every);
     ublk_target::prune(&paths, &retention, times[times.len() - 1] + 10 * every).unwrap();
     let kept = ublk_target::catalog(&paths).unwrap().points;
     assert_eq!(

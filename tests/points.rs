@@ -661,15 +661,7 @@ fn thinning_keeps_one_point_per_interval_and_each_still_shows_the_source() {
         merges >= 2 && expect.len() >= 3,
         "the segments' times ({times:?}) give too few buckets to merge in"
     );
-    let thin = Retention {
-        keep_points: None,
-        keep_age: None,
-        keep_size: None,
-        thin: Some(ublk_target::points::Thinning {
-            after: std::time::Duration::ZERO,
-            every: std::time::Duration::from_millis(every),
-        }),
-    };
+    let thin = thinning_every(every);
     let later = times[times.len() - 1] + 10 * every;
     prune(&paths, &thin, later).unwrap();
     let after = catalog(&paths).unwrap();
@@ -745,16 +737,7 @@ fn an_applier_thins_as_it_goes() {
     let (fixture, model) = Fixture::shipped(SIZE, 49, 600);
     let paths = fixture.replica_paths("replica");
     let options = ApplyOptions {
-        retention: Retention {
-            keep_points: None,
-            keep_age: None,
-            keep_size: None,
-            // Every point is past the horizon at once; intervals of 2 ms.
-            thin: Some(ublk_target::points::Thinning {
-                after: std::time::Duration::ZERO,
-                every: std::time::Duration::from_millis(2),
-            }),
-        },
+        retention: thinning_every(2),
         ..ApplyOptions::default()
     };
     let mut applier = fixture
@@ -827,15 +810,7 @@ fn thinning_leaves_what_an_open_view_needs() {
     let all = catalog(&paths).unwrap();
     let times: Vec<u64> = all.points.iter().map(|p| p.created_unix_ms).collect();
     let every = ((times[times.len() - 1] - times[0]) / 8).max(1);
-    let thin = Retention {
-        keep_points: None,
-        keep_age: None,
-        keep_size: None,
-        thin: Some(ublk_target::points::Thinning {
-            after: std::time::Duration::ZERO,
-            every: std::time::Duration::from_millis(every),
-        }),
-    };
+    let thin = thinning_every(every);
     prune(&paths, &thin, times[times.len() - 1] + 10 * every).unwrap();
     let thinned = catalog(&paths).unwrap();
     assert!(

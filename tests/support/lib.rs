@@ -596,3 +596,15 @@ impl<S: TargetStore> TargetStore for HookedStore<S> {
         self.inner.describe()
     }
 }
+
+/// Retention that only thins: every point is past the horizon at once, intervals of
+/// `every_ms`.
+pub fn thinning_every(every_ms: u64) -> ublk_target::Retention {
+    ublk_target::Retention {
+        thin: Some(ublk_target::points::Thinning {
+            after: std::time::Duration::ZERO,
+            every: std::time::Duration::from_millis(every_ms),
+        }),
+        ..Default::default()
+    }
+}
