@@ -10,7 +10,10 @@
 //! * no retention (the baseline: journals pile up, nothing is pruned);
 //! * `keep_points` above the chain's length (retention runs after every segment and
 //!   finds nothing to drop: its bookkeeping alone);
-//! * `keep_points` at a tenth of the chain (it drops one journal per segment once full).
+//! * `keep_points` at a tenth of the chain (it drops one journal per segment once full);
+//! * thinning to about one point per hundred segments (intervals of the time sealing a
+//!   hundred took; every point already past the horizon): the applier merges a run of
+//!   undo files now and then, one per segment at most.
 //!
 //! Printed: segments per second over the first and the last tenth of the chain for
 //! each (the best of three alternating rounds), and the ratios to the baseline in the
@@ -120,7 +123,9 @@ fn main() {
     let key = Key::from_bytes([7; 32]);
     let volume = VolumeId::new("bench").unwrap();
     let store = LocalDirStore::new(dir.path().join("store"));
+    let sealing = Instant::now();
     make_store(&store, &volume, &key, count);
+    let every_ms = (sealing.elapsed().as_millis() as u64 * 100 / count).max(1);
 
     let n = count as usize;
     let tenth = n / 10;
@@ -143,6 +148,16 @@ fn main() {
                 keep_age: None,
                 keep_size: None,
                 thin: None,
+            },
+        ),
+        (
+            "thinning to a point per ~100 segments (undo files merged as it goes)",
+            Retention {
+                thin: Some(ublk_target::points::Thinning {
+                    after: std::time::Duration::ZERO,
+                    every: std::time::Duration::from_millis(every_ms),
+                }),
+                ..Retention::default()
             },
         ),
     ];
@@ -176,8 +191,10 @@ fn main() {
     }
     println!(
         "\nReading the catalog afterwards (`ublk-target status`, `points`; an applier's \
-         first prune): {:.0} ms with {n} journals retained, {:.0} ms with {tenth}.",
+         first prune): {:.0} ms with {n} journals retained, {:.0} ms with {tenth}, {:.0} ms \
+         thinned (intervals of {every_ms} ms).",
         catalogs[0] * 1e3,
-        catalogs[2] * 1e3
+        catalogs[2] * 1e3,
+        catalogs[3] * 1e3
     );
 }
