@@ -825,7 +825,8 @@ impl Retained {
                     let every = thinning.every.as_millis() as u64;
                     self.thin_paused_until = now_unix_ms.saturating_add(every.max(60_000));
                     log::warn!(
-                        "thinning recovery points: {e}; nothing changed, tried again in {}",
+                        "thinning recovery points: {e}; those files are left as they were, \
+                         thinning is tried again in {}",
                         changelog::short_duration(every.max(60_000))
                     );
                 }
