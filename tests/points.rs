@@ -730,6 +730,60 @@ fn thinning_keeps_one_point_per_interval_and_each_still_shows_the_source() {
     assert!(std::fs::read(&paths.replica).unwrap() == model_at(&model, oldest.last_seq));
 }
 
+/// A run of undo files that cannot be merged (a journal whose data no longer matches
+/// its checksum) is left as it was, with its points, while the other runs are thinned.
+#[test]
+fn thinning_goes_on_past_a_run_it_cannot_merge() {
+    let (fixture, _model) = Fixture::shipped(SIZE, 51, 600);
+    apply_all(&fixture, "replica");
+    let paths = fixture.replica_paths("replica");
+    let before = catalog(&paths).unwrap();
+    let times: Vec<u64> = before.points.iter().map(|p| p.created_unix_ms).collect();
+    let every = ((times[times.len() - 1] - times[0]) / 4).max(1);
+    let expect = thinned(&before.points, every);
+    // The first run of files a merge would take: after expect[k], up to expect[k + 1].
+    let k = (0..expect.len() - 1)
+        .find(|&k| expect[k + 1] > expect[k] + 1)
+        .expect("a run to merge");
+    let (from, to) = (expect[k], expect[k + 1]);
+    let bad = undo_path(&paths, from + 1);
+    let mut bytes = std::fs::read(&bad).unwrap();
+    if u16::from_le_bytes([bytes[8], bytes[9]]) != 1 {
+        eprintln!("skipped: shared undo files carry no checksum of their data");
+        return;
+    }
+    let end = bytes.len() - 1;
+    bytes[end] ^= 0xff;
+    std::fs::write(&bad, bytes).unwrap();
+    prune(
+        &paths,
+        &thinning_every(every),
+        times[times.len() - 1] + 10 * every,
+    )
+    .unwrap();
+    let after = catalog(&paths).unwrap();
+    let mut kept = expect.clone();
+    kept.extend(
+        before
+            .points
+            .iter()
+            .map(|p| p.index)
+            .filter(|&i| from < i && i < to),
+    );
+    kept.sort_unstable();
+    assert_eq!(
+        after.points.iter().map(|p| p.index).collect::<Vec<_>>(),
+        kept,
+        "the points between {from} and {to} stay, the others are thinned"
+    );
+    assert!(bad.exists(), "the damaged journal was touched");
+    assert!(
+        after.journals.iter().any(|&(first, last)| first < last),
+        "nothing else was merged: {:?}",
+        after.journals
+    );
+}
+
 /// The applier thins as it goes: at every step each interval over (but the latest
 /// point's) holds one point, and every point still shows the source.
 #[test]

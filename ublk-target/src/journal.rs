@@ -529,8 +529,9 @@ pub fn span_file_name(first: u64, last: u64) -> String {
 /// The segments (first, last) an undo file name says it undoes, `None` for other files.
 pub fn parse_span_file_name(name: &str) -> Option<(u64, u64)> {
     let stem = name.strip_suffix(".undo")?;
+    // Lowercase only, as the files are named: another name is not one of ours.
     let hex = |h: &str| {
-        (h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        (h.len() == 16 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
             .then(|| u64::from_str_radix(h, 16).ok())
             .flatten()
     };
@@ -543,7 +544,7 @@ pub fn parse_span_file_name(name: &str) -> Option<(u64, u64)> {
 /// The index named by an undo file name, `None` for other files.
 pub fn parse_undo_file_name(name: &str) -> Option<u64> {
     let hex = name.strip_suffix(".undo")?;
-    if hex.len() != 16 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if hex.len() != 16 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         return None;
     }
     u64::from_str_radix(hex, 16).ok()
@@ -1178,6 +1179,7 @@ mod tests {
             "000000000000002a-0000000000000003.undo",
             "0000000000000003-0000000000000003.undo",
             "3-42.undo",
+            "000000000000002A.undo",
             ".0000000000000003-000000000000002a.undo.tmp",
         ] {
             assert_eq!(parse_span_file_name(bad), None, "{bad}");

@@ -284,14 +284,13 @@ pub fn catalog(paths: &ReplicaPaths) -> Result<Catalog> {
         let present = journal.list_spans()?;
         catalog.journals.clear();
         catalog.damaged.clear();
-        match walk_down(&journal, &state, &present, &mut catalog) {
-            Err(vanished) if attempts < 3 => {
+        // The last time, a file that vanished is where the walk ends, as a damaged
+        // one would.
+        let last_try = attempts == 3;
+        match walk_down(&journal, &state, &present, &mut catalog, last_try) {
+            Err(vanished) => {
                 log::debug!("{vanished}; listing the journal again");
                 attempts += 1;
-            }
-            Err(vanished) => {
-                catalog.damaged.push((0, vanished.to_string()));
-                break (present, Vec::new());
             }
             Ok(points) => break (present, points),
         }
@@ -323,12 +322,14 @@ pub fn catalog(paths: &ReplicaPaths) -> Result<Catalog> {
 /// intact and chained, pushing each onto `catalog.journals` (newest first) and what
 /// stops the walk onto `catalog.damaged`; where several files end at one segment, the
 /// longest (a merged file and what it replaced, left by a crash). Returns the points,
-/// newest first; `Err`: a file listed was gone when opened.
+/// newest first; `Err`: a file listed was gone when opened (unless `vanished_is_damage`:
+/// then that ends the walk, as a damaged file does).
 fn walk_down(
     journal: &Journal,
     state: &ApplyState,
     present: &[(u64, u64)],
     catalog: &mut Catalog,
+    vanished_is_damage: bool,
 ) -> std::result::Result<Vec<RecoveryPoint>, TargetError> {
     let mut points = Vec::new();
     if let Some(last) = state.last.filter(|l| l.is_crash_point()) {
@@ -346,7 +347,7 @@ fn walk_down(
         let undo = match journal.open_span(span) {
             Ok(undo) => undo,
             Err(TargetError::Io { source, context })
-                if source.kind() == std::io::ErrorKind::NotFound =>
+                if source.kind() == std::io::ErrorKind::NotFound && !vanished_is_damage =>
             {
                 return Err(TargetError::Io { context, source });
             }
@@ -603,8 +604,9 @@ pub(crate) struct Retained {
     replaced: Vec<(u64, u64)>,
     /// Thinning failed halfway: what is kept here may no longer match the files.
     pub(crate) needs_reload: bool,
-    /// Thinning failed without changing anything: not tried again before this time.
-    thin_paused_until: u64,
+    /// Runs of undo files (after the point, up to the point) whose merge failed without
+    /// changing anything, and when to try each again.
+    merges_paused: std::collections::HashMap<(u64, u64), u64>,
 }
 
 /// What thinning works with, for one prune.
@@ -657,7 +659,7 @@ impl Retained {
             cut_points,
             stale_cut_lines,
             needs_reload: false,
-            thin_paused_until: 0,
+            merges_paused: std::collections::HashMap::new(),
             journal_sizes: catalog.journal_sizes.iter().copied().collect(),
             journal_bytes: catalog.journal_bytes,
             replaced: catalog
@@ -806,12 +808,9 @@ impl Retained {
             .take_while(|&index| index < limit)
             .collect();
         self.forget_points(&dropped);
-        if let Some(thinning) = retention
-            .thin
-            .filter(|_| now_unix_ms >= self.thin_paused_until)
-        {
+        if let Some(thinning) = retention.thin {
             // Thinning is housekeeping: trouble with it (a full disk, a damaged journal)
-            // is told and tried again an interval later, and applying goes on.
+            // is told, that run tried again an interval later, and applying goes on.
             let mut thin = Thin {
                 journal,
                 uring,
@@ -819,21 +818,9 @@ impl Retained {
                 removed: &mut removed,
                 merges_left: max_merges,
             };
-            match self.thin(&mut thin, &thinning, now_unix_ms) {
-                Ok(()) => {}
-                Err(ThinError::Untouched(e)) => {
-                    let every = thinning.every.as_millis() as u64;
-                    self.thin_paused_until = now_unix_ms.saturating_add(every.max(60_000));
-                    log::warn!(
-                        "thinning recovery points: {e}; those files are left as they were, \
-                         thinning is tried again in {}",
-                        changelog::short_duration(every.max(60_000))
-                    );
-                }
-                Err(ThinError::Halfway(e)) => {
-                    log::warn!("thinning recovery points: {e}; the journal is read again");
-                    self.needs_reload = true;
-                }
+            if let Err(e) = self.thin(&mut thin, &thinning, now_unix_ms) {
+                log::warn!("thinning recovery points: {e}; the journal is read again");
+                self.needs_reload = true;
             }
         }
         if !removed.is_empty() {
@@ -865,12 +852,7 @@ impl Retained {
     /// become one merged file ([`Journal::merge`]), made once: a pair whose newer
     /// point's interval is not over, or whose newer point is the latest, waits. Before
     /// the oldest point that stays, the files just go.
-    fn thin(
-        &mut self,
-        thin: &mut Thin,
-        thinning: &Thinning,
-        now_unix_ms: u64,
-    ) -> std::result::Result<(), ThinError> {
+    fn thin(&mut self, thin: &mut Thin, thinning: &Thinning, now_unix_ms: u64) -> Result<()> {
         let Some(held_from) = thin
             .views
             .iter()
@@ -922,10 +904,7 @@ impl Retained {
                 .take_while(|&(_, last)| last <= oldest)
                 .collect();
             for span in spans {
-                if self
-                    .remove_file(thin.journal, span)
-                    .map_err(ThinError::Halfway)?
-                {
+                if self.remove_file(thin.journal, span)? {
                     thin.removed.push(span);
                 }
             }
@@ -943,12 +922,34 @@ impl Retained {
             if b == a + 1 || b >= i || b == last {
                 continue;
             }
+            let (from, to) = (points[a].0, points[b].0);
+            if self
+                .merges_paused
+                .get(&(from, to))
+                .is_some_and(|&until| now_unix_ms < until)
+            {
+                continue;
+            }
             if thin.merges_left == 0 {
                 break;
             }
             thin.merges_left -= 1;
-            let (from, to) = (points[a].0, points[b].0);
-            let merged = self.merge(thin, from, to)?;
+            let merged = match self.merge(thin, from, to) {
+                Ok(merged) => merged,
+                Err(ThinError::Halfway(e)) => return Err(e),
+                Err(ThinError::Untouched(e)) => {
+                    let wait = (thinning.every.as_millis() as u64).max(60_000);
+                    self.merges_paused
+                        .insert((from, to), now_unix_ms.saturating_add(wait));
+                    log::warn!(
+                        "thinning out the points between {from} and {to}: {e}; those files \
+                         are left as they were, tried again in {}",
+                        changelog::short_duration(wait)
+                    );
+                    continue;
+                }
+            };
+            self.merges_paused.remove(&(from, to));
             let between: Vec<u64> = points[a + 1..b].iter().map(|&(index, _)| index).collect();
             log::info!(
                 "thinned out points {}..={} (between points {from} and {to}): their undo \
@@ -992,10 +993,13 @@ impl Retained {
                 ),
             }));
         }
-        let merged = thin
-            .journal
-            .merge(thin.uring, &files)
-            .map_err(ThinError::Untouched)?;
+        let merged = thin.journal.merge(thin.uring, &files).map_err(|e| {
+            // Failing after its rename (syncing the directory), it is in place.
+            match thin.journal.path_of_span((from + 1, to)).exists() {
+                true => ThinError::Halfway(e),
+                false => ThinError::Untouched(e),
+            }
+        })?;
         drop(files);
         let bytes = thin
             .journal
