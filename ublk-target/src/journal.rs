@@ -541,13 +541,12 @@ pub fn parse_span_file_name(name: &str) -> Option<(u64, u64)> {
     }
 }
 
-/// The index named by an undo file name, `None` for other files.
+/// The index named by the undo file name of one segment, `None` for other files
+/// (merged ones included).
 pub fn parse_undo_file_name(name: &str) -> Option<u64> {
-    let hex = name.strip_suffix(".undo")?;
-    if hex.len() != 16 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        return None;
-    }
-    u64::from_str_radix(hex, 16).ok()
+    parse_span_file_name(name)
+        .filter(|(first, last)| first == last)
+        .map(|(_, last)| last)
 }
 
 /// The replica file as the journal reads it, with its path for messages.

@@ -22,8 +22,10 @@
 //! points remain, none is older than `keep_age` (by its creation time) and the undo
 //! journals take at most `keep_size` bytes of disk (their allocated blocks: what
 //! deleting them frees), always keeping the latest point, and never a journal a
-//! registered view needs. Points go oldest first while any limit says so (should the source's clock have stepped
-//! back, a point older by time than a newer-numbered one goes when that one does).
+//! registered view needs. Points go oldest first while any limit says so (should the
+//! source's clock have stepped back, a point older by time than a newer-numbered one
+//! goes when that one does).
+//!
 //! **Thinning** (`thin_after`, `thin_every`) keeps fine-grained points for the recent
 //! past and sparse ones further back, as long retentions need: of the points of an
 //! interval of `thin_every` (by the source's clock) that is wholly older than
@@ -32,7 +34,8 @@
 //! two points that stay become one merged file ([`crate::journal`]), which undoes the
 //! whole run: a block rewritten a thousand times in the hour is kept once. Merging
 //! copies the before-images (reading them, on XFS or btrfs too) on the applier's
-//! thread, once per interval: what an hour of writes changed, read and written once.
+//! thread, one run of files per segment applied at most: each interval's changes are
+//! read and written once.
 //!
 //! An applier keeps what is retained in memory ([`Retained`]) from one segment to
 //! the next, so what retention costs per segment does not grow with the journals
@@ -791,15 +794,13 @@ impl Retained {
             }
         }
         let last_removed = limit.min(latest);
-        while let Some(&(span, bytes)) = self.journal_sizes.front() {
+        while let Some(&(span, _)) = self.journal_sizes.front() {
             if span.1 > last_removed {
                 break;
             }
-            if journal.remove(span)? {
+            if self.remove_file(journal, span)? {
                 removed.push(span);
             }
-            self.journal_sizes.pop_front();
-            self.journal_bytes -= bytes;
         }
         let dropped: Vec<u64> = self
             .points

@@ -131,12 +131,12 @@ impl VolumeStatus {
     /// is younger than `keep_age` (by a tenth or more, so that neither limit's own
     /// point-by-point churn counts) and fewer points than `keep_points` are kept (else
     /// the count is what keeps the history short): how far back the points reach.
-    /// Where the journals of one step between points exceed a tenth of `keep_size`,
-    /// the fill swings across nine tenths from one segment to the next, and so does
-    /// this (alerts hold a change for 10 s before they report it). Then the size
-    /// limit, not the age, decides the history: a burst of writes (a bulk load, or
-    /// ransomware encrypting the disk) pushes out the oldest points, the ones before
-    /// it, sooner than the operator planned for.
+    /// Then the size limit, not the age, decides the history: a burst of writes (a bulk
+    /// load, or ransomware encrypting the disk) pushes out the oldest points, the ones
+    /// before it, sooner than the operator planned for. Where the journals of one step
+    /// between points exceed a tenth of `keep_size`, the fill swings across nine tenths
+    /// from one segment to the next, and so does this (alerts hold a change for 10 s
+    /// before they report it).
     pub fn history_cut_short(&self, now_unix_ms: u64) -> Option<u64> {
         let (size, age_ms) = (self.keep_size?, self.keep_age_ms?);
         let history_ms = self
