@@ -12,8 +12,9 @@ cd "$(dirname "$0")/.."
 
 ensure_rust
 # fio and e2fsprogs drive the ublk tests; openssl makes the TLS tests' certificates;
-# systemd-analyze checks the systemd units.
-ensure_debs fio e2fsprogs openssl systemd
+# systemd-analyze checks the systemd units, which run modprobe (kmod): it wants every
+# command they name to exist.
+ensure_debs fio e2fsprogs openssl systemd kmod
 # The object-storage tests run against real emulators: azurite (Azure Blob) and moto (S3).
 ensure_azurite
 ensure_moto
