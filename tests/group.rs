@@ -304,7 +304,9 @@ fn thinning_keeps_the_newest_cut_of_each_interval() {
     // but those just before the latest (they may be chosen yet). Intervals as long as
     // make a cut the choice where a newer point without one shares its interval.
     let model_for = |every: u64| {
-        let interval = |p: &ublk_target::RecoveryPoint| p.created_unix_ms / every;
+        // A point at a cut is filed under the time the cut was made (here just before
+        // its segment was sealed, so the order stays that of the points).
+        let interval = |p: &ublk_target::RecoveryPoint| filing_time(p) / every;
         let last = all.len() - 1;
         let mut stays = vec![false; all.len()];
         let mut chose_a_cut = false;
@@ -359,6 +361,129 @@ fn thinning_keeps_the_newest_cut_of_each_interval() {
             p.index
         );
     }
+}
+
+/// When a point counts as made for thinning: its first cut's time, else its own.
+fn filing_time(p: &ublk_target::RecoveryPoint) -> u64 {
+    p.group_cuts
+        .and_then(|c| c.first_unix_ms)
+        .unwrap_or(p.created_unix_ms)
+}
+
+/// The cut numbers `points` are at.
+fn cuts_of(points: &[ublk_target::RecoveryPoint]) -> Vec<u64> {
+    points
+        .iter()
+        .filter_map(|p| p.group_cuts)
+        .flat_map(|c| c.first..=c.last)
+        .collect()
+}
+
+#[test]
+fn thinning_keeps_the_same_cuts_on_every_volume_however_late_each_sealed_them() {
+    let (a, b) = (Fixture::new(SIZE), Fixture::new(SIZE));
+    let clock_path = a.path("group.clock");
+    let mut captures = [
+        grouped_capture(&a, &clock_path),
+        grouped_capture(&b, &clock_path),
+    ];
+    let clock = GroupClock::open(&clock_path).unwrap();
+    let mut models = [Model::new(SIZE), Model::new(SIZE)];
+    // Every round ends at a cut; volume B records and seals it 15 ms after A, as a
+    // shipper with a longer batch would, so an interval boundary can fall between
+    // the two seals of one cut.
+    for round in 0..40 {
+        for (capture, model) in captures.iter_mut().zip(&mut models) {
+            for n in 1..=5 {
+                record(capture, model, write(round * 5 + n));
+            }
+        }
+        clock.cut().unwrap();
+        captures[0].tick().unwrap();
+        a.ship_drained();
+        std::thread::sleep(std::time::Duration::from_millis(15));
+        captures[1].tick().unwrap();
+        b.ship_drained();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let mut catalogs = Vec::new();
+    for fixture in [&a, &b] {
+        fixture
+            .applier("replica", &fixture.key)
+            .unwrap()
+            .apply_available()
+            .unwrap();
+        catalogs.push(ublk_target::catalog(&fixture.replica_paths("replica")).unwrap());
+    }
+    for catalog in &catalogs {
+        assert!(
+            catalog.points[1..].iter().all(|p| p
+                .group_cuts
+                .is_some_and(|c| c.first_unix_ms.is_some_and(|t| t <= p.created_unix_ms))),
+            "every point but the first is at a cut, with the cut's time"
+        );
+    }
+    // Intervals for which the newest cut by each volume's own seal times differs
+    // between the volumes: one boundary at least falls between the seals of a cut.
+    let newest_cut_by_seal = |catalog: &ublk_target::Catalog, every: u64| {
+        let mut newest = BTreeMap::new();
+        for p in catalog.points.iter().filter(|p| p.group_cuts.is_some()) {
+            newest.insert(p.created_unix_ms / every, p.group_cuts.unwrap().last);
+        }
+        newest.into_values().collect::<Vec<_>>()
+    };
+    let times: Vec<u64> = catalogs[0]
+        .points
+        .iter()
+        .map(|p| p.created_unix_ms)
+        .collect();
+    let spread = times[times.len() - 1] - times[0];
+    let every = (3..30)
+        .map(|parts| spread / parts)
+        .find(|&every| {
+            newest_cut_by_seal(&catalogs[0], every) != newest_cut_by_seal(&catalogs[1], every)
+        })
+        .expect("an interval length with a boundary between the seals of one cut");
+    let now = times[times.len() - 1] + 10 * every;
+    let mut kept = Vec::new();
+    for (fixture, model) in [&a, &b].into_iter().zip(&models) {
+        let paths = fixture.replica_paths("replica");
+        ublk_target::prune(&paths, &thinning_every(every), now).unwrap();
+        let points = ublk_target::catalog(&paths).unwrap().points;
+        for p in &points {
+            assert!(
+                point_image(fixture, "replica", p.index) == model_image(model, p.last_seq + 1),
+                "point {}",
+                p.index
+            );
+        }
+        kept.push(points);
+    }
+    let (kept_a, kept_b) = (cuts_of(&kept[0]), cuts_of(&kept[1]));
+    assert!(
+        kept_a.len() < cuts_of(&catalogs[0].points).len(),
+        "thinned: {kept_a:?}"
+    );
+    assert_eq!(
+        kept_a, kept_b,
+        "both volumes keep the same cuts (intervals of {every} ms)"
+    );
+    let named: Vec<(String, ublk_target::Catalog)> = ["a", "b"]
+        .into_iter()
+        .zip(&kept)
+        .map(|(name, points)| {
+            let catalog = ublk_target::Catalog {
+                points: points.clone(),
+                ..Default::default()
+            };
+            (name.to_string(), catalog)
+        })
+        .collect();
+    let common: Vec<u64> = ublk_target::group_cuts::common_points(&named)
+        .iter()
+        .flat_map(|g| g.first..=g.last)
+        .collect();
+    assert_eq!(common, kept_a, "each kept cut is a group point");
 }
 
 #[test]

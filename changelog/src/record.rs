@@ -42,7 +42,9 @@ pub const MARK_GROUP_CUT: u8 = 8;
 /// What a group-cut MARK stands for: cuts `first..=last` of group clock `clock` (one
 /// MARK covers several cuts when a volume had no request between them; they all fall
 /// at the same place in its stream). Encoded as the text
-/// `group-cut <clock:016x> <first> <last>`.
+/// `group-cut <clock:016x> <first> <last>[ <first_unix_ms>]`; a label without the time
+/// comes from a build before cut times (whose readers do not take a label with it for
+/// a cut, so the recovery side is upgraded first).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct GroupCutLabel {
     /// The clock's random id: cut numbers start at 1 again with a new clock (after a
@@ -50,11 +52,20 @@ pub struct GroupCutLabel {
     pub clock: u64,
     pub first: u64,
     pub last: u64,
+    /// When cut `first` was made (Unix ms, by the coordinator's clock): the same on
+    /// every volume of the group, unlike the times their segments were sealed. `None`
+    /// where the producer could not tell (see blkfilter's `ring::group`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_unix_ms: Option<u64>,
 }
 
 impl GroupCutLabel {
     pub fn encode(&self) -> String {
-        format!("group-cut {:016x} {} {}", self.clock, self.first, self.last)
+        let mut text = format!("group-cut {:016x} {} {}", self.clock, self.first, self.last);
+        if let Some(ms) = self.first_unix_ms {
+            text += &format!(" {ms}");
+        }
+        text
     }
 
     /// `None` if `payload` is not a well-formed label.
@@ -67,6 +78,10 @@ impl GroupCutLabel {
             clock: u64::from_str_radix(fields.next()?, 16).ok()?,
             first: fields.next()?.parse().ok()?,
             last: fields.next()?.parse().ok()?,
+            first_unix_ms: match fields.next() {
+                Some(ms) => Some(ms.parse().ok()?),
+                None => None,
+            },
         };
         (fields.next().is_none() && 0 < label.first && label.first <= label.last).then_some(label)
     }
@@ -236,19 +251,27 @@ mod tests {
 
     #[test]
     fn group_cut_labels_round_trip_and_garbage_is_refused() {
-        let label = GroupCutLabel {
+        let mut label = GroupCutLabel {
             clock: 0xfeed,
             first: 3,
             last: 5,
+            first_unix_ms: None,
         };
         assert_eq!(label.encode(), "group-cut 000000000000feed 3 5");
+        assert_eq!(GroupCutLabel::parse(label.encode().as_bytes()), Some(label));
+        label.first_unix_ms = Some(1_796_000_000_123);
+        assert_eq!(
+            label.encode(),
+            "group-cut 000000000000feed 3 5 1796000000123"
+        );
         assert_eq!(GroupCutLabel::parse(label.encode().as_bytes()), Some(label));
         for bad in [
             "group-cut feed 5 3",
             "group-cut feed 0 1",
             "group-cut feed 1",
             "operator-mark",
-            "group-cut feed 1 2 3",
+            "group-cut feed 1 2 x",
+            "group-cut feed 1 2 3 4",
         ] {
             assert_eq!(GroupCutLabel::parse(bad.as_bytes()), None, "{bad}");
         }

@@ -424,7 +424,7 @@ impl Applier {
         self.state.key_id = Some(segment.header.key_id);
         self.state.save(&mut self.uring, &self.paths.state)?;
         if let Some(retained) = &mut self.retained {
-            retained.applied(&facts, cuts.is_some(), journal_bytes);
+            retained.applied(&facts, cuts.as_ref(), journal_bytes);
         }
         self.times.state += t.elapsed();
         self.times.segments += 1;

@@ -11,7 +11,8 @@
 //! a reboot), so a cut is known by clock id and number.
 //!
 //! The applier records each such segment in `JOURNAL/group-cuts`, one text line
-//! `INDEX CLOCK FIRST LAST` (segment index and clock id in hex), appended and
+//! `INDEX CLOCK FIRST LAST [FIRST_MS]` (segment index and clock id in hex; the time cut
+//! `FIRST` was made, where the label has it), appended and
 //! fdatasynced before the applied position moves past the segment, so a point in the
 //! catalog never lacks its cuts. A line written twice (an apply interrupted after it)
 //! is harmless; a damaged line (a torn append) is skipped with a warning, costing at
@@ -45,10 +46,9 @@ pub fn segment_cuts(segment: &OpenedSegment) -> Option<GroupCutLabel> {
 }
 
 fn line(index: u64, cuts: &GroupCutLabel) -> String {
-    format!(
-        "{index:016x} {:016x} {} {}\n",
-        cuts.clock, cuts.first, cuts.last
-    )
+    let label = cuts.encode();
+    let fields = label.strip_prefix("group-cut ").expect("a label's prefix");
+    format!("{index:016x} {fields}\n")
 }
 
 /// Notes that segment `index` ends at `cuts`; durable on return.
@@ -96,7 +96,7 @@ pub fn load(journal: &Path) -> Result<BTreeMap<u64, GroupCutLabel>> {
                 cuts.insert(index, label);
             }
             None => log::warn!(
-                "{} line {}: not `INDEX CLOCK FIRST LAST` ({text:?}); skipped",
+                "{} line {}: not `INDEX CLOCK FIRST LAST [FIRST_MS]` ({text:?}); skipped",
                 path.display(),
                 n + 1
             ),
@@ -246,7 +246,12 @@ mod tests {
     use super::*;
 
     fn label(clock: u64, first: u64, last: u64) -> GroupCutLabel {
-        GroupCutLabel { clock, first, last }
+        GroupCutLabel {
+            clock,
+            first,
+            last,
+            first_unix_ms: None,
+        }
     }
 
     #[test]
@@ -262,16 +267,20 @@ mod tests {
             .unwrap();
         f.write_all(b"0000000000000030 00000000000").unwrap();
         drop(f);
-        record(dir.path(), 0x31, &label(7, 2, 4)).unwrap();
+        let timed = GroupCutLabel {
+            first_unix_ms: Some(1_796_000_000_123),
+            ..label(7, 2, 4)
+        };
+        record(dir.path(), 0x31, &timed).unwrap();
         let cuts = load(dir.path()).unwrap();
         assert_eq!(
             cuts.into_iter().collect::<Vec<_>>(),
-            [(0x2a, label(7, 1, 1)), (0x31, label(7, 2, 4))]
+            [(0x2a, label(7, 1, 1)), (0x31, timed)]
         );
         retain(dir.path(), |i| i > 0x2a).unwrap();
         assert_eq!(
-            load(dir.path()).unwrap().into_keys().collect::<Vec<_>>(),
-            [0x31]
+            load(dir.path()).unwrap().into_iter().collect::<Vec<_>>(),
+            [(0x31, timed)]
         );
     }
 }

@@ -339,7 +339,12 @@ mod tests {
             crash_consistent: true,
             app_consistent: app,
             latest: false,
-            group_cuts: cuts.map(|(clock, first, last)| GroupCutLabel { clock, first, last }),
+            group_cuts: cuts.map(|(clock, first, last)| GroupCutLabel {
+                clock,
+                first,
+                last,
+                first_unix_ms: None,
+            }),
         }
     }
 

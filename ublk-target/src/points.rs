@@ -47,6 +47,7 @@ use crate::error::{Result, TargetError};
 use crate::journal::Journal;
 use crate::state::{ApplyState, PointFacts, ReplicaPaths};
 use changelog::uring::Uring;
+use changelog::GroupCutLabel;
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -593,10 +594,11 @@ pub(crate) fn prune_locked(
 pub(crate) struct Retained {
     /// Retained points, oldest first: (index, creation time).
     points: VecDeque<(u64, u64)>,
-    /// Retained points with group cuts, oldest first, and how many lines the cut file
-    /// still holds for points no longer retained: it is rewritten once those outnumber
-    /// 16 plus a quarter of the retained ones, not at every prune (nothing reads them).
-    cut_points: VecDeque<u64>,
+    /// Retained points with group cuts, oldest first, with the time thinning files
+    /// each under ([`cut_time`]), and how many lines the cut file still holds for
+    /// points no longer retained: it is rewritten once those outnumber 16 plus a
+    /// quarter of the retained ones, not at every prune (nothing reads them).
+    cut_points: VecDeque<(u64, u64)>,
     stale_cut_lines: usize,
     /// Every undo file present, by last segment, with the disk space it takes, and
     /// their sum.
@@ -610,6 +612,41 @@ pub(crate) struct Retained {
     /// Runs of undo files (after the point, up to the point) whose merge failed without
     /// changing anything, and when to try each again.
     merges_paused: std::collections::HashMap<(u64, u64), u64>,
+}
+
+/// The time a point at `cuts`, sealed at `created_unix_ms`, is filed under when thinning:
+/// when its first cut was made, which every volume of the group agrees on, where the
+/// label has it (never after the segment's own time, should the clocks disagree).
+fn cut_time(cuts: &GroupCutLabel, created_unix_ms: u64) -> u64 {
+    cuts.first_unix_ms
+        .map_or(created_unix_ms, |ms| ms.min(created_unix_ms))
+}
+
+/// Whether `index` is one of `cut_points` (sorted by index).
+fn is_cut_point(cut_points: &VecDeque<(u64, u64)>, index: u64) -> bool {
+    cut_points
+        .binary_search_by_key(&index, |&(point, _)| point)
+        .is_ok()
+}
+
+/// The times `points` (index, segment time; oldest first) are filed under when thinning:
+/// a point at group cuts its [`cut_time`]; any other its segment's time, but no later
+/// than the next point's filing time. A producer records a cut's MARK at its next
+/// request or tick, so a segment sealed after the cut was made can come before the
+/// cut's point; filed no later, the times stay in order and the intervals they fall in
+/// stay runs.
+fn filing_times(points: &[(u64, u64)], cut_points: &VecDeque<(u64, u64)>) -> Vec<u64> {
+    let mut filed = vec![0; points.len()];
+    let mut later = u64::MAX;
+    for (k, &(index, created)) in points.iter().enumerate().rev() {
+        filed[k] = match cut_points.binary_search_by_key(&index, |&(point, _)| point) {
+            Ok(at) => cut_points[at].1,
+            Err(_) => created,
+        }
+        .min(later);
+        later = filed[k];
+    }
+    filed
 }
 
 /// What thinning works with, for one prune.
@@ -642,16 +679,15 @@ impl Retained {
                 .iter()
                 .any(|&(a, b)| a <= first && last <= b)
         };
-        let cut_points: VecDeque<u64> = catalog
+        let cut_points: VecDeque<(u64, u64)> = catalog
             .points
             .iter()
-            .filter(|p| p.group_cuts.is_some())
-            .map(|p| p.index)
+            .filter_map(|p| Some((p.index, cut_time(&p.group_cuts?, p.created_unix_ms))))
             .collect();
         let latest = catalog.latest_applied.unwrap_or(0);
         let stale_cut_lines = crate::group_cuts::load(&paths.journal)?
             .keys()
-            .filter(|&&i| i <= latest && cut_points.binary_search(&i).is_err())
+            .filter(|&&i| i <= latest && !is_cut_point(&cut_points, i))
             .count();
         Ok(Retained {
             points: catalog
@@ -674,9 +710,14 @@ impl Retained {
         })
     }
 
-    /// Segment `facts` was applied (its position durable), with group cuts or not; its
-    /// undo file takes `journal_bytes` of disk.
-    pub(crate) fn applied(&mut self, facts: &PointFacts, group_cuts: bool, journal_bytes: u64) {
+    /// Segment `facts` was applied (its position durable), ending at `group_cuts` or
+    /// not; its undo file takes `journal_bytes` of disk.
+    pub(crate) fn applied(
+        &mut self,
+        facts: &PointFacts,
+        group_cuts: Option<&GroupCutLabel>,
+        journal_bytes: u64,
+    ) {
         let span = (facts.index, facts.index);
         // An undo file kept from an interrupted apply of this segment is counted once.
         if let Some(&(last, bytes)) = self.journal_sizes.back() {
@@ -689,8 +730,9 @@ impl Retained {
         self.journal_bytes += journal_bytes;
         if facts.is_crash_point() {
             self.points.push_back((facts.index, facts.created_unix_ms));
-            if group_cuts {
-                self.cut_points.push_back(facts.index);
+            if let Some(cuts) = group_cuts {
+                let time = cut_time(cuts, facts.created_unix_ms);
+                self.cut_points.push_back((facts.index, time));
             }
         }
     }
@@ -701,7 +743,7 @@ impl Retained {
         if self.stale_cut_lines > 0 {
             let kept = &self.cut_points;
             crate::group_cuts::retain(&paths.journal, |index| {
-                index > latest || kept.binary_search(&index).is_ok()
+                index > latest || is_cut_point(kept, index)
             })?;
             self.stale_cut_lines = 0;
         }
@@ -713,7 +755,7 @@ impl Retained {
         let gone = |index: &u64| dropped.binary_search(index).is_ok();
         self.points.retain(|(index, _)| !gone(index));
         let cuts_before = self.cut_points.len();
-        self.cut_points.retain(|index| !gone(index));
+        self.cut_points.retain(|(index, _)| !gone(index));
         self.stale_cut_lines += cuts_before - self.cut_points.len();
     }
 
@@ -846,8 +888,12 @@ impl Retained {
     /// Thins the points older than `thinning.after`. The source's clock is cut into
     /// intervals of `thinning.every` (aligned to the Unix epoch); of the points of an
     /// interval wholly older than `after`, one stays: the newest with a group cut if
-    /// there is one (volumes of a consistency group then keep the same cuts), else the
-    /// newest. The latest point stays, and nothing at or after the oldest point a view
+    /// there is one, else the newest. A point at group cuts falls in the interval of
+    /// the time its first cut was made ([`cut_time`]), the other points in the interval
+    /// of their segment's time unless a newer cut's time is earlier ([`filing_times`]).
+    /// So every volume of a group keeps the point at the newest cut made in each
+    /// interval (the one whose cuts start in it and the next one's do not, a fact of
+    /// the clock), however late each volume sealed it. The latest point stays, and nothing at or after the oldest point a view
     /// shows changes (a view loads the journals of segments applied after it opened
     /// one by one, by name). Between two points that stay for good, the undo files
     /// become one merged file ([`Journal::merge`]), made once: a pair whose newer
@@ -874,17 +920,18 @@ impl Retained {
         let Some(last) = points.len().checked_sub(1) else {
             return Ok(());
         };
+        let filed = filing_times(&points, &self.cut_points);
         let mut stays = vec![true; points.len()];
         let mut i = 0;
-        while i < last && over(points[i].1) {
-            let interval = points[i].1 / every;
+        while i < last && over(filed[i]) {
+            let interval = filed[i] / every;
             let mut j = i;
-            while j < last && points[j + 1].1 / every == interval {
+            while j < last && filed[j + 1] / every == interval {
                 j += 1;
             }
             let cut = (i..=j)
                 .rev()
-                .find(|&k| self.cut_points.binary_search(&points[k].0).is_ok());
+                .find(|&k| is_cut_point(&self.cut_points, points[k].0));
             let chosen = cut.unwrap_or(j);
             for (k, stay) in stays.iter_mut().enumerate().take(j + 1).skip(i) {
                 *stay = k == chosen;
@@ -1124,6 +1171,31 @@ mod tests {
         for bad in ["", "m", "3w", "1.5h", "-1s", "99999999999999999999d"] {
             assert!(parse_age(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn points_at_cuts_are_filed_under_the_cut_time_and_the_times_stay_in_order() {
+        // Point 2 was sealed after cut 3's time (its MARK came with the next request),
+        // point 3 is at that cut, point 5 at a cut whose label has no time.
+        let points = [(1, 100), (2, 230), (3, 240), (4, 300), (5, 400)];
+        let cut_points: VecDeque<(u64, u64)> = [(3, 200), (5, 400)].into();
+        assert_eq!(
+            filing_times(&points, &cut_points),
+            [100, 200, 200, 300, 400]
+        );
+        let label = |first_unix_ms| GroupCutLabel {
+            clock: 1,
+            first: 1,
+            last: 1,
+            first_unix_ms,
+        };
+        assert_eq!(cut_time(&label(Some(200)), 240), 200);
+        assert_eq!(cut_time(&label(None), 240), 240);
+        assert_eq!(
+            cut_time(&label(Some(300)), 240),
+            240,
+            "never after the seal"
+        );
     }
 
     #[test]

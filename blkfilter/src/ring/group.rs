@@ -20,6 +20,8 @@
 //! 128    8    cuts      cuts ever made (the full count, stored after the cut)
 //! 136    8    cut_seq   S of the newest cut
 //! 144    8    app_cut   the newest cut made with the group's file systems frozen
+//! 256    8×480 cut_times when each of the last 480 cuts was made: slot n mod 480
+//!                      holds unix_ms << 22 | n mod 2^22 (0: not known)
 //! ```
 //!
 //! # Protocol
@@ -38,6 +40,14 @@
 //!   ring the MARK of cut N separates the records below S_N from those above it. An
 //!   idle producer records pending cuts from its housekeeping tick; one that was down
 //!   records every cut it missed in one MARK when it is back.
+//! * A coordinator stores the time of its cut in the cut's slot before making it (under
+//!   the lock the next cut's number is the count plus one), so a producer that sees the
+//!   cut finds its time: the label of its MARK carries the time of the first cut it
+//!   stands for. That time is the same on every volume, where the times their segments
+//!   were sealed are not: the recovery side's thinning keeps the same cuts of an
+//!   interval on every volume of the group by it ([`changelog::GroupCutLabel`]). A
+//!   slot names its cut (the low bits), so a producer that missed more than 480 cuts
+//!   finds no time rather than a wrong one.
 //! * The ring header keeps the last cut the ring recorded (`group_cuts`) and the id of
 //!   the clock it joined (`group_id`), so a restarted producer carries on.
 //!   Coordinators serialize on an exclusive `flock` of the file.
@@ -69,6 +79,11 @@ const OFF_WORD: usize = 64;
 const OFF_CUTS: usize = 128;
 const OFF_CUT_SEQ: usize = 136;
 const OFF_APP_CUT: usize = 144;
+const OFF_CUT_TIMES: usize = 256;
+const CUT_TIME_SLOTS: u64 = (FILE_BYTES - OFF_CUT_TIMES as u64) / 8;
+/// Bits of a cut-time slot that name the cut (its number mod 2^22).
+const CUT_NUMBER_BITS: u32 = 22;
+const CUT_NUMBER_MASK: u64 = (1 << CUT_NUMBER_BITS) - 1;
 
 /// Bits of `word` that hold the seq.
 const SEQ_BITS: u32 = 48;
@@ -234,10 +249,16 @@ impl GroupClock {
 
     fn cut_flagged(&self, app_consistent: bool) -> Result<Cut, RingError> {
         let _lock = Flock::exclusive(&self.file).map_err(io_err(&self.path, "lock"))?;
+        // Before the cut exists, so no producer records it without its time or flag.
+        // (Under the lock, the next cut's number is the count now plus one.)
+        let next = self.cuts() + 1;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.cut_time_slot(next)
+            .store(now_ms << CUT_NUMBER_BITS | next & CUT_NUMBER_MASK, Release);
         if app_consistent {
-            // Before the cut exists, so no producer records it unflagged. (Under the
-            // lock, the next cut's number is the count now plus one.)
-            self.u64_at(OFF_APP_CUT).store(self.cuts() + 1, Release);
+            self.u64_at(OFF_APP_CUT).store(next, Release);
         }
         let published = self.u64_at(OFF_CUTS).load(Relaxed);
         let (seq, cuts_mod) = split(self.word().fetch_add(CUT_STEP, SeqCst));
@@ -247,6 +268,18 @@ impl GroupClock {
         self.u64_at(OFF_CUT_SEQ).store(seq, Relaxed);
         self.u64_at(OFF_CUTS).store(number, Release);
         Ok(Cut { number, seq })
+    }
+
+    /// When cut `number` was made (Unix ms), if its slot still holds it: the slots keep
+    /// the last 480 cuts, and clocks made by a build before cut times had none.
+    pub fn cut_time(&self, number: u64) -> Option<u64> {
+        let slot = self.cut_time_slot(number).load(Acquire);
+        (slot & CUT_NUMBER_MASK == number & CUT_NUMBER_MASK && slot >> CUT_NUMBER_BITS > 0)
+            .then_some(slot >> CUT_NUMBER_BITS)
+    }
+
+    fn cut_time_slot(&self, number: u64) -> &AtomicU64 {
+        self.u64_at(OFF_CUT_TIMES + 8 * (number % CUT_TIME_SLOTS) as usize)
     }
 
     /// The newest application-consistent cut, if any.
@@ -342,6 +375,32 @@ mod tests {
         // one numbers its cut from the word.
         clock.word().fetch_add(CUT_STEP, SeqCst);
         assert_eq!(clock.cut().unwrap().number, 70_003);
+    }
+
+    #[test]
+    fn a_cut_knows_its_time_until_its_slot_is_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = GroupClock::open_or_create(&dir.path().join("g.clock")).unwrap();
+        let now_ms = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64
+        };
+        let before = now_ms();
+        let first = clock.cut().unwrap().number;
+        let after = now_ms();
+        let time = clock.cut_time(first).expect("the cut's time");
+        assert!(
+            (before..=after).contains(&time),
+            "{before} <= {time} <= {after}"
+        );
+        assert_eq!(clock.cut_time(first + 1), None, "not made yet");
+        for _ in 0..CUT_TIME_SLOTS {
+            clock.cut().unwrap();
+        }
+        assert_eq!(clock.cut_time(first), None, "its slot holds a newer cut");
+        assert!(clock.cut_time(first + CUT_TIME_SLOTS).is_some());
     }
 
     #[test]

@@ -217,6 +217,7 @@ impl Producer {
                 clock: clock.id(),
                 first: recorded + 1,
                 last: cuts,
+                first_unix_ms: clock.cut_time(recorded + 1),
             }),
         }
     }
