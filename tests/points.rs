@@ -797,33 +797,47 @@ fn an_applier_thins_as_it_goes() {
     let mut applier = fixture
         .applier_with("replica", &fixture.key, &options)
         .unwrap();
-    let (mut steps, mut merges) = (0, 0);
+    let (mut steps, mut merges, mut handed_over) = (0, 0, 0);
     while let Some(a) = applier.apply_next().unwrap() {
         steps += 1;
         assert!(a.pruned.is_some());
+        // A merge is started on its own thread and applying goes on: the segment
+        // returns without waiting for it.
+        handed_over += usize::from(applier.thinning_under_way());
         let c = catalog(&paths).unwrap();
+        // Mid-merge the merged file may sit beside the files it replaces, as after a
+        // crash: those are the only unused ones.
         assert!(
-            c.unused_journals.is_empty() && c.damaged.is_empty(),
+            c.damaged.is_empty()
+                && c.unused_journals.iter().all(|&(first, last)| c
+                    .journals
+                    .iter()
+                    .any(|&(a, b)| a < b && a <= first && last <= b)),
             "{c:?}"
         );
-        // One run of undo files merged per segment at most.
+        // One run of undo files merged at a time.
         let merged_now = c.journals.iter().filter(|(f, l)| f < l).count();
         assert!(merged_now <= merges + 1, "step {steps}: {c:?}");
         merges = merged_now.max(merges);
     }
     assert!(
-        steps > 20 && merges > 0,
-        "{steps} segments, {merges} merged files"
+        steps > 20 && merges > 0 && handed_over > 0,
+        "{steps} segments, {merges} merged files, {handed_over} handed over"
     );
     // What is left to thin, a merge a call: then every interval over (but the latest
     // point's: its points go once it is not the latest) holds one point.
     let now = changelog::unix_ms_now();
-    while !applier
-        .prune(&options.retention, now)
-        .unwrap()
-        .removed
-        .is_empty()
-    {}
+    loop {
+        let removed = applier
+            .prune(&options.retention, now)
+            .unwrap()
+            .removed
+            .len();
+        if removed + applier.finish_thinning().unwrap() == 0 {
+            break;
+        }
+    }
+    assert!(!applier.thinning_under_way());
     drop(applier);
     let c = catalog(&paths).unwrap();
     let latest = c.points.last().unwrap().created_unix_ms / 2;
@@ -838,6 +852,75 @@ fn an_applier_thins_as_it_goes() {
     assert_eq!(over, one_each, "an interval over with two points");
     every_view_matches(&paths, &model);
     assert!(std::fs::read(&paths.replica).unwrap() == model.final_image());
+}
+
+/// A failover while a merge of undo files is under way on its thread: the rollback
+/// abandons the merge (or finds its file in place beside the ones it replaces) and
+/// takes the replica to the point all the same; nothing half written is left. And a
+/// merge's unfinished file left by a killed applier is deleted by the next one.
+#[test]
+fn a_rollback_while_a_merge_is_under_way_reaches_its_point() {
+    for (seed, oldest) in [(53, false), (54, true)] {
+        let (fixture, model) = Fixture::shipped(SIZE, seed, 400);
+        let paths = fixture.replica_paths("replica");
+        let options = ApplyOptions {
+            retention: thinning_every(2),
+            ..ApplyOptions::default()
+        };
+        let mut applier = fixture
+            .applier_with("replica", &fixture.key, &options)
+            .unwrap();
+        applier.apply_next().unwrap().unwrap();
+        // A killed applier's unfinished merged file: not an undo file, and gone once
+        // an applier reads the journal again.
+        let leftover = paths
+            .journal
+            .join(".0000000000000001-0000000000000002.undo.tmp");
+        std::fs::write(&leftover, b"half a merged undo file").unwrap();
+        drop(applier);
+        let mut applier = fixture
+            .applier_with("replica", &fixture.key, &options)
+            .unwrap();
+        let mut steps = 0;
+        while applier.apply_next().unwrap().is_some() && !applier.thinning_under_way() {
+            steps += 1;
+        }
+        assert!(applier.thinning_under_way(), "no merge in {steps} segments");
+        assert!(!leftover.exists());
+        // The oldest point (below every merge) or one in the middle of the history.
+        let points = catalog(&paths).unwrap().points;
+        let point = if oldest {
+            points[0]
+        } else {
+            points[points.len() / 2]
+        };
+        let report = applier.rollback_to(point.index).unwrap();
+        assert!(report.done, "{report:?}");
+        assert!(
+            std::fs::read(&paths.replica).unwrap() == model_at(&model, point.last_seq),
+            "seed {seed}: the replica is not at point {}",
+            point.index
+        );
+        drop(applier);
+        let names: Vec<String> = std::fs::read_dir(&paths.journal)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(
+            names.iter().all(|n| !n.ends_with(".tmp")),
+            "seed {seed}: {names:?}"
+        );
+        // Nor an undo file of a segment the rollback undid (a merged one put in place
+        // behind its back).
+        let spans = ublk_target::journal::Journal::new(&paths.journal)
+            .list_spans()
+            .unwrap();
+        assert!(
+            spans.iter().all(|&(_, last)| last <= point.index),
+            "seed {seed}: {spans:?} after a rollback to {}",
+            point.index
+        );
+    }
 }
 
 /// A view open at an old point while thinning runs (in another process, or after the

@@ -161,6 +161,12 @@ pub struct Applier {
     _lock: JournalLock,
 }
 
+impl Drop for Applier {
+    fn drop(&mut self) {
+        self.settle_merge(true);
+    }
+}
+
 impl Applier {
     /// Opens the replica (created if missing), the applied position saved in
     /// `state_path` (fresh when missing) and the undo journal (created if missing), and
@@ -258,7 +264,7 @@ impl Applier {
             latest,
             retention,
             now_unix_ms,
-            1,
+            true,
         );
         if pruned.is_err() || retained.needs_reload {
             // Partly done, perhaps: read again next time.
@@ -270,6 +276,8 @@ impl Applier {
     /// Rolls the replica back to `point` for failover (see [`crate::rollback`]); no
     /// segment is applied afterwards.
     pub fn rollback_to(&mut self, point: u64) -> Result<RollbackReport> {
+        // First: a merge under way is waited for (dropping `Retained` does).
+        self.retained = None;
         let (state, report) = rollback_locked(
             &self.paths,
             &self.journal,
@@ -280,7 +288,6 @@ impl Applier {
             None,
         )?;
         self.state = state;
-        self.retained = None;
         Ok(report)
     }
 
@@ -505,7 +512,41 @@ impl Applier {
         });
         // After the batch, and after a failed one too: what was applied is durable.
         self.delete_applied();
+        self.settle_merge(false);
         applied
+    }
+
+    /// Finishes a merge of undo files that is done (thinning starts them on a thread of
+    /// their own, and finishes them after a segment applied; this is for when none
+    /// comes), or waits for it to be done with `wait`. Trouble is logged.
+    fn settle_merge(&mut self, wait: bool) {
+        if let Err(e) = self.finish_merge(wait) {
+            log::warn!("thinning recovery points: {e}; the journal is read again");
+        }
+    }
+
+    fn finish_merge(&mut self, wait: bool) -> Result<usize> {
+        let Some(retained) = &mut self.retained else {
+            return Ok(0);
+        };
+        let finished = retained.settle_merge(&self.journal, &mut self.uring, wait);
+        if finished.is_err() {
+            self.retained = None;
+        }
+        finished
+    }
+
+    /// Whether a merge of undo files (thinning) is under way on its thread.
+    pub fn thinning_under_way(&self) -> bool {
+        self.retained
+            .as_ref()
+            .is_some_and(|retained| retained.merge_under_way())
+    }
+
+    /// Waits for the merge of undo files under way, if any, and finishes it; returns
+    /// how many undo files that removed. [`Applier::prune`] starts the next.
+    pub fn finish_thinning(&mut self) -> Result<usize> {
+        self.finish_merge(true)
     }
 
     fn write_records(&mut self, segment: &OpenedSegment) -> Result<u64> {

@@ -90,6 +90,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 pub const UNDO_MAGIC: [u8; 8] = *b"UBLKDRUN";
@@ -1032,8 +1033,13 @@ impl Journal {
     /// oldest that does. Verifies each file's data first. The merged file is durable
     /// and in place when this returns; deleting the files it replaces is the caller's
     /// (a crash before that leaves both, and the merged one is used). Returns its
-    /// segments (first, last).
-    pub(crate) fn merge(&self, uring: &mut Uring, files: &[UndoFile]) -> Result<(u64, u64)> {
+    /// segments (first, last). Once `abandon` is set it stops, leaving nothing behind.
+    pub(crate) fn merge(
+        &self,
+        uring: &mut Uring,
+        files: &[UndoFile],
+        abandon: &AtomicBool,
+    ) -> Result<(u64, u64)> {
         let (Some(oldest), Some(newest)) = (files.first(), files.last()) else {
             return Err(TargetError::Journal {
                 path: self.dir.clone(),
@@ -1102,6 +1108,12 @@ impl Journal {
         for (&start, &(end, f, x, within)) in &pieces {
             let mut done = 0;
             while done < end - start {
+                if abandon.load(Relaxed) {
+                    return Err(TargetError::Journal {
+                        path: path.clone(),
+                        what: "merge abandoned (the applier is stopping)".into(),
+                    });
+                }
                 let n = buf.len().min((end - start - done) as usize);
                 files[f].read_extent(x, within + done, &mut buf[..n])?;
                 sha.update(&buf[..n]);
@@ -1129,6 +1141,29 @@ impl Journal {
         uring.write_all_at(file.fd(), &meta, 0).map_err(saving)?;
         file.commit(uring).map_err(saving)?;
         Ok(span)
+    }
+
+    /// Deletes the temporary files of undo files being written when a writer was killed
+    /// (a merged one can be as large as an interval's changes); returns how many. Only
+    /// for the holder of the journal lock: nobody else writes them.
+    pub(crate) fn remove_temporary_files(&self) -> Result<usize> {
+        let names = changelog::store::file_names(&self.dir)
+            .map_err(|e| TargetError::io(format!("listing {}", self.dir.display()), e))?;
+        let mut removed = 0;
+        for name in names {
+            let undo_name = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp"));
+            if undo_name.is_some_and(|n| parse_span_file_name(n).is_some()) {
+                let path = self.dir.join(&name);
+                match std::fs::remove_file(&path) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(TargetError::io(format!("removing {}", path.display()), e))
+                    }
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// Deletes the undo file of segments `first ..= last` (absent is fine); says

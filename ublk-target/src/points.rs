@@ -30,12 +30,13 @@
 //! past and sparse ones further back, as long retentions need: of the points of an
 //! interval of `thin_every` (by the source's clock) that is wholly older than
 //! `thin_after`, only the newest stays (the newest at a group cut, where the interval
-//! has one, so that the volumes of a group keep common cuts). The undo files between
-//! two points that stay become one merged file ([`crate::journal`]), which undoes the
-//! whole run: a block rewritten a thousand times in the hour is kept once. Merging
-//! copies the before-images (reading them, on XFS or btrfs too) on the applier's
-//! thread, one run of files per segment applied at most: each interval's changes are
-//! read and written once.
+//! has one, filed by the time the cut was made so that the volumes of a group keep the
+//! same cuts). The undo files between two points that stay become one merged file
+//! ([`crate::journal`]), which undoes the whole run: a block rewritten a thousand times
+//! in the hour is kept once. Merging copies the before-images (reading them, on XFS or
+//! btrfs too), each interval's changes read and written once: an applier does it on a
+//! thread of its own, one run at a time, and goes on applying meanwhile; `prune` does
+//! every merge due before it returns.
 //!
 //! An applier keeps what is retained in memory ([`Retained`]) from one segment to
 //! the next, so what retention costs per segment does not grow with the journals
@@ -51,6 +52,7 @@ use changelog::GroupCutLabel;
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 
 /// One recovery point.
@@ -573,15 +575,7 @@ pub(crate) fn prune_locked(
         return Ok(PruneReport::default());
     };
     let mut retained = Retained::from_catalog(&catalog, paths)?;
-    let report = retained.prune(
-        paths,
-        journal,
-        uring,
-        latest,
-        retention,
-        now_unix_ms,
-        usize::MAX,
-    )?;
+    let report = retained.prune(paths, journal, uring, latest, retention, now_unix_ms, false)?;
     retained.drop_stale_cut_lines(paths, latest)?;
     Ok(report)
 }
@@ -612,6 +606,38 @@ pub(crate) struct Retained {
     /// Runs of undo files (after the point, up to the point) whose merge failed without
     /// changing anything, and when to try each again.
     merges_paused: std::collections::HashMap<(u64, u64), u64>,
+    /// The merge under way, if any (one at a time).
+    merging: Option<Merging>,
+}
+
+/// A merge of the undo files between points `from` and `to` on a thread of its own, so
+/// that applying goes on meanwhile. Until it is finished ([`Retained::finish_merge`])
+/// its files stay, and so do the points from `from` on: pruning stops below `from`.
+#[derive(Debug)]
+struct Merging {
+    from: u64,
+    to: u64,
+    /// The files it replaces.
+    spans: Vec<(u64, u64)>,
+    /// How long to leave the run alone if the merge fails without changing anything.
+    pause_ms: u64,
+    /// Set to have the worker stop and leave nothing behind.
+    abandon: std::sync::Arc<AtomicBool>,
+    /// Returns the merged file's segments (first, last).
+    worker: std::thread::JoinHandle<Result<(u64, u64)>>,
+}
+
+impl Drop for Retained {
+    /// Abandons a merge under way and waits for its worker: its run is merged again
+    /// later. One that got as far as renaming its file leaves it beside the ones it
+    /// replaces, as a crash would, which every reader handles and the next prune
+    /// tidies.
+    fn drop(&mut self) {
+        if let Some(merging) = self.merging.take() {
+            merging.abandon.store(true, Relaxed);
+            let _ = merging.worker.join();
+        }
+    }
 }
 
 /// The time a point at `cuts`, sealed at `created_unix_ms`, is filed under when thinning:
@@ -652,18 +678,10 @@ fn filing_times(points: &[(u64, u64)], cut_points: &VecDeque<(u64, u64)>) -> Vec
 /// What thinning works with, for one prune.
 struct Thin<'a> {
     journal: &'a Journal,
-    uring: &'a mut Uring,
     views: &'a [ViewEntry],
     removed: &'a mut Vec<(u64, u64)>,
-    merges_left: usize,
-}
-
-/// Why thinning stopped.
-enum ThinError {
-    /// Before it changed anything (the merged file was not put in place).
-    Untouched(TargetError),
-    /// After: what [`Retained`] keeps may no longer match the files.
-    Halfway(TargetError),
+    /// Merge on a thread of its own and go on (an applier), or wait for each (`prune`).
+    background: bool,
 }
 
 impl Retained {
@@ -672,7 +690,12 @@ impl Retained {
         Retained::from_catalog(&catalog(paths)?, paths)
     }
 
+    /// (The caller holds the journal lock.)
     fn from_catalog(catalog: &Catalog, paths: &ReplicaPaths) -> Result<Retained> {
+        let stale = Journal::new(&paths.journal).remove_temporary_files()?;
+        if stale > 0 {
+            log::info!("removed {stale} unfinished undo file(s) left by a killed writer");
+        }
         let within_run = |&(first, last): &(u64, u64)| {
             catalog
                 .journals
@@ -699,6 +722,7 @@ impl Retained {
             stale_cut_lines,
             needs_reload: false,
             merges_paused: std::collections::HashMap::new(),
+            merging: None,
             journal_sizes: catalog.journal_sizes.iter().copied().collect(),
             journal_bytes: catalog.journal_bytes,
             replaced: catalog
@@ -769,10 +793,10 @@ impl Retained {
         Ok(removed)
     }
 
-    /// Applies `retention` with the replica at segment `latest` (see [`prune`]),
-    /// merging at most `max_merges` runs of undo files when thinning (an applier does
-    /// one per segment, so a long history thinned for the first time does not hold up
-    /// applying in one go).
+    /// Applies `retention` with the replica at segment `latest` (see [`prune`]). When
+    /// thinning, `background` (an applier) starts one merge of undo files at a time on a
+    /// thread of its own and finishes it at a later call once it is done, so applying
+    /// goes on while it copies; otherwise (`prune`) every merge due is made now.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn prune(
         &mut self,
@@ -782,7 +806,7 @@ impl Retained {
         latest: u64,
         retention: &Retention,
         now_unix_ms: u64,
-        max_merges: usize,
+        background: bool,
     ) -> Result<PruneReport> {
         let mut removed = Vec::new();
         for span in std::mem::take(&mut self.replaced) {
@@ -835,6 +859,10 @@ impl Retained {
                 held_by.push(view.clone());
             }
         }
+        if let Some(merging) = &self.merging {
+            // Its files and points stay until it is finished.
+            limit = limit.min(merging.from);
+        }
         let last_removed = limit.min(latest);
         while let Some(&(span, _)) = self.journal_sizes.front() {
             if span.1 > last_removed {
@@ -856,10 +884,9 @@ impl Retained {
             // is told, that run tried again an interval later, and applying goes on.
             let mut thin = Thin {
                 journal,
-                uring,
                 views: &views,
                 removed: &mut removed,
-                merges_left: max_merges,
+                background,
             };
             if let Err(e) = self.thin(&mut thin, &thinning, now_unix_ms) {
                 log::warn!("thinning recovery points: {e}; the journal is read again");
@@ -893,13 +920,15 @@ impl Retained {
     /// of their segment's time unless a newer cut's time is earlier ([`filing_times`]).
     /// So every volume of a group keeps the point at the newest cut made in each
     /// interval (the one whose cuts start in it and the next one's do not, a fact of
-    /// the clock), however late each volume sealed it. The latest point stays, and nothing at or after the oldest point a view
-    /// shows changes (a view loads the journals of segments applied after it opened
-    /// one by one, by name). Between two points that stay for good, the undo files
-    /// become one merged file ([`Journal::merge`]), made once: a pair whose newer
-    /// point's interval is not over, or whose newer point is the latest, waits. Before
-    /// the oldest point that stays, the files just go.
+    /// the clock), however late each volume sealed it. The latest point stays, and
+    /// nothing at or after the oldest point a view shows changes (a view loads the
+    /// journals of segments applied after it opened one by one, by name). Between two
+    /// points that stay for good, the undo files become one merged file
+    /// ([`Journal::merge`]), made once: a pair whose newer point's interval is not
+    /// over, or whose newer point is the latest, waits. Before the oldest point that
+    /// stays, the files just go.
     fn thin(&mut self, thin: &mut Thin, thinning: &Thinning, now_unix_ms: u64) -> Result<()> {
+        self.finish_merge(thin.journal, thin.removed, false, now_unix_ms)?;
         let Some(held_from) = thin
             .views
             .iter()
@@ -942,8 +971,10 @@ impl Retained {
         // on are in intervals not over: they stay too.
         stays[last] = true;
         let staying: Vec<usize> = (0..points.len()).filter(|&k| stays[k]).collect();
-        // Before the oldest that stays: its files serve nothing.
-        if staying[0] > 0 {
+        // Before the oldest that stays: its files serve nothing (but a merge under way
+        // keeps its own).
+        let merging_from = self.merging.as_ref().map_or(u64::MAX, |m| m.from);
+        if staying[0] > 0 && points[staying[0]].0 <= merging_from {
             let oldest = points[staying[0]].0;
             let spans: Vec<(u64, u64)> = self
                 .journal_sizes
@@ -978,47 +1009,22 @@ impl Retained {
             {
                 continue;
             }
-            if thin.merges_left == 0 {
-                break;
+            if self.merging.is_some() {
+                break; // one at a time
             }
-            thin.merges_left -= 1;
-            let merged = match self.merge(thin, from, to) {
-                Ok(merged) => merged,
-                Err(ThinError::Halfway(e)) => return Err(e),
-                Err(ThinError::Untouched(e)) => {
-                    let wait = (thinning.every.as_millis() as u64).max(60_000);
-                    self.merges_paused
-                        .insert((from, to), now_unix_ms.saturating_add(wait));
-                    log::warn!(
-                        "thinning out the points between {from} and {to}: {e}; those files \
-                         are left as they were, tried again in {}",
-                        changelog::short_duration(wait)
-                    );
-                    continue;
-                }
-            };
-            self.merges_paused.remove(&(from, to));
-            let between: Vec<u64> = points[a + 1..b].iter().map(|&(index, _)| index).collect();
-            log::info!(
-                "thinned out points {}..={} (between points {from} and {to}): their undo \
-                 files merged into one of {}",
-                between[0],
-                between[between.len() - 1],
-                format_bytes(merged)
-            );
-            self.forget_points(&between);
+            let pause_ms = (thinning.every.as_millis() as u64).max(60_000);
+            match self.start_merge(thin.journal, from, to, pause_ms) {
+                Ok(()) if thin.background => break,
+                Ok(()) => self.finish_merge(thin.journal, thin.removed, true, now_unix_ms)?,
+                Err(e) => self.merge_failed(from, to, pause_ms, now_unix_ms, &e),
+            }
         }
         Ok(())
     }
 
-    /// Merges the undo files of segments `from + 1 ..= to` into one, deletes them, and
-    /// returns what the merged file takes.
-    fn merge(
-        &mut self,
-        thin: &mut Thin,
-        from: u64,
-        to: u64,
-    ) -> std::result::Result<u64, ThinError> {
+    /// Starts merging the undo files of segments `from + 1 ..= to` into one, on a
+    /// thread of its own. An error here changed nothing.
+    fn start_merge(&mut self, journal: &Journal, from: u64, to: u64, pause_ms: u64) -> Result<()> {
         let spans: Vec<(u64, u64)> = self
             .journal_sizes
             .iter()
@@ -1027,32 +1033,89 @@ impl Retained {
             .collect();
         let files = spans
             .iter()
-            .map(|&span| thin.journal.open_span(span))
-            .collect::<Result<Vec<_>>>()
-            .map_err(ThinError::Untouched)?;
+            .map(|&span| journal.open_span(span))
+            .collect::<Result<Vec<_>>>()?;
         let tiles = files.first().is_some_and(|f| f.span().0 == from + 1)
             && files.last().is_some_and(|f| f.span().1 == to);
         if !tiles || files.len() < 2 {
-            return Err(ThinError::Untouched(TargetError::Journal {
-                path: thin.journal.path_of(to),
+            return Err(TargetError::Journal {
+                path: journal.path_of(to),
                 what: format!(
                     "the undo files of segments {}..={to} are not a run of two or more",
                     from + 1
                 ),
-            }));
+            });
         }
-        let merged = thin.journal.merge(thin.uring, &files).map_err(|e| {
+        let worker_journal = journal.clone();
+        let abandon = std::sync::Arc::new(AtomicBool::new(false));
+        let worker_abandon = abandon.clone();
+        let worker = std::thread::Builder::new()
+            .name("undo-merge".into())
+            .spawn(move || {
+                let mut uring = Uring::new(4).map_err(|e| TargetError::io("io_uring setup", e))?;
+                worker_journal.merge(&mut uring, &files, &worker_abandon)
+            })
+            .map_err(|e| TargetError::io("starting a thread to merge undo files", e))?;
+        self.merging = Some(Merging {
+            from,
+            to,
+            spans,
+            pause_ms,
+            abandon,
+            worker,
+        });
+        Ok(())
+    }
+
+    /// Finishes the merge under way, if any, once it is done (or waits for it, with
+    /// `wait`): puts the merged file in the place of the files it replaces, deletes
+    /// those (into `removed`) and forgets the points between. A merge that failed
+    /// before its file was in place is paused for that run; an error returned means
+    /// what is kept here may no longer match the files.
+    fn finish_merge(
+        &mut self,
+        journal: &Journal,
+        removed: &mut Vec<(u64, u64)>,
+        wait: bool,
+        now_unix_ms: u64,
+    ) -> Result<()> {
+        if !wait
+            && !self
+                .merging
+                .as_ref()
+                .is_some_and(|m| m.worker.is_finished())
+        {
+            return Ok(());
+        }
+        let Some(merging) = self.merging.take() else {
+            return Ok(());
+        };
+        let Merging {
+            from,
+            to,
+            spans,
+            pause_ms,
+            worker,
+            ..
+        } = merging;
+        let merged = match worker.join() {
+            Ok(result) => result,
+            Err(_) => Err(TargetError::Journal {
+                path: journal.path_of(to),
+                what: "the thread merging undo files panicked".into(),
+            }),
+        };
+        let merged = match merged {
+            Ok(merged) => merged,
             // Failing after its rename (syncing the directory), it is in place.
-            match thin.journal.path_of_span((from + 1, to)).exists() {
-                true => ThinError::Halfway(e),
-                false => ThinError::Untouched(e),
+            Err(e) if journal.path_of_span((from + 1, to)).exists() => return Err(e),
+            Err(e) => {
+                self.merge_failed(from, to, pause_ms, now_unix_ms, &e);
+                return Ok(());
             }
-        })?;
-        drop(files);
-        let bytes = thin
-            .journal
-            .disk_bytes(merged)
-            .map_err(ThinError::Halfway)?;
+        };
+        self.merges_paused.remove(&(from, to));
+        let bytes = journal.disk_bytes(merged)?;
         let at = self
             .journal_sizes
             .iter()
@@ -1061,14 +1124,65 @@ impl Retained {
         self.journal_sizes.insert(at, (merged, bytes));
         self.journal_bytes += bytes;
         for span in spans {
-            if self
-                .remove_file(thin.journal, span)
-                .map_err(ThinError::Halfway)?
-            {
-                thin.removed.push(span);
+            if self.remove_file(journal, span)? {
+                removed.push(span);
             }
         }
-        Ok(bytes)
+        let between: Vec<u64> = self
+            .points
+            .iter()
+            .map(|&(index, _)| index)
+            .filter(|&index| from < index && index < to)
+            .collect();
+        if let (Some(first), Some(last)) = (between.first(), between.last()) {
+            log::info!(
+                "thinned out points {first}..={last} (between points {from} and {to}): \
+                 their undo files merged into one of {}",
+                format_bytes(bytes)
+            );
+        }
+        self.forget_points(&between);
+        Ok(())
+    }
+
+    /// A merge of the run between `from` and `to` failed without changing anything:
+    /// that run is left alone for `pause_ms` while the others are thinned.
+    fn merge_failed(
+        &mut self,
+        from: u64,
+        to: u64,
+        pause_ms: u64,
+        now_unix_ms: u64,
+        e: &TargetError,
+    ) {
+        self.merges_paused
+            .insert((from, to), now_unix_ms.saturating_add(pause_ms));
+        log::warn!(
+            "thinning out the points between {from} and {to}: {e}; those files are left as \
+             they were, tried again in {}",
+            changelog::short_duration(pause_ms)
+        );
+    }
+
+    /// Finishes a merge that is done (see [`Retained::finish_merge`]) between two
+    /// segments, for an applier with nothing to apply; with `wait`, waits for it.
+    /// Returns how many undo files that removed.
+    pub(crate) fn settle_merge(
+        &mut self,
+        journal: &Journal,
+        uring: &mut Uring,
+        wait: bool,
+    ) -> Result<usize> {
+        let mut removed = Vec::new();
+        let finished = self.finish_merge(journal, &mut removed, wait, changelog::unix_ms_now());
+        if !removed.is_empty() {
+            journal.sync(uring)?;
+        }
+        finished.map(|()| removed.len())
+    }
+
+    pub(crate) fn merge_under_way(&self) -> bool {
+        self.merging.is_some()
     }
 }
 
