@@ -13,7 +13,7 @@
 //! * `keep_points` at a tenth of the chain (it drops one journal per segment once full);
 //! * thinning to about one point per hundred segments (intervals of the time sealing a
 //!   hundred took; every point already past the horizon): the applier merges a run of
-//!   undo files now and then, one per segment at most.
+//!   undo files now and then, on a thread of its own, one run at a time.
 //!
 //! Printed: segments per second over the first and the last tenth of the chain for
 //! each (the best of three alternating rounds), and the ratios to the baseline in the
