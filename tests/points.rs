@@ -923,6 +923,98 @@ fn a_rollback_while_a_merge_is_under_way_reaches_its_point() {
     }
 }
 
+/// Retention's limits reaching into a run being merged: the merge is abandoned and the
+/// limits apply at once.
+#[test]
+fn limits_that_reach_into_a_merge_under_way_abandon_it() {
+    let (fixture, model) = Fixture::shipped(SIZE, 56, 400);
+    let paths = fixture.replica_paths("replica");
+    let mut retention = thinning_every(2);
+    let options = ApplyOptions {
+        retention,
+        ..ApplyOptions::default()
+    };
+    let mut applier = fixture
+        .applier_with("replica", &fixture.key, &options)
+        .unwrap();
+    while !applier.thinning_under_way() {
+        applier
+            .apply_next()
+            .unwrap()
+            .expect("a merge before the end");
+    }
+    retention.keep_points = Some(1);
+    let report = applier.prune(&retention, changelog::unix_ms_now()).unwrap();
+    assert_eq!(report.points_left, 1, "{report:?}");
+    assert!(!applier.thinning_under_way());
+    drop(applier);
+    let c = catalog(&paths).unwrap();
+    assert_eq!(c.points.len(), 1, "{c:?}");
+    assert!(
+        c.unused_journals.is_empty() && c.damaged.is_empty(),
+        "{c:?}"
+    );
+    every_view_matches(&paths, &model);
+}
+
+/// Views registered while a merge is under way, at points it would thin out: the
+/// merge is not booked (its file goes, the files it would replace stay), so every
+/// point a view shows is still there and each view still shows its point.
+#[test]
+fn a_merge_that_views_opened_since_would_undo_is_dropped() {
+    let (fixture, model) = Fixture::shipped(SIZE, 55, 400);
+    let paths = fixture.replica_paths("replica");
+    let options = ApplyOptions {
+        retention: thinning_every(2),
+        ..ApplyOptions::default()
+    };
+    let mut applier = fixture
+        .applier_with("replica", &fixture.key, &options)
+        .unwrap();
+    while !applier.thinning_under_way() {
+        applier
+            .apply_next()
+            .unwrap()
+            .expect("a merge before the end");
+    }
+    let points = catalog(&paths).unwrap().points;
+    let mut views: Vec<(PointView, u64)> = points
+        .iter()
+        .map(|p| (PointView::open(&paths, p.index).unwrap(), p.last_seq))
+        .collect();
+    applier.finish_thinning().unwrap();
+    assert!(!applier.thinning_under_way());
+    let after: Vec<u64> = catalog(&paths)
+        .unwrap()
+        .points
+        .iter()
+        .map(|p| p.index)
+        .collect();
+    let before: Vec<u64> = points.iter().map(|p| p.index).collect();
+    assert_eq!(after, before, "a point a view shows was thinned out");
+    for (view, last_seq) in &mut views {
+        assert!(read_view(view) == model_at(&model, *last_seq));
+    }
+    for (view, _) in views {
+        view.close().unwrap();
+    }
+    // Without views, thinning goes on (that run is tried again later).
+    let merged_files = |paths: &ReplicaPaths| {
+        catalog(paths)
+            .unwrap()
+            .journals
+            .iter()
+            .filter(|(first, last)| first < last)
+            .count()
+    };
+    let merged_before = merged_files(&paths);
+    while applier.apply_next().unwrap().is_some() {}
+    applier.finish_thinning().unwrap();
+    drop(applier);
+    assert!(merged_files(&paths) > merged_before);
+    every_view_matches(&paths, &model);
+}
+
 /// A view open at an old point while thinning runs (in another process, or after the
 /// view last looked): nothing at or after its point changes, so the journals of the
 /// segments applied since it opened are still there to load, one by one, and it keeps

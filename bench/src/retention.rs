@@ -13,7 +13,10 @@
 //! * `keep_points` at a tenth of the chain (it drops one journal per segment once full);
 //! * thinning to about one point per hundred segments (intervals of the time sealing a
 //!   hundred took; every point already past the horizon): the applier merges a run of
-//!   undo files now and then, on a thread of its own, one run at a time.
+//!   undo files now and then, on a thread of its own, one run at a time;
+//! * thinning with every point in the recent past (`thin_after` a day, intervals of an
+//!   hour): nothing to thin, so this is the walk over the points alone, which must not
+//!   cost more per segment as the recent points pile up.
 //!
 //! Printed: segments per second over the first and the last tenth of the chain for
 //! each (the best of three alternating rounds), and the ratios to the baseline in the
@@ -156,6 +159,16 @@ fn main() {
                 thin: Some(ublk_target::points::Thinning {
                     after: std::time::Duration::ZERO,
                     every: std::time::Duration::from_millis(every_ms),
+                }),
+                ..Retention::default()
+            },
+        ),
+        (
+            "thinning, every point recent (thin_after 1 day: the walk alone)",
+            Retention {
+                thin: Some(ublk_target::points::Thinning {
+                    after: std::time::Duration::from_secs(86_400),
+                    every: std::time::Duration::from_secs(3_600),
                 }),
                 ..Retention::default()
             },

@@ -43,8 +43,9 @@ pub const MARK_GROUP_CUT: u8 = 8;
 /// MARK covers several cuts when a volume had no request between them; they all fall
 /// at the same place in its stream). Encoded as the text
 /// `group-cut <clock:016x> <first> <last>[ <first_unix_ms>]`; a label without the time
-/// comes from a build before cut times (whose readers do not take a label with it for
-/// a cut, so the recovery side is upgraded first).
+/// comes from a build before cut times (whose readers, the shipper's and the recovery
+/// side's, do not take a label with it for a cut: upgrade the recovery side first, then
+/// shipper and blkfilter together).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct GroupCutLabel {
     /// The clock's random id: cut numbers start at 1 again with a new clock (after a

@@ -243,10 +243,11 @@ impl Applier {
         &self.paths
     }
 
-    /// Applies `retention` now (see [`crate::points::prune`]), merging one run of undo
-    /// files at most when thinning. The first call reads the catalog; later ones cost
-    /// the same however many journals are retained (but for thinning's walk over the
-    /// retained points).
+    /// Applies `retention` now (see [`crate::points::prune`]). When thinning, it books a
+    /// merge of undo files that is done and starts the next on a thread of its own
+    /// ([`Applier::finish_thinning`] waits for it). The first call reads the catalog;
+    /// later ones cost the same however many journals are retained (but for thinning's
+    /// walk over the retained points, at most every tenth of an interval).
     pub fn prune(&mut self, retention: &Retention, now_unix_ms: u64) -> Result<PruneReport> {
         // A rollback (perhaps interrupted) needs its journals.
         self.refuse_if_rolled_back()?;

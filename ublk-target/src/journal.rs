@@ -439,6 +439,11 @@ impl UndoFile {
     /// Reads the whole data area and compares it with its checksum (version 1; a
     /// version-2 file has none: see the module documentation).
     pub fn verify_data(&self) -> Result<()> {
+        self.verify_data_unless(&AtomicBool::new(false))
+    }
+
+    /// [`UndoFile::verify_data`], stopping with an error once `abandon` is set.
+    fn verify_data_unless(&self, abandon: &AtomicBool) -> Result<()> {
         let DataArea::Copied { sha: expected } = self.header.data else {
             return Ok(());
         };
@@ -447,6 +452,9 @@ impl UndoFile {
         let start = self.data_at.first().copied().unwrap_or(0);
         let mut done = 0u64;
         while done < self.header.data_len {
+            if abandon.load(Relaxed) {
+                return Err(merge_abandoned(&self.path));
+            }
             let n = buf.len().min((self.header.data_len - done) as usize);
             self.file
                 .read_exact_at(&mut buf[..n], start + done)
@@ -1059,7 +1067,7 @@ impl Journal {
         let mut pieces: std::collections::BTreeMap<u64, (u64, usize, usize, u64)> =
             std::collections::BTreeMap::new();
         for (f, file) in files.iter().enumerate() {
-            file.verify_data()?;
+            file.verify_data_unless(abandon)?;
             for (x, e) in file.extents.iter().enumerate() {
                 let mut pos = e.offset;
                 if let Some((_, &(end, ..))) = pieces.range(..pos).next_back() {
@@ -1109,10 +1117,7 @@ impl Journal {
             let mut done = 0;
             while done < end - start {
                 if abandon.load(Relaxed) {
-                    return Err(TargetError::Journal {
-                        path: path.clone(),
-                        what: "merge abandoned (the applier is stopping)".into(),
-                    });
+                    return Err(merge_abandoned(&path));
                 }
                 let n = buf.len().min((end - start - done) as usize);
                 files[f].read_extent(x, within + done, &mut buf[..n])?;
@@ -1181,6 +1186,13 @@ impl Journal {
     pub(crate) fn sync(&self, uring: &mut Uring) -> Result<()> {
         sync_dir(uring, &self.dir)
             .map_err(|e| TargetError::io(format!("syncing {}", self.dir.display()), e))
+    }
+}
+
+fn merge_abandoned(path: &Path) -> TargetError {
+    TargetError::Journal {
+        path: path.into(),
+        what: "merge abandoned".into(),
     }
 }
 

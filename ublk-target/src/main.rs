@@ -500,11 +500,34 @@ fn main() {
         env_logger::Env::default().default_filter_or("info,libublk=warn"),
     )
     .init();
+    raise_open_file_limit();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("ublk-target: error: {}", changelog::error::one_line(&*e));
         // 3: `apply --follow` stopped where retrying cannot help (see the systemd unit).
         let stopped = e.downcast_ref::<FollowStopped>().is_some();
         std::process::exit(if stopped { 3 } else { 1 });
+    }
+}
+
+/// Raises the soft limit on open files to the hard one: thinning merges a run of undo
+/// files with every one of them open (an hour of 1 s segments is 3,600 files, beyond
+/// the usual soft limit of 1,024; systemd's hard limit is 524,288).
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls with a pointer to a live, initialized rlimit.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0
+            && limit.rlim_cur < limit.rlim_max
+            && {
+                limit.rlim_cur = limit.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+            }
+    };
+    if raised {
+        log::debug!("open file limit raised to {}", limit.rlim_cur);
     }
 }
 

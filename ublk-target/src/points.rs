@@ -608,11 +608,14 @@ pub(crate) struct Retained {
     merges_paused: std::collections::HashMap<(u64, u64), u64>,
     /// The merge under way, if any (one at a time).
     merging: Option<Merging>,
+    /// When thinning walks the points next (Unix ms): see [`Retained::thin`].
+    next_thin_walk_ms: u64,
 }
 
 /// A merge of the undo files between points `from` and `to` on a thread of its own, so
 /// that applying goes on meanwhile. Until it is finished ([`Retained::finish_merge`])
-/// its files stay, and so do the points from `from` on: pruning stops below `from`.
+/// its files and points stay; should retention's limits reach past `from`, it is
+/// abandoned first.
 #[derive(Debug)]
 struct Merging {
     from: u64,
@@ -692,9 +695,10 @@ impl Retained {
 
     /// (The caller holds the journal lock.)
     fn from_catalog(catalog: &Catalog, paths: &ReplicaPaths) -> Result<Retained> {
-        let stale = Journal::new(&paths.journal).remove_temporary_files()?;
-        if stale > 0 {
-            log::info!("removed {stale} unfinished undo file(s) left by a killed writer");
+        match Journal::new(&paths.journal).remove_temporary_files() {
+            Ok(0) => {}
+            Ok(n) => log::info!("removed {n} unfinished undo file(s) left by a killed writer"),
+            Err(e) => log::warn!("{e}; unfinished undo files left by a killed writer stay"),
         }
         let within_run = |&(first, last): &(u64, u64)| {
             catalog
@@ -723,6 +727,7 @@ impl Retained {
             needs_reload: false,
             merges_paused: std::collections::HashMap::new(),
             merging: None,
+            next_thin_walk_ms: 0,
             journal_sizes: catalog.journal_sizes.iter().copied().collect(),
             journal_bytes: catalog.journal_bytes,
             replaced: catalog
@@ -859,9 +864,12 @@ impl Retained {
                 held_by.push(view.clone());
             }
         }
-        if let Some(merging) = &self.merging {
-            // Its files and points stay until it is finished.
-            limit = limit.min(merging.from);
+        if self.merging.as_ref().is_some_and(|m| limit > m.from) {
+            // The limits reach into the run being merged: merging it is pointless now.
+            if let Some(merging) = &self.merging {
+                merging.abandon.store(true, Relaxed);
+            }
+            self.finish_merge(journal, &mut removed, &views, true, now_unix_ms)?;
         }
         let last_removed = limit.min(latest);
         while let Some(&(span, _)) = self.journal_sizes.front() {
@@ -927,8 +935,20 @@ impl Retained {
     /// ([`Journal::merge`]), made once: a pair whose newer point's interval is not
     /// over, or whose newer point is the latest, waits. Before the oldest point that
     /// stays, the files just go.
+    ///
+    /// The walk over the retained points costs in proportion to them (those of the
+    /// recent past included, `thin_after` of them at every segment), and what it decides
+    /// changes only as intervals end, hours from the newest points: so it runs at most
+    /// every tenth of an interval (10 s at most), and again as soon as a merge ends.
     fn thin(&mut self, thin: &mut Thin, thinning: &Thinning, now_unix_ms: u64) -> Result<()> {
-        self.finish_merge(thin.journal, thin.removed, false, now_unix_ms)?;
+        self.finish_merge(thin.journal, thin.removed, thin.views, false, now_unix_ms)?;
+        let every_tenth = (thinning.every.as_millis() as u64 / 10).min(10_000);
+        let soon = now_unix_ms.saturating_add(every_tenth);
+        // (A clock that stepped back does not hold the walk off.)
+        if now_unix_ms < self.next_thin_walk_ms && self.next_thin_walk_ms <= soon {
+            return Ok(());
+        }
+        self.next_thin_walk_ms = soon;
         let Some(held_from) = thin
             .views
             .iter()
@@ -957,6 +977,12 @@ impl Retained {
             let mut j = i;
             while j < last && filed[j + 1] / every == interval {
                 j += 1;
+            }
+            if j == last {
+                // The latest point's interval waits for a newer one: until then its
+                // choice may change with each point (a backlog of old segments), and
+                // what was merged would be merged again.
+                break;
             }
             let cut = (i..=j)
                 .rev()
@@ -1015,7 +1041,9 @@ impl Retained {
             let pause_ms = (thinning.every.as_millis() as u64).max(60_000);
             match self.start_merge(thin.journal, from, to, pause_ms) {
                 Ok(()) if thin.background => break,
-                Ok(()) => self.finish_merge(thin.journal, thin.removed, true, now_unix_ms)?,
+                Ok(()) => {
+                    self.finish_merge(thin.journal, thin.removed, thin.views, true, now_unix_ms)?
+                }
                 Err(e) => self.merge_failed(from, to, pause_ms, now_unix_ms, &e),
             }
         }
@@ -1070,12 +1098,15 @@ impl Retained {
     /// Finishes the merge under way, if any, once it is done (or waits for it, with
     /// `wait`): puts the merged file in the place of the files it replaces, deletes
     /// those (into `removed`) and forgets the points between. A merge that failed
-    /// before its file was in place is paused for that run; an error returned means
-    /// what is kept here may no longer match the files.
+    /// before its file was in place is paused for that run, and so is one a view
+    /// registered since needs undone (one of `views` shows a point it thins out: its
+    /// file goes, the files it would replace stay); an error returned means what is
+    /// kept here may no longer match the files.
     fn finish_merge(
         &mut self,
         journal: &Journal,
         removed: &mut Vec<(u64, u64)>,
+        views: &[ViewEntry],
         wait: bool,
         now_unix_ms: u64,
     ) -> Result<()> {
@@ -1090,13 +1121,14 @@ impl Retained {
         let Some(merging) = self.merging.take() else {
             return Ok(());
         };
+        self.next_thin_walk_ms = 0; // the next run may be merged now
         let Merging {
             from,
             to,
             spans,
             pause_ms,
+            abandon,
             worker,
-            ..
         } = merging;
         let merged = match worker.join() {
             Ok(result) => result,
@@ -1109,11 +1141,31 @@ impl Retained {
             Ok(merged) => merged,
             // Failing after its rename (syncing the directory), it is in place.
             Err(e) if journal.path_of_span((from + 1, to)).exists() => return Err(e),
+            Err(e) if abandon.load(Relaxed) => {
+                log::debug!("merging the undo files between points {from} and {to}: {e}");
+                return Ok(());
+            }
             Err(e) => {
                 self.merge_failed(from, to, pause_ms, now_unix_ms, &e);
                 return Ok(());
             }
         };
+        let needed = views
+            .iter()
+            .find(|v| v.point.is_none_or(|p| from < p && p < to));
+        if let Some(view) = needed {
+            // Its inputs are all there: the merged file just goes again.
+            journal.remove(merged)?;
+            let e = TargetError::Journal {
+                path: journal.path_of_span(merged),
+                what: format!(
+                    "view {} registered meanwhile needs the points it thins out",
+                    view.name
+                ),
+            };
+            self.merge_failed(from, to, pause_ms, now_unix_ms, &e);
+            return Ok(());
+        }
         self.merges_paused.remove(&(from, to));
         let bytes = journal.disk_bytes(merged)?;
         let at = self
@@ -1174,7 +1226,14 @@ impl Retained {
         wait: bool,
     ) -> Result<usize> {
         let mut removed = Vec::new();
-        let finished = self.finish_merge(journal, &mut removed, wait, changelog::unix_ms_now());
+        let views = list_views(journal.dir())?;
+        let finished = self.finish_merge(
+            journal,
+            &mut removed,
+            &views,
+            wait,
+            changelog::unix_ms_now(),
+        );
         if !removed.is_empty() {
             journal.sync(uring)?;
         }
