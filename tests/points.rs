@@ -854,6 +854,29 @@ fn an_applier_thins_as_it_goes() {
     assert!(std::fs::read(&paths.replica).unwrap() == model.final_image());
 }
 
+/// Options for an applier that thins to a point per 2 ms.
+fn thinning_options() -> ApplyOptions {
+    ApplyOptions {
+        retention: thinning_every(2),
+        ..ApplyOptions::default()
+    }
+}
+
+/// An applier with `options` over `fixture`'s replica, run until it has handed a merge
+/// of undo files to its thread.
+fn applier_mid_merge(fixture: &Fixture, options: &ApplyOptions) -> ublk_target::Applier {
+    let mut applier = fixture
+        .applier_with("replica", &fixture.key, options)
+        .unwrap();
+    while !applier.thinning_under_way() {
+        applier
+            .apply_next()
+            .unwrap()
+            .expect("a merge before the end");
+    }
+    applier
+}
+
 /// A failover while a merge of undo files is under way on its thread: the rollback
 /// abandons the merge (or finds its file in place beside the ones it replaces) and
 /// takes the replica to the point all the same; nothing half written is left. And a
@@ -863,10 +886,7 @@ fn a_rollback_while_a_merge_is_under_way_reaches_its_point() {
     for (seed, oldest) in [(53, false), (54, true)] {
         let (fixture, model) = Fixture::shipped(SIZE, seed, 400);
         let paths = fixture.replica_paths("replica");
-        let options = ApplyOptions {
-            retention: thinning_every(2),
-            ..ApplyOptions::default()
-        };
+        let options = thinning_options();
         let mut applier = fixture
             .applier_with("replica", &fixture.key, &options)
             .unwrap();
@@ -878,14 +898,7 @@ fn a_rollback_while_a_merge_is_under_way_reaches_its_point() {
             .join(".0000000000000001-0000000000000002.undo.tmp");
         std::fs::write(&leftover, b"half a merged undo file").unwrap();
         drop(applier);
-        let mut applier = fixture
-            .applier_with("replica", &fixture.key, &options)
-            .unwrap();
-        let mut steps = 0;
-        while applier.apply_next().unwrap().is_some() && !applier.thinning_under_way() {
-            steps += 1;
-        }
-        assert!(applier.thinning_under_way(), "no merge in {steps} segments");
+        let mut applier = applier_mid_merge(&fixture, &options);
         assert!(!leftover.exists());
         // The oldest point (below every merge) or one in the middle of the history.
         let points = catalog(&paths).unwrap().points;
@@ -929,20 +942,9 @@ fn a_rollback_while_a_merge_is_under_way_reaches_its_point() {
 fn limits_that_reach_into_a_merge_under_way_abandon_it() {
     let (fixture, model) = Fixture::shipped(SIZE, 56, 400);
     let paths = fixture.replica_paths("replica");
-    let mut retention = thinning_every(2);
-    let options = ApplyOptions {
-        retention,
-        ..ApplyOptions::default()
-    };
-    let mut applier = fixture
-        .applier_with("replica", &fixture.key, &options)
-        .unwrap();
-    while !applier.thinning_under_way() {
-        applier
-            .apply_next()
-            .unwrap()
-            .expect("a merge before the end");
-    }
+    let options = thinning_options();
+    let mut applier = applier_mid_merge(&fixture, &options);
+    let mut retention = options.retention;
     retention.keep_points = Some(1);
     let report = applier.prune(&retention, changelog::unix_ms_now()).unwrap();
     assert_eq!(report.points_left, 1, "{report:?}");
@@ -964,19 +966,7 @@ fn limits_that_reach_into_a_merge_under_way_abandon_it() {
 fn a_merge_that_views_opened_since_would_undo_is_dropped() {
     let (fixture, model) = Fixture::shipped(SIZE, 55, 400);
     let paths = fixture.replica_paths("replica");
-    let options = ApplyOptions {
-        retention: thinning_every(2),
-        ..ApplyOptions::default()
-    };
-    let mut applier = fixture
-        .applier_with("replica", &fixture.key, &options)
-        .unwrap();
-    while !applier.thinning_under_way() {
-        applier
-            .apply_next()
-            .unwrap()
-            .expect("a merge before the end");
-    }
+    let mut applier = applier_mid_merge(&fixture, &thinning_options());
     let points = catalog(&paths).unwrap().points;
     let mut views: Vec<(PointView, u64)> = points
         .iter()
