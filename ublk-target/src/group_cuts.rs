@@ -147,10 +147,25 @@ pub struct GroupPoint {
 }
 
 impl GroupPoint {
-    /// When the newest of its points was made (ms since the Unix epoch): the cut's time
-    /// on the source's clock.
+    /// When the newest of its points was made (ms since the Unix epoch): just after the
+    /// cut, on the source's clock.
     pub fn newest_unix_ms(&self) -> Option<u64> {
         self.points.iter().map(|(_, p)| p.created_unix_ms).max()
+    }
+
+    /// When cut `first` was made, where a volume's label says (one whose point's cuts
+    /// start there; labels of older builds carry no time).
+    pub fn cut_unix_ms(&self) -> Option<u64> {
+        self.points.iter().find_map(|(_, p)| {
+            p.group_cuts
+                .filter(|c| c.clock == self.clock && c.first == self.first)
+                .and_then(|c| c.first_unix_ms)
+        })
+    }
+
+    /// The time to show for it: the cut's own, else its newest point's.
+    pub fn shown_unix_ms(&self) -> Option<u64> {
+        self.cut_unix_ms().or_else(|| self.newest_unix_ms())
     }
 }
 
@@ -231,7 +246,7 @@ pub fn table(volumes: &[String], points: &[GroupPoint]) -> String {
         } else {
             format!("{}..={}", g.first, g.last)
         };
-        let time = g.newest_unix_ms().map_or("-".into(), format_utc_ms);
+        let time = g.shown_unix_ms().map_or("-".into(), format_utc_ms);
         out += &format!("{cuts:>14}  {:016x}  {time:<23}", g.clock);
         for (_, p) in &g.points {
             out += &format!("  {:>12}", p.index);
@@ -252,6 +267,59 @@ mod tests {
             last,
             first_unix_ms: None,
         }
+    }
+
+    #[test]
+    fn a_group_point_shows_the_time_its_cut_was_made_where_a_label_says() {
+        let point = |index, created_unix_ms, first, last, cut_ms| RecoveryPoint {
+            index,
+            first_seq: index,
+            last_seq: index,
+            created_unix_ms,
+            crash_consistent: true,
+            app_consistent: false,
+            latest: false,
+            group_cuts: Some(GroupCutLabel {
+                first_unix_ms: cut_ms,
+                ..label(7, first, last)
+            }),
+        };
+        let catalog = |points| Catalog {
+            points,
+            ..Catalog::default()
+        };
+        // Volume a recorded cut 4, then 5 and 6 together; b, idle, 4 to 6 at once; c's
+        // older build gave no times.
+        let a = || {
+            vec![
+                point(1, 950, 4, 4, Some(900)),
+                point(2, 1100, 5, 6, Some(1000)),
+            ]
+        };
+        let b = || vec![point(1, 960, 4, 6, Some(900))];
+        let c = || vec![point(3, 1200, 4, 6, None)];
+        let times = |volumes: [(&str, Vec<RecoveryPoint>); 2]| {
+            let catalogs = volumes.map(|(name, points)| (name.to_string(), catalog(points)));
+            common_points(&catalogs)
+                .iter()
+                .map(|g| (g.first, g.last, g.cut_unix_ms(), g.shown_unix_ms()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            times([("a", a()), ("b", b())]),
+            [(4, 4, Some(900), Some(900)), (5, 6, Some(1000), Some(1000))]
+        );
+        assert_eq!(
+            times([("b", b()), ("c", c())]),
+            [(4, 6, Some(900), Some(900))]
+        );
+        // Cut 5's row: only a's label starts there.
+        assert_eq!(
+            times([("a", a()), ("c", c())]),
+            [(4, 4, Some(900), Some(900)), (5, 6, Some(1000), Some(1000))]
+        );
+        // No label with a time: the newest point's time is shown.
+        assert_eq!(times([("c", c()), ("c2", c())]), [(4, 6, None, Some(1200))]);
     }
 
     #[test]

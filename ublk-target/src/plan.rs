@@ -263,7 +263,7 @@ pub fn choose(choice: PointChoice, catalogs: &[(String, Catalog)]) -> Result<Cho
                 .max_by_key(|(c, row)| (row.newest_unix_ms(), *c))
                 .expect("not empty"),
         };
-        let when = row.newest_unix_ms().map_or("-".into(), format_utc_ms);
+        let when = row.shown_unix_ms().map_or("-".into(), format_utc_ms);
         Ok(Chosen {
             points: row.points.iter().map(|(_, p)| *p).collect(),
             what: format!("group cut {number} (clock {:016x}) of {when}", row.clock),
