@@ -300,9 +300,9 @@ fn thinning_keeps_the_newest_cut_of_each_interval() {
     let times: Vec<u64> = all.iter().map(|p| p.created_unix_ms).collect();
     let spread = times[times.len() - 1] - times[0];
     // The model: per run of points in one interval, the newest at a cut, else the
-    // newest, stays, and so does the latest; the points between two that stay go,
-    // but those just before the latest (they may be chosen yet). Intervals as long as
-    // make a cut the choice where a newer point without one shares its interval.
+    // newest, stays; the points between two that stay go; the latest point's interval
+    // waits (see below). Intervals as long as make a cut the choice where a newer
+    // point without one shares its interval.
     let model_for = |every: u64| {
         // A point at a cut is filed under the time the cut was made (here just before
         // its segment was sealed, so the order stays that of the points).

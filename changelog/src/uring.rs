@@ -383,6 +383,12 @@ impl AtomicFile {
         })
     }
 
+    /// The name a temporary file named `temporary` would have been put in place under
+    /// (`None` for other names): for sweeping those a killed writer left.
+    pub fn name_of_temporary(temporary: &str) -> Option<&str> {
+        temporary.strip_prefix('.')?.strip_suffix(".tmp")
+    }
+
     /// The temporary file's descriptor, to write the contents with.
     pub fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
@@ -529,6 +535,8 @@ mod tests {
         let file = AtomicFile::create(dir.path(), "b.undo").unwrap();
         uring.write_all_at(file.fd(), b"half", 0).unwrap();
         assert!(dir.path().join(".b.undo.tmp").exists());
+        assert_eq!(AtomicFile::name_of_temporary(".b.undo.tmp"), Some("b.undo"));
+        assert_eq!(AtomicFile::name_of_temporary("b.undo"), None);
         drop(file);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }

@@ -163,7 +163,7 @@ pub struct Applier {
 
 impl Drop for Applier {
     fn drop(&mut self) {
-        self.settle_merge(true);
+        self.settle_merge_or_warn(true);
     }
 }
 
@@ -277,7 +277,8 @@ impl Applier {
     /// Rolls the replica back to `point` for failover (see [`crate::rollback`]); no
     /// segment is applied afterwards.
     pub fn rollback_to(&mut self, point: u64) -> Result<RollbackReport> {
-        // First: a merge under way is waited for (dropping `Retained` does).
+        // First: a merge under way is abandoned and waited for (dropping `Retained`
+        // does), so that nothing is merged behind the rollback's back.
         self.retained = None;
         let (state, report) = rollback_locked(
             &self.paths,
@@ -513,20 +514,22 @@ impl Applier {
         });
         // After the batch, and after a failed one too: what was applied is durable.
         self.delete_applied();
-        self.settle_merge(false);
+        self.settle_merge_or_warn(false);
         applied
     }
 
-    /// Finishes a merge of undo files that is done (thinning starts them on a thread of
-    /// their own, and finishes them after a segment applied; this is for when none
-    /// comes), or waits for it to be done with `wait`. Trouble is logged.
-    fn settle_merge(&mut self, wait: bool) {
-        if let Err(e) = self.finish_merge(wait) {
+    /// [`Applier::settle_merge`], where trouble is only logged.
+    fn settle_merge_or_warn(&mut self, wait: bool) {
+        if let Err(e) = self.settle_merge(wait) {
             log::warn!("thinning recovery points: {e}; the journal is read again");
         }
     }
 
-    fn finish_merge(&mut self, wait: bool) -> Result<usize> {
+    /// Finishes a merge of undo files that is done (thinning starts them on a thread of
+    /// their own, and finishes them after a segment applied; this is for when none
+    /// comes), or waits for it to be done with `wait`; returns how many undo files that
+    /// removed. After an error the journal is read again.
+    fn settle_merge(&mut self, wait: bool) -> Result<usize> {
         let Some(retained) = &mut self.retained else {
             return Ok(0);
         };
@@ -547,7 +550,7 @@ impl Applier {
     /// Waits for the merge of undo files under way, if any, and finishes it; returns
     /// how many undo files that removed. [`Applier::prune`] starts the next.
     pub fn finish_thinning(&mut self) -> Result<usize> {
-        self.finish_merge(true)
+        self.settle_merge(true)
     }
 
     fn write_records(&mut self, segment: &OpenedSegment) -> Result<u64> {

@@ -22,9 +22,8 @@
 //! as far back as `keep_age` asks (the journals are full: a burst of writes pushed the
 //! oldest points out), or when the journal's file system is over nine tenths full and
 //! the journals may grow past what is left (applying stops when it is full); Healthy
-//! otherwise, and for a volume failed over here once its
-//! rollback is complete (it is the primary now; nothing replicates into it; halfway,
-//! it is a Warning).
+//! otherwise, and for a volume failed over here once its rollback is complete (it is
+//! the primary now; nothing replicates into it; halfway, it is a Warning).
 
 use crate::apply::Applied;
 use crate::error::Result;

@@ -1156,7 +1156,7 @@ impl Journal {
             .map_err(|e| TargetError::io(format!("listing {}", self.dir.display()), e))?;
         let mut removed = 0;
         for name in names {
-            let undo_name = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp"));
+            let undo_name = changelog::uring::AtomicFile::name_of_temporary(&name);
             if undo_name.is_some_and(|n| parse_span_file_name(n).is_some()) {
                 let path = self.dir.join(&name);
                 match std::fs::remove_file(&path) {

@@ -137,8 +137,7 @@ enum Command {
     /// Drop the oldest undo journals so that at most --keep-points points remain, none
     /// is older than --keep-age and the journals take at most --keep-size of disk (the
     /// latest point and points held by open views are always kept). Not while `apply`
-    /// runs on the replica: give it the same
-    /// options instead.
+    /// runs on the replica: give it the same options instead.
     Prune {
         #[command(flatten)]
         replica: ReplicaArgs,

@@ -651,11 +651,16 @@ fn cut_time(cuts: &GroupCutLabel, created_unix_ms: u64) -> u64 {
         .map_or(created_unix_ms, |ms| ms.min(created_unix_ms))
 }
 
-/// Whether `index` is one of `cut_points` (sorted by index).
-fn is_cut_point(cut_points: &VecDeque<(u64, u64)>, index: u64) -> bool {
-    cut_points
+/// The filing time of point `index` if it is one of `cut_points` (sorted by index).
+fn cut_point_time(cut_points: &VecDeque<(u64, u64)>, index: u64) -> Option<u64> {
+    let at = cut_points
         .binary_search_by_key(&index, |&(point, _)| point)
-        .is_ok()
+        .ok()?;
+    Some(cut_points[at].1)
+}
+
+fn is_cut_point(cut_points: &VecDeque<(u64, u64)>, index: u64) -> bool {
+    cut_point_time(cut_points, index).is_some()
 }
 
 /// The times `points` (index, segment time; oldest first) are filed under when thinning:
@@ -668,11 +673,9 @@ fn filing_times(points: &[(u64, u64)], cut_points: &VecDeque<(u64, u64)>) -> Vec
     let mut filed = vec![0; points.len()];
     let mut later = u64::MAX;
     for (k, &(index, created)) in points.iter().enumerate().rev() {
-        filed[k] = match cut_points.binary_search_by_key(&index, |&(point, _)| point) {
-            Ok(at) => cut_points[at].1,
-            Err(_) => created,
-        }
-        .min(later);
+        filed[k] = cut_point_time(cut_points, index)
+            .unwrap_or(created)
+            .min(later);
         later = filed[k];
     }
     filed
@@ -864,11 +867,9 @@ impl Retained {
                 held_by.push(view.clone());
             }
         }
-        if self.merging.as_ref().is_some_and(|m| limit > m.from) {
+        if let Some(merging) = self.merging.as_ref().filter(|m| limit > m.from) {
             // The limits reach into the run being merged: merging it is pointless now.
-            if let Some(merging) = &self.merging {
-                merging.abandon.store(true, Relaxed);
-            }
+            merging.abandon.store(true, Relaxed);
             self.finish_merge(journal, &mut removed, &views, true, now_unix_ms)?;
         }
         let last_removed = limit.min(latest);
@@ -1110,12 +1111,7 @@ impl Retained {
         wait: bool,
         now_unix_ms: u64,
     ) -> Result<()> {
-        if !wait
-            && !self
-                .merging
-                .as_ref()
-                .is_some_and(|m| m.worker.is_finished())
-        {
+        if !self.merge_to_finish(wait) {
             return Ok(());
         }
         let Some(merging) = self.merging.take() else {
@@ -1225,6 +1221,9 @@ impl Retained {
         uring: &mut Uring,
         wait: bool,
     ) -> Result<usize> {
+        if !self.merge_to_finish(wait) {
+            return Ok(0); // the common case, between batches: no listing of the views
+        }
         let mut removed = Vec::new();
         let views = list_views(journal.dir())?;
         let finished = self.finish_merge(
@@ -1242,6 +1241,13 @@ impl Retained {
 
     pub(crate) fn merge_under_way(&self) -> bool {
         self.merging.is_some()
+    }
+
+    /// Whether there is a merge to finish now: one that is done, or any, with `wait`.
+    fn merge_to_finish(&self, wait: bool) -> bool {
+        self.merging
+            .as_ref()
+            .is_some_and(|m| wait || m.worker.is_finished())
     }
 }
 

@@ -252,9 +252,7 @@ impl GroupClock {
         // Before the cut exists, so no producer records it without its time or flag.
         // (Under the lock, the next cut's number is the count now plus one.)
         let next = self.cuts() + 1;
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now_ms = changelog::unix_ms_now();
         self.cut_time_slot(next)
             .store(now_ms << CUT_NUMBER_BITS | next & CUT_NUMBER_MASK, Release);
         if app_consistent {
@@ -381,15 +379,9 @@ mod tests {
     fn a_cut_knows_its_time_until_its_slot_is_reused() {
         let dir = tempfile::tempdir().unwrap();
         let clock = GroupClock::open_or_create(&dir.path().join("g.clock")).unwrap();
-        let now_ms = || {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_millis() as u64
-        };
-        let before = now_ms();
+        let before = changelog::unix_ms_now();
         let first = clock.cut().unwrap().number;
-        let after = now_ms();
+        let after = changelog::unix_ms_now();
         let time = clock.cut_time(first).expect("the cut's time");
         assert!(
             (before..=after).contains(&time),
