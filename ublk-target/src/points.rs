@@ -791,14 +791,21 @@ impl Retained {
         self.stale_cut_lines += cuts_before - self.cut_points.len();
     }
 
-    /// Deletes undo file `span` and forgets it.
-    fn remove_file(&mut self, journal: &Journal, span: (u64, u64)) -> Result<bool> {
-        let removed = journal.remove(span)?;
+    /// Deletes undo file `span` and forgets it; notes it in `removed` if it was there.
+    fn remove_file(
+        &mut self,
+        journal: &Journal,
+        span: (u64, u64),
+        removed: &mut Vec<(u64, u64)>,
+    ) -> Result<()> {
+        if journal.remove(span)? {
+            removed.push(span);
+        }
         if let Some(at) = self.journal_sizes.iter().position(|&(s, _)| s == span) {
             let (_, bytes) = self.journal_sizes.remove(at).expect("present");
             self.journal_bytes -= bytes;
         }
-        Ok(removed)
+        Ok(())
     }
 
     /// Applies `retention` with the replica at segment `latest` (see [`prune`]). When
@@ -818,9 +825,7 @@ impl Retained {
     ) -> Result<PruneReport> {
         let mut removed = Vec::new();
         for span in std::mem::take(&mut self.replaced) {
-            if self.remove_file(journal, span)? {
-                removed.push(span);
-            }
+            self.remove_file(journal, span, &mut removed)?;
         }
         // Oldest first, while a limit says so (a step per point dropped, not per point
         // kept); the latest point always stays.
@@ -877,9 +882,7 @@ impl Retained {
             if span.1 > last_removed {
                 break;
             }
-            if self.remove_file(journal, span)? {
-                removed.push(span);
-            }
+            self.remove_file(journal, span, &mut removed)?;
         }
         let dropped: Vec<u64> = self
             .points
@@ -1010,9 +1013,7 @@ impl Retained {
                 .take_while(|&(_, last)| last <= oldest)
                 .collect();
             for span in spans {
-                if self.remove_file(thin.journal, span)? {
-                    thin.removed.push(span);
-                }
+                self.remove_file(thin.journal, span, thin.removed)?;
             }
             let dropped: Vec<u64> = points[..staying[0]]
                 .iter()
@@ -1172,9 +1173,7 @@ impl Retained {
         self.journal_sizes.insert(at, (merged, bytes));
         self.journal_bytes += bytes;
         for span in spans {
-            if self.remove_file(journal, span)? {
-                removed.push(span);
-            }
+            self.remove_file(journal, span, removed)?;
         }
         let between: Vec<u64> = self
             .points
