@@ -1580,3 +1580,96 @@ fn command_line() {
     let (ok, text) = cli(&["points"], &fixture);
     assert!(ok && text.contains("ROLLED BACK"), "{text}");
 }
+
+/// Ships `ops` requests of `workload`, at most one request's worth per segment (a
+/// segment is cut as soon as it holds 4 KiB), so `ops` requests make about `ops`
+/// segments.
+fn ship_small_segments(
+    fixture: &Fixture,
+    capture: &mut blkfilter::capture::Capture,
+    model: &mut Model,
+    workload: &mut blkfilter::workload::Workload,
+    ops: usize,
+) {
+    drive(capture, model, workload.by_ref().take(ops));
+    let mut config = fixture.shipper_config();
+    config.max_segment_bytes = 4 << 10;
+    let control = std::sync::Arc::new(shipper::Control::default());
+    control.drain();
+    shipper::run(&config, fixture.store(), control).expect("shipper run");
+}
+
+/// Sleeps until the wall clock is `past_ms` into the next multiple of `every_ms`.
+fn sleep_into_next_interval(every_ms: u64, past_ms: u64) {
+    let now = changelog::unix_ms_now();
+    let next = (now / every_ms + 1) * every_ms + past_ms;
+    std::thread::sleep(std::time::Duration::from_millis(next - now));
+}
+
+/// A merge holds one of the files it merges open at a time: `prune` thins a run of
+/// undo files longer than its open-file limit (`prlimit`, which `ublk-target` cannot
+/// raise past the hard limit it sets) and every point it keeps still shows the source.
+#[test]
+fn a_run_longer_than_the_open_file_limit_is_merged() {
+    const EVERY_MS: u64 = 2000;
+    const OPEN_FILES: u64 = 40;
+    let fixture = Fixture::new(SIZE);
+    let mut capture = fixture.capture(16 << 20);
+    let mut model = Model::new(SIZE);
+    let mut workload = blkfilter::workload::Workload::new(57, SIZE);
+    // A few points in one interval, a long run in the next (merged into a file that
+    // undoes it to the first interval's newest point), the latest in a third.
+    sleep_into_next_interval(EVERY_MS, 50);
+    ship_small_segments(&fixture, &mut capture, &mut model, &mut workload, 3);
+    sleep_into_next_interval(EVERY_MS, 50);
+    ship_small_segments(&fixture, &mut capture, &mut model, &mut workload, 200);
+    sleep_into_next_interval(EVERY_MS, 50);
+    ship_small_segments(&fixture, &mut capture, &mut model, &mut workload, 1);
+    apply_all(&fixture, "replica");
+    let paths = fixture.replica_paths("replica");
+    let before = catalog(&paths).unwrap();
+    let expect = thinned(&before.points, EVERY_MS);
+    let longest_run = expect.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+    assert!(
+        longest_run > 2 * OPEN_FILES,
+        "the longest run to merge has {longest_run} files (kept: {expect:?}), too few \
+         to need more than {OPEN_FILES} open files"
+    );
+
+    let limit = format!("--nofile={OPEN_FILES}:{OPEN_FILES}");
+    let out = std::process::Command::new("prlimit")
+        .arg(limit)
+        .arg("--")
+        .arg(bin("ublk-target"))
+        .args([
+            "prune",
+            "--thin-after",
+            "0s",
+            "--thin-every",
+            "2s",
+            "--replica",
+        ])
+        .arg(&paths.replica)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("prlimit (util-linux)");
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(!said.contains("WARN"), "{said}");
+    let after = catalog(&paths).unwrap();
+    assert_eq!(
+        after.points.iter().map(|p| p.index).collect::<Vec<_>>(),
+        expect,
+        "{said}"
+    );
+    assert!(
+        after
+            .journals
+            .iter()
+            .any(|&(first, last)| last - first >= longest_run - 1),
+        "{:?}",
+        after.journals
+    );
+    every_view_matches(&paths, &model);
+}

@@ -362,7 +362,7 @@ pub fn write_file_atomic(
 /// [`write_file_atomic`] does in one call. Dropped before its rename (a write or sync
 /// failed, say on a full disk), it removes the temporary file, so a failure leaves no
 /// partial file holding space; one left by a crash is truncated by the next create of
-/// the same name.
+/// the same name. Opened for reading too, so a writer can read back what it wrote.
 pub struct AtomicFile {
     file: File,
     dir: PathBuf,
@@ -374,8 +374,14 @@ pub struct AtomicFile {
 impl AtomicFile {
     pub fn create(dir: &Path, name: &str) -> io::Result<AtomicFile> {
         let tmp = dir.join(format!(".{name}.tmp"));
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
         Ok(AtomicFile {
-            file: File::create(&tmp)?,
+            file,
             dir: dir.into(),
             tmp,
             name: name.into(),
@@ -392,6 +398,11 @@ impl AtomicFile {
     /// The temporary file's descriptor, to write the contents with.
     pub fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
+    }
+
+    /// The temporary file, to read back what was written.
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     /// The temporary file's length so far.

@@ -1036,37 +1036,48 @@ impl Journal {
         })
     }
 
-    /// Writes one undo file that undoes the chained run `files` (oldest first, at
-    /// least two) at once: for every byte one of them covers, the before-image of the
-    /// oldest that does. Verifies each file's data first. The merged file is durable
-    /// and in place when this returns; deleting the files it replaces is the caller's
-    /// (a crash before that leaves both, and the merged one is used). Returns its
-    /// segments (first, last). Once `abandon` is set it stops, leaving nothing behind.
+    /// Writes one undo file that undoes the chained run of undo files `spans` (oldest
+    /// first, at least two) at once: for every byte one of them covers, the
+    /// before-image of the oldest that does. Verifies each file's data first. The
+    /// merged file is durable and in place when this returns; deleting the files it
+    /// replaces is the caller's (a crash before that leaves both, and the merged one is
+    /// used). Returns its segments (first, last). Once `abandon` is set it stops,
+    /// leaving nothing behind.
+    ///
+    /// At most one of the files is open at a time (a run can be thousands of files,
+    /// past any open-file limit): a first pass verifies each and maps which parts of
+    /// it the merged file takes, a second copies those parts file by file to their
+    /// places, and the checksum of the data area is computed by reading it back.
     pub(crate) fn merge(
         &self,
         uring: &mut Uring,
-        files: &[UndoFile],
+        spans: &[(u64, u64)],
         abandon: &AtomicBool,
     ) -> Result<(u64, u64)> {
-        let (Some(oldest), Some(newest)) = (files.first(), files.last()) else {
+        if spans.len() < 2 {
             return Err(TargetError::Journal {
                 path: self.dir.clone(),
                 what: "nothing to merge".into(),
             });
-        };
-        for pair in files.windows(2) {
-            if !pair[1].header.follows(&pair[0].header) {
-                return Err(TargetError::Journal {
-                    path: pair[1].path().into(),
-                    what: format!("it does not follow {}", pair[0].path().display()),
-                });
-            }
         }
         // Pieces by replica offset: (end, file, extent, offset within the extent). A
         // file adds the parts of its extents no older file covers.
         let mut pieces: std::collections::BTreeMap<u64, (u64, usize, usize, u64)> =
             std::collections::BTreeMap::new();
-        for (f, file) in files.iter().enumerate() {
+        let mut headers: Vec<UndoHeader> = Vec::with_capacity(spans.len());
+        for (f, &span) in spans.iter().enumerate() {
+            let file = self.open_span(span)?;
+            if let Some(before) = headers.last() {
+                if !file.header.follows(before) {
+                    return Err(TargetError::Journal {
+                        path: file.path().into(),
+                        what: format!(
+                            "it does not follow {}",
+                            self.path_of_span(spans[f - 1]).display()
+                        ),
+                    });
+                }
+            }
             file.verify_data_unless(abandon)?;
             for (x, e) in file.extents.iter().enumerate() {
                 let mut pos = e.offset;
@@ -1090,9 +1101,13 @@ impl Journal {
                     pieces.insert(start, (end, f, x, start - e.offset));
                 }
             }
+            headers.push(file.header);
         }
         let mut extents: Vec<Extent> = Vec::new();
-        for (&start, &(end, ..)) in &pieces {
+        // What to copy from each file: (extent, offset within it, length, where to).
+        let mut copies: Vec<Vec<(usize, u64, u64, u64)>> = vec![Vec::new(); spans.len()];
+        let mut data_len = 0;
+        for (&start, &(end, f, x, within)) in &pieces {
             match extents.last_mut() {
                 Some(last) if last.end() == start => last.len += end - start,
                 _ => extents.push(Extent {
@@ -1100,42 +1115,67 @@ impl Journal {
                     len: end - start,
                 }),
             }
+            copies[f].push((x, within, end - start, data_len));
+            data_len += end - start;
         }
-        let data_len: u64 = extents.iter().map(|e| e.len).sum();
+        drop(pieces);
         let meta_len = UNDO_HEADER_LEN + extents.len() * EXTENT_LEN + META_SUM_LEN;
-        let span = (oldest.header.first, newest.index());
+        let (oldest, newest) = (&headers[0], &headers[headers.len() - 1]);
+        let span = (oldest.first, newest.index());
         let path = self.path_of_span(span);
         let saving = |e: std::io::Error| {
             TargetError::io(format!("saving merged undo journal {}", path.display()), e)
         };
         let file =
             AtomicFile::create(&self.dir, &span_file_name(span.0, span.1)).map_err(saving)?;
-        let mut sha = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
-        let mut at = meta_len as u64;
-        for (&start, &(end, f, x, within)) in &pieces {
-            let mut done = 0;
-            while done < end - start {
-                if abandon.load(Relaxed) {
-                    return Err(merge_abandoned(&path));
+        for ((&input, copies), header) in spans.iter().zip(&copies).zip(&headers) {
+            if copies.is_empty() {
+                continue; // every byte it covers, an older file covers too
+            }
+            let input = self.open_span(input)?;
+            if input.header != *header {
+                return Err(TargetError::Journal {
+                    path: input.path().into(),
+                    what: "it changed while it was being merged".into(),
+                });
+            }
+            for &(x, within, len, to) in copies {
+                let mut done = 0;
+                while done < len {
+                    if abandon.load(Relaxed) {
+                        return Err(merge_abandoned(&path));
+                    }
+                    let n = buf.len().min((len - done) as usize);
+                    input.read_extent(x, within + done, &mut buf[..n])?;
+                    let at = meta_len as u64 + to + done;
+                    uring
+                        .write_all_at(file.fd(), &buf[..n], at)
+                        .map_err(saving)?;
+                    done += n as u64;
                 }
-                let n = buf.len().min((end - start - done) as usize);
-                files[f].read_extent(x, within + done, &mut buf[..n])?;
-                sha.update(&buf[..n]);
-                uring
-                    .write_all_at(file.fd(), &buf[..n], at)
-                    .map_err(saving)?;
-                at += n as u64;
-                done += n as u64;
             }
         }
+        let mut sha = Sha256::new();
+        let mut done = 0;
+        while done < data_len {
+            if abandon.load(Relaxed) {
+                return Err(merge_abandoned(&path));
+            }
+            let n = buf.len().min((data_len - done) as usize);
+            file.file()
+                .read_exact_at(&mut buf[..n], meta_len as u64 + done)
+                .map_err(saving)?;
+            sha.update(&buf[..n]);
+            done += n as u64;
+        }
         let header = UndoHeader {
-            segment: newest.header.segment,
-            first: oldest.header.first,
-            epoch: newest.header.epoch,
-            digest: newest.header.digest,
-            cursor_before: oldest.header.cursor_before.clone(),
-            prev: oldest.header.prev,
+            segment: newest.segment,
+            first: oldest.first,
+            epoch: newest.epoch,
+            digest: newest.digest,
+            cursor_before: oldest.cursor_before.clone(),
+            prev: oldest.prev,
             data_len,
             data: DataArea::Copied {
                 sha: sha.finalize().into(),

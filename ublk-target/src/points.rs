@@ -1061,13 +1061,10 @@ impl Retained {
             .map(|&(span, _)| span)
             .filter(|&(first, last)| first > from && last <= to)
             .collect();
-        let files = spans
-            .iter()
-            .map(|&span| journal.open_span(span))
-            .collect::<Result<Vec<_>>>()?;
-        let tiles = files.first().is_some_and(|f| f.span().0 == from + 1)
-            && files.last().is_some_and(|f| f.span().1 == to);
-        if !tiles || files.len() < 2 {
+        let tiles = spans.first().is_some_and(|s| s.0 == from + 1)
+            && spans.last().is_some_and(|s| s.1 == to)
+            && spans.windows(2).all(|w| w[1].0 == w[0].1 + 1);
+        if !tiles || spans.len() < 2 {
             return Err(TargetError::Journal {
                 path: journal.path_of(to),
                 what: format!(
@@ -1078,12 +1075,12 @@ impl Retained {
         }
         let worker_journal = journal.clone();
         let abandon = std::sync::Arc::new(AtomicBool::new(false));
-        let worker_abandon = abandon.clone();
+        let (worker_abandon, worker_spans) = (abandon.clone(), spans.clone());
         let worker = std::thread::Builder::new()
             .name("undo-merge".into())
             .spawn(move || {
                 let mut uring = Uring::new(4).map_err(|e| TargetError::io("io_uring setup", e))?;
-                worker_journal.merge(&mut uring, &files, &worker_abandon)
+                worker_journal.merge(&mut uring, &worker_spans, &worker_abandon)
             })
             .map_err(|e| TargetError::io("starting a thread to merge undo files", e))?;
         self.merging = Some(Merging {
