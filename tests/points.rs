@@ -1606,6 +1606,26 @@ fn sleep_into_next_interval(every_ms: u64, past_ms: u64) {
     std::thread::sleep(std::time::Duration::from_millis(next - now));
 }
 
+/// Runs `ublk-target ARGS --replica REPLICA` allowed `open_files` open files at most
+/// (`prlimit`: it cannot raise its soft limit past that hard one); asserts it succeeds
+/// and returns what it said.
+fn ublk_target_with_open_files(open_files: u64, args: &[&str], paths: &ReplicaPaths) -> String {
+    let out = std::process::Command::new("prlimit")
+        .arg(format!("--nofile={open_files}:{open_files}"))
+        .arg("--")
+        .arg(bin("ublk-target"))
+        .args(args)
+        .arg("--replica")
+        .arg(&paths.replica)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("prlimit (util-linux)");
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    said
+}
+
 /// A merge holds one of the files it merges open at a time: `prune` thins a run of
 /// undo files longer than its open-file limit (`prlimit`, which `ublk-target` cannot
 /// raise past the hard limit it sets) and every point it keeps still shows the source.
@@ -1636,26 +1656,11 @@ fn a_run_longer_than_the_open_file_limit_is_merged() {
          to need more than {OPEN_FILES} open files"
     );
 
-    let limit = format!("--nofile={OPEN_FILES}:{OPEN_FILES}");
-    let out = std::process::Command::new("prlimit")
-        .arg(limit)
-        .arg("--")
-        .arg(bin("ublk-target"))
-        .args([
-            "prune",
-            "--thin-after",
-            "0s",
-            "--thin-every",
-            "2s",
-            "--replica",
-        ])
-        .arg(&paths.replica)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("prlimit (util-linux)");
-    let said =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{said}");
+    let said = ublk_target_with_open_files(
+        OPEN_FILES,
+        &["prune", "--thin-after", "0s", "--thin-every", "2s"],
+        &paths,
+    );
     assert!(!said.contains("WARN"), "{said}");
     let after = catalog(&paths).unwrap();
     assert_eq!(
@@ -1672,4 +1677,32 @@ fn a_run_longer_than_the_open_file_limit_is_merged() {
         after.journals
     );
     every_view_matches(&paths, &model);
+}
+
+/// A rollback holds one undo file open at a time: one through more files than its
+/// open-file limit reaches its point.
+#[test]
+fn a_rollback_through_more_files_than_it_may_open_reaches_its_point() {
+    const OPEN_FILES: u64 = 40;
+    let fixture = Fixture::new(SIZE);
+    let mut capture = fixture.capture(16 << 20);
+    let mut model = Model::new(SIZE);
+    let mut workload = blkfilter::workload::Workload::new(58, SIZE);
+    ship_small_segments(&fixture, &mut capture, &mut model, &mut workload, 200);
+    apply_all(&fixture, "replica");
+    let paths = fixture.replica_paths("replica");
+    let points = catalog(&paths).unwrap().points;
+    let (oldest, latest) = (points[0], points[points.len() - 1]);
+    assert!(
+        latest.index - oldest.index > 2 * OPEN_FILES,
+        "points {}..={} are too few",
+        oldest.index,
+        latest.index
+    );
+    ublk_target_with_open_files(
+        OPEN_FILES,
+        &["rollback", "--point", &oldest.index.to_string()],
+        &paths,
+    );
+    assert!(std::fs::read(&paths.replica).unwrap() == model_at(&model, oldest.last_seq));
 }

@@ -157,6 +157,11 @@ impl UndoHeader {
         self.segment.index
     }
 
+    /// The segments it undoes, first and last.
+    pub fn span(&self) -> (u64, u64) {
+        (self.first, self.index())
+    }
+
     /// The applier state the replica is in once this journal is undone.
     pub fn state_before(&self) -> ApplyState {
         ApplyState {
@@ -429,7 +434,7 @@ impl UndoFile {
 
     /// The segments it undoes, first and last.
     pub fn span(&self) -> (u64, u64) {
-        (self.header.first, self.header.index())
+        self.header.span()
     }
 
     pub fn path(&self) -> &Path {

@@ -22,7 +22,7 @@
 //! of the state, which is undone again (a no-op) and deleted.
 
 use crate::error::{Result, TargetError};
-use crate::journal::{Journal, UndoFile};
+use crate::journal::{Journal, UndoFile, UndoHeader};
 use crate::points::{catalog, list_views};
 use crate::state::{ApplyState, ReplicaPaths};
 use changelog::uring::Uring;
@@ -97,11 +97,20 @@ pub(crate) fn rollback_locked(
         point,
         ..RollbackReport::default()
     };
-    for (steps, file) in undo.iter().rev().enumerate() {
+    for (steps, header) in undo.iter().rev().enumerate() {
         if max_steps.is_some_and(|max| steps >= max) {
             return Ok((state, report));
         }
-        restore(file, replica, paths)?;
+        // Opened again rather than kept open since step 1: the run can be more files
+        // than a process may hold open. The journal lock keeps them as verified.
+        let file = journal.open_span(header.span())?;
+        if file.header != *header {
+            return Err(TargetError::Journal {
+                path: file.path().into(),
+                what: "it changed during the rollback".into(),
+            });
+        }
+        restore(&file, replica, paths)?;
         replica.sync_data().map_err(|e| {
             TargetError::io(format!("syncing replica {}", paths.replica.display()), e)
         })?;
@@ -129,14 +138,14 @@ pub(crate) fn rollback_locked(
 }
 
 /// Step 1: every refusal a rollback of the replica (in `state`, journal locked) to
-/// `point` can meet before it writes anything. Returns the journals to undo, oldest
-/// first.
+/// `point` can meet before it writes anything. Returns the headers of the journals to
+/// undo, oldest first (one file open at a time: see step 3).
 fn verify(
     paths: &ReplicaPaths,
     journal: &Journal,
     state: &ApplyState,
     point: u64,
-) -> Result<Vec<UndoFile>> {
+) -> Result<Vec<UndoHeader>> {
     let refuse = |what: String| TargetError::Rollback { point, what };
     if let Some(q) = state.rolled_back_to.filter(|&q| q != point) {
         return Err(refuse(format!(
@@ -180,11 +189,11 @@ fn verify(
         .filter(|&(first, _)| first == latest + 1)
         .max_by_key(|&(_, last)| last);
     run.extend(pending);
-    let mut undo: Vec<UndoFile> = Vec::new();
+    let mut undo: Vec<UndoHeader> = Vec::new();
     for span in run {
         let file = journal.open_span(span)?;
         file.verify_data()?;
-        let chained = undo.last().is_none_or(|b| file.header.follows(&b.header));
+        let chained = undo.last().is_none_or(|before| file.header.follows(before));
         let fits = if span.0 == latest + 1 {
             file.header.cursor_before == state.cursor && file.header.prev == state.last
         } else if span.1 == latest {
@@ -198,12 +207,12 @@ fn verify(
                 what: "it does not chain onto the replica's history".into(),
             });
         }
-        undo.push(file);
+        undo.push(file.header);
     }
     let facts = if point == latest {
         state.last
     } else {
-        undo[0].header.prev
+        undo[0].prev
     };
     match facts {
         Some(f) if f.is_crash_point() => {}
