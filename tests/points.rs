@@ -1706,3 +1706,74 @@ fn a_rollback_through_more_files_than_it_may_open_reaches_its_point() {
     );
     assert!(std::fs::read(&paths.replica).unwrap() == model_at(&model, oldest.last_seq));
 }
+
+/// A view keeps at most `OPEN_UNDO_FILES` undo files open: one at a point with many
+/// more files after it shows its point, `export` under an open-file limit below their
+/// number too; and files it loaded that a merge then replaced (as when the view
+/// registered while that merge ran) are read through the merged files.
+#[test]
+fn a_view_through_more_undo_files_than_it_keeps_open_shows_its_point() {
+    let fixture = Fixture::new(SIZE);
+    let mut capture = fixture.capture(64 << 20);
+    let mut model = Model::new(SIZE);
+    let mut workload = blkfilter::workload::Workload::new(59, SIZE);
+    ship_small_segments(&fixture, &mut capture, &mut model, &mut workload, 400);
+    apply_all(&fixture, "replica");
+    apply_all(&fixture, "twin");
+    let paths = fixture.replica_paths("replica");
+    let before = catalog(&paths).unwrap();
+    let oldest = before.points[0];
+    let expect = model_at(&model, oldest.last_seq);
+    let open_files = ublk_target::view::OPEN_UNDO_FILES as u64 + 40;
+    assert!(
+        before.journals.len() as u64 > 2 * open_files,
+        "{} undo files are too few",
+        before.journals.len()
+    );
+
+    let out = fixture.path("exported");
+    let point = oldest.index.to_string();
+    let out_arg = out.to_str().unwrap();
+    ublk_target_with_open_files(
+        open_files,
+        &["export", "--point", &point, "--out", out_arg],
+        &paths,
+    );
+    assert!(std::fs::read(&out).unwrap() == expect, "export");
+
+    let mut view = PointView::open(&paths, oldest.index).unwrap();
+    assert!(read_view(&mut view) == expect);
+    // What a merge does to the directory: the twin, thinned, has the merged files; put
+    // them in place, then delete the files they replace.
+    let twin = fixture.replica_paths("twin");
+    let times: Vec<u64> = before.points.iter().map(|p| p.created_unix_ms).collect();
+    let every = ((times[times.len() - 1] - times[0]) / 4).max(1);
+    prune(
+        &twin,
+        &thinning_every(every),
+        times[times.len() - 1] + 10 * every,
+    )
+    .unwrap();
+    let merged: Vec<(u64, u64)> = catalog(&twin)
+        .unwrap()
+        .journals
+        .into_iter()
+        .filter(|&(first, last)| first < last)
+        .collect();
+    let mut replaced = 0;
+    for &(first, last) in &merged {
+        assert!(first > oldest.index, "{merged:?}");
+        let name = ublk_target::journal::span_file_name(first, last);
+        std::fs::copy(twin.journal.join(&name), paths.journal.join(&name)).unwrap();
+        for index in first..=last {
+            std::fs::remove_file(undo_path(&paths, index)).unwrap();
+            replaced += 1;
+        }
+    }
+    assert!(
+        replaced > 2 * ublk_target::view::OPEN_UNDO_FILES,
+        "only {replaced} files merged: {merged:?}"
+    );
+    assert!(read_view(&mut view) == expect, "through the merged files");
+    view.close().unwrap();
+}

@@ -483,6 +483,26 @@ impl UndoFile {
             .read_exact_at(buf, self.data_at[i] + within)
             .map_err(|e| TargetError::io(format!("reading {}", self.path.display()), e))
     }
+
+    /// Reads the before-image of the `buf.len()` replica bytes at `offset`, which this
+    /// file's extents must cover.
+    pub fn read_range(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let i = self.extents.partition_point(|e| e.end() <= pos);
+            let Some(extent) = self.extents.get(i).filter(|e| e.offset <= pos) else {
+                return Err(TargetError::Journal {
+                    path: self.path.clone(),
+                    what: format!("it holds no before-image of replica byte {pos}"),
+                });
+            };
+            let n = ((extent.end() - pos) as usize).min(buf.len() - done);
+            self.read_extent(i, pos - extent.offset, &mut buf[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
 }
 
 /// The byte ranges a segment changes, sorted and merged (overlapping or adjacent
@@ -1085,24 +1105,7 @@ impl Journal {
             }
             file.verify_data_unless(abandon)?;
             for (x, e) in file.extents.iter().enumerate() {
-                let mut pos = e.offset;
-                if let Some((_, &(end, ..))) = pieces.range(..pos).next_back() {
-                    pos = pos.max(end);
-                }
-                if pos >= e.end() {
-                    continue; // covered by older files already
-                }
-                let mut gaps = Vec::new();
-                for (&start, &(end, ..)) in pieces.range(pos..e.end()) {
-                    if start > pos {
-                        gaps.push((pos, start));
-                    }
-                    pos = pos.max(end);
-                }
-                if pos < e.end() {
-                    gaps.push((pos, e.end()));
-                }
-                for (start, end) in gaps {
+                for (start, end) in uncovered(&pieces, |p| p.0, e) {
                     pieces.insert(start, (end, f, x, start - e.offset));
                 }
             }
@@ -1232,6 +1235,34 @@ impl Journal {
         sync_dir(uring, &self.dir)
             .map_err(|e| TargetError::io(format!("syncing {}", self.dir.display()), e))
     }
+}
+
+/// The parts of `extent` that no piece of `pieces` (disjoint, by start offset; `end`
+/// gives a piece's end) covers, in order: where a newer undo file's before-images
+/// count when the oldest file covering a byte wins.
+pub(crate) fn uncovered<P>(
+    pieces: &std::collections::BTreeMap<u64, P>,
+    end: impl Fn(&P) -> u64,
+    extent: &Extent,
+) -> Vec<(u64, u64)> {
+    let mut pos = extent.offset;
+    if let Some((_, piece)) = pieces.range(..pos).next_back() {
+        pos = pos.max(end(piece));
+    }
+    let mut gaps = Vec::new();
+    if pos >= extent.end() {
+        return gaps; // covered by older files already
+    }
+    for (&start, piece) in pieces.range(pos..extent.end()) {
+        if start > pos {
+            gaps.push((pos, start));
+        }
+        pos = pos.max(end(piece));
+    }
+    if pos < extent.end() {
+        gaps.push((pos, extent.end()));
+    }
+    gaps
 }
 
 fn merge_abandoned(path: &Path) -> TargetError {

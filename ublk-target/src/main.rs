@@ -508,10 +508,10 @@ fn main() {
     }
 }
 
-/// Raises the soft limit on open files to the hard one: a point view and a rollback
-/// hold every undo file from their point to the latest open (an hour of 1 s segments
-/// is 3,600 files, beyond the usual soft limit of 1,024; systemd's hard limit is
-/// 524,288).
+/// Raises the soft limit on open files to the hard one (systemd's is 524,288): `apply
+/// --config` holds a replica, journal, lock and io_uring per volume, and a server of
+/// point views up to `OPEN_UNDO_FILES` undo files per view, which for many volumes
+/// passes the usual soft limit of 1,024.
 fn raise_open_file_limit() {
     let mut limit = libc::rlimit {
         rlim_cur: 0,

@@ -23,9 +23,11 @@
 //! `undo_{N+1}` exists. If not, no write of `N+1` (or later) had started when the read
 //! finished, so what it read is unchanged since `N`. If it does, the view loads it (and
 //! any further ones), whose before-images now cover exactly the ranges those segments
-//! change, and reads again. Journals are opened once and kept open, so pruning cannot
-//! pull one away underneath; and the view registers itself (see [`crate::points`])
-//! before it looks at journals, so pruning keeps the ones it has yet to load.
+//! change, and reads again. The view registers itself (see [`crate::points`]) before
+//! it looks at journals, so pruning keeps every journal after its point, and thinning
+//! merges none across it. It keeps a bounded number of journals open
+//! ([`undo_files`]): one it loaded and thinning merged away since is read through the
+//! merged file, which holds the same bytes for it.
 //!
 //! Every journal is fully verified (header, extent table and data checksum) and checked
 //! to chain onto the one before before it is used.
@@ -34,8 +36,10 @@
 //! [`PointView::write_at`], [`PointView::discard`] / [`PointView::write_zeroes`] and
 //! [`PointView::flush`]. Dropping it deletes the scratch file and deregisters it.
 
+mod undo_files;
+
 use crate::error::{Result, TargetError};
-use crate::journal::{read_or_zero, Journal, UndoFile};
+use crate::journal::{read_or_zero, uncovered, Journal, UndoHeader};
 use crate::points::{catalog, register_view};
 use crate::state::{ApplyState, PointFacts, ReplicaPaths};
 use changelog::Digest32;
@@ -60,14 +64,14 @@ pub struct ViewOptions {
     pub size: Option<u64>,
 }
 
-/// A piece of the undo overlay: `[start, end)` comes from extent `extent` of
-/// `undo[undo]`, starting `within` bytes into that extent's before-image.
+use undo_files::UndoFiles;
+pub use undo_files::OPEN_UNDO_FILES;
+
+/// A piece of the undo overlay: `[start, end)` comes from loaded undo file `undo`.
 #[derive(Clone, Copy, Debug)]
 struct Piece {
     end: u64,
     undo: usize,
-    extent: usize,
-    within: u64,
 }
 
 /// Removes the registry entry when dropped.
@@ -106,7 +110,9 @@ pub struct PointView {
     replica_path: PathBuf,
     size: u64,
     /// The journals loaded, oldest first: they undo segments `point + 1 .. next`.
-    undo: Vec<UndoFile>,
+    undo: UndoFiles,
+    /// The header of the newest, which the next must follow.
+    newest: Option<UndoHeader>,
     next: u64,
     /// The digest of segment `point`, when known, to check the first journal against.
     anchor: Option<Digest32>,
@@ -245,13 +251,14 @@ impl PointView {
             path: scratch_path,
         };
         let mut view = PointView {
+            undo: UndoFiles::new(journal.clone(), point),
             journal,
             point: facts,
             name,
             replica,
             replica_path: paths.replica.clone(),
             size: 0,
-            undo: Vec::new(),
+            newest: None,
             next: point + 1,
             anchor,
             pieces: BTreeMap::new(),
@@ -268,10 +275,10 @@ impl PointView {
             }
             view.load(span)?;
         }
-        if let Some(last) = view.undo.last() {
-            if last.header.digest != state.cursor.prev_digest {
+        if let Some(last) = &view.newest {
+            if last.digest != state.cursor.prev_digest {
                 return Err(TargetError::Journal {
-                    path: last.path().into(),
+                    path: view.journal.path_of_span(last.span()),
                     what: "it is not the journal of the replica's latest segment".into(),
                 });
             }
@@ -465,7 +472,7 @@ impl PointView {
     }
 
     /// One pass of [`Self::read_base`]; returns whether any byte came from the replica.
-    fn read_overlay(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+    fn read_overlay(&mut self, buf: &mut [u8], offset: u64) -> Result<bool> {
         let end = offset + buf.len() as u64;
         let mut pos = offset;
         let mut used_replica = false;
@@ -476,13 +483,9 @@ impl PointView {
                 .range(..=pos)
                 .next_back()
                 .filter(|(_, p)| p.end > pos);
-            if let Some((&start, piece)) = covering {
+            if let Some((_, &piece)) = covering {
                 let n = (piece.end.min(end) - pos) as usize;
-                self.undo[piece.undo].read_extent(
-                    piece.extent,
-                    piece.within + (pos - start),
-                    &mut buf[at..at + n],
-                )?;
+                self.undo.read(piece.undo, pos, &mut buf[at..at + n])?;
                 pos += n as u64;
             } else {
                 let next = self.pieces.range(pos..end).next().map_or(end, |(&s, _)| s);
@@ -520,8 +523,8 @@ impl PointView {
         debug_assert_eq!(span.0, self.next);
         let undo = self.journal.open_span(span)?;
         undo.verify_data()?;
-        let chained = match self.undo.last() {
-            Some(before) => undo.header.follows(&before.header),
+        let chained = match &self.newest {
+            Some(before) => undo.header.follows(before),
             None => {
                 undo.header.prev == Some(self.point)
                     && self
@@ -539,37 +542,12 @@ impl PointView {
             });
         }
         let u = self.undo.len();
-        for (i, e) in undo.extents.iter().enumerate() {
-            let end = e.end();
-            let mut pos = e.offset;
-            if let Some((_, p)) = self.pieces.range(..pos).next_back() {
-                pos = pos.max(p.end);
-            }
-            if pos >= end {
-                continue; // covered by older journals already
-            }
-            let mut gaps = Vec::new();
-            for (&s, p) in self.pieces.range(pos..end) {
-                if s > pos {
-                    gaps.push((pos, s));
-                }
-                pos = pos.max(p.end);
-            }
-            if pos < end {
-                gaps.push((pos, end));
-            }
-            for (s, t) in gaps {
-                self.pieces.insert(
-                    s,
-                    Piece {
-                        end: t,
-                        undo: u,
-                        extent: i,
-                        within: s - e.offset,
-                    },
-                );
+        for e in &undo.extents {
+            for (start, end) in uncovered(&self.pieces, |p| p.end, e) {
+                self.pieces.insert(start, Piece { end, undo: u });
             }
         }
+        self.newest = Some(undo.header.clone());
         self.undo.push(undo);
         self.next = span.1 + 1;
         Ok(())
