@@ -16,6 +16,11 @@
 //! 2. Test-failover bring-up: opening a view at the oldest of 20 retained points
 //!    (`PointView::open`, what `failover --test` does before the ublk device exists)
 //!    plus its first 1 MiB read, for 1 GiB and 8 GiB replicas. Goal: under 2 s.
+//! 3. Reads through a view at a point with 999 undo journals after it: random 4 KiB
+//!    reads of blocks written since, each from a journal, with as many journals kept
+//!    open as the process's open-file limit allows and with the floor of 64 (the others
+//!    opened again as reads need them), beside the same reads at a point with fewer
+//!    journals after it than that (all open) and beside reading the replica file.
 //!
 //! Files live on tmpfs (/dev/shm) by default so the disk is not what is measured; on a
 //! filesystem that shares blocks (XFS, btrfs; bench/apply-reflink.sh makes an XFS
@@ -136,7 +141,8 @@ fn main() {
         // to bring up on real ublk.
         let dir = Path::new(args.get(1).expect("--prepare-views DIR"));
         for gib in VIEW_GIB {
-            let replica = prepare_view_replica(&dir.join(format!("g{gib}")), gib, &key);
+            let replica =
+                prepare_view_replica(&dir.join(format!("g{gib}")), gib, VIEW_POINTS, &key);
             println!("{}", replica.display());
         }
         return;
@@ -319,7 +325,8 @@ fn main() {
     println!("| test-failover bring-up, 20 retained points | view open + first 1 MiB read, s |");
     println!("|---|---|");
     for gib in VIEW_GIB {
-        let replica = prepare_view_replica(&dir.path().join(format!("g{gib}")), gib, &key);
+        let sub = dir.path().join(format!("g{gib}"));
+        let replica = prepare_view_replica(&sub, gib, VIEW_POINTS, &key);
         let paths = ReplicaPaths::new(replica);
         let t = Instant::now();
         let mut view = PointView::open(&paths, 0).unwrap();
@@ -332,6 +339,80 @@ fn main() {
         );
         view.close().unwrap();
     }
+    println!();
+    view_reads(&dir.path().join("reads"), &key);
+}
+
+/// Part 3: 4 KiB reads through views, each of a block a segment after the view's
+/// point wrote, in random order.
+fn view_reads(sub: &Path, key: &Key) {
+    const POINTS: usize = 1000;
+    let replica = prepare_view_replica(sub, 1, POINTS, key);
+    let written: Vec<u64> = writes(1, POINTS * 64, 4096, 1 << 30)
+        .into_iter()
+        .map(|(offset, _)| offset)
+        .collect();
+    let paths = ReplicaPaths::new(replica.clone());
+    let floor = ublk_target::view::OPEN_UNDO_FILES;
+    let few = floor / 2;
+    let mut rng = Rng::new(3);
+    let mut order = |offsets: &[u64]| {
+        let mut offsets = offsets.to_vec();
+        for i in (1..offsets.len()).rev() {
+            offsets.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        offsets
+    };
+    let many_reads = order(&written[64..]);
+    let few_reads = order(&written[(POINTS - few) * 64..]);
+    let mut buf = vec![0u8; 4096];
+    // Reads per second, and how many undo files the view kept open.
+    let mut rate = |point: u64, offsets: &[u64], open: Option<usize>| {
+        let options = ublk_target::ViewOptions {
+            undo_files_open: open,
+            ..Default::default()
+        };
+        let mut view = PointView::open_with(&paths, point, &options).unwrap();
+        let t = Instant::now();
+        for &offset in offsets {
+            view.read_at(&mut buf, offset).unwrap();
+        }
+        let rate = offsets.len() as f64 / t.elapsed().as_secs_f64();
+        let kept = view.undo_files_kept_open();
+        view.close().unwrap();
+        (rate, kept)
+    };
+    let (by_limit, kept) = rate(0, &many_reads, None);
+    let (at_floor, _) = rate(0, &many_reads, Some(floor));
+    let (through_few, _) = rate((POINTS - few - 1) as u64, &few_reads, None);
+    let file = File::open(&replica).unwrap();
+    let t = Instant::now();
+    for &offset in &many_reads {
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, offset).unwrap();
+    }
+    let direct = many_reads.len() as f64 / t.elapsed().as_secs_f64();
+    let journals = POINTS - 1;
+    println!(
+        "| random 4 KiB reads of blocks written after the point, 1 GiB replica, {POINTS} \
+         points | reads/s |"
+    );
+    println!("|---|---|");
+    println!(
+        "| view at point 0: {journals} journals after it, at most {kept} open (by the \
+         open-file limit) | {by_limit:.0} |"
+    );
+    println!("| the same, at most {floor} open (the floor) | {at_floor:.0} |");
+    println!(
+        "| view at point {}: {few} journals after it, all open | {through_few:.0} |",
+        POINTS - few - 1
+    );
+    println!("| the replica file itself (pread, no view) | {direct:.0} |");
+    println!(
+        "| ratios to the all-open view: {journals} journals by the limit / at the floor \
+         | {:.2} / {:.2} |",
+        by_limit / through_few,
+        at_floor / through_few
+    );
 }
 
 /// Replica sizes of the bring-up measurement.
@@ -339,13 +420,14 @@ const VIEW_GIB: [u64; 2] = [1, 8];
 /// Recovery points (segments of 64 random 4 KiB writes) each bring-up replica keeps.
 const VIEW_POINTS: usize = 20;
 
-/// Makes `sub/replica.img` (sparse, `gib` GiB) with [`VIEW_POINTS`] applied and
-/// retained points 0..VIEW_POINTS, its state and undo journal beside it where
-/// [`ReplicaPaths::new`] (and so `ublk-target failover`) looks for them.
-fn prepare_view_replica(sub: &Path, gib: u64, key: &Key) -> std::path::PathBuf {
+/// Makes `sub/replica.img` (sparse, `gib` GiB) with `points` applied and retained
+/// points 0..points, segments of 64 random 4 KiB writes (those of `writes(gib, ..)`),
+/// its state and undo journal beside it where [`ReplicaPaths::new`] (and so
+/// `ublk-target failover`) looks for them.
+fn prepare_view_replica(sub: &Path, gib: u64, points: usize, key: &Key) -> std::path::PathBuf {
     std::fs::create_dir_all(sub).unwrap();
     let store = LocalDirStore::new(sub.join("store"));
-    let stream = writes(gib, VIEW_POINTS * 64, 4096, gib << 30);
+    let stream = writes(gib, points * 64, 4096, gib << 30);
     let volume = VolumeId::new("bringup").unwrap();
     let mut prev = [0u8; 32];
     for (chunk_no, chunk) in stream.chunks(64).enumerate() {
@@ -382,7 +464,7 @@ fn prepare_view_replica(sub: &Path, gib: u64, key: &Key) -> std::path::PathBuf {
         &ApplyOptions::default(),
     )
     .unwrap();
-    assert_eq!(applier.apply_available().unwrap(), VIEW_POINTS);
+    assert_eq!(applier.apply_available().unwrap(), points);
     replica
 }
 

@@ -88,7 +88,7 @@ use changelog::{ChainCursor, Digest32, OpenedSegment, VolumeId};
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
@@ -336,7 +336,10 @@ pub struct UndoFile {
     pub extents: Vec<Extent>,
     /// File offset of each extent's before-image.
     data_at: Vec<u64>,
-    file: File,
+    /// `None` while closed ([`UndoFile::close`]) by a holder of many.
+    file: Option<File>,
+    /// Device and inode: what [`UndoFile::reopen`] checks.
+    identity: (u64, u64),
     path: PathBuf,
 }
 
@@ -349,10 +352,10 @@ impl UndoFile {
         };
         let file = File::open(path)
             .map_err(|e| TargetError::io(format!("opening undo journal {}", path.display()), e))?;
-        let file_len = file
+        let metadata = file
             .metadata()
-            .map_err(|e| TargetError::io(format!("stat {}", path.display()), e))?
-            .len();
+            .map_err(|e| TargetError::io(format!("stat {}", path.display()), e))?;
+        let file_len = metadata.len();
         let read = |buf: &mut [u8], at: u64| {
             file.read_exact_at(buf, at).map_err(|e| match e.kind() {
                 std::io::ErrorKind::UnexpectedEof => damaged(format!(
@@ -423,8 +426,53 @@ impl UndoFile {
             header,
             extents,
             data_at,
-            file,
+            file: Some(file),
+            identity: (metadata.dev(), metadata.ino()),
             path: path.into(),
+        })
+    }
+
+    /// Closes the file's descriptor, keeping what was read from it; reading needs
+    /// [`UndoFile::reopen`] first.
+    pub(crate) fn close(&mut self) {
+        self.file = None;
+    }
+
+    pub(crate) fn is_open(&self) -> bool {
+        self.file.is_some()
+    }
+
+    /// Opens a closed file again: `Ok(false)` if it is gone (deleted), an error if
+    /// another file now has its name. Undo files never change once in place, so the
+    /// same inode holds what was checked when it was first opened.
+    pub(crate) fn reopen(&mut self) -> Result<bool> {
+        let file = match File::open(&self.path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => {
+                return Err(TargetError::io(
+                    format!("opening undo journal {}", self.path.display()),
+                    e,
+                ))
+            }
+        };
+        let metadata = file
+            .metadata()
+            .map_err(|e| TargetError::io(format!("stat {}", self.path.display()), e))?;
+        if (metadata.dev(), metadata.ino()) != self.identity {
+            return Err(TargetError::Journal {
+                path: self.path.clone(),
+                what: "it was replaced by another file since it was opened".into(),
+            });
+        }
+        self.file = Some(file);
+        Ok(true)
+    }
+
+    fn file(&self) -> Result<&File> {
+        self.file.as_ref().ok_or_else(|| TargetError::Journal {
+            path: self.path.clone(),
+            what: "read while closed".into(),
         })
     }
 
@@ -461,7 +509,7 @@ impl UndoFile {
                 return Err(merge_abandoned(&self.path));
             }
             let n = buf.len().min((self.header.data_len - done) as usize);
-            self.file
+            self.file()?
                 .read_exact_at(&mut buf[..n], start + done)
                 .map_err(|e| TargetError::io(format!("reading {}", self.path.display()), e))?;
             sha.update(&buf[..n]);
@@ -479,7 +527,7 @@ impl UndoFile {
     /// Reads `buf.len()` bytes of extent `i`'s before-image starting `within` it.
     pub fn read_extent(&self, i: usize, within: u64, buf: &mut [u8]) -> Result<()> {
         debug_assert!(within + buf.len() as u64 <= self.extents[i].len);
-        self.file
+        self.file()?
             .read_exact_at(buf, self.data_at[i] + within)
             .map_err(|e| TargetError::io(format!("reading {}", self.path.display()), e))
     }

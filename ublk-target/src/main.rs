@@ -509,9 +509,9 @@ fn main() {
 }
 
 /// Raises the soft limit on open files to the hard one (systemd's is 524,288): `apply
-/// --config` holds a replica, journal, lock and io_uring per volume, and a server of
-/// point views up to `OPEN_UNDO_FILES` undo files per view, which for many volumes
-/// passes the usual soft limit of 1,024.
+/// --config` holds a replica, journal, lock and io_uring per volume, which for many
+/// volumes passes the usual soft limit of 1,024, and a point view keeps up to a
+/// sixteenth of the limit of its undo files open (reopening the others costs reads).
 fn raise_open_file_limit() {
     let mut limit = libc::rlimit {
         rlim_cur: 0,

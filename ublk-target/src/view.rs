@@ -24,10 +24,10 @@
 //! finished, so what it read is unchanged since `N`. If it does, the view loads it (and
 //! any further ones), whose before-images now cover exactly the ranges those segments
 //! change, and reads again. The view registers itself (see [`crate::points`]) before
-//! it looks at journals, so pruning keeps every journal after its point, and thinning
-//! merges none across it. It keeps a bounded number of journals open
-//! ([`undo_files`]): one it loaded and thinning merged away since is read through the
-//! merged file, which holds the same bytes for it.
+//! it looks at journals, so pruning keeps every journal after its point and thinning
+//! changes none of them (but a merge under way when it registered may finish). It
+//! keeps a bounded number of journals open ([`undo_files`]); one it loaded that such a
+//! merge replaced is read through the merged file, which holds the same bytes for it.
 //!
 //! Every journal is fully verified (header, extent table and data checksum) and checked
 //! to chain onto the one before before it is used.
@@ -62,6 +62,10 @@ pub struct ViewOptions {
     /// Device size [default: the replica's size, or the end of the furthest journal
     /// extent when that is larger].
     pub size: Option<u64>,
+    /// Undo files kept open at most; the others are opened again as reads need them
+    /// [default: a sixteenth of the process's open-file limit, at least
+    /// [`OPEN_UNDO_FILES`]].
+    pub undo_files_open: Option<usize>,
 }
 
 use undo_files::UndoFiles;
@@ -251,7 +255,7 @@ impl PointView {
             path: scratch_path,
         };
         let mut view = PointView {
-            undo: UndoFiles::new(journal.clone(), point),
+            undo: UndoFiles::new(journal.clone(), point, options.undo_files_open),
             journal,
             point: facts,
             name,
@@ -319,6 +323,12 @@ impl PointView {
     /// Where writes through the view go (deleted when the view is dropped).
     pub fn scratch_path(&self) -> &std::path::Path {
         &self.scratch.path
+    }
+
+    /// How many undo files it keeps open at most (it opens the others again as reads
+    /// need them).
+    pub fn undo_files_kept_open(&self) -> usize {
+        self.undo.open_allowed()
     }
 
     /// How many segments applied after its point the view knows of (undoes).

@@ -1,9 +1,11 @@
 //! The undo files a point view has loaded, kept open a few at a time.
 //!
 //! A view at an old point can need tens of thousands of undo files (a day of 1 s
-//! segments), more than a process may hold open. So the view remembers each file by
-//! its span and its segment's digest, and this cache opens at most
-//! [`OPEN_UNDO_FILES`] of them, dropping the one opened longest ago to open another.
+//! segments), more than a process may hold open. So the view keeps what it read of
+//! each file (header, extent table) and at most a sixteenth of the process's open-file
+//! limit of them open (at least [`OPEN_UNDO_FILES`]), closing the one opened longest
+//! ago to open another. A file opened again must be the same inode; undo files never
+//! change once in place.
 //!
 //! Contract: [`UndoFiles::read`] returns the before-image the view took from the file
 //! it loaded as number `u`, even after thinning merged that file away. Thinning leaves
@@ -19,101 +21,113 @@
 //! view's point.
 //!
 //! A file is verified in full (data checksum) once, when the view loads it or first
-//! reads through the merged file that replaced it; opening it again checks its header
-//! and extent table, and that it is the file loaded.
+//! reads through the merged file that replaced it.
 
 use crate::error::{Result, TargetError};
 use crate::journal::{Journal, UndoFile};
-use changelog::Digest32;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
-/// At most this many undo files are open per view: a server with several views (a
-/// recovery plan's test failover), its queues and devices stays well under the usual
-/// soft limit of 1,024 open files.
+/// A view may keep this many undo files open whatever the open-file limit, and more
+/// where the limit is over 16 times this: a server with several views (a recovery
+/// plan's test failover), its queues and devices stays well within the limit.
 pub const OPEN_UNDO_FILES: usize = 64;
+
+/// How many undo files a view keeps open in this process.
+fn open_files_allowed() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the live, initialized struct it is given.
+    let soft = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
+        0 => usize::try_from(limit.rlim_cur / 16).unwrap_or(usize::MAX),
+        _ => 0,
+    };
+    soft.max(OPEN_UNDO_FILES)
+}
 
 pub(super) struct UndoFiles {
     journal: Journal,
     /// The view's point: a file replacing loaded ones must start after it.
     point: u64,
-    /// The files loaded, oldest first: (span, digest of its last segment).
-    loaded: Vec<((u64, u64), Digest32)>,
-    /// Where each loaded file's bytes are now: its own span, or that of the merged
-    /// file that replaced it.
-    resolved: Vec<(u64, u64)>,
-    open: HashMap<(u64, u64), UndoFile>,
-    opened: VecDeque<(u64, u64)>,
+    /// The files loaded, oldest first, then merged files that replaced some of them.
+    files: Vec<UndoFile>,
+    /// For each file loaded, the one in `files` that holds its bytes now: itself, or
+    /// the merged file that replaced it.
+    resolved: Vec<usize>,
+    /// The open ones among `files`, the one opened longest ago first.
+    open: VecDeque<usize>,
+    open_allowed: usize,
 }
 
 impl UndoFiles {
-    pub(super) fn new(journal: Journal, point: u64) -> UndoFiles {
+    /// Files for a view at `point`, at most `open_allowed` of them open (default: a
+    /// sixteenth of the open-file limit, at least [`OPEN_UNDO_FILES`]).
+    pub(super) fn new(journal: Journal, point: u64, open_allowed: Option<usize>) -> UndoFiles {
         UndoFiles {
             journal,
             point,
-            loaded: Vec::new(),
+            files: Vec::new(),
             resolved: Vec::new(),
-            open: HashMap::new(),
-            opened: VecDeque::new(),
+            open: VecDeque::new(),
+            open_allowed: open_allowed.unwrap_or_else(open_files_allowed).max(1),
         }
+    }
+
+    /// How many of its files it keeps open at most.
+    pub(super) fn open_allowed(&self) -> usize {
+        self.open_allowed
     }
 
     /// How many files were loaded.
     pub(super) fn len(&self) -> usize {
-        self.loaded.len()
+        self.resolved.len()
     }
 
-    /// Adds `file` (verified by the caller) as the next loaded file; returns its number.
+    /// Adds `file` (open, verified by the caller) as the next loaded file; returns its
+    /// number. Only before any merged file took the place of loaded ones.
     pub(super) fn push(&mut self, file: UndoFile) -> usize {
-        let span = file.span();
-        self.loaded.push((span, file.header.digest));
-        self.resolved.push(span);
-        self.keep_open(span, file);
-        self.loaded.len() - 1
+        debug_assert_eq!(self.files.len(), self.resolved.len());
+        self.files.push(file);
+        self.resolved.push(self.files.len() - 1);
+        self.opened(self.files.len() - 1);
+        self.resolved.len() - 1
     }
 
     /// Reads `buf.len()` bytes of before-image at replica offset `offset` from loaded
     /// file `u` (which covers them).
     pub(super) fn read(&mut self, u: usize, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.file(u)?.read_range(offset, buf)
+        let f = self.open_resolved(u)?;
+        self.files[f].read_range(offset, buf)
     }
 
-    fn keep_open(&mut self, span: (u64, u64), file: UndoFile) {
-        while self.open.len() >= OPEN_UNDO_FILES {
-            let Some(oldest) = self.opened.pop_front() else {
+    /// Notes file `f` as open, closing the one opened longest ago when that makes too
+    /// many.
+    fn opened(&mut self, f: usize) {
+        while self.open.len() >= self.open_allowed {
+            let Some(oldest) = self.open.pop_front() else {
                 break;
             };
-            self.open.remove(&oldest);
+            self.files[oldest].close();
         }
-        self.open.insert(span, file);
-        self.opened.push_back(span);
+        self.open.push_back(f);
     }
 
-    /// Loaded file `u`, or the merged file that now holds its bytes, opened.
-    fn file(&mut self, u: usize) -> Result<&UndoFile> {
-        if !self.open.contains_key(&self.resolved[u]) {
-            let file = self.reopen(u)?;
-            self.keep_open(file.span(), file);
-        }
-        Ok(&self.open[&self.resolved[u]])
-    }
-
-    fn reopen(&mut self, u: usize) -> Result<UndoFile> {
-        let (span, digest) = self.loaded[u];
-        let resolved = self.resolved[u];
-        match self.journal.open_span(resolved) {
-            Ok(file) if resolved != span || file.header.digest == digest => return Ok(file),
-            Ok(file) => {
-                return Err(TargetError::Journal {
-                    path: file.path().into(),
-                    what: "it is not the undo file this view loaded".into(),
-                })
-            }
-            Err(_) if !self.journal.path_of_span(resolved).exists() => {}
-            Err(e) => return Err(e),
-        }
-        // Merged away (perhaps again): find the file that holds the span now. Retried,
-        // as that file may itself be merged away between listing and opening it.
+    /// The file holding loaded file `u`'s bytes now, open.
+    fn open_resolved(&mut self, u: usize) -> Result<usize> {
         for _ in 0..8 {
+            let f = self.resolved[u];
+            if self.files[f].is_open() {
+                return Ok(f);
+            }
+            if self.files[f].reopen()? {
+                self.opened(f);
+                return Ok(f);
+            }
+            // Merged away (perhaps again): find the file that holds its span now. A
+            // merged file is in place before the ones it replaces go; it may itself be
+            // merged away before it is opened, hence the retries.
+            let span = self.files[f].span();
             let containing = self
                 .journal
                 .list_spans()?
@@ -139,14 +153,18 @@ impl UndoFiles {
                 Err(e) => return Err(e),
             };
             file.verify_data()?;
+            self.files.push(file);
+            let m = self.files.len() - 1;
+            self.opened(m);
             // Every loaded file within it reads from it from now on.
-            for (loaded, resolved) in self.loaded.iter().zip(self.resolved.iter_mut()) {
-                if merged.0 <= loaded.0 .0 && loaded.0 .1 <= merged.1 {
-                    *resolved = merged;
+            for resolved in &mut self.resolved {
+                let (first, last) = self.files[*resolved].span();
+                if merged.0 <= first && last <= merged.1 {
+                    *resolved = m;
                 }
             }
-            return Ok(file);
         }
+        let span = self.files[self.resolved[u]].span();
         Err(TargetError::Journal {
             path: self.journal.path_of_span(span),
             what: "it is gone, and no undo file took its place".into(),
