@@ -1631,10 +1631,10 @@ fn ublk_target_with_open_files(open_files: u64, args: &[&str], paths: &ReplicaPa
 /// raise past the hard limit it sets) and every point it keeps still shows the source.
 #[test]
 fn a_run_longer_than_the_open_file_limit_is_merged() {
-    const EVERY_MS: u64 = 2000;
+    const EVERY_MS: u64 = 4000;
     const OPEN_FILES: u64 = 40;
     let fixture = Fixture::new(SIZE);
-    let mut capture = fixture.capture(16 << 20);
+    let mut capture = fixture.capture(64 << 20);
     let mut model = Model::new(SIZE);
     let mut workload = blkfilter::workload::Workload::new(57, SIZE);
     // A few points in one interval, a long run in the next (merged into a file that
@@ -1642,7 +1642,7 @@ fn a_run_longer_than_the_open_file_limit_is_merged() {
     sleep_into_next_interval(EVERY_MS, 50);
     ship_small_segments(&fixture, &mut capture, &mut model, &mut workload, 3);
     sleep_into_next_interval(EVERY_MS, 50);
-    ship_small_segments(&fixture, &mut capture, &mut model, &mut workload, 200);
+    ship_small_segments(&fixture, &mut capture, &mut model, &mut workload, 300);
     sleep_into_next_interval(EVERY_MS, 50);
     ship_small_segments(&fixture, &mut capture, &mut model, &mut workload, 1);
     apply_all(&fixture, "replica");
@@ -1658,7 +1658,7 @@ fn a_run_longer_than_the_open_file_limit_is_merged() {
 
     let said = ublk_target_with_open_files(
         OPEN_FILES,
-        &["prune", "--thin-after", "0s", "--thin-every", "2s"],
+        &["prune", "--thin-after", "0s", "--thin-every", "4s"],
         &paths,
     );
     assert!(!said.contains("WARN"), "{said}");
@@ -1777,5 +1777,11 @@ fn a_view_through_more_undo_files_than_it_keeps_open_shows_its_point() {
     }
     assert!(replaced > 8, "only {replaced} files merged: {merged:?}");
     assert!(read_view(&mut view) == expect, "through the merged files");
+    // Segments applied since: the view loads their journals beside the merged files.
+    ship_small_segments(&fixture, &mut capture, &mut model, &mut workload, 20);
+    apply_all(&fixture, "replica");
+    let loaded = view.journals_loaded();
+    assert!(read_view(&mut view) == expect, "with newer journals");
+    assert!(view.journals_loaded() > loaded);
     view.close().unwrap();
 }

@@ -366,13 +366,15 @@ fn view_reads(sub: &Path, key: &Key) {
     let many_reads = order(&written[64..]);
     let few_reads = order(&written[(POINTS - few) * 64..]);
     let mut buf = vec![0u8; 4096];
-    // Reads per second, and how many undo files the view kept open.
+    // Reads per second, how many undo files the view kept open, seconds to open it.
     let mut rate = |point: u64, offsets: &[u64], open: Option<usize>| {
         let options = ublk_target::ViewOptions {
             undo_files_open: open,
             ..Default::default()
         };
+        let t = Instant::now();
         let mut view = PointView::open_with(&paths, point, &options).unwrap();
+        let opening = t.elapsed().as_secs_f64();
         let t = Instant::now();
         for &offset in offsets {
             view.read_at(&mut buf, offset).unwrap();
@@ -380,11 +382,11 @@ fn view_reads(sub: &Path, key: &Key) {
         let rate = offsets.len() as f64 / t.elapsed().as_secs_f64();
         let kept = view.undo_files_kept_open();
         view.close().unwrap();
-        (rate, kept)
+        (rate, kept, opening)
     };
-    let (by_limit, kept) = rate(0, &many_reads, None);
-    let (at_floor, _) = rate(0, &many_reads, Some(floor));
-    let (through_few, _) = rate((POINTS - few - 1) as u64, &few_reads, None);
+    let (by_limit, kept, opening) = rate(0, &many_reads, None);
+    let (at_floor, ..) = rate(0, &many_reads, Some(floor));
+    let (through_few, ..) = rate((POINTS - few - 1) as u64, &few_reads, None);
     let file = File::open(&replica).unwrap();
     let t = Instant::now();
     for &offset in &many_reads {
@@ -413,6 +415,8 @@ fn view_reads(sub: &Path, key: &Key) {
         by_limit / through_few,
         at_floor / through_few
     );
+    println!();
+    println!("Opening the view at point 0 ({journals} journals to verify): {opening:.3} s");
 }
 
 /// Replica sizes of the bring-up measurement.

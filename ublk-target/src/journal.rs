@@ -444,7 +444,8 @@ impl UndoFile {
 
     /// Opens a closed file again: `Ok(false)` if it is gone (deleted), an error if
     /// another file now has its name. Undo files never change once in place, so the
-    /// same inode holds what was checked when it was first opened.
+    /// same inode holds what was checked when it was first opened; a new inode (the
+    /// same merge made again) must hold the same header and extents.
     pub(crate) fn reopen(&mut self) -> Result<bool> {
         let file = match File::open(&self.path) {
             Ok(file) => file,
@@ -460,10 +461,16 @@ impl UndoFile {
             .metadata()
             .map_err(|e| TargetError::io(format!("stat {}", self.path.display()), e))?;
         if (metadata.dev(), metadata.ino()) != self.identity {
-            return Err(TargetError::Journal {
-                path: self.path.clone(),
-                what: "it was replaced by another file since it was opened".into(),
-            });
+            let made_again = UndoFile::open(&self.path)?;
+            if made_again.header != self.header || made_again.extents != self.extents {
+                return Err(TargetError::Journal {
+                    path: self.path.clone(),
+                    what: "it was replaced by another file since it was opened".into(),
+                });
+            }
+            made_again.verify_data()?;
+            *self = made_again;
+            return Ok(true);
         }
         self.file = Some(file);
         Ok(true)

@@ -34,7 +34,9 @@
 //! same cuts). The undo files between two points that stay become one merged file
 //! ([`crate::journal`]), which undoes the whole run: a block rewritten a thousand times
 //! in the hour is kept once. Merging copies the before-images (reading them, on XFS or
-//! btrfs too), each interval's changes read and written once: an applier does it on a
+//! btrfs too): each interval's changes are read (verified, then copied), written once
+//! and read back for the merged file's checksum (so that only one input file is open
+//! at a time). An applier does it on a
 //! thread of its own, one run at a time, and goes on applying meanwhile; `prune` does
 //! every merge due before it returns.
 //!
@@ -875,7 +877,7 @@ impl Retained {
         if let Some(merging) = self.merging.as_ref().filter(|m| limit > m.from) {
             // The limits reach into the run being merged: merging it is pointless now.
             merging.abandon.store(true, Relaxed);
-            self.finish_merge(journal, &mut removed, &views, true, now_unix_ms)?;
+            self.finish_merge(journal, &mut removed, true, now_unix_ms)?;
         }
         let last_removed = limit.min(latest);
         while let Some(&(span, _)) = self.journal_sizes.front() {
@@ -932,8 +934,8 @@ impl Retained {
     /// of their segment's time unless a newer cut's time is earlier ([`filing_times`]).
     /// So every volume of a group keeps the point at the newest cut made in each
     /// interval (the one whose cuts start in it and the next one's do not, a fact of
-    /// the clock), however late each volume sealed it. The latest point stays, and
-    /// nothing at or after the oldest point a view shows changes (a view loads the
+    /// the clock), however late each volume sealed it. The latest point stays, and no
+    /// merge starts at or after the oldest point a view shows (a view loads the
     /// journals of segments applied after it opened one by one, by name). Between two
     /// points that stay for good, the undo files become one merged file
     /// ([`Journal::merge`]), made once: a pair whose newer point's interval is not
@@ -945,7 +947,7 @@ impl Retained {
     /// changes only as intervals end, hours from the newest points: so it runs at most
     /// every tenth of an interval (10 s at most), and again as soon as a merge ends.
     fn thin(&mut self, thin: &mut Thin, thinning: &Thinning, now_unix_ms: u64) -> Result<()> {
-        self.finish_merge(thin.journal, thin.removed, thin.views, false, now_unix_ms)?;
+        self.finish_merge(thin.journal, thin.removed, false, now_unix_ms)?;
         let every_tenth = (thinning.every.as_millis() as u64 / 10).min(10_000);
         let soon = now_unix_ms.saturating_add(every_tenth);
         // (A clock that stepped back does not hold the walk off.)
@@ -1043,9 +1045,7 @@ impl Retained {
             let pause_ms = (thinning.every.as_millis() as u64).max(60_000);
             match self.start_merge(thin.journal, from, to, pause_ms) {
                 Ok(()) if thin.background => break,
-                Ok(()) => {
-                    self.finish_merge(thin.journal, thin.removed, thin.views, true, now_unix_ms)?
-                }
+                Ok(()) => self.finish_merge(thin.journal, thin.removed, true, now_unix_ms)?,
                 Err(e) => self.merge_failed(from, to, pause_ms, now_unix_ms, &e),
             }
         }
@@ -1098,14 +1098,13 @@ impl Retained {
     /// `wait`): puts the merged file in the place of the files it replaces, deletes
     /// those (into `removed`) and forgets the points between. A merge that failed
     /// before its file was in place is paused for that run, and so is one a view
-    /// registered since needs undone (one of `views` shows a point it thins out: its
-    /// file goes, the files it would replace stay); an error returned means what is
-    /// kept here may no longer match the files.
+    /// registered since needs undone (a view, listed once the merge is done, shows a
+    /// point it thins out: its file goes, the files it would replace stay); an error
+    /// returned means what is kept here may no longer match the files.
     fn finish_merge(
         &mut self,
         journal: &Journal,
         removed: &mut Vec<(u64, u64)>,
-        views: &[ViewEntry],
         wait: bool,
         now_unix_ms: u64,
     ) -> Result<()> {
@@ -1144,6 +1143,8 @@ impl Retained {
                 return Ok(());
             }
         };
+        // Listed now, not when the merge started: a view may have registered since.
+        let views = list_views(journal.dir())?;
         let needed = views
             .iter()
             .find(|v| v.point.is_none_or(|p| from < p && p < to));
@@ -1221,14 +1222,7 @@ impl Retained {
             return Ok(0); // the common case, between batches: no listing of the views
         }
         let mut removed = Vec::new();
-        let views = list_views(journal.dir())?;
-        let finished = self.finish_merge(
-            journal,
-            &mut removed,
-            &views,
-            wait,
-            changelog::unix_ms_now(),
-        );
+        let finished = self.finish_merge(journal, &mut removed, wait, changelog::unix_ms_now());
         if !removed.is_empty() {
             journal.sync(uring)?;
         }

@@ -3,9 +3,10 @@
 //! A view at an old point can need tens of thousands of undo files (a day of 1 s
 //! segments), more than a process may hold open. So the view keeps what it read of
 //! each file (header, extent table) and at most a sixteenth of the process's open-file
-//! limit of them open (at least [`OPEN_UNDO_FILES`]), closing the one opened longest
-//! ago to open another. A file opened again must be the same inode; undo files never
-//! change once in place.
+//! limit of them open (at least [`OPEN_UNDO_FILES`]), and all views of the process
+//! together at most half of it, closing the one it opened longest ago to open another.
+//! A file opened again must be the same inode, or else hold the same header and
+//! extents (undo files never change once in place).
 //!
 //! Contract: [`UndoFiles::read`] returns the before-image the view took from the file
 //! it loaded as number `u`, even after thinning merged that file away. Thinning leaves
@@ -20,30 +21,41 @@
 //! containing the span is always there; pruning keeps the files after a registered
 //! view's point.
 //!
+//! Two narrow races are refused with an error on the read rather than served: a view
+//! registered at a point inside a merge's run after the applier listed the views to
+//! book that merge (the run's files go; reading one through the merged file would
+//! show a later point: "also undoes point P"), and a view that loaded a merged file
+//! in the moment between its rename and its booking, when the booking then drops it
+//! for another view ("no undo file took its place").
+//!
 //! A file is verified in full (data checksum) once, when the view loads it or first
-//! reads through the merged file that replaced it.
+//! reads through the merged file that replaced it (a merged file can be large: that
+//! read waits for it).
 
 use crate::error::{Result, TargetError};
 use crate::journal::{Journal, UndoFile};
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
-/// A view may keep this many undo files open whatever the open-file limit, and more
-/// where the limit is over 16 times this: a server with several views (a recovery
-/// plan's test failover), its queues and devices stays well within the limit.
+/// A view may keep this many undo files open whatever the open-file limit (and the
+/// views of a process together this many each), more where the limit is over 16 times
+/// this.
 pub const OPEN_UNDO_FILES: usize = 64;
 
-/// How many undo files a view keeps open in this process.
-fn open_files_allowed() -> usize {
+/// Undo files the views of this process hold open.
+static OPEN_IN_PROCESS: AtomicUsize = AtomicUsize::new(0);
+
+/// The soft limit on open files (1,024 if unknown).
+fn open_file_limit() -> usize {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit fills the live, initialized struct it is given.
-    let soft = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
-        0 => usize::try_from(limit.rlim_cur / 16).unwrap_or(usize::MAX),
-        _ => 0,
-    };
-    soft.max(OPEN_UNDO_FILES)
+    match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
+        0 => usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX),
+        _ => 1024,
+    }
 }
 
 pub(super) struct UndoFiles {
@@ -58,6 +70,14 @@ pub(super) struct UndoFiles {
     /// The open ones among `files`, the one opened longest ago first.
     open: VecDeque<usize>,
     open_allowed: usize,
+    /// All views' open undo files may reach this before this one closes one of its own.
+    process_allowed: usize,
+}
+
+impl Drop for UndoFiles {
+    fn drop(&mut self) {
+        OPEN_IN_PROCESS.fetch_sub(self.open.len(), Relaxed);
+    }
 }
 
 impl UndoFiles {
@@ -70,7 +90,10 @@ impl UndoFiles {
             files: Vec::new(),
             resolved: Vec::new(),
             open: VecDeque::new(),
-            open_allowed: open_allowed.unwrap_or_else(open_files_allowed).max(1),
+            open_allowed: open_allowed
+                .unwrap_or_else(|| (open_file_limit() / 16).max(OPEN_UNDO_FILES))
+                .max(1),
+            process_allowed: (open_file_limit() / 2).max(OPEN_UNDO_FILES),
         }
     }
 
@@ -85,9 +108,8 @@ impl UndoFiles {
     }
 
     /// Adds `file` (open, verified by the caller) as the next loaded file; returns its
-    /// number. Only before any merged file took the place of loaded ones.
+    /// number.
     pub(super) fn push(&mut self, file: UndoFile) -> usize {
-        debug_assert_eq!(self.files.len(), self.resolved.len());
         self.files.push(file);
         self.resolved.push(self.files.len() - 1);
         self.opened(self.files.len() - 1);
@@ -102,15 +124,19 @@ impl UndoFiles {
     }
 
     /// Notes file `f` as open, closing the one opened longest ago when that makes too
-    /// many.
+    /// many for this view or for the process.
     fn opened(&mut self, f: usize) {
-        while self.open.len() >= self.open_allowed {
+        while self.open.len() >= self.open_allowed
+            || OPEN_IN_PROCESS.load(Relaxed) >= self.process_allowed
+        {
             let Some(oldest) = self.open.pop_front() else {
                 break;
             };
             self.files[oldest].close();
+            OPEN_IN_PROCESS.fetch_sub(1, Relaxed);
         }
         self.open.push_back(f);
+        OPEN_IN_PROCESS.fetch_add(1, Relaxed);
     }
 
     /// The file holding loaded file `u`'s bytes now, open.
