@@ -4,7 +4,8 @@
 //! segments), more than a process may hold open. So the view keeps what it read of
 //! each file (header, extent table) and at most a sixteenth of the process's open-file
 //! limit of them open (at least [`OPEN_UNDO_FILES`]), and all views of the process
-//! together at most half of it, closing the one it opened longest ago to open another.
+//! together at most half of it, closing one to open another: the one opened longest
+//! ago that was not read from since it was last passed over (CLOCK, a cheap LRU).
 //! A file opened again must be the same inode, or else hold the same header and
 //! extents (undo files never change once in place).
 //!
@@ -67,8 +68,10 @@ pub(super) struct UndoFiles {
     /// For each file loaded, the one in `files` that holds its bytes now: itself, or
     /// the merged file that replaced it.
     resolved: Vec<usize>,
-    /// The open ones among `files`, the one opened longest ago first.
+    /// The open ones among `files`, the one opened (or passed over) longest ago first.
     open: VecDeque<usize>,
+    /// Whether each of `files` was read from since it was opened or passed over.
+    read_since: Vec<bool>,
     open_allowed: usize,
     /// All views' open undo files may reach this before this one closes one of its own.
     process_allowed: usize,
@@ -90,6 +93,7 @@ impl UndoFiles {
             files: Vec::new(),
             resolved: Vec::new(),
             open: VecDeque::new(),
+            read_since: Vec::new(),
             open_allowed: open_allowed
                 .unwrap_or_else(|| (open_file_limit() / 16).max(OPEN_UNDO_FILES))
                 .max(1),
@@ -111,6 +115,7 @@ impl UndoFiles {
     /// number.
     pub(super) fn push(&mut self, file: UndoFile) -> usize {
         self.files.push(file);
+        self.read_since.push(false);
         self.resolved.push(self.files.len() - 1);
         self.opened(self.files.len() - 1);
         self.resolved.len() - 1
@@ -120,6 +125,7 @@ impl UndoFiles {
     /// file `u` (which covers them).
     pub(super) fn read(&mut self, u: usize, offset: u64, buf: &mut [u8]) -> Result<()> {
         let f = self.open_resolved(u)?;
+        self.read_since[f] = true;
         self.files[f].read_range(offset, buf)
     }
 
@@ -132,6 +138,10 @@ impl UndoFiles {
             let Some(oldest) = self.open.pop_front() else {
                 break;
             };
+            if std::mem::take(&mut self.read_since[oldest]) {
+                self.open.push_back(oldest); // a second chance
+                continue;
+            }
             self.files[oldest].close();
             OPEN_IN_PROCESS.fetch_sub(1, Relaxed);
         }
@@ -180,6 +190,7 @@ impl UndoFiles {
             };
             file.verify_data()?;
             self.files.push(file);
+            self.read_since.push(false);
             let m = self.files.len() - 1;
             self.opened(m);
             // Every loaded file within it reads from it from now on.
