@@ -114,11 +114,17 @@ impl UndoFiles {
     /// Adds `file` (open, verified by the caller) as the next loaded file; returns its
     /// number.
     pub(super) fn push(&mut self, file: UndoFile) -> usize {
+        let f = self.add(file);
+        self.resolved.push(f);
+        self.resolved.len() - 1
+    }
+
+    /// Adds an open file to `files`; returns its place there.
+    fn add(&mut self, file: UndoFile) -> usize {
         self.files.push(file);
         self.read_since.push(false);
-        self.resolved.push(self.files.len() - 1);
         self.opened(self.files.len() - 1);
-        self.resolved.len() - 1
+        self.files.len() - 1
     }
 
     /// Reads `buf.len()` bytes of before-image at replica offset `offset` from loaded
@@ -189,10 +195,7 @@ impl UndoFiles {
                 Err(e) => return Err(e),
             };
             file.verify_data()?;
-            self.files.push(file);
-            self.read_since.push(false);
-            let m = self.files.len() - 1;
-            self.opened(m);
+            let m = self.add(file);
             // Every loaded file within it reads from it from now on.
             for resolved in &mut self.resolved {
                 let (first, last) = self.files[*resolved].span();
