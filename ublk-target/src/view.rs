@@ -50,6 +50,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use undo_files::UndoFiles;
+pub use undo_files::OPEN_UNDO_FILES;
 
 /// How to open a view.
 #[derive(Clone, Debug, Default)]
@@ -67,9 +69,6 @@ pub struct ViewOptions {
     /// [`OPEN_UNDO_FILES`]].
     pub undo_files_open: Option<usize>,
 }
-
-use undo_files::UndoFiles;
-pub use undo_files::OPEN_UNDO_FILES;
 
 /// A piece of the undo overlay: `[start, end)` comes from loaded undo file `undo`.
 #[derive(Clone, Copy, Debug)]
