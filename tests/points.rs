@@ -1278,13 +1278,21 @@ fn damaged_undo_files_are_refused() {
     let at = bad.len() - 10;
     bad[at] ^= 0x04;
     std::fs::write(&path, &bad).unwrap();
-    let err = PointView::open(&paths, k - 2).unwrap_err();
+    // A view opens (data is checked before the first read from a journal, not when
+    // it loads), and the reads that need that journal fail, naming it.
+    let mut view = PointView::open(&paths, k - 2).unwrap();
+    let err = first_read_error(&mut view).expect("a read of the damaged journal");
     let message = err.to_string();
     assert!(matches!(err, TargetError::Journal { .. }), "{message}");
     assert!(
         message.contains(&path.display().to_string()) && message.contains("checksum"),
         "{message}"
     );
+    assert!(
+        first_read_error(&mut view).is_some(),
+        "read again, it still fails"
+    );
+    drop(view);
     let err = rollback_to(&paths, k - 2).unwrap_err();
     assert!(matches!(err, TargetError::Journal { .. }), "{err}");
     // Points that do not need it still work.
@@ -1321,6 +1329,13 @@ fn damaged_undo_files_are_refused() {
     let mut view = PointView::open(&paths, k - 2).unwrap();
     let p = catalog(&paths).unwrap().find(k - 2).copied().unwrap();
     assert!(read_view(&mut view) == model_at(&model, p.last_seq));
+}
+
+/// The error of the first 64 KiB read of `view`, front to back, that fails.
+fn first_read_error(view: &mut PointView) -> Option<TargetError> {
+    const CHUNK: u64 = 64 << 10;
+    let mut buf = vec![0u8; CHUNK as usize];
+    (0..view.size() / CHUNK).find_map(|i| view.read_at(&mut buf, i * CHUNK).err())
 }
 
 /// A crash after a segment's undo journal was saved (and maybe some of its writes

@@ -29,8 +29,10 @@
 //! keeps a bounded number of journals open ([`undo_files`]); one it loaded that such a
 //! merge replaced is read through the merged file, which holds the same bytes for it.
 //!
-//! Every journal is fully verified (header, extent table and data checksum) and checked
-//! to chain onto the one before before it is used.
+//! Every journal's header and extent table are checked, and that it chains onto the
+//! one before, when the view loads it; its data is checked against its checksum before
+//! the first read from it ([`undo_files`]), so a view at a point far back opens in the
+//! time it takes to read a header per journal.
 //!
 //! A view is driven from one thread (`&mut self`); a ublk server calls [`PointView::read_at`],
 //! [`PointView::write_at`], [`PointView::discard`] / [`PointView::write_zeroes`] and
@@ -526,12 +528,12 @@ impl PointView {
         }
     }
 
-    /// Verifies the journal of segments `span` (the next ones), chains it onto the ones
-    /// before, and adds its before-images where no older journal covers.
+    /// Opens the journal of segments `span` (the next ones), chains it onto the ones
+    /// before, and adds its before-images where no older journal covers (its data is
+    /// verified before the first read from it).
     fn load(&mut self, span: (u64, u64)) -> Result<()> {
         debug_assert_eq!(span.0, self.next);
         let undo = self.journal.open_span(span)?;
-        undo.verify_data()?;
         let chained = match &self.newest {
             Some(before) => undo.header.follows(before),
             None => {

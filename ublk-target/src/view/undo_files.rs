@@ -29,9 +29,10 @@
 //! in the moment between its rename and its booking, when the booking then drops it
 //! for another view ("no undo file took its place").
 //!
-//! A file is verified in full (data checksum) once, when the view loads it or first
-//! reads through the merged file that replaced it (a merged file can be large: that
-//! read waits for it).
+//! A file's data is verified in full (its checksum) before the first read from it, not
+//! when the view loads it: opening a view at a point far back then costs a header per
+//! file, not a read of every before-image kept since (a merged file can be large: the
+//! first read from it waits for that). A damaged file fails the reads that need it.
 
 use crate::error::{Result, TargetError};
 use crate::journal::{Journal, UndoFile};
@@ -72,6 +73,8 @@ pub(super) struct UndoFiles {
     open: VecDeque<usize>,
     /// Whether each of `files` was read from since it was opened or passed over.
     read_since: Vec<bool>,
+    /// Whether each of `files` had its data checked against its checksum.
+    verified: Vec<bool>,
     open_allowed: usize,
     /// All views' open undo files may reach this before this one closes one of its own.
     process_allowed: usize,
@@ -94,6 +97,7 @@ impl UndoFiles {
             resolved: Vec::new(),
             open: VecDeque::new(),
             read_since: Vec::new(),
+            verified: Vec::new(),
             open_allowed: open_allowed
                 .unwrap_or_else(|| (open_file_limit() / 16).max(OPEN_UNDO_FILES))
                 .max(1),
@@ -111,8 +115,8 @@ impl UndoFiles {
         self.resolved.len()
     }
 
-    /// Adds `file` (open, verified by the caller) as the next loaded file; returns its
-    /// number.
+    /// Adds `file` (open; header and extent table checked) as the next loaded file;
+    /// returns its number.
     pub(super) fn push(&mut self, file: UndoFile) -> usize {
         let f = self.add(file);
         self.resolved.push(f);
@@ -123,6 +127,7 @@ impl UndoFiles {
     fn add(&mut self, file: UndoFile) -> usize {
         self.files.push(file);
         self.read_since.push(false);
+        self.verified.push(false);
         self.opened(self.files.len() - 1);
         self.files.len() - 1
     }
@@ -131,6 +136,10 @@ impl UndoFiles {
     /// file `u` (which covers them).
     pub(super) fn read(&mut self, u: usize, offset: u64, buf: &mut [u8]) -> Result<()> {
         let f = self.open_resolved(u)?;
+        if !self.verified[f] {
+            self.files[f].verify_data()?;
+            self.verified[f] = true;
+        }
         self.read_since[f] = true;
         self.files[f].read_range(offset, buf)
     }
@@ -194,7 +203,6 @@ impl UndoFiles {
                 Err(_) if !self.journal.path_of_span(merged).exists() => continue,
                 Err(e) => return Err(e),
             };
-            file.verify_data()?;
             let m = self.add(file);
             // Every loaded file within it reads from it from now on.
             for resolved in &mut self.resolved {
