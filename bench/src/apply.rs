@@ -431,6 +431,12 @@ fn view_reads(sub: &Path, key: &Key) {
         "Opening the view at point 0 ({journals} journals: each one's header and extent \
          table; its data is verified at the first read from it): {opening:.3} s"
     );
+    let t = Instant::now();
+    let points = ublk_target::catalog(&paths).unwrap().points.len();
+    println!(
+        "The catalog of those {points} points (what `points` and `status` read): {:.3} s",
+        t.elapsed().as_secs_f64()
+    );
 }
 
 /// Replica sizes of the bring-up measurement.
