@@ -1596,6 +1596,28 @@ fn command_line() {
     assert!(ok && text.contains("ROLLED BACK"), "{text}");
 }
 
+/// Does to `paths`' journal what thinning did to `twin`'s (applied identically): puts
+/// each merged file the twin has and `paths` lacks in place, then deletes the files it
+/// replaces. Returns the spans deleted.
+fn merge_as_the_twin_did(paths: &ReplicaPaths, twin: &ReplicaPaths) -> Vec<(u64, u64)> {
+    let journal = ublk_target::journal::Journal::new(&paths.journal);
+    let mut deleted = Vec::new();
+    for (first, last) in catalog(twin).unwrap().journals {
+        let name = ublk_target::journal::span_file_name(first, last);
+        if first == last || paths.journal.join(&name).exists() {
+            continue;
+        }
+        std::fs::copy(twin.journal.join(&name), paths.journal.join(&name)).unwrap();
+        for span in journal.list_spans().unwrap() {
+            if first <= span.0 && span.1 <= last && span != (first, last) {
+                std::fs::remove_file(journal.path_of_span(span)).unwrap();
+                deleted.push(span);
+            }
+        }
+    }
+    deleted
+}
+
 /// Ships `ops` requests of `workload`, at most one request's worth per segment (a
 /// segment is cut as soon as it holds 4 KiB), so `ops` requests make about `ops`
 /// segments.
@@ -1763,35 +1785,57 @@ fn a_view_through_more_undo_files_than_it_keeps_open_shows_its_point() {
     let mut view = PointView::open_with(&paths, oldest.index, &options).unwrap();
     assert_eq!(view.undo_files_kept_open(), 4);
     assert!(read_view(&mut view) == expect);
-    // What a merge does to the directory: the twin, thinned, has the merged files; put
-    // them in place, then delete the files they replace.
+    // What merges do to the directory, made by thinning the twin: the merged files put
+    // in place, then the files they replace deleted.
     let twin = fixture.replica_paths("twin");
     let times: Vec<u64> = before.points.iter().map(|p| p.created_unix_ms).collect();
-    let every = ((times[times.len() - 1] - times[0]) / 4).max(1);
-    prune(
-        &twin,
-        &thinning_every(every),
-        times[times.len() - 1] + 10 * every,
-    )
-    .unwrap();
-    let merged: Vec<(u64, u64)> = catalog(&twin)
-        .unwrap()
-        .journals
-        .into_iter()
-        .filter(|&(first, last)| first < last)
-        .collect();
-    let mut replaced = 0;
-    for &(first, last) in &merged {
-        assert!(first > oldest.index, "{merged:?}");
-        let name = ublk_target::journal::span_file_name(first, last);
-        std::fs::copy(twin.journal.join(&name), paths.journal.join(&name)).unwrap();
-        for index in first..=last {
-            std::fs::remove_file(undo_path(&paths, index)).unwrap();
-            replaced += 1;
-        }
-    }
-    assert!(replaced > 8, "only {replaced} files merged: {merged:?}");
+    let every = ((times[times.len() - 1] - times[0]) / 8).max(1);
+    let later = times[times.len() - 1] + 100 * every;
+    prune(&twin, &thinning_every(every), later).unwrap();
+    let replaced = merge_as_the_twin_did(&paths, &twin);
+    assert!(
+        replaced.iter().all(|&(first, _)| first > oldest.index) && replaced.len() > 8,
+        "{replaced:?}"
+    );
     assert!(read_view(&mut view) == expect, "through the merged files");
+
+    // Merged again, coarser (intervals twice as long, so each holds two of the
+    // earlier ones): files the view reads through merged files are merged into bigger
+    // ones. And a second view, at a point that coarser merge thins out, as a view
+    // registered just after the applier listed the views to book it: its reads fail
+    // rather than show a later point.
+    prune(&twin, &thinning_every(2 * every), later).unwrap();
+    let coarse: Vec<(u64, u64)> = catalog(&twin).unwrap().journals;
+    let thinned_out = catalog(&paths)
+        .unwrap()
+        .points
+        .into_iter()
+        .find(|p| {
+            coarse
+                .iter()
+                .any(|&(first, last)| first <= p.index && p.index < last)
+        })
+        .expect("a point the coarser merge undoes past");
+    let one_open = ViewOptions {
+        undo_files_open: Some(1),
+        ..ViewOptions::default()
+    };
+    let mut crossed = PointView::open_with(&paths, thinned_out.index, &one_open).unwrap();
+    assert!(read_view(&mut crossed) == model_at(&model, thinned_out.last_seq));
+    let replaced = merge_as_the_twin_did(&paths, &twin);
+    assert!(
+        replaced.iter().any(|&(first, last)| first < last),
+        "no merged file merged again: {replaced:?}"
+    );
+    assert!(read_view(&mut view) == expect, "through files merged twice");
+    let err = first_read_error(&mut crossed).expect("a read through the coarser merge");
+    assert!(
+        err.to_string()
+            .contains(&format!("also undoes point {}", thinned_out.index)),
+        "{err}"
+    );
+    drop(crossed);
+
     // Segments applied since: the view loads their journals beside the merged files.
     ship_small_segments(&fixture, &mut capture, &mut model, &mut workload, 20);
     apply_all(&fixture, "replica");
