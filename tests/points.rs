@@ -1596,6 +1596,11 @@ fn command_line() {
     assert!(ok && text.contains("ROLLED BACK"), "{text}");
 }
 
+/// The latest segment applied to the replica at `paths`.
+fn latest_index(paths: &ReplicaPaths) -> u64 {
+    catalog(paths).unwrap().latest_applied.unwrap()
+}
+
 /// Does to `paths`' journal what thinning did to `twin`'s (applied identically): puts
 /// each merged file the twin has and `paths` lacks in place, then deletes the files it
 /// replaces. Returns the spans deleted.
@@ -1822,12 +1827,43 @@ fn a_view_through_more_undo_files_than_it_keeps_open_shows_its_point() {
     };
     let mut crossed = PointView::open_with(&paths, thinned_out.index, &one_open).unwrap();
     assert!(read_view(&mut crossed) == model_at(&model, thinned_out.last_seq));
+    // A merged file a view loaded (in place beside the files it replaces, not yet
+    // booked) that the applier then drops (a view registered meanwhile needs the
+    // points it thins out): read through the files it would have replaced.
+    let journal = ublk_target::journal::Journal::new(&paths.journal);
+    let &dropped_span = coarse
+        .iter()
+        .find(|&&span| span.0 < span.1 && !journal.path_of_span(span).exists())
+        .expect("a coarser merged file");
+    let dropped_path = journal.path_of_span(dropped_span);
+    std::fs::copy(
+        twin.journal.join(dropped_path.file_name().unwrap()),
+        &dropped_path,
+    )
+    .unwrap();
+    let run = journal
+        .run_from(oldest.index, latest_index(&paths))
+        .unwrap()
+        .unwrap();
+    assert!(run.contains(&dropped_span), "{run:?}");
+    let mut loaded_dropped = PointView::open_with(&paths, oldest.index, &one_open).unwrap();
+    assert!(read_view(&mut loaded_dropped) == expect);
+    std::fs::remove_file(&dropped_path).unwrap();
+    assert!(
+        read_view(&mut loaded_dropped) == expect,
+        "through the run it stood for"
+    );
     let replaced = merge_as_the_twin_did(&paths, &twin);
     assert!(
         replaced.iter().any(|&(first, last)| first < last),
         "no merged file merged again: {replaced:?}"
     );
     assert!(read_view(&mut view) == expect, "through files merged twice");
+    assert!(
+        read_view(&mut loaded_dropped) == expect,
+        "through it, made again"
+    );
+    drop(loaded_dropped);
     let err = first_read_error(&mut crossed).expect("a read through the coarser merge");
     assert!(
         err.to_string()

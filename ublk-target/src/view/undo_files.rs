@@ -22,12 +22,13 @@
 //! containing the span is always there; pruning keeps the files after a registered
 //! view's point.
 //!
-//! Two narrow races are refused with an error on the read rather than served: a view
-//! registered at a point inside a merge's run after the applier listed the views to
-//! book that merge (the run's files go; reading one through the merged file would
-//! show a later point: "also undoes point P"), and a view that loaded a merged file
-//! in the moment between its rename and its booking, when the booking then drops it
-//! for another view ("no undo file took its place").
+//! A view that loaded a merged file between its rename and its booking, which the
+//! applier then drops (a view registered meanwhile needs the points it thins out),
+//! reads through the run of files it would have replaced, each byte from the oldest
+//! that covers it, as the merged file held. One narrow race is refused with an error
+//! on the read rather than served: a view registered at a point inside a merge's run
+//! after the applier listed the views to book that merge (the run's files go; reading
+//! one through the merged file would show a later point: "also undoes point P").
 //!
 //! A file's data is verified in full (its checksum) before the first read from it, not
 //! when the view loads it: opening a view at a point far back then costs a header per
@@ -60,15 +61,26 @@ fn open_file_limit() -> usize {
     }
 }
 
+/// Where a loaded file's bytes are read from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    /// A file of `files`.
+    File(usize),
+    /// A run of `runs`.
+    Run(usize),
+}
+
 pub(super) struct UndoFiles {
     journal: Journal,
     /// The view's point: a file replacing loaded ones must start after it.
     point: u64,
     /// The files loaded, oldest first, then merged files that replaced some of them.
     files: Vec<UndoFile>,
-    /// For each file loaded, the one in `files` that holds its bytes now: itself, or
-    /// the merged file that replaced it.
-    resolved: Vec<usize>,
+    /// For each file loaded, where its bytes are now: itself, the merged file that
+    /// replaced it, or the run of files a dropped merged file stood for.
+    resolved: Vec<Source>,
+    /// Runs of files standing in for a merged file that is gone: its span, the files.
+    runs: Vec<((u64, u64), Vec<usize>)>,
     /// The open ones among `files`, the one opened (or passed over) longest ago first.
     open: VecDeque<usize>,
     /// Whether each of `files` was read from since it was opened or passed over.
@@ -95,6 +107,7 @@ impl UndoFiles {
             point,
             files: Vec::new(),
             resolved: Vec::new(),
+            runs: Vec::new(),
             open: VecDeque::new(),
             read_since: Vec::new(),
             verified: Vec::new(),
@@ -119,7 +132,7 @@ impl UndoFiles {
     /// returns its number.
     pub(super) fn push(&mut self, file: UndoFile) -> usize {
         let f = self.add(file);
-        self.resolved.push(f);
+        self.resolved.push(Source::File(f));
         self.resolved.len() - 1
     }
 
@@ -135,13 +148,83 @@ impl UndoFiles {
     /// Reads `buf.len()` bytes of before-image at replica offset `offset` from loaded
     /// file `u` (which covers them).
     pub(super) fn read(&mut self, u: usize, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let f = self.open_resolved(u)?;
+        // A file resolves at most once per merge that replaced it: a few rounds.
+        for _ in 0..8 {
+            match self.resolved[u] {
+                Source::File(f) => {
+                    if self.ready(f)? {
+                        self.read_since[f] = true;
+                        return self.files[f].read_range(offset, buf);
+                    }
+                    self.resolve_gone(self.files[f].span())?;
+                }
+                Source::Run(r) => match self.read_run(r, offset, buf)? {
+                    true => return Ok(()),
+                    false => self.resolve_gone(self.runs[r].0)?,
+                },
+            }
+        }
+        Err(TargetError::Journal {
+            path: self.journal.dir().into(),
+            what: format!("the undo files kept changing under a read at {offset}"),
+        })
+    }
+
+    /// Opens file `f` if closed and verifies its data if not done yet; `Ok(false)` if
+    /// it is gone.
+    fn ready(&mut self, f: usize) -> Result<bool> {
+        if !self.files[f].is_open() {
+            if !self.files[f].reopen()? {
+                return Ok(false);
+            }
+            self.opened(f);
+        }
         if !self.verified[f] {
             self.files[f].verify_data()?;
             self.verified[f] = true;
         }
-        self.read_since[f] = true;
-        self.files[f].read_range(offset, buf)
+        Ok(true)
+    }
+
+    /// Reads through run `r`: each byte from the oldest of its files that covers it,
+    /// as the merged file it stands for would. `Ok(false)` if one of them is gone.
+    fn read_run(&mut self, r: usize, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        let run = self.runs[r].1.clone();
+        let end = offset + buf.len() as u64;
+        let mut pos = offset;
+        while pos < end {
+            // The oldest file covering `pos`, up to where it stops covering or an
+            // older one starts.
+            let mut limit = end;
+            let mut chosen = None;
+            for &f in &run {
+                if !self.ready(f)? {
+                    return Ok(false);
+                }
+                let extents = &self.files[f].extents;
+                match extents.get(extents.partition_point(|e| e.end() <= pos)) {
+                    Some(e) if e.offset <= pos => {
+                        chosen = Some(f);
+                        limit = limit.min(e.end());
+                        break;
+                    }
+                    Some(e) => limit = limit.min(e.offset),
+                    None => {}
+                }
+            }
+            let Some(f) = chosen else {
+                return Err(TargetError::Journal {
+                    path: self.journal.path_of_span(self.runs[r].0),
+                    what: format!("none of the files it replaced holds replica byte {pos}"),
+                });
+            };
+            let at = (pos - offset) as usize;
+            let n = (limit - pos) as usize;
+            self.read_since[f] = true;
+            self.files[f].read_range(pos, &mut buf[at..at + n])?;
+            pos = limit;
+        }
+        Ok(true)
     }
 
     /// Notes file `f` as open, closing the one opened longest ago when that makes too
@@ -164,30 +247,27 @@ impl UndoFiles {
         OPEN_IN_PROCESS.fetch_add(1, Relaxed);
     }
 
-    /// The file holding loaded file `u`'s bytes now, open.
-    fn open_resolved(&mut self, u: usize) -> Result<usize> {
-        for _ in 0..8 {
-            let f = self.resolved[u];
-            if self.files[f].is_open() {
-                return Ok(f);
-            }
-            if self.files[f].reopen()? {
-                self.opened(f);
-                return Ok(f);
-            }
-            // Merged away (perhaps again): find the file that holds its span now. A
-            // merged file is in place before the ones it replaces go; it may itself be
-            // merged away before it is opened, hence the retries.
-            let span = self.files[f].span();
-            let containing = self
-                .journal
-                .list_spans()?
-                .into_iter()
-                .filter(|&(first, last)| first <= span.0 && span.1 <= last)
-                .max_by_key(|&(first, last)| last - first);
-            let Some(merged) = containing else {
-                break;
-            };
+    /// The span of what `source` reads.
+    fn span_of(&self, source: Source) -> (u64, u64) {
+        match source {
+            Source::File(f) => self.files[f].span(),
+            Source::Run(r) => self.runs[r].0,
+        }
+    }
+
+    /// The file of segments `span` is gone: finds what holds its bytes now and points
+    /// every loaded file it held there. That is the merged file containing it (a merge
+    /// puts its file in place before the ones it replaces go), or, for a merged file
+    /// the applier dropped after the view loaded it (a view registered meanwhile needed
+    /// the points it thins out), the run of files it would have replaced.
+    fn resolve_gone(&mut self, span: (u64, u64)) -> Result<()> {
+        let spans = self.journal.list_spans()?;
+        let containing = spans
+            .iter()
+            .copied()
+            .filter(|&(first, last)| first <= span.0 && span.1 <= last)
+            .max_by_key(|&(first, last)| last - first);
+        if let Some(merged) = containing {
             if merged.0 <= self.point {
                 return Err(TargetError::Journal {
                     path: self.journal.path_of_span(merged),
@@ -198,24 +278,46 @@ impl UndoFiles {
                     ),
                 });
             }
-            let file = match self.journal.open_span(merged) {
-                Ok(file) => file,
-                Err(_) if !self.journal.path_of_span(merged).exists() => continue,
-                Err(e) => return Err(e),
+            // It may be merged away in turn before it opens: the caller goes round.
+            let Ok(file) = self.journal.open_span(merged) else {
+                return Ok(());
             };
             let m = self.add(file);
-            // Every loaded file within it reads from it from now on.
-            for resolved in &mut self.resolved {
-                let (first, last) = self.files[*resolved].span();
-                if merged.0 <= first && last <= merged.1 {
-                    *resolved = m;
-                }
+            self.point_within(merged, Source::File(m));
+            return Ok(());
+        }
+        let mut run = Vec::new();
+        let mut next = span.0;
+        for &(first, last) in spans.iter().filter(|s| span.0 <= s.0 && s.1 <= span.1) {
+            if first != next {
+                break;
+            }
+            run.push((first, last));
+            next = last + 1;
+        }
+        if next != span.1 + 1 {
+            return Err(TargetError::Journal {
+                path: self.journal.path_of_span(span),
+                what: "it is gone, and no undo file took its place".into(),
+            });
+        }
+        let mut files = Vec::with_capacity(run.len());
+        for &(first, last) in &run {
+            let file = self.journal.open_span((first, last))?;
+            files.push(self.add(file));
+        }
+        self.runs.push((span, files));
+        self.point_within(span, Source::Run(self.runs.len() - 1));
+        Ok(())
+    }
+
+    /// Points every loaded file that `span` contains at `source`.
+    fn point_within(&mut self, span: (u64, u64), source: Source) {
+        for u in 0..self.resolved.len() {
+            let (first, last) = self.span_of(self.resolved[u]);
+            if span.0 <= first && last <= span.1 {
+                self.resolved[u] = source;
             }
         }
-        let span = self.files[self.resolved[u]].span();
-        Err(TargetError::Journal {
-            path: self.journal.path_of_span(span),
-            what: "it is gone, and no undo file took its place".into(),
-        })
     }
 }
