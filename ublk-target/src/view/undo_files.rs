@@ -40,9 +40,9 @@ use crate::journal::{Journal, UndoFile};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
-/// A view may keep this many undo files open whatever the open-file limit (and the
-/// views of a process together this many each), more where the limit is over 16 times
-/// this.
+/// A view may keep this many undo files open whatever the open-file limit, more where
+/// the limit is over 16 times this; the views of a process together keep at most half
+/// the limit (but this many).
 pub const OPEN_UNDO_FILES: usize = 64;
 
 /// Undo files the views of this process hold open.
