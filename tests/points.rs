@@ -1750,9 +1750,11 @@ fn a_rollback_through_more_files_than_it_may_open_reaches_its_point() {
 }
 
 /// A view keeps a bounded number of undo files open: `export` of a point with more
-/// files after it than its open-file limit allows shows the point; and a view
-/// keeping 4 open reads the files it loaded that a merge then replaced (as when the
-/// view registered while that merge ran) through the merged files.
+/// files after it than its open-file limit allows shows the point. A view keeping few
+/// open shows its point through every change a merge under way when it registered can
+/// make to what it loaded: files merged (and merged again), a merged file dropped
+/// (read through the files it replaced), newer journals beside them; and one at a
+/// point such a merge undoes past fails its reads, naming the point.
 #[test]
 fn a_view_through_more_undo_files_than_it_keeps_open_shows_its_point() {
     let fixture = Fixture::new(SIZE);
