@@ -36,9 +36,8 @@
 //! in the hour is kept once. Merging copies the before-images (reading them, on XFS or
 //! btrfs too): each interval's changes are read (verified, then copied), written once
 //! and read back for the merged file's checksum (so that only one input file is open
-//! at a time). An applier does it on a
-//! thread of its own, one run at a time, and goes on applying meanwhile; `prune` does
-//! every merge due before it returns.
+//! at a time). An applier does it on a thread of its own, one run at a time, and goes
+//! on applying meanwhile; `prune` does every merge due before it returns.
 //!
 //! An applier keeps what is retained in memory ([`Retained`]) from one segment to
 //! the next, so what retention costs per segment does not grow with the journals
