@@ -279,8 +279,10 @@ impl UndoFiles {
                 });
             }
             // It may be merged away in turn before it opens: the caller goes round.
-            let Ok(file) = self.journal.open_span(merged) else {
-                return Ok(());
+            let file = match self.journal.open_span(merged) {
+                Ok(file) => file,
+                Err(_) if !self.journal.path_of_span(merged).exists() => return Ok(()),
+                Err(e) => return Err(e),
             };
             let m = self.add(file);
             self.point_within(merged, Source::File(m));
